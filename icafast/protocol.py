@@ -1,0 +1,1064 @@
+"""The sans-IO session engine (docs/PROTOCOL.md, sections 3-6).
+
+No sockets, no event loop, no clock: callers pass in received bytes and the current time (``now``,
+seconds on a monotonic clock) and take out bytes to send (``data_to_send``), events
+(``next_event``) and the next deadline (``get_timer``/``handle_timer``).
+
+- :class:`ClientSession` — one session as seen by the client: handshakes every link itself
+  (NEW the first time, RESUME after a break) and schedules reconnects with back-off.
+- :class:`ServerHandshake` — the server side of one fresh link until it asks for NEW or RESUME.
+- :class:`ServerSession` — one session as seen by the server; links are attached to it after
+  the handshake (``accept``), replacing (taking over) any older link.
+
+Both session classes share :class:`SessionEngine`: DATA with absolute offsets, cumulative acks,
+replay on resume, half-close (FIN), PING/PONG keepalive and RTT, dead-link detection.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import random
+import secrets
+import struct
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from . import _impl
+from .errors import FrameError, ProtocolError
+from .events import (
+    DataReceived,
+    Event,
+    HandshakeFailed,
+    HandshakeRejected,
+    LinkLost,
+    LinkUp,
+    NewSessionRequested,
+    ReconnectDue,
+    ResumeRequested,
+    SessionClosed,
+    SessionHeld,
+    StreamEnded,
+)
+from .wire import DEFAULT_MAX_PAYLOAD, FLAG_FIN, MAX_OFFSET, FrameType
+
+_core = _impl.core
+FrameDecoder = _core.FrameDecoder
+ReplayBuffer = _core.ReplayBuffer
+encode_header = _core.encode_header
+encode_frame = _core.encode_frame
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAGIC",
+    "Config",
+    "Policy",
+    "State",
+    "SessionEngine",
+    "ClientSession",
+    "ServerHandshake",
+    "ServerSession",
+    "make_proof",
+    "rotate_secret",
+    "REJECT_VERSION",
+    "REJECT_UNKNOWN_SESSION",
+    "REJECT_BAD_PROOF",
+    "REJECT_CLOSED",
+    "REJECT_BUSY",
+    "REJECT_BACKEND",
+    "REJECT_PROTOCOL",
+    "REJECT_RATE_LIMITED",
+    "CLOSE_DONE",
+    "CLOSE_ABORTED",
+    "CLOSE_ADMIN",
+    "CLOSE_TIMEOUT",
+    "CLOSE_PROTOCOL",
+    "CLOSE_SHUTDOWN",
+    "CLOSE_REJECTED",
+]
+
+PROTOCOL_VERSION = 1
+MAGIC = b"ICAFAST\x00"
+NONCE_SIZE = 32
+SESSION_ID_SIZE = 16
+SECRET_SIZE = 32
+PROOF_SIZE = 32
+
+# REJECT reason codes (u16 at the start of a REJECT payload).
+REJECT_VERSION = 1
+REJECT_UNKNOWN_SESSION = 2
+REJECT_BAD_PROOF = 3
+REJECT_CLOSED = 4
+REJECT_BUSY = 5
+REJECT_BACKEND = 6
+REJECT_PROTOCOL = 7
+REJECT_RATE_LIMITED = 8
+
+# CLOSE reason codes (u16 at the start of a CLOSE payload; also SessionClosed.code).
+CLOSE_DONE = 0  # both directions finished, every byte delivered
+CLOSE_ABORTED = 1  # the application or backend connection was reset / failed
+CLOSE_ADMIN = 2  # an operator reset the session
+CLOSE_TIMEOUT = 3  # reliability timeout (or hold time) ran out
+CLOSE_PROTOCOL = 4  # the peer broke the protocol beyond repair
+CLOSE_SHUTDOWN = 5  # the server is shutting down
+CLOSE_REJECTED = 6  # local only: the server rejected the session (REJECT)
+
+_HELLO = struct.Struct(">8sHHI32s")  # magic, min version, max version, max payload, nonce
+_RESUME = struct.Struct(">16s32s")  # session id, proof
+_ACCEPT = struct.Struct(">16sBBHIIIIQ")  # id, resumed, on_timeout, reserved, 4 x ms, replay limit
+_CODE = struct.Struct(">H")
+_MAX_REASON = 256
+
+_TYPE_DATA = int(FrameType.DATA)
+_TYPE_ACK = int(FrameType.ACK)
+_TYPE_PING = int(FrameType.PING)
+_TYPE_PONG = int(FrameType.PONG)
+_TYPE_CLOSE = int(FrameType.CLOSE)
+
+
+class State(str, enum.Enum):
+    """Session states, as shown by ``icafast sessions``."""
+
+    CONNECTING = "CONNECTING"  # client: first handshake not done yet
+    ACTIVE = "ACTIVE"  # a link is up
+    DISCONNECTED = "DISCONNECTED"  # link broken; within the reliability timeout or held
+    CLOSED = "CLOSED"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Timeouts that govern a session. The server's policy wins: it is sent in ACCEPT."""
+
+    keepalive_interval: float = 3.0
+    dead_timeout: float = 10.0
+    reliability_timeout: float = 180.0
+    on_timeout: str = "reset"  # "reset" or "disconnect"
+    hold: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """Engine settings. Times in seconds (fractions allowed), sizes in bytes."""
+
+    keepalive_interval: float = 3.0
+    dead_timeout: float = 10.0
+    reliability_timeout: float = 180.0
+    on_timeout: str = "reset"
+    hold: float = 3600.0
+    replay_limit: int = 8 * 1024 * 1024
+    handshake_timeout: float = 10.0
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    frame_size: int = 64 * 1024
+    ack_delay: float = 0.02
+    ack_threshold: int = 0  # 0: min(256 KiB, replay_limit // 4)
+    reconnect_initial: float = 0.05
+    reconnect_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.keepalive_interval > 0:
+            raise ValueError("keepalive_interval must be > 0")
+        if not self.dead_timeout > self.keepalive_interval:
+            raise ValueError("dead_timeout must be greater than keepalive_interval")
+        if not self.reliability_timeout >= 0:
+            raise ValueError("reliability_timeout must be >= 0")
+        if self.on_timeout not in ("reset", "disconnect"):
+            raise ValueError("on_timeout must be 'reset' or 'disconnect'")
+        if not self.hold >= 0:
+            raise ValueError("hold must be >= 0")
+        if not self.replay_limit >= 1024:
+            raise ValueError("replay_limit must be at least 1024 bytes")
+        if not self.handshake_timeout > 0:
+            raise ValueError("handshake_timeout must be > 0")
+        if not 1024 <= self.max_payload <= 0xFFFFFFFF:
+            raise ValueError("max_payload must be in 1024..2**32-1")
+        if not 1 <= self.frame_size:
+            raise ValueError("frame_size must be positive")
+        for name in ("keepalive_interval", "dead_timeout", "reliability_timeout", "hold"):
+            if getattr(self, name) * 1000 > 0xFFFFFFFF:
+                raise ValueError(f"{name} too large (at most 49 days)")
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(
+            self.keepalive_interval,
+            self.dead_timeout,
+            self.reliability_timeout,
+            self.on_timeout,
+            self.hold,
+        )
+
+    def with_policy(self, p: Policy) -> Config:
+        return replace(
+            self,
+            keepalive_interval=p.keepalive_interval,
+            dead_timeout=p.dead_timeout,
+            reliability_timeout=p.reliability_timeout,
+            on_timeout=p.on_timeout,
+            hold=p.hold,
+        )
+
+
+def make_proof(secret: bytes, session_id: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """The RESUME proof: HMAC-SHA256(secret, label | session id | client nonce | server nonce)."""
+    msg = b"icafast resume v1" + session_id + client_nonce + server_nonce
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def rotate_secret(secret: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """The secret that replaces ``secret`` after a successful resume (both sides derive it)."""
+    msg = b"icafast rotate v1" + client_nonce + server_nonce
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def _reason_payload(code: int, reason: str) -> bytes:
+    return _CODE.pack(code) + reason.encode("utf-8", "replace")[:_MAX_REASON]
+
+
+def _parse_reason(payload: Any) -> tuple[int, str]:
+    p = bytes(payload)
+    if len(p) < 2:
+        raise ProtocolError("REJECT/CLOSE payload shorter than 2 bytes")
+    (code,) = _CODE.unpack_from(p, 0)
+    return code, p[2 : 2 + _MAX_REASON].decode("utf-8", "replace")
+
+
+def _ms(seconds: float) -> int:
+    return min(0xFFFFFFFF, max(0, round(seconds * 1000)))
+
+
+def _us(now: float) -> int:
+    return int(now * 1_000_000) & MAX_OFFSET
+
+
+# Link phases.
+_HELLO_SENT = 1  # client sent HELLO, waits for the server's HELLO
+_AUTH_SENT = 2  # client sent NEW/RESUME, waits for ACCEPT/REJECT
+_ESTABLISHED = 3
+
+
+class _Link:
+    """Per-connection state: decoder, nonces, keepalive bookkeeping."""
+
+    __slots__ = (
+        "id",
+        "decoder",
+        "phase",
+        "nonce",
+        "peer_nonce",
+        "started",
+        "last_rx",
+        "last_ping",
+        "ping_ts",
+        "peer_max_payload",
+        "confirm_secret",
+    )
+
+    def __init__(self, link_id: int, decoder: Any, phase: int, now: float) -> None:
+        self.id = link_id
+        self.decoder = decoder
+        self.phase = phase
+        self.nonce = b""
+        self.peer_nonce = b""
+        self.started = now
+        self.last_rx = now
+        self.last_ping = now
+        self.ping_ts: int | None = None
+        self.peer_max_payload = DEFAULT_MAX_PAYLOAD
+        self.confirm_secret = False
+
+
+class SessionEngine:
+    """What client and server sessions share: the reliable byte stream over changing links."""
+
+    role = "?"
+
+    def __init__(self, config: Config, now: float) -> None:
+        self.config = config
+        self.policy = config.policy
+        self.session_id = b""
+        self.state = State.CONNECTING
+        self.created = now
+        self.tx = ReplayBuffer(config.replay_limit)
+        self._tx_sent = 0  # next offset to frame on the current link (FIN counts as one)
+        self._tx_fin = False  # the local source ended: FIN sits at offset tx.end
+        self._tx_fin_acked = False
+        self._peer_ack = 0  # highest cumulative ack from the peer
+        self._rx = 0  # next offset expected from the peer (FIN counts as one)
+        self._rx_fin = False
+        self._rx_acked = 0  # last ack value we sent
+        self._ack_due: float | None = None
+        self._ack_threshold = config.ack_threshold or min(256 * 1024, config.replay_limit // 4)
+        self._link: _Link | None = None
+        self._link_seq = 0
+        self._out: list[Any] = []
+        self._events: deque[Event] = deque()
+        self._disconnected_at: float | None = None
+        self._close_sent = False
+        # statistics for ``icafast sessions`` and logs
+        self.reconnects = 0
+        self.bytes_received = 0
+        self.replayed_total = 0
+        self.last_activity = now
+        self.srtt: float | None = None
+        self.rttvar: float | None = None
+        self.close_reason = ""
+
+    # -- inspection --------------------------------------------------------------------------
+    @property
+    def link_id(self) -> int:
+        """Number of the current link (0: none)."""
+        return self._link.id if self._link is not None else 0
+
+    @property
+    def established(self) -> bool:
+        return self._link is not None and self._link.phase == _ESTABLISHED
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of the local stream the peer has acknowledged."""
+        return self.tx.start
+
+    @property
+    def unacked(self) -> int:
+        return len(self.tx)
+
+    @property
+    def send_free(self) -> int:
+        """Bytes the local source may still send before back-pressure applies."""
+        return 0 if self._tx_fin else self.tx.free
+
+    @property
+    def finished(self) -> bool:
+        """Both directions ended and the peer acknowledged our end."""
+        return self._rx_fin and self._tx_fin_acked
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    # -- the local source (application or backend) -------------------------------------------
+    def send_data(self, data: Any) -> None:
+        """Queue stream bytes; raises ReplayFullError (nothing queued) past ``send_free``."""
+        if self._tx_fin:
+            raise ProtocolError("send_data after send_eof")
+        self.tx.append(data)
+
+    def send_view(self, max_bytes: int) -> memoryview:
+        """Writable view into the replay buffer for receiving straight into it (recv_into)."""
+        return self.tx.write_view(max_bytes)
+
+    def commit_view(self, n: int) -> None:
+        self.tx.commit(n)
+
+    def send_eof(self) -> None:
+        """The local source ended (half-close): a FIN follows the last byte."""
+        self._tx_fin = True
+
+    # -- output ------------------------------------------------------------------------------
+    def data_to_send(self, include_data: bool = True) -> list[Any]:
+        """Buffers to write, in order, on the current link (write them with writelines).
+
+        With ``include_data=False`` (the link's send buffer is full) only control frames
+        are returned and new stream data waits in the replay buffer.
+        """
+        link = self._link
+        if include_data and link is not None and link.phase == _ESTABLISHED:
+            self._frame_data(link)
+        out = self._out
+        if not out:
+            return out
+        self._out = []
+        return out
+
+    def _frame_data(self, link: _Link) -> None:
+        end = self.tx.end
+        sent = self._tx_sent
+        if sent > end:
+            return  # FIN already sent
+        out = self._out
+        fin = self._tx_fin
+        if sent < end:
+            size = min(self.config.frame_size, link.peer_max_payload)
+            rx = self._rx
+            tx = self.tx
+            while sent < end:
+                for v in tx.views(sent, size):
+                    n = len(v)
+                    last = fin and sent + n == end
+                    out.append(encode_header(_TYPE_DATA, FLAG_FIN if last else 0, sent, rx, v))
+                    out.append(v)
+                    sent += n
+                    if last:
+                        sent += 1
+                    break  # one contiguous view per frame
+            self._tx_sent = sent
+            self._sent_ack()
+        if fin and sent == end:
+            out.append(encode_frame(_TYPE_DATA, FLAG_FIN, end, self._rx))
+            self._tx_sent = end + 1
+            self._sent_ack()
+
+    def _sent_ack(self) -> None:
+        self._rx_acked = self._rx
+        self._ack_due = None
+
+    def _send_control(self, type: int, seq: int = 0, payload: bytes = b"") -> None:
+        self._out.append(encode_frame(type, 0, seq, self._rx, payload))
+        self._sent_ack()
+
+    # -- input -------------------------------------------------------------------------------
+    def receive_data(self, data: Any, now: float) -> None:
+        """Bytes received on the current link."""
+        link = self._link
+        if link is None:
+            return
+        if link.phase != _ESTABLISHED and link.decoder.offset == 0 and not link.decoder.buffered:
+            first = memoryview(data)[:1].tobytes()
+            if first and first[0] not in (FrameType.HELLO, FrameType.REJECT):
+                self._link_failed(f"not an icafast server (first byte 0x{first[0]:02x})", now)
+                return
+        try:
+            frames = link.decoder.feed(data)
+        except FrameError as e:
+            self._link_failed(f"malformed frame: {e}", now)
+            return
+        link.last_rx = now
+        try:
+            if link.phase == _ESTABLISHED:
+                self._receive_frames(link, frames, now)
+            else:
+                self._handshake_frames(link, frames, now)
+        except ProtocolError as e:
+            if self._link is link:
+                self._link_failed(f"protocol error: {e}", now)
+
+    def _receive_frames(self, link: _Link, frames: list[Any], now: float) -> None:
+        if frames and link.confirm_secret:
+            self._confirm_secret()
+            link.confirm_secret = False
+        for f in frames:
+            if self._link is not link:
+                return  # closed while handling an earlier frame
+            if f.ack != self._peer_ack:
+                self._on_ack(f.ack)
+            t = f.type
+            if t == _TYPE_DATA:
+                self._on_data(f, now)
+            elif t == _TYPE_ACK:
+                pass
+            elif t == _TYPE_PING:
+                self._send_control(FrameType.PONG, f.seq)
+            elif t == _TYPE_PONG:
+                if link.ping_ts is not None and f.seq == link.ping_ts:
+                    self._rtt_sample(now - link.last_ping)
+                    link.ping_ts = None
+            elif t == _TYPE_CLOSE:
+                code, reason = _parse_reason(f.payload)
+                self._closed(code, f"peer closed: {reason}", graceful=code == CLOSE_DONE)
+                return
+            else:
+                raise ProtocolError(f"unexpected frame type 0x{t:02x} on an established link")
+        if self._rx - self._rx_acked >= self._ack_threshold or (
+            self._ack_due is not None and self._ack_due <= now and self._rx != self._rx_acked
+        ):
+            self._send_control(FrameType.ACK)
+        elif self._rx != self._rx_acked and self._ack_due is None:
+            self._ack_due = now + self.config.ack_delay
+        self._check_done()
+
+    def _on_ack(self, ack: int) -> None:
+        limit = self.tx.end + (1 if self._tx_fin else 0)
+        if ack < self._peer_ack or ack > limit or ack > max(self._tx_sent, self._peer_ack):
+            raise ProtocolError(
+                f"ack {ack} outside [{self._peer_ack}, {min(limit, self._tx_sent)}]"
+            )
+        self._peer_ack = ack
+        self.tx.ack(min(ack, self.tx.end))
+        if self._tx_fin and ack == self.tx.end + 1:
+            self._tx_fin_acked = True
+
+    def _on_data(self, f: Any, now: float) -> None:
+        s = f.seq
+        p = f.payload
+        n = len(p)
+        rx = self._rx
+        if s > rx:
+            raise ProtocolError(f"DATA at offset {s} leaves a gap (expected {rx})")
+        if self._rx_fin:
+            if s + n + (1 if f.flags & FLAG_FIN else 0) > rx:
+                raise ProtocolError("DATA after the end of the stream")
+            return
+        skip = rx - s
+        if skip < n:
+            chunk = p[skip:] if skip else p
+            self._rx = rx + n - skip
+            self.bytes_received += n - skip
+            self.last_activity = now
+            self._events.append(DataReceived(chunk))
+        if f.flags & FLAG_FIN and s + n == self._rx:
+            self._rx_fin = True
+            self._rx += 1
+            self._ack_due = now  # acknowledge the end of the stream at once
+            self._events.append(StreamEnded())
+
+    def _rtt_sample(self, r: float) -> None:
+        # RFC 6298 smoothing.
+        if self.srtt is None or self.rttvar is None:
+            self.srtt, self.rttvar = r, r / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
+            self.srtt = 0.875 * self.srtt + 0.125 * r
+
+    def _rewind(self, received: int) -> int:
+        """The peer says it has everything before ``received``: resend from there."""
+        limit = self.tx.end + (1 if self._tx_fin else 0)
+        if received < self._peer_ack or received > limit:
+            raise ProtocolError(
+                f"peer's received offset {received} outside [{self._peer_ack}, {limit}]"
+            )
+        self._peer_ack = received
+        self.tx.ack(min(received, self.tx.end))
+        if self._tx_fin and received == self.tx.end + 1:
+            self._tx_fin_acked = True
+        replay = max(0, self._tx_sent - received)
+        self._tx_sent = received
+        return replay
+
+    def _check_done(self) -> None:
+        pass
+
+    # -- links -------------------------------------------------------------------------------
+    def _new_link(self, decoder: Any, phase: int, now: float) -> _Link:
+        self._link_seq += 1
+        return _Link(self._link_seq, decoder, phase, now)
+
+    def connection_lost(self, now: float, reason: str = "connection closed", link_id: int = 0):
+        """The adapter's connection for ``link_id`` (0: the current one) closed or failed."""
+        if self._link is None or (link_id and link_id != self._link.id):
+            return
+        self._link_failed(reason, now)
+
+    def _link_failed(self, reason: str, now: float) -> None:
+        link = self._link
+        if link is None:
+            return
+        self._link = None
+        self._out = []
+        self._ack_due = None
+        if self.state is State.CLOSED:
+            return
+        if link.phase == _ESTABLISHED:
+            self.state = State.DISCONNECTED
+            self._disconnected_at = now
+            self._events.append(LinkLost(reason, link.id))
+        self._after_link_failed(link, reason, now)
+
+    def _after_link_failed(self, link: _Link, reason: str, now: float) -> None:
+        pass
+
+    def _confirm_secret(self) -> None:
+        pass
+
+    def _closed(self, code: int, reason: str, graceful: bool) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self.close_reason = reason
+        self._events.append(SessionClosed(code, reason, graceful))
+
+    def close(self, code: int, reason: str, now: float = 0.0) -> None:
+        """End the session abortively (or, with CLOSE_DONE, after everything was delivered):
+        tell the peer with CLOSE if a link is up. The adapter then closes the link."""
+        if self.state is State.CLOSED:
+            return
+        if self.established:
+            self._send_control(FrameType.CLOSE, 0, _reason_payload(code, reason))
+            self._close_sent = True
+        self._closed(code, reason, graceful=code == CLOSE_DONE and self.finished)
+
+    # -- timers ------------------------------------------------------------------------------
+    def get_timer(self) -> float | None:
+        """The next time ``handle_timer`` must be called (None: no deadline)."""
+        if self.state is State.CLOSED:
+            return None
+        t: float | None = None
+        link = self._link
+        if link is not None:
+            if link.phase == _ESTABLISHED:
+                p = self.policy
+                t = max(link.last_rx, link.last_ping) + p.keepalive_interval
+                t = min(t, link.last_rx + p.dead_timeout)
+                if self._ack_due is not None and self._ack_due < t:
+                    t = self._ack_due
+            else:
+                t = link.started + self.config.handshake_timeout
+        t2 = self._extra_timer()
+        if t2 is not None and (t is None or t2 < t):
+            t = t2
+        return t
+
+    def _extra_timer(self) -> float | None:
+        return None
+
+    def handle_timer(self, now: float) -> None:
+        if self.state is State.CLOSED:
+            return
+        link = self._link
+        if link is not None:
+            if link.phase == _ESTABLISHED:
+                p = self.policy
+                if now >= link.last_rx + p.dead_timeout:
+                    self._link_failed(
+                        f"dead: nothing received for {now - link.last_rx:.1f}s", now
+                    )
+                else:
+                    if self._ack_due is not None and now >= self._ack_due:
+                        self._send_control(FrameType.ACK)
+                    if now >= max(link.last_rx, link.last_ping) + p.keepalive_interval:
+                        link.last_ping = now
+                        link.ping_ts = _us(now)
+                        self._send_control(FrameType.PING, link.ping_ts)
+            elif now >= link.started + self.config.handshake_timeout:
+                self._link_failed("handshake timed out", now)
+        self._handle_extra_timer(now)
+
+    def _handle_extra_timer(self, now: float) -> None:
+        pass
+
+    def _handshake_frames(self, link: _Link, frames: list[Any], now: float) -> None:
+        raise ProtocolError("unexpected handshake state")
+
+    # -- serialisation -----------------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """Plain, serialisable state of the session (offsets, unacked bytes, secrets, timers)."""
+        return {
+            "role": self.role,
+            "session_id": self.session_id.hex(),
+            "state": self.state.value,
+            "policy": asdict(self.policy),
+            "tx_start": self.tx.start,
+            "tx_unacked": b"".join(bytes(v) for v in self.tx.views()).hex(),
+            "tx_fin": self._tx_fin,
+            "tx_fin_acked": self._tx_fin_acked,
+            "peer_ack": self._peer_ack,
+            "rx": self._rx,
+            "rx_fin": self._rx_fin,
+            "created": self.created,
+            "disconnected_at": self._disconnected_at,
+            "reconnects": self.reconnects,
+            "bytes_received": self.bytes_received,
+            "srtt": self.srtt,
+        }
+
+    def stats(self, now: float) -> dict[str, Any]:
+        return {
+            "id": self.session_id.hex(),
+            "state": self.state.value,
+            "age": round(now - self.created, 3),
+            "idle": round(now - self.last_activity, 3),
+            "bytes_in": self.bytes_received,
+            "bytes_out": self.bytes_sent,
+            "unacked": self.unacked,
+            "rtt_ms": None if self.srtt is None else round(self.srtt * 1000, 3),
+            "reconnects": self.reconnects,
+        }
+
+
+# =============================================================================================
+# Client
+
+
+class ClientSession(SessionEngine):
+    """A session seen from the client.
+
+    Usage: open a connection to the server, call ``connect(now)``, shuttle bytes. On ``LinkLost``
+    wait for ``ReconnectDue`` (via the timer), open a new connection and call ``connect`` again.
+    """
+
+    role = "client"
+
+    def __init__(self, config: Config | None = None, now: float = 0.0, rng: Any = None) -> None:
+        super().__init__(config or Config(), now)
+        self._secret = b""
+        self._rng = rng or random.Random()
+        self._attempt = 0
+        self._reconnect_at: float | None = None
+        self._ever_established = False
+        self.server_policy: Policy | None = None
+
+    @property
+    def has_session(self) -> bool:
+        return bool(self.session_id)
+
+    def connect(self, now: float) -> None:
+        """A new connection to the server is open: start the handshake on it."""
+        if self.state is State.CLOSED:
+            raise ProtocolError("session is closed")
+        if self._link is not None:
+            self._link_failed("replaced by a new connection", now)
+        self._reconnect_at = None
+        link = self._new_link(FrameDecoder(self.config.max_payload), _HELLO_SENT, now)
+        link.nonce = secrets.token_bytes(NONCE_SIZE)
+        self._link = link
+        hello = _HELLO.pack(
+            MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION, self.config.max_payload, link.nonce
+        )
+        self._out = [encode_frame(FrameType.HELLO, 0, 0, 0, hello)]
+
+    def connect_failed(self, reason: str, now: float) -> None:
+        """Opening the connection to the server failed (refused, unreachable, timeout)."""
+        if self.state is State.CLOSED:
+            return
+        self._reconnect_at = None
+        self._attempt_failed(reason, now)
+
+    def _handshake_frames(self, link: _Link, frames: list[Any], now: float) -> None:
+        for i, f in enumerate(frames):
+            t = f.type
+            if link.phase == _HELLO_SENT and t == FrameType.HELLO:
+                self._on_server_hello(link, f)
+            elif link.phase == _AUTH_SENT and t == FrameType.ACCEPT:
+                self._on_accept(link, f, now)
+                if self._link is link and i + 1 < len(frames):
+                    self._receive_frames(link, frames[i + 1 :], now)
+                return
+            elif t == FrameType.REJECT:
+                code, reason = _parse_reason(f.payload)
+                self._on_reject(code, reason, now)
+                return
+            else:
+                raise ProtocolError(f"unexpected frame type 0x{t:02x} during the handshake")
+
+    def _on_server_hello(self, link: _Link, f: Any) -> None:
+        if len(f.payload) != _HELLO.size:
+            raise ProtocolError("server HELLO has the wrong size")
+        magic, vmin, vmax, max_payload, nonce = _HELLO.unpack(bytes(f.payload))
+        if magic != MAGIC:
+            raise ProtocolError("server HELLO has the wrong magic")
+        if not vmin <= PROTOCOL_VERSION <= vmax:
+            raise ProtocolError(f"server speaks protocol versions {vmin}..{vmax}")
+        link.peer_nonce = nonce
+        link.peer_max_payload = max(1, max_payload)
+        if self.session_id:
+            proof = make_proof(self._secret, self.session_id, link.nonce, nonce)
+            payload = _RESUME.pack(self.session_id, proof)
+            self._out.append(encode_frame(FrameType.RESUME, 0, 0, self._rx, payload))
+        else:
+            self._out.append(encode_frame(FrameType.NEW, 0, 0, 0))
+        link.phase = _AUTH_SENT
+
+    def _on_accept(self, link: _Link, f: Any, now: float) -> None:
+        p = bytes(f.payload)
+        if len(p) < _ACCEPT.size:
+            raise ProtocolError("ACCEPT too short")
+        sid, resumed, on_timeout, _r, ka, dead, rel, hold, _limit = _ACCEPT.unpack_from(p, 0)
+        if self.session_id:
+            if not resumed or sid != self.session_id or len(p) != _ACCEPT.size:
+                raise ProtocolError("ACCEPT does not match the resumed session")
+            self._secret = rotate_secret(self._secret, link.nonce, link.peer_nonce)
+        else:
+            if resumed or len(p) != _ACCEPT.size + SECRET_SIZE:
+                raise ProtocolError("ACCEPT for a new session must carry a secret")
+            self.session_id = sid
+            self._secret = p[_ACCEPT.size :]
+        if ka == 0 or dead <= ka or on_timeout not in (0, 1):
+            raise ProtocolError("ACCEPT carries an invalid policy")
+        self.server_policy = Policy(
+            ka / 1000, dead / 1000, rel / 1000, ("reset", "disconnect")[on_timeout], hold / 1000
+        )
+        self.policy = self.server_policy
+        replay = self._rewind(f.ack)
+        link.phase = _ESTABLISHED
+        link.last_rx = link.last_ping = now
+        self.state = State.ACTIVE
+        if self._ever_established:
+            self.reconnects += 1
+        self._ever_established = True
+        self._attempt = 0
+        self._disconnected_at = None
+        self.replayed_total += replay
+        self._events.append(LinkUp(bool(resumed), replay, link.id))
+
+    def _on_reject(self, code: int, reason: str, now: float) -> None:
+        self._events.append(HandshakeRejected(code, reason))
+        self._link = None
+        self._out = []
+        if code == REJECT_CLOSED and self.finished:
+            self._closed(CLOSE_DONE, "session complete", graceful=True)
+        elif code in (REJECT_BUSY, REJECT_RATE_LIMITED) and self._ever_established:
+            self._attempt_failed(f"rejected: {reason}", now, quiet=True)
+        else:
+            self._closed(CLOSE_REJECTED, f"server rejected the session: {reason}", graceful=False)
+
+    def _after_link_failed(self, link: _Link, reason: str, now: float) -> None:
+        if link.phase != _ESTABLISHED:
+            self._events.append(HandshakeRejected(0, reason))
+        self._attempt_failed(reason, now, quiet=True)
+
+    def _attempt_failed(self, reason: str, now: float, quiet: bool = False) -> None:
+        if not quiet:
+            self._events.append(HandshakeRejected(0, reason))
+        if not self._ever_established:
+            self._closed(CLOSE_ABORTED, f"could not connect: {reason}", graceful=False)
+            return
+        if self._disconnected_at is None:
+            self._disconnected_at = now
+        self._attempt += 1
+        p = self.policy
+        deadline = self._disconnected_at + p.reliability_timeout
+        if p.on_timeout == "disconnect":
+            deadline += p.hold
+        cfg = self.config
+        if self._attempt == 1:
+            delay = 0.0
+        else:
+            in_hold = now > self._disconnected_at + p.reliability_timeout
+            cap = cfg.reconnect_max * (6 if in_hold else 1)
+            delay = min(cap, cfg.reconnect_initial * 2 ** (self._attempt - 2))
+            delay *= 0.5 + self._rng.random()  # jitter: 0.5x .. 1.5x
+        at = min(now + delay, deadline)  # one last try at the deadline
+        if now >= deadline and self._attempt > 1:
+            self._closed(
+                CLOSE_TIMEOUT,
+                f"reliability timeout: no reconnect within {deadline - self._disconnected_at:g}s",
+                graceful=False,
+            )
+            return
+        self._reconnect_at = at
+
+    def _extra_timer(self) -> float | None:
+        return self._reconnect_at if self._link is None else None
+
+    def _handle_extra_timer(self, now: float) -> None:
+        if self._link is None and self._reconnect_at is not None and now >= self._reconnect_at:
+            self._reconnect_at = None
+            self._events.append(ReconnectDue(self._attempt))
+
+    def export_state(self) -> dict[str, Any]:
+        d = super().export_state()
+        d["secret"] = self._secret.hex()
+        return d
+
+
+# =============================================================================================
+# Server
+
+
+class ServerHandshake:
+    """The server side of a fresh connection, up to the client's NEW or RESUME request.
+
+    Emits ``NewSessionRequested``/``ResumeRequested`` (then the server calls
+    ``ServerSession.accept`` or ``reject``) or ``HandshakeFailed`` (close the connection).
+    """
+
+    def __init__(self, config: Config, now: float) -> None:
+        self.config = config
+        self.decoder = FrameDecoder(config.max_payload)
+        self.nonce = secrets.token_bytes(NONCE_SIZE)
+        self.client_nonce = b""
+        self.client_max_payload = DEFAULT_MAX_PAYLOAD
+        self.started = now
+        self.version = 0
+        self.received = 0  # client's received offset, from RESUME
+        self.resume = False
+        self.done = False
+        self._waiting_hello = True
+        self._out: list[Any] = []
+        self._events: deque[Event] = deque()
+
+    def receive_data(self, data: Any, now: float) -> None:
+        if self.done:
+            return
+        if self.decoder.offset == 0 and not self.decoder.buffered:
+            first = memoryview(data)[:1].tobytes()
+            if first and first[0] != FrameType.HELLO:
+                self.fail(f"not an icafast client (first byte 0x{first[0]:02x})")
+                return
+        try:
+            frames = self.decoder.feed(data)
+            for f in frames:
+                self._on_frame(f)
+                if self.done:
+                    if f is not frames[-1]:
+                        raise ProtocolError("client sent frames before the handshake completed")
+                    break
+        except (FrameError, ProtocolError) as e:
+            self.fail(str(e))
+
+    def _on_frame(self, f: Any) -> None:
+        t = f.type
+        if self._waiting_hello:
+            if t != FrameType.HELLO:
+                raise ProtocolError(f"expected HELLO, got frame type 0x{t:02x}")
+            if len(f.payload) != _HELLO.size:
+                raise ProtocolError("HELLO has the wrong size")
+            magic, vmin, vmax, max_payload, nonce = _HELLO.unpack(bytes(f.payload))
+            if magic != MAGIC:
+                raise ProtocolError("HELLO has the wrong magic")
+            if not vmin <= PROTOCOL_VERSION <= vmax:
+                self.reject(REJECT_VERSION, f"protocol version {PROTOCOL_VERSION} only")
+                return
+            self.version = PROTOCOL_VERSION
+            self.client_nonce = nonce
+            self.client_max_payload = max(1, max_payload)
+            self._waiting_hello = False
+            hello = _HELLO.pack(
+                MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION, self.config.max_payload, self.nonce
+            )
+            self._out.append(encode_frame(FrameType.HELLO, 0, 0, 0, hello))
+        elif t == FrameType.NEW:
+            if len(f.payload):
+                raise ProtocolError("NEW carries no payload")
+            self.done = True
+            self._events.append(NewSessionRequested(self.version))
+        elif t == FrameType.RESUME:
+            if len(f.payload) != _RESUME.size:
+                raise ProtocolError("RESUME has the wrong size")
+            sid, proof = _RESUME.unpack(bytes(f.payload))
+            self.received = f.ack
+            self.resume = True
+            self.done = True
+            self._events.append(ResumeRequested(sid, proof, f.ack))
+        else:
+            raise ProtocolError(f"expected NEW or RESUME, got frame type 0x{t:02x}")
+
+    def reject(self, code: int, reason: str) -> None:
+        """Refuse the request; send the result of ``data_to_send`` and close."""
+        self.done = True
+        self._out.append(encode_frame(FrameType.REJECT, 0, 0, 0, _reason_payload(code, reason)))
+
+    def fail(self, reason: str) -> None:
+        if not self._events or not isinstance(self._events[-1], HandshakeFailed):
+            self.reject(REJECT_PROTOCOL, reason)
+            self._events.append(HandshakeFailed(reason))
+
+    def get_timer(self) -> float | None:
+        return None if self.done else self.started + self.config.handshake_timeout
+
+    def handle_timer(self, now: float) -> None:
+        if not self.done and now >= self.started + self.config.handshake_timeout:
+            self.fail("handshake timed out")
+
+    def data_to_send(self) -> list[Any]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+
+class ServerSession(SessionEngine):
+    """A session seen from the server (one per client session; owns one backend connection)."""
+
+    role = "server"
+
+    def __init__(self, config: Config, now: float) -> None:
+        super().__init__(config, now)
+        self.session_id = secrets.token_bytes(SESSION_ID_SIZE)
+        self._secret = secrets.token_bytes(SECRET_SIZE)
+        self._pending_secret: bytes | None = None
+        self.held = False
+        self._expiry: float | None = None
+        self.client_address = ""
+        self.attached_links = 0
+
+    def check_proof(self, hs: ServerHandshake, proof: bytes) -> bool:
+        """Does ``proof`` (from RESUME on ``hs``) show knowledge of this session's secret?"""
+        for s in (self._secret, self._pending_secret):
+            if s is not None and hmac.compare_digest(
+                make_proof(s, self.session_id, hs.client_nonce, hs.nonce), proof
+            ):
+                if s is self._pending_secret:
+                    self._secret, self._pending_secret = s, None
+                return True
+        return False
+
+    def _confirm_secret(self) -> None:
+        # The client has spoken on the link after our ACCEPT: it has the rotated secret.
+        if self._pending_secret is not None:
+            self._secret, self._pending_secret = self._pending_secret, None
+
+    def accept(self, hs: ServerHandshake, now: float) -> int:
+        """Attach the link of ``hs`` (after NEW, or RESUME with a checked proof); an older link,
+        alive or not, is dropped (takeover). Returns the number of bytes to be replayed."""
+        if self.state is State.CLOSED:
+            raise ProtocolError("session is closed")
+        resumed = hs.resume
+        if resumed and not self.attached_links:
+            raise ProtocolError("RESUME of a session that never had a link")
+        if self._link is not None:
+            self._link_failed("taken over by a new connection", now)
+        link = self._new_link(hs.decoder, _ESTABLISHED, now)
+        link.nonce, link.peer_nonce = hs.nonce, hs.client_nonce
+        link.peer_max_payload = hs.client_max_payload
+        replay = self._rewind(hs.received if resumed else 0)
+        p = self.policy
+        accept = _ACCEPT.pack(
+            self.session_id,
+            1 if resumed else 0,
+            1 if p.on_timeout == "disconnect" else 0,
+            0,
+            _ms(p.keepalive_interval),
+            _ms(p.dead_timeout),
+            _ms(p.reliability_timeout),
+            _ms(p.hold),
+            self.config.replay_limit,
+        )
+        if not resumed:
+            accept += self._secret
+        else:
+            self._pending_secret = rotate_secret(self._secret, hs.client_nonce, hs.nonce)
+            link.confirm_secret = True
+            self.reconnects += 1
+        hs.done = True
+        self._out = [encode_frame(FrameType.ACCEPT, 0, 0, self._rx, accept)]
+        self._rx_acked = self._rx
+        self._link = link
+        self.attached_links += 1
+        self.state = State.ACTIVE
+        self.held = False
+        self._expiry = None
+        self._disconnected_at = None
+        self.replayed_total += replay
+        self._events.append(LinkUp(resumed, replay, link.id))
+        return replay
+
+    def _after_link_failed(self, link: _Link, reason: str, now: float) -> None:
+        p = self.policy
+        self._expiry = now + p.reliability_timeout
+
+    def _check_done(self) -> None:
+        if self._rx_fin and self._tx_fin_acked and self.state is State.ACTIVE:
+            self.close(CLOSE_DONE, "both directions finished")
+
+    def _extra_timer(self) -> float | None:
+        return self._expiry if self._link is None else None
+
+    def _handle_extra_timer(self, now: float) -> None:
+        if self._link is not None or self._expiry is None or now < self._expiry:
+            return
+        p = self.policy
+        if p.on_timeout == "disconnect" and not self.held:
+            self.held = True
+            self._expiry = now + p.hold
+            self._events.append(SessionHeld(p.hold))
+        else:
+            what = "hold time" if self.held else "reliability timeout"
+            self._expiry = None
+            self._closed(CLOSE_TIMEOUT, f"{what} expired", graceful=False)
+
+    def stats(self, now: float) -> dict[str, Any]:
+        d = super().stats(now)
+        d["client"] = self.client_address
+        d["held"] = self.held
+        return d
+
+    def export_state(self) -> dict[str, Any]:
+        d = super().export_state()
+        d["secret"] = self._secret.hex()
+        d["pending_secret"] = None if self._pending_secret is None else self._pending_secret.hex()
+        d["held"] = self.held
+        d["expiry"] = self._expiry
+        return d
+

@@ -1,0 +1,269 @@
+"""Two engines wired together in memory on a fake clock (aioquic-style test helpers).
+
+A ``Harness`` holds one client session and the server's session table. Links are pairs of byte
+queues; tests deliver bytes in any split, break links (reset, blackhole, half-open) and advance
+time, all without sockets or wall-clock waits.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from icafast import events as ev
+from icafast.protocol import (
+    REJECT_BAD_PROOF,
+    REJECT_CLOSED,
+    REJECT_UNKNOWN_SESSION,
+    ClientSession,
+    Config,
+    ServerHandshake,
+    ServerSession,
+    State,
+)
+
+
+class Wire:
+    """One TCP connection between client and server, as two byte queues."""
+
+    def __init__(self, client_link: int, hs: ServerHandshake) -> None:
+        self.client_link = client_link
+        self.hs = hs
+        self.session: ServerSession | None = None
+        self.server_link = 0
+        self.c2s = bytearray()
+        self.s2c = bytearray()
+        self.client_alive = True  # client side still feeds/reads it
+        self.server_alive = True
+        self.blackholed = False  # bytes written to it vanish
+
+
+class Harness:
+    def __init__(self, config: Config | None = None, server_config: Config | None = None,
+                 seed: int = 0) -> None:
+        self.now = 1000.0
+        self.config = config or Config()
+        self.server_config = server_config or self.config
+        self.client = ClientSession(self.config, self.now, rng=random.Random(seed))
+        self.sessions: dict[bytes, ServerSession] = {}
+        self.wires: list[Wire] = []
+        self.c_recv = bytearray()  # what the client application received
+        self.s_recv = bytearray()  # what the backend received
+        self.c_sent = bytearray()  # what the client application sent
+        self.s_sent = bytearray()  # what the backend sent
+        self.c_eof = False
+        self.s_eof = False
+        self.client_events: list[Any] = []
+        self.server_events: list[Any] = []
+        self.auto_reconnect = True
+
+    # -- helpers -----------------------------------------------------------------------------
+    @property
+    def wire(self) -> Wire | None:
+        for w in reversed(self.wires):
+            if w.client_alive and w.client_link == self.client.link_id:
+                return w
+        return None
+
+    @property
+    def server(self) -> ServerSession:
+        (s,) = self.sessions.values()
+        return s
+
+    def open_link(self) -> Wire:
+        self.client.connect(self.now)
+        w = Wire(self.client.link_id, ServerHandshake(self.server_config, self.now))
+        self.wires.append(w)
+        self._client_out()
+        return w
+
+    def _client_out(self) -> None:
+        w = self.wire
+        out = self.client.data_to_send()
+        if w is not None:
+            w.c2s += b"".join(bytes(b) for b in out)
+        self._client_events()
+
+    def _server_out(self, w: Wire) -> None:
+        if w.session is not None and w.session.link_id == w.server_link:
+            out = w.session.data_to_send()
+        else:
+            out = w.hs.data_to_send()
+        if w.server_alive:
+            w.s2c += b"".join(bytes(b) for b in out)
+
+    def _client_events(self) -> None:
+        while (e := self.client.next_event()) is not None:
+            self.client_events.append(e)
+            if isinstance(e, ev.DataReceived):
+                self.c_recv += bytes(e.data)
+            elif isinstance(e, ev.StreamEnded):
+                self.c_eof = True
+            elif isinstance(e, ev.ReconnectDue) and self.auto_reconnect:
+                self.open_link()
+
+    def _server_events(self, w: Wire) -> None:
+        hs = w.hs
+        while (e := hs.next_event()) is not None:
+            self.server_events.append(e)
+            if isinstance(e, ev.NewSessionRequested):
+                s = ServerSession(self.server_config, self.now)
+                self.sessions[s.session_id] = s
+                s.accept(hs, self.now)
+                w.session, w.server_link = s, s.link_id
+            elif isinstance(e, ev.ResumeRequested):
+                s = self.sessions.get(e.session_id)
+                if s is None:
+                    hs.reject(REJECT_UNKNOWN_SESSION, "unknown session")
+                elif s.state is State.CLOSED:
+                    hs.reject(REJECT_CLOSED, "session closed")
+                elif not s.check_proof(hs, e.proof):
+                    hs.reject(REJECT_BAD_PROOF, "bad proof")
+                else:
+                    s.accept(hs, self.now)
+                    w.session, w.server_link = s, s.link_id
+            elif isinstance(e, ev.HandshakeFailed):
+                w.server_alive = False
+        for s in self.sessions.values():
+            self._session_events(s)
+
+    def _session_events(self, s: ServerSession) -> None:
+        while (e := s.next_event()) is not None:
+            self.server_events.append(e)
+            if isinstance(e, ev.DataReceived):
+                self.s_recv += bytes(e.data)
+            elif isinstance(e, ev.StreamEnded):
+                self.s_eof = True
+
+    # -- actions -----------------------------------------------------------------------------
+    def client_send(self, data: bytes) -> int:
+        """The application writes; back-pressure may accept only a prefix. Returns bytes taken."""
+        n = min(len(data), self.client.send_free)
+        if n:
+            self.client.send_data(data[:n])
+            self.c_sent += data[:n]
+        self._client_out()
+        return n
+
+    def server_send(self, data: bytes) -> int:
+        s = self.server
+        n = min(len(data), s.send_free)
+        if n:
+            s.send_data(data[:n])
+            self.s_sent += data[:n]
+        for w in self.wires:
+            if w.session is s and s.link_id == w.server_link:
+                self._server_out(w)
+        return n
+
+    def deliver_c2s(self, n: int | None = None, w: Wire | None = None) -> int:
+        w = w or self.wire
+        if w is None or not w.c2s:
+            return 0
+        if w.blackholed:
+            w.c2s.clear()
+            return 0
+        n = len(w.c2s) if n is None else min(n, len(w.c2s))
+        chunk = bytes(w.c2s[:n])
+        del w.c2s[:n]
+        if not w.server_alive:
+            return n
+        if w.session is not None:
+            if w.session.link_id == w.server_link:
+                w.session.receive_data(chunk, self.now)
+        else:
+            w.hs.receive_data(chunk, self.now)
+        self._server_events(w)
+        self._server_out(w)
+        return n
+
+    def deliver_s2c(self, n: int | None = None, w: Wire | None = None) -> int:
+        w = w or self.wire
+        if w is None or not w.s2c:
+            return 0
+        if w.blackholed:
+            w.s2c.clear()
+            return 0
+        n = len(w.s2c) if n is None else min(n, len(w.s2c))
+        chunk = bytes(w.s2c[:n])
+        del w.s2c[:n]
+        if w.client_alive and self.client.link_id == w.client_link:
+            self.client.receive_data(chunk, self.now)
+            self._client_out()
+        return n
+
+    def pump(self, rounds: int = 10_000) -> None:
+        """Deliver everything in flight on the current link until nothing moves."""
+        for _ in range(rounds):
+            self._client_out()
+            w = self.wire
+            if w is None:
+                self.advance(0)
+                if self.wire is None:
+                    return
+                continue
+            for s in self.sessions.values():
+                if w.session is s:
+                    self._server_out(w)
+            moved = self.deliver_c2s(w=w) + self.deliver_s2c(w=w)
+            if not moved:
+                return
+        raise AssertionError("pump did not settle")
+
+    def advance(self, dt: float) -> None:
+        """Let time pass and fire every due timer."""
+        self.now += dt
+        for _ in range(100):
+            fired = False
+            t = self.client.get_timer()
+            if t is not None and t <= self.now:
+                self.client.handle_timer(self.now)
+                fired = True
+            self._client_out()
+            for s in list(self.sessions.values()):
+                t = s.get_timer()
+                if t is not None and t <= self.now:
+                    s.handle_timer(self.now)
+                    fired = True
+                self._session_events(s)
+                for w in self.wires:
+                    if w.session is s and s.link_id == w.server_link:
+                        self._server_out(w)
+            if not fired:
+                return
+        raise AssertionError("timers keep firing")
+
+    # -- faults ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Both ends see the connection fail (RST); bytes in flight are lost."""
+        w = self.wire
+        if w is None:
+            return
+        w.client_alive = w.server_alive = False
+        w.c2s.clear()
+        w.s2c.clear()
+        if w.session is not None:
+            w.session.connection_lost(self.now, "connection reset", link_id=w.server_link)
+            self._session_events(w.session)
+        self.client.connection_lost(self.now, "connection reset", link_id=w.client_link)
+        self._client_out()
+
+    def blackhole(self) -> None:
+        """Packets silently vanish; neither end is told. Timers must find out."""
+        w = self.wire
+        if w is None:
+            return
+        w.c2s.clear()
+        w.s2c.clear()
+        w.blackholed = True
+
+    def half_open(self) -> None:
+        """The client's side dies (it notices); the server still believes the link is up."""
+        w = self.wire
+        if w is None:
+            return
+        w.client_alive = False
+        w.c2s.clear()
+        w.s2c.clear()
+        self.client.connection_lost(self.now, "local reset", link_id=w.client_link)
+        self._client_out()

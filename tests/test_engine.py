@@ -1,0 +1,428 @@
+"""The sans-IO session engine, two engines in memory on a fake clock."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from engine_harness import Harness
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from icafast import events as ev
+from icafast.protocol import (
+    CLOSE_DONE,
+    CLOSE_REJECTED,
+    CLOSE_TIMEOUT,
+    REJECT_BAD_PROOF,
+    REJECT_PROTOCOL,
+    REJECT_UNKNOWN_SESSION,
+    ClientSession,
+    Config,
+    ServerHandshake,
+    ServerSession,
+    State,
+    make_proof,
+)
+from icafast.wire import FrameType
+
+SMALL = Config(frame_size=100, replay_limit=4096, keepalive_interval=1.0, dead_timeout=3.0,
+               reliability_timeout=30.0)
+
+
+def pattern(tag: int, n: int, start: int = 0) -> bytes:
+    return bytes((tag * 31 + i * 7 + (i >> 8)) & 0xFF for i in range(start, start + n))
+
+
+def of(kind, events):
+    return [e for e in events if isinstance(e, kind)]
+
+
+def test_new_session_handshake():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    assert h.client.state is State.ACTIVE and h.server.state is State.ACTIVE
+    assert h.client.session_id == h.server.session_id and len(h.client.session_id) == 16
+    assert of(ev.LinkUp, h.client_events) == [ev.LinkUp(False, 0, 1)]
+
+
+def test_data_both_ways_and_acks():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    a, b = pattern(1, 3000), pattern(2, 2500)
+    # more than the replay limit in total: acks must free space as data flows
+    for i in range(0, 3000, 500):
+        h.client_send(a[i : i + 500])
+        h.server_send(b[i : i + 500])
+        h.pump()
+        h.advance(0.05)
+        h.pump()
+    assert bytes(h.s_recv) == a and bytes(h.c_recv) == b
+    assert h.client.unacked == 0 and h.server.unacked == 0
+
+
+def test_reset_replays_unacked_bytes():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.client_send(pattern(1, 1000))
+    h.deliver_c2s(555)  # a partial write reaches the server, then the link dies
+    h.reset()
+    assert h.server.state is State.DISCONNECTED
+    h.advance(0)  # the client's first reconnect is immediate
+    h.pump()
+    assert h.server.state is State.ACTIVE
+    assert bytes(h.s_recv) == bytes(h.c_sent)
+    ups = of(ev.LinkUp, h.client_events)
+    assert ups[-1].resumed and ups[-1].replayed > 0
+    assert h.client.reconnects == 1 and h.server.reconnects == 1
+
+
+def test_blackhole_detected_within_dead_timeout_and_resumed():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.blackhole()
+    h.auto_reconnect = False
+    h.client_send(b"x" * 10)
+    h.pump()
+    h.advance(SMALL.dead_timeout + 0.01)
+    assert h.server.state is State.DISCONNECTED
+    assert h.client.state is State.DISCONNECTED
+    assert "dead" in of(ev.LinkLost, h.server_events)[-1].reason
+    h.auto_reconnect = True
+    h.open_link()
+    h.pump()
+    assert h.server.state is State.ACTIVE and bytes(h.s_recv) == b"x" * 10
+
+
+def test_keepalive_measures_rtt_and_keeps_idle_link_alive():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    for _ in range(20):  # 20 s idle with instant delivery: never declared dead
+        h.advance(0.5)
+        h.pump()
+    assert h.client.state is State.ACTIVE and h.server.state is State.ACTIVE
+    assert not of(ev.LinkLost, h.client_events + h.server_events)
+    assert h.client.srtt is not None and h.server.srtt is not None
+
+
+def test_takeover_of_half_open_link():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.server_send(b"before")
+    h.half_open()  # client gave up on the link; the server has not noticed
+    h.pump()
+    assert h.server.state is State.ACTIVE
+    lost = of(ev.LinkLost, h.server_events)
+    assert lost and "taken over" in lost[-1].reason
+    h.server_send(b"after")
+    h.pump()
+    assert bytes(h.c_recv) == b"beforeafter"
+    assert len(h.sessions) == 1  # same session, never a new one
+
+
+def test_wrong_proof_is_rejected_and_changes_nothing():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.client_send(b"abc")
+    h.pump()
+    s = h.server
+    before = json.dumps(s.export_state(), sort_keys=True)
+    live_link = s.link_id
+    hs = ServerHandshake(SMALL, h.now)
+    attacker = ClientSession(SMALL, h.now)
+    attacker.connect(h.now)
+    hs.receive_data(b"".join(bytes(x) for x in attacker.data_to_send()), h.now)
+    nonce = hs.client_nonce
+    # forge a RESUME with a guessed secret
+    from icafast.protocol import encode_frame
+    attacker_proof = make_proof(b"\0" * 32, s.session_id, nonce, hs.nonce)
+    hs.receive_data(
+        encode_frame(FrameType.RESUME, 0, 0, 0, s.session_id + attacker_proof), h.now
+    )
+    e = [x for x in iter(hs.next_event, None)]
+    assert isinstance(e[-1], ev.ResumeRequested)
+    assert not s.check_proof(hs, e[-1].proof)
+    hs.reject(REJECT_BAD_PROOF, "bad proof")
+    assert json.dumps(s.export_state(), sort_keys=True) == before
+    assert s.link_id == live_link and s.state is State.ACTIVE
+
+
+def test_captured_resume_cannot_be_replayed():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.reset()
+    h.advance(0)
+    h.pump()
+    # the RESUME the client sent on the new link, as an on-path attacker captured it
+    hs = ServerHandshake(SMALL, h.now)
+    c = ClientSession(SMALL, h.now)
+    c.connect(h.now)
+    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()), h.now)
+    resume = [e for e in h.server_events if isinstance(e, ev.ResumeRequested)][-1]
+    from icafast.protocol import encode_frame
+    hs.receive_data(encode_frame(FrameType.RESUME, 0, 0, resume.received,
+                                 resume.session_id + resume.proof), h.now)
+    (req,) = [x for x in iter(hs.next_event, None)]
+    assert not h.server.check_proof(hs, req.proof)  # new server nonce: old proof is useless
+
+
+def test_secret_rotates_on_resume():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    first = h.client.export_state()["secret"]
+    h.reset()
+    h.advance(0)
+    h.pump()
+    h.client_send(b"x")
+    h.pump()
+    second = h.client.export_state()["secret"]
+    assert first != second
+    assert h.server.export_state()["secret"] == second
+
+
+def test_rotation_survives_lost_accept():
+    # The link dies right after the server sent ACCEPT(resumed): the client may or may not have
+    # rotated. Either way the next resume must work.
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.reset()  # -> reconnect: HELLO sent
+    h.deliver_c2s()
+    h.deliver_s2c()  # server HELLO -> client sends RESUME
+    h.deliver_c2s()  # server accepts and sends ACCEPT ... which is lost:
+    h.reset()
+    h.pump()
+    assert h.client.state is State.ACTIVE and h.server.state is State.ACTIVE
+
+
+def test_unknown_session_rejected():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.sessions.clear()  # server forgot the session (restart without state handoff)
+    h.reset()
+    h.pump()
+    rej = of(ev.HandshakeRejected, h.client_events)
+    assert rej and rej[-1].code == REJECT_UNKNOWN_SESSION
+    closed = of(ev.SessionClosed, h.client_events)
+    assert closed and closed[-1].code == CLOSE_REJECTED
+
+
+def test_garbage_handshake_fails_cleanly():
+    for junk in (b"GET / HTTP/1.1\r\n\r\n", b"\x01" + b"\0" * 27, bytes(range(256))):
+        hs = ServerHandshake(SMALL, 0.0)
+        hs.receive_data(junk, 0.0)
+        e = hs.next_event()
+        assert isinstance(e, ev.HandshakeFailed), (junk, e)
+        out = b"".join(bytes(x) for x in hs.data_to_send())
+        assert out[0] == FrameType.REJECT
+        assert int.from_bytes(out[28:30], "big") == REJECT_PROTOCOL
+
+
+def test_silent_handshake_times_out():
+    hs = ServerHandshake(SMALL, 0.0)
+    assert hs.get_timer() == SMALL.handshake_timeout
+    hs.handle_timer(SMALL.handshake_timeout)
+    assert isinstance(hs.next_event(), ev.HandshakeFailed)
+
+
+@pytest.mark.parametrize("action", ["reset", "disconnect"])
+def test_reliability_timeout_actions(action):
+    cfg = Config(keepalive_interval=1.0, dead_timeout=3.0, reliability_timeout=10.0,
+                 on_timeout=action, hold=50.0)
+    h = Harness(cfg)
+    h.open_link()
+    h.pump()
+    h.auto_reconnect = False
+    h.blackhole()
+    h.advance(3.5)
+    assert h.server.state is State.DISCONNECTED
+    h.advance(10.0)
+    if action == "reset":
+        assert h.server.state is State.CLOSED
+        assert of(ev.SessionClosed, h.server_events)[-1].code == CLOSE_TIMEOUT
+        return
+    assert h.server.state is State.DISCONNECTED and h.server.held
+    assert of(ev.SessionHeld, h.server_events)
+    # still restorable while held
+    h.auto_reconnect = True
+    h.open_link()
+    h.pump()
+    assert h.server.state is State.ACTIVE and not h.server.held
+    h.auto_reconnect = False
+    h.blackhole()
+    for _ in range(70):
+        h.advance(1.0)
+    assert h.server.state is State.CLOSED
+
+
+def test_client_gives_up_after_reliability_timeout():
+    cfg = Config(keepalive_interval=1.0, dead_timeout=3.0, reliability_timeout=5.0)
+    h = Harness(cfg)
+    h.open_link()
+    h.pump()
+    h.blackhole()
+    h.auto_reconnect = False
+    h.advance(3.1)  # dead
+    for _ in range(200):
+        for e in h.client_events:
+            if isinstance(e, ev.ReconnectDue) and not getattr(e, "_handled", False):
+                object.__setattr__(e, "_handled", True)
+                h.client.connect_failed("connection refused", h.now)
+                h.advance(0)
+        if h.client.state is State.CLOSED:
+            break
+        h.advance(0.25)
+    assert h.client.state is State.CLOSED
+    assert of(ev.SessionClosed, h.client_events)[-1].code == CLOSE_TIMEOUT
+    assert 3.1 + 5.0 <= h.now - 1000.0 < 3.1 + 5.0 + 1.0
+
+
+def test_client_adopts_server_policy():
+    h = Harness(Config(keepalive_interval=1.0, dead_timeout=2.0),
+                server_config=Config(keepalive_interval=4.0, dead_timeout=12.0,
+                                     reliability_timeout=77.0, on_timeout="disconnect", hold=5))
+    h.open_link()
+    h.pump()
+    p = h.client.policy
+    assert (p.keepalive_interval, p.dead_timeout, p.reliability_timeout, p.on_timeout, p.hold) == (
+        4.0, 12.0, 77.0, "disconnect", 5.0)
+
+
+def test_back_pressure_never_drops():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.blackhole()  # nothing gets acked
+    h.auto_reconnect = False
+    taken = h.client_send(b"z" * 10_000)
+    assert taken == SMALL.replay_limit and h.client.send_free == 0
+    assert h.client_send(b"more") == 0
+    h.advance(3.1)
+    h.auto_reconnect = True
+    h.open_link()
+    h.pump()
+    h.advance(0.05)
+    h.pump()
+    assert bytes(h.s_recv) == b"z" * SMALL.replay_limit
+    assert h.client.send_free == SMALL.replay_limit
+
+
+def test_half_close_in_order_then_session_closes():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.client_send(b"request")
+    h.client.send_eof()
+    h.pump()
+    assert bytes(h.s_recv) == b"request" and h.s_eof and not h.c_eof
+    h.server_send(b"response")
+    h.server.send_eof()
+    h.pump()
+    assert bytes(h.c_recv) == b"response" and h.c_eof
+    assert h.server.state is State.CLOSED and h.client.state is State.CLOSED
+    sc = of(ev.SessionClosed, h.client_events)[-1]
+    assert sc.code == CLOSE_DONE and sc.graceful
+
+
+def test_fin_survives_reconnect():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.client_send(b"last words")
+    h.client.send_eof()
+    h.reset()
+    h.pump()
+    assert bytes(h.s_recv) == b"last words" and h.s_eof
+
+
+def test_state_is_serialisable():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.client_send(b"abc")
+    d = h.server.export_state()
+    json.dumps(d)
+    json.dumps(h.client.export_state())
+    assert h.client.export_state()["tx_unacked"] == b"abc".hex()
+
+
+def test_ack_beyond_sent_is_protocol_error():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    from icafast.protocol import encode_frame
+    w = h.wire
+    assert w is not None
+    h.server.receive_data(encode_frame(FrameType.ACK, 0, 0, 10**6), h.now)
+    lost = of(ev.LinkLost, [*iter(h.server.next_event, None)])
+    assert lost and "protocol error" in lost[0].reason
+    assert h.server.state is State.DISCONNECTED
+
+
+# -- random schedules ------------------------------------------------------------------------
+
+OPS = st.one_of(
+    st.tuples(st.just("csend"), st.integers(1, 700)),
+    st.tuples(st.just("ssend"), st.integers(1, 700)),
+    st.tuples(st.just("c2s"), st.integers(0, 900)),
+    st.tuples(st.just("s2c"), st.integers(0, 900)),
+    st.tuples(st.just("reset"), st.just(0)),
+    st.tuples(st.just("blackhole"), st.just(0)),
+    st.tuples(st.just("half_open"), st.just(0)),
+    st.tuples(st.just("tick"), st.integers(0, 1500)),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(OPS, max_size=60), seed=st.integers(0, 2**16))
+def test_random_schedules_deliver_exactly_once_in_order(ops, seed):
+    h = Harness(SMALL, seed=seed)
+    h.open_link()
+    h.pump()
+    csent = ssent = 0
+    for op, arg in ops:
+        if h.client.state is State.CLOSED:
+            break
+        if op == "csend":
+            csent += h.client_send(pattern(1, arg, csent))
+        elif op == "ssend" and h.sessions:
+            ssent += h.server_send(pattern(2, arg, ssent))
+        elif op == "c2s":
+            h.deliver_c2s(arg)
+        elif op == "s2c":
+            h.deliver_s2c(arg)
+        elif op == "reset":
+            h.reset()
+        elif op == "blackhole":
+            h.blackhole()
+        elif op == "half_open":
+            h.half_open()
+        elif op == "tick":
+            h.advance(arg / 1000)
+        # the delivered prefix is always exactly the sent prefix
+        assert bytes(h.s_recv) == bytes(h.c_sent[: len(h.s_recv)])
+        assert bytes(h.c_recv) == bytes(h.s_sent[: len(h.c_recv)])
+    assert h.client.state is not State.CLOSED  # within the reliability timeout
+    # heal: let time run until everything is delivered and acked
+    for _ in range(200):
+        h.pump()
+        if (len(h.s_recv) == len(h.c_sent) and len(h.c_recv) == len(h.s_sent)
+                and h.client.unacked == 0 and h.server.unacked == 0):
+            break
+        if h.wire is not None and h.wire.blackholed:
+            h.advance(SMALL.dead_timeout)
+        else:
+            h.advance(0.05)
+    assert bytes(h.s_recv) == bytes(h.c_sent)
+    assert bytes(h.c_recv) == bytes(h.s_sent)
+    assert len(h.sessions) <= 1
