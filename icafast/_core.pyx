@@ -12,6 +12,8 @@ Deliberate (documented) differences, none reachable with well-typed arguments:
 * ``ReplayBuffer`` needs real integers: a non-int ``limit``/``start``/offset/count that the pure
   twin would accept for a while (e.g. ``5.0``) raises ``TypeError`` at once here (the pure twin
   raises ``TypeError`` later or misbehaves), and bool arguments are stored as ``0``/``1``.
+* ``commit`` refuses (ValueError "stream offset would pass 2**64-1", as ``append`` does) to move
+  ``end`` past 2**64-1, which the pure twin allows.
 * The compiled ``Frame``, ``FrameDecoder`` and ``ReplayBuffer`` are extension types: the decoder
   and the replay buffer cannot be pickled.
 """
@@ -712,6 +714,9 @@ cdef class ReplayBuffer:
             if not 0 <= n <= self._wv:
                 raise ValueError(f"commit of {n} bytes, but the last write_view offered {self._wv}")
             k = _index(n)
+        if k > U64_MAX - self._end:
+            # The pure twin lets ``end`` pass 2**64-1 here; 64-bit offsets cannot.
+            raise ValueError("stream offset would pass 2**64-1")
         self._wv = 0
         self._end += k
 

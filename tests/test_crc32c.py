@@ -1,0 +1,166 @@
+"""CRC32C: known vectors, agreement with google-crc32c, incremental use, every kind of buffer."""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import threading
+
+import google_crc32c
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+# RFC 3720 (iSCSI), appendix B.4.
+ISCSI_READ_PDU = bytes.fromhex(
+    "01c00000000000000000000000000000"
+    "14000000000004000000001400000018"
+    "28000000000000000200000000000000"
+)
+VECTORS = [
+    (b"", 0x00000000),
+    (b"123456789", 0xE3069283),
+    (bytes(32), 0x8A9136AA),
+    (b"\xff" * 32, 0x62A8AB43),
+    (bytes(range(32)), 0x46DD794E),
+    (bytes(range(31, -1, -1)), 0x113FDB5C),
+    (ISCSI_READ_PDU, 0xD9963A56),
+]
+
+
+@pytest.mark.parametrize("data,expected", VECTORS)
+def test_known_vectors(core, data, expected):
+    assert core.crc32c(data) == expected
+    assert core.crc32c(bytearray(data)) == expected
+    assert core.crc32c(memoryview(data)) == expected
+
+
+def test_result_is_int_in_range(core):
+    r = core.crc32c(b"abc")
+    assert type(r) is int and 0 <= r <= 0xFFFFFFFF
+
+
+def test_backend_and_implementation(core):
+    backend = core.crc32c_backend()
+    assert isinstance(backend, str) and backend
+    assert core.IMPLEMENTATION in ("cython", "python")
+    if core.IMPLEMENTATION == "python":
+        assert backend == "python"
+
+
+@settings(max_examples=150)
+@given(data=st.binary(max_size=3000))
+def test_matches_google_crc32c(core, data):
+    assert core.crc32c(data) == google_crc32c.value(data)
+
+
+@settings(max_examples=100)
+@given(data=st.binary(max_size=2000), cuts=st.lists(st.integers(0, 2000), max_size=4))
+def test_incremental_equals_one_shot(core, data, cuts):
+    points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    crc = 0
+    g = 0
+    for a, b in zip(points, points[1:]):
+        crc = core.crc32c(data[a:b], crc)
+        g = google_crc32c.extend(g, data[a:b])
+    assert crc == core.crc32c(data) == g
+
+
+@settings(max_examples=50)
+@given(data=st.binary(max_size=500), value=st.integers(0, 0xFFFFFFFF))
+def test_continue_from_any_value(core, data, value):
+    assert core.crc32c(data, value) == google_crc32c.extend(value, data)
+
+
+def test_large_inputs(core):
+    # Above and around the compiled core's GIL-release threshold (64 KiB); the pure twin is slow,
+    # so it only checks one size.
+    rnd = bytes((i * 2654435761 >> 13) & 0xFF for i in range(200_000))
+    sizes = [65535, 65536, 65537, 200_000] if core.IMPLEMENTATION == "cython" else [65536]
+    for n in sizes:
+        assert core.crc32c(rnd[:n]) == google_crc32c.value(rnd[:n])
+        assert core.crc32c(rnd[:n], 0x12345678) == google_crc32c.extend(0x12345678, rnd[:n])
+
+
+def test_threads_agree(core):
+    if core.IMPLEMENTATION != "cython":
+        pytest.skip("exercises the compiled core's GIL release")
+    bufs = [bytes([i]) * 300_000 + bytes(range(256)) for i in range(4)]
+    want = [google_crc32c.value(b) for b in bufs]
+    got: list[list[int]] = [[] for _ in bufs]
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            got[i].append(core.crc32c(bufs[i]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(bufs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [[w] * 5 for w in want]
+
+
+# -- buffer types --------------------------------------------------------------------------------
+
+RAW = bytes(range(256)) * 3
+
+
+def _buffers():
+    yield "bytes", RAW, RAW
+    yield "bytearray", bytearray(RAW), RAW
+    yield "memoryview", memoryview(RAW), RAW
+    yield "memoryview slice", memoryview(RAW)[7:300], RAW[7:300]
+    yield "strided memoryview", memoryview(RAW)[::3], RAW[::3]
+    a = array.array("I", range(100))
+    yield "array('I')", a, a.tobytes()
+    d = array.array("d", [1.5, -2.25, 3e300])
+    yield "array('d')", d, d.tobytes()
+    yield "2-D memoryview", memoryview(RAW).cast("B", (24, 32)), RAW
+    yield "signed-char view", memoryview(RAW).cast("b"), RAW
+    c = (ctypes.c_uint16 * 10)(*range(10))
+    yield "ctypes array", c, bytes(c)
+    yield "empty bytes", b"", b""
+    yield "empty memoryview", memoryview(b""), b""
+
+
+@pytest.mark.parametrize("name,obj,raw", list(_buffers()), ids=[b[0] for b in _buffers()])
+def test_buffer_types(core, name, obj, raw):
+    assert core.crc32c(obj) == google_crc32c.value(raw)
+
+
+@pytest.mark.parametrize(
+    "bad,exc,msg",
+    [
+        ("abc", TypeError, "expected a bytes-like object, not str"),
+        (None, TypeError, "memoryview: a bytes-like object is required, not 'NoneType'"),
+        (12, TypeError, "memoryview: a bytes-like object is required, not 'int'"),
+        ([1, 2], TypeError, "memoryview: a bytes-like object is required, not 'list'"),
+    ],
+)
+def test_rejects_non_buffers(core, bad, exc, msg):
+    with pytest.raises(exc) as info:
+        core.crc32c(bad)
+    assert str(info.value) == msg
+
+
+def test_rejects_fortran_order(core):
+    fortran = memoryview(bytes(12)).cast("B", (3, 4))
+    # A Fortran-ordered view cannot be made from bytes; emulate with a non-contiguous 2-D view.
+    with pytest.raises(TypeError):
+        core.crc32c(memoryview(bytes(24)).cast("B", (4, 6))[::2])
+    assert core.crc32c(fortran) == google_crc32c.value(bytes(12))
+
+
+@pytest.mark.parametrize("value", [-1, 0x1_0000_0000, 2**64, -(2**70)])
+def test_value_out_of_range(core, value):
+    with pytest.raises(ValueError, match=r"^crc value must be in 0\.\.0xFFFFFFFF$"):
+        core.crc32c(b"x", value)
+
+
+def test_value_not_int(core):
+    with pytest.raises(TypeError):
+        core.crc32c(b"x", 1.5)
+    with pytest.raises(TypeError):
+        core.crc32c(b"x", None)
+    assert core.crc32c(b"x", True) == google_crc32c.extend(1, b"x")

@@ -1,0 +1,398 @@
+"""ReplayBuffer against a reference model (bytes + start offset), for both cores."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from icafast.errors import ReplayBufferError, ReplayFullError, ReplayRangeError
+
+MAX_OFFSET = 2**64 - 1
+INITIAL = 16 * 1024
+
+
+def blob(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+class ReplayModel(RuleBasedStateMachine):
+    """The buffer holds ``self.data`` at stream offsets ``[self.start, self.start+len(data))``."""
+
+    core = None  # set by the factory below
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rb = None
+
+    @initialize(
+        limit=st.sampled_from([1, 5, 100, INITIAL, INITIAL + 1, 40_000, 70_000, 2**40 - 256]),
+        start=st.sampled_from([0, 1, 12345, MAX_OFFSET - 50_000, MAX_OFFSET]),
+    )
+    def init(self, limit, start):
+        self.rb = self.core.ReplayBuffer(limit, start)
+        self.limit = limit
+        self.start = start
+        self.data = b""
+        self.cap = 0  # the growth policy, modelled
+        self.wv = None  # the last write_view, while a commit may follow
+        self.held = []  # (offset, expected bytes, views) still to be valid
+
+    # -- model helpers ---------------------------------------------------------------------
+    @property
+    def end(self):
+        return self.start + len(self.data)
+
+    @property
+    def free(self):
+        return self.limit - len(self.data)
+
+    def reserve(self, extra):
+        size = len(self.data)
+        if size + extra <= self.cap:
+            return
+        newcap = max(self.cap, INITIAL)
+        while newcap < size + extra:
+            newcap *= 2
+        self.cap = min(newcap, self.limit)
+
+    # -- rules -----------------------------------------------------------------------------
+    @rule(n=st.integers(0, 45_000), seed=st.integers(0, 2**16))
+    def append(self, n, seed):
+        self.wv = None
+        data = blob(n, seed)
+        if n > self.free:
+            with pytest.raises(ReplayFullError) as info:
+                self.rb.append(data)
+            assert str(info.value) == (
+                f"append of {n} bytes exceeds the {self.free} bytes free (limit {self.limit})"
+            )
+            assert isinstance(info.value, BufferError) and isinstance(info.value, ReplayBufferError)
+        elif self.end + n > MAX_OFFSET:
+            with pytest.raises(ValueError, match=r"^stream offset would pass 2\*\*64-1$"):
+                self.rb.append(data)
+        else:
+            assert self.rb.append(bytearray(data) if seed % 2 else data) is None
+            if n:
+                self.reserve(n)
+                self.data += data
+
+    @rule(extra=st.integers(1, 1000))
+    def append_too_big(self, extra):
+        self.wv = None
+        n = self.free + extra
+        if n > 100_000:
+            n = self.free + 1
+            if n > 100_000:
+                return
+        with pytest.raises(ReplayFullError):
+            self.rb.append(bytes(n))
+
+    @rule(max_bytes=st.none() | st.integers(0, 50_000), fill=st.floats(0, 1), seed=st.integers(0, 99))
+    def write_view_commit(self, max_bytes, fill, seed):
+        self._write_view(max_bytes)
+        v = self.wv
+        k = int(len(v) * fill)
+        if self.end + k > MAX_OFFSET:
+            return  # see test_commit_past_max_offset
+        data = blob(k, seed)
+        v[:k] = data
+        self.rb.commit(k)
+        self.wv = None
+        self.data += data
+
+    @rule(max_bytes=st.none() | st.integers(0, 50_000))
+    def write_view_only(self, max_bytes):
+        self._write_view(max_bytes)
+
+    def _write_view(self, max_bytes):
+        want = self.free if max_bytes is None else min(max_bytes, self.free)
+        if self.free * 2 > 300_000 and max_bytes is None:
+            want = min(self.free, 50_000)  # keep huge limits cheap
+            max_bytes = want
+        v = self.rb.write_view(max_bytes)
+        assert type(v) is memoryview and not v.readonly and v.format == "B"
+        assert len(v) <= want
+        if want:
+            assert len(v) > 0
+            self.reserve(want)
+        self.wv = v
+
+    @rule(n=st.integers(-2, 60_000))
+    def commit(self, n):
+        offered = len(self.wv) if self.wv is not None else 0
+        if self.end + n > MAX_OFFSET:
+            return  # see test_commit_past_max_offset
+        if 0 <= n <= offered:
+            before = bytes(self.wv[:n]) if n else b""
+            self.rb.commit(n)
+            self.data += before
+            self.wv = None
+        else:
+            with pytest.raises(ValueError) as info:
+                self.rb.commit(n)
+            assert str(info.value) == (
+                f"commit of {n} bytes, but the last write_view offered {offered}"
+            )
+
+    @rule(max_bytes=st.integers(-100, -1))
+    def write_view_negative(self, max_bytes):
+        with pytest.raises(ValueError, match="^max_bytes must not be negative$"):
+            self.rb.write_view(max_bytes)
+
+    @rule(frac=st.floats(0, 1))
+    def ack(self, frac):
+        k = int(len(self.data) * frac)
+        assert self.rb.ack(self.start + k) == k
+        if k:
+            self.wv = None
+            self.start += k
+            self.data = self.data[k:]
+            if not self.data:
+                pass  # storage index resets; nothing to model
+
+    @rule(below=st.booleans(), by=st.integers(1, 2**70))
+    def ack_out_of_range(self, below, by):
+        offset = self.start - by if below else self.end + by
+        with pytest.raises(ReplayRangeError) as info:
+            self.rb.ack(offset)
+        assert str(info.value) == (
+            f"ack {offset} outside the unacknowledged range [{self.start}, {self.end}]"
+        )
+        assert isinstance(info.value, ValueError)
+
+    @rule(frac=st.none() | st.floats(0, 1), max_bytes=st.none() | st.integers(0, 50_000))
+    def views(self, frac, max_bytes):
+        if frac is None:
+            offset = None
+            rel = 0
+            vs = self.rb.views() if max_bytes is None else self.rb.views(max_bytes=max_bytes)
+        else:
+            rel = int(len(self.data) * frac)
+            offset = self.start + rel
+            vs = self.rb.views(offset, max_bytes)
+        expected = self.data[rel:] if max_bytes is None else self.data[rel : rel + max_bytes]
+        assert type(vs) is list and len(vs) <= 2
+        assert all(type(v) is memoryview and v.readonly and len(v) > 0 for v in vs)
+        assert b"".join(vs) == expected
+        if expected:
+            self.held.append((self.start + rel, expected, vs))
+            del self.held[:-6]
+
+    @rule(below=st.booleans(), by=st.integers(1, 10**6))
+    def views_out_of_range(self, below, by):
+        offset = self.start - by if below else self.end + by
+        if offset < 0:
+            offset = -1
+        with pytest.raises(ReplayRangeError) as info:
+            self.rb.views(offset)
+        assert str(info.value) == (
+            f"replay from {offset} outside the buffered range [{self.start}, {self.end}]"
+        )
+
+    @rule()
+    def views_negative_max(self):
+        with pytest.raises(ValueError, match="^max_bytes must not be negative$"):
+            self.rb.views(max_bytes=-1)
+
+    @rule()
+    def shrink(self):
+        self.wv = None
+        self.rb.shrink()
+        size = len(self.data)
+        if size == 0:
+            self.cap = 0
+            return
+        want = INITIAL
+        while want < size:
+            want *= 2
+        want = min(want, self.limit)
+        if want < self.cap:
+            self.cap = want
+
+    # -- invariants ------------------------------------------------------------------------
+    @invariant()
+    def state_matches(self):
+        if self.rb is None:
+            return
+        rb = self.rb
+        assert (rb.start, rb.end, len(rb), rb.free, rb.limit) == (
+            self.start,
+            self.end,
+            len(self.data),
+            self.free,
+            self.limit,
+        )
+        assert rb.capacity == self.cap
+        assert len(self.data) <= rb.capacity <= self.limit
+        assert repr(rb) == (
+            f"ReplayBuffer(start={self.start}, end={self.end}, limit={self.limit}, "
+            f"capacity={self.cap})"
+        )
+
+    @invariant()
+    def held_views_stay_valid(self):
+        if self.rb is None:
+            return
+        keep = []
+        for offset, expected, vs in self.held:
+            if offset >= self.start:  # none of its bytes acknowledged yet
+                assert b"".join(vs) == expected
+                keep.append((offset, expected, vs))
+        self.held = keep
+
+    @precondition(lambda self: self.rb is not None)
+    @rule()
+    def all_views_match(self):
+        assert b"".join(self.rb.views()) == self.data
+
+
+def test_replay_buffer_state_machine(core):
+    machine = type(f"ReplayModel_{core.IMPLEMENTATION}", (ReplayModel,), {"core": core})
+    run_state_machine_as_test(
+        machine, settings=settings(max_examples=120, stateful_step_count=40, deadline=None)
+    )
+
+
+# -- direct tests ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "limit,start,msg",
+    [
+        (0, 0, "limit must be positive and at most 2**40"),
+        (-1, 0, "limit must be positive and at most 2**40"),
+        (2**40, 0, "limit must be positive and at most 2**40"),
+        (10, -1, "start must be in 0..2**64-1"),
+        (10, 2**64, "start must be in 0..2**64-1"),
+    ],
+)
+def test_constructor_validation(core, limit, start, msg):
+    with pytest.raises(ValueError) as info:
+        core.ReplayBuffer(limit, start)
+    assert str(info.value) == msg
+
+
+def test_largest_limit_and_start(core):
+    rb = core.ReplayBuffer(2**40 - 256, MAX_OFFSET)
+    assert (rb.limit, rb.start, rb.end, rb.free, rb.capacity, len(rb)) == (
+        2**40 - 256,
+        MAX_OFFSET,
+        MAX_OFFSET,
+        2**40 - 256,
+        0,
+        0,
+    )
+    rb.append(b"")
+    with pytest.raises(ValueError, match="stream offset would pass"):
+        rb.append(b"x")
+
+
+def test_growth_policy_and_wrap(core):
+    rb = core.ReplayBuffer(100_000)
+    rb.append(b"a" * 10)
+    assert rb.capacity == INITIAL
+    rb.append(b"b" * (INITIAL - 10))
+    assert rb.capacity == INITIAL
+    rb.append(b"c")
+    assert rb.capacity == 2 * INITIAL
+    rb.append(b"d" * 2 * INITIAL)
+    assert rb.capacity == 4 * INITIAL
+    rb.append(b"e" * (100_000 - len(rb)))
+    assert rb.capacity == 100_000 and rb.free == 0
+    # wrap: ack the front, append again, views come in two pieces
+    rb.ack(rb.start + 30_000)
+    rb.append(b"f" * 20_000)
+    vs = rb.views()
+    assert len(vs) == 2 and b"".join(vs).endswith(b"e" + b"f" * 20_000)
+    rb.ack(rb.end)
+    assert len(rb) == 0 and rb.views() == []
+    rb.shrink()
+    assert rb.capacity == 0
+
+
+def test_old_views_survive_relocation(core):
+    rb = core.ReplayBuffer(1 << 20)
+    rb.append(b"x" * 1000)
+    (v,) = rb.views()
+    rb.append(b"y" * 100_000)  # grows: storage replaced
+    assert bytes(v) == b"x" * 1000
+    (w,) = rb.views(max_bytes=10)
+    rb.shrink()
+    assert bytes(w) == b"x" * 10
+
+
+def test_write_view_recv_into(core):
+    import socket
+
+    a, b = socket.socketpair()
+    try:
+        a.sendall(b"hello world")
+        rb = core.ReplayBuffer(64)
+        v = rb.write_view()
+        n = b.recv_into(v)
+        rb.commit(n)
+        assert b"".join(rb.views()) == b"hello world"
+        assert rb.write_view(0).nbytes == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_commit_invalidated_by_other_calls(core):
+    rb = core.ReplayBuffer(100)
+    rb.write_view(10)
+    rb.append(b"x")
+    with pytest.raises(ValueError, match="^commit of 1 bytes, but the last write_view offered 0$"):
+        rb.commit(1)
+    rb.write_view(10)
+    rb.views()  # does not invalidate
+    rb.ack(rb.start)  # acknowledging nothing does not either
+    rb.commit(3)
+    assert len(rb) == 4
+
+
+def test_full_buffer_write_view_is_empty(core):
+    rb = core.ReplayBuffer(5)
+    rb.append(b"12345")
+    v = rb.write_view()
+    assert len(v) == 0 and not v.readonly
+    with pytest.raises(ReplayFullError):
+        rb.append(b"6")
+    assert b"".join(rb.views()) == b"12345"
+
+
+def test_append_buffer_types(core):
+    import array
+
+    rb = core.ReplayBuffer(1000)
+    rb.append(array.array("H", [1, 2, 3]))
+    rb.append(memoryview(b"abcdef")[::2])
+    assert b"".join(rb.views()) == array.array("H", [1, 2, 3]).tobytes() + b"ace"
+    with pytest.raises(TypeError, match="^expected a bytes-like object, not str$"):
+        rb.append("text")
+
+
+def test_commit_past_max_offset(core):
+    rb = core.ReplayBuffer(10, MAX_OFFSET - 1)
+    rb.append(b"x")
+    v = rb.write_view()
+    assert len(v) == 9
+    if core.IMPLEMENTATION == "cython":
+        # 64-bit offsets: the compiled core refuses, like append does
+        with pytest.raises(ValueError, match=r"^stream offset would pass 2\*\*64-1$"):
+            rb.commit(1)
+        assert rb.end == MAX_OFFSET
+    else:
+        rb.commit(1)  # the pure twin does not check (its offsets are Python ints)
+        assert rb.end == MAX_OFFSET + 1
