@@ -40,7 +40,7 @@ def feed_chunks(dec, chunks):
 
 def split(data: bytes, cuts) -> list[bytes]:
     points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
 @st.composite
@@ -78,7 +78,9 @@ def test_frame_h_constants_match_python():
         expected[f"ICAFAST_FRAME_ERR_{name}"] = getattr(errors, f"FRAME_ERR_{name}")
     assert {k: defines.get(k) for k in expected} == expected
     # and no frame type in the header that Python does not know
-    c_types = {k for k in defines if re.fullmatch(r"ICAFAST_FRAME_[A-Z]+", k) and k != "ICAFAST_FRAME_OK"}
+    c_types = {
+        k for k in defines if re.fullmatch(r"ICAFAST_FRAME_[A-Z]+", k) and k != "ICAFAST_FRAME_OK"
+    }
     assert c_types == {f"ICAFAST_FRAME_{t.name}" for t in FrameType}
 
 
@@ -282,7 +284,10 @@ def test_unknown_type(core, t):
 def test_reserved_set(core, reserved):
     _, err = expect_error(core, raw_frame(0x10, 0, 0, 0, b"", reserved=reserved), cuts=[3])
     assert (err.code, err.offset) == (errors.FRAME_ERR_RESERVED, 0)
-    assert str(err) == f"reserved header field is 0x{reserved:04x}, must be 0 (frame at stream offset 0)"
+    assert (
+        str(err)
+        == f"reserved header field is 0x{reserved:04x}, must be 0 (frame at stream offset 0)"
+    )
 
 
 @pytest.mark.parametrize("t,flags", [(0x10, 0x02), (0x10, 0x81), (0x11, 0x01), (0x01, 0xFF)])
@@ -350,7 +355,7 @@ def test_bit_flip_always_detected(core, fs, where, bit, cuts):
     stream[where] ^= 1 << bit
     # which frame and which field the flip hit
     start = 0
-    for i, e in enumerate(encoded):
+    for i, e in enumerate(encoded):  # noqa: B007 - i is used after the loop
         if where < start + len(e):
             break
         start += len(e)
@@ -392,8 +397,11 @@ def test_truncated_stream(core, fs, cut):
 
 
 @settings(max_examples=150)
-@given(data=st.binary(max_size=400), cuts=st.lists(st.integers(0, 400), max_size=5),
-       max_payload=st.integers(0, 300))
+@given(
+    data=st.binary(max_size=400),
+    cuts=st.lists(st.integers(0, 400), max_size=5),
+    max_payload=st.integers(0, 300),
+)
 def test_garbage_only_raises_frame_error(core, data, cuts, max_payload):
     dec = core.FrameDecoder(max_payload)
     try:

@@ -98,7 +98,9 @@ class ReplayModel(RuleBasedStateMachine):
         with pytest.raises(ReplayFullError):
             self.rb.append(bytes(n))
 
-    @rule(max_bytes=st.none() | st.integers(0, 50_000), fill=st.floats(0, 1), seed=st.integers(0, 99))
+    @rule(
+        max_bytes=st.none() | st.integers(0, 50_000), fill=st.floats(0, 1), seed=st.integers(0, 99)
+    )
     def write_view_commit(self, max_bytes, fill, seed):
         self._write_view(max_bytes)
         v = self.wv
