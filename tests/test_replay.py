@@ -89,12 +89,12 @@ class ReplayModel(RuleBasedStateMachine):
 
     @rule(extra=st.integers(1, 1000))
     def append_too_big(self, extra):
-        self.wv = None
         n = self.free + extra
         if n > 100_000:
             n = self.free + 1
             if n > 100_000:
                 return
+        self.wv = None
         with pytest.raises(ReplayFullError):
             self.rb.append(bytes(n))
 
