@@ -24,6 +24,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndS
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_Check
+from cpython.memoryview cimport PyMemoryView_FromObject, PyMemoryView_GET_BUFFER
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -109,13 +110,16 @@ assert HEADER_SIZE == ICAFAST_HEADER_SIZE
 
 
 cdef object _as_bytes_view(object data):
-    """The pure twin's ``_as_bytes_view``, verbatim: same result, same exceptions."""
+    """The pure twin's ``_as_bytes_view``: same result, same exceptions."""
+    cdef Py_buffer *b
     if isinstance(data, str):
         raise TypeError("expected a bytes-like object, not str")
-    mv = memoryview(data)
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
+    mv = PyMemoryView_FromObject(data)
+    b = PyMemoryView_GET_BUFFER(mv)
+    # memoryview.format is "B" when the exporter gives no format
+    if b.ndim == 1 and (b.format == NULL or (b.format[0] == b'B' and b.format[1] == 0)):
+        return mv
+    return mv.cast("B")
 
 
 cdef int _acquire(object data, Py_buffer *view) except -1:
