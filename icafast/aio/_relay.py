@@ -1,0 +1,393 @@
+"""Shared asyncio plumbing: the plain-TCP endpoint, the framed link and the session runner.
+
+These classes only move bytes and timers between sockets and a sans-IO session engine
+(:mod:`icafast.protocol`); every protocol decision is the engine's.
+
+Data path (one copy each way): the endpoint (application or backend socket) receives straight
+into the session's replay buffer (``BufferedProtocol.get_buffer`` returns a view of free ring
+space); the engine frames views of that ring and the link transport writes header + payload
+with ``writelines``. Received frames are parsed in the link's receive buffer and their payloads
+written to the endpoint as memoryviews; when the endpoint's transport keeps such a view queued
+(it could not send at once), the link switches to a fresh receive buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any, cast
+
+from .. import events as ev
+from ..protocol import CLOSE_ABORTED, SessionEngine, State
+
+log = logging.getLogger("icafast")
+
+READ_SIZE = 256 * 1024  # bytes per receive when data is flowing
+SPARE_SIZE = 64 * 1024
+WRITE_HIGH_WATER = 1024 * 1024  # transport write buffer limits (bytes)
+WRITE_LOW_WATER = 256 * 1024
+
+
+def short_id(sid: bytes) -> str:
+    return sid.hex() if sid else "-"
+
+
+def tune_socket(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY on every socket (small writes must not wait for Nagle) and big limits."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+    if hasattr(transport, "set_write_buffer_limits"):
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+
+
+def abort_with_rst(transport: asyncio.BaseTransport | None) -> None:
+    """Close a TCP connection with a reset (SO_LINGER 0), so the peer sees it was not clean."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        except OSError:
+            pass
+    transport.abort()  # type: ignore[attr-defined]
+
+
+class Endpoint(asyncio.BufferedProtocol):
+    """The plain TCP side of a session: the application (client) or the backend (server)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.transport: asyncio.Transport | None = None
+        self.paused = False  # reading paused by us (replay buffer full)
+        self.write_paused = False  # its transport asked us to stop writing
+        self.eof = False
+        self.closed = False
+        self._spare: bytearray | None = None
+        self._in_spare = False
+        self.pending: list[bytes] = []  # read while the replay buffer was full
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        tune_socket(transport)
+        self.runner.endpoint_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview | bytearray:
+        eng = self.runner.engine
+        if not self.pending and eng.send_free > 0:
+            v = eng.send_view(READ_SIZE)
+            if len(v):
+                self._in_spare = False
+                return v
+        # Replay buffer full (or data arrived after pause_reading): park it, bounded.
+        self._in_spare = True
+        if self._spare is None:
+            self._spare = bytearray(SPARE_SIZE)
+        return self._spare
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._in_spare:
+            assert self._spare is not None
+            self.pending.append(bytes(self._spare[:nbytes]))
+            self.pause()
+        else:
+            self.runner.engine.commit_view(nbytes)
+        self.runner.pump()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.runner.endpoint_eof()
+        return True  # keep the write side open: half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.runner.endpoint_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.runner.sink_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.runner.sink_resumed()
+
+    # -- used by the runner ------------------------------------------------------------------
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None and not self.closed:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
+            self.transport.resume_reading()
+
+
+class Link(asyncio.BufferedProtocol):
+    """The framed connection between client and server (one per attempt)."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner  # runner, or the server's handshake handler before attach
+        self.transport: asyncio.Transport | None = None
+        self.link_id = 0  # engine's link number once attached
+        self.write_paused = False
+        self.closed = False
+        self.peer = ""
+        self._buf = bytearray(READ_SIZE)
+        self._mv = memoryview(self._buf)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        tune_socket(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+        self.owner.link_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._mv
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.owner.link_data(self, self._mv[:nbytes])
+
+    def renew_buffer(self) -> None:
+        """A payload view into the receive buffer is still queued somewhere: use a new one."""
+        self._buf = bytearray(READ_SIZE)
+        self._mv = memoryview(self._buf)
+
+    def eof_received(self) -> bool:
+        self.owner.link_lost(self, "connection closed by peer")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            reason = f"connection lost: {exc}" if exc else "connection closed"
+            self.owner.link_lost(self, reason)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.owner.link_writable(self)
+
+    def close(self, abort: bool = False) -> None:
+        self.closed = True
+        if self.transport is not None and not self.transport.is_closing():
+            if abort:
+                abort_with_rst(self.transport)
+            else:
+                self.transport.close()
+
+
+StatusCallback = Callable[[ev.Event, SessionEngine], None]
+
+
+class Runner:
+    """Drives one session engine: feeds it socket input and time, carries out its output."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: SessionEngine, name: str,
+                 on_status: StatusCallback | None = None) -> None:
+        self.loop = loop
+        self.engine = engine
+        self.name = name
+        self.endpoint: Endpoint | None = None
+        self.link: Link | None = None
+        self.on_status = on_status
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._done = False
+        self._close_link_after_flush = False
+        self.closed_future: asyncio.Future[ev.SessionClosed] = loop.create_future()
+
+    @property
+    def sid(self) -> str:
+        return short_id(self.engine.session_id)
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    # -- endpoint side -----------------------------------------------------------------------
+    def endpoint_made(self, ep: Endpoint) -> None:
+        self.endpoint = ep
+
+    def endpoint_eof(self) -> None:
+        if self.engine.state is not State.CLOSED:
+            self._drain_pending()
+            if self.endpoint is not None and not self.endpoint.pending:
+                self.engine.send_eof()
+        self.pump()
+
+    def endpoint_lost(self, exc: Exception | None) -> None:
+        eng = self.engine
+        if eng.state is State.CLOSED or self._done:
+            return
+        if exc is None and self.endpoint is not None and self.endpoint.eof:
+            # Clean close after EOF: the FIN is queued; wait for the session to finish.
+            if not eng._tx_fin:  # noqa: SLF001 - pending data still to queue
+                self._drain_pending()
+                eng.send_eof()
+            self.pump()
+            return
+        what = "application" if eng.role == "client" else "backend"
+        eng.close(CLOSE_ABORTED, f"{what} connection {'reset: ' + str(exc) if exc else 'closed'}",
+                  self.now())
+        self.pump()
+
+    def sink_paused(self) -> None:
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.pause_reading()
+
+    def sink_resumed(self) -> None:
+        if self.link is not None and self.link.transport is not None and not self.link.closed:
+            self.link.transport.resume_reading()
+
+    def _drain_pending(self) -> None:
+        ep = self.endpoint
+        eng = self.engine
+        if ep is None:
+            return
+        while ep.pending and eng.send_free >= len(ep.pending[0]):
+            eng.send_data(ep.pending.pop(0))
+
+    # -- link side ---------------------------------------------------------------------------
+    def link_made(self, link: Link) -> None:
+        raise NotImplementedError
+
+    def link_data(self, link: Link, data: memoryview) -> None:
+        if link is not self.link:
+            return
+        self.engine.receive_data(data, self.now())
+        self.pump()
+        ep = self.endpoint
+        if ep is not None and ep.transport is not None and ep.transport.get_write_buffer_size():
+            link.renew_buffer()
+
+    def link_lost(self, link: Link, reason: str) -> None:
+        link.closed = True
+        if link is self.link:
+            self.link = None
+            self.engine.connection_lost(self.now(), reason, link_id=link.link_id)
+            self.pump()
+
+    def link_writable(self, link: Link) -> None:
+        if link is self.link:
+            self.pump()
+
+    # -- the pump ----------------------------------------------------------------------------
+    def pump(self) -> None:
+        """Carry out everything the engine wants: events, bytes, back-pressure, timer."""
+        eng = self.engine
+        while (e := eng.next_event()) is not None:
+            self.handle_event(e)
+        link = self.link
+        if link is not None and link.transport is not None and not link.closed:
+            bufs = eng.data_to_send(not link.write_paused)
+            if bufs:
+                link.transport.writelines(bufs)
+            if self._close_link_after_flush:
+                link.close()
+                self.link = None
+        elif self._close_link_after_flush:
+            eng.data_to_send(False)
+        ep = self.endpoint
+        if ep is not None and not ep.closed:
+            if ep.pending:
+                self._drain_pending()
+                if not ep.pending and ep.eof and not eng._tx_fin:  # noqa: SLF001
+                    eng.send_eof()
+                    self.pump()
+                    return
+            if ep.paused:
+                if not ep.pending and eng.send_free >= min(READ_SIZE, eng.tx.limit // 4):
+                    ep.resume()
+            elif eng.send_free == 0 and not ep.eof:
+                ep.pause()
+        self._schedule()
+
+    def _schedule(self) -> None:
+        t = self.engine.get_timer()
+        if t is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._timer_at = None
+            return
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= t:
+            return  # the armed timer fires first; it will re-arm
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = t
+        self._timer = self.loop.call_at(t, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.engine.handle_timer(self.now())
+        self.pump()
+
+    # -- events ------------------------------------------------------------------------------
+    def handle_event(self, e: ev.Event) -> None:
+        ep = self.endpoint
+        if isinstance(e, ev.DataReceived):
+            if ep is not None and ep.transport is not None and not ep.closed:
+                ep.transport.write(e.data)
+            return
+        if isinstance(e, ev.StreamEnded):
+            if ep is not None and ep.transport is not None and not ep.closed:
+                if ep.transport.can_write_eof():
+                    ep.transport.write_eof()
+            return
+        if isinstance(e, ev.LinkLost):
+            link = self.link
+            if link is not None and link.link_id == e.link_id:
+                self.link = None
+                link.close(abort=True)
+            log.info("session %s: link lost (%s)", self.sid, e.reason)
+        elif isinstance(e, ev.LinkUp):
+            if e.resumed:
+                log.info("session %s: resumed on link %d, %d bytes replayed", self.sid,
+                         e.link_id, e.replayed)
+            else:
+                log.info("session %s: new session active", self.sid)
+        elif isinstance(e, ev.SessionClosed):
+            self._on_closed(e)
+        elif isinstance(e, ev.SessionHeld):
+            log.info("session %s: reliability timeout, held disconnected for %gs", self.sid,
+                     e.hold)
+        self.status(e)
+
+    def status(self, e: ev.Event) -> None:
+        if self.on_status is not None:
+            try:
+                self.on_status(e, self.engine)
+            except Exception:  # an embedder's callback must not break the relay
+                log.exception("status callback failed")
+
+    def _on_closed(self, e: ev.SessionClosed) -> None:
+        self._done = True
+        log.info("session %s: closed (%s)%s", self.sid, e.reason, "" if e.graceful else " [abort]")
+        self._close_link_after_flush = True
+        ep = self.endpoint
+        if ep is not None and ep.transport is not None and not ep.closed:
+            if e.graceful:
+                ep.transport.close()
+            else:
+                abort_with_rst(ep.transport)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_at = None
+        if not self.closed_future.done():
+            self.closed_future.set_result(e)
+        self.session_closed(e)
+
+    def session_closed(self, e: ev.SessionClosed) -> None:
+        """Hook for subclasses (server: forget the session)."""

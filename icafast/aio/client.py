@@ -1,0 +1,319 @@
+"""The client: carries application TCP connections over reliable sessions to a relay server.
+
+- ``RelayClient`` — ``icafast connect``: a local listener; each accepted application
+  connection becomes one session.
+- ``open_session`` — library API: an asyncio (reader, writer) pair whose byte stream survives
+  link breaks (reconnects are hidden; status events go to ``on_status``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any, cast
+
+from .. import events as ev
+from ..protocol import CLOSE_ABORTED, ClientSession, Config, State
+from ._relay import Endpoint, Link, Runner, StatusCallback, abort_with_rst, tune_socket
+
+log = logging.getLogger("icafast")
+
+__all__ = ["RelayClient", "open_session"]
+
+
+class _ClientRunner(Runner):
+    def __init__(self, loop: asyncio.AbstractEventLoop, server: tuple[str, int], config: Config,
+                 fallback: tuple[str, int] | None, on_status: StatusCallback | None,
+                 label: str = "") -> None:
+        super().__init__(loop, ClientSession(config, loop.time()), "client", on_status)
+        self.engine: ClientSession = self.engine  # type: ignore[assignment]
+        self.server = server
+        self.fallback = fallback
+        self.label = label
+        self.connect_task: asyncio.Task[Any] | None = None
+        self.ready: asyncio.Future[str] = loop.create_future()  # "session" / "fallback"
+        self.fallback_transport: asyncio.Transport | None = None
+
+    @property
+    def sid(self) -> str:
+        return self.engine.session_id.hex() if self.engine.session_id else f"(new{self.label})"
+
+    def endpoint_made(self, ep: Endpoint) -> None:
+        super().endpoint_made(ep)
+        self.start_connect()
+
+    def start_connect(self) -> None:
+        if self.connect_task is not None and not self.connect_task.done():
+            return
+        self.connect_task = self.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        host, port = self.server
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(lambda: Link(self), host, port),
+                self.engine.config.handshake_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            reason = str(e) or type(e).__name__
+            if self.engine.state is not State.CLOSED:
+                log.info("session %s: connect to %s:%d failed: %s", self.sid, host, port, reason)
+                self.engine.connect_failed(reason, self.now())
+                self.pump()
+
+    def link_made(self, link: Link) -> None:
+        if self.engine.state is State.CLOSED or self._done:
+            link.close(abort=True)
+            return
+        self.engine.connect(self.now())
+        link.link_id = self.engine.link_id
+        self.link = link
+        self.pump()
+
+    def handle_event(self, e: ev.Event) -> None:
+        eng = self.engine
+        if isinstance(e, ev.ReconnectDue):
+            log.info("session %s: reconnecting (attempt %d)", self.sid, e.attempt)
+            self.status(e)
+            self.start_connect()
+            return
+        if isinstance(e, ev.HandshakeRejected):
+            log.info("session %s: handshake failed: %s", self.sid, e.reason)
+            if self.link is not None and self.engine.link_id != self.link.link_id:
+                self.link.close(abort=True)
+                self.link = None
+            self.status(e)
+            return
+        if isinstance(e, ev.LinkUp):
+            if not self.ready.done():
+                self.ready.set_result("session")
+        if (isinstance(e, ev.SessionClosed) and self.fallback is not None
+                and not eng.has_session and e.code == CLOSE_ABORTED):
+            self._start_fallback(e.reason)
+            return
+        if isinstance(e, ev.SessionClosed) and not self.ready.done():
+            self.ready.set_exception(ConnectionError(e.reason))
+        super().handle_event(e)
+
+    # -- fallback: no session reliability, a plain relay to e.g. the server's 1494 ----------
+    def _start_fallback(self, reason: str) -> None:
+        assert self.fallback is not None
+        host, port = self.fallback
+        log.warning("session-reliability handshake with %s:%d failed (%s); connecting straight "
+                    "to fallback %s:%d WITHOUT session reliability", *self.server, reason,
+                    host, port)
+        self._done = True
+        self.status(ev.HandshakeRejected(0, f"fallback to {host}:{port}: {reason}"))
+        if self.link is not None:
+            self.link.close(abort=True)
+            self.link = None
+        self.loop.create_task(self._fallback(host, port))
+
+    async def _fallback(self, host: str, port: int) -> None:
+        ep = self.endpoint
+        assert ep is not None
+        bridge = _PlainBridge(self, ep)
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(lambda: _FallbackProtocol(bridge), host, port),
+                self.engine.config.handshake_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            log.warning("fallback %s:%d failed too: %s", host, port, e)
+            if not self.ready.done():
+                self.ready.set_exception(ConnectionError(f"fallback failed: {e}"))
+            abort_with_rst(ep.transport)
+            return
+        if not self.ready.done():
+            self.ready.set_result("fallback")
+
+
+class _PlainBridge:
+    """Stands in for the runner+engine of an Endpoint once the client fell back to a plain relay:
+    application bytes go straight to the fallback connection."""
+
+    def __init__(self, runner: _ClientRunner, ep: Endpoint) -> None:
+        self.runner = runner
+        self.ep = ep
+        self.out: asyncio.Transport | None = None
+        self.out_paused = False
+        self._buf = bytearray(256 * 1024)
+        self._mv = memoryview(self._buf)
+        self.engine = self  # Endpoint asks runner.engine for buffers
+
+    # engine-like
+    @property
+    def send_free(self) -> int:
+        return 0 if self.out is None or self.out_paused else len(self._buf)
+
+    def send_view(self, n: int) -> memoryview:
+        return self._mv[: min(n, len(self._buf))]
+
+    def commit_view(self, n: int) -> None:
+        if self.out is not None:
+            self.out.write(bytes(self._mv[:n]))
+
+    # runner-like
+    def pump(self) -> None:
+        if self.out is None:
+            return
+        if self.ep.pending:
+            for chunk in self.ep.pending:
+                self.out.write(chunk)
+            self.ep.pending.clear()
+        if self.out_paused:
+            self.ep.pause()
+        else:
+            self.ep.resume()
+
+    def endpoint_eof(self) -> None:
+        if self.out is not None and self.out.can_write_eof():
+            self.out.write_eof()
+
+    def endpoint_lost(self, exc: Exception | None) -> None:
+        if self.out is not None:
+            if exc is None:
+                self.out.close()
+            else:
+                abort_with_rst(self.out)
+
+    def sink_paused(self) -> None:
+        if self.out is not None:
+            self.out.pause_reading()
+
+    def sink_resumed(self) -> None:
+        if self.out is not None:
+            self.out.resume_reading()
+
+    def connected(self, transport: asyncio.Transport) -> None:
+        self.out = transport
+        eng = self.runner.engine
+        # bytes the application sent before we gave up on the session go first
+        for v in eng.tx.views():
+            transport.write(bytes(v))
+        self.ep.runner = self  # type: ignore[assignment]
+        if self.ep.eof and not self.ep.pending:
+            self.endpoint_eof()
+        self.pump()
+
+
+class _FallbackProtocol(asyncio.Protocol):
+    def __init__(self, bridge: _PlainBridge) -> None:
+        self.bridge = bridge
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        tune_socket(transport)
+        self.bridge.connected(transport)
+
+    def data_received(self, data: bytes) -> None:
+        t = self.bridge.ep.transport
+        if t is not None and not self.bridge.ep.closed:
+            t.write(data)
+
+    def eof_received(self) -> bool:
+        t = self.bridge.ep.transport
+        if t is not None and not self.bridge.ep.closed and t.can_write_eof():
+            t.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        t = self.bridge.ep.transport
+        if t is not None:
+            if exc is None:
+                t.close()
+            else:
+                abort_with_rst(t)
+
+    def pause_writing(self) -> None:
+        self.bridge.out_paused = True
+        self.bridge.ep.pause()
+
+    def resume_writing(self) -> None:
+        self.bridge.out_paused = False
+        self.bridge.ep.resume()
+
+
+class RelayClient:
+    """``icafast connect``: listen locally; every application connection becomes a session."""
+
+    def __init__(self, listen: tuple[str, int], server: tuple[str, int],
+                 config: Config | None = None, *, fallback: tuple[str, int] | None = None,
+                 on_status: StatusCallback | None = None) -> None:
+        self.listen = listen
+        self.server = server
+        self.config = config or Config()
+        self.fallback = fallback
+        self.on_status = on_status
+        self.runners: set[_ClientRunner] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self.addresses: list[tuple[str, int]] = []
+        self._count = 0
+
+    def _factory(self) -> Endpoint:
+        loop = asyncio.get_running_loop()
+        self._count += 1
+        r = _ClientRunner(loop, self.server, self.config, self.fallback, self.on_status,
+                          label=f" #{self._count}")
+        self.runners.add(r)
+        r.closed_future.add_done_callback(lambda _f: self.runners.discard(r))
+        return Endpoint(r)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._factory, self.listen[0] or None,
+                                                self.listen[1], reuse_address=True, backlog=1024)
+        for sock in self._server.sockets:
+            addr = sock.getsockname()
+            self.addresses.append((addr[0], addr[1]))
+            log.info("listening on %s:%d -> server %s:%d", addr[0], addr[1], *self.server)
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for r in list(self.runners):
+            if r.endpoint is not None:
+                abort_with_rst(r.endpoint.transport)
+            if r.link is not None:
+                r.link.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+async def open_session(
+    host: str,
+    port: int,
+    *,
+    config: Config | None = None,
+    on_status: StatusCallback | None = None,
+    fallback: tuple[str, int] | None = None,
+    limit: int = 2**16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open a reliable session to the relay server at ``host:port``.
+
+    Returns once the first handshake completed (or the fallback connection is up); raises
+    ConnectionError if neither works. The returned stream carries exactly the bytes of the
+    backend connection, across any number of link breaks; ``writer.write_eof()`` half-closes.
+    ``on_status(event, engine)`` receives LinkUp / LinkLost / ReconnectDue / SessionClosed / ...
+    """
+    loop = asyncio.get_running_loop()
+    app_sock, relay_sock = socket.socketpair()
+    runner = _ClientRunner(loop, (host, port), config or Config(), fallback, on_status)
+    try:
+        await loop.connect_accepted_socket(lambda: Endpoint(runner), relay_sock)
+        reader, writer = await asyncio.open_connection(sock=app_sock, limit=limit)
+    except BaseException:
+        app_sock.close()
+        relay_sock.close()
+        raise
+    try:
+        await runner.ready
+    except BaseException:
+        writer.close()
+        raise
+    return reader, writer

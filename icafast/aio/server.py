@@ -1,0 +1,433 @@
+"""The relay server: accepts framed links (default port 2598) and relays each session to its
+backend (default 127.0.0.1:1494). Embeddable: ``RelayServer`` in a gateway's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import events as ev
+from ..protocol import (
+    CLOSE_ADMIN,
+    CLOSE_SHUTDOWN,
+    REJECT_BACKEND,
+    REJECT_BAD_PROOF,
+    REJECT_BUSY,
+    REJECT_CLOSED,
+    REJECT_PROTOCOL,
+    REJECT_UNKNOWN_SESSION,
+    Config,
+    ProtocolError,
+    ServerHandshake,
+    ServerSession,
+    State,
+)
+from ._relay import Endpoint, Link, Runner, StatusCallback, short_id
+
+log = logging.getLogger("icafast")
+
+__all__ = ["Mapping", "RelayServer", "parse_hostport"]
+
+
+def parse_hostport(text: str, default_host: str = "", default_port: int | None = None
+                   ) -> tuple[str, int]:
+    """'HOST:PORT', '[v6]:PORT', ':PORT' or 'PORT' -> (host, port)."""
+    text = text.strip()
+    host, port = default_host, default_port
+    if text.startswith("["):
+        end = text.index("]")
+        host = text[1:end]
+        rest = text[end + 1 :]
+        if rest.startswith(":"):
+            port = int(rest[1:])
+    elif text.count(":") == 1:
+        h, p = text.split(":")
+        host = h or default_host
+        port = int(p)
+    elif text.isdigit():
+        port = int(text)
+    else:
+        host = text
+    if port is None or not 0 <= port <= 65535:
+        raise ValueError(f"invalid address {text!r}: need HOST:PORT")
+    return host, port
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """One listener and the backend its sessions are relayed to."""
+
+    listen_host: str
+    listen_port: int
+    backend_host: str
+    backend_port: int
+
+    @property
+    def backend(self) -> str:
+        return f"{self.backend_host}:{self.backend_port}"
+
+
+class _ServerRunner(Runner):
+    def __init__(self, server: RelayServer, engine: ServerSession, mapping: Mapping) -> None:
+        super().__init__(server.loop, engine, "server", server.on_status)
+        self.server = server
+        self.mapping = mapping
+        self.engine: ServerSession = engine
+
+    def attach(self, pending: _PendingLink) -> bool:
+        """Move ``pending``'s link into this session (NEW, or RESUME with a checked proof)."""
+        link = pending.link
+        old = self.link
+        try:
+            self.engine.accept(pending.hs, self.now())
+        except ProtocolError as e:
+            pending.reject(REJECT_PROTOCOL, str(e))
+            return False
+        pending.detach()
+        self.engine.client_address = link.peer
+        if old is not None and old is not link:
+            old.close(abort=True)
+        link.owner = self
+        link.link_id = self.engine.link_id
+        self.link = link
+        if link.transport is not None:
+            link.transport.resume_reading()
+        self.pump()
+        return True
+
+    def handle_event(self, e: ev.Event) -> None:
+        if isinstance(e, ev.LinkUp) and not e.resumed:
+            log.info("session %s: new from %s to backend %s", self.sid, self.engine.client_address,
+                     self.mapping.backend)
+            self.status(e)
+            return
+        if isinstance(e, ev.LinkUp):
+            log.info("session %s: resumed from %s, %d bytes replayed (reconnect %d)", self.sid,
+                     self.engine.client_address, e.replayed, self.engine.reconnects)
+            self.status(e)
+            return
+        if isinstance(e, ev.LinkLost):
+            link = self.link
+            if link is not None and link.link_id == e.link_id:
+                self.link = None
+                link.close(abort=True)
+            log.info("session %s: link lost (%s); state DISCONNECTED", self.sid, e.reason)
+            self.status(e)
+            return
+        super().handle_event(e)
+
+    def session_closed(self, e: ev.SessionClosed) -> None:
+        self.server._forget(self)
+
+    def endpoint_lost(self, exc: Exception | None) -> None:
+        if self.engine.state is not State.CLOSED and not (exc is None and self.endpoint
+                                                           and self.endpoint.eof):
+            log.info("session %s: backend %s closed the connection%s", self.sid,
+                     self.mapping.backend, f" ({exc})" if exc else "")
+        super().endpoint_lost(exc)
+
+
+class _PendingLink:
+    """A client connection still in the handshake (owner of its Link until attached)."""
+
+    def __init__(self, server: RelayServer, mapping: Mapping) -> None:
+        self.server = server
+        self.mapping = mapping
+        self.link: Link = Link(self)
+        self.hs: ServerHandshake = ServerHandshake(server.config, server.loop.time())
+        self._timer: asyncio.TimerHandle | None = None
+        self._attached = False
+
+    def link_made(self, link: Link) -> None:
+        self.server._handshaking.add(self)
+        t = self.hs.get_timer()
+        if t is not None:
+            self._timer = self.server.loop.call_at(t, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.hs.handle_timer(self.server.loop.time())
+        self._process()
+
+    def link_data(self, link: Link, data: memoryview) -> None:
+        self.hs.receive_data(data, self.server.loop.time())
+        self._process()
+
+    def link_lost(self, link: Link, reason: str) -> None:
+        link.closed = True
+        self.detach()
+
+    def link_writable(self, link: Link) -> None:
+        pass
+
+    def detach(self) -> None:
+        self._attached = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.server._handshaking.discard(self)
+
+    def _flush(self) -> None:
+        out = self.hs.data_to_send()
+        if out and self.link.transport is not None and not self.link.closed:
+            self.link.transport.writelines(out)
+
+    def reject(self, code: int, reason: str) -> None:
+        self.hs.reject(code, reason)
+        self._flush()
+        log.info("connection from %s rejected: %s", self.link.peer, reason)
+        self.link.close()
+        self.detach()
+
+    def _process(self) -> None:
+        self._flush()
+        while (e := self.hs.next_event()) is not None:
+            if isinstance(e, ev.NewSessionRequested):
+                if self.link.transport is not None:
+                    self.link.transport.pause_reading()
+                self.server._spawn(self.server._new_session(self))
+            elif isinstance(e, ev.ResumeRequested):
+                self.server._resume(self, e)
+            elif isinstance(e, ev.HandshakeFailed):
+                self._flush()
+                log.info("connection from %s closed: handshake failed: %s", self.link.peer,
+                         e.reason)
+                self.link.close()
+                self.detach()
+
+
+class RelayServer:
+    """Listens for framed links on each mapping and relays sessions to the backends.
+
+    ``await start()``, then either ``await serve_forever()`` or keep your own loop running;
+    ``await close()`` stops it. ``sessions()`` lists sessions (as ``icafast sessions`` shows).
+    """
+
+    def __init__(
+        self,
+        mappings: list[Mapping],
+        config: Config | None = None,
+        *,
+        control_path: str | None = None,
+        on_status: StatusCallback | None = None,
+        max_sessions: int = 10_000,
+        backend_connect_timeout: float | None = None,
+    ) -> None:
+        if not mappings:
+            raise ValueError("at least one listener -> backend mapping is needed")
+        self.mappings = list(mappings)
+        self.config = config or Config()
+        self.control_path = control_path
+        self.on_status = on_status
+        self.max_sessions = max_sessions
+        self.backend_connect_timeout = backend_connect_timeout or self.config.handshake_timeout
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.sessions_by_id: dict[bytes, _ServerRunner] = {}
+        self._tombstones: dict[bytes, float] = {}
+        self._handshaking: set[_PendingLink] = set()
+        self._servers: list[asyncio.base_events.Server] = []
+        self._control: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.started_at = time.time()
+        self.addresses: list[tuple[str, int]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for m in self.mappings:
+            srv = await self.loop.create_server(
+                lambda m=m: _PendingLink(self, m).link,
+                m.listen_host or None,
+                m.listen_port,
+                reuse_address=True,
+                backlog=1024,
+            )
+            self._servers.append(srv)
+            for sock in srv.sockets:
+                addr = sock.getsockname()
+                self.addresses.append((addr[0], addr[1]))
+                log.info("listening on %s:%d -> backend %s", addr[0], addr[1], m.backend)
+        if self.control_path:
+            await self._start_control(self.control_path)
+
+    async def serve_forever(self) -> None:
+        await asyncio.gather(*(s.serve_forever() for s in self._servers))
+
+    async def close(self) -> None:
+        for s in self._servers:
+            s.close()
+        if self._control is not None:
+            self._control.close()
+            with contextlib.suppress(OSError):
+                os.unlink(self.control_path or "")
+        for r in list(self.sessions_by_id.values()):
+            r.engine.close(CLOSE_SHUTDOWN, "server shutting down", self.loop.time())
+            r.pump()
+        for p in list(self._handshaking):
+            p.link.close(abort=True)
+        for t in list(self._tasks):
+            t.cancel()
+        for s in self._servers:
+            with contextlib.suppress(Exception):
+                await s.wait_closed()
+        await asyncio.sleep(0)
+
+    def _spawn(self, coro: Any) -> None:
+        t = self.loop.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- sessions ----------------------------------------------------------------------------
+    async def _new_session(self, pending: _PendingLink) -> None:
+        m = pending.mapping
+        if len(self.sessions_by_id) >= self.max_sessions:
+            pending.reject(REJECT_BUSY, f"server is at its limit of {self.max_sessions} sessions")
+            return
+        runner = _ServerRunner(self, ServerSession(self.config, self.loop.time()), m)
+        try:
+            await asyncio.wait_for(
+                self.loop.create_connection(lambda: Endpoint(runner), m.backend_host,
+                                            m.backend_port),
+                self.backend_connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: {e or 'timeout'}")
+            return
+        if pending.link.closed:
+            if runner.endpoint is not None and runner.endpoint.transport is not None:
+                runner.endpoint.transport.close()
+            pending.detach()
+            return
+        self.sessions_by_id[runner.engine.session_id] = runner
+        if not runner.attach(pending):
+            self.sessions_by_id.pop(runner.engine.session_id, None)
+            if runner.endpoint is not None and runner.endpoint.transport is not None:
+                runner.endpoint.transport.close()
+
+    def _resume(self, pending: _PendingLink, e: ev.ResumeRequested) -> None:
+        runner = self.sessions_by_id.get(e.session_id)
+        sid = short_id(e.session_id)
+        if runner is None or runner.engine.state is State.CLOSED:
+            if e.session_id in self._tombstones:
+                pending.reject(REJECT_CLOSED, f"session {sid} is closed")
+            else:
+                pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid}")
+            return
+        if not runner.engine.check_proof(pending.hs, e.proof):
+            pending.reject(REJECT_BAD_PROOF, f"wrong proof for session {sid}")
+            return
+        if runner.link is not None:
+            log.info("session %s: takeover by %s (old link still looked alive)", sid,
+                     pending.link.peer)
+        runner.attach(pending)
+
+    def _forget(self, runner: _ServerRunner) -> None:
+        sid = runner.engine.session_id
+        if self.sessions_by_id.get(sid) is runner:
+            del self.sessions_by_id[sid]
+        now = self.loop.time()
+        self._tombstones[sid] = now + max(60.0, self.config.dead_timeout * 2)
+        if len(self._tombstones) > 4 * self.max_sessions or len(self._tombstones) % 256 == 0:
+            self._tombstones = {k: t for k, t in self._tombstones.items() if t > now}
+
+    def find(self, sid_prefix: str) -> _ServerRunner:
+        """The session whose hex id is or starts with ``sid_prefix`` (unique)."""
+        sid_prefix = sid_prefix.lower()
+        found = [r for s, r in self.sessions_by_id.items() if s.hex().startswith(sid_prefix)]
+        if len(found) != 1:
+            raise KeyError(f"{'no' if not found else 'more than one'} session matches "
+                           f"{sid_prefix!r}")
+        return found[0]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        now = self.loop.time()
+        rows = []
+        for r in self.sessions_by_id.values():
+            d = r.engine.stats(now)
+            d["backend"] = r.mapping.backend
+            d["listen"] = f"{r.mapping.listen_host or '*'}:{r.mapping.listen_port}"
+            rows.append(d)
+        return rows
+
+    def reset_session(self, sid_prefix: str) -> str:
+        r = self.find(sid_prefix)
+        r.engine.close(CLOSE_ADMIN, "reset by operator", self.loop.time())
+        r.pump()
+        return r.sid
+
+    def disconnect_session(self, sid_prefix: str) -> str:
+        r = self.find(sid_prefix)
+        if r.link is not None:
+            link = r.link
+            r.link = None
+            link.close(abort=True)
+            r.engine.connection_lost(self.loop.time(), "disconnected by operator", link.link_id)
+            r.pump()
+        return r.sid
+
+    # -- control socket ----------------------------------------------------------------------
+    async def _start_control(self, path: str) -> None:
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(path)
+            import stat as _stat
+
+            if _stat.S_ISSOCK(st.st_mode):
+                os.unlink(path)
+        old = os.umask(0o177)
+        try:
+            self._control = await asyncio.start_unix_server(self._control_client, path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+
+    async def _control_client(self, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            try:
+                req = json.loads(line)
+                reply = self.control(req)
+            except (ValueError, KeyError, TypeError) as e:
+                reply = {"ok": False, "error": str(e)}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    def control(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "list":
+            return {"ok": True, "sessions": self.sessions(), "pid": os.getpid(),
+                    "listen": [f"{h}:{p}" for h, p in self.addresses]}
+        if cmd == "reset":
+            return {"ok": True, "reset": self.reset_session(str(req["id"]))}
+        if cmd == "disconnect":
+            return {"ok": True, "disconnected": self.disconnect_session(str(req["id"]))}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def control_request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    """Send one request to a server's control socket (blocking; used by ``icafast sessions``)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)
+
