@@ -29,18 +29,21 @@ ext_modules = [
 class build_ext(_build_ext):
     """Cythonize at build time and pick optimisation flags for the compiler in use.
 
+    Cythonizing in run() (not finalize_options) keeps the sdist free of the generated _core.c:
+    sdist asks a finalized build_ext for its sources and must get the .pyx.
+
     No -march=native: wheels must run on any CPU of their platform (crc32c.c picks hardware
     instructions at run time).
     """
 
-    def finalize_options(self) -> None:
+    def run(self) -> None:
         from Cython.Build import cythonize
 
-        self.distribution.ext_modules[:] = cythonize(
-            self.distribution.ext_modules,
-            compiler_directives={"language_level": "3"},
-        )
-        super().finalize_options()
+        # Translate each .pyx and point the (already finalized) extension at the .c.
+        for ext in self.extensions:
+            (done,) = cythonize([ext], compiler_directives={"language_level": "3"})
+            ext.sources = done.sources
+        super().run()
 
     def build_extensions(self) -> None:
         if self.compiler.compiler_type == "msvc":
