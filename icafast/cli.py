@@ -1,0 +1,391 @@
+"""Command line: ``icafast serve | connect | sessions | demo | selfcheck``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import fields
+from typing import Any
+
+from . import IMPLEMENTATION, __version__, crc32c_backend
+from .protocol import Config
+
+log = logging.getLogger("icafast")
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def default_control_path() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return os.path.join(base, "icafast", "control.sock")
+    return os.path.join("/tmp", f"icafast-{os.getuid()}", "control.sock")
+
+
+def parse_size(text: str | int) -> int:
+    """'8388608', '8M', '8MiB', '512k' -> bytes."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError("seconds must not be negative")
+    return v
+
+
+_CONFIG_KEYS = {
+    "keepalive_interval": float,
+    "dead_timeout": float,
+    "reliability_timeout": float,
+    "replay_limit": parse_size,
+    "on_timeout": str,
+    "hold": float,
+    "handshake_timeout": float,
+    "max_payload": parse_size,
+    "frame_size": parse_size,
+}
+
+
+def _add_common(p: argparse.ArgumentParser, server: bool) -> None:
+    g = p.add_argument_group("session reliability (also settable in --config)")
+    g.add_argument("--keepalive-interval", type=_seconds, metavar="SECONDS",
+                   help="send PING when nothing was received for this long (default 3; ICA's "
+                        "own ICA-keepalive default is 60)")
+    g.add_argument("--dead-timeout", type=_seconds, metavar="SECONDS",
+                   help="declare the link broken when nothing was received for this long "
+                        "(default 10)")
+    g.add_argument("--reliability-timeout", type=_seconds, metavar="SECONDS",
+                   help="how long a broken session may take to reconnect (default 180)")
+    g.add_argument("--replay-limit", type=parse_size, metavar="BYTES",
+                   help="unacknowledged bytes kept for replay per direction; reading from the "
+                        "source pauses when full (default 8M; suffixes k, M, G)")
+    g.add_argument("--handshake-timeout", type=_seconds, metavar="SECONDS",
+                   help="a connection must finish its handshake within this (default 10)")
+    if server:
+        g.add_argument("--on-timeout", choices=["reset", "disconnect"],
+                       help="after the reliability timeout: 'reset' closes the backend "
+                            "connection and forgets the session; 'disconnect' keeps it held "
+                            "for --hold seconds more, resumable (default reset)")
+        g.add_argument("--hold", type=_seconds, metavar="SECONDS",
+                       help="with --on-timeout disconnect: how long a session is held "
+                            "(default 3600)")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file with the same keys (keepalive_interval = 3, ...); "
+                        "command-line options win")
+    p.add_argument("--control", metavar="PATH",
+                   help=f"server's control socket (default {default_control_path()})")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more logging (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="icafast",
+        description="Session reliability for any TCP protocol: the application's byte stream "
+                    "survives link breaks with no byte lost, duplicated or reordered.",
+    )
+    p.add_argument("--version", action="version",
+                   version=f"icafast {__version__} (core: {IMPLEMENTATION})")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("serve", help="run the relay server (2598 -> backend 1494)",
+                       description="Accept session-reliability links and relay each session "
+                                   "to its backend. Repeat --listen/--backend (paired in "
+                                   "order) for several mappings.")
+    s.add_argument("--listen", action="append", metavar="HOST:PORT",
+                   help="address to listen on (default 0.0.0.0:2598); repeatable")
+    s.add_argument("--backend", action="append", metavar="HOST:PORT",
+                   help="backend for the matching --listen (default 127.0.0.1:1494)")
+    s.add_argument("--max-sessions", type=int, metavar="N", help="refuse NEW beyond this "
+                   "many sessions (default 10000)")
+    _add_common(s, server=True)
+
+    c = sub.add_parser("connect", help="run the client: a local port whose connections "
+                                       "become reliable sessions",
+                       description="Listen locally; every application connection becomes one "
+                                   "session to the server.")
+    c.add_argument("--listen", metavar="HOST:PORT", required=False,
+                   help="local address applications connect to (default 127.0.0.1:1494)")
+    c.add_argument("--server", metavar="HOST:PORT", required=False,
+                   help="the icafast server (port defaults to 2598)")
+    c.add_argument("--fallback", metavar="HOST:PORT",
+                   help="if the session-reliability handshake cannot be made, connect "
+                        "straight here instead (e.g. the server's 1494)")
+    _add_common(c, server=False)
+
+    q = sub.add_parser("sessions", help="list or act on a running server's sessions",
+                       description="Talk to a running server over its control socket.")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    act = q.add_mutually_exclusive_group()
+    act.add_argument("--reset", metavar="ID", help="close session ID (prefix allowed) and "
+                                                   "its backend connection")
+    act.add_argument("--disconnect", metavar="ID",
+                     help="drop session ID's current link; it stays resumable")
+    q.add_argument("--control", metavar="PATH",
+                   help=f"server's control socket (default {default_control_path()})")
+    q.add_argument("--config", metavar="FILE", help="read 'control' from this TOML file")
+
+    d = sub.add_parser("demo", help="run backend, server, fault proxy and client on loopback "
+                                    "and break the link while a stream flows",
+                       description="A self-contained demonstration on 127.0.0.1.")
+    d.add_argument("--size", type=parse_size, default=32 * 1024 * 1024, metavar="BYTES",
+                   help="bytes to stream each way (default 32M)")
+    d.add_argument("--breaks", type=int, default=6, metavar="N",
+                   help="link breaks to inflict, cycling reset / blackhole / half-open "
+                        "(default 6)")
+    d.add_argument("--rate", type=parse_size, default=16 * 1024 * 1024, metavar="BYTES",
+                   help="stream rate per direction, bytes/s (default 16M; 0: unlimited)")
+    d.add_argument("-v", "--verbose", action="count", default=0)
+    d.add_argument("-q", "--quiet", action="store_true")
+
+    sc = sub.add_parser("selfcheck", help="check the compiled core against the pure-Python "
+                                          "twin and print a quick speed summary")
+    sc.add_argument("--seconds", type=float, default=0.3, help="time per measurement")
+    return p
+
+
+def load_toml(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def make_config(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Config:
+    kw: dict[str, Any] = {}
+    names = {f.name for f in fields(Config)}
+    for key, conv in _CONFIG_KEYS.items():
+        if key not in names:
+            continue
+        if key in file_cfg:
+            kw[key] = conv(file_cfg[key])
+        v = getattr(args, key, None)
+        if v is not None:
+            kw[key] = v
+    try:
+        return Config(**kw)
+    except ValueError as e:
+        raise SystemExit(f"icafast: invalid settings: {e}") from None
+
+
+def setup_logging(args: argparse.Namespace) -> None:
+    level = logging.INFO
+    if getattr(args, "quiet", False):
+        level = logging.WARNING
+    elif getattr(args, "verbose", 0) >= 2:
+        level = logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+
+
+async def _run_until_signal(start: Any, stop: Any) -> None:
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, done.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await start()
+    await done.wait()
+    log.info("shutting down")
+    await stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .aio import Mapping, RelayServer, parse_hostport, run
+
+    file_cfg = load_toml(args.config)
+    config = make_config(args, file_cfg)
+    listens = args.listen or []
+    backends = args.backend or []
+    mappings: list[Mapping] = []
+    for m in file_cfg.get("mapping", []) if not listens else []:
+        lh, lp = parse_hostport(str(m["listen"]), "0.0.0.0", 2598)
+        bh, bp = parse_hostport(str(m.get("backend", "127.0.0.1:1494")), "127.0.0.1", 1494)
+        mappings.append(Mapping(lh, lp, bh, bp))
+    if not mappings:
+        if not listens:
+            listens = [str(file_cfg.get("listen", "0.0.0.0:2598"))]
+        if not backends:
+            backends = [str(file_cfg.get("backend", "127.0.0.1:1494"))]
+        if len(backends) == 1 and len(listens) > 1:
+            backends = backends * len(listens)
+        if len(backends) != len(listens):
+            raise SystemExit("icafast serve: give one --backend per --listen (paired in order)")
+        for lt, bt in zip(listens, backends):
+            lh, lp = parse_hostport(lt, "0.0.0.0", 2598)
+            bh, bp = parse_hostport(bt, "127.0.0.1", 1494)
+            mappings.append(Mapping(lh, lp, bh, bp))
+    control = args.control or file_cfg.get("control") or default_control_path()
+    max_sessions = args.max_sessions or int(file_cfg.get("max_sessions", 10_000))
+    server = RelayServer(mappings, config, control_path=control, max_sessions=max_sessions)
+    log.info("icafast %s serve (core %s, crc32c %s); control socket %s", __version__,
+             IMPLEMENTATION, crc32c_backend(), control)
+    for m in mappings:
+        if m.listen_host not in ("127.0.0.1", "::1", "localhost") and \
+                not m.listen_host.startswith("127."):
+            log.warning("listening on %s:%d without encryption: session data crosses the "
+                        "network in plain text", m.listen_host or "*", m.listen_port)
+
+    async def main() -> None:
+        from .aio import loop_name
+
+        log.info("event loop: %s", loop_name())
+        await _run_until_signal(server.start, server.close)
+
+    try:
+        run(main())
+    except OSError as e:
+        print(f"icafast serve: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_connect(args: argparse.Namespace) -> int:
+    from .aio import RelayClient, parse_hostport, run
+
+    file_cfg = load_toml(args.config)
+    config = make_config(args, file_cfg)
+    listen = parse_hostport(args.listen or str(file_cfg.get("listen", "127.0.0.1:1494")),
+                            "127.0.0.1", 1494)
+    server_text = args.server or file_cfg.get("server")
+    if not server_text:
+        raise SystemExit("icafast connect: --server HOST:PORT is required")
+    server = parse_hostport(str(server_text), "127.0.0.1", 2598)
+    fb_text = args.fallback or file_cfg.get("fallback")
+    fallback = parse_hostport(str(fb_text), "127.0.0.1", 1494) if fb_text else None
+
+    def on_status(e: Any, engine: Any) -> None:
+        pol = getattr(engine, "server_policy", None)
+        mine = config.policy
+        if pol is not None and pol != mine and not getattr(engine, "_policy_logged", False):
+            engine._policy_logged = True
+            log.info("session %s: using the server's timeouts %s (local settings %s)",
+                     engine.session_id.hex(), pol, mine)
+
+    client = RelayClient(listen, server, config, fallback=fallback, on_status=on_status)
+    try:
+        run(_run_until_signal(client.start, client.close))
+    except OSError as e:
+        print(f"icafast connect: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _fmt_secs(s: float) -> str:
+    s = int(s)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    from .aio.server import control_request
+
+    file_cfg = load_toml(args.config)
+    path = args.control or file_cfg.get("control") or default_control_path()
+    if args.reset:
+        req = {"cmd": "reset", "id": args.reset}
+    elif args.disconnect:
+        req = {"cmd": "disconnect", "id": args.disconnect}
+    else:
+        req = {"cmd": "list"}
+    try:
+        reply = control_request(path, req)
+    except OSError as e:
+        print(f"icafast sessions: cannot reach the server at {path}: {e}", file=sys.stderr)
+        return 2
+    if not reply.get("ok"):
+        print(f"icafast sessions: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return 0
+    if req["cmd"] != "list":
+        print(f"{req['cmd']}: {reply.get('reset') or reply.get('disconnected')}")
+        return 0
+    rows = reply["sessions"]
+    head = ["ID", "STATE", "CLIENT", "BACKEND", "AGE", "IDLE", "IN", "OUT", "UNACKED", "RTT",
+            "RECONN"]
+    table = [head]
+    for r in rows:
+        state = r["state"] + (" (held)" if r.get("held") else "")
+        rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f}ms"
+        table.append([r["id"], state, r.get("client", ""), r["backend"], _fmt_secs(r["age"]),
+                      _fmt_secs(r["idle"]), _fmt_bytes(r["bytes_in"]),
+                      _fmt_bytes(r["bytes_out"]), _fmt_bytes(r["unacked"]), rtt,
+                      str(r["reconnects"])])
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    print(f"{len(rows)} session(s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .aio import run
+    from .demo import demo
+
+    return run(demo(size=args.size, breaks=args.breaks, rate=args.rate,
+                    verbose=args.verbose, quiet=args.quiet))
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from .selfcheck import selfcheck
+
+    return selfcheck(args.seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd in ("serve", "connect"):
+        setup_logging(args)
+    elif args.cmd == "demo":
+        logging.basicConfig(level=logging.DEBUG if args.verbose >= 2 else
+                            logging.INFO if args.verbose else logging.WARNING,
+                            format="  log: %(message)s", stream=sys.stderr)
+    handler = {"serve": cmd_serve, "connect": cmd_connect, "sessions": cmd_sessions,
+               "demo": cmd_demo, "selfcheck": cmd_selfcheck}[args.cmd]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``icafast selfcheck``: compare the compiled core with its pure-Python twin on random input
+and print a quick speed summary (a smoke check; benchmarks/ has the real measurements)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+from . import _pure
+from .wire import FrameType
+
+
+def _rate(fn, nbytes: int, seconds: float) -> float:
+    n = 0
+    t0 = time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= seconds:
+            return n * nbytes / dt
+
+
+def selfcheck(seconds: float = 0.3) -> int:
+    try:
+        from . import _core  # type: ignore[attr-defined]
+    except ImportError as e:
+        print(f"compiled core: NOT AVAILABLE ({e}); using the pure-Python twin")
+        _core = None
+    rng = random.Random(1)
+    ok = True
+    if _core is not None:
+        print(f"compiled core: {_core.__file__} (crc32c: {_core.crc32c_backend()})")
+        for _ in range(200):
+            data = rng.randbytes(rng.randrange(0, 3000))
+            if _core.crc32c(data) != _pure.crc32c(data):
+                ok = False
+            payload = rng.randbytes(rng.randrange(0, 500))
+            f1 = _core.encode_frame(FrameType.DATA, 0, rng.getrandbits(64), 7, payload)
+            f2 = _pure.encode_frame(FrameType.DATA, 0, rng.getrandbits(64) * 0, 7, payload)
+            d1 = _core.FrameDecoder().feed(f1)
+            d2 = _pure.FrameDecoder().feed(f1)
+            if [(f.type, f.seq, bytes(f.payload)) for f in d1] != \
+                    [(f.type, f.seq, bytes(f.payload)) for f in d2]:
+                ok = False
+            del f2
+        print("differential check against the pure-Python twin:", "OK" if ok else "MISMATCH")
+    core = _core or _pure
+    for size in (1024, 16384, 65536):
+        buf = os.urandom(size)
+        crc = _rate(lambda: core.crc32c(buf), size, seconds)
+        frame = core.encode_frame(FrameType.DATA, 0, 0, 0, buf)
+
+        def roundtrip() -> None:
+            core.encode_header(FrameType.DATA, 0, 0, 0, buf)
+            core.FrameDecoder().feed(frame)
+
+        rt = _rate(roundtrip, size, seconds)
+        print(f"  {size // 1024:>3} KiB: crc32c {crc / 1e9:6.2f} GB/s   "
+              f"frame encode+decode {rt / 1e9:6.2f} GB/s")
+    return 0 if ok else 1
