@@ -14,6 +14,9 @@ Deliberate (documented) differences, none reachable with well-typed arguments:
   raises ``TypeError`` later or misbehaves), and bool arguments are stored as ``0``/``1``.
 * ``commit`` refuses (ValueError "stream offset would pass 2**64-1", as ``append`` does) to move
   ``end`` past 2**64-1, which the pure twin allows.
+* ``FrameDecoder.feed`` given a non-contiguous (strided) byte view fails where the pure twin
+  fails (it parses headers with ``struct`` and collects partial ones with ``bytearray +=``,
+  which need contiguous memory), with the same exception, and decodes what it decodes.
 * The compiled ``Frame``, ``FrameDecoder`` and ``ReplayBuffer`` are extension types: the decoder
   and the replay buffer cannot be pickled.
 """
@@ -125,18 +128,21 @@ cdef object _as_bytes_view(object data):
 cdef int _acquire(object data, Py_buffer *view) except -1:
     """Fill ``view`` with the bytes of ``data`` (release with PyBuffer_Release).
 
-    The fast path is one contiguous PyBUF_SIMPLE export. Anything else goes through the pure
-    twin's conversion, so a bad argument raises exactly what the pure twin raises, and a
-    non-contiguous (strided) byte view is checksummed from a contiguous copy.
+    Returns 0 for the fast path, one contiguous PyBUF_SIMPLE export. Anything else goes through
+    the pure twin's conversion, so a bad argument raises exactly what the pure twin raises; a
+    non-contiguous (strided) byte view is read from a contiguous copy, and 1 is returned.
     """
     if _get_buffer(data, view, PyBUF_SIMPLE) == 0:
         return 0
     PyErr_Clear()
     mv = _as_bytes_view(data)
+    if _get_buffer(mv, view, PyBUF_SIMPLE) == 0:
+        return 0
+    PyErr_Clear()
     copy = mv.tobytes()
     if _get_buffer(copy, view, PyBUF_SIMPLE) != 0:  # pragma: no cover - bytes always export
         raise BufferError("cannot export a bytes object")
-    return 0
+    return 1
 
 
 cdef inline bint _u64(object x, uint64_t *out):
@@ -338,6 +344,11 @@ def encode_frame(type, flags=0, seq=0, ack=0, payload=b""):
         PyBuffer_Release(&view)
 
 
+cdef int _strided_concat() except -1:
+    # What the pure twin's ``bytearray += memoryview`` raises for a non-contiguous view.
+    raise TypeError("can't concat memoryview to bytearray")
+
+
 @cython.auto_pickle(False)
 cdef class FrameDecoder:
     """Incremental frame decoder.
@@ -417,9 +428,10 @@ cdef class FrameDecoder:
         cdef int rc
         cdef icafast_frame_header h
         cdef Frame frame
+        cdef int strided
         if self._error is not None:
             raise self._error
-        _acquire(data, &view)
+        strided = _acquire(data, &view)
         mv = None
         out = []
         try:
@@ -453,6 +465,8 @@ cdef class FrameDecoder:
                     take = ICAFAST_HEADER_SIZE - self._hdr_len
                     if take > n - pos:
                         take = n - pos
+                    if strided and take > 1:
+                        _strided_concat()
                     memcpy(self._hdr + self._hdr_len, p + pos, <size_t>take)
                     self._hdr_len += take
                     pos += take
@@ -462,9 +476,13 @@ cdef class FrameDecoder:
                     self._hdr_len = 0
                     start = pos
                 elif n - pos >= ICAFAST_HEADER_SIZE:
+                    if strided:
+                        raise BufferError("memoryview: underlying buffer is not C-contiguous")
                     hdrp = p + pos
                     start = pos + ICAFAST_HEADER_SIZE
                 else:
+                    if strided and n - pos > 1:
+                        _strided_concat()
                     memcpy(self._hdr, p + pos, <size_t>(n - pos))
                     self._hdr_len = n - pos
                     break

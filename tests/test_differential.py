@@ -130,14 +130,22 @@ def streams(draw):
     return [out[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
 
 
-def run_decoder(core, max_payload, chunks, as_bytearray):
+def as_input(chunk: bytes, mode: str):
+    if mode == "bytearray":
+        return bytearray(chunk)
+    if mode == "strided":  # every other byte of a twice-as-long buffer
+        return memoryview(bytes(b for x in chunk for b in (x, 0x5A)))[::2]
+    return chunk
+
+
+def run_decoder(core, max_payload, chunks, mode):
     steps = []
     dec = outcome(core.FrameDecoder, max_payload)
     if dec[0] != "ok":
         return [dec]
     dec = dec[1]
     for c in chunks:
-        data = bytearray(c) if as_bytearray else c
+        data = as_input(c, mode)
         r = outcome(dec.feed, data)
         if r[0] == "ok":
             r = ("ok", [frame_key(f) for f in r[1]], [f.payload.obj is data for f in r[1]])
@@ -155,11 +163,11 @@ def run_decoder(core, max_payload, chunks, as_bytearray):
         st.sampled_from([0, 1, 100, 399, 400, 2**18, 2**32 - 1]),
         st.sampled_from([100.5, -1, 2**32, None, "x"]),
     ),
-    as_bytearray=st.booleans(),
+    mode=st.sampled_from(["bytes", "bytes", "bytearray", "strided"]),
 )
-def test_decoder(ccore, pcore, chunks, max_payload, as_bytearray):
-    assert run_decoder(ccore, max_payload, chunks, as_bytearray) == run_decoder(
-        pcore, max_payload, chunks, as_bytearray
+def test_decoder(ccore, pcore, chunks, max_payload, mode):
+    assert run_decoder(ccore, max_payload, chunks, mode) == run_decoder(
+        pcore, max_payload, chunks, mode
     )
 
 
