@@ -24,9 +24,14 @@ Deliberate (documented) differences, none reachable with well-typed arguments:
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
 from cpython.exc cimport PyErr_Clear, PyErr_Occurred
-from cpython.long cimport PyLong_Check
+from cpython.long cimport PyLong_Check, PyLong_CheckExact
 from cpython.memoryview cimport PyMemoryView_FromObject, PyMemoryView_GET_BUFFER
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -183,6 +188,9 @@ def crc32c(data, value=0):
     cdef Py_buffer view
     cdef uint64_t v
     cdef uint32_t crc
+    if PyBytes_CheckExact(data) and PyLong_CheckExact(value):  # the common case, no export
+        if _u64(value, &v) and v <= U32_MAX:
+            return _crc(<uint32_t>v, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
     _acquire(data, &view)
     try:
         if _u64(value, &v) and v <= U32_MAX:
