@@ -720,6 +720,11 @@ cdef class ReplayBuffer:
             if w < 0:
                 raise ValueError("max_bytes must not be negative")
             want = _index(w)
+            # (user code ran above: re-read the state so the ring arithmetic stays in bounds)
+            size = self._end - self._start
+            free = self._limit - size
+            if want > free:
+                want = free
         self._wv = 0
         if want == 0:
             return memoryview(bytearray())
@@ -744,6 +749,8 @@ cdef class ReplayBuffer:
             if not 0 <= n <= self._wv:
                 raise ValueError(f"commit of {n} bytes, but the last write_view offered {self._wv}")
             k = _index(n)
+            if k > self._wv:  # changed by user code above: never commit unreserved bytes
+                raise ValueError(f"commit of {n} bytes, but the last write_view offered {self._wv}")
         if k > U64_MAX - self._end:
             # The pure twin lets ``end`` pass 2**64-1 here; 64-bit offsets cannot.
             raise ValueError("stream offset would pass 2**64-1")
@@ -760,6 +767,10 @@ cdef class ReplayBuffer:
                     f"ack {offset} outside the unacknowledged range [{self._start}, {self._end}]"
                 )
             o = _index(offset)
+            if not self._start <= o <= self._end:  # changed by user code above
+                raise ReplayRangeError(
+                    f"ack {offset} outside the unacknowledged range [{self._start}, {self._end}]"
+                )
         k = o - self._start
         if k:
             self._wv = 0
@@ -801,6 +812,11 @@ cdef class ReplayBuffer:
                 if max_bytes < 0:
                     raise ValueError("max_bytes must not be negative")
                 n = _index(min(n, max_bytes))
+        if not (self._start <= o <= self._end and n <= self._end - o):
+            # only if user code run above (a non-int argument's comparisons) changed the buffer
+            raise ReplayRangeError(
+                f"replay from {offset} outside the buffered range [{self._start}, {self._end}]"
+            )
         return self._views(o, n)
 
     def __repr__(self):
