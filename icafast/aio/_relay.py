@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -192,6 +193,9 @@ class Link(asyncio.BufferedProtocol):
 
 StatusCallback = Callable[[ev.Event, SessionEngine], None]
 
+#: Every live runner (weakly held), so that a whole process can be shut down cleanly.
+RUNNERS: weakref.WeakSet[Runner] = weakref.WeakSet()
+
 
 class Runner:
     """Drives one session engine: feeds it socket input and time, carries out its output."""
@@ -209,6 +213,7 @@ class Runner:
         self._done = False
         self._close_link_after_flush = False
         self.closed_future: asyncio.Future[ev.SessionClosed] = loop.create_future()
+        RUNNERS.add(self)
 
     @property
     def sid(self) -> str:
@@ -388,6 +393,17 @@ class Runner:
         if not self.closed_future.done():
             self.closed_future.set_result(e)
         self.session_closed(e)
+
+    def abort(self, reason: str = "shutting down") -> None:
+        """End the session now: CLOSE to the peer if possible, reset both connections."""
+        if not self._done:
+            self.engine.close(CLOSE_ABORTED, reason, self.now())
+            self.pump()
+        if self.link is not None:
+            self.link.close(abort=True)
+            self.link = None
+        if self.endpoint is not None:
+            abort_with_rst(self.endpoint.transport)
 
     def session_closed(self, e: ev.SessionClosed) -> None:
         """Hook for subclasses (server: forget the session)."""

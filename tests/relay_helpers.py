@@ -1,0 +1,226 @@
+"""Helpers for the loopback integration tests: event-loop runner, backends, a full setup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import socket
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+from icafast import events as ev
+from icafast.aio import Mapping, RelayServer, open_session
+from icafast.faults import FaultProxy
+from icafast.protocol import Config
+
+FAST = Config(keepalive_interval=0.1, dead_timeout=0.4, reliability_timeout=20.0,
+              handshake_timeout=2.0, reconnect_initial=0.02, reconnect_max=0.2)
+
+
+def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
+    """Run ``coro`` on a fresh uvloop or asyncio loop, bounded in time."""
+
+    async def bounded() -> Any:
+        return await asyncio.wait_for(coro, timeout)
+
+    if kind == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(bounded())
+    finally:
+        try:
+            from icafast.aio._relay import RUNNERS
+
+            for r in list(RUNNERS):  # sessions a failed test left running
+                if r.loop is loop:
+                    r.abort("test finished")
+            loop.run_until_complete(asyncio.sleep(0.1))  # let closing transports finish
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in pending:
+                t.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            import gc
+
+            gc.collect()
+            loop.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+        self.sent_hash = hashlib.sha256()
+        self.recv_hash = hashlib.sha256()
+        self.eof = False
+
+
+async def send_stream(writer: asyncio.StreamWriter, size: int, seed: int, st: Stats,
+                      chunk: int = 256 * 1024, eof: bool = True,
+                      gate: tuple[int, asyncio.Event] | None = None) -> None:
+    """Send ``size`` seeded bytes; with ``gate=(offset, event)`` wait for the event at offset."""
+    rng = random.Random(seed)
+    while st.sent < size:
+        if gate is not None and st.sent >= gate[0]:
+            await gate[1].wait()
+        data = rng.randbytes(min(chunk, size - st.sent))
+        writer.write(data)
+        st.sent_hash.update(data)
+        st.sent += len(data)
+        await writer.drain()
+    if eof:
+        writer.write_eof()
+
+
+async def recv_stream(reader: asyncio.StreamReader, st: Stats) -> None:
+    while True:
+        data = await reader.read(512 * 1024)
+        if not data:
+            st.eof = True
+            return
+        st.recv_hash.update(data)
+        st.received += len(data)
+
+
+class Backend:
+    """Loopback backend. mode: 'echo', 'stream' (send ``size`` seeded bytes, hash what
+    arrives), 'stall' (accept, never read until ``release`` is set), 'banner'."""
+
+    def __init__(self, mode: str = "echo", size: int = 0, seed: int = 2,
+                 banner: bytes = b"") -> None:
+        self.mode = mode
+        self.size = size
+        self.seed = seed
+        self.banner = banner
+        self.conns: list[Stats] = []
+        self.closed = 0
+        self.release = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> Backend:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        st = Stats()
+        self.conns.append(st)
+        self.writers.append(writer)
+        try:
+            if self.banner:
+                writer.write(self.banner)
+            if self.mode == "echo":
+                while True:
+                    data = await reader.read(256 * 1024)
+                    if not data:
+                        break
+                    st.received += len(data)
+                    st.recv_hash.update(data)
+                    writer.write(data)
+                    await writer.drain()
+                writer.write_eof()
+            elif self.mode == "stream":
+                await asyncio.gather(send_stream(writer, self.size, self.seed, st),
+                                     recv_stream(reader, st))
+            elif self.mode == "stall":
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self.release.wait()
+                await recv_stream(reader, st)
+            else:
+                await recv_stream(reader, st)
+        except (ConnectionError, OSError, RuntimeError):
+            pass  # the relay reset us (tests do that on purpose)
+        finally:
+            self.closed += 1
+            writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in self.writers:
+            w.close()
+
+
+class Setup:
+    """backend <- RelayServer <- FaultProxy; clients connect through the proxy."""
+
+    def __init__(self, backend: Backend, config: Config = FAST, **server_kw: Any) -> None:
+        self.backend = backend
+        self.config = config
+        self.server_kw = server_kw
+        self.events: list[ev.Event] = []
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: RelayServer
+        self.proxy: FaultProxy
+
+    async def __aenter__(self) -> Setup:
+        await self.backend.start()
+        self.server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", self.backend.port)],
+                                  self.config, on_status=lambda e, _s: self.events.append(e),
+                                  **self.server_kw)
+        await self.server.start()
+        self.proxy = await FaultProxy("127.0.0.1", self.server.addresses[0][1]).start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        for w in self.writers:
+            w.close()
+        await self.proxy.close()
+        await self.server.close()
+        await self.backend.close()
+
+    @property
+    def server_port(self) -> int:
+        return self.server.addresses[0][1]
+
+    async def client(self, config: Config | None = None, events: list[Any] | None = None,
+                     direct: bool = False, **kw: Any
+                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        port = self.server_port if direct else self.proxy.port
+        sink = events if events is not None else []
+        r, w = await open_session("127.0.0.1", port, config=config or self.config,
+                                  on_status=lambda e, _s: sink.append(e), **kw)
+        self.writers.append(w)
+        return r, w
+
+    def only_session(self) -> Any:
+        (r,) = self.server.sessions_by_id.values()
+        return r
+
+
+async def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.01) -> bool:
+    """Poll ``cond()`` until true; bounded in time."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while loop.time() < end:
+        if cond():
+            return True
+        await asyncio.sleep(step)
+    return bool(cond())
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(port: int) -> AsyncIterator[tuple[asyncio.StreamReader,
+                                                            asyncio.StreamWriter]]:
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield r, w
+    finally:
+        w.close()

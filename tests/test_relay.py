@@ -1,0 +1,492 @@
+"""Loopback integration tests: real sockets, the relay server, the client and a fault proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+from relay_helpers import (
+    FAST,
+    Backend,
+    Setup,
+    Stats,
+    free_port,
+    recv_stream,
+    run_async,
+    send_stream,
+    wait_for,
+)
+
+from icafast import events as ev
+from icafast.aio import Mapping, RelayServer, open_session
+from icafast.aio._relay import READ_SIZE, WRITE_HIGH_WATER
+from icafast.aio.server import control_request
+from icafast.protocol import (
+    REJECT_BAD_PROOF,
+    REJECT_PROTOCOL,
+    REJECT_UNKNOWN_SESSION,
+    ClientSession,
+    Config,
+    ServerHandshake,
+    State,
+)
+from icafast.wire import HEADER_SIZE, FrameType
+
+LOOPS = ["uvloop", "asyncio"]
+
+
+def of(kind, events):
+    return [e for e in events if isinstance(e, kind)]
+
+
+async def _bulk_through_breaks(size: int, breaks_each: int) -> None:
+    async with Setup(Backend("stream", size=size)) as s:
+        cev: list[ev.Event] = []
+        reader, writer = await s.client(events=cev)
+        app = Stats()
+        kinds = ["reset", "blackhole", "half_open"]
+        done = dict.fromkeys(kinds, 0)
+        total = 3 * breaks_each
+        breaks_done = asyncio.Event()
+
+        def progress() -> int:
+            return s.backend.conns[0].received if s.backend.conns else 0
+
+        async def breaker() -> None:
+            for k in range(total):
+                target = (k + 1) * size // (total + 2)
+                assert await wait_for(lambda t=target: progress() >= t, 60), "transfer stalled"
+                # break only a link that is up (the previous break was recovered from)
+                assert await wait_for(lambda k=k: len(of(ev.LinkUp, cev)) == k + 1 and
+                                      s.proxy.live_connections > 0, 10)
+                kind = kinds[k % 3]
+                getattr(s.proxy, kind)()
+                done[kind] += 1
+            breaks_done.set()
+
+        # the last 1/(total+2) of the upload waits for the last break: the session cannot end
+        # before every break happened
+        gate = ((total + 1) * size // (total + 2), breaks_done)
+        await asyncio.gather(send_stream(writer, size, 1, app, gate=gate),
+                             recv_stream(reader, app), breaker())
+        assert await wait_for(lambda: s.backend.closed == 1, 10)
+        be = s.backend.conns[0]
+        assert app.sent == be.received == size and be.sent == app.received == size
+        assert app.sent_hash.digest() == be.recv_hash.digest()
+        assert be.sent_hash.digest() == app.recv_hash.digest()
+        assert done == dict.fromkeys(kinds, breaks_each)
+        assert len(s.backend.conns) == 1  # one session, one backend connection, throughout
+        ups = of(ev.LinkUp, cev)
+        assert sum(1 for u in ups if u.resumed) >= total
+        assert sum(u.replayed for u in ups) > 0
+        writer.close()
+
+
+def test_64mib_each_way_through_ten_breaks_of_each_kind():
+    run_async("uvloop", _bulk_through_breaks(64 * 1024 * 1024, 10), timeout=240)
+
+
+def test_bulk_through_breaks_stdlib_asyncio():
+    run_async("asyncio", _bulk_through_breaks(8 * 1024 * 1024, 2), timeout=120)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_silent_break_shows_disconnected_within_dead_timeout(loop):
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            reader, writer = await s.client(config=Config(
+                keepalive_interval=0.1, dead_timeout=0.4, reliability_timeout=20,
+                handshake_timeout=0.5, reconnect_initial=0.02, reconnect_max=0.2))
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            s.proxy.blackhole_new = True  # keep it broken so the state can be seen
+            t0 = asyncio.get_running_loop().time()
+            s.proxy.blackhole()
+            r = s.only_session()
+            assert await wait_for(lambda: r.engine.state is State.DISCONNECTED, 2.0)
+            took = asyncio.get_running_loop().time() - t0
+            assert took <= FAST.dead_timeout + 0.25, took
+            (row,) = s.server.sessions()
+            assert row["state"] == "DISCONNECTED"
+            s.proxy.blackhole_new = False
+            assert await wait_for(lambda: r.engine.state is State.ACTIVE, 10)
+            writer.write(b"pong")
+            assert await reader.readexactly(4) == b"pong"
+            assert len(s.server.sessions_by_id) == 1
+            writer.close()
+
+    run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_takeover_of_half_open_link(loop):
+    async def main() -> None:
+        async with Setup(Backend("echo"), config=Config(
+                keepalive_interval=5, dead_timeout=30, reliability_timeout=60,
+                reconnect_initial=0.02)) as s:
+            reader, writer = await s.client()
+            writer.write(b"a" * 1000)
+            assert await reader.readexactly(1000) == b"a" * 1000
+            r = s.only_session()
+            s.proxy.half_open()  # the server's side of the old link stays open and silent
+            assert await wait_for(lambda: r.engine.reconnects == 1, 5)
+            assert r.engine.state is State.ACTIVE
+            lost = [e for e in s.events if isinstance(e, ev.LinkLost)]
+            assert lost and "taken over" in lost[-1].reason
+            writer.write(b"b" * 1000)
+            assert await reader.readexactly(1000) == b"b" * 1000
+            assert len(s.server.sessions_by_id) == 1 and len(s.backend.conns) == 1
+            writer.close()
+
+    run_async(loop, main())
+
+
+async def _handshake(port: int, frames_after_hello: bytes | None,
+                     session: ClientSession | None = None) -> bytes:
+    """Run a client handshake by hand; returns everything the server sent until it closed."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    c = session or ClientSession(FAST, 0.0)
+    c.connect(0.0)
+    writer.write(b"".join(bytes(x) for x in c.data_to_send()))
+    got = b""
+    try:
+        while True:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                break
+            got += data
+            c.receive_data(data, 0.0)
+            out = c.data_to_send()
+            if out:
+                writer.write(b"".join(bytes(x) for x in out))
+    except ConnectionError:
+        pass
+    writer.close()
+    return got
+
+
+def _reject_code(data: bytes) -> int:
+    """Code of the REJECT frame in ``data`` (after an optional server HELLO)."""
+    pos = 0
+    while pos + HEADER_SIZE <= len(data):
+        length = int.from_bytes(data[pos + 4 : pos + 8], "big")
+        if data[pos] == FrameType.REJECT:
+            return int.from_bytes(data[pos + HEADER_SIZE : pos + HEADER_SIZE + 2], "big")
+        pos += HEADER_SIZE + length
+    return -1
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_bad_handshakes_are_rejected_and_disturb_no_session(loop):
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            cev: list[ev.Event] = []
+            reader, writer = await s.client(events=cev)
+            writer.write(b"x" * 100)
+            assert await reader.readexactly(100) == b"x" * 100
+            live = s.only_session()
+            before = live.engine.export_state()
+            port = s.server_port
+
+            # 1. garbage instead of a handshake
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = await asyncio.wait_for(r.read(), 5)
+            w.close()
+            assert _reject_code(got) == REJECT_PROTOCOL
+
+            # 2. RESUME of an unknown session
+            fake = ClientSession(FAST, 0.0)
+            fake.session_id = b"\x01" * 16
+            fake._secret = b"\x02" * 32
+            fake._ever_established = True
+            assert _reject_code(await _handshake(port, None, fake)) == REJECT_UNKNOWN_SESSION
+
+            # 3. RESUME of the live session with a wrong secret
+            thief = ClientSession(FAST, 0.0)
+            thief.session_id = live.engine.session_id
+            thief._secret = b"\x03" * 32
+            thief._ever_established = True
+            assert _reject_code(await _handshake(port, None, thief)) == REJECT_BAD_PROOF
+
+            # 4. a valid-looking frame header with an absurd length, then silence
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(bytes([1, 0, 0, 0]) + (2**31).to_bytes(4, "big") + bytes(20))
+            got = await asyncio.wait_for(r.read(), 5)
+            w.close()
+            assert _reject_code(got) == REJECT_PROTOCOL
+
+            # the live session never noticed
+            after = live.engine.export_state()
+            for key in ("session_id", "secret", "state", "rx", "peer_ack", "reconnects"):
+                assert before[key] == after[key], key
+            assert not of(ev.LinkLost, cev)
+            writer.write(b"y" * 100)
+            assert await reader.readexactly(100) == b"y" * 100
+            assert len(s.server.sessions_by_id) == 1
+            writer.close()
+
+    run_async(loop, main())
+
+
+@pytest.mark.parametrize("action", ["reset", "disconnect"])
+def test_reliability_timeout_actions(action):
+    async def main() -> None:
+        cfg = Config(keepalive_interval=0.1, dead_timeout=0.4, reliability_timeout=0.6,
+                     on_timeout=action, hold=1.5, reconnect_initial=0.02, reconnect_max=0.1)
+        async with Setup(Backend("echo"), config=cfg) as s:
+            cev: list[ev.Event] = []
+            reader, writer = await s.client(events=cev)
+            writer.write(b"hello")
+            assert await reader.readexactly(5) == b"hello"
+            r = s.only_session()
+            s.proxy.refuse_new = True
+            s.proxy.reset()
+            assert await wait_for(lambda: r.engine.state is State.DISCONNECTED, 2)
+            if action == "reset":
+                assert await wait_for(lambda: not s.server.sessions_by_id, 3)
+                assert await wait_for(lambda: s.backend.closed == 1, 2)
+                closed = of(ev.SessionClosed, s.events)
+                assert closed and "reliability timeout" in closed[-1].reason
+                # the client gives up too, after the (server's) reliability timeout
+                data = await asyncio.wait_for(reader.read(), 5)
+                assert data == b""
+            else:
+                assert await wait_for(lambda: r.engine.held, 3)
+                assert s.server.sessions()[0]["held"] is True
+                assert s.backend.closed == 0  # backend connection kept while held
+                s.proxy.refuse_new = False  # the network comes back within the hold time
+                assert await wait_for(lambda: r.engine.state is State.ACTIVE, 3)
+                writer.write(b"again")
+                assert await reader.readexactly(5) == b"again"
+                assert len(s.backend.conns) == 1
+            writer.close()
+
+    run_async("uvloop", main())
+
+
+def test_fallback_when_server_refuses():
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        cev: list[ev.Event] = []
+        reader, writer = await open_session("127.0.0.1", free_port(), config=FAST,
+                                            fallback=("127.0.0.1", backend.port),
+                                            on_status=lambda e, _s: cev.append(e))
+        writer.write(b"plain")
+        assert await reader.readexactly(5) == b"plain"
+        assert any("fallback" in e.reason for e in of(ev.HandshakeRejected, cev))
+        writer.write_eof()
+        assert await reader.read() == b""
+        writer.close()
+        await backend.close()
+
+    run_async("uvloop", main())
+
+
+@pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.2\r\n", b""])
+def test_fallback_when_server_speaks_another_protocol(banner):
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        wrong = await Backend("echo", banner=banner).start()  # not an icafast server
+        reader, writer = await open_session("127.0.0.1", wrong.port, config=FAST,
+                                            fallback=("127.0.0.1", backend.port))
+        writer.write(b"direct")
+        assert await reader.readexactly(6) == b"direct"
+        writer.close()
+        await backend.close()
+        await wrong.close()
+
+    run_async("uvloop", main())
+
+
+def test_no_fallback_means_connection_error():
+    async def main() -> None:
+        with pytest.raises(ConnectionError):
+            await open_session("127.0.0.1", free_port(), config=FAST)
+
+    run_async("uvloop", main())
+
+
+def test_multiple_mappings():
+    async def main() -> None:
+        b1 = await Backend("echo", banner=b"one\n").start()
+        b2 = await Backend("echo", banner=b"two\n").start()
+        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", b1.port),
+                           Mapping("127.0.0.1", 0, "127.0.0.1", b2.port)], FAST)
+        await srv.start()
+        (h1, p1), (h2, p2) = srv.addresses
+        r1, w1 = await open_session(h1, p1, config=FAST)
+        r2, w2 = await open_session(h2, p2, config=FAST)
+        assert await r1.readline() == b"one\n"
+        assert await r2.readline() == b"two\n"
+        rows = sorted(srv.sessions(), key=lambda d: d["backend"])
+        assert {r["backend"] for r in rows} == {f"127.0.0.1:{b1.port}", f"127.0.0.1:{b2.port}"}
+        w1.close()
+        w2.close()
+        await srv.close()
+        await b1.close()
+        await b2.close()
+
+    run_async("uvloop", main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_back_pressure_is_bounded_by_the_replay_limit(loop):
+    limit = 1024 * 1024
+    size = 160 * 1024 * 1024  # more than every socket buffer on the path can hold
+
+    async def main() -> None:
+        cfg = Config(keepalive_interval=0.1, dead_timeout=0.6, replay_limit=limit,
+                     reconnect_initial=0.02)
+        async with Setup(Backend("stall"), config=cfg) as s:
+            reader, writer = await s.client()
+            block = bytes(range(256)) * 4096
+            sent_hash = hashlib.sha256()
+            sent = 0
+
+            async def sender() -> None:
+                nonlocal sent
+                i = 0
+                while sent < size:
+                    chunk = i.to_bytes(8, "big") + block  # numbered: reordering would show
+                    writer.write(chunk)
+                    sent_hash.update(chunk)
+                    sent += len(chunk)
+                    i += 1
+                    await writer.drain()
+                writer.write_eof()
+
+            task = asyncio.create_task(sender())
+            # the backend reads nothing: the sender must stall long before `size`
+            last = -1
+            for _ in range(100):
+                await asyncio.sleep(0.25)
+                if sent == last:
+                    break
+                last = sent
+            assert sent == last and sent < size // 2, (sent, last)
+            r = s.only_session()
+            assert r.engine.unacked <= limit
+            ep = r.endpoint
+            assert ep is not None and ep.transport is not None
+            assert ep.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + READ_SIZE
+            # a link break while stalled loses nothing either
+            s.proxy.reset()
+            s.backend.release.set()
+            await asyncio.wait_for(task, 120)
+            assert await wait_for(lambda: s.backend.conns[0].eof, 60)
+            be = s.backend.conns[0]
+            assert be.received == sent and be.recv_hash.digest() == sent_hash.digest()
+            writer.close()
+
+    run_async(loop, main(), timeout=240)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_half_close_propagates_in_order(loop):
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            reader, writer = await s.client()
+            writer.write(b"request")
+            writer.write_eof()
+            assert await reader.read() == b"request"  # echo, then the backend's EOF
+            assert await wait_for(lambda: not s.server.sessions_by_id, 5)
+            closed = of(ev.SessionClosed, s.events)
+            assert closed and closed[-1].graceful
+            writer.close()
+
+    run_async(loop, main())
+
+
+def test_backend_reset_closes_the_application_connection():
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            reader, writer = await s.client()
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            from icafast.aio._relay import abort_with_rst
+
+            abort_with_rst(s.backend.writers[0].transport)  # the backend dies with a TCP reset
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await asyncio.wait_for(reader.readexactly(1), 5)
+            assert await wait_for(lambda: not s.server.sessions_by_id, 5)
+
+    run_async("uvloop", main())
+
+
+def test_backend_down_gives_reject_and_no_session():
+    async def main() -> None:
+        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", free_port())], FAST)
+        await srv.start()
+        with pytest.raises(ConnectionError, match="backend"):
+            await open_session(*srv.addresses[0], config=FAST)
+        assert not srv.sessions_by_id
+        await srv.close()
+
+    run_async("uvloop", main())
+
+
+def test_control_socket_list_disconnect_reset(tmp_path):
+    path = str(tmp_path / "ctl" / "control.sock")
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), control_path=path) as s:
+            reader, writer = await s.client()
+            writer.write(b"abc")
+            assert await reader.readexactly(3) == b"abc"
+            loop = asyncio.get_running_loop()
+            reply = await loop.run_in_executor(None, control_request, path, {"cmd": "list"})
+            (row,) = reply["sessions"]
+            assert row["state"] == "ACTIVE" and row["bytes_in"] == 3 and row["bytes_out"] >= 0
+            for key in ("id", "client", "backend", "age", "idle", "unacked", "rtt_ms",
+                        "reconnects"):
+                assert key in row
+            import os
+            import stat
+
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            r = s.only_session()
+            await loop.run_in_executor(None, control_request, path,
+                                       {"cmd": "disconnect", "id": row["id"][:8]})
+            assert await wait_for(lambda: r.engine.reconnects == 1, 5)
+            writer.write(b"def")
+            assert await reader.readexactly(3) == b"def"
+            reply = await loop.run_in_executor(None, control_request, path,
+                                               {"cmd": "reset", "id": row["id"]})
+            assert reply["ok"]
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await asyncio.wait_for(reader.readexactly(1), 5)
+            bad = await loop.run_in_executor(None, control_request, path,
+                                             {"cmd": "reset", "id": "ffff"})
+            assert not bad["ok"]
+
+    run_async("uvloop", main())
+
+
+def test_many_sessions_at_once_stay_separate():
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            pairs = [await s.client() for _ in range(20)]
+            for i, (_r, w) in enumerate(pairs):
+                w.write(hashlib.sha256(bytes([i])).digest())
+            s.proxy.reset()
+            for i, (r, _w) in enumerate(pairs):
+                assert await r.readexactly(32) == hashlib.sha256(bytes([i])).digest()
+            assert len(s.server.sessions_by_id) == 20
+            for _r, w in pairs:
+                w.close()
+
+    run_async("uvloop", main())
+
+
+def test_server_handshake_engine_rejects_version_mismatch():
+    import struct
+
+    from icafast.protocol import MAGIC, encode_frame
+
+    hs = ServerHandshake(FAST, 0.0)
+    hello = struct.pack(">8sHHI32s", MAGIC, 7, 9, 65536, b"n" * 32)
+    hs.receive_data(encode_frame(FrameType.HELLO, 0, 0, 0, hello), 0.0)
+    out = b"".join(bytes(x) for x in hs.data_to_send())
+    assert out[0] == FrameType.REJECT and hs.done
