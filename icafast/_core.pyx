@@ -12,8 +12,6 @@ Deliberate (documented) differences, none reachable with well-typed arguments:
 * ``ReplayBuffer`` needs real integers: a non-int ``limit``/``start``/offset/count that the pure
   twin would accept for a while (e.g. ``5.0``) raises ``TypeError`` at once here (the pure twin
   raises ``TypeError`` later or misbehaves), and bool arguments are stored as ``0``/``1``.
-* ``commit`` refuses (ValueError "stream offset would pass 2**64-1", as ``append`` does) to move
-  ``end`` past 2**64-1, which the pure twin allows.
 * ``FrameDecoder.feed`` given a non-contiguous (strided) byte view fails where the pure twin
   fails (it parses headers with ``struct`` and collects partial ones with ``bytearray +=``,
   which need contiguous memory), with the same exception, and decodes what it decodes.

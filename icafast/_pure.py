@@ -430,6 +430,8 @@ class ReplayBuffer:
         """Add the first ``n`` bytes written into the last ``write_view`` to the buffer."""
         if not 0 <= n <= self._wv:
             raise ValueError(f"commit of {n} bytes, but the last write_view offered {self._wv}")
+        if self._end + n > MAX_OFFSET:
+            raise ValueError("stream offset would pass 2**64-1")
         self._wv = 0
         self._end += n
 

@@ -1,0 +1,189 @@
+"""The command line, run as separate processes (each stopped by its pid)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from relay_helpers import free_port
+
+import icafast
+
+PY = sys.executable
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+def test_compiled_core_in_use_when_required():
+    if os.environ.get("ICAFAST_REQUIRE_COMPILED") != "1":
+        pytest.skip("set ICAFAST_REQUIRE_COMPILED=1 to require the compiled core (CI does)")
+    assert icafast.IMPLEMENTATION == "cython"
+
+
+def test_pure_python_switch():
+    out = subprocess.run([PY, "-c", "import icafast; print(icafast.IMPLEMENTATION)"],
+                         env=_env(ICAFAST_PURE_PYTHON="1"), capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "python"
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_demo_runs_and_verifies(pure):
+    size = "256k" if pure else "4M"
+    env = _env(ICAFAST_PURE_PYTHON="1") if pure else _env()
+    p = subprocess.run([PY, "-m", "icafast", "demo", "--size", size, "--rate", "0",
+                        "--breaks", "3"], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "no byte lost" in p.stdout
+    assert p.stdout.count(" OK") == 2
+    assert f"core: {'python' if pure else icafast.IMPLEMENTATION}" in p.stdout
+
+
+def test_help_documents_shared_options():
+    for cmd in ("serve", "connect"):
+        out = subprocess.run([PY, "-m", "icafast", cmd, "--help"], capture_output=True,
+                             text=True, timeout=60, check=True).stdout
+        for opt in ("--keepalive-interval", "--dead-timeout", "--reliability-timeout",
+                    "--replay-limit", "--control", "--config"):
+            assert opt in out, (cmd, opt)
+    out = subprocess.run([PY, "-m", "icafast", "serve", "--help"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert "--on-timeout" in out and "--hold" in out
+
+
+class _Proc:
+    """An icafast process whose output is collected by a thread; stopped by its pid."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.p = subprocess.Popen([PY, "-m", "icafast", *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, text: str, count: int = 1, timeout: float = 20.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if sum(text in line for line in self.lines) >= count:
+                return
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise TimeoutError(f"{text!r} not seen; output:\n{''.join(self.lines)}")
+
+    def stop(self) -> str:
+        if self.p.poll() is None:
+            os.kill(self.p.pid, signal.SIGTERM)
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.p.pid, signal.SIGKILL)
+                self.p.wait(10)
+        self._t.join(5)
+        if self.p.stdout is not None:
+            self.p.stdout.close()
+        return "".join(self.lines)
+
+
+def _banner_backend(banner: bytes) -> socket.socket:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    return srv
+
+
+def test_serve_connect_sessions_with_two_mappings_from_config(tmp_path):
+    b1, b2 = _banner_backend(b"one"), _banner_backend(b"two")
+    p1, p2 = free_port(), free_port()
+    control = str(tmp_path / "run" / "control.sock")
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_text(
+        f"""
+keepalive_interval = 0.5
+dead_timeout = 2
+reliability-timeout = 30
+control = "{control}"
+
+[[mapping]]
+listen = "127.0.0.1:{p1}"
+backend = "127.0.0.1:{b1.getsockname()[1]}"
+
+[[mapping]]
+listen = "127.0.0.1:{p2}"
+backend = "127.0.0.1:{b2.getsockname()[1]}"
+"""
+    )
+    local = free_port()
+    server = _Proc(["serve", "--config", str(cfg)])
+    client = None
+    try:
+        server.wait_for("listening on", count=2)
+        client = _Proc(["connect", "--listen", f"127.0.0.1:{local}", "--server",
+                        f"127.0.0.1:{p2}", "--keepalive-interval", "1", "--dead-timeout", "4"])
+        client.wait_for("listening on")
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as app:
+            b2.settimeout(10)
+            conn, _ = b2.accept()  # the session's backend connection is on mapping two
+            with conn:
+                conn.sendall(b"hello from two\n")
+                assert app.recv(100) == b"hello from two\n"
+                app.sendall(b"and back\n")
+                assert conn.recv(100) == b"and back\n"
+                out = subprocess.run([PY, "-m", "icafast", "sessions", "--control", control,
+                                      "--json"], capture_output=True, text=True, timeout=30,
+                                     check=True).stdout
+                (row,) = json.loads(out)["sessions"]
+                assert row["state"] == "ACTIVE"
+                assert row["backend"] == f"127.0.0.1:{b2.getsockname()[1]}"
+                assert row["bytes_in"] == 9 and row["bytes_out"] >= 0
+                table = subprocess.run([PY, "-m", "icafast", "sessions", "--control", control],
+                                       capture_output=True, text=True, timeout=30,
+                                       check=True).stdout
+                assert row["id"] in table and "ACTIVE" in table and "1 session(s)" in table
+                subprocess.run([PY, "-m", "icafast", "sessions", "--control", control,
+                                "--reset", row["id"][:10]], check=True, timeout=30,
+                               capture_output=True)
+                conn.settimeout(10)
+                try:  # the backend connection is reset (or at least closed)
+                    assert conn.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+    finally:
+        if client is not None:
+            log = client.stop()
+        slog = server.stop()
+        b1.close()
+        b2.close()
+    assert "new from" in slog and "closed (reset by operator)" in slog, slog
+    assert not os.path.exists(control)
+    del log
+
+
+def test_sessions_without_server_fails_clearly(tmp_path):
+    p = subprocess.run([PY, "-m", "icafast", "sessions", "--control",
+                        str(tmp_path / "nothing.sock")], capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 2 and "cannot reach the server" in p.stderr
+
+
+def test_invalid_settings_are_refused():
+    p = subprocess.run([PY, "-m", "icafast", "serve", "--keepalive-interval", "5",
+                        "--dead-timeout", "2", "--listen", "127.0.0.1:0"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "dead_timeout" in p.stderr
