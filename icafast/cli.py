@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend for the matching --listen (default 127.0.0.1:1494)")
     s.add_argument("--max-sessions", type=int, metavar="N", help="refuse NEW beyond this "
                    "many sessions (default 10000)")
+    t = s.add_argument_group("TLS (on by default)")
+    t.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM, may hold the "
+                   "chain); default: a self-signed one created on first start in --state-dir")
+    t.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
+    t.add_argument("--tls-client-ca", metavar="FILE",
+                   help="require client certificates signed by this CA (PEM)")
+    t.add_argument("--state-dir", metavar="DIR",
+                   help="where the self-signed certificate is kept (default: "
+                        "/var/lib/icafast as root, else ~/.local/state/icafast)")
+    t.add_argument("--no-tls", action="store_true",
+                   help="plain text links (the client must use --no-tls too)")
     _add_common(s, server=True)
 
     c = sub.add_parser("connect", help="run the client: a local port whose connections "
@@ -133,7 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the icafast server (port defaults to 2598)")
     c.add_argument("--fallback", metavar="HOST:PORT",
                    help="if the session-reliability handshake cannot be made, connect "
-                        "straight here instead (e.g. the server's 1494)")
+                        "straight here instead (e.g. the server's 1494); never used when the "
+                        "server's certificate fails verification")
+    t = c.add_argument_group("TLS (on by default; one way of trusting the server is required)")
+    t.add_argument("--tls-ca", metavar="FILE",
+                   help="verify the server's certificate chain and name against this CA")
+    t.add_argument("--tls-fingerprint", metavar="SHA256",
+                   help="accept only the server certificate with this SHA-256 fingerprint "
+                        "(as printed by 'icafast serve')")
+    t.add_argument("--tls-insecure", action="store_true",
+                   help="encrypt but do not verify the server (open to active attackers)")
+    t.add_argument("--tls-server-name", metavar="NAME",
+                   help="name to check the certificate against (default: the --server host)")
+    t.add_argument("--tls-client-cert", metavar="FILE", help="client certificate (PEM)")
+    t.add_argument("--tls-client-key", metavar="FILE", help="key for --tls-client-cert")
+    t.add_argument("--no-tls", action="store_true",
+                   help="plain text links (the server must use --no-tls too)")
     _add_common(c, server=False)
 
     q = sub.add_parser("sessions", help="list or act on a running server's sessions",
@@ -158,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 6)")
     d.add_argument("--rate", type=parse_size, default=16 * 1024 * 1024, metavar="BYTES",
                    help="stream rate per direction, bytes/s (default 16M; 0: unlimited)")
+    d.add_argument("--no-tls", action="store_true", help="plain text links (default: TLS "
+                   "with a throw-away self-signed certificate, pinned by the client)")
     d.add_argument("-v", "--verbose", action="count", default=0)
     d.add_argument("-q", "--quiet", action="store_true")
 
@@ -243,14 +271,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             mappings.append(Mapping(lh, lp, bh, bp))
     control = args.control or file_cfg.get("control") or default_control_path()
     max_sessions = args.max_sessions or int(file_cfg.get("max_sessions", 10_000))
-    server = RelayServer(mappings, config, control_path=control, max_sessions=max_sessions)
+    try:
+        ssl_ctx = _server_tls(args, file_cfg)
+    except (OSError, ValueError) as e:
+        print(f"icafast serve: TLS: {e}", file=sys.stderr)
+        return 1
+    server = RelayServer(mappings, config, control_path=control, max_sessions=max_sessions,
+                         ssl=ssl_ctx)
     log.info("icafast %s serve (core %s, crc32c %s); control socket %s", __version__,
              IMPLEMENTATION, crc32c_backend(), control)
     for m in mappings:
-        if m.listen_host not in ("127.0.0.1", "::1", "localhost") and \
-                not m.listen_host.startswith("127."):
-            log.warning("listening on %s:%d without encryption: session data crosses the "
-                        "network in plain text", m.listen_host or "*", m.listen_port)
+        loopback = m.listen_host in ("::1", "localhost") or m.listen_host.startswith("127.")
+        if ssl_ctx is None and not loopback:
+            log.warning("listening on %s:%d WITHOUT TLS: session data and the first session "
+                        "secret cross the network in plain text", m.listen_host or "*",
+                        m.listen_port)
 
     async def main() -> None:
         from .aio import loop_name
@@ -264,6 +299,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"icafast serve: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _opt(args: argparse.Namespace, file_cfg: dict[str, Any], name: str) -> Any:
+    v = getattr(args, name, None)
+    if v in (None, False):
+        v = file_cfg.get(name, v)
+    return v
+
+
+def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
+    from . import tls
+
+    if _opt(args, file_cfg, "no_tls"):
+        return None
+    cert, key = _opt(args, file_cfg, "tls_cert"), _opt(args, file_cfg, "tls_key")
+    if bool(cert) != bool(key):
+        raise ValueError("give both --tls-cert and --tls-key")
+    if not cert:
+        state = _opt(args, file_cfg, "state_dir") or tls.default_state_dir()
+        cert, key, created = tls.ensure_self_signed(state)
+        what = "created a self-signed" if created else "using the self-signed"
+        log.info("TLS: %s certificate %s", what, cert)
+    fp = tls.fingerprint_of_pem(cert)
+    log.warning("TLS certificate SHA-256 fingerprint: %s  (clients: --tls-fingerprint %s)",
+                tls.pretty_fingerprint(fp), fp)
+    return tls.server_context(cert, key, _opt(args, file_cfg, "tls_client_ca"))
+
+
+def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
+    from . import tls
+
+    if _opt(args, file_cfg, "no_tls"):
+        return None
+    return tls.client_context(
+        ca=_opt(args, file_cfg, "tls_ca"),
+        fingerprint=_opt(args, file_cfg, "tls_fingerprint"),
+        insecure=bool(_opt(args, file_cfg, "tls_insecure")),
+        cert=_opt(args, file_cfg, "tls_client_cert"),
+        key=_opt(args, file_cfg, "tls_client_key"),
+        server_hostname=_opt(args, file_cfg, "tls_server_name"),
+    )
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
@@ -288,7 +364,16 @@ def cmd_connect(args: argparse.Namespace) -> int:
             log.info("session %s: using the server's timeouts %s (local settings %s)",
                      engine.session_id.hex(), pol, mine)
 
-    client = RelayClient(listen, server, config, fallback=fallback, on_status=on_status)
+    try:
+        tls_cfg = _client_tls(args, file_cfg)
+    except (OSError, ValueError) as e:
+        print(f"icafast connect: TLS: {e}", file=sys.stderr)
+        return 1
+    if tls_cfg is not None and tls_cfg.fingerprint is None and tls_cfg.context.verify_mode == 0:
+        log.warning("TLS without verifying the server (--tls-insecure): an active attacker can "
+                    "read and change the session")
+    client = RelayClient(listen, server, config, fallback=fallback, on_status=on_status,
+                         tls=tls_cfg)
     try:
         run(_run_until_signal(client.start, client.close))
     except OSError as e:
@@ -362,7 +447,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
 
     return run(demo(size=args.size, breaks=args.breaks, rate=args.rate,
-                    verbose=args.verbose, quiet=args.quiet))
+                    verbose=args.verbose, quiet=args.quiet, use_tls=not args.no_tls))
 
 
 def cmd_selfcheck(args: argparse.Namespace) -> int:

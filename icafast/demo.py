@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import tempfile
 import time
 from typing import Any
 
-from . import IMPLEMENTATION
+from . import IMPLEMENTATION, tls
 from . import events as ev
 from .aio import Mapping, RelayServer, loop_name, open_session
 from .faults import FaultProxy
@@ -103,12 +104,19 @@ def _mib(n: int) -> str:
 
 
 async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1024 * 1024,
-               verbose: int = 0, quiet: bool = False) -> int:
+               verbose: int = 0, quiet: bool = False, use_tls: bool = True) -> int:
     say = (lambda *a: None) if quiet else print  # noqa: E731
     cfg = Config(keepalive_interval=0.25, dead_timeout=1.0, reliability_timeout=60.0)
     backend = SampleBackend(size, rate)
     await backend.start()
-    server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], cfg)
+    server_ssl = client_tls = None
+    tmp = tempfile.TemporaryDirectory(prefix="icafast-demo-")
+    if use_tls:
+        cert, key, _ = tls.ensure_self_signed(tmp.name)
+        server_ssl = tls.server_context(cert, key)
+        client_tls = tls.client_context(fingerprint=tls.fingerprint_of_pem(cert))
+    server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], cfg,
+                         ssl=server_ssl)
     await server.start()
     proxy = await FaultProxy("127.0.0.1", server.addresses[0][1]).start()
     t0 = time.monotonic()
@@ -116,7 +124,8 @@ async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1
     def stamp() -> str:
         return f"[{time.monotonic() - t0:6.2f}s]"
 
-    say(f"icafast demo (core: {IMPLEMENTATION}, loop: {loop_name()})")
+    say(f"icafast demo (core: {IMPLEMENTATION}, loop: {loop_name()}, link: "
+        f"{'TLS, server certificate pinned by fingerprint' if use_tls else 'plain text'})")
     say(f"  app -> client -> fault proxy 127.0.0.1:{proxy.port} -> server "
         f"127.0.0.1:{server.addresses[0][1]} -> sample backend 127.0.0.1:{backend.port}")
     say(f"  streaming {_mib(size)} each way"
@@ -139,7 +148,7 @@ async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1
             say(f"{stamp()} client: session {engine.session_id.hex()[:12]}.. established")
 
     reader, writer = await open_session("127.0.0.1", proxy.port, config=cfg,
-                                        on_status=on_status)
+                                        on_status=on_status, tls=client_tls)
     app = StreamStats()
     kinds = ["reset", "blackhole", "half-open"]
     counts = dict.fromkeys(kinds, 0)
@@ -196,4 +205,5 @@ async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1
         await proxy.close()
         await server.close()
         await backend.close()
+        tmp.cleanup()
     return 0 if ok else 1

@@ -117,6 +117,7 @@ def test_serve_connect_sessions_with_two_mappings_from_config(tmp_path):
         f"""
 keepalive_interval = 0.5
 dead_timeout = 2
+no_tls = true
 reliability-timeout = 30
 control = "{control}"
 
@@ -134,7 +135,7 @@ backend = "127.0.0.1:{b2.getsockname()[1]}"
     client = None
     try:
         server.wait_for("listening on", count=2)
-        client = _Proc(["connect", "--listen", f"127.0.0.1:{local}", "--server",
+        client = _Proc(["connect", "--no-tls", "--listen", f"127.0.0.1:{local}", "--server",
                         f"127.0.0.1:{p2}", "--keepalive-interval", "1", "--dead-timeout", "4"])
         client.wait_for("listening on")
         with socket.create_connection(("127.0.0.1", local), timeout=10) as app:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 from typing import Any, cast
 
 from .. import events as ev
 from ..protocol import CLOSE_ABORTED, ClientSession, Config, State
+from ..tls import ClientTLS, TLSVerifyError, check_peer
 from ._relay import Endpoint, Link, Runner, StatusCallback, abort_with_rst, tune_socket
 
 log = logging.getLogger("icafast")
@@ -25,7 +27,7 @@ __all__ = ["RelayClient", "open_session"]
 class _ClientRunner(Runner):
     def __init__(self, loop: asyncio.AbstractEventLoop, server: tuple[str, int], config: Config,
                  fallback: tuple[str, int] | None, on_status: StatusCallback | None,
-                 label: str = "") -> None:
+                 label: str = "", tls: ClientTLS | None = None) -> None:
         super().__init__(loop, ClientSession(config, loop.time()), "client", on_status)
         self.engine: ClientSession = self.engine  # type: ignore[assignment]
         self.server = server
@@ -34,6 +36,8 @@ class _ClientRunner(Runner):
         self.connect_task: asyncio.Task[Any] | None = None
         self.ready: asyncio.Future[str] = loop.create_future()  # "session" / "fallback"
         self.fallback_transport: asyncio.Transport | None = None
+        self.tls = tls
+        self._tls_failed = False  # a certificate did not verify: never fall back to plain text
 
     @property
     def sid(self) -> str:
@@ -50,13 +54,21 @@ class _ClientRunner(Runner):
 
     async def _connect(self) -> None:
         host, port = self.server
+        tls = self.tls
+        kw: dict[str, Any] = {}
+        if tls is not None:
+            kw = {"ssl": tls.context, "server_hostname": tls.server_hostname or host,
+                  "ssl_handshake_timeout": self.engine.config.handshake_timeout}
         try:
             await asyncio.wait_for(
-                self.loop.create_connection(lambda: Link(self), host, port),
+                self.loop.create_connection(lambda: Link(self), host, port, **kw),
                 self.engine.config.handshake_timeout,
             )
         except (OSError, asyncio.TimeoutError) as e:
             reason = str(e) or type(e).__name__
+            if isinstance(e, ssl.SSLCertVerificationError):
+                self._tls_failed = True
+                log.error("session %s: server certificate rejected: %s", self.sid, reason)
             if self.engine.state is not State.CLOSED:
                 log.info("session %s: connect to %s:%d failed: %s", self.sid, host, port, reason)
                 self.engine.connect_failed(reason, self.now())
@@ -66,6 +78,17 @@ class _ClientRunner(Runner):
         if self.engine.state is State.CLOSED or self._done:
             link.close(abort=True)
             return
+        if self.tls is not None and link.transport is not None:
+            try:
+                check_peer(self.tls, link.transport.get_extra_info("ssl_object"))
+            except TLSVerifyError as e:
+                self._tls_failed = True
+                log.error("session %s: %s", self.sid, e)
+                link.closed = True  # not ours: do not report its loss
+                link.close(abort=True)
+                self.engine.connect_failed(str(e), self.now())
+                self.pump()
+                return
         self.engine.connect(self.now())
         link.link_id = self.engine.link_id
         self.link = link
@@ -89,7 +112,7 @@ class _ClientRunner(Runner):
             if not self.ready.done():
                 self.ready.set_result("session")
         if (isinstance(e, ev.SessionClosed) and self.fallback is not None
-                and not eng.has_session and e.code == CLOSE_ABORTED):
+                and not eng.has_session and e.code == CLOSE_ABORTED and not self._tls_failed):
             self._start_fallback(e.reason)
             return
         if isinstance(e, ev.SessionClosed) and not self.ready.done():
@@ -240,7 +263,8 @@ class RelayClient:
 
     def __init__(self, listen: tuple[str, int], server: tuple[str, int],
                  config: Config | None = None, *, fallback: tuple[str, int] | None = None,
-                 on_status: StatusCallback | None = None) -> None:
+                 on_status: StatusCallback | None = None, tls: ClientTLS | None = None) -> None:
+        self.tls = tls
         self.listen = listen
         self.server = server
         self.config = config or Config()
@@ -255,7 +279,7 @@ class RelayClient:
         loop = asyncio.get_running_loop()
         self._count += 1
         r = _ClientRunner(loop, self.server, self.config, self.fallback, self.on_status,
-                          label=f" #{self._count}")
+                          label=f" #{self._count}", tls=self.tls)
         self.runners.add(r)
         r.closed_future.add_done_callback(lambda _f: self.runners.discard(r))
         return Endpoint(r)
@@ -292,6 +316,7 @@ async def open_session(
     config: Config | None = None,
     on_status: StatusCallback | None = None,
     fallback: tuple[str, int] | None = None,
+    tls: ClientTLS | None = None,
     limit: int = 2**16,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Open a reliable session to the relay server at ``host:port``.
@@ -300,10 +325,11 @@ async def open_session(
     ConnectionError if neither works. The returned stream carries exactly the bytes of the
     backend connection, across any number of link breaks; ``writer.write_eof()`` half-closes.
     ``on_status(event, engine)`` receives LinkUp / LinkLost / ReconnectDue / SessionClosed / ...
+    ``tls`` (from :func:`icafast.tls.client_context`) encrypts and verifies every link.
     """
     loop = asyncio.get_running_loop()
     app_sock, relay_sock = socket.socketpair()
-    runner = _ClientRunner(loop, (host, port), config or Config(), fallback, on_status)
+    runner = _ClientRunner(loop, (host, port), config or Config(), fallback, on_status, tls=tls)
     try:
         await loop.connect_accepted_socket(lambda: Endpoint(runner), relay_sock)
         reader, writer = await asyncio.open_connection(sock=app_sock, limit=limit)

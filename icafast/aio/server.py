@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -219,6 +220,7 @@ class RelayServer:
         on_status: StatusCallback | None = None,
         max_sessions: int = 10_000,
         backend_connect_timeout: float | None = None,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         if not mappings:
             raise ValueError("at least one listener -> backend mapping is needed")
@@ -227,6 +229,7 @@ class RelayServer:
         self.control_path = control_path
         self.on_status = on_status
         self.max_sessions = max_sessions
+        self.ssl = ssl
         self.backend_connect_timeout = backend_connect_timeout or self.config.handshake_timeout
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.sessions_by_id: dict[bytes, _ServerRunner] = {}
@@ -248,12 +251,15 @@ class RelayServer:
                 m.listen_port,
                 reuse_address=True,
                 backlog=1024,
+                ssl=self.ssl,
+                ssl_handshake_timeout=self.config.handshake_timeout if self.ssl else None,
             )
             self._servers.append(srv)
             for sock in srv.sockets:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
-                log.info("listening on %s:%d -> backend %s", addr[0], addr[1], m.backend)
+                log.info("listening on %s:%d (%s) -> backend %s", addr[0], addr[1],
+                         "TLS" if self.ssl else "plain text", m.backend)
         if self.control_path:
             await self._start_control(self.control_path)
 

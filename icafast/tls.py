@@ -1,0 +1,179 @@
+"""TLS for the client<->server link (stdlib ``ssl``; TLS 1.2 minimum, 1.3 preferred).
+
+On by default. The server uses ``--tls-cert/--tls-key`` or, when none is given, a self-signed
+certificate it creates on first start in its state directory (and prints its SHA-256
+fingerprint). The client verifies the server with a CA file (``--tls-ca``) or a pinned
+fingerprint (``--tls-fingerprint``) and refuses an unverified server unless told
+``--tls-insecure``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+
+__all__ = [
+    "ClientTLS",
+    "server_context",
+    "client_context",
+    "ensure_self_signed",
+    "fingerprint_of_pem",
+    "fingerprint_of_der",
+    "normalize_fingerprint",
+    "default_state_dir",
+    "check_peer",
+    "TLSVerifyError",
+]
+
+
+class TLSVerifyError(ConnectionError):
+    """The server's certificate did not match the pinned fingerprint."""
+
+
+def default_state_dir() -> str:
+    if os.getuid() == 0:
+        return "/var/lib/icafast"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local",
+                                                            "state")
+    return os.path.join(base, "icafast")
+
+
+def normalize_fingerprint(text: str) -> str:
+    """'AB:CD:...', 'abcd...' or 'sha256:ABCD...' -> 64 lower-case hex digits."""
+    t = text.strip().lower()
+    if t.startswith("sha256:"):
+        t = t[7:]
+    t = t.replace(":", "").replace(" ", "")
+    if len(t) != 64 or any(c not in "0123456789abcdef" for c in t):
+        raise ValueError(f"not a SHA-256 fingerprint (64 hex digits): {text!r}")
+    return t
+
+
+def fingerprint_of_der(der: bytes) -> str:
+    return hashlib.sha256(der).hexdigest()
+
+
+def fingerprint_of_pem(path: str) -> str:
+    with open(path) as f:
+        der = ssl.PEM_cert_to_DER_cert(f.read())
+    return fingerprint_of_der(der)
+
+
+def pretty_fingerprint(fp: str) -> str:
+    return ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper()
+
+
+def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
+    """Return (cert path, key path, created) for the server's self-signed certificate,
+    creating an ECDSA P-256 key and a 10-year certificate on first use."""
+    cert = os.path.join(state_dir, "server-cert.pem")
+    key = os.path.join(state_dir, "server-key.pem")
+    if os.path.exists(cert) and os.path.exists(key):
+        return cert, key, False
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    host = socket.gethostname() or "localhost"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"icafast server {host}")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+
+    san = x509.SubjectAlternativeName([
+        x509.DNSName(host),
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(pkey.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(san, critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(pkey, hashes.SHA256())
+    )
+    key_pem = pkey.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+    fd = os.open(key + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    with open(cert + ".tmp", "wb") as f:
+        f.write(certificate.public_bytes(serialization.Encoding.PEM))
+    os.replace(key + ".tmp", key)
+    os.replace(cert + ".tmp", cert)
+    return cert, key, True
+
+
+def _base(purpose: ssl.Purpose) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(purpose)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
+    """Server context; with ``client_ca`` clients must present a certificate it signed."""
+    ctx = _base(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    if client_ca:
+        ctx.load_verify_locations(client_ca)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+@dataclass
+class ClientTLS:
+    """How the client secures and verifies its links."""
+
+    context: ssl.SSLContext
+    #: SHA-256 fingerprint the server certificate must have (None: the context verifies).
+    fingerprint: str | None = None
+    #: Name to check the certificate against (None: the server host given).
+    server_hostname: str | None = None
+
+
+def client_context(*, ca: str | None = None, fingerprint: str | None = None,
+                   insecure: bool = False, cert: str | None = None, key: str | None = None,
+                   server_hostname: str | None = None) -> ClientTLS:
+    """Build the client's TLS settings. Exactly one way of trusting the server is needed:
+    ``ca`` (chain + host name), ``fingerprint`` (pinned certificate) or ``insecure``."""
+    if not (ca or fingerprint or insecure):
+        raise ValueError("refusing an unverified server: give a CA file (--tls-ca), a pinned "
+                         "certificate fingerprint (--tls-fingerprint) or --tls-insecure")
+    ctx = _base(ssl.Purpose.SERVER_AUTH)
+    fp = normalize_fingerprint(fingerprint) if fingerprint else None
+    if ca:
+        ctx.load_verify_locations(ca)
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    else:  # pinned or insecure: no chain check (a pin is checked after the handshake)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ClientTLS(ctx, fp, server_hostname)
+
+
+def check_peer(tls: ClientTLS | None, ssl_object: ssl.SSLObject | None) -> None:
+    """After the handshake: raise TLSVerifyError if a pinned fingerprint does not match."""
+    if tls is None or tls.fingerprint is None:
+        return
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    if not der:
+        raise TLSVerifyError("server presented no certificate")
+    got = fingerprint_of_der(der)
+    if got != tls.fingerprint:
+        raise TLSVerifyError(f"server certificate fingerprint {pretty_fingerprint(got)} does not "
+                             f"match the pinned {pretty_fingerprint(tls.fingerprint)}")

@@ -1,0 +1,252 @@
+"""TLS on the client<->server link: default-on, verification, pinning, client certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from relay_helpers import FAST, Backend, Setup, Stats, free_port, recv_stream, run_async, \
+    send_stream, wait_for
+
+from icafast import events as ev
+from icafast import tls
+from icafast.aio import Mapping, RelayServer, open_session
+
+PY = sys.executable
+
+
+def _make_ca(tmp, name: str = "test CA"):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                         encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+
+    def issue(cn: str, sans: list, fname: str, client: bool = False):
+        k = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(subject).public_key(k.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(hours=1))
+             .not_valid_after(now + datetime.timedelta(days=1)))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        c = b.sign(key, hashes.SHA256())
+        cp, kp = tmp / f"{fname}.crt", tmp / f"{fname}.key"
+        cp.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        kp.write_bytes(k.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        return str(cp), str(kp)
+
+    ca_path = tmp / f"{name.replace(' ', '_')}.crt"
+    ca_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return str(ca_path), issue
+
+
+def test_self_signed_certificate_created_once(tmp_path):
+    cert, key, created = tls.ensure_self_signed(str(tmp_path / "state"))
+    assert created and os.stat(key).st_mode & 0o777 == 0o600
+    cert2, key2, created2 = tls.ensure_self_signed(str(tmp_path / "state"))
+    assert (cert2, key2, created2) == (cert, key, False)
+    fp = tls.fingerprint_of_pem(cert)
+    assert len(fp) == 64
+    assert tls.normalize_fingerprint(tls.pretty_fingerprint(fp)) == fp
+
+
+def test_client_refuses_to_trust_nothing():
+    with pytest.raises(ValueError, match="unverified"):
+        tls.client_context()
+
+
+def _pair(tmp_path):
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+    return cert, key, tls.fingerprint_of_pem(cert)
+
+
+def test_pinned_fingerprint_session_survives_breaks(tmp_path):
+    cert, key, fp = _pair(tmp_path)
+    size = 8 * 1024 * 1024
+
+    async def main() -> None:
+        async with Setup(Backend("stream", size=size),
+                         ssl=tls.server_context(cert, key)) as s:
+            cev: list = []
+            reader, writer = await s.client(events=cev,
+                                            tls=tls.client_context(fingerprint=fp))
+            app = Stats()
+            done = asyncio.Event()
+
+            async def breaker() -> None:
+                for k in range(6):
+                    assert await wait_for(lambda k=k: len([e for e in cev
+                                          if isinstance(e, ev.LinkUp)]) == k + 1
+                                          and s.proxy.live_connections > 0, 10)
+                    await asyncio.sleep(0.05)
+                    (s.proxy.reset if k % 2 == 0 else s.proxy.blackhole)()
+                done.set()
+
+            await asyncio.gather(send_stream(writer, size, 1, app, gate=(size // 2, done)),
+                                 recv_stream(reader, app), breaker())
+            assert await wait_for(lambda: s.backend.closed == 1, 10)
+            be = s.backend.conns[0]
+            assert be.recv_hash.digest() == app.sent_hash.digest()
+            assert be.sent_hash.digest() == app.recv_hash.digest()
+            assert len(s.backend.conns) == 1
+            assert sum(1 for e in cev if isinstance(e, ev.LinkUp) and e.resumed) >= 6
+
+    run_async("uvloop", main(), timeout=120)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_wrong_fingerprint_is_refused_and_never_falls_back(tmp_path, loop):
+    cert, key, fp = _pair(tmp_path)
+    wrong = ("00" if fp[:2] != "00" else "11") + fp[2:]
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), ssl=tls.server_context(cert, key)) as s:
+            with pytest.raises(ConnectionError, match="fingerprint"):
+                await open_session("127.0.0.1", s.server_port, config=FAST,
+                                   tls=tls.client_context(fingerprint=wrong),
+                                   fallback=("127.0.0.1", s.backend.port))
+            assert not s.backend.conns  # no plain-text fallback happened
+
+    run_async(loop, main())
+
+
+def test_ca_verification_and_hostname(tmp_path):
+    ca, issue = _make_ca(tmp_path)
+    scert, skey = issue("server", [__import__("cryptography").x509.IPAddress(
+        ipaddress.ip_address("127.0.0.1"))], "server")
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), ssl=tls.server_context(scert, skey)) as s:
+            r, w = await open_session("127.0.0.1", s.server_port, config=FAST,
+                                      tls=tls.client_context(ca=ca))
+            w.write(b"verified")
+            assert await r.readexactly(8) == b"verified"
+            w.close()
+            # a name the certificate does not carry is refused
+            with pytest.raises(ConnectionError):
+                await open_session("127.0.0.1", s.server_port, config=FAST,
+                                   tls=tls.client_context(ca=ca, server_hostname="other.test"))
+            # a CA that did not sign it is refused
+            other_ca, _ = _make_ca(tmp_path, "other CA")
+            with pytest.raises(ConnectionError):
+                await open_session("127.0.0.1", s.server_port, config=FAST,
+                                   tls=tls.client_context(ca=other_ca),
+                                   fallback=("127.0.0.1", s.backend.port))
+            assert len(s.backend.conns) == 1
+
+    run_async("uvloop", main())
+
+
+def test_client_certificates(tmp_path):
+    ca, issue = _make_ca(tmp_path)
+    ccert, ckey = issue("client", [], "client")
+    cert, key, fp = _pair(tmp_path / "srv")
+
+    async def main() -> None:
+        async with Setup(Backend("echo"),
+                         ssl=tls.server_context(cert, key, client_ca=ca)) as s:
+            r, w = await open_session("127.0.0.1", s.server_port, config=FAST,
+                                      tls=tls.client_context(fingerprint=fp, cert=ccert,
+                                                             key=ckey))
+            w.write(b"mtls")
+            assert await r.readexactly(4) == b"mtls"
+            w.close()
+            with pytest.raises(ConnectionError):
+                await open_session("127.0.0.1", s.server_port, config=FAST,
+                                   tls=tls.client_context(fingerprint=fp))
+            assert len(s.backend.conns) == 1
+
+    run_async("uvloop", main())
+
+
+def test_plain_client_cannot_talk_to_tls_server(tmp_path):
+    cert, key, _ = _pair(tmp_path)
+
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], FAST,
+                          ssl=tls.server_context(cert, key))
+        await srv.start()
+        with pytest.raises(ConnectionError):
+            await open_session(*srv.addresses[0], config=FAST)
+        assert not srv.sessions_by_id and not backend.conns
+        await srv.close()
+        await backend.close()
+
+    run_async("uvloop", main())
+
+
+def test_cli_tls_by_default(tmp_path):
+    from test_cli import _Proc
+
+    backend = __import__("socket").socket()
+    backend.bind(("127.0.0.1", 0))
+    backend.listen(4)
+    sport, local = free_port(), free_port()
+    server = _Proc(["serve", "--listen", f"127.0.0.1:{sport}", "--backend",
+                    f"127.0.0.1:{backend.getsockname()[1]}", "--state-dir",
+                    str(tmp_path / "state"), "--control", str(tmp_path / "ctl.sock")])
+    client = None
+    try:
+        server.wait_for("listening on")
+        out = "".join(server.lines)
+        assert "(TLS)" in out
+        fp = re.search(r"--tls-fingerprint ([0-9a-f]{64})", out).group(1)
+        # without a way to trust the server the client refuses to start
+        p = subprocess.run([PY, "-m", "icafast", "connect", "--listen", f"127.0.0.1:{local}",
+                            "--server", f"127.0.0.1:{sport}"], capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode != 0 and "unverified" in p.stderr
+        client = _Proc(["connect", "--listen", f"127.0.0.1:{local}", "--server",
+                        f"127.0.0.1:{sport}", "--tls-fingerprint", fp])
+        client.wait_for("listening on")
+        import socket
+
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as app:
+            backend.settimeout(10)
+            conn, _ = backend.accept()
+            with conn:
+                conn.sendall(b"over tls\n")
+                assert app.recv(100) == b"over tls\n"
+    finally:
+        if client is not None:
+            client.stop()
+        server.stop()
+        backend.close()
+
+
+def test_server_warns_without_tls_on_non_loopback():
+    from test_cli import _Proc
+
+    port = free_port()
+    server = _Proc(["serve", "--no-tls", "--listen", f"0.0.0.0:{port}", "--backend",
+                    "127.0.0.1:9", "--control", f"/tmp/icafast-test-{os.getpid()}.sock"])
+    try:
+        server.wait_for("listening on")
+        assert "WITHOUT TLS" in "".join(server.lines)
+    finally:
+        server.stop()
