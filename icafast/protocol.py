@@ -288,6 +288,7 @@ class SessionEngine:
         self._rx = 0  # next offset expected from the peer (FIN counts as one)
         self._rx_fin = False
         self._rx_acked = 0  # last ack value we sent
+        self._ack_hold: int | None = None  # acks frozen here while the local sink is full
         self._ack_due: float | None = None
         self._ack_threshold = config.ack_threshold or min(256 * 1024, config.replay_limit // 4)
         self._link: _Link | None = None
@@ -380,7 +381,7 @@ class SessionEngine:
         fin = self._tx_fin
         if sent < end:
             size = min(self.config.frame_size, link.peer_max_payload)
-            rx = self._rx
+            rx = self._ack_value
             tx = self.tx
             while sent < end:
                 for v in tx.views(sent, size):
@@ -395,17 +396,35 @@ class SessionEngine:
             self._tx_sent = sent
             self._sent_ack()
         if fin and sent == end:
-            out.append(encode_frame(_TYPE_DATA, FLAG_FIN, end, self._rx))
+            out.append(encode_frame(_TYPE_DATA, FLAG_FIN, end, self._ack_value))
             self._tx_sent = end + 1
             self._sent_ack()
 
+    @property
+    def _ack_value(self) -> int:
+        """The cumulative ack we send: everything received, unless acks are held."""
+        return self._rx if self._ack_hold is None else self._ack_hold
+
     def _sent_ack(self) -> None:
-        self._rx_acked = self._rx
+        self._rx_acked = self._ack_value
         self._ack_due = None
 
     def _send_control(self, type: int, seq: int = 0, payload: bytes = b"") -> None:
-        self._out.append(encode_frame(type, 0, seq, self._rx, payload))
+        self._out.append(encode_frame(type, 0, seq, self._ack_value, payload))
         self._sent_ack()
+
+    def hold_acks(self, hold: bool) -> None:
+        """The local sink (application or backend) stopped taking data (``hold=True``) or took
+        it again. While held, acks stay where they were, so the peer stops sending once its
+        replay buffer is full: what waits in the sink is bounded by the peer's replay limit, and
+        the link is still read, so keepalives keep working and a live link never looks dead."""
+        if hold:
+            if self._ack_hold is None:
+                self._ack_hold = self._rx_acked
+        elif self._ack_hold is not None:
+            self._ack_hold = None
+            if self._rx != self._rx_acked and self.established:
+                self._send_control(FrameType.ACK)
 
     # -- input -------------------------------------------------------------------------------
     def receive_data(self, data: Any, now: float) -> None:
@@ -459,11 +478,12 @@ class SessionEngine:
                 return
             else:
                 raise ProtocolError(f"unexpected frame type 0x{t:02x} on an established link")
-        if self._rx - self._rx_acked >= self._ack_threshold or (
-            self._ack_due is not None and self._ack_due <= now and self._rx != self._rx_acked
+        ackv = self._ack_value
+        if ackv - self._rx_acked >= self._ack_threshold or (
+            self._ack_due is not None and self._ack_due <= now and ackv != self._rx_acked
         ):
             self._send_control(FrameType.ACK)
-        elif self._rx != self._rx_acked and self._ack_due is None:
+        elif ackv != self._rx_acked and self._ack_due is None:
             self._ack_due = now + self.config.ack_delay
         self._check_done()
 
@@ -743,7 +763,7 @@ class ClientSession(SessionEngine):
         if self.session_id:
             proof = make_proof(self._secret, self.session_id, link.nonce, nonce)
             payload = _RESUME.pack(self.session_id, proof)
-            self._out.append(encode_frame(FrameType.RESUME, 0, 0, self._rx, payload))
+            self._out.append(encode_frame(FrameType.RESUME, 0, 0, self._ack_value, payload))
         else:
             self._out.append(encode_frame(FrameType.NEW, 0, 0, 0))
         link.phase = _AUTH_SENT
@@ -1012,8 +1032,8 @@ class ServerSession(SessionEngine):
             link.confirm_secret = True
             self.reconnects += 1
         hs.done = True
-        self._out = [encode_frame(FrameType.ACCEPT, 0, 0, self._rx, accept)]
-        self._rx_acked = self._rx
+        self._out = [encode_frame(FrameType.ACCEPT, 0, 0, self._ack_value, accept)]
+        self._rx_acked = self._ack_value
         self._link = link
         self.attached_links += 1
         self.state = State.ACTIVE

@@ -426,3 +426,43 @@ def test_random_schedules_deliver_exactly_once_in_order(ops, seed):
     assert bytes(h.s_recv) == bytes(h.c_sent)
     assert bytes(h.c_recv) == bytes(h.s_sent)
     assert len(h.sessions) <= 1
+
+
+def test_held_acks_bound_the_peer_without_killing_the_link():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.server.hold_acks(True)  # the backend stopped reading
+    sent = 0
+    for _ in range(40):  # 40 s: far past the dead timeout, keepalives must keep it alive
+        sent += h.client_send(pattern(1, 700, sent))
+        h.pump()
+        h.advance(1.0)
+        h.pump()
+    assert h.client.send_free == 0 and h.client.unacked == SMALL.replay_limit
+    assert not of(ev.LinkLost, h.client_events + h.server_events)
+    h.server.hold_acks(False)
+    h.pump()
+    for _ in range(20):
+        sent += h.client_send(pattern(1, 700, sent))
+        h.pump()
+        h.advance(0.05)
+        h.pump()
+    assert bytes(h.s_recv) == bytes(h.c_sent) and len(h.c_sent) > SMALL.replay_limit
+
+
+def test_resume_while_acks_held_replays_only_duplicates():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.server.hold_acks(True)
+    h.client_send(pattern(1, 3000))
+    h.pump()
+    h.reset()
+    h.advance(0)
+    h.pump()
+    h.server.hold_acks(False)
+    h.pump()
+    h.advance(0.05)
+    h.pump()
+    assert bytes(h.s_recv) == bytes(h.c_sent)

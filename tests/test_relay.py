@@ -370,7 +370,10 @@ def test_back_pressure_is_bounded_by_the_replay_limit(loop):
             assert r.engine.unacked <= limit
             ep = r.endpoint
             assert ep is not None and ep.transport is not None
-            assert ep.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + READ_SIZE
+            # what waits for the backend is bounded by the client's replay limit
+            assert ep.transport.get_write_buffer_size() <= limit + WRITE_HIGH_WATER + READ_SIZE
+            # a stalled backend is not a dead link: keepalives kept flowing all along
+            assert not of(ev.LinkLost, s.events)
             # a link break while stalled loses nothing either
             s.proxy.reset()
             s.backend.release.set()

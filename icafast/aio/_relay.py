@@ -250,12 +250,13 @@ class Runner:
         self.pump()
 
     def sink_paused(self) -> None:
-        if self.link is not None and self.link.transport is not None:
-            self.link.transport.pause_reading()
+        # Keep reading the link (keepalives must flow, or a live link would look dead); hold
+        # the acks instead, so the peer stops once its replay buffer is full.
+        self.engine.hold_acks(True)
 
     def sink_resumed(self) -> None:
-        if self.link is not None and self.link.transport is not None and not self.link.closed:
-            self.link.transport.resume_reading()
+        self.engine.hold_acks(False)
+        self.pump()
 
     def _drain_pending(self) -> None:
         ep = self.endpoint
