@@ -105,7 +105,8 @@ CLOSE_PROTOCOL = 4  # the peer broke the protocol beyond repair
 CLOSE_SHUTDOWN = 5  # the server is shutting down
 CLOSE_REJECTED = 6  # local only: the server rejected the session (REJECT)
 
-_HELLO = struct.Struct(">8sHHI32s")  # magic, min version, max version, max payload, nonce
+# magic, min version, max version, max payload, replay limit, nonce
+_HELLO = struct.Struct(">8sHHIQ32s")
 _RESUME = struct.Struct(">16s32s")  # session id, proof
 _ACCEPT = struct.Struct(">16sBBHIIIIQ")  # id, resumed, on_timeout, reserved, 4 x ms, replay limit
 _CODE = struct.Struct(">H")
@@ -404,6 +405,11 @@ class SessionEngine:
     def _ack_value(self) -> int:
         """The cumulative ack we send: everything received, unless acks are held."""
         return self._rx if self._ack_hold is None else self._ack_hold
+
+    def _peer_limit(self, peer_replay_limit: int) -> None:
+        """Ack often enough for the peer's replay buffer: at least every quarter of it."""
+        own = self.config.ack_threshold or 256 * 1024
+        self._ack_threshold = max(1, min(own, peer_replay_limit // 4))
 
     def _sent_ack(self) -> None:
         self._rx_acked = self._ack_value
@@ -721,9 +727,8 @@ class ClientSession(SessionEngine):
         link = self._new_link(FrameDecoder(self.config.max_payload), _HELLO_SENT, now)
         link.nonce = secrets.token_bytes(NONCE_SIZE)
         self._link = link
-        hello = _HELLO.pack(
-            MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION, self.config.max_payload, link.nonce
-        )
+        hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION, self.config.max_payload,
+                            self.config.replay_limit, link.nonce)
         self._out = [encode_frame(FrameType.HELLO, 0, 0, 0, hello)]
 
     def connect_failed(self, reason: str, now: float) -> None:
@@ -751,15 +756,18 @@ class ClientSession(SessionEngine):
                 raise ProtocolError(f"unexpected frame type 0x{t:02x} during the handshake")
 
     def _on_server_hello(self, link: _Link, f: Any) -> None:
-        if len(f.payload) != _HELLO.size:
-            raise ProtocolError("server HELLO has the wrong size")
-        magic, vmin, vmax, max_payload, nonce = _HELLO.unpack(bytes(f.payload))
+        if len(f.payload) < _HELLO.size:
+            raise ProtocolError("server HELLO too short")
+        magic, vmin, vmax, max_payload, limit, nonce = _HELLO.unpack_from(bytes(f.payload))
         if magic != MAGIC:
             raise ProtocolError("server HELLO has the wrong magic")
         if not vmin <= PROTOCOL_VERSION <= vmax:
             raise ProtocolError(f"server speaks protocol versions {vmin}..{vmax}")
+        if max_payload < 1024 or limit < 1024:
+            raise ProtocolError("server HELLO announces limits below 1024 bytes")
         link.peer_nonce = nonce
-        link.peer_max_payload = max(1, max_payload)
+        link.peer_max_payload = max_payload
+        self._peer_limit(limit)
         if self.session_id:
             proof = make_proof(self._secret, self.session_id, link.nonce, nonce)
             payload = _RESUME.pack(self.session_id, proof)
@@ -772,7 +780,9 @@ class ClientSession(SessionEngine):
         p = bytes(f.payload)
         if len(p) < _ACCEPT.size:
             raise ProtocolError("ACCEPT too short")
-        sid, resumed, on_timeout, _r, ka, dead, rel, hold, _limit = _ACCEPT.unpack_from(p, 0)
+        sid, resumed, on_timeout, reserved, ka, dead, rel, hold, _limit = _ACCEPT.unpack_from(p, 0)
+        if ka == 0 or dead <= ka or on_timeout not in (0, 1) or reserved:
+            raise ProtocolError("ACCEPT carries an invalid policy")
         if self.session_id:
             if not resumed or sid != self.session_id or len(p) != _ACCEPT.size:
                 raise ProtocolError("ACCEPT does not match the resumed session")
@@ -782,8 +792,6 @@ class ClientSession(SessionEngine):
                 raise ProtocolError("ACCEPT for a new session must carry a secret")
             self.session_id = sid
             self._secret = p[_ACCEPT.size :]
-        if ka == 0 or dead <= ka or on_timeout not in (0, 1):
-            raise ProtocolError("ACCEPT carries an invalid policy")
         self.server_policy = Policy(
             ka / 1000, dead / 1000, rel / 1000, ("reset", "disconnect")[on_timeout], hold / 1000
         )
@@ -806,6 +814,9 @@ class ClientSession(SessionEngine):
         self._out = []
         if code == REJECT_CLOSED and self.finished:
             self._closed(CLOSE_DONE, "session complete", graceful=True)
+        elif code == REJECT_VERSION and not self._ever_established:
+            # no common protocol version: like talking to something that is not icafast
+            self._closed(CLOSE_ABORTED, f"could not connect: {reason}", graceful=False)
         elif code in (REJECT_BUSY, REJECT_RATE_LIMITED) and self._ever_established:
             self._attempt_failed(f"rejected: {reason}", now, quiet=True)
         else:
@@ -835,8 +846,8 @@ class ClientSession(SessionEngine):
         else:
             in_hold = now > self._disconnected_at + p.reliability_timeout
             cap = cfg.reconnect_max * (6 if in_hold else 1)
-            delay = min(cap, cfg.reconnect_initial * 2 ** (self._attempt - 2))
-            delay *= 0.5 + self._rng.random()  # jitter: 0.5x .. 1.5x
+            delay = cfg.reconnect_initial * 2 ** min(self._attempt - 2, 30)
+            delay = min(cap, delay * (0.5 + self._rng.random()))  # jitter 0.5x..1.5x, capped
         at = min(now + delay, deadline)  # one last try at the deadline
         if now >= deadline and self._attempt > 1:
             self._closed(
@@ -878,6 +889,7 @@ class ServerHandshake:
         self.nonce = secrets.token_bytes(NONCE_SIZE)
         self.client_nonce = b""
         self.client_max_payload = DEFAULT_MAX_PAYLOAD
+        self.client_replay_limit = config.replay_limit
         self.started = now
         self.version = 0
         self.received = 0  # client's received offset, from RESUME
@@ -897,10 +909,11 @@ class ServerHandshake:
                 return
         try:
             frames = self.decoder.feed(data)
-            for f in frames:
+            for i, f in enumerate(frames):
                 self._on_frame(f)
                 if self.done:
-                    if f is not frames[-1]:
+                    if i + 1 < len(frames):
+                        self._events.clear()  # no NEW/RESUME to act on: the request is void
                         raise ProtocolError("client sent frames before the handshake completed")
                     break
         except (FrameError, ProtocolError) as e:
@@ -911,21 +924,23 @@ class ServerHandshake:
         if self._waiting_hello:
             if t != FrameType.HELLO:
                 raise ProtocolError(f"expected HELLO, got frame type 0x{t:02x}")
-            if len(f.payload) != _HELLO.size:
-                raise ProtocolError("HELLO has the wrong size")
-            magic, vmin, vmax, max_payload, nonce = _HELLO.unpack(bytes(f.payload))
+            if len(f.payload) < _HELLO.size:  # later versions may append fields
+                raise ProtocolError("HELLO too short")
+            magic, vmin, vmax, max_payload, limit, nonce = _HELLO.unpack_from(bytes(f.payload))
             if magic != MAGIC:
                 raise ProtocolError("HELLO has the wrong magic")
+            if max_payload < 1024 or limit < 1024:
+                raise ProtocolError("HELLO announces limits below 1024 bytes")
             if not vmin <= PROTOCOL_VERSION <= vmax:
                 self.reject(REJECT_VERSION, f"protocol version {PROTOCOL_VERSION} only")
                 return
             self.version = PROTOCOL_VERSION
             self.client_nonce = nonce
-            self.client_max_payload = max(1, max_payload)
+            self.client_max_payload = max_payload
+            self.client_replay_limit = limit
             self._waiting_hello = False
-            hello = _HELLO.pack(
-                MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION, self.config.max_payload, self.nonce
-            )
+            hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION,
+                                self.config.max_payload, self.config.replay_limit, self.nonce)
             self._out.append(encode_frame(FrameType.HELLO, 0, 0, 0, hello))
         elif t == FrameType.NEW:
             if len(f.payload):
@@ -1007,12 +1022,19 @@ class ServerSession(SessionEngine):
         resumed = hs.resume
         if resumed and not self.attached_links:
             raise ProtocolError("RESUME of a session that never had a link")
+        limit = self.tx.end + (1 if self._tx_fin else 0)
+        received = hs.received if resumed else 0
+        if not self._peer_ack <= received <= limit:  # check before disturbing the live link
+            raise ProtocolError(
+                f"peer's received offset {received} outside [{self._peer_ack}, {limit}]"
+            )
         if self._link is not None:
             self._link_failed("taken over by a new connection", now)
         link = self._new_link(hs.decoder, _ESTABLISHED, now)
         link.nonce, link.peer_nonce = hs.nonce, hs.client_nonce
         link.peer_max_payload = hs.client_max_payload
-        replay = self._rewind(hs.received if resumed else 0)
+        self._peer_limit(hs.client_replay_limit)
+        replay = self._rewind(received)
         p = self.policy
         accept = _ACCEPT.pack(
             self.session_id,
@@ -1042,6 +1064,7 @@ class ServerSession(SessionEngine):
         self._disconnected_at = None
         self.replayed_total += replay
         self._events.append(LinkUp(resumed, replay, link.id))
+        self._check_done()  # the RESUME may have acknowledged the last FIN
         return replay
 
     def _after_link_failed(self, link: _Link, reason: str, now: float) -> None:

@@ -466,3 +466,52 @@ def test_resume_while_acks_held_replays_only_duplicates():
     h.advance(0.05)
     h.pump()
     assert bytes(h.s_recv) == bytes(h.c_sent)
+
+
+def test_version_mismatch_on_first_connect_allows_fallback():
+    from icafast.protocol import CLOSE_ABORTED, REJECT_VERSION, encode_frame
+
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    c.data_to_send()
+    payload = REJECT_VERSION.to_bytes(2, "big") + b"protocol version 9 only"
+    c.receive_data(encode_frame(FrameType.REJECT, 0, 0, 0, payload), 0.0)
+    closed = of(ev.SessionClosed, [*iter(c.next_event, None)])
+    assert closed and closed[0].code == CLOSE_ABORTED  # the adapter may fall back
+
+
+def test_proven_resume_with_impossible_offset_leaves_live_link_alone():
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    s = h.server
+    live = s.link_id
+    hs = ServerHandshake(SMALL, h.now)
+    thief = ClientSession(SMALL, h.now)
+    thief.connect(h.now)
+    hs.receive_data(b"".join(bytes(x) for x in thief.data_to_send()), h.now)
+    secret = bytes.fromhex(h.client.export_state()["secret"])
+    proof = make_proof(secret, s.session_id, hs.client_nonce, hs.nonce)
+    from icafast.protocol import encode_frame
+    hs.receive_data(encode_frame(FrameType.RESUME, 0, 0, 10**9, s.session_id + proof), h.now)
+    (req,) = [x for x in iter(hs.next_event, None)]
+    assert s.check_proof(hs, req.proof)
+    with pytest.raises(Exception, match="received offset"):
+        s.accept(hs, h.now)
+    assert s.link_id == live and s.state is State.ACTIVE
+    assert not of(ev.LinkLost, [*iter(s.next_event, None)])
+
+
+def test_frames_pipelined_after_the_request_void_it():
+    h = Harness(SMALL)
+    hs = ServerHandshake(SMALL, 0.0)
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()), 0.0)
+    c.receive_data(b"".join(bytes(x) for x in hs.data_to_send()), 0.0)
+    from icafast.protocol import encode_frame
+    extra = encode_frame(FrameType.PING, 0, 1, 0)
+    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()) + extra, 0.0)
+    evs = [*iter(hs.next_event, None)]
+    assert [type(e) for e in evs] == [ev.HandshakeFailed]
+    del h

@@ -489,7 +489,7 @@ def test_server_handshake_engine_rejects_version_mismatch():
     from icafast.protocol import MAGIC, encode_frame
 
     hs = ServerHandshake(FAST, 0.0)
-    hello = struct.pack(">8sHHI32s", MAGIC, 7, 9, 65536, b"n" * 32)
+    hello = struct.pack(">8sHHIQ32s", MAGIC, 7, 9, 65536, 1 << 20, b"n" * 32)
     hs.receive_data(encode_frame(FrameType.HELLO, 0, 0, 0, hello), 0.0)
     out = b"".join(bytes(x) for x in hs.data_to_send())
     assert out[0] == FrameType.REJECT and hs.done

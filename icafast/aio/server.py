@@ -230,7 +230,8 @@ class RelayServer:
         self.on_status = on_status
         self.max_sessions = max_sessions
         self.ssl = ssl
-        self.backend_connect_timeout = backend_connect_timeout or self.config.handshake_timeout
+        # well inside the client's handshake timeout, so a REJECT reaches it in time
+        self.backend_connect_timeout = backend_connect_timeout or self.config.handshake_timeout / 2
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.sessions_by_id: dict[bytes, _ServerRunner] = {}
         self._tombstones: dict[bytes, float] = {}
@@ -321,7 +322,7 @@ class RelayServer:
         runner = self.sessions_by_id.get(e.session_id)
         sid = short_id(e.session_id)
         if runner is None or runner.engine.state is State.CLOSED:
-            if e.session_id in self._tombstones:
+            if self._tombstones.get(e.session_id, 0.0) > self.loop.time():
                 pending.reject(REJECT_CLOSED, f"session {sid} is closed")
             else:
                 pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid}")
