@@ -1,0 +1,640 @@
+"""End-to-end relay benchmark: ``python -m benchmarks.relay [--quick] [--pin]``.
+
+Measures, in one run and side by side, the same workloads through
+
+- ``direct``: no relay (the physical limit of this machine);
+- socat two-hop (default buffer, ``-b 65536``, ``-b 131072``) and HAProxy two-hop (``mode tcp``,
+  ``option splice-request`` + ``option splice-response``): peers from Debian packages; one that
+  is not installed is reported as skipped;
+- ``icafast``: ``icafast connect`` -> ``icafast serve`` -> backend, separate processes, with the
+  compiled core, and ``icafast-pure`` with the pure-Python core (``ICAFAST_PURE_PYTHON=1``,
+  given a small size / short duration).
+
+Workloads: bulk throughput each direction (iperf3, else the built-in sender/sink), 64-byte
+round trips, pipelined redis (``redis-benchmark -P 16 -d 1024 -t set,get``), resume after a
+forced reset (one session x 200 resets; 1,000 sessions at once) and N idle sessions (server
+RSS and CPU). Each measured figure is the median of ``--repeats`` runs, with min and max; the
+repeats are interleaved across chains, so that the machine's noise spreads over all of them.
+Every chain first carries a byte-checked transfer (or echo / SET+GET) so that the figures come
+from relays that delivered correct bytes.
+
+Results: a JSON file (``--out``) and a table on standard output. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import resource
+import selectors
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._chains import (
+    CHAINS,
+    PEERS,
+    PY,
+    ROOT,
+    Chain,
+    Procs,
+    free_port,
+    icafast_argv,
+    missing,
+    tool_version,
+    wait_listening,
+    wait_ready,
+    which,
+)
+
+WORKLOADS = ("bulk", "rr", "redis", "resume", "scale")
+MiB = 1 << 20
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    vals = [v for v in values if v == v]
+    if not vals:
+        return {"median": None, "min": None, "max": None, "runs": values}
+    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
+            "runs": values}
+
+
+class Bench:
+    def __init__(self, a: argparse.Namespace) -> None:
+        self.a = a
+        self.quick: bool = a.quick
+        self.tmp = Path(tempfile.mkdtemp(prefix="icafast-bench-"))
+        self.procs = Procs(self.tmp, a.pin)
+        self.results: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+    def worker(self, name: str, args: list[str], timeout: float,
+               env: dict[str, str] | None = None) -> dict[str, Any]:
+        """Run a worker to completion; its last stdout line is its JSON result."""
+        p = self.procs.start(name, [PY, "-m", "benchmarks._workers", *args], env=env,
+                             capture=True)
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.procs.stop(p)
+            raise RuntimeError(f"{name} timed out after {timeout}s:\n{Procs.tail(p)}") from None
+        self.procs.stop(p)
+        return self._parse(p, out)
+
+    @staticmethod
+    def _parse(p: subprocess.Popen[bytes], out: bytes) -> dict[str, Any]:
+        lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"worker gave no result (exit {p.returncode}):\n{Procs.tail(p)}")
+        return json.loads(lines[-1])
+
+    def server(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start a long-running worker (a backend) and wait for its 'ready'."""
+        p = self.procs.start(name, [PY, "-m", "benchmarks._workers", *args], capture=True)
+        wait_ready(p)
+        return p
+
+    def chains_for(self, wanted: list[str]) -> list[str]:
+        names = []
+        for c in wanted:
+            if self.a.chains and c not in self.a.chains:
+                continue
+            why = missing(c)
+            if why:
+                self.skipped[c] = why
+                continue
+            names.append(c)
+        return names
+
+    def start_chains(self, names: list[str], backend: int, **kw: Any) -> dict[str, Chain]:
+        out = {}
+        for n in names:
+            out[n] = Chain(n, backend, self.procs, **kw).start()
+        return out
+
+    def stop_chains(self, chains: dict[str, Chain]) -> None:
+        for c in chains.values():
+            c.stop()
+
+    def repeats_for(self, chain: str) -> int:
+        return self.a.repeats
+
+    def measure(self, chains: dict[str, Chain], what: str,
+                fn: Callable[[str, Chain], dict[str, float]]) -> dict[str, dict[str, Any]]:
+        """Run ``fn`` ``repeats`` times per chain, interleaved; summarise each metric."""
+        runs: dict[str, dict[str, list[float]]] = {n: {} for n in chains}
+        for r in range(self.a.repeats):
+            for n, c in chains.items():
+                try:
+                    m = fn(n, c)
+                except Exception as e:  # noqa: BLE001 - report, go on with the others
+                    log(f"  {what} {n} run {r + 1}: FAILED: {e}")
+                    m = {"error": 1.0}
+                for k, v in m.items():
+                    runs[n].setdefault(k, []).append(v)
+                log(f"  {what} {n} run {r + 1}: " + ", ".join(
+                    f"{k}={v:,.4g}" for k, v in m.items()))
+        return {n: {k: summary(v) for k, v in ms.items()} for n, ms in runs.items()}
+
+    # -- 1. bulk -----------------------------------------------------------------------------
+    def bulk(self) -> dict[str, Any]:
+        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "icafast",
+                                 "icafast-pure"])
+        bport = free_port()
+        procs = [self.server("bulk-server", ["bulk-server", "--port", str(bport)])]
+        iperf = which("iperf3") if not self.a.no_iperf else None
+        res: dict[str, Any] = {"tool": "iperf3" if iperf else "built-in sender/sink",
+                               "chains": {}, "verified": {}}
+        check = 1 * MiB if self.quick else 16 * MiB
+        chains = self.start_chains(names, bport)
+        try:
+            for n, c in chains.items():  # the byte check: seeded stream, SHA-256 both ends
+                size = min(check, 2 * MiB) if n == "icafast-pure" else check
+                ok = all(self.worker("bulk-check", ["bulk-client", "--port", str(c.listen_port),
+                                                    "--dir", d, "--size", str(size),
+                                                    "--verify"], 120)["ok"]
+                         for d in ("up", "down"))
+                res["verified"][n] = ok
+                log(f"  bulk check {n}: {'OK' if ok else 'BAD BYTES'} ({size} B each way)")
+            if iperf:
+                self.stop_chains(chains)
+                iport = free_port()
+                procs.append(self.procs.start("iperf3-server", [iperf, "-s", "-p", str(iport),
+                                                                "-B", "127.0.0.1"]))
+                wait_listening(iport, procs[-1])
+                chains = self.start_chains(names, iport)
+
+            def run(n: str, c: Chain) -> dict[str, float]:
+                out = {}
+                pure = n == "icafast-pure"
+                for d in ("up", "down"):
+                    if iperf:
+                        t = 1.0 if self.quick or pure else self.a.duration
+                        omit = "0" if self.quick or pure else "1"
+                        argv = [iperf, "-c", "127.0.0.1", "-p", str(c.listen_port), "-t",
+                                str(t), "-O", omit, "-J"] + (["-R"] if d == "down" else [])
+                        p = self.procs.start(f"iperf3-{n}-{d}", argv, capture=True)
+                        try:
+                            o, _ = p.communicate(timeout=t + 60)
+                        finally:
+                            self.procs.stop(p)
+                        j = json.loads(o)
+                        if "error" in j:
+                            raise RuntimeError(j["error"])
+                        out[d + "_GBps"] = j["end"]["sum_received"]["bits_per_second"] / 8e9
+                    else:
+                        size = (4 if pure else 64 if self.quick else 2048) * MiB
+                        j = self.worker("bulk", ["bulk-client", "--port", str(c.listen_port),
+                                                 "--dir", d, "--size", str(size)], 300)
+                        out[d + "_GBps"] = j["rate"] / 1e9
+                return out
+
+            res["chains"] = self.measure(chains, "bulk", run)
+        finally:
+            self.stop_chains(chains)
+            for p in procs:
+                self.procs.stop(p)
+        return res
+
+    # -- 2. round trips ----------------------------------------------------------------------
+    def rr(self) -> dict[str, Any]:
+        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "icafast",
+                                 "icafast-pure"])
+        eport = free_port()
+        echo = self.server("echo-server", ["echo-server", "--port", str(eport)])
+        chains = self.start_chains(names, eport)
+        res: dict[str, Any] = {"size": 64, "verified": {}}
+        ok_all: dict[str, bool] = {n: True for n in chains}
+        try:
+            def run(n: str, c: Chain) -> dict[str, float]:
+                count = 300 if self.quick else (2000 if n == "icafast-pure" else self.a.rr_count)
+                j = self.worker("rr", ["rr-client", "--port", str(c.listen_port), "--count",
+                                       str(count), "--warmup", "50" if self.quick else "500"],
+                                120)
+                ok_all[n] = ok_all[n] and j["ok"]
+                return {"p50_us": j["p50_us"], "p99_us": j["p99_us"], "p999_us": j["p999_us"]}
+
+            res["chains"] = self.measure(chains, "rr", run)
+            res["verified"] = ok_all
+            res["count"] = 300 if self.quick else self.a.rr_count
+        finally:
+            self.stop_chains(chains)
+            self.procs.stop(echo)
+        return res
+
+    # -- 3. pipelined redis ------------------------------------------------------------------
+    def redis(self) -> dict[str, Any]:
+        server, bench = which("redis-server"), which("redis-benchmark")
+        if not server or not bench:
+            self.skipped["redis"] = "redis-server / redis-benchmark not installed " \
+                                    "(apt-get install redis-server redis-tools)"
+            return {"skipped": self.skipped["redis"]}
+        names = self.chains_for(["direct", "socat", "socat-b65536", "haproxy", "icafast",
+                                 "icafast-pure"])
+        rport = free_port()
+        rs = self.procs.start("redis-server", [server, "--port", str(rport), "--bind",
+                                               "127.0.0.1", "--save", "", "--appendonly", "no",
+                                               "--maxclients", "10000"])
+        wait_listening(rport, rs)
+        chains = self.start_chains(names, rport)
+        res: dict[str, Any] = {"command": "redis-benchmark -P 16 -d 1024 -t set,get -c 50",
+                               "verified": {}}
+        try:
+            for n, c in chains.items():
+                res["verified"][n] = self.worker("redis-check", ["redis-check", "--port",
+                                                                 str(c.listen_port)], 60)["ok"]
+
+            def run(n: str, c: Chain) -> dict[str, float]:
+                req = 2000 if self.quick else (5000 if n == "icafast-pure" else
+                                               self.a.redis_requests)
+                argv = [bench, "-h", "127.0.0.1", "-p", str(c.listen_port), "-P", "16", "-d",
+                        "1024", "-t", "set,get", "-n", str(req), "-c", "50", "--csv"]
+                p = self.procs.start(f"redis-benchmark-{n}", argv, capture=True)
+                try:
+                    o, _ = p.communicate(timeout=300)
+                finally:
+                    self.procs.stop(p)
+                rows = {r[0]: r for r in csv.reader(io.StringIO(o.decode())) if r}
+                return {"set_rps": float(rows["SET"][1]), "get_rps": float(rows["GET"][1])}
+
+            res["chains"] = self.measure(chains, "redis", run)
+        finally:
+            self.stop_chains(chains)
+            self.procs.stop(rs)
+        return res
+
+    # -- 4. resume ---------------------------------------------------------------------------
+    def resume(self) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        # one session, 200 resets: app -> connect -> proxy -> serve -> backend (in the driver)
+        b, s, pp, ctl, lport = (free_port() for _ in range(5))
+        driver = self.procs.start("resume-one", [
+            PY, "-m", "benchmarks._workers", "resume-one", "--app-port", str(lport),
+            "--backend-port", str(b), "--control-port", str(ctl), "--resets",
+            str(10 if self.quick else self.a.resets)], capture=True)
+        started = [driver]
+        try:
+            wait_ready(driver)
+            started.append(self.procs.start("resume-serve", icafast_argv(
+                "serve", s, b, ["--control", str(self.tmp / "ctl-resume.sock")])))
+            wait_listening(s, started[-1])
+            started.append(self.server("resume-proxy", ["proxy", "--listen", str(pp),
+                                                        "--target", str(s), "--control",
+                                                        str(ctl)]))
+            started.append(self.procs.start("resume-connect", icafast_argv("connect", lport,
+                                                                           pp)))
+            out, _ = driver.communicate(timeout=300)
+            res["one_session"] = self._parse(driver, out)
+            r1 = res["one_session"]["resume"]
+            log(f"  resume, one session: p50 {r1['p50_ms']:.2f} ms, p99 {r1['p99_ms']:.2f} ms,"
+                f" max {r1['max_ms']:.2f} ms over {r1['n']} resets")
+        finally:
+            for p in reversed(started):
+                self.procs.stop(p)
+        # many sessions at once, through the library API (open_session) in the driver
+        b, s, pp, ctl = (free_port() for _ in range(4))
+        n = 20 if self.quick else self.a.resume_sessions
+        driver = self.procs.start("resume-many", [
+            PY, "-m", "benchmarks._workers", "resume-many", "--server-port", str(pp),
+            "--backend-port", str(b), "--control-port", str(ctl), "--sessions", str(n),
+            "--rounds", str(1 if self.quick else 3)], capture=True)
+        started = [driver]
+        try:
+            wait_ready(driver)
+            started.append(self.procs.start("resume-many-serve", icafast_argv(
+                "serve", s, b, ["--control", str(self.tmp / "ctl-resume-many.sock")])))
+            wait_listening(s, started[-1])
+            started.append(self.server("resume-many-proxy", [
+                "proxy", "--listen", str(pp), "--target", str(s), "--control", str(ctl)]))
+            out, _ = driver.communicate(timeout=600)
+            many = self._parse(driver, out)
+            many["all_done_ms"] = summary([r["all_done_ms"] for r in many["rounds"]])
+            many["p50_ms"] = summary([r["p50_ms"] for r in many["rounds"]])
+            res["many_sessions"] = many
+            log(f"  resume, {n} sessions at once: all done in "
+                f"{[round(r['all_done_ms'], 1) for r in many['rounds']]} ms")
+        finally:
+            for p in reversed(started):
+                self.procs.stop(p)
+        res["verified"] = {"icafast": res["one_session"]["ok"] and res["many_sessions"]["ok"]}
+        return res
+
+    # -- 5. scale ----------------------------------------------------------------------------
+    def scale(self) -> dict[str, Any]:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        cap = min(10_000, (nofile - 200) // 2)  # the server holds 2 sockets per session
+        top = min(self.a.sessions, cap)
+        levels = [10, 40] if self.quick else sorted({100, 1000, 5000, top} - {0})
+        levels = [x for x in levels if x <= top]
+        per_client = 2500  # 3 descriptors per session in a client process (socketpair + link)
+        nclients = max(1, -(-levels[-1] // per_client))
+        window = 1.0 if self.quick else self.a.window
+        settle = 0.5 if self.quick else 5.0
+        extra = ["--keepalive-interval", "0.5", "--dead-timeout", "3"] if self.quick else []
+        b, s = free_port(), free_port()
+        started = [self.server("idle-backend", ["idle-backend", "--port", str(b)])]
+        res: dict[str, Any] = {"fd_limit": nofile, "levels": []}
+        try:
+            srv = self.procs.start("scale-serve", icafast_argv(
+                "serve", s, b, ["--control", str(self.tmp / "ctl-scale.sock"), "-q", *extra]))
+            started.append(srv)
+            wait_listening(s, srv)
+            clients = []
+            for i in range(nclients):
+                p = self.procs.start(f"idle-clients-{i}", [
+                    PY, "-m", "benchmarks._workers", "idle-clients", "--server-port", str(s)],
+                    stdin=True, capture=True)
+                started.append(p)
+                wait_ready(p)
+                clients.append(p)
+            res["keepalive"] = "0.5 s (quick)" if self.quick else "3 s (default)"
+            res["server_rss_start_kib"] = _rss_kib(srv.pid)
+            ok = True
+            for level in levels:
+                t0 = time.monotonic()
+                shares = [level * (i + 1) // nclients - level * i // nclients
+                          for i in range(nclients)]
+                cum = [0] * nclients
+                for i, p in enumerate(clients):
+                    cum[i] = shares[i]
+                replies = self._ask(clients, [f"open {c}" for c in cum], 600)
+                ok = ok and all(r["ok"] for r in replies)
+                opened = sum(r["sessions"] for r in replies)
+                open_s = time.monotonic() - t0
+                time.sleep(settle)
+                c0, cc0, t_a = _cpu_s(srv.pid), sum(_cpu_s(p.pid) for p in clients), \
+                    time.monotonic()
+                time.sleep(window)
+                c1, cc1, t_b = _cpu_s(srv.pid), sum(_cpu_s(p.pid) for p in clients), \
+                    time.monotonic()
+                row = {"sessions": opened, "open_seconds": round(open_s, 2),
+                       "server_rss_kib": _rss_kib(srv.pid),
+                       "server_cpu_pct": 100 * (c1 - c0) / (t_b - t_a),
+                       "clients_cpu_pct": 100 * (cc1 - cc0) / (t_b - t_a),
+                       "window_s": round(t_b - t_a, 2),
+                       "links_lost": sum(r["lost"] for r in replies)}
+                res["levels"].append(row)
+                log(f"  scale {opened} sessions: server RSS {row['server_rss_kib'] / 1024:.1f} "
+                    f"MiB, server CPU {row['server_cpu_pct']:.2f} %, clients CPU "
+                    f"{row['clients_cpu_pct']:.2f} % (opened in {open_s:.1f}s)")
+            replies = self._ask(clients, ["check"] * nclients, 600)
+            ok = ok and all(r["ok"] for r in replies)
+            res["links_lost"] = sum(r["lost"] for r in replies)
+            first = res["levels"][0]
+            for row in res["levels"][1:]:
+                dn = row["sessions"] - first["sessions"]
+                row["rss_per_session_kib"] = (row["server_rss_kib"] - first["server_rss_kib"]) \
+                    / dn if dn else None
+            res["verified"] = {"icafast": ok}
+            for p in clients:
+                assert p.stdin is not None
+                try:
+                    p.stdin.write(b"quit\n")
+                    p.stdin.flush()
+                except OSError:
+                    pass
+        finally:
+            for p in reversed(started):
+                self.procs.stop(p)
+        return res
+
+    def _ask(self, clients: list[subprocess.Popen[bytes]], cmds: list[str],
+             timeout: float) -> list[dict[str, Any]]:
+        for p, cmd in zip(clients, cmds):
+            assert p.stdin is not None
+            p.stdin.write(cmd.encode() + b"\n")
+            p.stdin.flush()
+        out = []
+        deadline = time.monotonic() + timeout
+        for p in clients:
+            assert p.stdout is not None
+            with selectors.DefaultSelector() as sel:
+                sel.register(p.stdout, selectors.EVENT_READ)
+                if not sel.select(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError(f"client timed out:\n{Procs.tail(p)}")
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"client exited:\n{Procs.tail(p)}")
+            out.append(json.loads(line))
+        return out
+
+    # -- the run -----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        meta = {
+            "time": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "mode": ("pinned: every process on CPU 0 (taskset -c 0)" if self.a.pin else
+                     f"unpinned ({os.cpu_count()} CPUs, shared)"),
+            "pinned": self.a.pin,
+            "quick": self.quick,
+            "repeats": self.a.repeats,
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+            "python": platform.python_version(),
+            "icafast_commit": _git_commit(),
+            "tools": {
+                "socat": tool_version([which("socat") or "socat", "-V"])[:80] if which("socat")
+                else None,
+                "haproxy": tool_version([which("haproxy") or "haproxy", "-v"])
+                if which("haproxy") else None,
+                "iperf3": tool_version(["iperf3", "--version"]) if which("iperf3") else None,
+                "redis": tool_version(["redis-server", "--version"])
+                if which("redis-server") else None,
+            },
+            "icafast_serve_argv": icafast_argv("serve", 0, 0)[2:],
+            "icafast_connect_argv": icafast_argv("connect", 0, 0)[2:],
+        }
+        import icafast
+
+        meta["core"] = icafast.IMPLEMENTATION
+        meta["crc32c"] = icafast.crc32c_backend()
+        out: dict[str, Any] = {"meta": meta, "skipped": self.skipped, "workloads": {}}
+        todo = [w for w in WORKLOADS if not self.a.only or w in self.a.only]
+        try:
+            for w in todo:
+                log(f"== {w} ({meta['mode']})")
+                t0 = time.monotonic()
+                try:
+                    out["workloads"][w] = getattr(self, w)()
+                except Exception as e:  # noqa: BLE001 - a failed workload is reported
+                    log(f"  {w} FAILED: {e}")
+                    out["workloads"][w] = {"error": str(e)}
+                out["workloads"].setdefault(w, {})["seconds"] = round(time.monotonic() - t0, 1)
+        finally:
+            self.procs.stop_all()
+        meta["loadavg_end"] = os.getloadavg()
+        return out
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=str(ROOT), timeout=10).stdout.strip() or None
+    except OSError:
+        return None
+
+
+# -- the table -------------------------------------------------------------------------------
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "–"
+    if unit == "GB/s":
+        return f"{v:.2f}"
+    if unit == "µs":
+        return f"{v:.0f}"
+    if unit == "ms":
+        return f"{v:.2f}"
+    if unit == "k/s":
+        return f"{v / 1000:.0f}k"
+    return f"{v:.3g}"
+
+
+def _metric_rows(res: dict[str, Any], metrics: list[tuple[str, str, str, bool]]) -> list[str]:
+    """metrics: (key, label, unit, higher_is_better)."""
+    rows = []
+    chains = res.get("chains", {})
+    for key, label, unit, higher in metrics:
+        peers = {n: c[key]["median"] for n, c in chains.items()
+                 if n in PEERS and key in c and c[key]["median"] is not None}
+        best = (max if higher else min)(peers, key=peers.__getitem__) if peers else None
+        for n, c in chains.items():
+            if key not in c:
+                continue
+            s = c[key]
+            ratio = ""
+            if best is not None and s["median"] is not None and peers[best]:
+                ratio = f"{s['median'] / peers[best]:.2f}× {best}"
+            ok = res.get("verified", {}).get(n)
+            rows.append(f"| {label} | {n} | {_fmt(s['median'], unit)} | "
+                        f"{_fmt(s['min'], unit)} – {_fmt(s['max'], unit)} | {ratio} | "
+                        f"{'ok' if ok else 'BAD' if ok is False else ''} |")
+    return rows
+
+
+def table(out: dict[str, Any]) -> str:
+    meta = out["meta"]
+    w = out["workloads"]
+    lines = [f"mode: {meta['mode']}; medians of {meta['repeats']} runs "
+             f"(min – max); ratio = median / best peer's median (peers: socat, HAProxy)", "",
+             "| workload | chain | median | min – max | vs best peer | bytes |",
+             "|---|---|---|---|---|---|"]
+    if "bulk" in w and "chains" in w["bulk"]:
+        lines += _metric_rows(w["bulk"], [("up_GBps", f"bulk up GB/s ({w['bulk']['tool']})",
+                                           "GB/s", True),
+                                          ("down_GBps", "bulk down GB/s", "GB/s", True)])
+    if "rr" in w and "chains" in w["rr"]:
+        lines += _metric_rows(w["rr"], [("p50_us", "64 B round trip p50 µs", "µs", False),
+                                        ("p99_us", "64 B round trip p99 µs", "µs", False),
+                                        ("p999_us", "64 B round trip p99.9 µs", "µs", False)])
+    if "redis" in w and "chains" in w["redis"]:
+        lines += _metric_rows(w["redis"], [("set_rps", "redis -P16 -d1024 SET req/s", "k/s",
+                                            True),
+                                           ("get_rps", "redis -P16 -d1024 GET req/s", "k/s",
+                                            True)])
+    r = w.get("resume", {})
+    if "one_session" in r:
+        o = r["one_session"]["resume"]
+        ok = "ok" if r["verified"]["icafast"] else "BAD"
+        lines.append(f"| resume, 1 session × {o['n']} resets: p50 / p99 / max ms | icafast | "
+                     f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} / {o['max_ms']:.2f} | | | {ok} |")
+    if "many_sessions" in r:
+        m = r["many_sessions"]
+        a = m["all_done_ms"]
+        lines.append(f"| resume, {m['sessions']} sessions at once: all done ms | icafast | "
+                     f"{a['median']:.0f} | {a['min']:.0f} – {a['max']:.0f} | | "
+                     f"{'ok' if m['ok'] else 'BAD'} |")
+    sc = w.get("scale", {})
+    for row in sc.get("levels", []):
+        per = row.get("rss_per_session_kib")
+        lines.append(f"| scale: {row['sessions']} idle sessions, keepalive {sc['keepalive']}: "
+                     f"server RSS MiB / KiB per session / server CPU % | icafast | "
+                     f"{row['server_rss_kib'] / 1024:.1f} / "
+                     f"{'–' if per is None else f'{per:.1f}'} / {row['server_cpu_pct']:.2f} | | "
+                     f"| {'ok' if sc.get('verified', {}).get('icafast') else 'BAD'} |")
+    for n, why in out["skipped"].items():
+        lines.append(f"| skipped | {n} | {why} | | | |")
+    for name, res in w.items():
+        if "error" in res:
+            lines.append(f"| {name} | FAILED | {res['error'][:100]} | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.relay", description=__doc__.split(
+        "\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few seconds: the CI smoke test "
+                   "(tiny sizes, one run; checks that every workload runs and delivers the "
+                   "right bytes, not speed)")
+    p.add_argument("--pin", action="store_true", help="run every process on CPU 0 "
+                   "(taskset -c 0), as the pinned figures in benchmarks/README.md")
+    p.add_argument("--repeats", type=int, default=None, help="runs per chain (default 5; "
+                   "--quick: 1)")
+    p.add_argument("--only", nargs="+", choices=WORKLOADS, help="run only these workloads")
+    p.add_argument("--chains", nargs="+", choices=list(CHAINS), help="run only these chains")
+    p.add_argument("--duration", type=float, default=3.0, help="iperf3 seconds per bulk run "
+                   "(plus 1 s omitted warm-up; default 3)")
+    p.add_argument("--no-iperf", action="store_true", help="use the built-in sender/sink even "
+                   "if iperf3 is installed")
+    p.add_argument("--rr-count", type=int, default=10_000, help="round trips per run")
+    p.add_argument("--redis-requests", type=int, default=100_000, help="requests per test")
+    p.add_argument("--resets", type=int, default=200, help="resets of the one-session test")
+    p.add_argument("--resume-sessions", type=int, default=1000, help="sessions resuming at "
+                   "once")
+    p.add_argument("--sessions", type=int, default=10_000, help="idle sessions at most (the "
+                   "server needs 2 descriptors per session; capped by the open-files limit)")
+    p.add_argument("--window", type=float, default=20.0, help="seconds of idle CPU measured "
+                   "per scale level")
+    p.add_argument("--out", help="JSON results file (default benchmarks/results/"
+                   "relay-<mode>.json)")
+    a = p.parse_args(argv)
+    if a.repeats is None:
+        a.repeats = 1 if a.quick else 5
+    if a.pin:
+        os.sched_setaffinity(0, {0})
+    if a.out is None:
+        mode = ("pinned" if a.pin else "unpinned") + ("-quick" if a.quick else "")
+        a.out = str(ROOT / "benchmarks" / "results" / f"relay-{mode}.json")
+    bench = Bench(a)
+    out = bench.run()
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(table(out))
+    print(f"\nJSON: {a.out}; logs: {bench.tmp}")
+    failed = [n for n, r in out["workloads"].items() if "error" in r]
+    bad = [f"{n}/{c}" for n, r in out["workloads"].items()
+           for c, ok in r.get("verified", {}).items() if not ok]
+    if failed or bad:
+        print(f"FAILED: {failed} BAD BYTES: {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

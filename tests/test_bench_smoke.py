@@ -1,0 +1,48 @@
+"""Smoke test of the end-to-end relay benchmark: ``python -m benchmarks.relay --quick``.
+
+Asserts only that every workload ran and that every chain delivered the right bytes (SHA-256
+checked transfers, echoed round trips, SET/GET, resumed markers, echoes on every idle session).
+Never asserts speed: this machine is shared and the figures are noise at these sizes. Peers that
+are not installed (socat, haproxy, iperf3, redis) are skipped by the benchmark and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the benchmark reads /proc and uses Linux tools")
+
+
+def test_relay_benchmark_quick(tmp_path: Path) -> None:
+    out = tmp_path / "relay.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.relay", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert out.exists(), proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    w = res["workloads"]
+    assert set(w) == {"bulk", "rr", "redis", "resume", "scale"}
+    for name, r in w.items():
+        assert "error" not in r, (name, r["error"])
+        if name == "redis" and "skipped" in r:
+            continue
+        assert r["verified"], name
+        assert all(r["verified"].values()), (name, r["verified"])
+    # every chain that is not reported as skipped ran and was checked
+    for name in ("bulk", "rr"):
+        ran = set(w[name]["chains"]) | set(res["skipped"])
+        assert {"direct", "icafast", "icafast-pure"} <= set(w[name]["chains"])
+        assert {"socat", "haproxy"} <= ran
+        assert set(w[name]["verified"]) == set(w[name]["chains"])
+    assert w["resume"]["one_session"]["resume"]["n"] > 0
+    assert w["resume"]["many_sessions"]["rounds"]
+    levels = w["scale"]["levels"]
+    assert levels and levels[-1]["sessions"] == 40
