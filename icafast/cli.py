@@ -83,6 +83,8 @@ def _add_common(p: argparse.ArgumentParser, server: bool) -> None:
                         "source pauses when full (default 8M; suffixes k, M, G)")
     g.add_argument("--handshake-timeout", type=_seconds, metavar="SECONDS",
                    help="a connection must finish its handshake within this (default 10)")
+    g.add_argument("--max-frame-size", type=parse_size, metavar="BYTES", dest="max_payload",
+                   help="largest frame payload accepted from the peer (default 256k)")
     if server:
         g.add_argument("--on-timeout", choices=["reset", "disconnect"],
                        help="after the reliability timeout: 'reset' closes the backend "
@@ -119,8 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 0.0.0.0:2598); repeatable")
     s.add_argument("--backend", action="append", metavar="HOST:PORT",
                    help="backend for the matching --listen (default 127.0.0.1:1494)")
-    s.add_argument("--max-sessions", type=int, metavar="N", help="refuse NEW beyond this "
-                   "many sessions (default 10000)")
+    lim = s.add_argument_group("limits (hostile load)")
+    lim.add_argument("--max-sessions", type=int, metavar="N", help="refuse NEW beyond this "
+                     "many sessions (default 10000)")
+    lim.add_argument("--max-handshakes", type=int, metavar="N",
+                     help="connections allowed in the handshake at once; more are closed at "
+                          "once (default 1024)")
+    lim.add_argument("--max-failed-resumes", type=int, metavar="N",
+                     help="failed RESUME attempts (wrong proof, unknown session) allowed per "
+                          "source address per minute before it is refused (default 20)")
+    s.add_argument("--proxy-protocol", action="store_true",
+                   help="expect a HAProxy PROXY protocol v1/v2 header on every connection (when "
+                        "behind a load balancer), so sessions and logs show the real client")
     t = s.add_argument_group("TLS (on by default)")
     t.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM, may hold the "
                    "chain); default: a self-signed one created on first start in --state-dir")
@@ -276,8 +288,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"icafast serve: TLS: {e}", file=sys.stderr)
         return 1
-    server = RelayServer(mappings, config, control_path=control, max_sessions=max_sessions,
-                         ssl=ssl_ctx)
+    server = RelayServer(
+        mappings, config, control_path=control, max_sessions=max_sessions, ssl=ssl_ctx,
+        max_handshakes=args.max_handshakes or int(file_cfg.get("max_handshakes", 1024)),
+        max_failed_resumes=args.max_failed_resumes or int(file_cfg.get("max_failed_resumes", 20)),
+        proxy_protocol=bool(_opt(args, file_cfg, "proxy_protocol")),
+    )
     log.info("icafast %s serve (core %s, crc32c %s); control socket %s", __version__,
              IMPLEMENTATION, crc32c_backend(), control)
     for m in mappings:
@@ -295,7 +311,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         run(main())
-    except OSError as e:
+    except (OSError, ValueError) as e:
         print(f"icafast serve: {e}", file=sys.stderr)
         return 1
     return 0

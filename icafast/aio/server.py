@@ -23,6 +23,7 @@ from ..protocol import (
     REJECT_BUSY,
     REJECT_CLOSED,
     REJECT_PROTOCOL,
+    REJECT_RATE_LIMITED,
     REJECT_UNKNOWN_SESSION,
     Config,
     ProtocolError,
@@ -30,6 +31,7 @@ from ..protocol import (
     ServerSession,
     State,
 )
+from ..proxyproto import ProxyHeaderParser
 from ._relay import Endpoint, Link, Runner, StatusCallback, short_id
 
 log = logging.getLogger("icafast")
@@ -143,11 +145,20 @@ class _PendingLink:
         self.mapping = mapping
         self.link: Link = Link(self)
         self.hs: ServerHandshake = ServerHandshake(server.config, server.loop.time())
+        self.proxy: ProxyHeaderParser | None = (
+            ProxyHeaderParser() if server.proxy_protocol else None
+        )
         self._timer: asyncio.TimerHandle | None = None
         self._attached = False
 
     def link_made(self, link: Link) -> None:
-        self.server._handshaking.add(self)
+        srv = self.server
+        if len(srv._handshaking) >= srv.max_handshakes:
+            srv._note_overload(link.peer)
+            self._attached = True
+            link.close(abort=True)
+            return
+        srv._handshaking.add(self)
         t = self.hs.get_timer()
         if t is not None:
             self._timer = self.server.loop.call_at(t, self._on_timer)
@@ -158,6 +169,22 @@ class _PendingLink:
         self._process()
 
     def link_data(self, link: Link, data: memoryview) -> None:
+        if self.proxy is not None and not self.proxy.done:
+            try:
+                rest = self.proxy.feed(data)
+            except ProtocolError as e:
+                log.info("connection from %s closed: %s", link.peer, e)
+                link.close(abort=True)
+                self.detach()
+                return
+            if not self.proxy.done:
+                return
+            if self.proxy.source is not None:
+                host, port = self.proxy.source
+                link.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            if not rest:
+                return
+            data = memoryview(rest)
         self.hs.receive_data(data, self.server.loop.time())
         self._process()
 
@@ -221,6 +248,9 @@ class RelayServer:
         max_sessions: int = 10_000,
         backend_connect_timeout: float | None = None,
         ssl: ssl.SSLContext | None = None,
+        max_handshakes: int = 1024,
+        max_failed_resumes: int = 20,
+        proxy_protocol: bool = False,
     ) -> None:
         if not mappings:
             raise ValueError("at least one listener -> backend mapping is needed")
@@ -230,6 +260,12 @@ class RelayServer:
         self.on_status = on_status
         self.max_sessions = max_sessions
         self.ssl = ssl
+        #: connections still in the handshake beyond this are closed at once (slowloris)
+        self.max_handshakes = max_handshakes
+        #: failed RESUME proofs/unknown ids per source address per minute before REJECT 8
+        self.max_failed_resumes = max_failed_resumes
+        self._failures: dict[str, list[float]] = {}
+        self.proxy_protocol = proxy_protocol
         # well inside the client's handshake timeout, so a REJECT reaches it in time
         self.backend_connect_timeout = backend_connect_timeout or self.config.handshake_timeout / 2
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -244,6 +280,9 @@ class RelayServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        if self.proxy_protocol and self.ssl is not None:
+            raise ValueError("--proxy-protocol needs the load balancer to terminate TLS "
+                             "(use --no-tls behind it): the PROXY header precedes any TLS")
         self.loop = asyncio.get_running_loop()
         for m in self.mappings:
             srv = await self.loop.create_server(
@@ -318,16 +357,54 @@ class RelayServer:
             if runner.endpoint is not None and runner.endpoint.transport is not None:
                 runner.endpoint.transport.close()
 
+    def _source(self, pending: _PendingLink) -> str:
+        peer = pending.link.peer
+        return peer.rsplit(":", 1)[0] if peer else "?"
+
+    def _failed_recently(self, source: str, now: float) -> int:
+        times = self._failures.get(source)
+        if not times:
+            return 0
+        while times and times[0] <= now - 60.0:
+            times.pop(0)
+        if not times:
+            del self._failures[source]
+        return len(times)
+
+    def _record_failure(self, source: str, now: float) -> None:
+        if len(self._failures) > 100_000:  # bounded: forget the quietest sources
+            for k in [k for k, v in self._failures.items() if v[-1] <= now - 60.0]:
+                del self._failures[k]
+            while len(self._failures) > 100_000:
+                self._failures.pop(next(iter(self._failures)))
+        self._failures.setdefault(source, []).append(now)
+
+    def _note_overload(self, peer: str) -> None:
+        now = self.loop.time()
+        if now - getattr(self, "_overload_logged", 0.0) > 10.0:
+            self._overload_logged = now
+            log.warning("more than %d connections in the handshake: closing new ones (latest "
+                        "from %s)", self.max_handshakes, peer)
+
     def _resume(self, pending: _PendingLink, e: ev.ResumeRequested) -> None:
         runner = self.sessions_by_id.get(e.session_id)
         sid = short_id(e.session_id)
+        now = self.loop.time()
+        source = self._source(pending)
+        if self._failed_recently(source, now) >= self.max_failed_resumes:
+            pending.reject(REJECT_RATE_LIMITED, f"too many failed resumes from {source}; "
+                           "try again later")
+            return
         if runner is None or runner.engine.state is State.CLOSED:
-            if self._tombstones.get(e.session_id, 0.0) > self.loop.time():
+            if self._tombstones.get(e.session_id, 0.0) > now:
                 pending.reject(REJECT_CLOSED, f"session {sid} is closed")
             else:
+                self._record_failure(source, now)
                 pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid}")
             return
         if not runner.engine.check_proof(pending.hs, e.proof):
+            self._record_failure(source, now)
+            log.warning("session %s: RESUME with a wrong proof from %s", sid, pending.link.peer)
             pending.reject(REJECT_BAD_PROOF, f"wrong proof for session {sid}")
             return
         if runner.link is not None:

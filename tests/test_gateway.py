@@ -1,0 +1,221 @@
+"""Behind gateways and under hostile load: PROXY protocol (unit + real HAProxy), limits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from relay_helpers import FAST, Backend, Setup, free_port, run_async, wait_for
+
+from icafast import tls
+from icafast.errors import ProtocolError
+from icafast.protocol import REJECT_BAD_PROOF, REJECT_RATE_LIMITED, ClientSession, State
+from icafast.proxyproto import V2_SIGNATURE, ProxyHeaderParser
+
+# -- PROXY protocol parser ---------------------------------------------------------------------
+
+V1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 56324 2598\r\n"
+V1_6 = b"PROXY TCP6 2001:db8::7 2001:db8::1 4000 2598\r\n"
+V2_4 = (V2_SIGNATURE + bytes([0x21, 0x11]) + (12 + 7).to_bytes(2, "big")
+        + bytes([192, 0, 2, 9, 198, 51, 100, 1]) + (4242).to_bytes(2, "big")
+        + (2598).to_bytes(2, "big") + bytes([0x04, 0x00, 0x04]) + b"abcd")  # + a NOOP TLV
+V2_6 = (V2_SIGNATURE + bytes([0x21, 0x21]) + (36).to_bytes(2, "big")
+        + bytes.fromhex("20010db8000000000000000000000009") + bytes(16)
+        + (5555).to_bytes(2, "big") + (2598).to_bytes(2, "big"))
+V2_LOCAL = V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00])
+
+
+@pytest.mark.parametrize("header,source,version", [
+    (V1, ("192.0.2.7", 56324), 1),
+    (V1_6, ("2001:db8::7", 4000), 1),
+    (b"PROXY UNKNOWN\r\n", None, 1),
+    (V2_4, ("192.0.2.9", 4242), 2),
+    (V2_6, ("2001:db8::9", 5555), 2),
+    (V2_LOCAL, None, 2),
+])
+def test_proxy_headers_whole_bytewise_and_with_trailing_data(header, source, version):
+    for chunks in ([header + b"HELLO"], [bytes([c]) for c in header + b"HELLO"]):
+        p = ProxyHeaderParser()
+        rest = b""
+        for c in chunks:
+            rest += p.feed(c)
+        assert p.done and p.source == source and p.version == version
+        assert rest == b"HELLO"
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.1\r\n", b"PROXY TCP4 999.1.1.1 1.1.1.1 1 2\r\n", b"PROXY TCP4 a b c\r\n",
+    b"PROXY " + b"x" * 200, V2_SIGNATURE + bytes([0x31, 0x11, 0, 0]),
+    V2_SIGNATURE + bytes([0x21, 0x11, 0xFF, 0xFF]), V2_SIGNATURE + bytes([0x21, 0x11, 0, 4]) + b"1234",
+])
+def test_bad_proxy_headers_raise_protocol_error(junk):
+    p = ProxyHeaderParser()
+    with pytest.raises(ProtocolError):
+        p.feed(junk)
+        p.feed(b"\r\n" * 60)
+
+
+@given(st.binary(max_size=300))
+def test_proxy_parser_never_raises_anything_else(data):
+    p = ProxyHeaderParser()
+    try:
+        p.feed(data)
+    except ProtocolError:
+        pass
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+def test_failed_resumes_are_rate_limited_per_source():
+    async def main() -> None:
+        async with Setup(Backend("echo"), max_failed_resumes=3) as s:
+            reader, writer = await s.client()
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            live = s.only_session()
+            from test_relay import _handshake, _reject_code
+
+            codes = []
+            for _ in range(5):
+                thief = ClientSession(FAST, 0.0)
+                thief.session_id = live.engine.session_id
+                thief._secret = os.urandom(32)
+                thief._ever_established = True
+                codes.append(_reject_code(await _handshake(s.server_port, None, thief)))
+            assert codes == [REJECT_BAD_PROOF] * 3 + [REJECT_RATE_LIMITED] * 2
+            assert live.engine.state is State.ACTIVE
+            writer.write(b"y")
+            assert await reader.readexactly(1) == b"y"
+
+    run_async("uvloop", main())
+
+
+def test_handshake_flood_is_capped_and_slowloris_dropped():
+    async def main() -> None:
+        from icafast.protocol import Config
+
+        cfg = Config(keepalive_interval=0.1, dead_timeout=0.4, handshake_timeout=0.5)
+        async with Setup(Backend("echo"), config=cfg, max_handshakes=10) as s:
+            silent = []
+            for _ in range(30):  # connect and say nothing
+                silent.append(await asyncio.open_connection("127.0.0.1", s.server_port))
+            await asyncio.sleep(0.1)
+            assert len(s.server._handshaking) <= 10
+            # all of them are gone after the handshake timeout
+            assert await wait_for(lambda: not s.server._handshaking, 3)
+            for r, w in silent:  # each was closed (reset, or REJECT then close)
+                try:
+                    while await asyncio.wait_for(r.read(65536), 3):
+                        pass
+                except ConnectionError:
+                    pass
+                w.close()
+            # and a real client still gets in
+            reader, writer = await s.client(config=cfg)
+            writer.write(b"ok")
+            assert await reader.readexactly(2) == b"ok"
+
+    run_async("uvloop", main())
+
+
+# -- a real HAProxy in front, terminating TLS and sending PROXY v2 -------------------------------
+
+HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy")
+                                      else None)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="HAProxy is not installed (Debian package "
+                    "'haproxy'; .ci/run installs it) -- PROXY v2 + TLS gateway test NOT RUN")
+def test_sessions_resume_through_haproxy_tls_and_proxy_v2(tmp_path):
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "pki"))
+    fp = tls.fingerprint_of_pem(cert)
+    combined = tmp_path / "haproxy.pem"
+    with open(cert) as c, open(key) as k:
+        combined.write_text(c.read() + k.read())
+    front = free_port()
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), proxy_protocol=True) as s:
+            cfg = tmp_path / "haproxy.cfg"
+            cfg.write_text(f"""
+global
+    maxconn 1000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend fe
+    bind 127.0.0.1:{front} ssl crt {combined}
+    default_backend be
+backend be
+    server icafast 127.0.0.1:{s.server_port} send-proxy-v2
+""")
+            proc = subprocess.Popen([HAPROXY, "-f", str(cfg), "-db"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT)
+            try:
+                for _ in range(100):
+                    try:
+                        _r, w = await asyncio.open_connection("127.0.0.1", front)
+                        w.close()
+                        break
+                    except OSError:
+                        await asyncio.sleep(0.05)
+                # the client talks TLS to HAProxy through the fault proxy
+                s.proxy.target_port = front
+                reader, writer = await s.client(tls=tls.client_context(fingerprint=fp))
+                writer.write(b"hello")
+                assert await reader.readexactly(5) == b"hello"
+                r = s.only_session()
+                for k in range(6):
+                    before = r.engine.reconnects
+                    (s.proxy.reset if k % 2 == 0 else s.proxy.blackhole)()
+                    assert await wait_for(lambda b=before: r.engine.reconnects > b
+                                          and r.engine.state is State.ACTIVE, 10)
+                    msg = f"after break {k}".encode()
+                    writer.write(msg)
+                    assert await reader.readexactly(len(msg)) == msg
+                assert len(s.server.sessions_by_id) == 1 and len(s.backend.conns) == 1
+                # the server sees the real client (the fault proxy's socket toward HAProxy),
+                # not HAProxy's own connection
+                (row,) = s.server.sessions()
+                live = [p for p in s.proxy.pairs if not p.dead and not p.closed]
+                names = {"%s:%d" % p.server.transport.get_extra_info("sockname")[:2]
+                         for p in live if p.server and p.server.transport}
+                assert row["client"] in names, (row["client"], names)
+            finally:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+                if proc.stdout:
+                    proc.stdout.close()
+
+    run_async("uvloop", main(), timeout=120)
+
+
+def test_proxy_protocol_with_own_tls_is_refused(tmp_path):
+    from icafast.aio import Mapping, RelayServer
+
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+
+    async def main() -> None:
+        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 9)], FAST,
+                          ssl=tls.server_context(cert, key), proxy_protocol=True)
+        with pytest.raises(ValueError, match="terminate TLS"):
+            await srv.start()
+
+    run_async("uvloop", main())
+
+
+
