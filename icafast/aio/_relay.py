@@ -26,16 +26,20 @@ from ..protocol import CLOSE_ABORTED, SessionEngine, State
 log = logging.getLogger("icafast")
 
 READ_SIZE = 256 * 1024  # bytes per receive when data is flowing
+MIN_READ_SIZE = 16 * 1024  # ... and when it is not (idle sessions stay small)
 SPARE_SIZE = 64 * 1024
 WRITE_HIGH_WATER = 1024 * 1024  # transport write buffer limits (bytes)
 WRITE_LOW_WATER = 256 * 1024
+ENDPOINT_HIGH_WATER = 256 * 1024  # the application/backend side
+ENDPOINT_LOW_WATER = 64 * 1024
 
 
 def short_id(sid: bytes) -> str:
     return sid.hex() if sid else "-"
 
 
-def tune_socket(transport: asyncio.BaseTransport) -> None:
+def tune_socket(transport: asyncio.BaseTransport, high: int = WRITE_HIGH_WATER,
+                low: int = WRITE_LOW_WATER) -> None:
     """TCP_NODELAY on every socket (small writes must not wait for Nagle) and big limits."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -44,7 +48,7 @@ def tune_socket(transport: asyncio.BaseTransport) -> None:
         except OSError:
             pass
     if hasattr(transport, "set_write_buffer_limits"):
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        transport.set_write_buffer_limits(high=high, low=low)
 
 
 def abort_with_rst(transport: asyncio.BaseTransport | None) -> None:
@@ -78,7 +82,8 @@ class Endpoint(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        tune_socket(transport)
+        # what waits for a slow sink is bounded by the peer's replay limit plus this
+        tune_socket(transport, high=ENDPOINT_HIGH_WATER, low=ENDPOINT_LOW_WATER)
         self.runner.endpoint_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview | bytearray:
@@ -142,7 +147,9 @@ class Link(asyncio.BufferedProtocol):
         self.write_paused = False
         self.closed = False
         self.peer = ""
-        self._buf = bytearray(READ_SIZE)
+        self._size = MIN_READ_SIZE  # grows while reads fill it, shrinks when idle
+        self._small_reads = 0
+        self._buf = bytearray(self._size)
         self._mv = memoryview(self._buf)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -158,11 +165,23 @@ class Link(asyncio.BufferedProtocol):
         return self._mv
 
     def buffer_updated(self, nbytes: int) -> None:
+        size = len(self._buf)
         self.owner.link_data(self, self._mv[:nbytes])
+        if nbytes == size and self._size < READ_SIZE:
+            self._size *= 2  # data is flowing: read more at a time
+            self._small_reads = 0
+            self.renew_buffer()
+        elif nbytes <= 4096 and self._size > MIN_READ_SIZE:
+            self._small_reads += 1
+            if self._small_reads >= 64:  # idle again: give the memory back
+                self._size = MIN_READ_SIZE
+                self._small_reads = 0
+                self.renew_buffer()
 
     def renew_buffer(self) -> None:
-        """A payload view into the receive buffer is still queued somewhere: use a new one."""
-        self._buf = bytearray(READ_SIZE)
+        """A payload view into the receive buffer is still queued somewhere (or the size
+        changed): use a new one."""
+        self._buf = bytearray(self._size)
         self._mv = memoryview(self._buf)
 
     def eof_received(self) -> bool:
