@@ -645,6 +645,8 @@ class SessionEngine:
                         link.last_ping = now
                         link.ping_ts = _us(now)
                         self._send_control(FrameType.PING, link.ping_ts)
+                        if not len(self.tx):
+                            self.tx.shrink()  # idle: give the replay buffer's memory back
             elif now >= link.started + self.config.handshake_timeout:
                 self._link_failed("handshake timed out", now)
         self._handle_extra_timer(now)

@@ -76,7 +76,9 @@ class Endpoint(asyncio.BufferedProtocol):
         self.closed = False
         self._spare: bytearray | None = None
         self._in_spare = False
+        self._hint = MIN_READ_SIZE  # grows while reads fill it (bulk), back to small when not
         self.pending: list[bytes] = []  # read while the replay buffer was full
+        self._offered = 0
 
     # -- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,9 +91,10 @@ class Endpoint(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview | bytearray:
         eng = self.runner.engine
         if not self.pending and eng.send_free > 0:
-            v = eng.send_view(READ_SIZE)
+            v = eng.send_view(self._hint)
             if len(v):
                 self._in_spare = False
+                self._offered = len(v)
                 return v
         # Replay buffer full (or data arrived after pause_reading): park it, bounded.
         self._in_spare = True
@@ -106,6 +109,10 @@ class Endpoint(asyncio.BufferedProtocol):
             self.pause()
         else:
             self.runner.engine.commit_view(nbytes)
+            if nbytes >= self._offered and self._hint < READ_SIZE:
+                self._hint *= 2
+            elif nbytes < MIN_READ_SIZE // 4:
+                self._hint = MIN_READ_SIZE
         self.runner.pump()
 
     def eof_received(self) -> bool:
@@ -137,8 +144,12 @@ class Endpoint(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
 
-class Link(asyncio.BufferedProtocol):
-    """The framed connection between client and server (one per attempt)."""
+class Link(asyncio.Protocol):
+    """The framed connection between client and server (one per attempt).
+
+    A plain Protocol on purpose: the event loop reads into its own shared buffer and hands us an
+    immutable bytes object, so an idle link holds no receive buffer (10,000 idle sessions stay
+    small) and payload memoryviews into it stay valid however long a transport queues them."""
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner  # runner, or the server's handshake handler before attach
@@ -147,10 +158,6 @@ class Link(asyncio.BufferedProtocol):
         self.write_paused = False
         self.closed = False
         self.peer = ""
-        self._size = MIN_READ_SIZE  # grows while reads fill it, shrinks when idle
-        self._small_reads = 0
-        self._buf = bytearray(self._size)
-        self._mv = memoryview(self._buf)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -161,28 +168,8 @@ class Link(asyncio.BufferedProtocol):
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
         self.owner.link_made(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._mv
-
-    def buffer_updated(self, nbytes: int) -> None:
-        size = len(self._buf)
-        self.owner.link_data(self, self._mv[:nbytes])
-        if nbytes == size and self._size < READ_SIZE:
-            self._size *= 2  # data is flowing: read more at a time
-            self._small_reads = 0
-            self.renew_buffer()
-        elif nbytes <= 4096 and self._size > MIN_READ_SIZE:
-            self._small_reads += 1
-            if self._small_reads >= 64:  # idle again: give the memory back
-                self._size = MIN_READ_SIZE
-                self._small_reads = 0
-                self.renew_buffer()
-
-    def renew_buffer(self) -> None:
-        """A payload view into the receive buffer is still queued somewhere (or the size
-        changed): use a new one."""
-        self._buf = bytearray(self._size)
-        self._mv = memoryview(self._buf)
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        self.owner.link_data(self, data)
 
     def eof_received(self) -> bool:
         self.owner.link_lost(self, "connection closed by peer")
@@ -289,14 +276,11 @@ class Runner:
     def link_made(self, link: Link) -> None:
         raise NotImplementedError
 
-    def link_data(self, link: Link, data: memoryview) -> None:
+    def link_data(self, link: Link, data: bytes) -> None:
         if link is not self.link:
             return
         self.engine.receive_data(data, self.now())
         self.pump()
-        ep = self.endpoint
-        if ep is not None and ep.transport is not None and ep.transport.get_write_buffer_size():
-            link.renew_buffer()
 
     def link_lost(self, link: Link, reason: str) -> None:
         link.closed = True
