@@ -290,6 +290,11 @@ class SessionEngine:
         self._rx_fin = False
         self._rx_acked = 0  # last ack value we sent
         self._ack_hold: int | None = None  # acks frozen here while the local sink is full
+        self._ack_now = False  # an ACK is due with the next data_to_send
+        self._now = now  # the latest time we were given
+        #: bytes received but still queued toward the local sink (set by the adapter): they are
+        #: not acknowledged yet, which bounds what can pile up there by the peer's replay limit
+        self.sink_backlog = 0
         self._ack_due: float | None = None
         self._ack_threshold = config.ack_threshold or min(256 * 1024, config.replay_limit // 4)
         self._link: _Link | None = None
@@ -365,8 +370,17 @@ class SessionEngine:
         are returned and new stream data waits in the replay buffer.
         """
         link = self._link
-        if include_data and link is not None and link.phase == _ESTABLISHED:
-            self._frame_data(link)
+        if link is not None and link.phase == _ESTABLISHED:
+            if include_data:
+                self._frame_data(link)
+            ackv = self._ack_value
+            if ackv != self._rx_acked and (
+                self._ack_now or ackv - self._rx_acked >= self._ack_threshold
+            ):
+                self._out.append(encode_frame(_TYPE_ACK, 0, 0, ackv))
+                self._sent_ack()
+            if self._rx != self._rx_acked and self._ack_due is None:
+                self._ack_due = self._now + self.config.ack_delay  # the rest, a little later
         out = self._out
         if not out:
             return out
@@ -403,8 +417,10 @@ class SessionEngine:
 
     @property
     def _ack_value(self) -> int:
-        """The cumulative ack we send: everything received, unless acks are held."""
-        return self._rx if self._ack_hold is None else self._ack_hold
+        """The cumulative ack we send: what the local sink took (received bytes minus those still
+        queued toward it, ``sink_backlog``), frozen while acks are held; never backwards."""
+        v = self._rx - self.sink_backlog if self._ack_hold is None else self._ack_hold
+        return v if v > self._rx_acked else self._rx_acked
 
     def _peer_limit(self, peer_replay_limit: int) -> None:
         """Ack often enough for the peer's replay buffer: at least every quarter of it."""
@@ -414,10 +430,12 @@ class SessionEngine:
     def _sent_ack(self) -> None:
         self._rx_acked = self._ack_value
         self._ack_due = None
+        self._ack_now = False
 
     def _send_control(self, type: int, seq: int = 0, payload: bytes = b"") -> None:
-        self._out.append(encode_frame(type, 0, seq, self._ack_value, payload))
-        self._sent_ack()
+        # Control frames repeat the last ack sent; ack progress is decided in data_to_send,
+        # after the adapter has delivered what was received (so sink_backlog is current).
+        self._out.append(encode_frame(type, 0, seq, self._rx_acked, payload))
 
     def hold_acks(self, hold: bool) -> None:
         """The local sink (application or backend) stopped taking data (``hold=True``) or took
@@ -429,12 +447,12 @@ class SessionEngine:
                 self._ack_hold = self._rx_acked
         elif self._ack_hold is not None:
             self._ack_hold = None
-            if self._rx != self._rx_acked and self.established:
-                self._send_control(FrameType.ACK)
+            self._ack_now = True
 
     # -- input -------------------------------------------------------------------------------
     def receive_data(self, data: Any, now: float) -> None:
         """Bytes received on the current link."""
+        self._now = now
         link = self._link
         if link is None:
             return
@@ -484,13 +502,8 @@ class SessionEngine:
                 return
             else:
                 raise ProtocolError(f"unexpected frame type 0x{t:02x} on an established link")
-        ackv = self._ack_value
-        if ackv - self._rx_acked >= self._ack_threshold or (
-            self._ack_due is not None and self._ack_due <= now and ackv != self._rx_acked
-        ):
-            self._send_control(FrameType.ACK)
-        elif ackv != self._rx_acked and self._ack_due is None:
-            self._ack_due = now + self.config.ack_delay
+        if self._rx != self._rx_acked and self._ack_due is None:
+            self._ack_due = now + self.config.ack_delay  # data_to_send may ack sooner
         self._check_done()
 
     def _on_ack(self, ack: int) -> None:
@@ -525,7 +538,7 @@ class SessionEngine:
         if f.flags & FLAG_FIN and s + n == self._rx:
             self._rx_fin = True
             self._rx += 1
-            self._ack_due = now  # acknowledge the end of the stream at once
+            self._ack_now = True  # acknowledge the end of the stream at once
             self._events.append(StreamEnded())
 
     def _rtt_sample(self, r: float) -> None:
@@ -628,6 +641,7 @@ class SessionEngine:
         return None
 
     def handle_timer(self, now: float) -> None:
+        self._now = now
         if self.state is State.CLOSED:
             return
         link = self._link
@@ -640,7 +654,8 @@ class SessionEngine:
                     )
                 else:
                     if self._ack_due is not None and now >= self._ack_due:
-                        self._send_control(FrameType.ACK)
+                        self._ack_due = None
+                        self._ack_now = True  # the ACK goes out with data_to_send
                     if now >= max(link.last_rx, link.last_ping) + p.keepalive_interval:
                         link.last_ping = now
                         link.ping_ts = _us(now)
@@ -918,8 +933,10 @@ class ServerHandshake:
                         self._events.clear()  # no NEW/RESUME to act on: the request is void
                         raise ProtocolError("client sent frames before the handshake completed")
                     break
-        except (FrameError, ProtocolError) as e:
+        except FrameError as e:
             self.fail(str(e))
+        except ProtocolError as e:
+            self.fail(str(e), e.code or REJECT_PROTOCOL)
 
     def _on_frame(self, f: Any) -> None:
         t = f.type
@@ -933,9 +950,8 @@ class ServerHandshake:
                 raise ProtocolError("HELLO has the wrong magic")
             if max_payload < 1024 or limit < 1024:
                 raise ProtocolError("HELLO announces limits below 1024 bytes")
-            if not vmin <= PROTOCOL_VERSION <= vmax:
-                self.reject(REJECT_VERSION, f"protocol version {PROTOCOL_VERSION} only")
-                return
+            if not vmin <= PROTOCOL_VERSION <= vmax:  # REJECT 1 instead of a HELLO, and close
+                raise ProtocolError(f"protocol version {PROTOCOL_VERSION} only", REJECT_VERSION)
             self.version = PROTOCOL_VERSION
             self.client_nonce = nonce
             self.client_max_payload = max_payload
@@ -965,9 +981,10 @@ class ServerHandshake:
         self.done = True
         self._out.append(encode_frame(FrameType.REJECT, 0, 0, 0, _reason_payload(code, reason)))
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, code: int = REJECT_PROTOCOL) -> None:
+        """Refuse with REJECT ``code`` and emit HandshakeFailed (the server closes the link)."""
         if not self._events or not isinstance(self._events[-1], HandshakeFailed):
-            self.reject(REJECT_PROTOCOL, reason)
+            self.reject(code, reason)
             self._events.append(HandshakeFailed(reason))
 
     def get_timer(self) -> float | None:

@@ -30,8 +30,8 @@ MIN_READ_SIZE = 16 * 1024  # ... and when it is not (idle sessions stay small)
 SPARE_SIZE = 64 * 1024
 WRITE_HIGH_WATER = 1024 * 1024  # transport write buffer limits (bytes)
 WRITE_LOW_WATER = 256 * 1024
-ENDPOINT_HIGH_WATER = 256 * 1024  # the application/backend side
-ENDPOINT_LOW_WATER = 64 * 1024
+ENDPOINT_HIGH_WATER = 64 * 1024  # the application/backend side
+ENDPOINT_LOW_WATER = 16 * 1024
 
 
 def short_id(sid: bytes) -> str:
@@ -256,13 +256,13 @@ class Runner:
         self.pump()
 
     def sink_paused(self) -> None:
-        # Keep reading the link (keepalives must flow, or a live link would look dead); hold
-        # the acks instead, so the peer stops once its replay buffer is full.
-        self.engine.hold_acks(True)
+        # Keep reading the link (keepalives must flow, or a live link would look dead). What
+        # the sink has not taken is not acknowledged (sink_backlog), so the peer stops once its
+        # replay buffer is full.
+        pass
 
     def sink_resumed(self) -> None:
-        self.engine.hold_acks(False)
-        self.pump()
+        self.pump()  # the backlog shrank: acknowledge
 
     def _drain_pending(self) -> None:
         ep = self.endpoint
@@ -299,6 +299,10 @@ class Runner:
         eng = self.engine
         while (e := eng.next_event()) is not None:
             self.handle_event(e)
+        ep = self.endpoint
+        if ep is not None and ep.transport is not None and not ep.closed:
+            # not yet taken by the sink: not acknowledged (bounds what piles up there)
+            eng.sink_backlog = ep.transport.get_write_buffer_size()
         link = self.link
         if link is not None and link.transport is not None and not link.closed:
             bufs = eng.data_to_send(not link.write_paused)
@@ -348,7 +352,12 @@ class Runner:
         ep = self.endpoint
         if isinstance(e, ev.DataReceived):
             if ep is not None and ep.transport is not None and not ep.closed:
-                ep.transport.write(e.data)
+                t = ep.transport
+                if t.get_write_buffer_size():
+                    # it will be queued: copy, so the view does not pin the whole received block
+                    t.write(bytes(e.data))
+                else:
+                    t.write(e.data)
             return
         if isinstance(e, ev.StreamEnded):
             if ep is not None and ep.transport is not None and not ep.closed:
