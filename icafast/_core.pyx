@@ -21,7 +21,12 @@ Deliberate (documented) differences, none reachable with well-typed arguments:
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
+from cpython.bytearray cimport (
+    PyByteArray_AS_STRING,
+    PyByteArray_FromStringAndSize,
+    PyByteArray_GET_SIZE,
+    PyByteArray_Resize,
+)
 from cpython.bytes cimport (
     PyBytes_AS_STRING,
     PyBytes_CheckExact,
@@ -107,6 +112,9 @@ cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFFULL
 cdef uint64_t U32_MAX = 0xFFFFFFFFULL
 cdef uint64_t REPLAY_LIMIT_MAX = 0xFFFFFFFFULL * 256
 cdef uint64_t INITIAL_CAPACITY = 16 * 1024
+# A payload spanning feeds starts in at most this much storage (or what arrived, if more), which
+# then grows with the bytes that arrive: a length field alone never allocates its claim.
+cdef Py_ssize_t BODY_INITIAL = 64 * 1024
 
 assert HEADER_SIZE == ICAFAST_HEADER_SIZE
 
@@ -362,7 +370,8 @@ cdef class FrameDecoder:
     ``feed(data)`` accepts bytes split at any boundary and returns the frames completed by them.
     A payload that lies wholly inside ``data`` is returned as a memoryview into ``data`` (no copy):
     it is valid as long as the caller does not overwrite ``data``. A payload that spans calls is
-    assembled in a buffer of its exact size, owned by the frame.
+    assembled in a buffer of its exact size, owned by the frame; that buffer grows as the bytes
+    arrive, so memory follows what was received, never what a length field claims.
 
     Any malformed input raises FrameError; the decoder is then unusable (every later call raises
     the same error), because a byte stream cannot be resynchronised after a bad frame.
@@ -374,7 +383,8 @@ cdef class FrameDecoder:
     cdef Py_ssize_t _hdr_len         # bytes of the partial header
     cdef bint _fields                # a header is parsed and its payload is being assembled
     cdef icafast_frame_header _h     # that header
-    cdef object _body                # bytearray of the payload being assembled
+    cdef object _body                # bytearray of the payload being assembled (its size: room
+                                     # so far, at most the payload length)
     cdef Py_ssize_t _have            # bytes of it received
     cdef uint64_t _offset            # stream offset of the frame being decoded
     cdef object _error               # the FrameError once poisoned
@@ -429,7 +439,7 @@ cdef class FrameDecoder:
         cdef const unsigned char *p
         cdef const unsigned char *hdrp
         cdef unsigned char *bp
-        cdef Py_ssize_t n, pos, start, take, length
+        cdef Py_ssize_t n, pos, start, take, length, cap
         cdef uint64_t a, b
         cdef int rc
         cdef icafast_frame_header h
@@ -447,11 +457,17 @@ cdef class FrameDecoder:
             while pos < n:
                 if self._fields:  # filling a payload that spans feeds
                     body = self._body
-                    bp = <unsigned char *>PyByteArray_AS_STRING(body)
                     length = self._h.length
                     take = length - self._have
                     if take > n - pos:
                         take = n - pos
+                    cap = PyByteArray_GET_SIZE(body)
+                    if self._have + take > cap:  # grow: at least double, never past the length
+                        cap = 2 * cap if 2 * cap > self._have + take else self._have + take
+                        if cap > length:
+                            cap = length
+                        PyByteArray_Resize(body, cap)
+                    bp = <unsigned char *>PyByteArray_AS_STRING(body)
                     memcpy(bp + self._have, p + pos, <size_t>take)
                     self._have += take
                     pos += take
@@ -508,7 +524,10 @@ cdef class FrameDecoder:
                 else:
                     if hdrp != self._hdr:
                         memcpy(self._hdr, hdrp, ICAFAST_HEADER_SIZE)
-                    body = PyByteArray_FromStringAndSize(NULL, length)
+                    cap = n - start if n - start > BODY_INITIAL else BODY_INITIAL
+                    if cap > length:
+                        cap = length
+                    body = PyByteArray_FromStringAndSize(NULL, cap)
                     self._h = h
                     self._fields = True
                     self._body = body

@@ -151,7 +151,8 @@ class FrameDecoder:
     ``feed(data)`` accepts bytes split at any boundary and returns the frames completed by them.
     A payload that lies wholly inside ``data`` is returned as a memoryview into ``data`` (no copy):
     it is valid as long as the caller does not overwrite ``data``. A payload that spans calls is
-    assembled in a buffer of its exact size, owned by the frame.
+    assembled in a buffer of its exact size, owned by the frame; that buffer grows as the bytes
+    arrive, so memory follows what was received, never what a length field claims.
 
     Any malformed input raises FrameError; the decoder is then unusable (every later call raises
     the same error), because a byte stream cannot be resynchronised after a bad frame.
@@ -163,7 +164,7 @@ class FrameDecoder:
         self._max = max_payload
         self._hdr = bytearray()  # partial header
         self._fields: tuple[int, int, int, int, int, int] | None = None  # parsed header
-        self._body: bytearray | None = None  # payload being assembled
+        self._body: bytearray | None = None  # payload being assembled (the bytes so far)
         self._have = 0
         self._offset = 0  # stream offset of the frame being decoded
         self._error: FrameError | None = None
@@ -220,11 +221,12 @@ class FrameDecoder:
         while pos < n:
             if self._fields is not None:  # filling a payload that spans feeds
                 assert self._body is not None
-                take = min(len(self._body) - self._have, n - pos)
-                self._body[self._have : self._have + take] = mv[pos : pos + take]
+                length = self._fields[2]
+                take = min(length - self._have, n - pos)
+                self._body += mv[pos : pos + take]
                 self._have += take
                 pos += take
-                if self._have < len(self._body):
+                if self._have < length:
                     break
                 frame = self._finish(self._hdrbytes, self._fields, memoryview(self._body))
                 self._fields = self._body = None
@@ -254,9 +256,8 @@ class FrameDecoder:
             else:
                 self._hdrbytes = bytes(hdr)
                 self._fields = fields
-                self._body = bytearray(length)
+                self._body = bytearray(mv[start:])  # grows as the rest arrives
                 self._have = n - start
-                self._body[: self._have] = mv[start:]
                 pos = n
         return out
 
