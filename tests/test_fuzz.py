@@ -42,6 +42,7 @@ from icafast.errors import (
     FrameError,
 )
 from icafast.protocol import (
+    MAGIC,
     ClientSession,
     Config,
     ServerHandshake,
@@ -382,3 +383,112 @@ def test_session_memory_with_4gb_length_claim(core, fuzz_client):
         h.advance(BIG.dead_timeout)  # the claimed 4 GB never arrive: the link dies, and says so
         events = h.client_events if fuzz_client else h.server_events
         assert [e for e in events_of(ev.LinkLost, events) if e.link_id == link]
+
+
+def client_hello(vmin=1, vmax=1, max_payload=DEFAULT_MAX_PAYLOAD, limit=8 << 20,
+                 nonce=b"\x11" * 32, magic=MAGIC) -> bytes:
+    payload = _HELLO.pack(magic, vmin, vmax, max_payload, limit, nonce)
+    return raw_frame(FrameType.HELLO, 0, 0, 0, payload)
+
+
+# The largest thing a ServerHandshake ever writes: its HELLO, then one REJECT.
+HS_OUTPUT_MAX = (HEADER_SIZE + _HELLO.size) + (HEADER_SIZE + 2 + 256)
+
+
+def check_server_handshake(hs: ServerHandshake, chunks, now=0.0):
+    """Feed ``chunks`` (must not raise) and check what the handshake says and writes."""
+    events = []
+    out = b""
+    for c in chunks:
+        hs.receive_data(c, now)
+        out += b"".join(bytes(x) for x in hs.data_to_send())
+        events.extend(iter(hs.next_event, None))
+    if not hs.done:
+        assert hs.get_timer() is not None
+        hs.handle_timer(hs.get_timer())
+        out += b"".join(bytes(x) for x in hs.data_to_send())
+        events.extend(iter(hs.next_event, None))
+    assert hs.done and hs.get_timer() is None
+    assert len(out) <= HS_OUTPUT_MAX
+    frames, code, _ = reference_decode(out, DEFAULT_MAX_PAYLOAD)
+    assert code is None
+    types = [f[0] for f in frames]
+    assert types in ([], [FrameType.HELLO], [FrameType.REJECT],
+                     [FrameType.HELLO, FrameType.REJECT]), types
+    requests = events_of((ev.NewSessionRequested, ev.ResumeRequested), events)
+    failed = events_of(ev.HandshakeFailed, events)
+    assert len(requests) <= 1 and len(failed) <= 1
+    assert len(requests) + len(failed) >= 1, "the handshake ended without saying how"
+    # every REJECT it sends comes with HandshakeFailed, so that the connection gets closed
+    assert (types[-1:] == [FrameType.REJECT]) == bool(failed)
+    return events, frames
+
+
+@settings(max_examples=150)
+@given(data=st.binary(max_size=300), cuts=CUTS)
+def test_server_handshake_arbitrary_bytes(core, data, cuts):
+    with engine_on(core):
+        check_server_handshake(ServerHandshake(CFG, 0.0), split(data, cuts))
+
+
+@settings(max_examples=200)
+@given(second=st.sampled_from(["new", "resume", "none"]), ops=st.lists(MUTATION, max_size=3),
+       tail=st.lists(frame_specs(60), max_size=2), cuts=CUTS)
+def test_server_handshake_mutated_client_handshake(core, second, ops, tail, cuts):
+    stream = client_hello()
+    if second == "new":
+        stream += raw_frame(FrameType.NEW)
+    elif second == "resume":
+        stream += raw_frame(FrameType.RESUME, 0, 0, 77, _RESUME.pack(b"i" * 16, b"p" * 32))
+    stream += b"".join(raw_frame(*f) for f in tail)
+    with engine_on(core):
+        events, _ = check_server_handshake(ServerHandshake(CFG, 0.0),
+                                           split(mutate(stream, ops), cuts))
+    if not ops and not tail and second != "none":
+        assert events_of((ev.NewSessionRequested, ev.ResumeRequested), events)
+
+
+HELLO_FIELDS = st.tuples(
+    st.sampled_from([MAGIC, b"ICAFAST\x01", b"\0" * 8]),
+    st.sampled_from([0, 1, 2, 0xFFFF]),
+    st.sampled_from([0, 1, 2, 0xFFFF]),
+    st.sampled_from([0, 1, 1023, 1024, DEFAULT_MAX_PAYLOAD, U32]),
+    st.sampled_from([0, 1023, 1024, 8 << 20, U64]),
+)
+
+
+@st.composite
+def handshake_frame(draw):
+    """A well-checksummed frame a confused or hostile client might send during the handshake."""
+    t = int(draw(st.just(FrameType.HELLO) | st.sampled_from(list(FrameType))))
+    kind = draw(st.sampled_from(["hello", "resume", "empty", "random"]))
+    if kind == "hello":
+        payload = _HELLO.pack(*draw(HELLO_FIELDS), b"n" * 32)
+        # shorter is an error; longer is allowed (later versions may append fields)
+        payload = payload[: draw(st.sampled_from([56, 55, 48, 0]))] + draw(
+            st.sampled_from([b"", b"\0" * 8, bytes(range(200))]))
+    elif kind == "resume":
+        payload = _RESUME.pack(draw(st.binary(min_size=16, max_size=16)), b"p" * 32)
+    elif kind == "empty":
+        payload = b""
+    else:
+        payload = draw(st.binary(max_size=80))
+    flags = draw(st.sampled_from([0, FLAG_FIN])) if t == FrameType.DATA else 0
+    return raw_frame(t, flags, draw(st.integers(0, U64)), draw(st.integers(0, U64)), payload)
+
+
+@settings(max_examples=200)
+@given(frames=st.lists(handshake_frame(), min_size=1, max_size=4), cuts=CUTS)
+def test_server_handshake_well_formed_nonsense(core, frames, cuts):
+    with engine_on(core):
+        check_server_handshake(ServerHandshake(CFG, 0.0), split(b"".join(frames), cuts))
+
+
+def test_server_handshake_version_mismatch_fails_the_handshake(core):
+    # REJECT 1 is sent *instead of* the HELLO, and the server closes (docs/PROTOCOL.md 3.5)
+    with engine_on(core):
+        events, frames = check_server_handshake(ServerHandshake(CFG, 0.0),
+                                                [client_hello(vmin=2, vmax=9)])
+    assert [f[0] for f in frames] == [FrameType.REJECT]
+    assert int.from_bytes(frames[0][4][:2], "big") == protocol.REJECT_VERSION
+    assert [type(e) for e in events] == [ev.HandshakeFailed]
