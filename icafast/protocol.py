@@ -729,6 +729,7 @@ class ClientSession(SessionEngine):
         self._reconnect_at: float | None = None
         self._ever_established = False
         self.server_policy: Policy | None = None
+        self._close_pending: tuple[int, str] | None = None
 
     @property
     def has_session(self) -> bool:
@@ -824,6 +825,10 @@ class ClientSession(SessionEngine):
         self._disconnected_at = None
         self.replayed_total += replay
         self._events.append(LinkUp(bool(resumed), replay, link.id))
+        if self._close_pending is not None:  # the application ended while we were away
+            code, reason = self._close_pending
+            self._close_pending = None
+            SessionEngine.close(self, code, reason, now)
 
     def _on_reject(self, code: int, reason: str, now: float) -> None:
         self._events.append(HandshakeRejected(code, reason))
@@ -882,6 +887,21 @@ class ClientSession(SessionEngine):
         if self._link is None and self._reconnect_at is not None and now >= self._reconnect_at:
             self._reconnect_at = None
             self._events.append(ReconnectDue(self._attempt))
+
+    def close(self, code: int, reason: str, now: float = 0.0) -> None:
+        """As SessionEngine.close; but an abort while disconnected is delivered: the session
+        keeps reconnecting (until the reliability timeout) just to tell the server with CLOSE,
+        so the backend connection is not kept open for nothing."""
+        if (self.state is State.DISCONNECTED and self.session_id and code != CLOSE_DONE
+                and self._close_pending is None):
+            self._close_pending = (code, reason)
+            return
+        super().close(code, reason, now)
+
+    @property
+    def closing(self) -> bool:
+        """An abort waits for the next link to be delivered."""
+        return self._close_pending is not None
 
     def export_state(self) -> dict[str, Any]:
         d = super().export_state()

@@ -515,3 +515,21 @@ def test_frames_pipelined_after_the_request_void_it():
     evs = [*iter(hs.next_event, None)]
     assert [type(e) for e in evs] == [ev.HandshakeFailed]
     del h
+
+
+def test_abort_while_disconnected_is_delivered_on_reconnect():
+    from icafast.protocol import CLOSE_ABORTED
+
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.auto_reconnect = False
+    h.reset()
+    assert h.client.state is State.DISCONNECTED
+    h.client.close(CLOSE_ABORTED, "application connection reset", h.now)
+    assert h.client.state is State.DISCONNECTED and h.client.closing
+    h.open_link()
+    h.pump()
+    assert h.client.state is State.CLOSED and h.server.state is State.CLOSED
+    sc = of(ev.SessionClosed, h.server_events)[-1]
+    assert sc.code == CLOSE_ABORTED and "application connection reset" in sc.reason
