@@ -511,6 +511,20 @@ class Rig:
         self.faults.append((kind, t, killed))
         return killed
 
+    def fault_and_recover(self, kind: str, sessions: int, alive: Any = None,
+                          timeout: float = 20.0) -> int:
+        """``fault(kind)``, then wait (bounded) until ``sessions`` more resumes are logged, so
+        that the next break hits established links again; stops waiting early when ``alive()``
+        turns false (the application finished). Returns what ``fault`` returned."""
+        before = self.resumes()
+        killed = self.fault(kind)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.resumes() < before + sessions:
+            if alive is not None and not alive():
+                break
+            time.sleep(0.02)
+        return killed
+
     def replayed(self) -> tuple[int, int]:
         """Bytes replayed after resumes so far: (client -> server, server -> client)."""
         assert self.server is not None and self.client is not None
