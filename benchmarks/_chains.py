@@ -36,12 +36,14 @@ class Procs:
         return ["taskset", "-c", "0"] if self.pin else []
 
     def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None,
-              stdin: bool = False, capture: bool = False) -> subprocess.Popen[bytes]:
-        """Start ``argv``; stderr (and stdout unless ``capture``) go to a log file."""
+              stdin: bool = False, capture: bool = False,
+              root: Path | None = None) -> subprocess.Popen[bytes]:
+        """Start ``argv``; stderr (and stdout unless ``capture``) go to a log file. Python
+        processes import icafast from ``root`` (default: this checkout)."""
         self._n += 1
         log = self.tmp / f"{self._n:03d}-{name}.log"
         full_env = dict(os.environ)
-        full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+        full_env["PYTHONPATH"] = str(root or ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
         if env:
             full_env.update(env)
         with open(log, "wb") as err:
@@ -191,7 +193,10 @@ CHAINS: dict[str, tuple[str, str]] = {
     "haproxy": ("haproxy", "HAProxy two-hop, mode tcp, splice-request + splice-response"),
     "icafast": ("icafast", "icafast connect -> icafast serve, compiled core"),
     "icafast-pure": ("icafast", "icafast connect -> icafast serve, ICAFAST_PURE_PYTHON=1"),
+    "icafast-ref": ("icafast", "icafast from the checkout given with --ref (A/B comparison)"),
 }
+#: the checkout that "icafast-ref" runs (set by ``--ref``)
+REF_ROOT: list[Path] = []
 PEERS = ("socat", "socat-b65536", "socat-b131072", "haproxy")
 
 
@@ -258,7 +263,8 @@ class Chain:
                                     ["--control", str(ctl), *self.serve_extra])
             else:
                 argv = icafast_argv("connect", listen, target, self.connect_extra)
-            return self.procs.start(f"{self.name}-{hop}", argv, env=env)
+            root = REF_ROOT[0] if self.name == "icafast-ref" else None
+            return self.procs.start(f"{self.name}-{hop}", argv, env=env, root=root)
         raise ValueError(kind)
 
     def start(self) -> Chain:

@@ -44,6 +44,7 @@ from ._chains import (
     CHAINS,
     PEERS,
     PY,
+    REF_ROOT,
     ROOT,
     Chain,
     Procs,
@@ -110,8 +111,11 @@ class Bench:
 
     def chains_for(self, wanted: list[str]) -> list[str]:
         names = []
+        if REF_ROOT and "icafast" in wanted:
+            wanted.insert(wanted.index("icafast") + 1, "icafast-ref")
         for c in wanted:
-            if self.a.chains and c not in self.a.chains:
+            if self.a.chains and c not in self.a.chains and not (
+                    c == "icafast-ref" and "icafast" in self.a.chains):
                 continue
             why = missing(c)
             if why:
@@ -182,6 +186,7 @@ class Bench:
                 out = {}
                 pure = n == "icafast-pure"
                 for d in ("up", "down"):
+                    cpu0 = sum(_tree_cpu_s(pid) for pid in c.pids())
                     if iperf:
                         t = 1.0 if self.quick or pure else self.a.duration
                         omit = "0" if self.quick or pure else "1"
@@ -196,11 +201,18 @@ class Bench:
                         if "error" in j:
                             raise RuntimeError(j["error"])
                         out[d + "_GBps"] = j["end"]["sum_received"]["bits_per_second"] / 8e9
+                        # all bytes of the run, the omitted warm-up included (as the CPU is)
+                        moved = sum(i["sum"]["bytes"] for i in j["intervals"])
                     else:
                         size = (4 if pure else 64 if self.quick else 2048) * MiB
                         j = self.worker("bulk", ["bulk-client", "--port", str(c.listen_port),
                                                  "--dir", d, "--size", str(size)], 300)
                         out[d + "_GBps"] = j["rate"] / 1e9
+                        moved = j["bytes"]
+                    if c.pids():
+                        time.sleep(0.3)  # socat's per-connection child exits and is reaped
+                        cpu = sum(_tree_cpu_s(pid) for pid in c.pids()) - cpu0
+                        out[d + "_cpu_s_per_GB"] = cpu / (moved / 1e9) if moved else float("nan")
                 return out
 
             res["chains"] = self.measure(chains, "bulk", run)
@@ -444,7 +456,9 @@ class Bench:
             "cpus": os.cpu_count(),
             "loadavg_start": os.getloadavg(),
             "python": platform.python_version(),
-            "icafast_commit": _git_commit(),
+            "icafast_commit": _git_commit(ROOT),
+            "ref": {"dir": self.a.ref, "commit": _git_commit(Path(self.a.ref))}
+            if self.a.ref else None,
             "tools": {
                 "socat": tool_version([which("socat") or "socat", "-V"])[:80] if which("socat")
                 else None,
@@ -493,10 +507,26 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _git_commit() -> str | None:
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid``, its threads, its reaped children (socat forks one per
+    connection) and its live descendants."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    return total + sum(_tree_cpu_s(int(k)) for k in kids)
+
+
+def _git_commit(root: Path) -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=str(ROOT), timeout=10).stdout.strip() or None
+                              text=True, cwd=str(root), timeout=10).stdout.strip() or None
     except OSError:
         return None
 
@@ -513,6 +543,8 @@ def _fmt(v: float | None, unit: str) -> str:
         return f"{v:.2f}"
     if unit == "k/s":
         return f"{v / 1000:.0f}k"
+    if unit == "s":
+        return f"{v:.2f}"
     return f"{v:.3g}"
 
 
@@ -548,7 +580,11 @@ def table(out: dict[str, Any]) -> str:
     if "bulk" in w and "chains" in w["bulk"]:
         lines += _metric_rows(w["bulk"], [("up_GBps", f"bulk up GB/s ({w['bulk']['tool']})",
                                            "GB/s", True),
-                                          ("down_GBps", "bulk down GB/s", "GB/s", True)])
+                                          ("down_GBps", "bulk down GB/s", "GB/s", True),
+                                          ("up_cpu_s_per_GB", "bulk up: relay CPU s per GB",
+                                           "s", False),
+                                          ("down_cpu_s_per_GB", "bulk down: relay CPU s per GB",
+                                           "s", False)])
     if "rr" in w and "chains" in w["rr"]:
         lines += _metric_rows(w["rr"], [("p50_us", "64 B round trip p50 µs", "µs", False),
                                         ("p99_us", "64 B round trip p99 µs", "µs", False),
@@ -611,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
                    "server needs 2 descriptors per session; capped by the open-files limit)")
     p.add_argument("--window", type=float, default=20.0, help="seconds of idle CPU measured "
                    "per scale level")
+    p.add_argument("--ref", metavar="DIR", help="also run the icafast chain from another "
+                   "checkout (built in place), as chain icafast-ref: an A/B comparison")
     p.add_argument("--out", help="JSON results file (default benchmarks/results/"
                    "relay-<mode>.json)")
     a = p.parse_args(argv)
@@ -618,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         a.repeats = 1 if a.quick else 5
     if a.pin:
         os.sched_setaffinity(0, {0})
+    if a.ref:
+        REF_ROOT.append(Path(a.ref).resolve())
     if a.out is None:
         mode = ("pinned" if a.pin else "unpinned") + ("-quick" if a.quick else "")
         a.out = str(ROOT / "benchmarks" / "results" / f"relay-{mode}.json")
