@@ -65,6 +65,7 @@ _CONFIG_KEYS = {
     "handshake_timeout": float,
     "max_payload": parse_size,
     "frame_size": parse_size,
+    "connect_retry": float,
 }
 
 
@@ -158,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if the session-reliability handshake cannot be made, connect "
                         "straight here instead (e.g. the server's 1494); never used when the "
                         "server's certificate fails verification")
+    c.add_argument("--connect-retry", type=_seconds, metavar="SECONDS",
+                   help="keep trying this long to set up a new session before resetting the "
+                        "application connection (default 10; without effect with --fallback)")
     t = c.add_argument_group("TLS (on by default; one way of trusting the server is required)")
     t.add_argument("--tls-ca", metavar="FILE",
                    help="verify the server's certificate chain and name against this CA")

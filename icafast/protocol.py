@@ -156,6 +156,7 @@ class Config:
     ack_threshold: int = 0  # 0: min(256 KiB, replay_limit // 4)
     reconnect_initial: float = 0.05
     reconnect_max: float = 5.0
+    connect_retry: float = 10.0  # client: how long to keep trying to set up a new session
 
     def __post_init__(self) -> None:
         if not self.keepalive_interval > 0:
@@ -170,6 +171,8 @@ class Config:
             raise ValueError("hold must be >= 0")
         if not self.replay_limit >= 1024:
             raise ValueError("replay_limit must be at least 1024 bytes")
+        if not self.connect_retry >= 0:
+            raise ValueError("connect_retry must be >= 0")
         if not self.handshake_timeout > 0:
             raise ValueError("handshake_timeout must be > 0")
         if not 1024 <= self.max_payload <= 0xFFFFFFFF:
@@ -730,6 +733,7 @@ class ClientSession(SessionEngine):
         self._ever_established = False
         self.server_policy: Policy | None = None
         self._close_pending: tuple[int, str] | None = None
+        self._first_attempt_at: float | None = None
 
     @property
     def has_session(self) -> bool:
@@ -853,7 +857,18 @@ class ClientSession(SessionEngine):
         if not quiet:
             self._events.append(HandshakeRejected(0, reason))
         if not self._ever_established:
-            self._closed(CLOSE_ABORTED, f"could not connect: {reason}", graceful=False)
+            # The first connection: keep trying for connect_retry seconds (a network blink
+            # while the application connects must not reset it), then give up.
+            if self._first_attempt_at is None:
+                self._first_attempt_at = self.created
+            self._attempt += 1
+            deadline = self._first_attempt_at + self.config.connect_retry
+            if now >= deadline:
+                self._closed(CLOSE_ABORTED, f"could not connect: {reason}", graceful=False)
+                return
+            delay = self.config.reconnect_initial * 2 ** min(self._attempt - 1, 30)
+            delay = min(self.config.reconnect_max, delay * (0.5 + self._rng.random()))
+            self._reconnect_at = min(now + delay, deadline)
             return
         if self._disconnected_at is None:
             self._disconnected_at = now

@@ -16,7 +16,8 @@ from icafast.faults import FaultProxy
 from icafast.protocol import Config
 
 FAST = Config(keepalive_interval=0.1, dead_timeout=0.4, reliability_timeout=20.0,
-              handshake_timeout=2.0, reconnect_initial=0.02, reconnect_max=0.2)
+              handshake_timeout=2.0, reconnect_initial=0.02, reconnect_max=0.2,
+              connect_retry=1.0)
 
 
 def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:

@@ -493,3 +493,20 @@ def test_server_handshake_engine_rejects_version_mismatch():
     hs.receive_data(encode_frame(FrameType.HELLO, 0, 0, 0, hello), 0.0)
     out = b"".join(bytes(x) for x in hs.data_to_send())
     assert out[0] == FrameType.REJECT and hs.done
+
+
+def test_first_connect_is_retried_through_a_blink():
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            s.proxy.refuse_new = True
+            cfg = Config(keepalive_interval=0.1, dead_timeout=0.4, handshake_timeout=1.0,
+                         reconnect_initial=0.02, reconnect_max=0.1, connect_retry=5.0)
+            task = asyncio.ensure_future(s.client(config=cfg))
+            await asyncio.sleep(0.5)  # the network is down while the application connects
+            assert not task.done()
+            s.proxy.refuse_new = False
+            reader, writer = await asyncio.wait_for(task, 5)
+            writer.write(b"late but fine")
+            assert await reader.readexactly(13) == b"late but fine"
+
+    run_async("uvloop", main())

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import ssl
@@ -28,6 +29,8 @@ class _ClientRunner(Runner):
     def __init__(self, loop: asyncio.AbstractEventLoop, server: tuple[str, int], config: Config,
                  fallback: tuple[str, int] | None, on_status: StatusCallback | None,
                  label: str = "", tls: ClientTLS | None = None) -> None:
+        if fallback is not None:  # fall back at once rather than retry the first connect
+            config = dataclasses.replace(config, connect_retry=0.0)
         super().__init__(loop, ClientSession(config, loop.time()), "client", on_status)
         self.engine: ClientSession = self.engine  # type: ignore[assignment]
         self.server = server
