@@ -193,6 +193,8 @@ CHAINS: dict[str, tuple[str, str]] = {
     "haproxy": ("haproxy", "HAProxy two-hop, mode tcp, splice-request + splice-response"),
     "icafast": ("icafast", "icafast connect -> icafast serve, compiled core"),
     "icafast-pure": ("icafast", "icafast connect -> icafast serve, ICAFAST_PURE_PYTHON=1"),
+    "uvloop-min": ("forward", "minimal uvloop forwarder, two-hop (no framing, CRC or replay): "
+                   "the floor for a relay on Python + uvloop; a reference, not a peer"),
     "icafast-ref": ("icafast", "icafast from the checkout given with --ref (A/B comparison)"),
 }
 #: the checkout that "icafast-ref" runs (set by ``--ref``)
@@ -255,6 +257,10 @@ class Chain:
             cfg.write_text(_HAPROXY_CFG.format(listen=listen, target=target))
             return self.procs.start(f"haproxy-{hop}", [which("haproxy") or "haproxy", "-db",
                                                        "-f", str(cfg)])
+        if kind == "forward":
+            return self.procs.start(f"{self.name}-{hop}", [PY, "-m", "benchmarks._workers",
+                                                          "forward", "--listen", str(listen),
+                                                          "--target", str(target)])
         if kind == "icafast":
             env = {"ICAFAST_PURE_PYTHON": "1"} if self.name == "icafast-pure" else {}
             if hop == "server":

@@ -441,6 +441,68 @@ async def _resume_many(a: argparse.Namespace) -> None:
     os._exit(0)  # skip closing 1,000 sessions one by one
 
 
+# -- a minimal forwarder: the floor for any relay written on Python + uvloop -------------------
+class _Fwd(asyncio.Protocol):
+    """One side of a minimal TCP forwarder (no framing, no checksum, no replay buffer): what
+    remains is uvloop's and the interpreter's cost per read and write."""
+
+    def __init__(self, peer: _Fwd | None = None) -> None:
+        self.peer = peer
+        self.t: Any = None
+        self.early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.peer is not None:  # the outbound side: flush what arrived meanwhile
+            self.peer.peer = self
+            for b in self.peer.early:
+                transport.write(b)  # type: ignore[attr-defined]
+            self.peer.early.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None or self.peer.t is None:
+            self.early.append(data)
+        else:
+            self.peer.t.write(data)
+
+    def eof_received(self) -> bool:
+        if self.peer is not None and self.peer.t is not None:
+            self.peer.t.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.t is not None:
+            self.peer.t.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.t is not None:
+            self.peer.t.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.t is not None:
+            self.peer.t.resume_reading()
+
+
+def cmd_forward(a: argparse.Namespace) -> None:
+    from icafast.aio import run
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        def inbound() -> _Fwd:
+            side = _Fwd()
+            side.task = loop.create_task(  # type: ignore[attr-defined]
+                loop.create_connection(lambda: _Fwd(side), "127.0.0.1", a.target))
+            return side
+
+        await loop.create_server(inbound, "127.0.0.1", a.listen, backlog=4096)
+        _ready()
+        await asyncio.Event().wait()
+
+    run(main())
+
+
 # -- scale: many idle sessions -------------------------------------------------------------------
 class _Echo(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -557,6 +619,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--sessions", type=int, default=1000)
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--hold", type=float, default=0.05)
+    s = sub.add_parser("forward")
+    s.add_argument("--listen", type=int, required=True)
+    s.add_argument("--target", type=int, required=True)
     s = sub.add_parser("idle-backend")
     s.add_argument("--port", type=int, required=True)
     s = sub.add_parser("idle-clients")

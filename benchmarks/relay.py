@@ -156,7 +156,8 @@ class Bench:
 
     # -- 1. bulk -----------------------------------------------------------------------------
     def bulk(self) -> dict[str, Any]:
-        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "icafast",
+        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "uvloop-min",
+                                 "icafast",
                                  "icafast-pure"])
         bport = free_port()
         procs = [self.server("bulk-server", ["bulk-server", "--port", str(bport)])]
@@ -224,7 +225,8 @@ class Bench:
 
     # -- 2. round trips ----------------------------------------------------------------------
     def rr(self) -> dict[str, Any]:
-        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "icafast",
+        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "uvloop-min",
+                                 "icafast",
                                  "icafast-pure"])
         eport = free_port()
         echo = self.server("echo-server", ["echo-server", "--port", str(eport)])
@@ -234,11 +236,16 @@ class Bench:
         try:
             def run(n: str, c: Chain) -> dict[str, float]:
                 count = 300 if self.quick else (2000 if n == "icafast-pure" else self.a.rr_count)
+                warmup = 50 if self.quick else 500
+                cpu0 = sum(_tree_cpu_s(pid) for pid in c.pids())
                 j = self.worker("rr", ["rr-client", "--port", str(c.listen_port), "--count",
-                                       str(count), "--warmup", "50" if self.quick else "500"],
-                                120)
+                                       str(count), "--warmup", str(warmup)], 120)
                 ok_all[n] = ok_all[n] and j["ok"]
-                return {"p50_us": j["p50_us"], "p99_us": j["p99_us"], "p999_us": j["p999_us"]}
+                out = {"p50_us": j["p50_us"], "p99_us": j["p99_us"], "p999_us": j["p999_us"]}
+                if c.pids():
+                    cpu = sum(_tree_cpu_s(pid) for pid in c.pids()) - cpu0
+                    out["cpu_us_per_rt"] = cpu / (count + warmup) * 1e6
+                return out
 
             res["chains"] = self.measure(chains, "rr", run)
             res["verified"] = ok_all
@@ -255,7 +262,8 @@ class Bench:
             self.skipped["redis"] = "redis-server / redis-benchmark not installed " \
                                     "(apt-get install redis-server redis-tools)"
             return {"skipped": self.skipped["redis"]}
-        names = self.chains_for(["direct", "socat", "socat-b65536", "haproxy", "icafast",
+        names = self.chains_for(["direct", "socat", "socat-b65536", "haproxy", "uvloop-min",
+                                 "icafast",
                                  "icafast-pure"])
         rport = free_port()
         rs = self.procs.start("redis-server", [server, "--port", str(rport), "--bind",
@@ -588,7 +596,9 @@ def table(out: dict[str, Any]) -> str:
     if "rr" in w and "chains" in w["rr"]:
         lines += _metric_rows(w["rr"], [("p50_us", "64 B round trip p50 µs", "µs", False),
                                         ("p99_us", "64 B round trip p99 µs", "µs", False),
-                                        ("p999_us", "64 B round trip p99.9 µs", "µs", False)])
+                                        ("p999_us", "64 B round trip p99.9 µs", "µs", False),
+                                        ("cpu_us_per_rt", "64 B round trip: relay CPU µs",
+                                         "µs", False)])
     if "redis" in w and "chains" in w["redis"]:
         lines += _metric_rows(w["redis"], [("set_rps", "redis -P16 -d1024 SET req/s", "k/s",
                                             True),
