@@ -14,108 +14,56 @@ The invariants, for any input:
   after any corruption the session heals to deliver every byte exactly once.
 
 The decoder tests run over both cores (``core`` fixture); the engine tests run the engine on each
-core in turn.
+core in turn. The scenarios live in ``fuzz_scenarios.py``, shared with the atheris harnesses in
+``fuzz/`` (long runs); a short run of each harness is at the end of this file.
 """
 
 from __future__ import annotations
 
-import contextlib
-import struct
+import importlib.util
+import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 
-import google_crc32c
 import pytest
 from engine_harness import Harness
+from fuzz_scenarios import (
+    ANCHORS,
+    CFG,
+    HELLO,
+    RESUME,
+    U32,
+    U64,
+    check_decoder,
+    check_server_handshake,
+    client_handshake_stream,
+    client_hello,
+    engine_on,
+    events_of,
+    mutate,
+    raw_frame,
+    run_decoder,
+    scenario_client_handshake,
+    scenario_corrupted_stream,
+    scenario_nonsense,
+    split,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from icafast import events as ev
 from icafast import protocol
-from icafast.errors import (
-    FRAME_ERR_CHECKSUM,
-    FRAME_ERR_FLAGS,
-    FRAME_ERR_LENGTH,
-    FRAME_ERR_RESERVED,
-    FRAME_ERR_TRUNCATED,
-    FRAME_ERR_TYPE,
-    FrameError,
-)
-from icafast.protocol import (
-    MAGIC,
-    ClientSession,
-    Config,
-    ServerHandshake,
-)
+from icafast.errors import FRAME_ERR_LENGTH, FRAME_ERR_TRUNCATED, FrameError
+from icafast.protocol import MAGIC, Config, ServerHandshake
 from icafast.wire import ALLOWED_FLAGS, DEFAULT_MAX_PAYLOAD, FLAG_FIN, HEADER_SIZE, FrameType
 
 ROOT = Path(__file__).resolve().parents[1]
-U64 = 2**64 - 1
-U32 = 2**32 - 1
 
-CFG = Config(frame_size=100, replay_limit=4096, keepalive_interval=1.0, dead_timeout=3.0,
-             reliability_timeout=30.0, handshake_timeout=5.0)
+# -- strategies ----------------------------------------------------------------------------------
 
-_HDR = struct.Struct(">BBHIQQ")
-# docs/PROTOCOL.md 3.1: magic, min/max version, max payload, replay limit, nonce
-_HELLO = struct.Struct(">8sHHIQ32s")
-_RESUME = struct.Struct(">16s32s")
-
-
-# -- frames, built independently of both cores ----------------------------------------------
-
-
-def raw_frame(type, flags=0, seq=0, ack=0, payload=b"", *, reserved=0, length=None, crc=None):
-    """A frame with any field values; a correct checksum unless ``crc`` is given."""
-    head = _HDR.pack(type, flags, reserved, len(payload) if length is None else length, seq, ack)
-    if crc is None:
-        crc = google_crc32c.extend(google_crc32c.value(head), payload)
-    return head + struct.pack(">I", crc) + payload
-
-
-def reference_decode(stream: bytes, max_payload: int):
-    """(frames, error code or None, error offset) of a whole stream that then ends; a direct
-    reading of docs/PROTOCOL.md 2.6 (checks in order type, reserved, flags, length, checksum)."""
-    frames = []
-    pos = 0
-    n = len(stream)
-    while pos < n:
-        if n - pos < HEADER_SIZE:
-            return frames, FRAME_ERR_TRUNCATED, pos
-        t, flags, reserved, length, seq, ack = _HDR.unpack_from(stream, pos)
-        (crc,) = struct.unpack_from(">I", stream, pos + 24)
-        if t not in ALLOWED_FLAGS:
-            return frames, FRAME_ERR_TYPE, pos
-        if reserved:
-            return frames, FRAME_ERR_RESERVED, pos
-        if flags & ~ALLOWED_FLAGS[t]:
-            return frames, FRAME_ERR_FLAGS, pos
-        if length > max_payload:
-            return frames, FRAME_ERR_LENGTH, pos
-        end = pos + HEADER_SIZE + length
-        if end > n:
-            return frames, FRAME_ERR_TRUNCATED, pos
-        payload = stream[pos + HEADER_SIZE : end]
-        if google_crc32c.extend(google_crc32c.value(stream[pos : pos + 24]), payload) != crc:
-            return frames, FRAME_ERR_CHECKSUM, pos
-        frames.append((t, flags, seq, ack, payload))
-        pos = end
-    return frames, None, pos
-
-
-def frame_starts(data: bytes) -> list[int]:
-    """Offsets of the headers in ``data``, walking length fields (however broken)."""
-    starts = []
-    pos = 0
-    while pos + HEADER_SIZE <= len(data):
-        starts.append(pos)
-        pos += HEADER_SIZE + int.from_bytes(data[pos + 4 : pos + 8], "big")
-    return starts
-
-
-# -- mutations ----------------------------------------------------------------------------------
-
-LENGTHS = st.sampled_from([0, 1, 27, 28, 48, 255, 1023, 1024, 65535, DEFAULT_MAX_PAYLOAD,
+LENGTHS = st.sampled_from([0, 1, 27, 28, 56, 255, 1023, 1024, 65535, DEFAULT_MAX_PAYLOAD,
                            DEFAULT_MAX_PAYLOAD + 1, 2**31, U32 - 1, U32]) | st.integers(0, U32)
 POS = st.integers(0, 2**16)
 
@@ -126,67 +74,17 @@ MUTATION = st.one_of(
     st.tuples(st.just("truncate"), POS),
     st.tuples(st.just("delete"), POS, st.integers(1, 80)),
     st.tuples(st.just("insert"), POS, st.binary(min_size=1, max_size=40)),
-    st.tuples(st.just("splice"), POS, st.integers(1, 300), POS),  # copy a range elsewhere
-    st.tuples(st.just("length"), POS, LENGTHS),  # edit a header's length field
-    st.tuples(st.just("dup_frame"), POS, POS),  # copy a whole frame to a frame boundary
+    st.tuples(st.just("splice"), POS, st.integers(1, 300), POS),
+    st.tuples(st.just("length"), POS, LENGTHS),
+    st.tuples(st.just("dup_frame"), POS, POS),
     st.tuples(st.just("drop_frame"), POS),
     st.tuples(st.just("swap_frames"), POS, POS),
 )
-#: Also re-checksums a header: a peer that speaks the frame format but sends nonsense.
+#: Re-checksums a frame: a peer that speaks the frame format but sends nonsense.
 RECRC = st.tuples(st.just("recrc"), POS)
 
-
-def mutate(data: bytes, ops) -> bytes:
-    b = bytearray(data)
-    for op in ops:
-        kind = op[0]
-        n = len(b)
-        starts = frame_starts(bytes(b))
-        if kind == "flip" and n:
-            b[op[1] % n] ^= 1 << op[2]
-        elif kind == "set" and n:
-            b[op[1] % n] = op[2]
-        elif kind == "truncate":
-            del b[op[1] % (n + 1) :]
-        elif kind == "delete" and n:
-            i = op[1] % n
-            del b[i : i + op[2]]
-        elif kind == "insert":
-            i = op[1] % (n + 1)
-            b[i:i] = op[2]
-        elif kind == "splice" and n:
-            i = op[1] % n
-            j = op[3] % (n + 1)
-            b[j:j] = b[i : i + op[2]]
-        elif kind == "length" and starts:
-            s = starts[op[1] % len(starts)]
-            b[s + 4 : s + 8] = op[2].to_bytes(4, "big")
-        elif kind in ("dup_frame", "drop_frame", "swap_frames", "recrc") and starts:
-            bounds = [*starts, max(n, starts[-1])]
-            frames = [bytes(b[x:y]) for x, y in zip(bounds, bounds[1:], strict=False)]
-            k = op[1] % len(frames)
-            if kind == "dup_frame":
-                frames.insert(op[2] % (len(frames) + 1), frames[k])
-            elif kind == "drop_frame":
-                del frames[k]
-            elif kind == "swap_frames":
-                j = op[2] % len(frames)
-                frames[k], frames[j] = frames[j], frames[k]
-            else:
-                f = frames[k]
-                length = int.from_bytes(f[4:8], "big")
-                crc = google_crc32c.extend(google_crc32c.value(f[:24]), f[28 : 28 + length])
-                frames[k] = f[:24] + struct.pack(">I", crc) + f[28:]
-            b = bytearray(b"".join(frames))
-    return bytes(b)
-
-
-def split(data: bytes, cuts) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
-
-
 CUTS = st.lists(st.integers(0, 2**16), max_size=12)
+SEED = st.integers(0, 2**16)
 
 
 @st.composite
@@ -198,47 +96,6 @@ def frame_specs(draw, max_payload=300):
 
 
 # -- the frame decoder ---------------------------------------------------------------------------
-
-
-def run_decoder(core, chunks, max_payload, eof=True):
-    """Feed ``chunks`` checking the decoder's invariants; (frames, error code, error offset)."""
-    dec = core.FrameDecoder(max_payload)
-    frames = []
-    fed = 0
-    err = None
-    try:
-        for c in chunks:
-            got = dec.feed(c)
-            fed += len(c)
-            # payloads may point into ``c``: copy them before anything else
-            frames.extend((f.type, f.flags, f.seq, f.ack, bytes(f.payload)) for f in got)
-            # never more than one header and one payload (in fact less: a whole frame is returned)
-            assert 0 <= dec.buffered < HEADER_SIZE + max_payload
-            assert dec.offset == sum(HEADER_SIZE + len(f[4]) for f in frames)
-            assert dec.offset + dec.buffered == fed  # every byte is in a frame or buffered
-        if eof:
-            dec.feed_eof()
-    except FrameError as e:
-        err = e
-    if err is None:
-        return frames, None, dec.offset
-    # a failed decoder stays failed, with the same error
-    for again in (lambda: dec.feed(b""), lambda: dec.feed(b"\x10" * 40), dec.feed_eof):
-        with pytest.raises(FrameError) as info:
-            again()
-        assert (info.value.code, info.value.offset, str(info.value)) == (
-            err.code, err.offset, str(err))
-    return frames, err.code, err.offset
-
-
-def check_decoder(core, stream, cuts, max_payload):
-    want_frames, want_code, want_offset = reference_decode(stream, max_payload)
-    frames, code, offset = run_decoder(core, split(stream, cuts), max_payload)
-    assert (code, offset) == (want_code, want_offset)
-    if code is None:
-        assert frames == want_frames
-    else:  # frames completed by the call that raised are not returned (the link is dropped)
-        assert frames == want_frames[: len(frames)]
 
 
 @settings(max_examples=150)
@@ -280,34 +137,8 @@ def test_decoder_roundtrip_under_any_split(core, specs, cuts):
     assert frames == [tuple(f) for f in specs]
 
 
-# -- the engine on each core ---------------------------------------------------------------------
-
-_ENGINE_NAMES = ("FrameDecoder", "ReplayBuffer", "encode_header", "encode_frame")
-
-
-@contextlib.contextmanager
-def engine_on(core):
-    """Run the session engine on ``core`` (it binds the core's names at import)."""
-    saved = {n: getattr(protocol, n) for n in _ENGINE_NAMES}
-    try:
-        for n in _ENGINE_NAMES:
-            setattr(protocol, n, getattr(core, n))
-        assert type(ClientSession(CFG, 0.0).tx) is core.ReplayBuffer, "engine ignores the patch"
-        yield
-    finally:
-        for n, v in saved.items():
-            setattr(protocol, n, v)
-
-
-def pattern(tag: int, n: int, start: int = 0) -> bytes:
-    return bytes((tag * 31 + i * 7 + (i >> 8)) & 0xFF for i in range(start, start + n))
-
-
-def events_of(kind, events):
-    return [e for e in events if isinstance(e, kind)]
-
-
 # -- memory: a length field claiming 4 GB ----------------------------------------------------------
+
 
 def traced_peak(fn) -> int:
     """Peak bytes Python allocated while running ``fn`` (tracemalloc)."""
@@ -385,43 +216,7 @@ def test_session_memory_with_4gb_length_claim(core, fuzz_client):
         assert [e for e in events_of(ev.LinkLost, events) if e.link_id == link]
 
 
-def client_hello(vmin=1, vmax=1, max_payload=DEFAULT_MAX_PAYLOAD, limit=8 << 20,
-                 nonce=b"\x11" * 32, magic=MAGIC) -> bytes:
-    payload = _HELLO.pack(magic, vmin, vmax, max_payload, limit, nonce)
-    return raw_frame(FrameType.HELLO, 0, 0, 0, payload)
-
-
-# The largest thing a ServerHandshake ever writes: its HELLO, then one REJECT.
-HS_OUTPUT_MAX = (HEADER_SIZE + _HELLO.size) + (HEADER_SIZE + 2 + 256)
-
-
-def check_server_handshake(hs: ServerHandshake, chunks, now=0.0):
-    """Feed ``chunks`` (must not raise) and check what the handshake says and writes."""
-    events = []
-    out = b""
-    for c in chunks:
-        hs.receive_data(c, now)
-        out += b"".join(bytes(x) for x in hs.data_to_send())
-        events.extend(iter(hs.next_event, None))
-    if not hs.done:
-        assert hs.get_timer() is not None
-        hs.handle_timer(hs.get_timer())
-        out += b"".join(bytes(x) for x in hs.data_to_send())
-        events.extend(iter(hs.next_event, None))
-    assert hs.done and hs.get_timer() is None
-    assert len(out) <= HS_OUTPUT_MAX
-    frames, code, _ = reference_decode(out, DEFAULT_MAX_PAYLOAD)
-    assert code is None
-    types = [f[0] for f in frames]
-    assert types in ([], [FrameType.HELLO], [FrameType.REJECT],
-                     [FrameType.HELLO, FrameType.REJECT]), types
-    requests = events_of((ev.NewSessionRequested, ev.ResumeRequested), events)
-    failed = events_of(ev.HandshakeFailed, events)
-    assert len(requests) <= 1 and len(failed) <= 1
-    assert len(requests) + len(failed) >= 1, "the handshake ended without saying how"
-    # every REJECT it sends comes with HandshakeFailed, so that the connection gets closed
-    assert (types[-1:] == [FrameType.REJECT]) == bool(failed)
-    return events, frames
+# -- the server handshake ------------------------------------------------------------------------
 
 
 @settings(max_examples=150)
@@ -435,12 +230,7 @@ def test_server_handshake_arbitrary_bytes(core, data, cuts):
 @given(second=st.sampled_from(["new", "resume", "none"]), ops=st.lists(MUTATION, max_size=3),
        tail=st.lists(frame_specs(60), max_size=2), cuts=CUTS)
 def test_server_handshake_mutated_client_handshake(core, second, ops, tail, cuts):
-    stream = client_hello()
-    if second == "new":
-        stream += raw_frame(FrameType.NEW)
-    elif second == "resume":
-        stream += raw_frame(FrameType.RESUME, 0, 0, 77, _RESUME.pack(b"i" * 16, b"p" * 32))
-    stream += b"".join(raw_frame(*f) for f in tail)
+    stream = client_handshake_stream(second, [raw_frame(*f) for f in tail])
     with engine_on(core):
         events, _ = check_server_handshake(ServerHandshake(CFG, 0.0),
                                            split(mutate(stream, ops), cuts))
@@ -463,12 +253,12 @@ def handshake_frame(draw):
     t = int(draw(st.just(FrameType.HELLO) | st.sampled_from(list(FrameType))))
     kind = draw(st.sampled_from(["hello", "resume", "empty", "random"]))
     if kind == "hello":
-        payload = _HELLO.pack(*draw(HELLO_FIELDS), b"n" * 32)
+        payload = HELLO.pack(*draw(HELLO_FIELDS), b"n" * 32)
         # shorter is an error; longer is allowed (later versions may append fields)
         payload = payload[: draw(st.sampled_from([56, 55, 48, 0]))] + draw(
             st.sampled_from([b"", b"\0" * 8, bytes(range(200))]))
     elif kind == "resume":
-        payload = _RESUME.pack(draw(st.binary(min_size=16, max_size=16)), b"p" * 32)
+        payload = RESUME.pack(draw(st.binary(min_size=16, max_size=16)), b"p" * 32)
     elif kind == "empty":
         payload = b""
     else:
@@ -492,3 +282,78 @@ def test_server_handshake_version_mismatch_fails_the_handshake(core):
     assert [f[0] for f in frames] == [FrameType.REJECT]
     assert int.from_bytes(frames[0][4][:2], "big") == protocol.REJECT_VERSION
     assert [type(e) for e in events] == [ev.HandshakeFailed]
+
+
+# -- sessions fed corrupted streams ---------------------------------------------------------------
+
+#: What the peer does before what it sent is corrupted: send, receive (so it acks), let time
+#: pass (keepalives), end its stream.
+PEER_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("send"), st.integers(1, 500)),
+        st.tuples(st.just("recv"), st.integers(1, 500)),
+        st.tuples(st.just("tick"), st.integers(0, 700)),
+        st.tuples(st.just("fin"), st.just(0)),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=120)
+@given(fuzz_client=st.booleans(), ops=PEER_OPS, mutations=st.lists(MUTATION, max_size=4),
+       cuts=CUTS, seed=SEED)
+def test_session_fed_corrupted_stream_never_delivers_corruption(core, fuzz_client, ops,
+                                                                mutations, cuts, seed):
+    scenario_corrupted_stream(fuzz_client, ops, mutations, cuts, seed, core)
+
+
+@settings(max_examples=80)
+@given(resume=st.booleans(), accept_phase=st.booleans(),
+       mutations=st.lists(MUTATION, max_size=3), cuts=CUTS, seed=SEED)
+def test_client_handshake_fed_corrupted_replies(core, resume, accept_phase, mutations, cuts,
+                                                seed):
+    scenario_client_handshake(resume, accept_phase, mutations, cuts, seed, core)
+
+
+# -- sessions fed well-formed nonsense -------------------------------------------------------------
+
+NONSENSE_OP = st.one_of(
+    st.tuples(
+        st.just("frame"),
+        st.sampled_from(list(FrameType)),
+        st.booleans(),  # FIN (DATA only)
+        st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),  # seq
+        st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),  # ack
+        st.one_of(st.binary(max_size=120), st.sampled_from([b"", b"\0", b"\0\0", b"\0\0bye"])),
+    ),
+    st.tuples(st.just("tick"), st.integers(0, 4000)),
+    st.tuples(st.just("send"), st.integers(1, 300)),
+)
+
+
+@settings(max_examples=120)
+@given(fuzz_client=st.booleans(), ops=st.lists(NONSENSE_OP, max_size=12), seed=SEED)
+def test_session_fed_well_formed_nonsense(core, fuzz_client, ops, seed):
+    scenario_nonsense(fuzz_client, ops, seed, core)
+
+
+# -- the atheris harnesses (fuzz/), a short bounded run each -------------------------------------
+
+
+@pytest.mark.parametrize("harness", ["fuzz_decoder.py", "fuzz_engine.py"])
+def test_atheris_harness_smoke(harness, tmp_path):
+    if importlib.util.find_spec("atheris") is None:
+        pytest.skip(f"atheris is not installed: fuzz/{harness} NOT run "
+                    "(pip install atheris; wheels exist for CPython on Linux x86-64)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    cmd = [sys.executable, str(ROOT / "fuzz" / harness), "-atheris_runs=2000", "-seed=1",
+           f"-artifact_prefix={tmp_path}{os.sep}", "-rss_limit_mb=2048"]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"fuzz/{harness}: 2000 runs took more than 120 s\n{e.stderr}")
+    assert proc.returncode == 0, (
+        f"fuzz/{harness} found a crash:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    assert not list(tmp_path.glob("crash-*")), proc.stderr[-6000:]
