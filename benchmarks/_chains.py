@@ -149,12 +149,13 @@ def which(tool: str) -> str | None:
 
 
 def tool_version(argv: list[str]) -> str:
+    """The first line of ``argv``'s output that names a version (else the first line)."""
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return ""
     text = (out.stdout or out.stderr).strip().splitlines()
-    return text[0] if text else ""
+    return next((t.strip() for t in text if "version" in t.lower()), text[0] if text else "")
 
 
 @lru_cache(maxsize=None)

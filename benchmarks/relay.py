@@ -632,6 +632,77 @@ def table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_METRICS: list[tuple[str, str, str, str, bool]] = [
+    # workload, key, label, unit, higher is better
+    ("bulk", "up_GBps", "bulk up, GB/s", "GB/s", True),
+    ("bulk", "down_GBps", "bulk down, GB/s", "GB/s", True),
+    ("bulk", "up_cpu_s_per_GB", "bulk up, relay CPU s/GB", "s", False),
+    ("bulk", "down_cpu_s_per_GB", "bulk down, relay CPU s/GB", "s", False),
+    ("rr", "p50_us", "64 B RTT p50, µs", "µs", False),
+    ("rr", "p99_us", "64 B RTT p99, µs", "µs", False),
+    ("rr", "p999_us", "64 B RTT p99.9, µs", "µs", False),
+    ("rr", "cpu_us_per_rt", "64 B RTT, relay CPU µs", "µs", False),
+    ("redis", "set_rps", "redis -P16 SET, req/s", "k/s", True),
+    ("redis", "get_rps", "redis -P16 GET, req/s", "k/s", True),
+]
+
+
+def report(paths: list[str]) -> str:
+    """One markdown table for several result files (e.g. unpinned and pinned), side by side:
+    median (min–max) and, for icafast, the ratio to the best peer of the same run."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    head = "| metric | chain | " + " | ".join(
+        ("pinned" if r["meta"]["pinned"] else "unpinned") + f" ({r['meta']['icafast_commit']})"
+        for r in runs) + " |"
+    lines = [head, "|---|---|" + "---|" * len(runs)]
+    for wl, key, label, unit, higher in _METRICS:
+        chains: list[str] = []
+        for r in runs:
+            for n, c in r["workloads"].get(wl, {}).get("chains", {}).items():
+                if key in c and n not in chains:
+                    chains.append(n)
+        for n in chains:
+            cells = []
+            for r in runs:
+                cs = r["workloads"].get(wl, {}).get("chains", {})
+                c = cs.get(n, {}).get(key)
+                if not c or c["median"] is None:
+                    cells.append("–")
+                    continue
+                cell = f"{_fmt(c['median'], unit)} ({_fmt(c['min'], unit)}–{_fmt(c['max'], unit)})"
+                peers = {p: cs[p][key]["median"] for p in PEERS
+                         if p in cs and key in cs[p] and cs[p][key]["median"]}
+                if n.startswith("icafast") or n == "uvloop-min":
+                    if peers:
+                        best = (max if higher else min)(peers, key=peers.__getitem__)
+                        cell += f" **{c['median'] / peers[best]:.2f}×** {best}"
+                cells.append(cell)
+            lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+    for r in runs:
+        mode = "pinned" if r["meta"]["pinned"] else "unpinned"
+        res = r["workloads"].get("resume", {})
+        if "one_session" in res:
+            o = res["one_session"]["resume"]
+            lines.append(f"| resume, 1 session, {o['n']} resets: p50 / p99 / max ms | icafast | "
+                         + " | ".join(f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} / {o['max_ms']:.2f}"
+                                      if x is r else "" for x in runs) + f" |")
+        if "many_sessions" in res:
+            m = res["many_sessions"]
+            a = m["all_done_ms"]
+            lines.append(f"| resume, {m['sessions']} sessions at once: all done, ms "
+                         f"(rounds) | icafast | " + " | ".join(
+                             f"{a['median']:.0f} ({', '.join(f'{x:.0f}' for x in a['runs'])})"
+                             if x is r else "" for x in runs) + " |")
+        for row in r["workloads"].get("scale", {}).get("levels", []):
+            per = row.get("rss_per_session_kib")
+            lines.append(f"| {row['sessions']} idle sessions ({mode}): server RSS MiB, KiB per "
+                         f"session, server CPU % | icafast | " + " | ".join(
+                             f"{row['server_rss_kib'] / 1024:.0f}, "
+                             f"{'–' if per is None else f'{per:.1f}'}, "
+                             f"{row['server_cpu_pct']:.1f}" if x is r else "" for x in runs) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.relay", description=__doc__.split(
         "\n\n")[0])
@@ -661,7 +732,12 @@ def main(argv: list[str] | None = None) -> int:
                    "checkout (built in place), as chain icafast-ref: an A/B comparison")
     p.add_argument("--out", help="JSON results file (default benchmarks/results/"
                    "relay-<mode>.json)")
+    p.add_argument("--report", nargs="+", metavar="JSON", help="print one markdown table of "
+                   "earlier result files (side by side) and exit")
     a = p.parse_args(argv)
+    if a.report:
+        print(report(a.report))
+        return 0
     if a.repeats is None:
         a.repeats = 1 if a.quick else 5
     if a.pin:
