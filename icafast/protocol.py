@@ -457,7 +457,7 @@ class SessionEngine:
         """Bytes received on the current link."""
         self._now = now
         link = self._link
-        if link is None:
+        if link is None or self.state is State.CLOSED:
             return
         if link.phase != _ESTABLISHED and link.decoder.offset == 0 and not link.decoder.buffered:
             first = memoryview(data)[:1].tobytes()

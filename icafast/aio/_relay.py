@@ -199,6 +199,45 @@ class Link(asyncio.Protocol):
 
 StatusCallback = Callable[[ev.Event, SessionEngine], None]
 
+LINGER = 2.0  # seconds a link stays open after our CLOSE, so the peer reads it
+
+
+class _Discard:
+    """Owner of a lingering link: whatever still arrives is dropped."""
+
+    def link_made(self, link: Link) -> None:  # pragma: no cover - never called
+        pass
+
+    def link_data(self, link: Link, data: bytes) -> None:
+        pass
+
+    def link_lost(self, link: Link, reason: str) -> None:
+        link.close()
+
+    def link_writable(self, link: Link) -> None:
+        pass
+
+
+def _linger(loop: asyncio.AbstractEventLoop, link: Link) -> None:
+    """Close a link after the CLOSE frame we just queued has reached the peer.
+
+    Closing a socket that still has unread data makes the kernel send a reset at once and drop
+    what we had queued, CLOSE included. So: half-close (where the transport can), keep reading
+    and dropping until the peer closes, and close for good after LINGER seconds at most."""
+    t = link.transport
+    if t is None or t.is_closing():
+        return
+    if not t.can_write_eof():  # TLS: no half-close; close after the flush as before
+        link.close()
+        return
+    link.owner = _Discard()
+    try:
+        t.write_eof()
+    except (OSError, RuntimeError):
+        link.close()
+        return
+    loop.call_later(LINGER, link.close)
+
 #: Every live runner (weakly held), so that a whole process can be shut down cleanly.
 RUNNERS: weakref.WeakSet[Runner] = weakref.WeakSet()
 
@@ -309,8 +348,9 @@ class Runner:
             if bufs:
                 link.transport.writelines(bufs)
             if self._close_link_after_flush:
-                link.close()
+                self._close_link_after_flush = False
                 self.link = None
+                _linger(self.loop, link)
         elif self._close_link_after_flush:
             eng.data_to_send(False)
         ep = self.endpoint
