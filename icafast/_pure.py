@@ -17,6 +17,7 @@ from .errors import (
     FRAME_ERR_RESERVED,
     FRAME_ERR_TRUNCATED,
     FRAME_ERR_TYPE,
+    FrameError,
     ReplayFullError,
     ReplayRangeError,
     frame_error,

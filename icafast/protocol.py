@@ -23,7 +23,7 @@ import random
 import secrets
 import struct
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _impl
@@ -193,15 +193,6 @@ class Config:
             self.hold,
         )
 
-    def with_policy(self, p: Policy) -> Config:
-        return replace(
-            self,
-            keepalive_interval=p.keepalive_interval,
-            dead_timeout=p.dead_timeout,
-            reliability_timeout=p.reliability_timeout,
-            on_timeout=p.on_timeout,
-            hold=p.hold,
-        )
 
 
 def make_proof(secret: bytes, session_id: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
@@ -305,7 +296,6 @@ class SessionEngine:
         self._out: list[Any] = []
         self._events: deque[Event] = deque()
         self._disconnected_at: float | None = None
-        self._close_sent = False
         # statistics for ``icafast sessions`` and logs
         self.reconnects = 0
         self.bytes_received = 0
@@ -509,16 +499,23 @@ class SessionEngine:
             self._ack_due = now + self.config.ack_delay  # data_to_send may ack sooner
         self._check_done()
 
-    def _on_ack(self, ack: int) -> None:
-        limit = self.tx.end + (1 if self._tx_fin else 0)
-        if ack < self._peer_ack or ack > limit or ack > max(self._tx_sent, self._peer_ack):
-            raise ProtocolError(
-                f"ack {ack} outside [{self._peer_ack}, {min(limit, self._tx_sent)}]"
-            )
+    @property
+    def _tx_limit(self) -> int:
+        """One past the last offset of our stream (the FIN counts as one)."""
+        return self.tx.end + (1 if self._tx_fin else 0)
+
+    def _apply_ack(self, ack: int) -> None:
+        """The peer has everything before ``ack`` (already checked): free it."""
         self._peer_ack = ack
         self.tx.ack(min(ack, self.tx.end))
         if self._tx_fin and ack == self.tx.end + 1:
             self._tx_fin_acked = True
+
+    def _on_ack(self, ack: int) -> None:
+        upper = min(self._tx_limit, max(self._tx_sent, self._peer_ack))
+        if not self._peer_ack <= ack <= upper:
+            raise ProtocolError(f"ack {ack} outside [{self._peer_ack}, {upper}]")
+        self._apply_ack(ack)
 
     def _on_data(self, f: Any, now: float) -> None:
         s = f.seq
@@ -552,17 +549,18 @@ class SessionEngine:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - r)
             self.srtt = 0.875 * self.srtt + 0.125 * r
 
-    def _rewind(self, received: int) -> int:
-        """The peer says it has everything before ``received``: resend from there."""
-        limit = self.tx.end + (1 if self._tx_fin else 0)
-        if received < self._peer_ack or received > limit:
+    def _check_received(self, received: int) -> None:
+        """A peer's received offset (RESUME/ACCEPT) must lie in [acked, end of our stream]."""
+        limit = self._tx_limit
+        if not self._peer_ack <= received <= limit:
             raise ProtocolError(
                 f"peer's received offset {received} outside [{self._peer_ack}, {limit}]"
             )
-        self._peer_ack = received
-        self.tx.ack(min(received, self.tx.end))
-        if self._tx_fin and received == self.tx.end + 1:
-            self._tx_fin_acked = True
+
+    def _rewind(self, received: int) -> int:
+        """The peer says it has everything before ``received``: resend from there."""
+        self._check_received(received)
+        self._apply_ack(received)
         replay = max(0, self._tx_sent - received)
         self._tx_sent = received
         return replay
@@ -616,7 +614,6 @@ class SessionEngine:
             return
         if self.established:
             self._send_control(FrameType.CLOSE, 0, _reason_payload(code, reason))
-            self._close_sent = True
         self._closed(code, reason, graceful=code == CLOSE_DONE and self.finished)
 
     # -- timers ------------------------------------------------------------------------------
@@ -1076,12 +1073,8 @@ class ServerSession(SessionEngine):
         resumed = hs.resume
         if resumed and not self.attached_links:
             raise ProtocolError("RESUME of a session that never had a link")
-        limit = self.tx.end + (1 if self._tx_fin else 0)
         received = hs.received if resumed else 0
-        if not self._peer_ack <= received <= limit:  # check before disturbing the live link
-            raise ProtocolError(
-                f"peer's received offset {received} outside [{self._peer_ack}, {limit}]"
-            )
+        self._check_received(received)  # before disturbing the live link
         if self._link is not None:
             self._link_failed("taken over by a new connection", now)
         link = self._new_link(hs.decoder, _ESTABLISHED, now)

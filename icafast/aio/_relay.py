@@ -71,7 +71,6 @@ class Endpoint(asyncio.BufferedProtocol):
         self.runner = runner
         self.transport: asyncio.Transport | None = None
         self.paused = False  # reading paused by us (replay buffer full)
-        self.write_paused = False  # its transport asked us to stop writing
         self.eof = False
         self.closed = False
         self._spare: bytearray | None = None
@@ -125,11 +124,9 @@ class Endpoint(asyncio.BufferedProtocol):
         self.runner.endpoint_lost(exc)
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         self.runner.sink_paused()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         self.runner.sink_resumed()
 
     # -- used by the runner ------------------------------------------------------------------

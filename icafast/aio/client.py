@@ -38,7 +38,6 @@ class _ClientRunner(Runner):
         self.label = label
         self.connect_task: asyncio.Task[Any] | None = None
         self.ready: asyncio.Future[str] = loop.create_future()  # "session" / "fallback"
-        self.fallback_transport: asyncio.Transport | None = None
         self.tls = tls
         self._tls_failed = False  # a certificate did not verify: never fall back to plain text
 
