@@ -39,7 +39,8 @@ class Procs:
               stdin: bool = False, capture: bool = False,
               root: Path | None = None) -> subprocess.Popen[bytes]:
         """Start ``argv``; stderr (and stdout unless ``capture``) go to a log file. Python
-        processes import icafast from ``root`` (default: this checkout)."""
+        processes import icafast from ``root`` (default: this checkout): it is also their working
+        directory, because ``python -m`` puts the working directory first on ``sys.path``."""
         self._n += 1
         log = self.tmp / f"{self._n:03d}-{name}.log"
         full_env = dict(os.environ)
@@ -49,7 +50,7 @@ class Procs:
         with open(log, "wb") as err:
             p = subprocess.Popen([*self.prefix(), *argv], stdin=subprocess.PIPE if stdin else
                                  subprocess.DEVNULL, stdout=subprocess.PIPE if capture else err,
-                                 stderr=err, env=full_env, cwd=str(ROOT))
+                                 stderr=err, env=full_env, cwd=str(root or ROOT))
         p.log_path = log  # type: ignore[attr-defined]
         self.live[p.pid] = (name, p)
         return p
