@@ -2,12 +2,18 @@
 
 A *chain* is what sits between the load generator and the backend: nothing (``direct``), two
 socat processes, two HAProxy processes, or ``icafast connect`` -> ``icafast serve`` (compiled or
-pure-Python core). Every process is started here, remembered by its pid and stopped by that pid.
+pure-Python core), each over plain TCP or, for the encrypted chains (``ENCRYPTED``), with TLS
+between the two hops. Every process is started here, remembered by its pid and stopped by that
+pid.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 PY = sys.executable
@@ -166,14 +172,96 @@ def _serve_help() -> str:
     return out.stdout
 
 
-def icafast_argv(role: str, listen: int, target: int, extra: Sequence[str] = ()) -> list[str]:
+@dataclass(frozen=True)
+class TLSFiles:
+    """The certificate and key of a run: one pair for every encrypted chain."""
+
+    cert: Path
+    key: Path
+    #: certificate and key in one file (HAProxy's ``crt``)
+    pem: Path
+    #: SHA-256 of the certificate (DER), 64 hex digits: what ``icafast connect`` pins
+    fingerprint: str
+    how: str
+
+
+#: what every encrypted chain of a run uses (README: "Encrypted path (TLS)")
+TLS_KEY = "ECDSA P-256 (prime256v1), self-signed, SHA-256 signature, SAN 127.0.0.1 / localhost"
+_TLS: dict[Path, TLSFiles] = {}
+
+
+def _have_cryptography() -> bool:
+    try:
+        import cryptography.x509  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def tls_files(tmp: Path) -> TLSFiles:
+    """THE certificate and key of the run whose files live in ``tmp``, created on first use (with
+    the ``cryptography`` package, else ``openssl req``) and the same for every encrypted chain."""
+    if tmp in _TLS:
+        return _TLS[tmp]
+    cert, key, pem = tmp / "tls-cert.pem", tmp / "tls-key.pem", tmp / "tls-cert-key.pem"
+    if _have_cryptography():
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        pkey = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(pkey.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5))
+               .not_valid_after(now + datetime.timedelta(days=2))
+               .add_extension(x509.SubjectAlternativeName([
+                   x509.DNSName("localhost"),
+                   x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+               .sign(pkey, hashes.SHA256()))
+        key.write_bytes(pkey.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+        cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+        how = "cryptography"
+    else:
+        subprocess.run([which("openssl") or "openssl", "req", "-x509", "-newkey", "ec",
+                        "-pkeyopt", "ec_paramgen_curve:P-256", "-sha256", "-nodes", "-days", "2",
+                        "-subj", "/CN=localhost", "-addext",
+                        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-keyout", str(key), "-out", str(cert)], check=True,
+                       capture_output=True, timeout=60)
+        how = "openssl req"
+    key.chmod(0o600)
+    pem.write_bytes(cert.read_bytes() + key.read_bytes())
+    pem.chmod(0o600)
+    import ssl
+
+    der = ssl.PEM_cert_to_DER_cert(cert.read_text())
+    _TLS[tmp] = TLSFiles(cert, key, pem, hashlib.sha256(der).hexdigest(), how)
+    return _TLS[tmp]
+
+
+def icafast_argv(role: str, listen: int, target: int, extra: Sequence[str] = (),
+                 tls: TLSFiles | None = None) -> list[str]:
     """THE command line of an icafast process in every workload (one place for flags that all
-    of them need: ``--no-tls`` is passed to both ends when ``icafast serve --help`` offers it).
+    of them need).
+
+    ``tls`` None: plain links, ``--no-tls`` passed to both ends when ``icafast serve --help``
+    offers it. Otherwise TLS (icafast's default): the server gets the run's certificate and key
+    (``--tls-cert/--tls-key``), the client pins that certificate (``--tls-fingerprint``).
 
     role "serve": listen on 127.0.0.1:listen, backend 127.0.0.1:target;
     role "connect": listen on 127.0.0.1:listen, server 127.0.0.1:target.
     """
-    common = ["--no-tls"] if "--no-tls" in _serve_help() else []
+    if tls is None:
+        common = ["--no-tls"] if "--no-tls" in _serve_help() else []
+    elif role == "serve":
+        common = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key)]
+    else:
+        common = ["--tls-fingerprint", tls.fingerprint]
     if role == "serve":
         argv = [PY, "-m", "icafast", "serve", "--listen", f"127.0.0.1:{listen}",
                 "--backend", f"127.0.0.1:{target}"]
@@ -183,6 +271,35 @@ def icafast_argv(role: str, listen: int, target: int, extra: Sequence[str] = ())
     else:
         raise ValueError(role)
     return [*argv, *common, *extra]
+
+
+def tls_probe(port: int, tls: TLSFiles) -> str:
+    """Handshake with the TLS listener on 127.0.0.1:port using icafast's own client settings
+    (``icafast.tls.client_context``, the run's certificate pinned); return 'version cipher'.
+    Only for ``icafast serve``: it opens nothing toward its backend before a session hello."""
+    from icafast import tls as itls
+
+    ctx = itls.client_context(fingerprint=tls.fingerprint).context
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            cipher = s.cipher()
+            return f"{s.version()} {cipher[0] if cipher else '?'}"
+
+
+def negotiated_from_logs(tmp: Path) -> dict[str, list[str]]:
+    """What the TLS-terminating hop of socat-tls / haproxy-tls logged for each connection
+    (socat ``-d -d``: 'SSL proto version used' + 'SSL connection using'; HAProxy: the
+    log-format line 'tls <ssl_fc_protocol> <ssl_fc_cipher>'): chain -> distinct values."""
+    seen: dict[str, set[str]] = {}
+    for log in sorted(tmp.glob("*-socat-tls-server.log")):
+        text = log.read_text(errors="replace")
+        for v, c in zip(re.findall(r"SSL proto version used: (\S+)", text),
+                        re.findall(r"SSL connection using (\S+)", text), strict=False):
+            seen.setdefault("socat-tls", set()).add(f"{v} {c}")
+    for log in sorted(tmp.glob("*-haproxy-tls-server.log")):
+        for m in re.finditer(r"^tls (\S+) (\S+)$", log.read_text(errors="replace"), re.M):
+            seen.setdefault("haproxy-tls", set()).add(f"{m[1]} {m[2]}")
+    return {k: sorted(v) for k, v in seen.items()}
 
 
 # -- chains --------------------------------------------------------------------------------------
@@ -198,19 +315,59 @@ CHAINS: dict[str, tuple[str, str]] = {
     "uvloop-min": ("forward", "minimal uvloop forwarder, two-hop (no framing, CRC or replay): "
                    "the floor for a relay on Python + uvloop; a reference, not a peer"),
     "icafast-ref": ("icafast", "icafast from the checkout given with --ref (A/B comparison)"),
+    # the encrypted path: TLS between the two hops, plain TCP toward the load and the backend
+    "socat-tls": ("socat-tls", "socat two-hop over TLS, -b 131072 (the best plain socat's "
+                  "buffer): TCP-LISTEN -> OPENSSL:, OPENSSL-LISTEN -> TCP:"),
+    "haproxy-tls": ("haproxy-tls", "HAProxy two-hop over TLS, mode tcp: bind -> server ssl "
+                    "verify none, bind ssl crt -> backend (no splice: TLS is encrypted in user "
+                    "space)"),
+    "icafast-tls": ("icafast", "icafast connect -> icafast serve over TLS (icafast's default), "
+                    "compiled core, uvloop's TLS transport"),
+    "icafast-tls-asyncio": ("icafast", "icafast-tls with ICAFAST_LOOP=asyncio on both ends: "
+                            "stdlib asyncio's loop and TLS transport"),
 }
 #: the checkout that "icafast-ref" runs (set by ``--ref``)
 REF_ROOT: list[Path] = []
+#: plain peers: the ratios of plain chains are against the best of these
 PEERS = ("socat", "socat-b65536", "socat-b131072", "haproxy")
+#: the chains with TLS between the hops; their ratios are against the best of TLS_PEERS only
+ENCRYPTED = frozenset({"socat-tls", "haproxy-tls", "icafast-tls", "icafast-tls-asyncio"})
+TLS_PEERS = ("socat-tls", "haproxy-tls")
+#: the -b of socat-tls: the buffer of the best plain socat (socat-b131072)
+SOCAT_TLS_BUFFER = 131072
+
+
+def peers_of(chain: str) -> tuple[str, ...]:
+    """The peer group ``chain`` is compared with: encrypted chains with encrypted peers only,
+    plain chains with plain peers only."""
+    return TLS_PEERS if chain in ENCRYPTED else PEERS
+
+
+@cache
+def _tool_text(argv: tuple[str, ...]) -> str:
+    try:
+        out = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout + out.stderr
 
 
 def missing(chain: str) -> str | None:
     """Why ``chain`` cannot run here (None: it can)."""
     kind = CHAINS[chain][0]
-    if kind == "socat" and not which("socat"):
+    if kind in ("socat", "socat-tls") and not which("socat"):
         return "socat not installed (apt-get install socat)"
-    if kind == "haproxy" and not which("haproxy"):
+    if kind in ("haproxy", "haproxy-tls") and not which("haproxy"):
         return "haproxy not installed (apt-get install haproxy)"
+    if chain in ENCRYPTED and not (_have_cryptography() or which("openssl")):
+        return "no way to create the run's certificate: neither the cryptography package " \
+               "nor openssl is installed"
+    if kind == "socat-tls" and "WITH_OPENSSL 1" not in _tool_text((which("socat") or "socat",
+                                                                    "-V")):
+        return "socat built without OPENSSL support (socat -V: no WITH_OPENSSL)"
+    if kind == "haproxy-tls" and "+OPENSSL" not in _tool_text((which("haproxy") or "haproxy",
+                                                                "-vv")):
+        return "haproxy built without OpenSSL (haproxy -vv: no +OPENSSL): no ssl on bind/server"
     return None
 
 
@@ -231,6 +388,41 @@ backend b
     server s1 127.0.0.1:{target}
 """
 
+# haproxy-tls: no splice options (splicing moves plain bytes between sockets in the kernel; TLS
+# records are encrypted and decrypted in user space). The hop that terminates TLS logs the
+# protocol and cipher of each connection (to its standard output, i.e. its log file).
+_HAPROXY_TLS_CLIENT_CFG = """\
+global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend f
+    bind 127.0.0.1:{listen}
+    default_backend b
+backend b
+    server s1 127.0.0.1:{target} ssl verify none
+"""
+_HAPROXY_TLS_SERVER_CFG = """\
+global
+    maxconn 4000
+    log stdout format raw local0
+defaults
+    mode tcp
+    log global
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+frontend f
+    bind 127.0.0.1:{listen} ssl crt {pem}
+    log-format "tls %[ssl_fc_protocol] %[ssl_fc_cipher]"
+    default_backend b
+backend b
+    server s1 127.0.0.1:{target}
+"""
+
 
 @dataclass
 class Chain:
@@ -238,6 +430,8 @@ class Chain:
     backend_port: int
     procs: Procs
     listen_port: int = 0
+    #: the port of the hop next to the backend (for encrypted chains: the TLS listener)
+    mid_port: int = 0
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
     serve_extra: Sequence[str] = ()
     connect_extra: Sequence[str] = ()
@@ -254,6 +448,25 @@ class Chain:
                 f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
                 f"TCP:127.0.0.1:{target}"]
             return self.procs.start(f"{self.name}-{hop}", argv)
+        if kind == "socat-tls":
+            tls = tls_files(self.procs.tmp)
+            common = ["-b", str(SOCAT_TLS_BUFFER)]
+            if hop == "server":  # TLS in -> plain TCP to the backend; -d -d: logs TLS version
+                argv = ["-d", "-d", f"OPENSSL-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork,"
+                        f"backlog=4096,cert={tls.cert},key={tls.key},verify=0",
+                        f"TCP:127.0.0.1:{target}"]
+            else:  # plain TCP in -> TLS to the server hop
+                argv = [f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
+                        f"OPENSSL:127.0.0.1:{target},verify=0"]
+            return self.procs.start(f"{self.name}-{hop}", [which("socat") or "socat", *common,
+                                                           *argv])
+        if kind == "haproxy-tls":
+            tls = tls_files(self.procs.tmp)
+            cfg = self.procs.tmp / f"haproxy-tls-{listen}.cfg"
+            tmpl = _HAPROXY_TLS_SERVER_CFG if hop == "server" else _HAPROXY_TLS_CLIENT_CFG
+            cfg.write_text(tmpl.format(listen=listen, target=target, pem=tls.pem))
+            return self.procs.start(f"{self.name}-{hop}", [which("haproxy") or "haproxy", "-db",
+                                                           "-f", str(cfg)])
         if kind == "haproxy":
             cfg = self.procs.tmp / f"haproxy-{listen}.cfg"
             cfg.write_text(_HAPROXY_CFG.format(listen=listen, target=target))
@@ -265,12 +478,15 @@ class Chain:
                                                           "--target", str(target)])
         if kind == "icafast":
             env = {"ICAFAST_PURE_PYTHON": "1"} if self.name == "icafast-pure" else {}
+            if self.name == "icafast-tls-asyncio":
+                env["ICAFAST_LOOP"] = "asyncio"
+            link_tls = tls_files(self.procs.tmp) if self.name in ENCRYPTED else None
             if hop == "server":
                 ctl = self.procs.tmp / f"ctl-{listen}.sock"
                 argv = icafast_argv("serve", listen, target,
-                                    ["--control", str(ctl), *self.serve_extra])
+                                    ["--control", str(ctl), *self.serve_extra], tls=link_tls)
             else:
-                argv = icafast_argv("connect", listen, target, self.connect_extra)
+                argv = icafast_argv("connect", listen, target, self.connect_extra, tls=link_tls)
             root = REF_ROOT[0] if self.name == "icafast-ref" else None
             return self.procs.start(f"{self.name}-{hop}", argv, env=env, root=root)
         raise ValueError(kind)
@@ -279,7 +495,7 @@ class Chain:
         if self.kind == "direct":
             self.listen_port = self.backend_port
             return self
-        mid = free_port()
+        mid = self.mid_port = free_port()
         self.listen_port = free_port()
         # the hop next to the backend first ("server"), then the one the client talks to
         p = self._hop(mid, self.backend_port, "server")

@@ -1,13 +1,16 @@
 """Profile the icafast processes of a two-hop chain under load with py-spy (``pip install
-py-spy``): ``python -m benchmarks.profile_relay WORKLOAD [--seconds S] [--native]``.
+py-spy``): ``python -m benchmarks.profile_relay WORKLOAD [--seconds S] [--native]
+[--chain icafast-tls]``.
 
 WORKLOAD is ``bulk-up`` / ``bulk-down`` (iperf3, else the built-in sender), ``rr`` (64-byte round
 trips), ``redis`` (redis-benchmark -P 16 -d 1024) or ``idle`` (N idle sessions with keepalives;
 ``--sessions``). py-spy samples ``icafast connect`` and ``icafast serve`` at 250 Hz while the load
-runs; the summary lists, per process, the frames with the largest share of samples: *self*
-(the frame was on top of the stack) and *total* (anywhere on the stack). Raw collapsed stacks
-are kept in the directory printed at the end (for a flame graph, run ``py-spy record -o
-x.svg --pid PID`` yourself).
+runs (``--chain icafast-tls`` / ``icafast-tls-asyncio``: the encrypted chains of
+``benchmarks.relay``, TLS between the two processes; not with ``idle``, whose sessions are plain);
+the summary lists, per process, the frames with the largest share of samples: *self* (the frame
+was on top of the stack) and *total* (anywhere on the stack). Raw collapsed stacks are kept in
+the directory printed at the end (for a flame graph, run ``py-spy record -o x.svg --pid PID``
+yourself).
 """
 
 from __future__ import annotations
@@ -74,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--pin", action="store_true")
+    p.add_argument("--chain", default="icafast", choices=["icafast", "icafast-tls",
+                                                          "icafast-tls-asyncio"],
+                   help="the icafast chain to profile (default: plain links)")
     a = p.parse_args(argv)
+    if a.workload == "idle" and a.chain != "icafast":
+        p.error("idle: plain sessions only (--chain icafast)")
     spy = which("py-spy")
     if not spy:
         print("py-spy not installed: pip install py-spy", file=sys.stderr)
@@ -103,7 +111,7 @@ def _run(a: argparse.Namespace, spy: str, procs: Procs, tmp: Path) -> int:
             wait_ready(procs.start("bulk-server", [PY, "-m", "benchmarks._workers",
                                                    "bulk-server", "--port", str(bport)],
                                    capture=True))
-        chain = Chain("icafast", bport, procs).start()
+        chain = Chain(a.chain, bport, procs).start()
         if iperf:
             argv = [iperf, "-c", "127.0.0.1", "-p", str(chain.listen_port), "-t",
                     str(int(a.seconds) + 3)] + (["-R"] if w == "bulk-down" else [])
@@ -115,7 +123,7 @@ def _run(a: argparse.Namespace, spy: str, procs: Procs, tmp: Path) -> int:
         eport = free_port()
         wait_ready(procs.start("echo", [PY, "-m", "benchmarks._workers", "echo-server",
                                         "--port", str(eport)], capture=True))
-        chain = Chain("icafast", eport, procs).start()
+        chain = Chain(a.chain, eport, procs).start()
         load = procs.start("load", [PY, "-m", "benchmarks._workers", "rr-client", "--port",
                                     str(chain.listen_port), "--count", "10000000"])
     elif w == "redis":
@@ -123,7 +131,7 @@ def _run(a: argparse.Namespace, spy: str, procs: Procs, tmp: Path) -> int:
         rs = procs.start("redis-server", [which("redis-server") or "redis-server", "--port",
                                           str(rport), "--save", "", "--appendonly", "no"])
         wait_listening(rport, rs)
-        chain = Chain("icafast", rport, procs).start()
+        chain = Chain(a.chain, rport, procs).start()
         load = procs.start("load", [which("redis-benchmark") or "redis-benchmark", "-p",
                                     str(chain.listen_port), "-P", "16", "-d", "1024", "-t",
                                     "set,get", "-n", "100000000", "-c", "50", "-q"])
@@ -132,7 +140,7 @@ def _run(a: argparse.Namespace, spy: str, procs: Procs, tmp: Path) -> int:
         wait_ready(procs.start("idle-backend", [PY, "-m", "benchmarks._workers",
                                                 "idle-backend", "--port", str(bport)],
                                capture=True))
-        chain = Chain("icafast", bport, procs)
+        chain = Chain(a.chain, bport, procs)
         mid = free_port()
         srv = chain._hop(mid, bport, "server")
         chain.started.append(srv)
@@ -166,7 +174,8 @@ def _run(a: argparse.Namespace, spy: str, procs: Procs, tmp: Path) -> int:
                                                       stderr=err)))
     for _name, _raw, sp in spies:
         sp.wait(a.seconds + 60)
-    print(f"workload {w}, {a.seconds:g} s, py-spy 250 Hz{' --native' if a.native else ''}"
+    print(f"workload {w}, chain {a.chain}, {a.seconds:g} s, py-spy 250 Hz"
+          f"{' --native' if a.native else ''}"
           f"{', pinned' if a.pin else ''}")
     for name, raw, _sp in spies:
         print(f"icafast {'connect' if name == 'client' else 'serve'}:")

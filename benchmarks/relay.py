@@ -8,7 +8,12 @@ Measures, in one run and side by side, the same workloads through
   is not installed is reported as skipped;
 - ``icafast``: ``icafast connect`` -> ``icafast serve`` -> backend, separate processes, with the
   compiled core, and ``icafast-pure`` with the pure-Python core (``ICAFAST_PURE_PYTHON=1``,
-  given a small size / short duration).
+  given a small size / short duration);
+- the encrypted path (TLS between the two hops; bulk, rr and redis): socat ``OPENSSL:`` two-hop
+  (``socat-tls``), HAProxy ``ssl`` two-hop (``haproxy-tls``) and icafast with TLS on uvloop
+  (``icafast-tls``) and on stdlib asyncio (``icafast-tls-asyncio``), all with one certificate
+  made for the run. Encrypted chains are compared only with the encrypted peers, plain chains
+  only with the plain peers.
 
 Workloads: bulk throughput each direction (iperf3, else the built-in sender/sink), 64-byte
 round trips, pipelined redis (``redis-benchmark -P 16 -d 1024 -t set,get``), resume after a
@@ -42,15 +47,21 @@ from typing import Any
 
 from ._chains import (
     CHAINS,
-    PEERS,
+    ENCRYPTED,
     PY,
     REF_ROOT,
     ROOT,
+    TLS_KEY,
+    TLS_PEERS,
     Chain,
     Procs,
     free_port,
     icafast_argv,
     missing,
+    negotiated_from_logs,
+    peers_of,
+    tls_files,
+    tls_probe,
     tool_version,
     wait_listening,
     wait_ready,
@@ -59,6 +70,8 @@ from ._chains import (
 
 WORKLOADS = ("bulk", "rr", "redis", "resume", "scale")
 MiB = 1 << 20
+#: the encrypted chains, in every workload that runs them (bulk, rr, redis)
+TLS_CHAINS = ["socat-tls", "haproxy-tls", "icafast-tls", "icafast-tls-asyncio"]
 
 
 def log(msg: str) -> None:
@@ -81,6 +94,8 @@ class Bench:
         self.procs = Procs(self.tmp, a.pin)
         self.results: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
+        #: chain -> what its TLS handshake negotiated (icafast: probed once per chain)
+        self.negotiated: dict[str, list[str]] = {}
 
     # -- helpers -----------------------------------------------------------------------------
     def worker(self, name: str, args: list[str], timeout: float,
@@ -128,6 +143,11 @@ class Bench:
         out = {}
         for n in names:
             out[n] = Chain(n, backend, self.procs, **kw).start()
+            if n in ENCRYPTED and out[n].kind == "icafast" and n not in self.negotiated:
+                try:
+                    self.negotiated[n] = [tls_probe(out[n].mid_port, tls_files(self.tmp))]
+                except Exception as e:  # noqa: BLE001 - informational only
+                    self.negotiated[n] = [f"probe failed: {e}"]
         return out
 
     def stop_chains(self, chains: dict[str, Chain]) -> None:
@@ -158,7 +178,7 @@ class Bench:
     def bulk(self) -> dict[str, Any]:
         names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "uvloop-min",
                                  "icafast",
-                                 "icafast-pure"])
+                                 "icafast-pure", *TLS_CHAINS])
         bport = free_port()
         procs = [self.server("bulk-server", ["bulk-server", "--port", str(bport)])]
         iperf = which("iperf3") if not self.a.no_iperf else None
@@ -191,8 +211,11 @@ class Bench:
                     if iperf:
                         t = 1.0 if self.quick or pure else self.a.duration
                         omit = "0" if self.quick or pure else "1"
-                        argv = [iperf, "-c", "127.0.0.1", "-p", str(c.listen_port), "-t",
-                                str(t), "-O", omit, "-J"] + (["-R"] if d == "down" else [])
+                        # --quick: a fixed amount instead of a duration (a few tenths of a
+                        # second per run: the smoke test checks bytes, not speed)
+                        span = ["-n", "2M" if pure else "32M"] if self.quick else ["-t", str(t)]
+                        argv = [iperf, "-c", "127.0.0.1", "-p", str(c.listen_port), *span,
+                                "-O", omit, "-J"] + (["-R"] if d == "down" else [])
                         p = self.procs.start(f"iperf3-{n}-{d}", argv, capture=True)
                         try:
                             o, _ = p.communicate(timeout=t + 60)
@@ -227,7 +250,7 @@ class Bench:
     def rr(self) -> dict[str, Any]:
         names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "uvloop-min",
                                  "icafast",
-                                 "icafast-pure"])
+                                 "icafast-pure", *TLS_CHAINS])
         eport = free_port()
         echo = self.server("echo-server", ["echo-server", "--port", str(eport)])
         chains = self.start_chains(names, eport)
@@ -264,7 +287,7 @@ class Bench:
             return {"skipped": self.skipped["redis"]}
         names = self.chains_for(["direct", "socat", "socat-b65536", "haproxy", "uvloop-min",
                                  "icafast",
-                                 "icafast-pure"])
+                                 "icafast-pure", *TLS_CHAINS])
         rport = free_port()
         rs = self.procs.start("redis-server", [server, "--port", str(rport), "--bind",
                                                "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -479,6 +502,24 @@ class Bench:
             "icafast_serve_argv": icafast_argv("serve", 0, 0)[2:],
             "icafast_connect_argv": icafast_argv("connect", 0, 0)[2:],
         }
+        if any(not missing(c) and (not self.a.chains or c in self.a.chains)
+               for c in TLS_CHAINS):
+            import ssl
+
+            tls = tls_files(self.tmp)
+            meta["tls"] = {
+                "certificate": f"{TLS_KEY}; one pair for every encrypted chain of the run "
+                               f"(made with {tls.how})",
+                "icafast_serve_argv": icafast_argv("serve", 0, 0, tls=tls)[2:],
+                "icafast_connect_argv": icafast_argv("connect", 0, 0, tls=tls)[2:],
+                "python_ssl": ssl.OPENSSL_VERSION,
+                "system_openssl": tool_version([which("openssl") or "openssl", "version"])
+                if which("openssl") else None,
+                "haproxy_openssl": next((ln.strip() for ln in subprocess.run(
+                    [which("haproxy") or "haproxy", "-vv"], capture_output=True, text=True,
+                    timeout=10).stdout.splitlines() if "Running on OpenSSL" in ln), None)
+                if which("haproxy") else None,
+            }
         import icafast
 
         meta["core"] = icafast.IMPLEMENTATION
@@ -498,6 +539,8 @@ class Bench:
         finally:
             self.procs.stop_all()
         meta["loadavg_end"] = os.getloadavg()
+        if "tls" in meta:  # what each encrypted chain negotiated (socat / HAProxy: their logs)
+            meta["tls"]["negotiated"] = {**negotiated_from_logs(self.tmp), **self.negotiated}
         return out
 
 
@@ -556,21 +599,26 @@ def _fmt(v: float | None, unit: str) -> str:
     return f"{v:.3g}"
 
 
+def _best_peer(chains: dict[str, Any], chain: str, key: str, higher: bool) -> str | None:
+    """The best of ``chain``'s peer group (encrypted or plain) for ``key`` in one run."""
+    peers = {p: chains[p][key]["median"] for p in peers_of(chain)
+             if p in chains and key in chains[p] and chains[p][key]["median"]}
+    return (max if higher else min)(peers, key=peers.__getitem__) if peers else None
+
+
 def _metric_rows(res: dict[str, Any], metrics: list[tuple[str, str, str, bool]]) -> list[str]:
     """metrics: (key, label, unit, higher_is_better)."""
     rows = []
     chains = res.get("chains", {})
     for key, label, unit, higher in metrics:
-        peers = {n: c[key]["median"] for n, c in chains.items()
-                 if n in PEERS and key in c and c[key]["median"] is not None}
-        best = (max if higher else min)(peers, key=peers.__getitem__) if peers else None
         for n, c in chains.items():
             if key not in c:
                 continue
             s = c[key]
             ratio = ""
-            if best is not None and s["median"] is not None and peers[best]:
-                ratio = f"{s['median'] / peers[best]:.2f}× {best}"
+            best = _best_peer(chains, n, key, higher)
+            if best is not None and s["median"] is not None:
+                ratio = f"{s['median'] / chains[best][key]['median']:.2f}× {best}"
             ok = res.get("verified", {}).get(n)
             rows.append(f"| {label} | {n} | {_fmt(s['median'], unit)} | "
                         f"{_fmt(s['min'], unit)} – {_fmt(s['max'], unit)} | {ratio} | "
@@ -582,7 +630,9 @@ def table(out: dict[str, Any]) -> str:
     meta = out["meta"]
     w = out["workloads"]
     lines = [f"mode: {meta['mode']}; medians of {meta['repeats']} runs "
-             f"(min – max); ratio = median / best peer's median (peers: socat, HAProxy)", "",
+             f"(min – max); ratio = median / best peer's median (plain chains: the best of "
+             f"socat, socat -b, HAProxy; encrypted chains: the best of "
+             f"{', '.join(TLS_PEERS)})", "",
              "| workload | chain | median | min – max | vs best peer | bytes |",
              "|---|---|---|---|---|---|"]
     if "bulk" in w and "chains" in w["bulk"]:
@@ -649,7 +699,8 @@ _METRICS: list[tuple[str, str, str, str, bool]] = [
 
 def report(paths: list[str]) -> str:
     """One markdown table for several result files (e.g. unpinned and pinned), side by side:
-    median (min–max) and, for icafast, the ratio to the best peer of the same run."""
+    median (min–max) and, for icafast, the ratio to the best peer of the same run and the same
+    group (encrypted chains: the best encrypted peer; plain chains: the best plain peer)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     head = "| metric | chain | " + " | ".join(
         ("pinned" if r["meta"]["pinned"] else "unpinned") + f" ({r['meta']['icafast_commit']})"
@@ -670,12 +721,13 @@ def report(paths: list[str]) -> str:
                     cells.append("–")
                     continue
                 cell = f"{_fmt(c['median'], unit)} ({_fmt(c['min'], unit)}–{_fmt(c['max'], unit)})"
-                peers = {p: cs[p][key]["median"] for p in PEERS
-                         if p in cs and key in cs[p] and cs[p][key]["median"]}
                 if n.startswith("icafast") or n == "uvloop-min":
-                    if peers:
-                        best = (max if higher else min)(peers, key=peers.__getitem__)
-                        cell += f" **{c['median'] / peers[best]:.2f}×** {best}"
+                    best = _best_peer(cs, n, key, higher)
+                    if best is not None:
+                        cell += f" **{c['median'] / cs[best][key]['median']:.2f}×** {best}"
+                if n == "icafast-tls-asyncio" and cs.get("icafast-tls", {}).get(key, {}).get(
+                        "median"):  # stdlib asyncio's TLS transport against uvloop's
+                    cell += f"; {c['median'] / cs['icafast-tls'][key]['median']:.2f}× icafast-tls"
                 cells.append(cell)
             lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
     for r in runs:
@@ -700,6 +752,15 @@ def report(paths: list[str]) -> str:
                              f"{row['server_rss_kib'] / 1024:.0f}, "
                              f"{'–' if per is None else f'{per:.1f}'}, "
                              f"{row['server_cpu_pct']:.1f}" if x is r else "" for x in runs) + " |")
+    tls_chains: list[str] = []
+    for r in runs:
+        for n in r["meta"].get("tls", {}).get("negotiated", {}):
+            if n not in tls_chains:
+                tls_chains.append(n)
+    for n in tls_chains:
+        lines.append(f"| TLS negotiated | {n} | " + " | ".join(
+            ", ".join(r["meta"].get("tls", {}).get("negotiated", {}).get(n, [])) or "–"
+            for r in runs) + " |")
     return "\n".join(lines)
 
 

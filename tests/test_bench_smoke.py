@@ -1,7 +1,9 @@
 """Smoke test of the end-to-end relay benchmark: ``python -m benchmarks.relay --quick``.
 
-Asserts only that every workload ran and that every chain delivered the right bytes (SHA-256
-checked transfers, echoed round trips, SET/GET, resumed markers, echoes on every idle session).
+Asserts only that every workload ran and that every chain, plain and encrypted (TLS between the
+two hops: socat-tls, haproxy-tls, icafast-tls, icafast-tls-asyncio), delivered the right bytes
+(SHA-256 checked transfers, echoed round trips, SET/GET, resumed markers, echoes on every idle
+session).
 Never asserts speed: this machine is shared and the figures are noise at these sizes. Peers that
 are not installed (socat, haproxy, iperf3, redis) are skipped by the benchmark and reported.
 """
@@ -36,12 +38,20 @@ def test_relay_benchmark_quick(tmp_path: Path) -> None:
             continue
         assert r["verified"], name
         assert all(r["verified"].values()), (name, r["verified"])
-    # every chain that is not reported as skipped ran and was checked
-    for name in ("bulk", "rr"):
+    # every chain that is not reported as skipped ran and was checked; the encrypted chains
+    # (TLS between the hops) run bulk, rr and redis like the plain ones
+    for name in ("bulk", "rr", "redis"):
+        if name == "redis" and "skipped" in w[name]:
+            continue
         ran = set(w[name]["chains"]) | set(res["skipped"])
-        assert {"direct", "icafast", "icafast-pure"} <= set(w[name]["chains"])
-        assert {"socat", "haproxy"} <= ran
+        assert {"direct", "icafast", "icafast-pure", "icafast-tls",
+                "icafast-tls-asyncio"} <= set(w[name]["chains"])
+        assert {"socat", "haproxy", "socat-tls", "haproxy-tls"} <= ran
         assert set(w[name]["verified"]) == set(w[name]["chains"])
+    for name in ("resume", "scale"):  # plain only
+        assert set(w[name]["verified"]) == {"icafast"}
+    negotiated = res["meta"]["tls"]["negotiated"]
+    assert {"icafast-tls", "icafast-tls-asyncio"} <= set(negotiated), negotiated
     assert w["resume"]["one_session"]["resume"]["n"] > 0
     assert w["resume"]["many_sessions"]["rounds"]
     levels = w["scale"]["levels"]
