@@ -291,14 +291,16 @@ def negotiated_from_logs(tmp: Path) -> dict[str, list[str]]:
     (socat ``-d -d``: 'SSL proto version used' + 'SSL connection using'; HAProxy: the
     log-format line 'tls <ssl_fc_protocol> <ssl_fc_cipher>'): chain -> distinct values."""
     seen: dict[str, set[str]] = {}
-    for log in sorted(tmp.glob("*-socat-tls-server.log")):
+    for log in sorted(tmp.glob("*-server.log")):  # "<n>-<chain>-server.log"
+        chain = log.name.partition("-")[2].removesuffix("-server.log")
+        if chain not in ENCRYPTED or CHAINS[chain][0] not in ("socat-tls", "haproxy-tls"):
+            continue
         text = log.read_text(errors="replace")
-        for v, c in zip(re.findall(r"SSL proto version used: (\S+)", text),
-                        re.findall(r"SSL connection using (\S+)", text), strict=False):
-            seen.setdefault("socat-tls", set()).add(f"{v} {c}")
-    for log in sorted(tmp.glob("*-haproxy-tls-server.log")):
-        for m in re.finditer(r"^tls (\S+) (\S+)$", log.read_text(errors="replace"), re.M):
-            seen.setdefault("haproxy-tls", set()).add(f"{m[1]} {m[2]}")
+        found = [f"{m[1]} {m[2]}" for m in re.finditer(r"^tls (\S+) (\S+)$", text, re.M)]
+        found += [f"{v} {c}" for v, c in zip(re.findall(r"SSL proto version used: (\S+)", text),
+                                             re.findall(r"SSL connection using (\S+)", text),
+                                             strict=False)]
+        seen.setdefault(chain, set()).update(found)
     return {k: sorted(v) for k, v in seen.items()}
 
 
@@ -318,6 +320,9 @@ CHAINS: dict[str, tuple[str, str]] = {
     # the encrypted path: TLS between the two hops, plain TCP toward the load and the backend
     "socat-tls": ("socat-tls", "socat two-hop over TLS, -b 131072 (the best plain socat's "
                   "buffer): TCP-LISTEN -> OPENSSL:, OPENSSL-LISTEN -> TCP:"),
+    "socat-tls-nodelay": ("socat-tls", "socat-tls with the nodelay option (TCP_NODELAY) on all "
+                          "four addresses: socat writes each decrypted TLS record on its own, "
+                          "and without it Nagle + delayed ACK stall pipelined traffic"),
     "haproxy-tls": ("haproxy-tls", "HAProxy two-hop over TLS, mode tcp: bind -> server ssl "
                     "verify none, bind ssl crt -> backend (no splice: TLS is encrypted in user "
                     "space)"),
@@ -331,8 +336,9 @@ REF_ROOT: list[Path] = []
 #: plain peers: the ratios of plain chains are against the best of these
 PEERS = ("socat", "socat-b65536", "socat-b131072", "haproxy")
 #: the chains with TLS between the hops; their ratios are against the best of TLS_PEERS only
-ENCRYPTED = frozenset({"socat-tls", "haproxy-tls", "icafast-tls", "icafast-tls-asyncio"})
-TLS_PEERS = ("socat-tls", "haproxy-tls")
+ENCRYPTED = frozenset({"socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast-tls",
+                       "icafast-tls-asyncio"})
+TLS_PEERS = ("socat-tls", "socat-tls-nodelay", "haproxy-tls")
 #: the -b of socat-tls: the buffer of the best plain socat (socat-b131072)
 SOCAT_TLS_BUFFER = 131072
 
@@ -451,13 +457,14 @@ class Chain:
         if kind == "socat-tls":
             tls = tls_files(self.procs.tmp)
             common = ["-b", str(SOCAT_TLS_BUFFER)]
+            nd = ",nodelay" if self.name.endswith("-nodelay") else ""
             if hop == "server":  # TLS in -> plain TCP to the backend; -d -d: logs TLS version
                 argv = ["-d", "-d", f"OPENSSL-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork,"
-                        f"backlog=4096,cert={tls.cert},key={tls.key},verify=0",
-                        f"TCP:127.0.0.1:{target}"]
+                        f"backlog=4096,cert={tls.cert},key={tls.key},verify=0{nd}",
+                        f"TCP:127.0.0.1:{target}{nd}"]
             else:  # plain TCP in -> TLS to the server hop
-                argv = [f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
-                        f"OPENSSL:127.0.0.1:{target},verify=0"]
+                argv = [f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork,backlog=4096{nd}",
+                        f"OPENSSL:127.0.0.1:{target},verify=0{nd}"]
             return self.procs.start(f"{self.name}-{hop}", [which("socat") or "socat", *common,
                                                            *argv])
         if kind == "haproxy-tls":

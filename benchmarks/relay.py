@@ -10,10 +10,10 @@ Measures, in one run and side by side, the same workloads through
   compiled core, and ``icafast-pure`` with the pure-Python core (``ICAFAST_PURE_PYTHON=1``,
   given a small size / short duration);
 - the encrypted path (TLS between the two hops; bulk, rr and redis): socat ``OPENSSL:`` two-hop
-  (``socat-tls``), HAProxy ``ssl`` two-hop (``haproxy-tls``) and icafast with TLS on uvloop
-  (``icafast-tls``) and on stdlib asyncio (``icafast-tls-asyncio``), all with one certificate
-  made for the run. Encrypted chains are compared only with the encrypted peers, plain chains
-  only with the plain peers.
+  (``socat-tls``; ``socat-tls-nodelay`` with TCP_NODELAY), HAProxy ``ssl`` two-hop
+  (``haproxy-tls``) and icafast with TLS on uvloop (``icafast-tls``) and on stdlib asyncio
+  (``icafast-tls-asyncio``), all with one certificate made for the run. Encrypted chains are
+  compared only with the encrypted peers, plain chains only with the plain peers.
 
 Workloads: bulk throughput each direction (iperf3, else the built-in sender/sink), 64-byte
 round trips, pipelined redis (``redis-benchmark -P 16 -d 1024 -t set,get``), resume after a
@@ -71,7 +71,8 @@ from ._chains import (
 WORKLOADS = ("bulk", "rr", "redis", "resume", "scale")
 MiB = 1 << 20
 #: the encrypted chains, in every workload that runs them (bulk, rr, redis)
-TLS_CHAINS = ["socat-tls", "haproxy-tls", "icafast-tls", "icafast-tls-asyncio"]
+TLS_CHAINS = ["socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast-tls",
+              "icafast-tls-asyncio"]
 
 
 def log(msg: str) -> None:
