@@ -1,8 +1,9 @@
-"""Build script for the compiled core ``icafast._core`` (metadata lives in pyproject.toml).
+"""Build script for the compiled extensions (metadata lives in pyproject.toml).
 
-The extension is Cython (icafast/_core.pyx) plus plain C (csrc/*.c). The generated
-icafast/_core.c is not kept in the repository or the sdist: Cython is a build requirement, and
-the .pyx is translated at build time.
+``icafast._core`` is Cython (icafast/_core.pyx) plus plain C (csrc/*.c); ``icafast.protocol``
+and ``icafast.aio._relay`` are their .py modules compiled by Cython with the declarations of the
+.pxd beside them. The generated .c files are not kept in the repository or the sdist: Cython is
+a build requirement, and the sources are translated at build time.
 """
 
 from __future__ import annotations
@@ -22,8 +23,19 @@ ext_modules = [
         sources=[os.path.join("icafast", "_core.pyx"), *CSOURCES],
         include_dirs=["csrc"],
         depends=sorted(glob(os.path.join("csrc", "*.h"))),
-    )
+    ),
+    # The session engine and the asyncio relay's per-message path, compiled from their own
+    # Python source (types from the .pxd beside each): the same code runs uncompiled under
+    # ICAFAST_PURE_PYTHON=1 or where no extension is present.
+    Extension("icafast.protocol", sources=[os.path.join("icafast", "protocol.py")],
+              depends=[os.path.join("icafast", "protocol.pxd")]),
+    Extension("icafast.aio._relay", sources=[os.path.join("icafast", "aio", "_relay.py")],
+              depends=[os.path.join("icafast", "aio", "_relay.pxd"),
+                       os.path.join("icafast", "protocol.pxd")]),
 ]
+
+#: Annotations in the .py sources are for type checkers; the C types come from the .pxd files.
+DIRECTIVES = {"language_level": "3", "annotation_typing": False, "binding": True}
 
 
 class build_ext(_build_ext):
@@ -41,7 +53,7 @@ class build_ext(_build_ext):
 
         # Translate each .pyx and point the (already finalized) extension at the .c.
         for ext in self.extensions:
-            (done,) = cythonize([ext], compiler_directives={"language_level": "3"})
+            (done,) = cythonize([ext], compiler_directives=DIRECTIVES)
             ext.sources = done.sources
         super().run()
 

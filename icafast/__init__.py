@@ -2,11 +2,14 @@
 
 The byte-level core (CRC32C, frame codec, replay buffer) comes from the compiled extension
 ``icafast._core`` when available, else from its pure-Python twin ``icafast._pure``;
-``IMPLEMENTATION`` says which ("cython" or "python").
+``IMPLEMENTATION`` says which ("cython" or "python"). The session engine and the relay's
+per-message path are Python modules that the build also compiles; ``compiled_modules()`` says
+which of them run compiled. ``ICAFAST_PURE_PYTHON=1`` runs everything from Python source.
 """
 
 from __future__ import annotations
 
+from ._impl import compiled_modules
 from ._impl import core as _core
 from .errors import (
     FrameError,
@@ -31,6 +34,7 @@ ReplayBuffer = _core.ReplayBuffer
 
 __all__ = [
     "IMPLEMENTATION",
+    "compiled_modules",
     "crc32c",
     "crc32c_backend",
     "Frame",

@@ -1,18 +1,44 @@
-"""Decide, in one place, which core implementation icafast uses.
+"""Decide, in one place, which implementation icafast uses.
 
-``ICAFAST_PURE_PYTHON=1`` (or a missing/broken extension) selects the pure-Python twin.
+``ICAFAST_PURE_PYTHON=1`` (or a missing/broken extension) selects the pure-Python twin of the
+byte-level core. The session engine and the relay's per-message path (``COMPILED_MODULES``) are
+Python modules that the build also compiles from the same source; under ``ICAFAST_PURE_PYTHON=1``
+they are imported from that source instead, so the switch means "no compiled code at all".
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import os
 import platform
+import sys
+from collections.abc import Sequence
 from types import ModuleType
+
+#: Modules that are Python source and, where built, also an extension compiled from it.
+COMPILED_MODULES = ("icafast.protocol", "icafast.aio._relay")
 
 
 def _want_pure() -> bool:
     v = os.environ.get("ICAFAST_PURE_PYTHON", "").strip().lower()
     return v not in ("", "0", "no", "false") or platform.python_implementation() != "CPython"
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Import ``COMPILED_MODULES`` from their .py file even where the extension exists."""
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None,
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in COMPILED_MODULES:
+            return None
+        base = fullname.rpartition(".")[2] + ".py"
+        for d in path or ():
+            f = os.path.join(d, base)
+            if os.path.isfile(f):
+                return importlib.util.spec_from_file_location(fullname, f)
+        return None
 
 
 def load_core() -> ModuleType:
@@ -23,9 +49,24 @@ def load_core() -> ModuleType:
             return _core
         except ImportError:
             pass
+    if not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _SourceFinder())
     from . import _pure
 
     return _pure
+
+
+def compiled_modules() -> dict[str, bool]:
+    """For each of ``COMPILED_MODULES``: is it (or will it be) imported as an extension?"""
+    out = {}
+    for name in COMPILED_MODULES:
+        mod = sys.modules.get(name)
+        origin = getattr(mod, "__file__", None) if mod is not None else None
+        if origin is None:
+            spec = importlib.util.find_spec(name)
+            origin = spec.origin if spec is not None else None
+        out[name] = bool(origin) and origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+    return out
 
 
 core = load_core()

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from . import IMPLEMENTATION, __version__, crc32c_backend
+from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend
 from .protocol import Config
 
 log = logging.getLogger("icafast")
@@ -104,6 +104,12 @@ def _add_common(p: argparse.ArgumentParser, server: bool) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
+def _engine_kind() -> str:
+    """"compiled" when the session engine and relay path run as extensions, else "python"."""
+    c = compiled_modules()
+    return "compiled" if all(c.values()) else "python" if not any(c.values()) else str(c)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="icafast",
@@ -111,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "survives link breaks with no byte lost, duplicated or reordered.",
     )
     p.add_argument("--version", action="version",
-                   version=f"icafast {__version__} (core: {IMPLEMENTATION})")
+                   version=f"icafast {__version__} (core: {IMPLEMENTATION}, engine: "
+                           f"{_engine_kind()})")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the relay server (2598 -> backend 1494)",
@@ -298,8 +305,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_failed_resumes=args.max_failed_resumes or int(file_cfg.get("max_failed_resumes", 20)),
         proxy_protocol=bool(_opt(args, file_cfg, "proxy_protocol")),
     )
-    log.info("icafast %s serve (core %s, crc32c %s); control socket %s", __version__,
-             IMPLEMENTATION, crc32c_backend(), control)
+    log.info("icafast %s serve (core %s, crc32c %s, engine %s); control socket %s", __version__,
+             IMPLEMENTATION, crc32c_backend(), _engine_kind(), control)
     for m in mappings:
         loopback = m.listen_host in ("::1", "localhost") or m.listen_host.startswith("127.")
         if ssl_ctx is None and not loopback:

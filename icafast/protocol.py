@@ -366,7 +366,7 @@ class SessionEngine:
         if link is not None and link.phase == _ESTABLISHED:
             if include_data:
                 self._frame_data(link)
-            ackv = self._ack_value
+            ackv = self._ack_value()
             if ackv != self._rx_acked and (
                 self._ack_now or ackv - self._rx_acked >= self._ack_threshold
             ):
@@ -389,7 +389,7 @@ class SessionEngine:
         fin = self._tx_fin
         if sent < end:
             size = min(self.config.frame_size, link.peer_max_payload)
-            rx = self._ack_value
+            rx = self._ack_value()
             tx = self.tx
             while sent < end:
                 for v in tx.views(sent, size):
@@ -404,11 +404,10 @@ class SessionEngine:
             self._tx_sent = sent
             self._sent_ack()
         if fin and sent == end:
-            out.append(encode_frame(_TYPE_DATA, FLAG_FIN, end, self._ack_value))
+            out.append(encode_frame(_TYPE_DATA, FLAG_FIN, end, self._ack_value()))
             self._tx_sent = end + 1
             self._sent_ack()
 
-    @property
     def _ack_value(self) -> int:
         """The cumulative ack we send: what the local sink took (received bytes minus those still
         queued toward it, ``sink_backlog``), frozen while acks are held; never backwards."""
@@ -421,7 +420,7 @@ class SessionEngine:
         self._ack_threshold = max(1, min(own, peer_replay_limit // 4))
 
     def _sent_ack(self) -> None:
-        self._rx_acked = self._ack_value
+        self._rx_acked = self._ack_value()
         self._ack_due = None
         self._ack_now = False
 
@@ -499,7 +498,6 @@ class SessionEngine:
             self._ack_due = now + self.config.ack_delay  # data_to_send may ack sooner
         self._check_done()
 
-    @property
     def _tx_limit(self) -> int:
         """One past the last offset of our stream (the FIN counts as one)."""
         return self.tx.end + (1 if self._tx_fin else 0)
@@ -512,7 +510,7 @@ class SessionEngine:
             self._tx_fin_acked = True
 
     def _on_ack(self, ack: int) -> None:
-        upper = min(self._tx_limit, max(self._tx_sent, self._peer_ack))
+        upper = min(self._tx_limit(), max(self._tx_sent, self._peer_ack))
         if not self._peer_ack <= ack <= upper:
             raise ProtocolError(f"ack {ack} outside [{self._peer_ack}, {upper}]")
         self._apply_ack(ack)
@@ -551,7 +549,7 @@ class SessionEngine:
 
     def _check_received(self, received: int) -> None:
         """A peer's received offset (RESUME/ACCEPT) must lie in [acked, end of our stream]."""
-        limit = self._tx_limit
+        limit = self._tx_limit()
         if not self._peer_ack <= received <= limit:
             raise ProtocolError(
                 f"peer's received offset {received} outside [{self._peer_ack}, {limit}]"
@@ -790,7 +788,7 @@ class ClientSession(SessionEngine):
         if self.session_id:
             proof = make_proof(self._secret, self.session_id, link.nonce, nonce)
             payload = _RESUME.pack(self.session_id, proof)
-            self._out.append(encode_frame(FrameType.RESUME, 0, 0, self._ack_value, payload))
+            self._out.append(encode_frame(FrameType.RESUME, 0, 0, self._ack_value(), payload))
         else:
             self._out.append(encode_frame(FrameType.NEW, 0, 0, 0))
         link.phase = _AUTH_SENT
@@ -1101,8 +1099,8 @@ class ServerSession(SessionEngine):
             link.confirm_secret = True
             self.reconnects += 1
         hs.done = True
-        self._out = [encode_frame(FrameType.ACCEPT, 0, 0, self._ack_value, accept)]
-        self._rx_acked = self._ack_value
+        self._out = [encode_frame(FrameType.ACCEPT, 0, 0, self._ack_value(), accept)]
+        self._rx_acked = self._ack_value()
         self._link = link
         self.attached_links += 1
         self.state = State.ACTIVE

@@ -47,6 +47,10 @@ def selfcheck(seconds: float = 0.3) -> int:
                     [(f.type, f.seq, bytes(f.payload)) for f in d2]:
                 ok = False
         print("differential check against the pure-Python twin:", "OK" if ok else "MISMATCH")
+    from ._impl import compiled_modules
+
+    for name, compiled in compiled_modules().items():
+        print(f"{name}: {'compiled' if compiled else 'Python source'}")
     core = _core or _pure
     for size in (1024, 16384, 65536):
         buf = os.urandom(size)

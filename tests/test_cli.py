@@ -29,13 +29,34 @@ def test_compiled_core_in_use_when_required():
     if os.environ.get("ICAFAST_REQUIRE_COMPILED") != "1":
         pytest.skip("set ICAFAST_REQUIRE_COMPILED=1 to require the compiled core (CI does)")
     assert icafast.IMPLEMENTATION == "cython"
+    assert icafast.compiled_modules() == {"icafast.protocol": True, "icafast.aio._relay": True}
+
+
+def test_engine_and_relay_run_from_python_source():
+    """The build compiles the engine and the relay's per-message path from their .py source;
+    the rest of the suite runs what the build made, so this runs the engine's tests and the
+    relay's break/takeover/half-close/fallback tests from the source, as a machine without a
+    compiler would (ICAFAST_PURE_PYTHON=1: the pure core too, so only tests that move little
+    data)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tests = os.path.join(root, "tests")
+    select = "not relay or takeover or half_close or fallback or reliability_timeout or silent"
+    env = _env(ICAFAST_PURE_PYTHON="1",
+               PYTHONPATH=os.pathsep.join([root, tests, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", select,
+                          os.path.join(tests, "test_engine.py"), os.path.join(tests, "test_relay.py")],
+                         env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout
 
 
 def test_pure_python_switch():
-    out = subprocess.run([PY, "-c", "import icafast; print(icafast.IMPLEMENTATION)"],
-                         env=_env(ICAFAST_PURE_PYTHON="1"), capture_output=True, text=True,
-                         timeout=60, check=True)
-    assert out.stdout.strip() == "python"
+    code = ("import icafast, icafast.aio, icafast.protocol as p; "
+            "print(icafast.IMPLEMENTATION, p.__file__.endswith('.py'), icafast.compiled_modules())")
+    out = subprocess.run([PY, "-c", code], env=_env(ICAFAST_PURE_PYTHON="1"), capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert out.stdout.strip() == (
+        "python True {'icafast.protocol': False, 'icafast.aio._relay': False}")
 
 
 @pytest.mark.parametrize("pure", [False, True])

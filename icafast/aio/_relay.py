@@ -64,8 +64,8 @@ def abort_with_rst(transport: asyncio.BaseTransport | None) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
-class Endpoint(asyncio.BufferedProtocol):
-    """The plain TCP side of a session: the application (client) or the backend (server)."""
+class _EndpointBase:
+    """What :class:`Endpoint` does (a separate base so that it compiles to an extension type)."""
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
@@ -141,12 +141,12 @@ class Endpoint(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
 
-class Link(asyncio.Protocol):
-    """The framed connection between client and server (one per attempt).
+class Endpoint(_EndpointBase, asyncio.BufferedProtocol):
+    """The plain TCP side of a session: the application (client) or the backend (server)."""
 
-    A plain Protocol on purpose: the event loop reads into its own shared buffer and hands us an
-    immutable bytes object, so an idle link holds no receive buffer (10,000 idle sessions stay
-    small) and payload memoryviews into it stay valid however long a transport queues them."""
+
+class _LinkBase:
+    """What :class:`Link` does (a separate base so that it compiles to an extension type)."""
 
     def __init__(self, owner: Any) -> None:
         self.owner = owner  # runner, or the server's handshake handler before attach
@@ -192,6 +192,14 @@ class Link(asyncio.Protocol):
                 abort_with_rst(self.transport)
             else:
                 self.transport.close()
+
+
+class Link(_LinkBase, asyncio.Protocol):
+    """The framed connection between client and server (one per attempt).
+
+    A plain Protocol on purpose: the event loop reads into its own shared buffer and hands us an
+    immutable bytes object, so an idle link holds no receive buffer (10,000 idle sessions stay
+    small) and payload memoryviews into it stay valid however long a transport queues them."""
 
 
 StatusCallback = Callable[[ev.Event, SessionEngine], None]
@@ -334,7 +342,10 @@ class Runner:
         """Carry out everything the engine wants: events, bytes, back-pressure, timer."""
         eng = self.engine
         while (e := eng.next_event()) is not None:
-            self.handle_event(e)
+            if type(e) is ev.DataReceived:
+                self._deliver(e.data)  # the common case, without the subclasses' dispatch
+            else:
+                self.handle_event(e)
         ep = self.endpoint
         if ep is not None and ep.transport is not None and not ep.closed:
             # not yet taken by the sink: not acknowledged (bounds what piles up there)
@@ -385,16 +396,20 @@ class Runner:
         self.pump()
 
     # -- events ------------------------------------------------------------------------------
+    def _deliver(self, data: Any) -> None:
+        ep = self.endpoint
+        if ep is not None and ep.transport is not None and not ep.closed:
+            t = ep.transport
+            if t.get_write_buffer_size():
+                # it will be queued: copy, so the view does not pin the whole received block
+                t.write(bytes(data))
+            else:
+                t.write(data)
+
     def handle_event(self, e: ev.Event) -> None:
         ep = self.endpoint
         if isinstance(e, ev.DataReceived):
-            if ep is not None and ep.transport is not None and not ep.closed:
-                t = ep.transport
-                if t.get_write_buffer_size():
-                    # it will be queued: copy, so the view does not pin the whole received block
-                    t.write(bytes(e.data))
-                else:
-                    t.write(e.data)
+            self._deliver(e.data)
             return
         if isinstance(e, ev.StreamEnded):
             if ep is not None and ep.transport is not None and not ep.closed:
