@@ -377,57 +377,26 @@ def missing(chain: str) -> str | None:
     return None
 
 
-_HAPROXY_CFG = """\
-global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-    option splice-request
-    option splice-response
-frontend f
-    bind 127.0.0.1:{listen}
-    default_backend b
-backend b
-    server s1 127.0.0.1:{target}
-"""
+def haproxy_cfg(listen: int, target: int, *, splice: bool = False, bind_extra: str = "",
+                server_extra: str = "", log_tls: bool = False) -> str:
+    """One HAProxy hop in ``mode tcp``: 127.0.0.1:listen -> 127.0.0.1:target.
 
-# haproxy-tls: no splice options (splicing moves plain bytes between sockets in the kernel; TLS
-# records are encrypted and decrypted in user space). The hop that terminates TLS logs the
-# protocol and cipher of each connection (to its standard output, i.e. its log file).
-_HAPROXY_TLS_CLIENT_CFG = """\
-global
-    maxconn 4000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-frontend f
-    bind 127.0.0.1:{listen}
-    default_backend b
-backend b
-    server s1 127.0.0.1:{target} ssl verify none
-"""
-_HAPROXY_TLS_SERVER_CFG = """\
-global
-    maxconn 4000
-    log stdout format raw local0
-defaults
-    mode tcp
-    log global
-    timeout connect 5s
-    timeout client 1h
-    timeout server 1h
-frontend f
-    bind 127.0.0.1:{listen} ssl crt {pem}
-    log-format "tls %[ssl_fc_protocol] %[ssl_fc_cipher]"
-    default_backend b
-backend b
-    server s1 127.0.0.1:{target}
-"""
+    ``splice``: the plain peer (``option splice-request`` + ``splice-response``); the encrypted
+    peer cannot splice (TLS records are encrypted and decrypted in user space). ``bind_extra`` /
+    ``server_extra``: e.g. ``ssl crt PEM`` on the hop that terminates TLS, ``ssl verify none``
+    on the hop that originates it. ``log_tls``: log the protocol and cipher of each connection
+    (to standard output, i.e. the hop's log file)."""
+    glob_log = "    log stdout format raw local0\n" if log_tls else ""
+    dflt_log = "    log global\n" if log_tls else ""
+    opts = "    option splice-request\n    option splice-response\n" if splice else ""
+    fmt = '    log-format "tls %[ssl_fc_protocol] %[ssl_fc_cipher]"\n' if log_tls else ""
+    bind = f" {bind_extra}" if bind_extra else ""
+    server = f" {server_extra}" if server_extra else ""
+    return (f"global\n    maxconn 4000\n{glob_log}"
+            f"defaults\n    mode tcp\n{dflt_log}    timeout connect 5s\n"
+            f"    timeout client 1h\n    timeout server 1h\n{opts}"
+            f"frontend f\n    bind 127.0.0.1:{listen}{bind}\n{fmt}    default_backend b\n"
+            f"backend b\n    server s1 127.0.0.1:{target}{server}\n")
 
 
 @dataclass
@@ -470,13 +439,16 @@ class Chain:
         if kind == "haproxy-tls":
             tls = tls_files(self.procs.tmp)
             cfg = self.procs.tmp / f"haproxy-tls-{listen}.cfg"
-            tmpl = _HAPROXY_TLS_SERVER_CFG if hop == "server" else _HAPROXY_TLS_CLIENT_CFG
-            cfg.write_text(tmpl.format(listen=listen, target=target, pem=tls.pem))
+            if hop == "server":  # TLS in -> plain TCP to the backend
+                text = haproxy_cfg(listen, target, bind_extra=f"ssl crt {tls.pem}", log_tls=True)
+            else:  # plain TCP in -> TLS to the server hop
+                text = haproxy_cfg(listen, target, server_extra="ssl verify none")
+            cfg.write_text(text)
             return self.procs.start(f"{self.name}-{hop}", [which("haproxy") or "haproxy", "-db",
                                                            "-f", str(cfg)])
         if kind == "haproxy":
             cfg = self.procs.tmp / f"haproxy-{listen}.cfg"
-            cfg.write_text(_HAPROXY_CFG.format(listen=listen, target=target))
+            cfg.write_text(haproxy_cfg(listen, target, splice=True))
             return self.procs.start(f"haproxy-{hop}", [which("haproxy") or "haproxy", "-db",
                                                        "-f", str(cfg)])
         if kind == "forward":
