@@ -194,7 +194,6 @@ class Config:
         )
 
 
-
 def make_proof(secret: bytes, session_id: bytes, client_nonce: bytes, server_nonce: bytes) -> bytes:
     """The RESUME proof: HMAC-SHA256(secret, label | session id | client nonce | server nonce)."""
     msg = b"icafast resume v1" + session_id + client_nonce + server_nonce

@@ -43,8 +43,8 @@ def test_engine_and_relay_run_from_python_source():
     select = "not relay or takeover or half_close or fallback or reliability_timeout or silent"
     env = _env(ICAFAST_PURE_PYTHON="1",
                PYTHONPATH=os.pathsep.join([root, tests, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", select,
-                          os.path.join(tests, "test_engine.py"), os.path.join(tests, "test_relay.py")],
+    files = [os.path.join(tests, "test_engine.py"), os.path.join(tests, "test_relay.py")]
+    out = subprocess.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", select, *files],
                          env=env, cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and " failed" not in out.stdout

@@ -243,6 +243,7 @@ def _linger(loop: asyncio.AbstractEventLoop, link: Link) -> None:
         return
     loop.call_later(LINGER, link.close)
 
+
 #: Every live runner (weakly held), so that a whole process can be shut down cleanly.
 RUNNERS: weakref.WeakSet[Runner] = weakref.WeakSet()
 
