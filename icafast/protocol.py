@@ -152,7 +152,10 @@ class Config:
     handshake_timeout: float = 10.0
     max_payload: int = DEFAULT_MAX_PAYLOAD
     frame_size: int = 64 * 1024
-    ack_delay: float = 0.02
+    # Standalone-ACK delay. Long, as TCP's delayed-ACK maximum: a reply usually carries the ack
+    # sooner, and the adapter's timer armed for a deadline that a piggybacked ack made moot
+    # still wakes the process once per ack_delay (benchmarks/README.md: round-trip p99).
+    ack_delay: float = 0.2
     ack_threshold: int = 0  # 0: min(256 KiB, replay_limit // 4)
     reconnect_initial: float = 0.05
     reconnect_max: float = 5.0

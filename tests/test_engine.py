@@ -57,7 +57,7 @@ def test_data_both_ways_and_acks():
         h.client_send(a[i : i + 500])
         h.server_send(b[i : i + 500])
         h.pump()
-        h.advance(0.05)
+        h.advance(SMALL.ack_delay + 0.01)  # the standalone ACK's deadline
         h.pump()
     assert bytes(h.s_recv) == a and bytes(h.c_recv) == b
     assert h.client.unacked == 0 and h.server.unacked == 0
