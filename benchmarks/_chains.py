@@ -330,14 +330,18 @@ CHAINS: dict[str, tuple[str, str]] = {
                     "compiled core, uvloop's TLS transport"),
     "icafast-tls-asyncio": ("icafast", "icafast-tls with ICAFAST_LOOP=asyncio on both ends: "
                             "stdlib asyncio's loop and TLS transport"),
+    "icafast-tls-ref": ("icafast", "icafast-tls from the checkout given with --ref (A/B "
+                        "comparison)"),
 }
-#: the checkout that "icafast-ref" runs (set by ``--ref``)
+#: the checkout that the REF_TWINS chains run (set by ``--ref``)
 REF_ROOT: list[Path] = []
 #: plain peers: the ratios of plain chains are against the best of these
 PEERS = ("socat", "socat-b65536", "socat-b131072", "haproxy")
 #: the chains with TLS between the hops; their ratios are against the best of TLS_PEERS only
 ENCRYPTED = frozenset({"socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast-tls",
-                       "icafast-tls-asyncio"})
+                       "icafast-tls-asyncio", "icafast-tls-ref"})
+#: chain -> its A/B twin from the --ref checkout
+REF_TWINS = {"icafast": "icafast-ref", "icafast-tls": "icafast-tls-ref"}
 TLS_PEERS = ("socat-tls", "socat-tls-nodelay", "haproxy-tls")
 #: the -b of socat-tls: the buffer of the best plain socat (socat-b131072)
 SOCAT_TLS_BUFFER = 131072
@@ -466,7 +470,7 @@ class Chain:
                                     ["--control", str(ctl), *self.serve_extra], tls=link_tls)
             else:
                 argv = icafast_argv("connect", listen, target, self.connect_extra, tls=link_tls)
-            root = REF_ROOT[0] if self.name == "icafast-ref" else None
+            root = REF_ROOT[0] if self.name in REF_TWINS.values() else None
             return self.procs.start(f"{self.name}-{hop}", argv, env=env, root=root)
         raise ValueError(kind)
 

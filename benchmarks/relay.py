@@ -50,6 +50,7 @@ from ._chains import (
     ENCRYPTED,
     PY,
     REF_ROOT,
+    REF_TWINS,
     ROOT,
     TLS_KEY,
     TLS_PEERS,
@@ -127,11 +128,14 @@ class Bench:
 
     def chains_for(self, wanted: list[str]) -> list[str]:
         names = []
-        if REF_ROOT and "icafast" in wanted:
-            wanted.insert(wanted.index("icafast") + 1, "icafast-ref")
+        twin_of = {}
+        if REF_ROOT:
+            for a, b in REF_TWINS.items():
+                if a in wanted:
+                    wanted.insert(wanted.index(a) + 1, b)
+                    twin_of[b] = a
         for c in wanted:
-            if self.a.chains and c not in self.a.chains and not (
-                    c == "icafast-ref" and "icafast" in self.a.chains):
+            if self.a.chains and c not in self.a.chains and twin_of.get(c) not in self.a.chains:
                 continue
             why = missing(c)
             if why:
@@ -791,7 +795,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=float, default=20.0, help="seconds of idle CPU measured "
                    "per scale level")
     p.add_argument("--ref", metavar="DIR", help="also run the icafast chain from another "
-                   "checkout (built in place), as chain icafast-ref: an A/B comparison")
+                   "checkout (built in place), as chains icafast-ref and icafast-tls-ref: an "
+                   "A/B comparison")
     p.add_argument("--out", help="JSON results file (default benchmarks/results/"
                    "relay-<mode>.json)")
     p.add_argument("--report", nargs="+", metavar="JSON", help="print one markdown table of "

@@ -102,6 +102,10 @@ def test_pinned_fingerprint_session_survives_breaks(tmp_path):
                     assert await wait_for(lambda k=k: len([e for e in cev
                                           if isinstance(e, ev.LinkUp)]) == k + 1
                                           and s.proxy.live_connections > 0, 10)
+                    if k == 0:  # frames leave in one TLS write per burst, not one per buffer
+                        (runner,) = s.server.sessions_by_id.values()
+                        assert await wait_for(lambda: runner.link is not None, 10)
+                        assert runner.link.join_writes
                     await asyncio.sleep(0.05)
                     (s.proxy.reset if k % 2 == 0 else s.proxy.blackhole)()
                 done.set()

@@ -20,4 +20,4 @@ cdef class _EndpointBase:
 
 
 cdef class _LinkBase:
-    cdef public object owner, transport, link_id, write_paused, closed, peer
+    cdef public object owner, transport, link_id, write_paused, closed, peer, join_writes

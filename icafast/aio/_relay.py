@@ -6,9 +6,10 @@ These classes only move bytes and timers between sockets and a sans-IO session e
 Data path (one copy each way): the endpoint (application or backend socket) receives straight
 into the session's replay buffer (``BufferedProtocol.get_buffer`` returns a view of free ring
 space); the engine frames views of that ring and the link transport writes header + payload
-with ``writelines``. Received frames are parsed in the link's receive buffer and their payloads
-written to the endpoint as memoryviews; when the endpoint's transport keeps such a view queued
-(it could not send at once), the link switches to a fresh receive buffer.
+with ``writelines`` (on TLS links, one joined write: see ``_LinkBase``). Received frames are
+parsed in the link's receive buffer and their payloads written to the endpoint as memoryviews;
+when the endpoint's transport keeps such a view queued (it could not send at once), the link
+switches to a fresh receive buffer.
 """
 
 from __future__ import annotations
@@ -155,10 +156,15 @@ class _LinkBase:
         self.write_paused = False
         self.closed = False
         self.peer = ""
+        #: TLS: each buffer given to ``writelines`` becomes its own TLS record (header and
+        #: payload: two records per frame, each with its own overhead and cipher call), so a
+        #: burst of frames is joined into one write instead
+        self.join_writes = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self.join_writes = transport.get_extra_info("sslcontext") is not None
         tune_socket(transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
@@ -355,7 +361,10 @@ class Runner:
         if link is not None and link.transport is not None and not link.closed:
             bufs = eng.data_to_send(not link.write_paused)
             if bufs:
-                link.transport.writelines(bufs)
+                if link.join_writes:
+                    link.transport.write(b"".join(bufs))
+                else:
+                    link.transport.writelines(bufs)
             if self._close_link_after_flush:
                 self._close_link_after_flush = False
                 self.link = None
