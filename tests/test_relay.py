@@ -20,7 +20,7 @@ from relay_helpers import (
 
 from icafast import events as ev
 from icafast.aio import Mapping, RelayServer, open_session
-from icafast.aio._relay import READ_SIZE, WRITE_HIGH_WATER
+from icafast.aio._relay import MIN_READ_SIZE, READ_SIZE, WRITE_HIGH_WATER, Endpoint
 from icafast.aio.server import control_request
 from icafast.protocol import (
     REJECT_BAD_PROOF,
@@ -510,3 +510,50 @@ def test_first_connect_is_retried_through_a_blink():
             assert await reader.readexactly(13) == b"late but fine"
 
     run_async("uvloop", main())
+
+
+def test_endpoint_reads_a_burst_like_the_last_one_in_one_read():
+    """The read size follows the bursts the application or backend writes: a 17 KB pipelined
+    batch takes two reads the first time and one after; small messages bring it back down;
+    a bulk stream grows it to READ_SIZE."""
+
+    class Engine:
+        send_free = 1 << 40
+
+        def send_view(self, n: int) -> memoryview:
+            return memoryview(bytearray(n))
+
+        def commit_view(self, n: int) -> None:
+            pass
+
+    class FakeRunner:
+        engine = Engine()
+
+        def pump(self) -> None:
+            pass
+
+    ep = Endpoint(FakeRunner())
+
+    def burst(total: int) -> list[int]:
+        """The reads that receive ``total`` waiting bytes (the socket is drained by a read
+        smaller than its offer)."""
+        reads: list[int] = []
+        for _ in range(1000):
+            if reads and sum(reads) == total:
+                return reads  # the last read filled its offer: the next one finds nothing
+            offered = len(ep.get_buffer(-1))
+            n = min(total - sum(reads), offered)
+            ep.buffer_updated(n)
+            reads.append(n)
+            if n < offered:
+                return reads
+        raise AssertionError("unbounded")
+
+    assert burst(17_000) == [MIN_READ_SIZE, 17_000 - MIN_READ_SIZE]
+    assert burst(17_000) == [17_000]
+    assert burst(17_000) == [17_000]
+    assert burst(64) == [64]
+    assert burst(64) == [64] and len(ep.get_buffer(-1)) == MIN_READ_SIZE
+    reads = burst(8 * READ_SIZE + 1)
+    assert max(reads) == READ_SIZE and sum(reads) == 8 * READ_SIZE + 1
+    assert burst(3 * READ_SIZE)[0] == READ_SIZE  # a bulk stream keeps the large reads

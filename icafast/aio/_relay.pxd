@@ -16,7 +16,7 @@ cdef class Runner:
 cdef class _EndpointBase:
     cdef public object runner  # a Runner, or the client's plain-relay fallback bridge
     cdef public object transport, paused, eof, closed, _spare, _in_spare, _hint, pending
-    cdef public object _offered
+    cdef public object _offered, _burst
 
 
 cdef class _LinkBase:

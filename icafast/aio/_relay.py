@@ -76,7 +76,11 @@ class _EndpointBase:
         self.closed = False
         self._spare: bytearray | None = None
         self._in_spare = False
-        self._hint = MIN_READ_SIZE  # grows while reads fill it (bulk), back to small when not
+        #: bytes offered to the next read: doubles while reads fill their offer (bulk); when a
+        #: read drains the socket, the smallest MIN_READ_SIZE * 2**k above the whole burst (the
+        #: reads since the last drain), so that a burst like the last one takes one read
+        self._hint = MIN_READ_SIZE
+        self._burst = 0
         self.pending: list[bytes] = []  # read while the replay buffer was full
         self._offered = 0
 
@@ -109,10 +113,17 @@ class _EndpointBase:
             self.pause()
         else:
             self.runner.engine.commit_view(nbytes)
-            if nbytes >= self._offered and self._hint < READ_SIZE:
-                self._hint *= 2
-            elif nbytes < MIN_READ_SIZE // 4:
-                self._hint = MIN_READ_SIZE
+            if nbytes >= self._offered:  # filled: more may be waiting
+                self._burst += nbytes
+                if self._hint < READ_SIZE:
+                    self._hint *= 2
+            else:  # drained: the burst ends here
+                total = self._burst + nbytes
+                self._burst = 0
+                hint = MIN_READ_SIZE
+                while hint <= total and hint < READ_SIZE:
+                    hint *= 2
+                self._hint = hint
         self.runner.pump()
 
     def eof_received(self) -> bool:
