@@ -4,21 +4,26 @@
 # embedders see the same objects either way.
 
 cdef class _Link:
-    cdef public object id, decoder, phase, nonce, peer_nonce, started, last_rx, last_ping
+    cdef public object id, decoder, phase, nonce, peer_nonce
+    cdef public double started, last_rx, last_ping
     cdef public object ping_ts, peer_max_payload, confirm_secret
 
 
 cdef class SessionEngine:
     cdef dict __dict__
-    cdef public object config, policy, session_id, state, created, tx
+    cdef public object config, _policy, session_id, state, created, tx
+    cdef public double _ack_delay, _handshake_timeout, _keepalive_interval, _dead_timeout
+    cdef public object _frame_size
+    cdef public _Link _link
     cdef public object _tx_sent, _tx_fin, _tx_fin_acked, _peer_ack, _rx, _rx_fin, _rx_acked
     cdef public object _ack_hold, _ack_now, _now, sink_backlog, _ack_due, _ack_threshold
-    cdef public object _link, _link_seq, _out, _events, _disconnected_at
+    cdef public object _link_seq, _out, _events, _disconnected_at
     cdef public object reconnects, bytes_received, replayed_total, last_activity, srtt, rttvar
     cdef public object close_reason
 
     # the per-message path: C calls within the module and from the compiled adapter
     cpdef next_event(self)
+    cpdef _free(self)
     cpdef send_view(self, max_bytes)
     cpdef commit_view(self, n)
     cpdef data_to_send(self, include_data=*)

@@ -128,6 +128,10 @@ class State(str, enum.Enum):
     CLOSED = "CLOSED"
 
 
+_CLOSED = State.CLOSED  # (module constants: faster than the enum's attribute in hot paths)
+_ACTIVE = State.ACTIVE
+
+
 @dataclass(frozen=True)
 class Policy:
     """Timeouts that govern a session. The server's policy wins: it is sent in ACCEPT."""
@@ -273,6 +277,10 @@ class SessionEngine:
 
     def __init__(self, config: Config, now: float) -> None:
         self.config = config
+        # hot-path copies of settings (the config is frozen; the policy goes through its setter)
+        self._ack_delay = config.ack_delay
+        self._frame_size = config.frame_size
+        self._handshake_timeout = config.handshake_timeout
         self.policy = config.policy
         self.session_id = b""
         self.state = State.CONNECTING
@@ -329,6 +337,9 @@ class SessionEngine:
     @property
     def send_free(self) -> int:
         """Bytes the local source may still send before back-pressure applies."""
+        return self._free()
+
+    def _free(self) -> int:  # (send_free without the property's lookup, for the adapter)
         return 0 if self._tx_fin else self.tx.free
 
     @property
@@ -338,6 +349,17 @@ class SessionEngine:
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
+
+    @property
+    def policy(self) -> Policy:
+        """The timeouts in force: our own until the server's arrive in ACCEPT."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, p: Policy) -> None:
+        self._policy = p
+        self._keepalive_interval = p.keepalive_interval
+        self._dead_timeout = p.dead_timeout
 
     # -- the local source (application or backend) -------------------------------------------
     def send_data(self, data: Any) -> None:
@@ -375,7 +397,7 @@ class SessionEngine:
                 self._out.append(encode_frame(_TYPE_ACK, 0, 0, ackv))
                 self._sent_ack()
             if self._rx != self._rx_acked and self._ack_due is None:
-                self._ack_due = self._now + self.config.ack_delay  # the rest, a little later
+                self._ack_due = self._now + self._ack_delay  # the rest, a little later
         out = self._out
         if not out:
             return out
@@ -390,7 +412,7 @@ class SessionEngine:
         out = self._out
         fin = self._tx_fin
         if sent < end:
-            size = min(self.config.frame_size, link.peer_max_payload)
+            size = min(self._frame_size, link.peer_max_payload)
             rx = self._ack_value()
             tx = self.tx
             while sent < end:
@@ -448,7 +470,7 @@ class SessionEngine:
         """Bytes received on the current link."""
         self._now = now
         link = self._link
-        if link is None or self.state is State.CLOSED:
+        if link is None or self.state is _CLOSED:
             return
         if link.phase != _ESTABLISHED and link.decoder.offset == 0 and not link.decoder.buffered:
             first = memoryview(data)[:1].tobytes()
@@ -497,7 +519,7 @@ class SessionEngine:
             else:
                 raise ProtocolError(f"unexpected frame type 0x{t:02x} on an established link")
         if self._rx != self._rx_acked and self._ack_due is None:
-            self._ack_due = now + self.config.ack_delay  # data_to_send may ack sooner
+            self._ack_due = now + self._ack_delay  # data_to_send may ack sooner
         self._check_done()
 
     def _tx_limit(self) -> int:
@@ -619,19 +641,19 @@ class SessionEngine:
     # -- timers ------------------------------------------------------------------------------
     def get_timer(self) -> float | None:
         """The next time ``handle_timer`` must be called (None: no deadline)."""
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return None
         t: float | None = None
         link = self._link
         if link is not None:
             if link.phase == _ESTABLISHED:
-                p = self.policy
-                t = max(link.last_rx, link.last_ping) + p.keepalive_interval
-                t = min(t, link.last_rx + p.dead_timeout)
+                last_rx = link.last_rx
+                t = max(last_rx, link.last_ping) + self._keepalive_interval
+                t = min(t, last_rx + self._dead_timeout)
                 if self._ack_due is not None and self._ack_due < t:
                     t = self._ack_due
             else:
-                t = link.started + self.config.handshake_timeout
+                t = link.started + self._handshake_timeout
         t2 = self._extra_timer()
         if t2 is not None and (t is None or t2 < t):
             t = t2
@@ -1119,7 +1141,7 @@ class ServerSession(SessionEngine):
         self._expiry = now + p.reliability_timeout
 
     def _check_done(self) -> None:
-        if self._rx_fin and self._tx_fin_acked and self.state is State.ACTIVE:
+        if self._rx_fin and self._tx_fin_acked and self.state is _ACTIVE:
             self.close(CLOSE_DONE, "both directions finished")
 
     def _extra_timer(self) -> float | None:

@@ -5,19 +5,23 @@
 from icafast.protocol cimport SessionEngine
 
 
-cdef class Runner:
-    cdef dict __dict__
-    cdef object __weakref__
-    cdef public object loop, name, endpoint, link, on_status, _timer, _timer_at, _done
-    cdef public object _close_link_after_flush, closed_future
-    cdef public SessionEngine engine
-
-
 cdef class _EndpointBase:
     cdef public object runner  # a Runner, or the client's plain-relay fallback bridge
-    cdef public object transport, paused, eof, closed, _spare, _in_spare, _hint, pending
-    cdef public object _offered, _burst
+    cdef public object transport, _spare, pending
+    cdef public bint paused, eof, closed, _in_spare
+    cdef public Py_ssize_t _hint, _offered, _burst
 
 
 cdef class _LinkBase:
-    cdef public object owner, transport, link_id, write_paused, closed, peer, join_writes
+    cdef public object owner, transport, link_id, peer
+    cdef public bint write_paused, closed, join_writes
+
+
+cdef class Runner:
+    cdef dict __dict__
+    cdef object __weakref__
+    cdef public object loop, name, on_status, _timer, _timer_at, closed_future
+    cdef public bint _done, _close_link_after_flush
+    cdef public SessionEngine engine
+    cdef public _EndpointBase endpoint
+    cdef public _LinkBase link

@@ -25,6 +25,7 @@ from .. import events as ev
 from ..protocol import CLOSE_ABORTED, SessionEngine, State
 
 log = logging.getLogger("icafast")
+_DataReceived = ev.DataReceived
 
 READ_SIZE = 256 * 1024  # bytes per receive when data is flowing
 MIN_READ_SIZE = 16 * 1024  # ... and when it is not (idle sessions stay small)
@@ -360,7 +361,7 @@ class Runner:
         """Carry out everything the engine wants: events, bytes, back-pressure, timer."""
         eng = self.engine
         while (e := eng.next_event()) is not None:
-            if type(e) is ev.DataReceived:
+            if type(e) is _DataReceived:
                 self._deliver(e.data)  # the common case, without the subclasses' dispatch
             else:
                 self.handle_event(e)
@@ -391,9 +392,9 @@ class Runner:
                     self.pump()
                     return
             if ep.paused:
-                if not ep.pending and eng.send_free >= min(READ_SIZE, eng.tx.limit // 4):
+                if not ep.pending and eng._free() >= min(READ_SIZE, eng.tx.limit // 4):
                     ep.resume()
-            elif eng.send_free == 0 and not ep.eof:
+            elif eng._free() == 0 and not ep.eof:
                 ep.pause()
         self._schedule()
 
