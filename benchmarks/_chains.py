@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
 
 PY = sys.executable
@@ -165,7 +165,7 @@ def tool_version(argv: list[str]) -> str:
     return next((t.strip() for t in text if "version" in t.lower()), text[0] if text else "")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _serve_help() -> str:
     out = subprocess.run([PY, "-m", "icafast", "serve", "--help"], capture_output=True,
                          text=True, timeout=60, cwd=str(ROOT))

@@ -164,7 +164,7 @@ def _run(a: argparse.Namespace, spy: str, procs: Procs, tmp: Path) -> int:
     # chain.started is [server hop, client hop]
     pids = list(reversed(pids)) if w != "idle" else pids
     spies = []
-    for name, pid in zip(names, pids):
+    for name, pid in zip(names, pids, strict=True):
         raw = tmp / f"{w}-{name}.txt"
         argv = [spy, "record", "--pid", str(pid), "--duration", str(int(a.seconds)), "--rate",
                 "250", "--format", "raw", "--output", str(raw)]

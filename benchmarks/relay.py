@@ -36,6 +36,7 @@ import os
 import platform
 import resource
 import selectors
+import signal
 import statistics
 import subprocess
 import sys
@@ -416,10 +417,8 @@ class Bench:
                 t0 = time.monotonic()
                 shares = [level * (i + 1) // nclients - level * i // nclients
                           for i in range(nclients)]
-                cum = [0] * nclients
-                for i, p in enumerate(clients):
-                    cum[i] = shares[i]
-                replies = self._ask(clients, [f"open {c}" for c in cum], 600)
+                # each client holds its share of the level's sessions (a total, not a delta)
+                replies = self._ask(clients, [f"open {c}" for c in shares], 600)
                 ok = ok and all(r["ok"] for r in replies)
                 opened = sum(r["sessions"] for r in replies)
                 open_s = time.monotonic() - t0
@@ -462,7 +461,7 @@ class Bench:
 
     def _ask(self, clients: list[subprocess.Popen[bytes]], cmds: list[str],
              timeout: float) -> list[dict[str, Any]]:
-        for p, cmd in zip(clients, cmds):
+        for p, cmd in zip(clients, cmds, strict=True):
             assert p.stdin is not None
             p.stdin.write(cmd.encode() + b"\n")
             p.stdin.flush()
@@ -742,7 +741,7 @@ def report(paths: list[str]) -> str:
             o = res["one_session"]["resume"]
             lines.append(f"| resume, 1 session, {o['n']} resets: p50 / p99 / max ms | icafast | "
                          + " | ".join(f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} / {o['max_ms']:.2f}"
-                                      if x is r else "" for x in runs) + f" |")
+                                      if x is r else "" for x in runs) + " |")
         if "many_sessions" in res:
             m = res["many_sessions"]
             a = m["all_done_ms"]
@@ -814,6 +813,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is None:
         mode = ("pinned" if a.pin else "unpinned") + ("-quick" if a.quick else "")
         a.out = str(ROOT / "benchmarks" / "results" / f"relay-{mode}.json")
+    # SIGTERM (a CI timeout, ``kill``) unwinds like Ctrl-C, so every process started is stopped
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     bench = Bench(a)
     out = bench.run()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

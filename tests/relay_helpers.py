@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import random
+import signal
 import socket
+import subprocess
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
@@ -54,6 +57,23 @@ def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0)
 
             gc.collect()
             loop.close()
+
+
+def stop_process(p: subprocess.Popen, close_pipes: bool = True) -> None:
+    """Stop a process this test started, by its pid: SIGTERM, then SIGKILL after 10 s; close
+    its pipes (unless a reader thread still has to finish with them)."""
+    if p.poll() is None:
+        os.kill(p.pid, signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(10)
+    if not close_pipes:
+        return
+    for f in (p.stdin, p.stdout, p.stderr):
+        if f is not None:
+            f.close()
 
 
 def free_port() -> int:

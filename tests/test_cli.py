@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import threading
 import time
 
 import pytest
-from relay_helpers import free_port
+from relay_helpers import free_port, stop_process
 
 import icafast
 
@@ -109,16 +108,9 @@ class _Proc:
         raise TimeoutError(f"{text!r} not seen; output:\n{''.join(self.lines)}")
 
     def stop(self) -> str:
-        if self.p.poll() is None:
-            os.kill(self.p.pid, signal.SIGTERM)
-            try:
-                self.p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.p.pid, signal.SIGKILL)
-                self.p.wait(10)
-        self._t.join(5)
-        if self.p.stdout is not None:
-            self.p.stdout.close()
+        stop_process(self.p, close_pipes=False)
+        self._t.join(5)  # the reader thread has read everything: now the pipe can close
+        stop_process(self.p)
         return "".join(self.lines)
 
 

@@ -20,7 +20,6 @@ from icafast.protocol import (
     ClientSession,
     Config,
     ServerHandshake,
-    ServerSession,
     State,
     make_proof,
 )

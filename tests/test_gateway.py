@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import subprocess
-
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from relay_helpers import FAST, Backend, Setup, free_port, run_async, wait_for
+from relay_helpers import FAST, Backend, Setup, free_port, run_async, stop_process, wait_for
 
 from icafast import tls
 from icafast.errors import ProtocolError
@@ -53,7 +51,8 @@ def test_proxy_headers_whole_bytewise_and_with_trailing_data(header, source, ver
 @pytest.mark.parametrize("junk", [
     b"GET / HTTP/1.1\r\n", b"PROXY TCP4 999.1.1.1 1.1.1.1 1 2\r\n", b"PROXY TCP4 a b c\r\n",
     b"PROXY " + b"x" * 200, V2_SIGNATURE + bytes([0x31, 0x11, 0, 0]),
-    V2_SIGNATURE + bytes([0x21, 0x11, 0xFF, 0xFF]), V2_SIGNATURE + bytes([0x21, 0x11, 0, 4]) + b"1234",
+    V2_SIGNATURE + bytes([0x21, 0x11, 0xFF, 0xFF]),
+    V2_SIGNATURE + bytes([0x21, 0x11, 0, 4]) + b"1234",
 ])
 def test_bad_proxy_headers_raise_protocol_error(junk):
     p = ProxyHeaderParser()
@@ -188,18 +187,11 @@ backend be
                 # not HAProxy's own connection
                 (row,) = s.server.sessions()
                 live = [p for p in s.proxy.pairs if not p.dead and not p.closed]
-                names = {"%s:%d" % p.server.transport.get_extra_info("sockname")[:2]
+                names = {"{}:{}".format(*p.server.transport.get_extra_info("sockname")[:2])
                          for p in live if p.server and p.server.transport}
                 assert row["client"] in names, (row["client"], names)
             finally:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-                if proc.stdout:
-                    proc.stdout.close()
+                stop_process(proc)
 
     run_async("uvloop", main(), timeout=120)
 

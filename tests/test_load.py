@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
 import time
 
 import pytest
-from relay_helpers import free_port
+from relay_helpers import free_port, stop_process
 
 PY = sys.executable
 SESSIONS = 1000
@@ -97,19 +96,6 @@ def _rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        os.kill(p.pid, signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait(10)
-    for f in (p.stdin, p.stdout):
-        if f is not None:
-            f.close()
-
-
 def _line(p: subprocess.Popen, timeout: float = 120.0) -> str:
     import select
 
@@ -179,4 +165,4 @@ def test_thousand_stalled_sessions_bounded_memory_and_others_flow(tmp_path):
         clients.stdin.flush()
     finally:
         for p in reversed(procs):
-            _stop(p)
+            stop_process(p)

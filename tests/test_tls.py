@@ -11,8 +11,17 @@ import subprocess
 import sys
 
 import pytest
-from relay_helpers import FAST, Backend, Setup, Stats, free_port, recv_stream, run_async, \
-    send_stream, wait_for
+from relay_helpers import (
+    FAST,
+    Backend,
+    Setup,
+    Stats,
+    free_port,
+    recv_stream,
+    run_async,
+    send_stream,
+    wait_for,
+)
 
 from icafast import events as ev
 from icafast import tls
@@ -104,7 +113,7 @@ def test_pinned_fingerprint_session_survives_breaks(tmp_path):
                                           and s.proxy.live_connections > 0, 10)
                     if k == 0:  # frames leave in one TLS write per burst, not one per buffer
                         (runner,) = s.server.sessions_by_id.values()
-                        assert await wait_for(lambda: runner.link is not None, 10)
+                        assert await wait_for(lambda r=runner: r.link is not None, 10)
                         assert runner.link.join_writes
                     await asyncio.sleep(0.05)
                     (s.proxy.reset if k % 2 == 0 else s.proxy.blackhole)()
