@@ -414,7 +414,15 @@ class Runner:
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
-        self.engine.handle_timer(self.now())
+        now = self.now()
+        t = self.engine.get_timer()
+        if t is not None and t > now:
+            # Armed for a deadline that moved later (data or a PING arrived since): nothing is
+            # due, so only re-arm. About half the fires of idle sessions are such.
+            self._timer_at = t
+            self._timer = self.loop.call_at(t, self._on_timer)
+            return
+        self.engine.handle_timer(now)
         self.pump()
 
     # -- events ------------------------------------------------------------------------------
