@@ -141,7 +141,8 @@ def encode_header(type: int, flags: int, seq: int, ack: int, payload: Any = b"")
     return head + _CRC.pack(crc32c(mv, crc32c(head)))
 
 
-def encode_frame(type: int, flags: int = 0, seq: int = 0, ack: int = 0, payload: Any = b"") -> bytes:
+def encode_frame(type: int, flags: int = 0, seq: int = 0, ack: int = 0,
+                 payload: Any = b"") -> bytes:
     """A whole frame (header + payload) as one bytes object."""
     return encode_header(type, flags, seq, ack, payload) + bytes(_as_bytes_view(payload))
 

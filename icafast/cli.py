@@ -288,7 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             backends = backends * len(listens)
         if len(backends) != len(listens):
             raise SystemExit("icafast serve: give one --backend per --listen (paired in order)")
-        for lt, bt in zip(listens, backends):
+        for lt, bt in zip(listens, backends, strict=True):
             lh, lp = parse_hostport(lt, "0.0.0.0", 2598)
             bh, bp = parse_hostport(bt, "127.0.0.1", 1494)
             mappings.append(Mapping(lh, lp, bh, bp))
@@ -464,7 +464,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
                       str(r["reconnects"])])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     print(f"{len(rows)} session(s)")
     return 0
 

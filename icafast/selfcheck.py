@@ -54,10 +54,10 @@ def selfcheck(seconds: float = 0.3) -> int:
     core = _core or _pure
     for size in (1024, 16384, 65536):
         buf = os.urandom(size)
-        crc = _rate(lambda: core.crc32c(buf), size, seconds)
+        crc = _rate(lambda buf=buf: core.crc32c(buf), size, seconds)
         frame = core.encode_frame(FrameType.DATA, 0, 0, 0, buf)
 
-        def roundtrip() -> None:
+        def roundtrip(buf: bytes = buf, frame: bytes = frame) -> None:
             core.encode_header(FrameType.DATA, 0, 0, 0, buf)
             core.FrameDecoder().feed(frame)
 

@@ -53,6 +53,9 @@ def tune_socket(transport: asyncio.BaseTransport, high: int = WRITE_HIGH_WATER,
         transport.set_write_buffer_limits(high=high, low=low)
 
 
+_LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {l_onoff=1, l_linger=0}
+
+
 def abort_with_rst(transport: asyncio.BaseTransport | None) -> None:
     """Close a TCP connection with a reset (SO_LINGER 0), so the peer sees it was not clean."""
     if transport is None or transport.is_closing():
@@ -60,7 +63,7 @@ def abort_with_rst(transport: asyncio.BaseTransport | None) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
         except OSError:
             pass
     transport.abort()  # type: ignore[attr-defined]
