@@ -7,9 +7,9 @@ Data path (one copy each way): the endpoint (application or backend socket) rece
 into the session's replay buffer (``BufferedProtocol.get_buffer`` returns a view of free ring
 space); the engine frames views of that ring and the link transport writes header + payload
 with ``writelines`` (on TLS links, one joined write: see ``_LinkBase``). Received frames are
-parsed in the link's receive buffer and their payloads written to the endpoint as memoryviews;
-when the endpoint's transport keeps such a view queued (it could not send at once), the link
-switches to a fresh receive buffer.
+parsed in the bytes object the event loop hands to the link, and their payloads written to the
+endpoint as memoryviews of it; when the endpoint's transport already holds unsent data, the
+payload is copied instead, so a queued view does not keep a whole received block alive.
 """
 
 from __future__ import annotations
@@ -422,8 +422,7 @@ class Runner:
         if t is not None and t > now:
             # Armed for a deadline that moved later (data or a PING arrived since): nothing is
             # due, so only re-arm. About half the fires of idle sessions are such.
-            self._timer_at = t
-            self._timer = self.loop.call_at(t, self._on_timer)
+            self._schedule()
             return
         self.engine.handle_timer(now)
         self.pump()
