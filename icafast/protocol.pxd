@@ -5,14 +5,14 @@
 
 cdef class _Link:
     cdef public object id, decoder, phase, nonce, peer_nonce
-    cdef public double started, last_rx, last_ping
+    cdef public double started, last_rx, last_heard, last_ping
     cdef public object ping_ts, peer_max_payload, confirm_secret
 
 
 cdef class SessionEngine:
     cdef dict __dict__
     cdef public object config, _policy, session_id, state, created, tx
-    cdef public double _ack_delay, _handshake_timeout, _keepalive_interval, _dead_timeout
+    cdef public double _ack_delay, _handshake_timeout, _ping_after, _dead_timeout
     cdef public object _frame_size
     cdef public _Link _link
     cdef public object _tx_sent, _tx_fin, _tx_fin_acked, _peer_ack, _rx, _rx_fin, _rx_acked

@@ -250,6 +250,7 @@ class _Link:
         "peer_nonce",
         "started",
         "last_rx",
+        "last_heard",
         "last_ping",
         "ping_ts",
         "peer_max_payload",
@@ -264,6 +265,7 @@ class _Link:
         self.peer_nonce = b""
         self.started = now
         self.last_rx = now
+        self.last_heard = now
         self.last_ping = now
         self.ping_ts: int | None = None
         self.peer_max_payload = DEFAULT_MAX_PAYLOAD
@@ -274,6 +276,10 @@ class SessionEngine:
     """What client and server sessions share: the reliable byte stream over changing links."""
 
     role = "?"
+    #: this side PINGs after ``keepalive_interval`` of receive silence; the other side waits
+    #: halfway to the dead timeout, so on an idle link only one PING/PONG pair per interval
+    #: crosses (PROTOCOL.md 5). The server leads: its RTT is what ``icafast sessions`` shows.
+    leads_keepalive = False
 
     def __init__(self, config: Config, now: float) -> None:
         self.config = config
@@ -358,8 +364,11 @@ class SessionEngine:
     @policy.setter
     def policy(self, p: Policy) -> None:
         self._policy = p
-        self._keepalive_interval = p.keepalive_interval
         self._dead_timeout = p.dead_timeout
+        if self.leads_keepalive:
+            self._ping_after = p.keepalive_interval
+        else:
+            self._ping_after = (p.keepalive_interval + p.dead_timeout) / 2
 
     # -- the local source (application or backend) -------------------------------------------
     def send_data(self, data: Any) -> None:
@@ -493,6 +502,7 @@ class SessionEngine:
                 self._link_failed(f"protocol error: {e}", now)
 
     def _receive_frames(self, link: _Link, frames: list[Any], now: float) -> None:
+        heard = True
         if frames and link.confirm_secret:
             self._confirm_secret()
             link.confirm_secret = False
@@ -512,12 +522,17 @@ class SessionEngine:
                 if link.ping_ts is not None and f.seq == link.ping_ts:
                     self._rtt_sample(now - link.last_ping)
                     link.ping_ts = None
+                    # only the answer to our PING: it does not postpone the next one
+                    # (PROTOCOL.md 5), so an idle link's timer fires once per PING
+                    heard = len(frames) != 1
             elif t == _TYPE_CLOSE:
                 code, reason = _parse_reason(f.payload)
                 self._closed(code, f"peer closed: {reason}", graceful=code == CLOSE_DONE)
                 return
             else:
                 raise ProtocolError(f"unexpected frame type 0x{t:02x} on an established link")
+        if heard:
+            link.last_heard = now
         if self._rx != self._rx_acked and self._ack_due is None:
             self._ack_due = now + self._ack_delay  # data_to_send may ack sooner
         self._check_done()
@@ -648,7 +663,7 @@ class SessionEngine:
         if link is not None:
             if link.phase == _ESTABLISHED:
                 last_rx = link.last_rx
-                t = max(last_rx, link.last_ping) + self._keepalive_interval
+                t = max(link.last_heard, link.last_ping) + self._ping_after
                 t = min(t, last_rx + self._dead_timeout)
                 if self._ack_due is not None and self._ack_due < t:
                     t = self._ack_due
@@ -678,15 +693,18 @@ class SessionEngine:
                     if self._ack_due is not None and now >= self._ack_due:
                         self._ack_due = None
                         self._ack_now = True  # the ACK goes out with data_to_send
-                    if now >= max(link.last_rx, link.last_ping) + p.keepalive_interval:
-                        link.last_ping = now
-                        link.ping_ts = _us(now)
-                        self._send_control(FrameType.PING, link.ping_ts)
+                    if now >= max(link.last_heard, link.last_ping) + self._ping_after:
+                        self._ping(link, now)
                         if not len(self.tx):
                             self.tx.shrink()  # idle: give the replay buffer's memory back
             elif now >= link.started + self.config.handshake_timeout:
                 self._link_failed("handshake timed out", now)
         self._handle_extra_timer(now)
+
+    def _ping(self, link: _Link, now: float) -> None:
+        link.last_ping = now
+        link.ping_ts = _us(now)
+        self._send_control(FrameType.PING, link.ping_ts)
 
     def _handle_extra_timer(self, now: float) -> None:
         pass
@@ -813,6 +831,7 @@ class ClientSession(SessionEngine):
             proof = make_proof(self._secret, self.session_id, link.nonce, nonce)
             payload = _RESUME.pack(self.session_id, proof)
             self._out.append(encode_frame(FrameType.RESUME, 0, 0, self._ack_value(), payload))
+            self._sent_ack()  # what RESUME acks is sent: later frames repeat it (4.3)
         else:
             self._out.append(encode_frame(FrameType.NEW, 0, 0, 0))
         link.phase = _AUTH_SENT
@@ -839,7 +858,10 @@ class ClientSession(SessionEngine):
         self.policy = self.server_policy
         replay = self._rewind(f.ack)
         link.phase = _ESTABLISHED
-        link.last_rx = link.last_ping = now
+        link.last_rx = link.last_heard = now
+        # one PING per link for an RTT sample here too: idle links are kept alive by the
+        # server's PINGs, which give only the server RTT samples (PROTOCOL.md 5)
+        self._ping(link, now)
         self.state = State.ACTIVE
         if self._ever_established:
             self.reconnects += 1
@@ -916,6 +938,11 @@ class ClientSession(SessionEngine):
 
     def _extra_timer(self) -> float | None:
         return self._reconnect_at if self._link is None else None
+
+    def _ping(self, link: _Link, now: float) -> None:
+        link.last_ping = now
+        link.ping_ts = _us(now)
+        self._send_control(FrameType.PING, link.ping_ts)
 
     def _handle_extra_timer(self, now: float) -> None:
         if self._link is None and self._reconnect_at is not None and now >= self._reconnect_at:
@@ -1060,6 +1087,7 @@ class ServerSession(SessionEngine):
     """A session seen from the server (one per client session; owns one backend connection)."""
 
     role = "server"
+    leads_keepalive = True
 
     def __init__(self, config: Config, now: float) -> None:
         super().__init__(config, now)
@@ -1146,6 +1174,11 @@ class ServerSession(SessionEngine):
 
     def _extra_timer(self) -> float | None:
         return self._expiry if self._link is None else None
+
+    def _ping(self, link: _Link, now: float) -> None:
+        link.last_ping = now
+        link.ping_ts = _us(now)
+        self._send_control(FrameType.PING, link.ping_ts)
 
     def _handle_extra_timer(self, now: float) -> None:
         if self._link is not None or self._expiry is None or now < self._expiry:

@@ -367,6 +367,9 @@ def heal(h: Harness) -> None:
     """Let the session recover: reconnect, resume, replay; until everything is delivered."""
     h.auto_reconnect = True
     for _ in range(300):
+        if (h.client.state is State.DISCONNECTED and not h.client.link_id
+                and h.client.get_timer() is None):
+            h.open_link()  # its ReconnectDue came while the scenario held reconnects back
         h.pump()
         srv = server_of(h)
         if (srv is not None and len(h.s_recv) == len(h.c_sent) and len(h.c_recv) == len(h.s_sent)

@@ -23,6 +23,7 @@ from icafast.protocol import (
     State,
     make_proof,
 )
+from icafast import FrameDecoder
 from icafast.wire import FrameType
 
 SMALL = Config(frame_size=100, replay_limit=4096, keepalive_interval=1.0, dead_timeout=3.0,
@@ -107,6 +108,91 @@ def test_keepalive_measures_rtt_and_keeps_idle_link_alive():
     assert h.client.state is State.ACTIVE and h.server.state is State.ACTIVE
     assert not of(ev.LinkLost, h.client_events + h.server_events)
     assert h.client.srtt is not None and h.server.srtt is not None
+
+
+def _pings(data: bytes) -> int:
+    return sum(f.type == FrameType.PING for f in FrameDecoder().feed(data))
+
+
+def test_idle_link_keepalive_is_led_by_the_server():
+    """On an idle link only the server PINGs (once per keepalive interval) and the client
+    answers: one PING/PONG pair per interval instead of two crossing. The client still has an
+    RTT sample, from its one PING when the link came up."""
+    h = Harness(SMALL)  # keepalive 1 s, dead 3 s
+    h.open_link()
+    h.pump()
+    assert h.client.srtt is not None
+    w = h.wire
+    pings = {"client": 0, "server": 0}
+    for _ in range(40):  # 20 s idle
+        h.advance(0.5)  # timers fire: what they sent waits on the wire
+        pings["client"] += _pings(bytes(w.c2s))
+        pings["server"] += _pings(bytes(w.s2c))
+        h.pump()
+    assert pings["client"] == 0
+    assert 18 <= pings["server"] <= 20
+    assert h.server.srtt is not None
+    assert not of(ev.LinkLost, h.client_events + h.server_events)
+
+
+def test_pong_does_not_postpone_the_next_ping():
+    """The answer to a PING is not receive activity for the PING schedule (PROTOCOL.md 5): the
+    server's next PING is due one interval after its last, not after the PONG, so an adapter's
+    timer armed when the PING left still fires on time."""
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.advance(1.0)
+    t_ping = h.now
+    assert _pings(bytes(h.wire.s2c)) == 1
+    assert h.server.get_timer() == pytest.approx(t_ping + 1.0)
+    h.deliver_s2c()  # the client answers ...
+    h.now += 0.05  # ... and the PONG takes 50 ms
+    h.deliver_c2s()
+    assert h.server.srtt is not None
+    assert h.server.get_timer() == pytest.approx(t_ping + 1.0)
+    h.client_send(b"x")  # anything else received does postpone it
+    h.pump()
+    t_data = h.now
+    h.advance(0.25)  # past the ack delay: the ACK for it is out
+    h.pump()
+    assert h.server.get_timer() == pytest.approx(t_data + 1.0)
+
+
+def test_client_pings_when_the_server_is_silent():
+    """The client's own PING is the fallback: after (keepalive + dead) / 2 of receive
+    silence, so a live link is kept alive by a peer that never PINGs, and a dead one is still
+    found at the dead timeout."""
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    w = h.wire
+    t0 = h.now
+    assert h.client.get_timer() == pytest.approx(t0 + 2.0)
+    h.advance(1.9)
+    assert _pings(bytes(w.c2s)) == 0
+    w.s2c.clear()  # the server's PING is lost (a peer that does not PING)
+    h.advance(0.1)
+    assert _pings(bytes(w.c2s)) == 1
+    h.advance(1.0)  # nothing comes back: dead at 3 s
+    assert of(ev.LinkLost, h.client_events)
+
+
+def test_frames_after_resume_never_ack_below_the_resume():
+    """The ack RESUME carries counts as sent: a control frame right after ACCEPT (the client's
+    PING) repeats it rather than an older one, which the server would take as an ack going
+    backwards."""
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.server_send(b"x" * 100)
+    h.deliver_s2c()  # received; its ACK waits for the ack delay
+    h.reset()
+    h.advance(0)  # reconnect, RESUME with ack 100
+    h.pump()
+    assert h.client.established and h.server.established
+    assert [e.reason for e in of(ev.LinkLost, h.server_events)] == ["connection reset"]
+    assert h.client.srtt is not None
 
 
 def test_takeover_of_half_open_link():
