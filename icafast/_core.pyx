@@ -677,7 +677,8 @@ cdef class ReplayBuffer:
         cdef uint64_t want
         self._wv = 0
         if size == 0:
-            self._set_storage(bytearray())
+            if self._cap:  # (already empty: nothing to allocate)
+                self._set_storage(bytearray())
             self._head = 0
             return
         want = INITIAL_CAPACITY

@@ -366,7 +366,8 @@ class ReplayBuffer:
         size = self._end - self._start
         self._wv = 0
         if size == 0:
-            self._buf = bytearray()
+            if self._buf:  # (already empty: nothing to allocate)
+                self._buf = bytearray()
             self._head = 0
             return
         want = _INITIAL_CAPACITY

@@ -518,6 +518,7 @@ class SessionEngine:
                 pass
             elif t == _TYPE_PING:
                 self._send_control(FrameType.PONG, f.seq)
+                self._shrink_if_idle()  # the peer heard nothing for an interval
             elif t == _TYPE_PONG:
                 if link.ping_ts is not None and f.seq == link.ping_ts:
                     self._rtt_sample(now - link.last_ping)
@@ -695,11 +696,14 @@ class SessionEngine:
                         self._ack_now = True  # the ACK goes out with data_to_send
                     if now >= max(link.last_heard, link.last_ping) + self._ping_after:
                         self._ping(link, now)
-                        if not len(self.tx):
-                            self.tx.shrink()  # idle: give the replay buffer's memory back
+                        self._shrink_if_idle()
             elif now >= link.started + self.config.handshake_timeout:
                 self._link_failed("handshake timed out", now)
         self._handle_extra_timer(now)
+
+    def _shrink_if_idle(self) -> None:
+        if not len(self.tx):
+            self.tx.shrink()  # idle: give the replay buffer's memory back
 
     def _ping(self, link: _Link, now: float) -> None:
         link.last_ping = now
@@ -939,6 +943,10 @@ class ClientSession(SessionEngine):
     def _extra_timer(self) -> float | None:
         return self._reconnect_at if self._link is None else None
 
+    def _shrink_if_idle(self) -> None:
+        if not len(self.tx):
+            self.tx.shrink()  # idle: give the replay buffer's memory back
+
     def _ping(self, link: _Link, now: float) -> None:
         link.last_ping = now
         link.ping_ts = _us(now)
@@ -1174,6 +1182,10 @@ class ServerSession(SessionEngine):
 
     def _extra_timer(self) -> float | None:
         return self._expiry if self._link is None else None
+
+    def _shrink_if_idle(self) -> None:
+        if not len(self.tx):
+            self.tx.shrink()  # idle: give the replay buffer's memory back
 
     def _ping(self, link: _Link, now: float) -> None:
         link.last_ping = now

@@ -178,6 +178,25 @@ def test_client_pings_when_the_server_is_silent():
     assert of(ev.LinkLost, h.client_events)
 
 
+def test_idle_sessions_give_back_replay_memory():
+    """Once everything sent is acknowledged and the link idles for a keepalive interval, both
+    ends drop their replay storage (the server when it PINGs, the client when it is PINGed)."""
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.client_send(b"c" * 3000)
+    h.server_send(b"s" * 3000)
+    h.pump()
+    h.advance(0.3)  # the ack delay: both acknowledged
+    h.pump()
+    assert h.client.unacked == 0 and h.server.unacked == 0
+    assert h.client.tx.capacity > 0 and h.server.tx.capacity > 0
+    for _ in range(3):
+        h.advance(0.5)
+        h.pump()
+    assert h.client.tx.capacity == 0 and h.server.tx.capacity == 0
+
+
 def test_frames_after_resume_never_ack_below_the_resume():
     """The ack RESUME carries counts as sent: a control frame right after ACCEPT (the client's
     PING) repeats it rather than an older one, which the server would take as an ack going

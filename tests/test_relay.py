@@ -20,7 +20,14 @@ from relay_helpers import (
 
 from icafast import events as ev
 from icafast.aio import Mapping, RelayServer, open_session
-from icafast.aio._relay import MIN_READ_SIZE, READ_SIZE, WRITE_HIGH_WATER, Endpoint
+from icafast.aio._relay import (
+    MIN_READ_SIZE,
+    READ_SIZE,
+    TIMER_TICK,
+    WRITE_HIGH_WATER,
+    Endpoint,
+    _ticks_of,
+)
 from icafast.aio.server import control_request
 from icafast.protocol import (
     REJECT_BAD_PROOF,
@@ -481,6 +488,35 @@ def test_many_sessions_at_once_stay_separate():
                 w.close()
 
     run_async("uvloop", main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_idle_sessions_share_timer_ticks(loop):
+    """Idle sessions' keepalive deadlines are rounded up to shared ticks (one loop timer per
+    tick for all of them), and the keepalive still runs: the server's PINGs are answered and
+    no link is lost."""
+    cfg = Config(keepalive_interval=0.3, dead_timeout=1.2, reliability_timeout=20)
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), config=cfg) as s:
+            pairs = [await s.client(config=cfg) for _ in range(30)]
+            for r, w in pairs:
+                w.write(b"x")
+                assert await r.readexactly(1) == b"x"
+            await asyncio.sleep(1.0)  # idle for three keepalive intervals
+            runners = list(s.server.sessions_by_id.values())
+            assert len(runners) == 30
+            assert all(r.engine.srtt is not None for r in runners)
+            assert not [e for e in s.events if isinstance(e, ev.LinkLost)]
+            ticks = _ticks_of(asyncio.get_running_loop())
+            for r in runners:
+                assert r._timer is None and r._tick in ticks.due
+                assert r._timer_at == r._tick * TIMER_TICK >= r.engine.get_timer()
+            # all deadlines lie within one keepalive interval (0.3 s: at most 20 ticks), so
+            # some of the 30 sessions share a tick, and so a loop timer
+            assert len({r._tick for r in runners}) <= 20
+
+    run_async(loop, main())
 
 
 def test_server_handshake_engine_rejects_version_mismatch():

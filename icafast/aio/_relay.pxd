@@ -20,7 +20,8 @@ cdef class _LinkBase:
 cdef class Runner:
     cdef dict __dict__
     cdef object __weakref__
-    cdef public object loop, name, on_status, _timer, _timer_at, closed_future
+    cdef public object loop, name, on_status, _timer, _timer_at, _ticks, closed_future
+    cdef public long long _tick
     cdef public bint _done, _close_link_after_flush
     cdef public SessionEngine engine
     cdef public _EndpointBase endpoint

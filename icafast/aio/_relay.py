@@ -36,6 +36,48 @@ ENDPOINT_HIGH_WATER = 64 * 1024  # the application/backend side
 ENDPOINT_LOW_WATER = 16 * 1024
 
 
+#: Session deadlines further away than COALESCE_AFTER are rounded up to the next multiple of
+#: TIMER_TICK (whole milliseconds, the event loops' timer resolution) and share one loop timer
+#: per tick: a server's thousands of idle keepalive deadlines then cost one loop timer per
+#: tick instead of one per session and fire in bursts (benchmarks/README.md, scale). Nearer
+#: deadlines (an immediate reconnect, a zero delay) keep an exact timer of their own.
+TIMER_TICK = 0.016
+COALESCE_AFTER = 0.1
+
+
+class _Ticks:
+    """The shared timers of one event loop: tick number -> runners due at that tick."""
+
+    __slots__ = ("loop", "due")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.due: dict[int, list[Runner]] = {}
+
+    def add(self, runner: Runner, tick: int) -> None:
+        runners = self.due.get(tick)
+        if runners is None:
+            runners = self.due[tick] = []
+            self.loop.call_at(tick * TIMER_TICK, self._fire, tick)
+        runners.append(runner)
+
+    def _fire(self, tick: int) -> None:
+        for r in self.due.pop(tick, ()):
+            if r._tick == tick:  # still armed for this tick (not cancelled or moved earlier)
+                r._on_timer()
+
+
+_TICKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticks] = \
+    weakref.WeakKeyDictionary()
+
+
+def _ticks_of(loop: asyncio.AbstractEventLoop) -> _Ticks:
+    t = _TICKS.get(loop)
+    if t is None:
+        t = _TICKS[loop] = _Ticks(loop)
+    return t
+
+
 def short_id(sid: bytes) -> str:
     return sid.hex() if sid else "-"
 
@@ -280,8 +322,10 @@ class Runner:
         self.endpoint: Endpoint | None = None
         self.link: Link | None = None
         self.on_status = on_status
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None  # an exact timer of its own, or
+        self._tick = 0  # ... the shared tick it is due at (0: none)
+        self._timer_at: float | None = None  # when the armed one fires
+        self._ticks = _ticks_of(loop)
         self._done = False
         self._close_link_after_flush = False
         self.closed_future: asyncio.Future[ev.SessionClosed] = loop.create_future()
@@ -404,24 +448,38 @@ class Runner:
     def _schedule(self) -> None:
         t = self.engine.get_timer()
         if t is None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = self._timer_at = None
+            self._cancel_timer()
             return
-        if self._timer is not None and self._timer_at is not None and self._timer_at <= t:
+        if self._timer_at is not None and self._timer_at <= t:
             return  # the armed timer fires first; it will re-arm
+        if t - self.loop.time() > COALESCE_AFTER:
+            tick = -int(-t // TIMER_TICK)  # the first tick at or after t
+            if tick == self._tick:
+                return  # a deadline earlier within the same tick
+            self._cancel_timer()
+            self._tick = tick
+            self._timer_at = tick * TIMER_TICK
+            self._ticks.add(self, tick)
+        else:
+            self._cancel_timer()
+            self._timer_at = t
+            self._timer = self.loop.call_at(t, self._on_timer)
+
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer_at = t
-        self._timer = self.loop.call_at(t, self._on_timer)
+            self._timer = None
+        self._tick = 0  # a tick's entry for us is skipped when it fires
+        self._timer_at = None
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
+        self._tick = 0
         now = self.now()
         t = self.engine.get_timer()
         if t is not None and t > now:
             # Armed for a deadline that moved later (data or a PING arrived since): nothing is
-            # due, so only re-arm. About half the fires of idle sessions are such.
+            # due, so only re-arm.
             self._schedule()
             return
         self.engine.handle_timer(now)
@@ -484,9 +542,7 @@ class Runner:
                 ep.transport.close()
             else:
                 abort_with_rst(ep.transport)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = self._timer_at = None
+        self._cancel_timer()
         if not self.closed_future.done():
             self.closed_future.set_result(e)
         self.session_closed(e)
