@@ -839,6 +839,7 @@ class ClientSession(SessionEngine):
         else:
             self._out.append(encode_frame(FrameType.NEW, 0, 0, 0))
         link.phase = _AUTH_SENT
+        link.last_ping = self._now  # when NEW/RESUME left: a resume's ACCEPT is its RTT sample
 
     def _on_accept(self, link: _Link, f: Any, now: float) -> None:
         p = bytes(f.payload)
@@ -863,9 +864,15 @@ class ClientSession(SessionEngine):
         replay = self._rewind(f.ack)
         link.phase = _ESTABLISHED
         link.last_rx = link.last_heard = now
-        # one PING per link for an RTT sample here too: idle links are kept alive by the
-        # server's PINGs, which give only the server RTT samples (PROTOCOL.md 5)
-        self._ping(link, now)
+        # An RTT sample for each link on this side too (idle links are kept alive by the
+        # server's PINGs, which give only the server samples; PROTOCOL.md 5): RESUME -> ACCEPT
+        # is one round trip; a new session's ACCEPT waits for the backend connection, so it
+        # gets one PING instead.
+        if resumed:
+            self._rtt_sample(now - link.last_ping)
+            link.last_ping = now
+        else:
+            self._ping(link, now)
         self.state = State.ACTIVE
         if self._ever_established:
             self.reconnects += 1

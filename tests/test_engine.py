@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from icafast import events as ev
 from icafast.protocol import (
+    CLOSE_ABORTED,
     CLOSE_DONE,
     CLOSE_REJECTED,
     CLOSE_TIMEOUT,
@@ -198,9 +199,9 @@ def test_idle_sessions_give_back_replay_memory():
 
 
 def test_frames_after_resume_never_ack_below_the_resume():
-    """The ack RESUME carries counts as sent: a control frame right after ACCEPT (the client's
-    PING) repeats it rather than an older one, which the server would take as an ack going
-    backwards."""
+    """The ack RESUME carries counts as sent: a control frame soon after ACCEPT (here a CLOSE,
+    before the ack delay has passed) repeats it rather than an older one, which the server
+    would take as an ack going backwards. The resume also gives the client an RTT sample."""
     h = Harness(SMALL)
     h.open_link()
     h.pump()
@@ -210,8 +211,13 @@ def test_frames_after_resume_never_ack_below_the_resume():
     h.advance(0)  # reconnect, RESUME with ack 100
     h.pump()
     assert h.client.established and h.server.established
-    assert [e.reason for e in of(ev.LinkLost, h.server_events)] == ["connection reset"]
     assert h.client.srtt is not None
+    h.client.close(CLOSE_ABORTED, "application went away", h.now)
+    h.pump()
+    lost = [e.reason for e in of(ev.LinkLost, h.server_events)]
+    assert lost == ["connection reset"]
+    (closed,) = of(ev.SessionClosed, h.server_events)
+    assert "application went away" in closed.reason
 
 
 def test_takeover_of_half_open_link():
