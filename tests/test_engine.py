@@ -9,6 +9,7 @@ from engine_harness import Harness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from icafast import FrameDecoder
 from icafast import events as ev
 from icafast.protocol import (
     CLOSE_ABORTED,
@@ -24,7 +25,6 @@ from icafast.protocol import (
     State,
     make_proof,
 )
-from icafast import FrameDecoder
 from icafast.wire import FrameType
 
 SMALL = Config(frame_size=100, replay_limit=4096, keepalive_interval=1.0, dead_timeout=3.0,
