@@ -65,7 +65,8 @@ def compiled_modules() -> dict[str, bool]:
         if origin is None:
             spec = importlib.util.find_spec(name)
             origin = spec.origin if spec is not None else None
-        out[name] = bool(origin) and origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+        out[name] = origin is not None and origin.endswith(
+            tuple(importlib.machinery.EXTENSION_SUFFIXES))
     return out
 
 

@@ -166,6 +166,7 @@ class FrameDecoder:
         self._max = max_payload
         self._hdr = bytearray()  # partial header
         self._fields: tuple[int, int, int, int, int, int] | None = None  # parsed header
+        self._hdrbytes = b""  # ... and its bytes
         self._body: bytearray | None = None  # payload being assembled (the bytes so far)
         self._have = 0
         self._offset = 0  # stream offset of the frame being decoded

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
@@ -55,7 +56,7 @@ def _seconds(text: str) -> float:
     return v
 
 
-_CONFIG_KEYS = {
+_CONFIG_KEYS: dict[str, Callable[[Any], Any]] = {
     "keepalive_interval": float,
     "dead_timeout": float,
     "reliability_timeout": float,

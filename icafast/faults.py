@@ -91,9 +91,9 @@ class _Pair:
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = _Side(self, "server")
+        server = self.server = _Side(self, "server")
         try:
-            await loop.create_connection(lambda: self.server, self.proxy.target_host,
+            await loop.create_connection(lambda: server, self.proxy.target_host,
                                          self.proxy.target_port)
         except OSError:
             abort_with_rst(self.client.transport)

@@ -27,7 +27,7 @@ def selfcheck(seconds: float = 0.3) -> int:
         from . import _core  # type: ignore[attr-defined]
     except ImportError as e:
         print(f"compiled core: NOT AVAILABLE ({e}); using the pure-Python twin")
-        _core = None
+        _core = None  # type: ignore[assignment]
     rng = random.Random(1)
     ok = True
     if _core is not None:

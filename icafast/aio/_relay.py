@@ -136,7 +136,7 @@ class _EndpointBase:
         self.transport = transport
         # what waits for a slow sink is bounded by the peer's replay limit plus this
         tune_socket(transport, high=ENDPOINT_HIGH_WATER, low=ENDPOINT_LOW_WATER)
-        self.runner.endpoint_made(self)
+        self.runner.endpoint_made(cast(Endpoint, self))
 
     def get_buffer(self, sizehint: int) -> memoryview | bytearray:
         eng = self.runner.engine
