@@ -950,15 +950,6 @@ class ClientSession(SessionEngine):
     def _extra_timer(self) -> float | None:
         return self._reconnect_at if self._link is None else None
 
-    def _shrink_if_idle(self) -> None:
-        if not len(self.tx):
-            self.tx.shrink()  # idle: give the replay buffer's memory back
-
-    def _ping(self, link: _Link, now: float) -> None:
-        link.last_ping = now
-        link.ping_ts = _us(now)
-        self._send_control(FrameType.PING, link.ping_ts)
-
     def _handle_extra_timer(self, now: float) -> None:
         if self._link is None and self._reconnect_at is not None and now >= self._reconnect_at:
             self._reconnect_at = None
@@ -1189,15 +1180,6 @@ class ServerSession(SessionEngine):
 
     def _extra_timer(self) -> float | None:
         return self._expiry if self._link is None else None
-
-    def _shrink_if_idle(self) -> None:
-        if not len(self.tx):
-            self.tx.shrink()  # idle: give the replay buffer's memory back
-
-    def _ping(self, link: _Link, now: float) -> None:
-        link.last_ping = now
-        link.ping_ts = _us(now)
-        self._send_control(FrameType.PING, link.ping_ts)
 
     def _handle_extra_timer(self, now: float) -> None:
         if self._link is not None or self._expiry is None or now < self._expiry:

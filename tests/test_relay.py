@@ -26,6 +26,7 @@ from icafast.aio._relay import (
     TIMER_TICK,
     WRITE_HIGH_WATER,
     Endpoint,
+    Runner,
     _ticks_of,
 )
 from icafast.aio.server import control_request
@@ -36,6 +37,7 @@ from icafast.protocol import (
     ClientSession,
     Config,
     ServerHandshake,
+    ServerSession,
     State,
 )
 from icafast.wire import HEADER_SIZE, FrameType
@@ -517,6 +519,34 @@ def test_idle_sessions_share_timer_ticks(loop):
             assert len({r._tick for r in runners}) <= 20
 
     run_async(loop, main())
+
+
+def test_a_failing_timer_does_not_stop_the_others_of_its_tick(caplog):
+    """Runners due at the same tick share one loop timer: one that raises is logged, and the
+    others still fire."""
+    fired = []
+
+    class Boom(Runner):
+        def _on_timer(self) -> None:
+            raise RuntimeError("boom")
+
+    class Counted(Runner):
+        def _on_timer(self) -> None:
+            fired.append(self.name)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        runners = [cls(loop, ServerSession(Config(), loop.time()), name)
+                   for cls, name in ((Counted, "a"), (Boom, "b"), (Counted, "c"))]
+        tick = -int(-(loop.time() + 0.05) // TIMER_TICK)
+        for r in runners:
+            r._tick = tick
+            r._ticks.add(r, tick)
+        await asyncio.sleep(0.05 + 2 * TIMER_TICK)
+
+    run_async("asyncio", main())
+    assert fired == ["a", "c"]
+    assert "timer failed" in caplog.text and "boom" in caplog.text
 
 
 def test_server_handshake_engine_rejects_version_mismatch():

@@ -64,7 +64,10 @@ class _Ticks:
     def _fire(self, tick: int) -> None:
         for r in self.due.pop(tick, ()):
             if r._tick == tick:  # still armed for this tick (not cancelled or moved earlier)
-                r._on_timer()
+                try:
+                    r._on_timer()
+                except Exception:  # one session's failure must not cost the others their timers
+                    log.exception("session %s: timer failed", r.sid)
 
 
 _TICKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticks] = \
