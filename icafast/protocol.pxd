@@ -10,7 +10,9 @@ cdef class _Link:
 
 
 cdef class SessionEngine:
-    cdef dict __dict__
+    # No instance __dict__: the compiled adapter's calls of the cpdef methods below then go
+    # straight to C (an instance dict makes Cython look each call up, in case an attribute
+    # overrides the method; 10,000 sessions defeat its cache).
     cdef public object config, _policy, session_id, state, created, tx
     cdef public double _ack_delay, _handshake_timeout, _ping_after, _dead_timeout
     cdef public object _frame_size
@@ -39,6 +41,12 @@ cdef class SessionEngine:
     cpdef _check_done(self)
     cpdef get_timer(self)
     cpdef _extra_timer(self)
+    # ... and an idle session's keepalive: its timer and the PING / PONG frames
+    cpdef handle_timer(self, double now)
+    cpdef _handle_extra_timer(self, now)
+    cpdef _ping(self, _Link link, double now)
+    cpdef _send_control(self, ftype, seq=*, payload=*)
+    cpdef _shrink_if_idle(self)
 
 
 cdef class ClientSession(SessionEngine):
@@ -46,6 +54,7 @@ cdef class ClientSession(SessionEngine):
     cdef public object server_policy, _close_pending, _first_attempt_at
 
     cpdef _extra_timer(self)
+    cpdef _handle_extra_timer(self, now)
 
 
 cdef class ServerHandshake:
@@ -60,3 +69,4 @@ cdef class ServerSession(SessionEngine):
 
     cpdef _check_done(self)
     cpdef _extra_timer(self)
+    cpdef _handle_extra_timer(self, now)

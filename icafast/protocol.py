@@ -457,10 +457,10 @@ class SessionEngine:
         self._ack_due = None
         self._ack_now = False
 
-    def _send_control(self, type: int, seq: int = 0, payload: bytes = b"") -> None:
+    def _send_control(self, ftype: int, seq: int = 0, payload: bytes = b"") -> None:
         # Control frames repeat the last ack sent; ack progress is decided in data_to_send,
         # after the adapter has delivered what was received (so sink_backlog is current).
-        self._out.append(encode_frame(type, 0, seq, self._rx_acked, payload))
+        self._out.append(encode_frame(ftype, 0, seq, self._rx_acked, payload))
 
     def hold_acks(self, hold: bool) -> None:
         """The local sink (application or backend) stopped taking data (``hold=True``) or took
@@ -517,7 +517,7 @@ class SessionEngine:
             elif t == _TYPE_ACK:
                 pass
             elif t == _TYPE_PING:
-                self._send_control(FrameType.PONG, f.seq)
+                self._send_control(_TYPE_PONG, f.seq)
                 self._shrink_if_idle()  # the peer heard nothing for an interval
             elif t == _TYPE_PONG:
                 if link.ping_ts is not None and f.seq == link.ping_ts:
@@ -680,13 +680,12 @@ class SessionEngine:
 
     def handle_timer(self, now: float) -> None:
         self._now = now
-        if self.state is State.CLOSED:
+        if self.state is _CLOSED:
             return
         link = self._link
         if link is not None:
             if link.phase == _ESTABLISHED:
-                p = self.policy
-                if now >= link.last_rx + p.dead_timeout:
+                if now >= link.last_rx + self._dead_timeout:
                     self._link_failed(
                         f"dead: nothing received for {now - link.last_rx:.1f}s", now
                     )
@@ -697,7 +696,7 @@ class SessionEngine:
                     if now >= max(link.last_heard, link.last_ping) + self._ping_after:
                         self._ping(link, now)
                         self._shrink_if_idle()
-            elif now >= link.started + self.config.handshake_timeout:
+            elif now >= link.started + self._handshake_timeout:
                 self._link_failed("handshake timed out", now)
         self._handle_extra_timer(now)
 
@@ -707,8 +706,8 @@ class SessionEngine:
 
     def _ping(self, link: _Link, now: float) -> None:
         link.last_ping = now
-        link.ping_ts = _us(now)
-        self._send_control(FrameType.PING, link.ping_ts)
+        link.ping_ts = int(now * 1_000_000) & MAX_OFFSET  # (_us, inlined)
+        self._send_control(_TYPE_PING, link.ping_ts)
 
     def _handle_extra_timer(self, now: float) -> None:
         pass

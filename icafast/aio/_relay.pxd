@@ -2,6 +2,8 @@
 # (see icafast/protocol.pxd): the per-message path (endpoint and link callbacks, the runner's
 # pump) then runs without dictionary lookups. Attributes are public: adapters, tests and
 # embedders see the same objects either way.
+cimport cython
+
 from icafast.protocol cimport SessionEngine
 
 
@@ -17,12 +19,33 @@ cdef class _LinkBase:
     cdef public bint write_paused, closed, join_writes
 
 
+cdef class Runner
+
+
+cdef class _Ticks:
+    cdef public object loop
+    cdef public dict due
+
+    cpdef add(self, Runner runner, long long tick)
+    @cython.locals(r=Runner)
+    cpdef _fire(self, long long tick)
+
+
 cdef class Runner:
     cdef dict __dict__
     cdef object __weakref__
-    cdef public object loop, name, on_status, _timer, _timer_at, _ticks, closed_future
+    cdef public object loop, name, on_status, _timer, _timer_at, closed_future
+    cdef public _Ticks _ticks
     cdef public long long _tick
     cdef public bint _done, _close_link_after_flush
     cdef public SessionEngine engine
     cdef public _EndpointBase endpoint
     cdef public _LinkBase link
+
+    # the per-message path and the timers, as C methods for the calls within this module
+    # (their Python-visible entry points are pump() and _on_timer())
+    cdef _pump(self)
+    cdef _schedule(self)
+    cdef _cancel_timer(self)
+    cdef _timer_fired(self)
+    cdef _deliver(self, data)

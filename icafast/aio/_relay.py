@@ -65,7 +65,7 @@ class _Ticks:
         for r in self.due.pop(tick, ()):
             if r._tick == tick:  # still armed for this tick (not cancelled or moved earlier)
                 try:
-                    r._on_timer()
+                    r._timer_fired()
                 except Exception:  # one session's failure must not cost the others their timers
                     log.exception("session %s: timer failed", r.sid)
 
@@ -350,7 +350,7 @@ class Runner:
             self._drain_pending()
             if self.endpoint is not None and not self.endpoint.pending:
                 self.engine.send_eof()
-        self.pump()
+        self._pump()
 
     def endpoint_lost(self, exc: Exception | None) -> None:
         eng = self.engine
@@ -361,12 +361,12 @@ class Runner:
             if not eng._tx_fin:  # noqa: SLF001 - pending data still to queue
                 self._drain_pending()
                 eng.send_eof()
-            self.pump()
+            self._pump()
             return
         what = "application" if eng.role == "client" else "backend"
         eng.close(CLOSE_ABORTED, f"{what} connection {'reset: ' + str(exc) if exc else 'closed'}",
                   self.now())
-        self.pump()
+        self._pump()
 
     def sink_paused(self) -> None:
         # Keep reading the link (keepalives must flow, or a live link would look dead). What
@@ -375,7 +375,7 @@ class Runner:
         pass
 
     def sink_resumed(self) -> None:
-        self.pump()  # the backlog shrank: acknowledge
+        self._pump()  # the backlog shrank: acknowledge
 
     def _drain_pending(self) -> None:
         ep = self.endpoint
@@ -392,23 +392,26 @@ class Runner:
     def link_data(self, link: Link, data: bytes) -> None:
         if link is not self.link:
             return
-        self.engine.receive_data(data, self.now())
-        self.pump()
+        self.engine.receive_data(data, self.loop.time())
+        self._pump()
 
     def link_lost(self, link: Link, reason: str) -> None:
         link.closed = True
         if link is self.link:
             self.link = None
             self.engine.connection_lost(self.now(), reason, link_id=link.link_id)
-            self.pump()
+            self._pump()
 
     def link_writable(self, link: Link) -> None:
         if link is self.link:
-            self.pump()
+            self._pump()
 
     # -- the pump ----------------------------------------------------------------------------
     def pump(self) -> None:
         """Carry out everything the engine wants: events, bytes, back-pressure, timer."""
+        self._pump()
+
+    def _pump(self) -> None:  # (compiled: a C method, for the calls within this module)
         eng = self.engine
         while (e := eng.next_event()) is not None:
             if type(e) is _DataReceived:
@@ -439,7 +442,7 @@ class Runner:
                 self._drain_pending()
                 if not ep.pending and ep.eof and not eng._tx_fin:  # noqa: SLF001
                     eng.send_eof()
-                    self.pump()
+                    self._pump()
                     return
             if ep.paused:
                 if not ep.pending and eng._free() >= min(READ_SIZE, eng.tx.limit // 4):
@@ -476,9 +479,12 @@ class Runner:
         self._timer_at = None
 
     def _on_timer(self) -> None:
+        self._timer_fired()
+
+    def _timer_fired(self) -> None:
         self._timer = self._timer_at = None
         self._tick = 0
-        now = self.now()
+        now = self.loop.time()
         t = self.engine.get_timer()
         if t is not None and t > now:
             # Armed for a deadline that moved later (data or a PING arrived since): nothing is
@@ -486,7 +492,7 @@ class Runner:
             self._schedule()
             return
         self.engine.handle_timer(now)
-        self.pump()
+        self._pump()
 
     # -- events ------------------------------------------------------------------------------
     def _deliver(self, data: Any) -> None:
@@ -554,7 +560,7 @@ class Runner:
         """End the session now: CLOSE to the peer if possible, reset both connections."""
         if not self._done:
             self.engine.close(CLOSE_ABORTED, reason, self.now())
-            self.pump()
+            self._pump()
         if self.link is not None:
             self.link.close(abort=True)
             self.link = None
