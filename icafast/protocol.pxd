@@ -47,6 +47,7 @@ cdef class SessionEngine:
     cpdef _ping(self, _Link link, double now)
     cpdef _send_control(self, ftype, seq=*, payload=*)
     cpdef _shrink_if_idle(self)
+    cpdef _rtt_sample(self, double r)
 
 
 cdef class ClientSession(SessionEngine):

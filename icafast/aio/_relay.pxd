@@ -37,7 +37,7 @@ cdef class Runner:
     cdef public object loop, name, on_status, _timer, _timer_at, closed_future
     cdef public _Ticks _ticks
     cdef public long long _tick
-    cdef public bint _done, _close_link_after_flush
+    cdef public bint _done, _close_link_after_flush, _sink_written
     cdef public SessionEngine engine
     cdef public _EndpointBase endpoint
     cdef public _LinkBase link

@@ -331,6 +331,7 @@ class Runner:
         self._ticks = _ticks_of(loop)
         self._done = False
         self._close_link_after_flush = False
+        self._sink_written = False  # bytes written to the endpoint since its backlog was read
         self.closed_future: asyncio.Future[ev.SessionClosed] = loop.create_future()
         RUNNERS.add(self)
 
@@ -419,9 +420,11 @@ class Runner:
             else:
                 self.handle_event(e)
         ep = self.endpoint
-        if ep is not None and ep.transport is not None and not ep.closed:
+        if ep is not None and ep.transport is not None and not ep.closed and (
+                self._sink_written or eng.sink_backlog):  # (else it is still 0)
             # not yet taken by the sink: not acknowledged (bounds what piles up there)
             eng.sink_backlog = ep.transport.get_write_buffer_size()
+            self._sink_written = False
         link = self.link
         if link is not None and link.transport is not None and not link.closed:
             bufs = eng.data_to_send(not link.write_paused)
@@ -504,6 +507,7 @@ class Runner:
                 t.write(bytes(data))
             else:
                 t.write(data)
+            self._sink_written = True
 
     def handle_event(self, e: ev.Event) -> None:
         ep = self.endpoint
