@@ -22,6 +22,7 @@ cdef class SessionEngine:
     cdef public object _link_seq, _out, _events, _disconnected_at
     cdef public object reconnects, bytes_received, replayed_total, last_activity, srtt, rttvar
     cdef public object close_reason
+    cdef public bint _tx_shrunk
 
     # the per-message path: C calls within the module and from the compiled adapter
     cpdef next_event(self)

@@ -7,19 +7,25 @@ cimport cython
 from icafast.protocol cimport SessionEngine
 
 
+cdef class Runner
+
+
 cdef class _EndpointBase:
     cdef public object runner  # a Runner, or the client's plain-relay fallback bridge
     cdef public object transport, _spare, pending
     cdef public bint paused, eof, closed, _in_spare
     cdef public Py_ssize_t _hint, _offered, _burst
 
+    @cython.locals(r=Runner)
+    cpdef buffer_updated(self, Py_ssize_t nbytes)
+
 
 cdef class _LinkBase:
     cdef public object owner, transport, link_id, peer
     cdef public bint write_paused, closed, join_writes
 
-
-cdef class Runner
+    @cython.locals(r=Runner)
+    cpdef data_received(self, data)
 
 
 cdef class _Ticks:
@@ -49,3 +55,4 @@ cdef class Runner:
     cdef _cancel_timer(self)
     cdef _timer_fired(self)
     cdef _deliver(self, data)
+    cdef _link_data(self, _LinkBase link, data)

@@ -173,7 +173,12 @@ class _EndpointBase:
                 while hint <= total and hint < READ_SIZE:
                     hint *= 2
                 self._hint = hint
-        self.runner.pump()
+        runner = self.runner
+        if isinstance(runner, Runner):
+            r = runner  # (compiled: typed, so the call below is a C call)
+            r._pump()
+        else:  # the client's plain-relay fallback bridge
+            runner.pump()
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -232,7 +237,12 @@ class _LinkBase:
         self.owner.link_made(self)
 
     def data_received(self, data: bytes) -> None:  # type: ignore[override]
-        self.owner.link_data(self, data)
+        owner = self.owner
+        if isinstance(owner, Runner):
+            r = owner  # (compiled: typed, so the call below is a C call)
+            r._link_data(self, data)
+        else:  # the server's handshake handler, or a lingering link's discarder
+            owner.link_data(self, data)
 
     def eof_received(self) -> bool:
         self.owner.link_lost(self, "connection closed by peer")
@@ -391,6 +401,9 @@ class Runner:
         raise NotImplementedError
 
     def link_data(self, link: Link, data: bytes) -> None:
+        self._link_data(link, data)
+
+    def _link_data(self, link: _LinkBase, data: bytes) -> None:
         if link is not self.link:
             return
         self.engine.receive_data(data, self.loop.time())
