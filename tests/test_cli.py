@@ -31,6 +31,27 @@ def test_compiled_core_in_use_when_required():
     assert icafast.compiled_modules() == {"icafast.protocol": True, "icafast.aio._relay": True}
 
 
+def test_compiled_engine_has_no_instance_dict():
+    """The compiled adapter calls the engine's cpdef methods straight in C only while engines
+    have no instance __dict__: with one, Cython looks each call up on the instance first, and
+    with thousands of sessions its cache never hits (benchmarks/README.md, the idle path)."""
+    from icafast import protocol
+    from icafast.protocol import ClientSession, Config, ServerSession
+
+    if not icafast.compiled_modules()["icafast.protocol"]:
+        pytest.skip("the engine runs from its Python source here")
+    assert not protocol.__file__.endswith(".py")
+    for engine in (ClientSession(Config(), 0.0), ServerSession(Config(), 0.0)):
+        assert not hasattr(engine, "__dict__"), type(engine)
+
+    class Embedded(ServerSession):  # an embedder's subclass may still add attributes
+        pass
+
+    e = Embedded(Config(), 0.0)
+    e.note = "ok"
+    assert e.note == "ok"
+
+
 def test_engine_and_relay_run_from_python_source():
     """The build compiles the engine and the relay's per-message path from their .py source;
     the rest of the suite runs what the build made, so this runs the engine's tests and the
