@@ -3,6 +3,9 @@
 # runs unchanged where it is not compiled). Attributes are public so that adapters, tests and
 # embedders see the same objects either way.
 
+cpdef _us(double now)  # (a C call from the PING path)
+
+
 cdef class _Link:
     cdef public object id, decoder, phase, nonce, peer_nonce
     cdef public double started, last_rx, last_heard, last_ping
@@ -22,7 +25,6 @@ cdef class SessionEngine:
     cdef public object _link_seq, _out, _events, _disconnected_at
     cdef public object reconnects, bytes_received, replayed_total, last_activity, srtt, rttvar
     cdef public object close_reason
-    cdef public bint _tx_shrunk
 
     # the per-message path: C calls within the module and from the compiled adapter
     cpdef next_event(self)

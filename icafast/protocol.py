@@ -292,7 +292,6 @@ class SessionEngine:
         self.state = State.CONNECTING
         self.created = now
         self.tx = ReplayBuffer(config.replay_limit)
-        self._tx_shrunk = False  # shrunk while empty, and not written since
         self._tx_sent = 0  # next offset to frame on the current link (FIN counts as one)
         self._tx_fin = False  # the local source ended: FIN sits at offset tx.end
         self._tx_fin_acked = False
@@ -376,12 +375,10 @@ class SessionEngine:
         """Queue stream bytes; raises ReplayFullError (nothing queued) past ``send_free``."""
         if self._tx_fin:
             raise ProtocolError("send_data after send_eof")
-        self._tx_shrunk = False
         self.tx.append(data)
 
     def send_view(self, max_bytes: int) -> memoryview:
         """Writable view into the replay buffer for receiving straight into it (recv_into)."""
-        self._tx_shrunk = False
         return self.tx.write_view(max_bytes)
 
     def commit_view(self, n: int) -> None:
@@ -704,13 +701,12 @@ class SessionEngine:
         self._handle_extra_timer(now)
 
     def _shrink_if_idle(self) -> None:
-        if not self._tx_shrunk and not len(self.tx):
+        if not len(self.tx):
             self.tx.shrink()  # idle: give the replay buffer's memory back
-            self._tx_shrunk = True
 
     def _ping(self, link: _Link, now: float) -> None:
         link.last_ping = now
-        link.ping_ts = int(now * 1_000_000) & MAX_OFFSET  # (_us, inlined)
+        link.ping_ts = _us(now)
         self._send_control(_TYPE_PING, link.ping_ts)
 
     def _handle_extra_timer(self, now: float) -> None:
