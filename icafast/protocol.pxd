@@ -28,6 +28,7 @@ cdef class SessionEngine:
 
     # the per-message path: C calls within the module and from the compiled adapter
     cpdef next_event(self)
+    cpdef _next_raw(self)
     cpdef _free(self)
     cpdef send_view(self, max_bytes)
     cpdef commit_view(self, n)

@@ -310,7 +310,8 @@ class SessionEngine:
         self._link: _Link | None = None
         self._link_seq = 0
         self._out: list[Any] = []
-        self._events: deque[Event] = deque()
+        #: events, and received stream bytes as bare chunks (``next_event`` wraps them)
+        self._events: deque[Any] = deque()
         self._disconnected_at: float | None = None
         # statistics for ``icafast sessions`` and logs
         self.reconnects = 0
@@ -354,6 +355,14 @@ class SessionEngine:
         return self._rx_fin and self._tx_fin_acked
 
     def next_event(self) -> Event | None:
+        if not self._events:
+            return None
+        e = self._events.popleft()
+        return e if isinstance(e, Event) else DataReceived(e)
+
+    def _next_raw(self) -> Any:
+        """``next_event()`` for the adapter: received stream bytes come as the bytes-like
+        chunk itself, not wrapped in a DataReceived (which costs an object per frame)."""
         return self._events.popleft() if self._events else None
 
     @property
@@ -572,7 +581,7 @@ class SessionEngine:
             self._rx = rx + n - skip
             self.bytes_received += n - skip
             self.last_activity = now
-            self._events.append(DataReceived(chunk))
+            self._events.append(chunk)  # next_event() wraps it in a DataReceived
         if f.flags & FLAG_FIN and s + n == self._rx:
             self._rx_fin = True
             self._rx += 1

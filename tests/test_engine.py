@@ -643,3 +643,30 @@ def test_abort_while_disconnected_is_delivered_on_reconnect():
     assert h.client.state is State.CLOSED and h.server.state is State.CLOSED
     sc = of(ev.SessionClosed, h.server_events)[-1]
     assert sc.code == CLOSE_ABORTED and "application connection reset" in sc.reason
+
+
+def test_adapter_drain_gives_the_same_stream_as_next_event():
+    """The relay drains received bytes as bare chunks (``_next_raw``), the public API as
+    DataReceived events: the same bytes and events, in the same order."""
+    data = pattern(5, 1000)
+    seen = {}
+    for how in ("next_event", "_next_raw"):
+        h = Harness(SMALL)
+        h.open_link()
+        h.pump()
+        h.client_send(data)  # 10 DATA frames of 100 bytes
+        h.client.send_eof()
+        h._client_out()
+        w = h.wire
+        s = w.session
+        s.receive_data(bytes(w.c2s), h.now)  # one read: several frames, then the FIN
+        w.c2s.clear()
+        got = []
+        while (e := getattr(s, how)()) is not None:
+            if how == "_next_raw" and not isinstance(e, ev.Event):
+                e = ev.DataReceived(e)
+            got.append(bytes(e.data) if isinstance(e, ev.DataReceived) else type(e).__name__)
+        seen[how] = got
+    assert b"".join(x for x in seen["next_event"] if isinstance(x, bytes)) == data
+    assert seen["next_event"][-1] == "StreamEnded" and len(seen["next_event"]) == 11
+    assert seen["_next_raw"] == seen["next_event"]

@@ -25,7 +25,7 @@ from .. import events as ev
 from ..protocol import CLOSE_ABORTED, SessionEngine, State
 
 log = logging.getLogger("icafast")
-_DataReceived = ev.DataReceived
+_Event = ev.Event
 
 READ_SIZE = 256 * 1024  # bytes per receive when data is flowing
 MIN_READ_SIZE = 16 * 1024  # ... and when it is not (idle sessions stay small)
@@ -427,9 +427,9 @@ class Runner:
 
     def _pump(self) -> None:  # (compiled: a C method, for the calls within this module)
         eng = self.engine
-        while (e := eng.next_event()) is not None:
-            if type(e) is _DataReceived:
-                self._deliver(e.data)  # the common case, without the subclasses' dispatch
+        while (e := eng._next_raw()) is not None:
+            if not isinstance(e, _Event):
+                self._deliver(e)  # received bytes: the common case, without the dispatch
             else:
                 self.handle_event(e)
         ep = self.endpoint
