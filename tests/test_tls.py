@@ -26,7 +26,6 @@ from relay_helpers import (
 from icafast import events as ev
 from icafast import tls
 from icafast.aio import Mapping, RelayServer, open_session
-from icafast.aio._relay import TLSLink
 
 PY = sys.executable
 
@@ -130,47 +129,6 @@ def test_pinned_fingerprint_session_survives_breaks(tmp_path):
             assert sum(1 for e in cev if isinstance(e, ev.LinkUp) and e.resumed) >= 6
 
     run_async("uvloop", main(), timeout=120)
-
-
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-def test_tls_links_share_one_receive_buffer_without_mixing_streams(tmp_path, loop):
-    """TLS links decrypt into one receive buffer per event loop (TLSLink). Here the server and
-    all clients run on one loop, so every link of every session shares it: concurrent streams
-    both ways, through a reset, must arrive intact and each in its own session."""
-    cert, key, fp = _pair(tmp_path)
-    size, n = 2 * 1024 * 1024, 4
-
-    async def main() -> None:
-        async with Setup(Backend("echo"), ssl=tls.server_context(cert, key)) as s:
-            apps, tasks = [], []
-            for i in range(n):
-                reader, writer = await s.client(tls=tls.client_context(fingerprint=fp))
-                app = Stats()
-                apps.append(app)
-                tasks.append(send_stream(writer, size, 10 + i, app, chunk=64 * 1024))
-                tasks.append(recv_stream(reader, app))
-
-            async def breaker() -> None:
-                assert await wait_for(lambda: len(s.server.sessions_by_id) == n, 10)
-                for r in s.server.sessions_by_id.values():
-                    assert await wait_for(lambda r=r: r.link is not None, 10)
-                    # the transport decrypts into our buffer only for a buffered protocol
-                    assert isinstance(r.link, TLSLink)
-                    assert isinstance(r.link, asyncio.BufferedProtocol)
-                    assert not isinstance(r.link, asyncio.Protocol)
-                await asyncio.sleep(0.05)
-                s.proxy.reset()
-
-            await asyncio.gather(*tasks, breaker())
-            assert await wait_for(lambda: s.backend.closed == n, 20)
-            assert len(s.backend.conns) == n
-            # every session's own stream (distinct seeds) came back to it, whole and unmixed
-            for a in apps:
-                assert a.received == size and a.eof
-                assert a.recv_hash.digest() == a.sent_hash.digest()
-            assert len({a.sent_hash.digest() for a in apps}) == n
-
-    run_async(loop, main(), timeout=120)
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])

@@ -278,41 +278,6 @@ class Link(_LinkBase, asyncio.Protocol):
     small) and payload memoryviews into it stay valid however long a transport queues them."""
 
 
-#: The receive buffer of each event loop's TLS links (see TLSLink).
-_TLS_RECV: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, memoryview] = \
-    weakref.WeakKeyDictionary()
-TLS_RECV_SIZE = 256 * 1024
-
-
-class TLSLink(_LinkBase, asyncio.BufferedProtocol):
-    """A Link over the event loop's TLS transport.
-
-    The TLS transport decrypts into the buffer its protocol gives it (``get_buffer``) when the
-    protocol is a BufferedProtocol; with a plain Protocol it instead asks the TLS object for a
-    new 256 KiB bytes object per record, which is then shrunk to what the record held: for small
-    messages, an allocation from the system (mmap) and its release per record. Here all TLS links
-    of an event loop decrypt into one shared buffer and the bytes are copied out at once, so that
-    the link sees an immutable bytes object, exactly as a plain Link does. (Not a subclass of
-    Link: a TLS transport treats its protocol as buffered only if it is no asyncio.Protocol.)"""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        loop = asyncio.get_running_loop()
-        buf = _TLS_RECV.get(loop)
-        if buf is None:
-            buf = _TLS_RECV[loop] = memoryview(bytearray(TLS_RECV_SIZE))
-        self._recv = buf
-        super().connection_made(transport)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._recv
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self._recv[:nbytes].tobytes())
-
-
-#: Either kind of link (for annotations).
-AnyLink = Link | TLSLink
-
 StatusCallback = Callable[[ev.Event, SessionEngine], None]
 
 LINGER = 2.0  # seconds a link stays open after our CLOSE, so the peer reads it
@@ -321,20 +286,20 @@ LINGER = 2.0  # seconds a link stays open after our CLOSE, so the peer reads it
 class _Discard:
     """Owner of a lingering link: whatever still arrives is dropped."""
 
-    def link_made(self, link: AnyLink) -> None:  # pragma: no cover - never called
+    def link_made(self, link: Link) -> None:  # pragma: no cover - never called
         pass
 
-    def link_data(self, link: AnyLink, data: bytes) -> None:
+    def link_data(self, link: Link, data: bytes) -> None:
         pass
 
-    def link_lost(self, link: AnyLink, reason: str) -> None:
+    def link_lost(self, link: Link, reason: str) -> None:
         link.close()
 
-    def link_writable(self, link: AnyLink) -> None:
+    def link_writable(self, link: Link) -> None:
         pass
 
 
-def _linger(loop: asyncio.AbstractEventLoop, link: AnyLink) -> None:
+def _linger(loop: asyncio.AbstractEventLoop, link: Link) -> None:
     """Close a link after the CLOSE frame we just queued has reached the peer.
 
     Closing a socket that still has unread data makes the kernel send a reset at once and drop
@@ -368,7 +333,7 @@ class Runner:
         self.engine = engine
         self.name = name
         self.endpoint: Endpoint | None = None
-        self.link: AnyLink | None = None
+        self.link: Link | None = None
         self.on_status = on_status
         self._timer: asyncio.TimerHandle | None = None  # an exact timer of its own, or
         self._tick = 0  # ... the shared tick it is due at (0: none)
@@ -432,10 +397,10 @@ class Runner:
             eng.send_data(ep.pending.pop(0))
 
     # -- link side ---------------------------------------------------------------------------
-    def link_made(self, link: AnyLink) -> None:
+    def link_made(self, link: Link) -> None:
         raise NotImplementedError
 
-    def link_data(self, link: AnyLink, data: bytes) -> None:
+    def link_data(self, link: Link, data: bytes) -> None:
         self._link_data(link, data)
 
     def _link_data(self, link: _LinkBase, data: bytes) -> None:
@@ -444,14 +409,14 @@ class Runner:
         self.engine.receive_data(data, self.loop.time())
         self._pump()
 
-    def link_lost(self, link: AnyLink, reason: str) -> None:
+    def link_lost(self, link: Link, reason: str) -> None:
         link.closed = True
         if link is self.link:
             self.link = None
             self.engine.connection_lost(self.now(), reason, link_id=link.link_id)
             self._pump()
 
-    def link_writable(self, link: AnyLink) -> None:
+    def link_writable(self, link: Link) -> None:
         if link is self.link:
             self._pump()
 

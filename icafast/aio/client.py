@@ -18,16 +18,7 @@ from typing import Any, cast
 from .. import events as ev
 from ..protocol import CLOSE_ABORTED, ClientSession, Config, State
 from ..tls import ClientTLS, TLSVerifyError, check_peer
-from ._relay import (
-    AnyLink,
-    Endpoint,
-    Link,
-    Runner,
-    StatusCallback,
-    TLSLink,
-    abort_with_rst,
-    tune_socket,
-)
+from ._relay import Endpoint, Link, Runner, StatusCallback, abort_with_rst, tune_socket
 
 log = logging.getLogger("icafast")
 
@@ -72,8 +63,7 @@ class _ClientRunner(Runner):
                   "ssl_handshake_timeout": self.engine.config.handshake_timeout}
         try:
             await asyncio.wait_for(
-                self.loop.create_connection(lambda: (Link if tls is None else TLSLink)(self),
-                                        host, port, **kw),
+                self.loop.create_connection(lambda: Link(self), host, port, **kw),
                 self.engine.config.handshake_timeout,
             )
         except (OSError, asyncio.TimeoutError) as e:
@@ -86,7 +76,7 @@ class _ClientRunner(Runner):
                 self.engine.connect_failed(reason, self.now())
                 self.pump()
 
-    def link_made(self, link: AnyLink) -> None:
+    def link_made(self, link: Link) -> None:
         if self.engine.state is State.CLOSED or self._done:
             link.close(abort=True)
             return

@@ -32,7 +32,7 @@ from ..protocol import (
     State,
 )
 from ..proxyproto import ProxyHeaderParser
-from ._relay import AnyLink, Endpoint, Link, Runner, StatusCallback, TLSLink, short_id
+from ._relay import Endpoint, Link, Runner, StatusCallback, short_id
 
 log = logging.getLogger("icafast")
 
@@ -143,7 +143,7 @@ class _PendingLink:
     def __init__(self, server: RelayServer, mapping: Mapping) -> None:
         self.server = server
         self.mapping = mapping
-        self.link: AnyLink = Link(self) if server.ssl is None else TLSLink(self)
+        self.link: Link = Link(self)
         self.hs: ServerHandshake = ServerHandshake(server.config, server.loop.time())
         self.proxy: ProxyHeaderParser | None = (
             ProxyHeaderParser() if server.proxy_protocol else None
@@ -151,7 +151,7 @@ class _PendingLink:
         self._timer: asyncio.TimerHandle | None = None
         self._attached = False
 
-    def link_made(self, link: AnyLink) -> None:
+    def link_made(self, link: Link) -> None:
         srv = self.server
         if len(srv._handshaking) >= srv.max_handshakes:
             srv._note_overload(link.peer)
@@ -168,7 +168,7 @@ class _PendingLink:
         self.hs.handle_timer(self.server.loop.time())
         self._process()
 
-    def link_data(self, link: AnyLink, data: memoryview) -> None:
+    def link_data(self, link: Link, data: memoryview) -> None:
         if self.proxy is not None and not self.proxy.done:
             try:
                 rest = self.proxy.feed(data)
@@ -188,11 +188,11 @@ class _PendingLink:
         self.hs.receive_data(data, self.server.loop.time())
         self._process()
 
-    def link_lost(self, link: AnyLink, reason: str) -> None:
+    def link_lost(self, link: Link, reason: str) -> None:
         link.closed = True
         self.detach()
 
-    def link_writable(self, link: AnyLink) -> None:
+    def link_writable(self, link: Link) -> None:
         pass
 
     def detach(self) -> None:
