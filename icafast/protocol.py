@@ -355,10 +355,8 @@ class SessionEngine:
         return self._rx_fin and self._tx_fin_acked
 
     def next_event(self) -> Event | None:
-        if not self._events:
-            return None
-        e = self._events.popleft()
-        return e if isinstance(e, Event) else DataReceived(e)
+        e = self._next_raw()
+        return e if e is None or isinstance(e, Event) else DataReceived(e)
 
     def _next_raw(self) -> Any:
         """``next_event()`` for the adapter: received stream bytes come as the bytes-like
