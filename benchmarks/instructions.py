@@ -1,0 +1,134 @@
+"""User-space instructions per round trip in one relay process: a figure the machine's noise
+cannot move.
+
+``python -m benchmarks.instructions [--chains icafast uvloop-min] [--hop server client]``
+
+Wall-clock figures on a shared machine move by tens of percent from run to run (see
+benchmarks/README.md); instruction counts do not. This runs one hop of a two-hop chain under
+``valgrind --tool=callgrind`` (the other hop and the echo backend run normally), sends 64-byte
+round trips through the chain, and counts the instructions that hop executes in user space
+(kernel time is not counted: the syscalls are the same for every Python relay here, six per round
+trip). It does that twice, with ``--warmup`` and with ``--warmup + --count`` round trips, and
+reports the difference divided by ``--count``: start-up, imports and shutdown cancel out.
+
+Chains: ``icafast`` (compiled), ``icafast-tls``, ``uvloop-min`` (the minimal uvloop forwarder of
+``benchmarks/_workers.py``: the floor for a relay on Python + uvloop), and ``icafast-ref`` /
+``icafast-tls-ref`` (icafast from the checkout given with ``--ref``, for A/B comparisons).
+Needs valgrind (Debian package ``valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ._chains import (
+    PY,
+    ROOT,
+    Procs,
+    free_port,
+    icafast_argv,
+    tls_files,
+    wait_listening,
+    which,
+)
+
+CHAINS = ("icafast", "icafast-tls", "uvloop-min", "icafast-ref", "icafast-tls-ref")
+
+
+def _hop_argv(chain: str, hop: str, listen: int, target: int, tmp: Path) -> list[str]:
+    if chain == "uvloop-min":
+        return [PY, "-m", "benchmarks._workers", "forward", "--listen", str(listen),
+                "--target", str(target)]
+    tls = tls_files(tmp) if "tls" in chain else None
+    return icafast_argv("serve" if hop == "server" else "connect", listen, target, tls=tls)
+
+
+def _summary(path: Path) -> int:
+    for line in path.read_text(errors="replace").splitlines():
+        m = re.match(r"(?:summary|totals): (\d+)", line)
+        if m:
+            return int(m.group(1))
+    raise RuntimeError(f"no instruction total in {path}")
+
+
+def measure(chain: str, hop: str, rounds: int, ref: Path | None, tmp: Path) -> int:
+    """Instructions the measured hop executes in user space over the whole run."""
+    procs = Procs(tmp, pin=False)
+    root = ref if chain.endswith("-ref") else ROOT
+    base = chain.removesuffix("-ref")
+    out = tmp / f"callgrind-{chain}-{hop}-{rounds}-{time.monotonic_ns()}.out"
+    grind = [which("valgrind") or "valgrind", "--tool=callgrind", "-q",
+             f"--callgrind-out-file={out}"]
+    try:
+        eport = free_port()
+        echo = procs.start("echo", [PY, "-m", "benchmarks._workers", "echo-server",
+                                    "--port", str(eport)])
+        wait_listening(eport, echo)
+        mid, front = free_port(), free_port()
+        argv = _hop_argv(base, "server", mid, eport, tmp)
+        server = procs.start("server", [*grind, *argv] if hop == "server" else argv, root=root)
+        wait_listening(mid, server, timeout=120)
+        argv = _hop_argv(base, "client", front, mid, tmp)
+        client = procs.start("client", [*grind, *argv] if hop == "client" else argv, root=root)
+        wait_listening(front, client, timeout=120)
+        rr = procs.start("rr", [PY, "-m", "benchmarks._workers", "rr-client", "--port",
+                                str(front), "--count", str(rounds), "--warmup", "0",
+                                "--timeout", "120"], capture=True)
+        stdout, _ = rr.communicate(timeout=600)
+        procs.stop(rr)
+        if not json.loads(stdout)["ok"]:
+            raise RuntimeError(f"{chain}: round trips delivered wrong bytes")
+        measured = server if hop == "server" else client
+        os.kill(measured.pid, signal.SIGINT)  # a clean exit: callgrind writes its counts
+        measured.wait(120)
+        return _summary(out)
+    finally:
+        procs.stop_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.instructions",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--chains", nargs="+", choices=CHAINS, default=["uvloop-min", "icafast"])
+    p.add_argument("--hop", nargs="+", choices=("server", "client"),
+                   default=["server", "client"])
+    p.add_argument("--warmup", type=int, default=300, help="round trips of the shorter run")
+    p.add_argument("--count", type=int, default=2000,
+                   help="extra round trips of the longer run (the divisor)")
+    p.add_argument("--ref", type=Path, help="checkout for the -ref chains (built in place)")
+    p.add_argument("--out", type=Path, help="JSON results file")
+    a = p.parse_args(argv)
+    if which("valgrind") is None:
+        print("valgrind is not installed (Debian package valgrind): nothing measured")
+        return 1
+    if any(c.endswith("-ref") for c in a.chains) and a.ref is None:
+        p.error("the -ref chains need --ref DIR")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="icafast-instr-") as t:
+        tmp = Path(t)
+        for chain in a.chains:
+            for hop in a.hop:
+                short = measure(chain, hop, a.warmup, a.ref, tmp)
+                long = measure(chain, hop, a.warmup + a.count, a.ref, tmp)
+                per = (long - short) / a.count
+                results.append({"chain": chain, "hop": hop, "instructions_per_round_trip":
+                                round(per), "runs": [short, long], "warmup": a.warmup,
+                                "count": a.count})
+                print(f"{chain:16s} {hop:7s} {per:9,.0f} instructions per round trip",
+                      flush=True)
+    if a.out:
+        a.out.write_text(json.dumps({"workload": "64-byte round trips", "results": results},
+                                    indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
