@@ -118,6 +118,11 @@ _TYPE_PING = int(FrameType.PING)
 _TYPE_PONG = int(FrameType.PONG)
 _TYPE_CLOSE = int(FrameType.CLOSE)
 
+#: DATA frames with at most this much payload are returned by ``data_to_send`` as one bytes
+#: object (header and a copy of the payload); larger ones as the header and a view of the replay
+#: buffer. A second buffer costs the transport more per write than copying this much.
+SMALL_FRAME = 2048
+
 
 class State(str, enum.Enum):
     """Session states, as shown by ``icafast sessions``."""
@@ -435,8 +440,12 @@ class SessionEngine:
                 for v in tx.views(sent, size):
                     n = len(v)
                     last = fin and sent + n == end
-                    out.append(encode_header(_TYPE_DATA, FLAG_FIN if last else 0, sent, rx, v))
-                    out.append(v)
+                    if n > SMALL_FRAME:  # header, then the ring's own bytes (vectored)
+                        out.append(encode_header(_TYPE_DATA, FLAG_FIN if last else 0, sent, rx,
+                                                 v))
+                        out.append(v)
+                    else:  # one buffer: copying a little costs less than a second write buffer
+                        out.append(encode_frame(_TYPE_DATA, FLAG_FIN if last else 0, sent, rx, v))
                     sent += n
                     if last:
                         sent += 1

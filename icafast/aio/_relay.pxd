@@ -16,6 +16,8 @@ cdef class _EndpointBase:
     cdef public bint paused, eof, closed, _in_spare
     cdef public Py_ssize_t _hint, _offered, _burst
 
+    @cython.locals(r=Runner, eng=SessionEngine)
+    cpdef get_buffer(self, Py_ssize_t sizehint)
     @cython.locals(r=Runner)
     cpdef buffer_updated(self, Py_ssize_t nbytes)
 
@@ -40,7 +42,7 @@ cdef class _Ticks:
 cdef class Runner:
     cdef dict __dict__
     cdef object __weakref__
-    cdef public object loop, name, on_status, _timer, _timer_at, closed_future
+    cdef public object loop, name, on_status, _timer, _timer_at, closed_future, _time
     cdef public _Ticks _ticks
     cdef public long long _tick
     cdef public bint _done, _close_link_after_flush, _sink_written

@@ -142,10 +142,16 @@ class _EndpointBase:
         self.runner.endpoint_made(cast(Endpoint, self))
 
     def get_buffer(self, sizehint: int) -> memoryview | bytearray:
-        eng = self.runner.engine
-        if not self.pending and eng.send_free > 0:
-            v = eng.send_view(self._hint)
-            if len(v):
+        runner = self.runner
+        if not self.pending:
+            if isinstance(runner, Runner):
+                r = runner  # (compiled: typed, so the engine's calls below are C calls)
+                eng = r.engine
+                v = eng.send_view(self._hint) if eng._free() > 0 else None
+            else:  # the client's plain-relay fallback bridge
+                b = runner.engine
+                v = b.send_view(self._hint) if b.send_free > 0 else None
+            if v is not None and len(v):
                 self._in_spare = False
                 self._offered = len(v)
                 return v
@@ -161,7 +167,12 @@ class _EndpointBase:
             self.pending.append(bytes(self._spare[:nbytes]))
             self.pause()
         else:
-            self.runner.engine.commit_view(nbytes)
+            runner = self.runner
+            if isinstance(runner, Runner):
+                r = runner
+                r.engine.commit_view(nbytes)
+            else:
+                runner.engine.commit_view(nbytes)
             if nbytes >= self._offered:  # filled: more may be waiting
                 self._burst += nbytes
                 if self._hint < READ_SIZE:
@@ -343,6 +354,7 @@ class Runner:
         self._close_link_after_flush = False
         self._sink_written = False  # bytes written to the endpoint since its backlog was read
         self.closed_future: asyncio.Future[ev.SessionClosed] = loop.create_future()
+        self._time = loop.time  # (bound once: the per-message path calls it)
         RUNNERS.add(self)
 
     @property
@@ -406,7 +418,7 @@ class Runner:
     def _link_data(self, link: _LinkBase, data: bytes) -> None:
         if link is not self.link:
             return
-        self.engine.receive_data(data, self.loop.time())
+        self.engine.receive_data(data, self._time())
         self._pump()
 
     def link_lost(self, link: Link, reason: str) -> None:
@@ -442,7 +454,9 @@ class Runner:
         if link is not None and link.transport is not None and not link.closed:
             bufs = eng.data_to_send(not link.write_paused)
             if bufs:
-                if link.join_writes:
+                if len(bufs) == 1:  # (a round trip's frame: write costs less than writelines)
+                    link.transport.write(bufs[0])
+                elif link.join_writes:
                     link.transport.write(b"".join(bufs))
                 else:
                     link.transport.writelines(bufs)
@@ -515,7 +529,11 @@ class Runner:
         ep = self.endpoint
         if ep is not None and ep.transport is not None and not ep.closed:
             t = ep.transport
-            if t.get_write_buffer_size():
+            if not self._sink_written and not self.engine.sink_backlog:
+                # Nothing written since the last pump found the sink's buffer empty (and only
+                # this method writes to it): the transport sends at once, or keeps the view.
+                t.write(data)
+            elif t.get_write_buffer_size():
                 # it will be queued: copy, so the view does not pin the whole received block
                 t.write(bytes(data))
             else:
