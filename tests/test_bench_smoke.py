@@ -11,6 +11,7 @@ are not installed (socat, haproxy, iperf3, redis) are skipped by the benchmark a
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,3 +57,23 @@ def test_relay_benchmark_quick(tmp_path: Path) -> None:
     assert w["resume"]["many_sessions"]["rounds"]
     levels = w["scale"]["levels"]
     assert levels and levels[-1]["sessions"] == 40
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None,
+                    reason="valgrind is not installed (Debian package valgrind)")
+def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
+    """``python -m benchmarks.instructions`` counts a relay hop's instructions per round trip:
+    it runs, checks the echoed bytes, and gives a positive count for each chain."""
+    out = tmp_path / "instructions.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.instructions", "--chains",
+                           "uvloop-min", "icafast", "--hop", "server", "--warmup", "20",
+                           "--count", "40", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]
+    assert [(r["chain"], r["hop"]) for r in res] == [("uvloop-min", "server"),
+                                                       ("icafast", "server")]
+    for r in res:
+        short, long = r["runs"]
+        assert 0 < short < long, r
+        assert r["instructions_per_round_trip"] > 0, r
