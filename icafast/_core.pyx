@@ -809,6 +809,40 @@ cdef class ReplayBuffer:
             return [self._rmv[pos:pos + n]]
         return [self._rmv[pos:pos + first], self._rmv[0:n - first]]
 
+    def frame(self, type, flags, offset, n, ack):
+        """A whole frame as one bytes object, as ``encode_frame(type, flags, offset, ack,
+        payload)`` gives it, whose payload is the ``n`` buffered bytes from ``offset``: copied
+        straight from the ring (across its wrap too), with no view in between. For small frames,
+        where one buffer to write costs less than a header and a view."""
+        cdef uint64_t o, k, t, f, s, a, pos, first
+        cdef bytes out
+        cdef unsigned char *dst
+        if (_u64(offset, &o) and _u64(n, &k) and self._start <= o <= self._end
+                and k <= self._end - o and _fast_args(type, flags, offset, ack, <Py_ssize_t>k,
+                                                      &t, &f, &s, &a)):
+            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(ICAFAST_HEADER_SIZE + k))
+            dst = <unsigned char *>PyBytes_AS_STRING(out)
+            if k:
+                pos = (self._head + o - self._start) % self._cap
+                first = self._cap - pos
+                if first > k:
+                    first = k
+                memcpy(dst + ICAFAST_HEADER_SIZE, self._ptr + pos, <size_t>first)
+                if first < k:
+                    memcpy(dst + ICAFAST_HEADER_SIZE + first, self._ptr, <size_t>(k - first))
+            icafast_frame_header_encode(dst, <uint8_t>t, <uint8_t>f, s, a,
+                                        dst + ICAFAST_HEADER_SIZE, <uint32_t>k)
+            return out
+        # anything else: the pure twin's code, for its exact checks and errors
+        offset = operator.index(offset)
+        n = operator.index(n)
+        if n < 0 or offset < self._start or offset > self._end or n > self._end - offset:
+            raise ReplayRangeError(
+                f"frame of {n} bytes from {offset} outside the buffered range "
+                f"[{self._start}, {self._end}]"
+            )
+        return encode_frame(type, flags, offset, ack, b"".join(self.views(offset, n)))
+
     def views(self, offset=None, max_bytes=None):
         """The bytes from ``offset`` (default: start) to the end, at most ``max_bytes`` of them,
         as one or two read-only memoryviews in stream order (two when the ring wraps)."""

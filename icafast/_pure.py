@@ -7,6 +7,7 @@ the same messages. Keep it simple and obviously correct rather than fast.
 
 from __future__ import annotations
 
+import operator
 import struct
 from typing import Any
 
@@ -468,6 +469,20 @@ class ReplayBuffer:
         if first < n:
             out.append(buf[: n - first])
         return out
+
+    def frame(self, type: int, flags: int, offset: int, n: int, ack: int) -> bytes:
+        """A whole frame as one bytes object, as ``encode_frame(type, flags, offset, ack,
+        payload)`` gives it, whose payload is the ``n`` buffered bytes from ``offset``: copied
+        straight from the ring (across its wrap too), with no view in between. For small frames,
+        where one buffer to write costs less than a header and a view."""
+        offset = operator.index(offset)
+        n = operator.index(n)
+        if n < 0 or offset < self._start or offset > self._end or n > self._end - offset:
+            raise ReplayRangeError(
+                f"frame of {n} bytes from {offset} outside the buffered range "
+                f"[{self._start}, {self._end}]"
+            )
+        return encode_frame(type, flags, offset, ack, b"".join(self.views(offset, n)))
 
     def views(self, offset: int | None = None, max_bytes: int | None = None) -> list[memoryview]:
         """The bytes from ``offset`` (default: start) to the end, at most ``max_bytes`` of them,

@@ -118,9 +118,10 @@ _TYPE_PING = int(FrameType.PING)
 _TYPE_PONG = int(FrameType.PONG)
 _TYPE_CLOSE = int(FrameType.CLOSE)
 
-#: DATA frames with at most this much payload are returned by ``data_to_send`` as one bytes
-#: object (header and a copy of the payload); larger ones as the header and a view of the replay
-#: buffer. A second buffer costs the transport more per write than copying this much.
+#: The last DATA frame of a burst, when it has at most this much payload, is returned by
+#: ``data_to_send`` as one bytes object (header and a copy of the payload); other frames as the
+#: header and a view of the replay buffer. A second buffer costs the transport more per write
+#: than copying this much.
 SMALL_FRAME = 2048
 
 
@@ -437,15 +438,17 @@ class SessionEngine:
             rx = self._ack_value()
             tx = self.tx
             while sent < end:
-                for v in tx.views(sent, size):
+                n = end - sent
+                if n <= SMALL_FRAME and n <= size:
+                    # one buffer: copying a little costs less than a second buffer to write
+                    out.append(tx.frame(_TYPE_DATA, FLAG_FIN if fin else 0, sent, n, rx))
+                    sent = end + 1 if fin else end
+                    break
+                for v in tx.views(sent, size):  # header, then the ring's own bytes (vectored)
                     n = len(v)
                     last = fin and sent + n == end
-                    if n > SMALL_FRAME:  # header, then the ring's own bytes (vectored)
-                        out.append(encode_header(_TYPE_DATA, FLAG_FIN if last else 0, sent, rx,
-                                                 v))
-                        out.append(v)
-                    else:  # one buffer: copying a little costs less than a second write buffer
-                        out.append(encode_frame(_TYPE_DATA, FLAG_FIN if last else 0, sent, rx, v))
+                    out.append(encode_header(_TYPE_DATA, FLAG_FIN if last else 0, sent, rx, v))
+                    out.append(v)
                     sent += n
                     if last:
                         sent += 1

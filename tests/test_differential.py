@@ -195,6 +195,14 @@ ops = st.lists(
             st.one_of(st.none(), st.floats(-0.2, 1.2)),
             st.one_of(st.none(), st.integers(-2, 40_000), st.sampled_from([2**70, 1e300, "x"])),
         ),
+        st.tuples(
+            st.just("frame"),
+            st.floats(-0.2, 1.2),
+            st.one_of(st.integers(-2, 3000), st.sampled_from([2**70, 1.5, "x", None])),
+            st.sampled_from([0x10, 0x11, 0x99, "x"]),
+            st.sampled_from([0, 1, 2, -1]),
+            st.sampled_from([0, 5, MAX, 2**64, "x"]),
+        ),
         st.tuples(st.just("shrink")),
     ),
     max_size=30,
@@ -237,6 +245,9 @@ def run_replay(core, limit, start, program):
             r = outcome(rb.views, off, op[2])
             if r[0] == "ok":
                 r = ("ok", [(bytes(v), v.readonly, type(v.obj).__name__) for v in r[1]])
+        elif name == "frame":
+            off = rb.start + int(size * op[1])
+            r = outcome(rb.frame, op[3], op[4], off, op[2], op[5])
         else:
             r = outcome(rb.shrink)
         trace.append((name, r, rb.start, rb.end, rb.free, rb.capacity, len(rb), repr(rb)))

@@ -202,6 +202,26 @@ class ReplayModel(RuleBasedStateMachine):
             f"replay from {offset} outside the buffered range [{self.start}, {self.end}]"
         )
 
+    @rule(frac=st.floats(0, 1), n=st.integers(0, 3000), fin=st.booleans(),
+          ack=st.sampled_from([0, 1, MAX_OFFSET]))
+    def frame(self, frac, n, fin, ack):
+        """A whole DATA frame straight from the ring: what encode_frame makes of those bytes,
+        across the ring's wrap too; out of range: ReplayRangeError, nothing changed."""
+        rel = int(len(self.data) * frac)
+        offset = self.start + rel
+        if rel + n <= len(self.data):
+            got = self.rb.frame(0x10, int(fin), offset, n, ack)
+            assert type(got) is bytes
+            assert got == self.core.encode_frame(0x10, int(fin), offset, ack,
+                                                 self.data[rel:rel + n])
+        else:
+            with pytest.raises(ReplayRangeError) as info:
+                self.rb.frame(0x10, 0, offset, n, ack)
+            assert str(info.value) == (
+                f"frame of {n} bytes from {offset} outside the buffered range "
+                f"[{self.start}, {self.end}]"
+            )
+
     @rule()
     def views_negative_max(self):
         with pytest.raises(ValueError, match="^max_bytes must not be negative$"):
@@ -394,3 +414,17 @@ def test_commit_past_max_offset(core):
     with pytest.raises(ValueError, match=r"^stream offset would pass 2\*\*64-1$"):
         rb.commit(1)
     assert rb.end == MAX_OFFSET
+
+
+def test_frame_across_the_wrap(core):
+    """``frame`` copies both pieces when the bytes wrap around the end of the storage."""
+    rb = core.ReplayBuffer(100)  # storage of 100 bytes
+    first, second = blob(80, 1), blob(60, 2)
+    rb.append(first)
+    rb.ack(60)
+    rb.append(second)  # 20 bytes at the end of the storage, 40 at its start
+    assert [len(v) for v in rb.views()] == [40, 40] and rb.capacity == 100
+    data = first[60:] + second
+    for rel, n in ((0, 80), (10, 50), (39, 2), (40, 40), (0, 0), (79, 1)):
+        got = rb.frame(0x10, 1, 60 + rel, n, 7)
+        assert got == core.encode_frame(0x10, 1, 60 + rel, 7, data[rel:rel + n]), (rel, n)
