@@ -369,9 +369,11 @@ cdef class FrameDecoder:
 
     ``feed(data)`` accepts bytes split at any boundary and returns the frames completed by them.
     A payload that lies wholly inside ``data`` is returned as a memoryview into ``data`` (no copy):
-    it is valid as long as the caller does not overwrite ``data``. A payload that spans calls is
-    assembled in a buffer of its exact size, owned by the frame; that buffer grows as the bytes
-    arrive, so memory follows what was received, never what a length field claims.
+    it is valid as long as the caller does not overwrite ``data``; except that one of fewer than
+    ``copy_below`` bytes is returned as a bytes object (a copy, which costs less than a view for
+    small payloads). A payload that spans calls is assembled in a buffer of its exact size, owned
+    by the frame; that buffer grows as the bytes arrive, so memory follows what was received,
+    never what a length field claims.
 
     Any malformed input raises FrameError; the decoder is then unusable (every later call raises
     the same error), because a byte stream cannot be resynchronised after a bad frame.
@@ -388,6 +390,7 @@ cdef class FrameDecoder:
     cdef Py_ssize_t _have            # bytes of it received
     cdef uint64_t _offset            # stream offset of the frame being decoded
     cdef object _error               # the FrameError once poisoned
+    cdef Py_ssize_t _copy_below      # whole payloads shorter than this: bytes copies
     cdef dict __dict__
     cdef object __weakref__
 
@@ -395,8 +398,12 @@ cdef class FrameDecoder:
         self._cmax = DEFAULT_MAX_PAYLOAD
         self._max = DEFAULT_MAX_PAYLOAD
 
-    def __init__(self, max_payload=DEFAULT_MAX_PAYLOAD):
+    def __init__(self, max_payload=DEFAULT_MAX_PAYLOAD, copy_below=0):
         cdef uint64_t m
+        copy_below = operator.index(copy_below)
+        if not 0 <= copy_below <= MAX_PAYLOAD_LIMIT:
+            raise ValueError("copy_below must be in 0..2**32-1")
+        self._copy_below = copy_below
         if _u64(max_payload, &m) and m <= U32_MAX:
             self._cmax = m
         else:
@@ -516,10 +523,14 @@ cdef class FrameDecoder:
                     rc = icafast_frame_verify(hdrp, p + start, <size_t>length, &a, &b)
                     if rc != ICAFAST_FRAME_OK:
                         raise self._fail(rc, a, b)
-                    if mv is None:
-                        mv = _as_bytes_view(data)
                     self._offset += ICAFAST_HEADER_SIZE + <uint64_t>length
-                    out.append(_new_frame(&h, mv[start:start + length]))
+                    if length < self._copy_below:
+                        out.append(_new_frame(&h, PyBytes_FromStringAndSize(
+                            <const char *>p + start, length)))
+                    else:
+                        if mv is None:
+                            mv = _as_bytes_view(data)
+                        out.append(_new_frame(&h, mv[start:start + length]))
                     pos = start + length
                 else:
                     if hdrp != self._hdr:

@@ -153,15 +153,21 @@ class FrameDecoder:
 
     ``feed(data)`` accepts bytes split at any boundary and returns the frames completed by them.
     A payload that lies wholly inside ``data`` is returned as a memoryview into ``data`` (no copy):
-    it is valid as long as the caller does not overwrite ``data``. A payload that spans calls is
-    assembled in a buffer of its exact size, owned by the frame; that buffer grows as the bytes
-    arrive, so memory follows what was received, never what a length field claims.
+    it is valid as long as the caller does not overwrite ``data``; except that one of fewer than
+    ``copy_below`` bytes is returned as a bytes object (a copy, which costs less than a view for
+    small payloads). A payload that spans calls is assembled in a buffer of its exact size, owned
+    by the frame; that buffer grows as the bytes arrive, so memory follows what was received,
+    never what a length field claims.
 
     Any malformed input raises FrameError; the decoder is then unusable (every later call raises
     the same error), because a byte stream cannot be resynchronised after a bad frame.
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, copy_below: int = 0) -> None:
+        copy_below = operator.index(copy_below)
+        if not 0 <= copy_below <= MAX_PAYLOAD_LIMIT:
+            raise ValueError("copy_below must be in 0..2**32-1")
+        self._copy_below = copy_below
         if not 0 <= max_payload <= MAX_PAYLOAD_LIMIT:
             raise ValueError("max_payload must be in 0..2**32-1")
         self._max = max_payload
@@ -254,8 +260,11 @@ class FrameDecoder:
                 break
             fields = self._parse(hdr)
             length = fields[2]
-            if n - start >= length:  # whole payload in this buffer: zero copy
-                out.append(self._finish(hdr, fields, mv[start : start + length]))
+            if n - start >= length:  # whole payload in this buffer: zero copy (or a small copy)
+                payload: Any = mv[start : start + length]
+                if length < self._copy_below:
+                    payload = bytes(payload)
+                out.append(self._finish(hdr, fields, payload))
                 pos = start + length
             else:
                 self._hdrbytes = bytes(hdr)

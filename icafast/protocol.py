@@ -118,10 +118,12 @@ _TYPE_PING = int(FrameType.PING)
 _TYPE_PONG = int(FrameType.PONG)
 _TYPE_CLOSE = int(FrameType.CLOSE)
 
-#: The last DATA frame of a burst, when it has at most this much payload, is returned by
-#: ``data_to_send`` as one bytes object (header and a copy of the payload); other frames as the
-#: header and a view of the replay buffer. A second buffer costs the transport more per write
-#: than copying this much.
+#: Small payloads are copied rather than viewed, where a copy of about this many bytes costs
+#: less than a memoryview and a second buffer to write: the last DATA frame of a burst, if it has
+#: at most this much payload, is returned by ``data_to_send`` as one bytes object (header and a
+#: copy of the payload), other frames as the header and a view of the replay buffer; received
+#: payloads shorter than this come as bytes (``FrameDecoder(copy_below=...)``), longer ones as
+#: views of the received block.
 SMALL_FRAME = 2048
 
 
@@ -805,7 +807,8 @@ class ClientSession(SessionEngine):
         if self._link is not None:
             self._link_failed("replaced by a new connection", now)
         self._reconnect_at = None
-        link = self._new_link(FrameDecoder(self.config.max_payload), _HELLO_SENT, now)
+        link = self._new_link(FrameDecoder(self.config.max_payload, SMALL_FRAME), _HELLO_SENT,
+                              now)
         link.nonce = secrets.token_bytes(NONCE_SIZE)
         self._link = link
         hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION, self.config.max_payload,
@@ -1007,7 +1010,7 @@ class ServerHandshake:
 
     def __init__(self, config: Config, now: float) -> None:
         self.config = config
-        self.decoder = FrameDecoder(config.max_payload)
+        self.decoder = FrameDecoder(config.max_payload, SMALL_FRAME)
         self.nonce = secrets.token_bytes(NONCE_SIZE)
         self.client_nonce = b""
         self.client_max_payload = DEFAULT_MAX_PAYLOAD

@@ -26,6 +26,7 @@ def outcome(fn, *args, **kwargs):
 
 def frame_key(f):
     p = f.payload
+    view = type(p) is memoryview  # (a small payload may be a bytes copy: copy_below)
     return (
         type(f).__name__,
         f.type,
@@ -34,9 +35,9 @@ def frame_key(f):
         f.ack,
         type(p),
         bytes(p),
-        p.readonly,
-        p.format,
-        type(p.obj).__name__,
+        p.readonly if view else None,
+        p.format if view else None,
+        type(p.obj).__name__ if view else None,
         repr(f),
     )
 
@@ -138,9 +139,9 @@ def as_input(chunk: bytes, mode: str):
     return chunk
 
 
-def run_decoder(core, max_payload, chunks, mode):
+def run_decoder(core, max_payload, chunks, mode, copy_below=0):
     steps = []
-    dec = outcome(core.FrameDecoder, max_payload)
+    dec = outcome(core.FrameDecoder, max_payload, copy_below)
     if dec[0] != "ok":
         return [dec]
     dec = dec[1]
@@ -148,7 +149,8 @@ def run_decoder(core, max_payload, chunks, mode):
         data = as_input(c, mode)
         r = outcome(dec.feed, data)
         if r[0] == "ok":
-            r = ("ok", [frame_key(f) for f in r[1]], [f.payload.obj is data for f in r[1]])
+            r = ("ok", [frame_key(f) for f in r[1]],
+                 [getattr(f.payload, "obj", None) is data for f in r[1]])
         steps.append((r, dec.offset, dec.buffered, dec.max_payload))
     r = outcome(dec.feed_eof)
     steps.append((r, dec.offset, dec.buffered))
@@ -164,10 +166,12 @@ def run_decoder(core, max_payload, chunks, mode):
         st.sampled_from([100.5, -1, 2**32, None, "x"]),
     ),
     mode=st.sampled_from(["bytes", "bytes", "bytearray", "strided"]),
+    copy_below=st.one_of(st.sampled_from([0, 0, 1, 50, 2048, 2**32 - 1]),
+                         st.sampled_from([-1, 2**32, 1.5, None, "x"])),
 )
-def test_decoder(ccore, pcore, chunks, max_payload, mode):
-    assert run_decoder(ccore, max_payload, chunks, mode) == run_decoder(
-        pcore, max_payload, chunks, mode
+def test_decoder(ccore, pcore, chunks, max_payload, mode, copy_below):
+    assert run_decoder(ccore, max_payload, chunks, mode, copy_below) == run_decoder(
+        pcore, max_payload, chunks, mode, copy_below
     )
 
 

@@ -225,6 +225,32 @@ def test_zero_copy_and_owned_payloads(core):
     assert fw.payload.obj is buf and not fw.payload.readonly
 
 
+def test_small_payloads_copied_below_copy_below(core):
+    """``copy_below``: a whole payload shorter than that comes as a bytes copy, a longer one as a
+    view of the input, and one that spans feeds in its own buffer as before."""
+    small = core.encode_frame(0x10, 0, 0, 3, b"s" * 64)
+    exact = core.encode_frame(0x10, 0, 64, 3, b"e" * 100)
+    big = core.encode_frame(0x10, 0, 164, 3, b"b" * 101)
+    empty = core.encode_frame(0x11, 0, 0, 3)
+    data = small + exact + big + empty
+    dec = core.FrameDecoder(copy_below=101)
+    fs, fe, fb, fa = dec.feed(data)  # payloads of 64, 100, 101 and 0 bytes
+    assert type(fs.payload) is bytes and fs.payload == b"s" * 64
+    assert type(fe.payload) is bytes and fe.payload == b"e" * 100
+    assert type(fb.payload) is memoryview and fb.payload.obj is data
+    assert type(fa.payload) is bytes and fa.payload == b""
+    (fsplit,) = [*dec.feed(small[:40]), *dec.feed(small[40:])]
+    assert type(fsplit.payload) is memoryview and bytes(fsplit.payload) == b"s" * 64
+    assert dec.offset == len(data) + len(small)
+    # the default copies nothing
+    assert all(type(f.payload) is memoryview for f in core.FrameDecoder().feed(data))
+    for bad in (-1, 2**32):
+        with pytest.raises(ValueError, match=r"^copy_below must be in 0\.\.2\*\*32-1$"):
+            core.FrameDecoder(copy_below=bad)
+    with pytest.raises(TypeError):
+        core.FrameDecoder(copy_below=1.5)
+
+
 def test_non_byte_buffer_input(core):
     import array
 
