@@ -162,14 +162,16 @@ class _EndpointBase:
         return self._spare
 
     def buffer_updated(self, nbytes: int) -> None:
+        runner = self.runner
+        # (compiled: typed, so the calls through it below are C calls; None for the client's
+        # plain-relay fallback bridge)
+        r = runner if isinstance(runner, Runner) else None
         if self._in_spare:
             assert self._spare is not None
             self.pending.append(bytes(self._spare[:nbytes]))
             self.pause()
         else:
-            runner = self.runner
-            if isinstance(runner, Runner):
-                r = runner
+            if r is not None:
                 r.engine.commit_view(nbytes)
             else:
                 runner.engine.commit_view(nbytes)
@@ -184,11 +186,9 @@ class _EndpointBase:
                 while hint <= total and hint < READ_SIZE:
                     hint *= 2
                 self._hint = hint
-        runner = self.runner
-        if isinstance(runner, Runner):
-            r = runner  # (compiled: typed, so the call below is a C call)
+        if r is not None:
             r._pump()
-        else:  # the client's plain-relay fallback bridge
+        else:
             runner.pump()
 
     def eof_received(self) -> bool:
