@@ -27,11 +27,14 @@ ext_modules = [
     # The session engine and the asyncio relay's per-message path, compiled from their own
     # Python source (types from the .pxd beside each): the same code runs uncompiled under
     # ICAFAST_PURE_PYTHON=1 or where no extension is present.
+    # (both cimport the core's types from icafast/_core.pxd, which names csrc/frame.h)
     Extension("icafast.protocol", sources=[os.path.join("icafast", "protocol.py")],
-              depends=[os.path.join("icafast", "protocol.pxd")]),
+              include_dirs=["csrc"],
+              depends=[os.path.join("icafast", n) for n in ("protocol.pxd", "_core.pxd")]),
     Extension("icafast.aio._relay", sources=[os.path.join("icafast", "aio", "_relay.py")],
+              include_dirs=["csrc"],
               depends=[os.path.join("icafast", "aio", "_relay.pxd"),
-                       os.path.join("icafast", "protocol.pxd")]),
+                       *(os.path.join("icafast", n) for n in ("protocol.pxd", "_core.pxd"))]),
 ]
 
 #: Annotations in the .py sources are for type checkers; the C types come from the .pxd files.

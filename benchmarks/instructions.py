@@ -41,6 +41,10 @@ from ._chains import (
 )
 
 CHAINS = ("icafast", "icafast-tls", "uvloop-min", "icafast-ref", "icafast-tls-ref")
+#: String hashing seeded the same in both runs: with random seeds the imports alone vary by
+#: hundreds of thousands of instructions from run to run (dictionary probes), which the
+#: difference of the two runs would otherwise carry.
+SAME_HASHES = {"PYTHONHASHSEED": "0"}
 
 
 def _hop_argv(chain: str, hop: str, listen: int, target: int, tmp: Path) -> list[str]:
@@ -74,10 +78,12 @@ def measure(chain: str, hop: str, rounds: int, ref: Path | None, tmp: Path) -> i
         wait_listening(eport, echo)
         mid, front = free_port(), free_port()
         argv = _hop_argv(base, "server", mid, eport, tmp)
-        server = procs.start("server", [*grind, *argv] if hop == "server" else argv, root=root)
+        server = procs.start("server", [*grind, *argv] if hop == "server" else argv, root=root,
+                             env=SAME_HASHES)
         wait_listening(mid, server, timeout=120)
         argv = _hop_argv(base, "client", front, mid, tmp)
-        client = procs.start("client", [*grind, *argv] if hop == "client" else argv, root=root)
+        client = procs.start("client", [*grind, *argv] if hop == "client" else argv, root=root,
+                             env=SAME_HASHES)
         wait_listening(front, client, timeout=120)
         rr = procs.start("rr", [PY, "-m", "benchmarks._workers", "rr-client", "--port",
                                 str(front), "--count", str(rounds), "--warmup", "0",

@@ -70,29 +70,6 @@ cdef extern from "crc32c.h" nogil:
     const char *icafast_crc32c_backend()
 
 
-cdef extern from "frame.h" nogil:
-    enum:
-        ICAFAST_HEADER_SIZE
-        ICAFAST_FRAME_OK
-    ctypedef struct icafast_frame_header:
-        uint8_t type
-        uint8_t flags
-        uint16_t reserved
-        uint32_t length
-        uint64_t seq
-        uint64_t ack
-        uint32_t crc
-    int icafast_frame_allowed_flags(unsigned int type)
-    int icafast_frame_header_parse(const unsigned char *buf, uint64_t max_payload,
-                                   icafast_frame_header *h, uint64_t *a, uint64_t *b)
-    int icafast_frame_verify(const unsigned char *hdr, const void *payload, size_t length,
-                             uint64_t *a, uint64_t *b)
-    int icafast_frame_check_args(uint64_t type, uint64_t flags, uint64_t length)
-    uint32_t icafast_frame_header_encode(unsigned char *out, uint8_t type, uint8_t flags,
-                                         uint64_t seq, uint64_t ack, const void *payload,
-                                         uint32_t length)
-
-
 __all__ = [
     "IMPLEMENTATION",
     "crc32c",
@@ -224,12 +201,6 @@ _CRC = struct.Struct(">I")
 @cython.freelist(64)
 cdef class Frame:
     """One decoded frame. ``payload`` is a memoryview (see FrameDecoder.feed for its lifetime)."""
-
-    cdef public object type
-    cdef public object flags
-    cdef public object seq
-    cdef public object ack
-    cdef public object payload
 
     def __init__(self, type, flags, seq, ack, payload):
         self.type = type
@@ -379,20 +350,6 @@ cdef class FrameDecoder:
     the same error), because a byte stream cannot be resynchronised after a bad frame.
     """
 
-    cdef uint64_t _cmax              # payload limit for comparisons
-    cdef object _max                 # payload limit as given (property, messages)
-    cdef unsigned char _hdr[28]      # partial header; the whole header while _fields is set
-    cdef Py_ssize_t _hdr_len         # bytes of the partial header
-    cdef bint _fields                # a header is parsed and its payload is being assembled
-    cdef icafast_frame_header _h     # that header
-    cdef object _body                # bytearray of the payload being assembled (its size: room
-                                     # so far, at most the payload length)
-    cdef Py_ssize_t _have            # bytes of it received
-    cdef uint64_t _offset            # stream offset of the frame being decoded
-    cdef object _error               # the FrameError once poisoned
-    cdef Py_ssize_t _copy_below      # whole payloads shorter than this: bytes copies
-    cdef dict __dict__
-    cdef object __weakref__
 
     def __cinit__(self):
         self._cmax = DEFAULT_MAX_PAYLOAD
@@ -440,7 +397,7 @@ cdef class FrameDecoder:
         self._error = err
         return err
 
-    def feed(self, data):
+    cpdef list feed(self, data):
         """Decode the frames completed by ``data``; see the class docstring."""
         cdef Py_buffer view
         cdef const unsigned char *p
@@ -584,18 +541,6 @@ cdef class ReplayBuffer:
     acknowledged (storage is replaced, never resized, so old views keep their old storage alive).
     """
 
-    cdef uint64_t _limit
-    cdef uint64_t _start
-    cdef uint64_t _end
-    cdef uint64_t _head      # storage index of offset ``start``
-    cdef uint64_t _wv        # length of the last write_view (0: none outstanding)
-    cdef uint64_t _cap       # len(_buf)
-    cdef object _buf         # bytearray storage, replaced (never resized) on growth
-    cdef object _mv          # memoryview(_buf)
-    cdef object _rmv         # _mv.toreadonly()
-    cdef unsigned char *_ptr  # _buf's bytes
-    cdef dict __dict__
-    cdef object __weakref__
 
     def __cinit__(self):
         self._set_storage(bytearray())
@@ -730,7 +675,7 @@ cdef class ReplayBuffer:
         finally:
             PyBuffer_Release(&view)
 
-    def write_view(self, max_bytes=None):
+    cpdef write_view(self, max_bytes=None):
         """A writable view of contiguous free space at the end (for ``recv_into``).
 
         Its length is at most ``max_bytes`` and at most ``free``; it is empty only when the buffer
@@ -771,7 +716,7 @@ cdef class ReplayBuffer:
         self._wv = n
         return self._mv[tail:tail + n]
 
-    def commit(self, n):
+    cpdef commit(self, n):
         """Add the first ``n`` bytes written into the last ``write_view`` to the buffer."""
         cdef uint64_t k
         if not (_u64(n, &k) and k <= self._wv):
@@ -787,7 +732,7 @@ cdef class ReplayBuffer:
         self._end += k
 
     # -- acknowledging and replaying -------------------------------------------------------
-    def ack(self, offset):
+    cpdef ack(self, offset):
         """Drop the bytes before ``offset`` (the peer has them); return how many were dropped."""
         cdef uint64_t o, k
         if not (_u64(offset, &o) and self._start <= o <= self._end):
@@ -820,7 +765,7 @@ cdef class ReplayBuffer:
             return [self._rmv[pos:pos + n]]
         return [self._rmv[pos:pos + first], self._rmv[0:n - first]]
 
-    def frame(self, type, flags, offset, n, ack):
+    cpdef bytes frame(self, object type, object flags, object offset, object n, object ack):
         """A whole frame as one bytes object, as ``encode_frame(type, flags, offset, ack,
         payload)`` gives it, whose payload is the ``n`` buffered bytes from ``offset``: copied
         straight from the ring (across its wrap too), with no view in between. For small frames,
@@ -854,7 +799,7 @@ cdef class ReplayBuffer:
             )
         return encode_frame(type, flags, offset, ack, b"".join(self.views(offset, n)))
 
-    def views(self, offset=None, max_bytes=None):
+    cpdef list views(self, offset=None, max_bytes=None):
         """The bytes from ``offset`` (default: start) to the end, at most ``max_bytes`` of them,
         as one or two read-only memoryviews in stream order (two when the ring wraps)."""
         cdef uint64_t o, n, m

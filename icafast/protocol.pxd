@@ -3,11 +3,19 @@
 # runs unchanged where it is not compiled). Attributes are public so that adapters, tests and
 # embedders see the same objects either way.
 
+cimport cython
+from icafast._core cimport (
+    Frame as _CFrame,
+    FrameDecoder as _CFrameDecoder,
+    ReplayBuffer as _CReplayBuffer,
+)
+
 cpdef _us(double now)  # (a C call from the PING path)
 
 
 cdef class _Link:
-    cdef public object id, decoder, phase, nonce, peer_nonce
+    cdef public object id, phase, nonce, peer_nonce
+    cdef public _CFrameDecoder decoder
     cdef public double started, last_rx, last_heard, last_ping
     cdef public object ping_ts, peer_max_payload, confirm_secret
 
@@ -16,7 +24,8 @@ cdef class SessionEngine:
     # No instance __dict__: the compiled adapter's calls of the cpdef methods below then go
     # straight to C (an instance dict makes Cython look each call up, in case an attribute
     # overrides the method; 10,000 sessions defeat its cache).
-    cdef public object config, _policy, session_id, state, created, tx
+    cdef public object config, _policy, session_id, state, created
+    cdef public _CReplayBuffer tx  # (the compiled core's: its methods are C calls from here)
     cdef public double _ack_delay, _handshake_timeout, _ping_after, _dead_timeout
     cdef public object _frame_size
     cdef public _Link _link
@@ -33,15 +42,17 @@ cdef class SessionEngine:
     cpdef send_view(self, max_bytes)
     cpdef commit_view(self, n)
     cpdef data_to_send(self, include_data=*)
+    @cython.locals(tx=_CReplayBuffer)
     cpdef _frame_data(self, _Link link)
     cpdef _ack_value(self)
     cpdef _tx_limit(self)
     cpdef _sent_ack(self)
     cpdef receive_data(self, data, now)
-    cpdef _receive_frames(self, _Link link, frames, now)
+    @cython.locals(f=_CFrame)
+    cpdef _receive_frames(self, _Link link, list frames, now)
     cpdef _apply_ack(self, ack)
     cpdef _on_ack(self, ack)
-    cpdef _on_data(self, f, now)
+    cpdef _on_data(self, _CFrame f, now)
     cpdef _check_done(self)
     cpdef get_timer(self)
     cpdef _extra_timer(self)

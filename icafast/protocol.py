@@ -355,7 +355,9 @@ class SessionEngine:
         return self._free()
 
     def _free(self) -> int:  # (send_free without the property's lookup, for the adapter)
-        return 0 if self._tx_fin else self.tx.free
+        tx = self.tx
+        # (tx.free from the fields behind it: C fields in the compiled engine, see _core.pxd)
+        return 0 if self._tx_fin else tx._limit - (tx._end - tx._start)
 
     @property
     def finished(self) -> bool:
@@ -429,7 +431,7 @@ class SessionEngine:
         return out
 
     def _frame_data(self, link: _Link) -> None:
-        end = self.tx.end
+        end = self.tx._end  # (tx.end; a C field in the compiled engine)
         sent = self._tx_sent
         if sent > end:
             return  # FIN already sent
@@ -561,13 +563,15 @@ class SessionEngine:
 
     def _tx_limit(self) -> int:
         """One past the last offset of our stream (the FIN counts as one)."""
-        return self.tx.end + (1 if self._tx_fin else 0)
+        return self.tx._end + (1 if self._tx_fin else 0)
 
     def _apply_ack(self, ack: int) -> None:
         """The peer has everything before ``ack`` (already checked): free it."""
         self._peer_ack = ack
-        self.tx.ack(min(ack, self.tx.end))
-        if self._tx_fin and ack == self.tx.end + 1:
+        tx = self.tx
+        end = tx._end
+        tx.ack(ack if ack < end else end)
+        if self._tx_fin and ack == end + 1:
             self._tx_fin_acked = True
 
     def _on_ack(self, ack: int) -> None:

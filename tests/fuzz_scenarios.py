@@ -9,16 +9,22 @@ wire format alone (google-crc32c), independently of both cores.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
+import os
 import struct
+import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import google_crc32c
 from engine_harness import Harness
 
+from icafast import _impl, protocol
 from icafast import events as ev
-from icafast import protocol
+from icafast._impl import compiled_modules
 from icafast.errors import (
     FRAME_ERR_CHECKSUM,
     FRAME_ERR_FLAGS,
@@ -28,7 +34,7 @@ from icafast.errors import (
     FRAME_ERR_TYPE,
     FrameError,
 )
-from icafast.protocol import MAGIC, ClientSession, Config, ServerHandshake, State
+from icafast.protocol import MAGIC, Config, ServerHandshake, State
 from icafast.wire import ALLOWED_FLAGS, DEFAULT_MAX_PAYLOAD, FLAG_FIN, HEADER_SIZE, FrameType
 
 U32 = 2**32 - 1
@@ -223,23 +229,63 @@ def check_decoder(core: ModuleType, stream: bytes, cuts: Sequence[int], max_payl
 # -- the engine ------------------------------------------------------------------------------------
 
 _ENGINE_NAMES = ("FrameDecoder", "ReplayBuffer", "encode_header", "encode_frame")
+_HERE = {os.path.dirname(os.path.abspath(__file__)),
+         os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fuzz")}
+
+
+@functools.cache
+def _source_engine() -> ModuleType:
+    """A second copy of the session engine, imported from protocol.py whatever was compiled."""
+    spec = importlib.util.spec_from_file_location("icafast._protocol_source",
+                                                  Path(protocol.__file__).with_name("protocol.py"))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (dataclasses look their module up while it runs)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _test_modules() -> list[ModuleType]:
+    """The loaded test and fuzz-harness modules (they name engine classes as globals)."""
+    return [m for m in list(sys.modules.values())
+            if os.path.dirname(getattr(m, "__file__", None) or "") in _HERE]
 
 
 @contextlib.contextmanager
 def engine_on(core: ModuleType | None) -> Iterator[None]:
-    """Run the session engine on ``core`` (None: the one icafast loaded)."""
+    """Run the session engine on ``core`` (None: the one icafast loaded).
+
+    The compiled engine calls the compiled core's types directly (icafast/protocol.pxd), so it
+    runs on that core only. For another core, the engine is the one from source (as under
+    ICAFAST_PURE_PYTHON=1): within the block, the engine names the test modules imported from
+    icafast.protocol (ClientSession, Config, State, ...) stand for the source engine's.
+    """
     if core is None:
         yield
         return
-    saved = {n: getattr(protocol, n) for n in _ENGINE_NAMES}
+    engine = protocol
+    rebound: list[tuple[ModuleType, str, Any]] = []
+    if compiled_modules()["icafast.protocol"] and core is not _impl.core:
+        engine = _source_engine()
+        for m in _test_modules():
+            for name, value in list(vars(m).items()):
+                if (not name.startswith("__") and isinstance(value, type)
+                        and getattr(protocol, name, None) is value
+                        and isinstance(getattr(engine, name, None), type)):
+                    rebound.append((m, name, value))
+                    setattr(m, name, getattr(engine, name))
+    saved = {n: getattr(engine, n) for n in _ENGINE_NAMES}
     try:
         for n in _ENGINE_NAMES:
-            setattr(protocol, n, getattr(core, n))
-        assert type(ClientSession(CFG, 0.0).tx) is core.ReplayBuffer, "engine ignores the patch"
+            setattr(engine, n, getattr(core, n))
+        assert type(engine.ClientSession(CFG, 0.0).tx) is core.ReplayBuffer, \
+            "engine ignores the patch"
         yield
     finally:
         for n, v in saved.items():
-            setattr(protocol, n, v)
+            setattr(engine, n, v)
+        for m, name, value in rebound:
+            setattr(m, name, value)
 
 
 def pattern(tag: int, n: int, start: int = 0) -> bytes:

@@ -67,7 +67,7 @@ def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "instructions.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.instructions", "--chains",
                            "uvloop-min", "icafast", "--hop", "server", "--warmup", "20",
-                           "--count", "40", "--out", str(out)],
+                           "--count", "400", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
