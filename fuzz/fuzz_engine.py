@@ -42,14 +42,15 @@ from _common import (
 with _common.instrumented_imports():
     import fuzz_scenarios as fs
 
-    from icafast import protocol
     from icafast.protocol import MAGIC, ServerHandshake
     from icafast.wire import FrameType
 
     CORES = _common.cores()
+    ENGINES = fs.engines()  # (the engine from source, for the pure core, is instrumented too)
 
 SECRETS = _common.DeterministicSecrets()
-protocol.secrets = SECRETS  # type: ignore[assignment]  # inputs replay exactly
+for _engine in ENGINES:
+    _engine.secrets = SECRETS  # inputs replay exactly
 
 FRAME_TYPES = [int(t) for t in FrameType]
 NO_RECRC = tuple(k for k in fs.MUTATION_KINDS if k != "recrc")

@@ -245,6 +245,12 @@ def _source_engine() -> ModuleType:
     return mod
 
 
+def engines() -> list[ModuleType]:
+    """The engine modules ``engine_on`` runs: icafast.protocol, and where that is compiled, the
+    copy from source that stands in for it on the pure core (patch module globals in both)."""
+    return [protocol, _source_engine()] if compiled_modules()["icafast.protocol"] else [protocol]
+
+
 def _test_modules() -> list[ModuleType]:
     """The loaded test and fuzz-harness modules (they name engine classes as globals)."""
     return [m for m in list(sys.modules.values())

@@ -77,3 +77,21 @@ def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
         short, long = r["runs"]
         assert 0 < short < long, r
         assert r["instructions_per_round_trip"] > 0, r
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_cpu_split_benchmark_quick(tmp_path: Path) -> None:
+    """``python -m benchmarks.cpu_split`` reads each relay's user and system CPU around a run of
+    round trips: one run per chain, each with CPU time counted."""
+    out = tmp_path / "cpu.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.cpu_split", "--chains",
+                           "uvloop-min", "icafast", "--repeats", "1", "--count", "3000",
+                           "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert set(runs) == {"uvloop-min", "icafast"}
+    for name, r in runs.items():
+        assert len(r["user_us"]) == len(r["system_us"]) == 1, (name, r)
+        # 3,000 round trips cost each relay tens of ms: more than one clock tick
+        assert r["user_us"][0] + r["system_us"][0] > 0, (name, r)
