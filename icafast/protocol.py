@@ -563,7 +563,8 @@ class SessionEngine:
 
     def _tx_limit(self) -> int:
         """One past the last offset of our stream (the FIN counts as one)."""
-        return self.tx._end + (1 if self._tx_fin else 0)
+        end = self.tx._end  # (a Python int, so the sum may pass 2**64-1 as the FIN's offset)
+        return end + 1 if self._tx_fin else end
 
     def _apply_ack(self, ack: int) -> None:
         """The peer has everything before ``ack`` (already checked): free it."""

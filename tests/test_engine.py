@@ -25,7 +25,7 @@ from icafast.protocol import (
     State,
     make_proof,
 )
-from icafast.wire import FrameType
+from icafast.wire import MAX_OFFSET, FrameType
 
 SMALL = Config(frame_size=100, replay_limit=4096, keepalive_interval=1.0, dead_timeout=3.0,
                reliability_timeout=30.0)
@@ -670,3 +670,16 @@ def test_adapter_drain_gives_the_same_stream_as_next_event():
     assert b"".join(x for x in seen["next_event"] if isinstance(x, bytes)) == data
     assert seen["next_event"][-1] == "StreamEnded" and len(seen["next_event"]) == 11
     assert seen["_next_raw"] == seen["next_event"]
+
+
+def test_stream_limit_counts_the_fin_past_the_last_64_bit_offset():
+    """A stream that ends at the last 64-bit offset: its FIN sits one past it, and the limit
+    that acks and resume offsets are checked against says so (offsets are Python ints in the
+    engine, compiled or not: no wrap-around)."""
+    e = ClientSession(Config(), 0.0)
+    e.tx = type(e.tx)(1024, start=MAX_OFFSET - 9)
+    e.send_data(b"x" * 9)
+    assert e._tx_limit() == MAX_OFFSET
+    e.send_eof()
+    assert e._tx_limit() == MAX_OFFSET + 1
+    e._check_received(MAX_OFFSET)  # the peer has every byte: within [acked, limit]
