@@ -202,6 +202,8 @@ _CRC = struct.Struct(">I")
 cdef class Frame:
     """One decoded frame. ``payload`` is a memoryview (see FrameDecoder.feed for its lifetime)."""
 
+    # (its fields are declared in icafast/_core.pxd)
+
     def __init__(self, type, flags, seq, ack, payload):
         self.type = type
         self.flags = flags
@@ -350,6 +352,7 @@ cdef class FrameDecoder:
     the same error), because a byte stream cannot be resynchronised after a bad frame.
     """
 
+    # (its fields are declared in icafast/_core.pxd)
 
     def __cinit__(self):
         self._cmax = DEFAULT_MAX_PAYLOAD
@@ -541,6 +544,7 @@ cdef class ReplayBuffer:
     acknowledged (storage is replaced, never resized, so old views keep their old storage alive).
     """
 
+    # (its fields are declared in icafast/_core.pxd)
 
     def __cinit__(self):
         self._set_storage(bytearray())
