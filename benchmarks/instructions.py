@@ -10,6 +10,9 @@ round trips through the chain, and counts the instructions that hop executes in 
 (kernel time is not counted: the syscalls are the same for every Python relay here, six per round
 trip). It does that twice, with ``--warmup`` and with ``--warmup + --count`` round trips, and
 reports the difference divided by ``--count``: start-up, imports and shutdown cancel out.
+With ``--cache-sim``, valgrind also simulates this CPU's caches for the measured process (alone:
+the other processes that share a CPU with it in a real run are not in the model) and the same
+difference gives first-level cache misses per round trip.
 
 Chains: ``icafast`` (compiled), ``icafast-tls``, ``uvloop-min`` (the minimal uvloop forwarder of
 ``benchmarks/_workers.py``: the floor for a relay on Python + uvloop), and ``icafast-ref`` /
@@ -45,6 +48,8 @@ CHAINS = ("icafast", "icafast-tls", "uvloop-min", "icafast-ref", "icafast-tls-re
 #: hundreds of thousands of instructions from run to run (dictionary probes), which the
 #: difference of the two runs would otherwise carry.
 SAME_HASHES = {"PYTHONHASHSEED": "0"}
+#: With --cache-sim: first-level misses for instructions, data reads and data writes.
+CACHE_EVENTS = ("I1mr", "D1mr", "D1mw")
 
 
 def _hop_argv(chain: str, hop: str, listen: int, target: int, tmp: Path) -> list[str]:
@@ -55,22 +60,30 @@ def _hop_argv(chain: str, hop: str, listen: int, target: int, tmp: Path) -> list
     return icafast_argv("serve" if hop == "server" else "connect", listen, target, tls=tls)
 
 
-def _summary(path: Path) -> int:
+def _summary(path: Path) -> dict[str, int]:
+    """The run's totals by event: ``Ir`` (instructions), and with the cache simulation also
+    ``I1mr`` (first-level instruction cache misses), ``D1mr`` and ``D1mw`` (data, read and
+    write), ``ILmr``, ``DLmr``, ``DLmw`` (last level), ``Dr`` and ``Dw`` (data accesses)."""
+    events: list[str] = []
     for line in path.read_text(errors="replace").splitlines():
-        m = re.match(r"(?:summary|totals): (\d+)", line)
-        if m:
-            return int(m.group(1))
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        m = re.match(r"(?:summary|totals):((?: \d+)+)", line)
+        if m and events:
+            return dict(zip(events, map(int, m.group(1).split()), strict=False))
     raise RuntimeError(f"no instruction total in {path}")
 
 
-def measure(chain: str, hop: str, rounds: int, ref: Path | None, tmp: Path) -> int:
-    """Instructions the measured hop executes in user space over the whole run."""
+def measure(chain: str, hop: str, rounds: int, ref: Path | None, tmp: Path,
+            cache_sim: bool = False) -> dict[str, int]:
+    """Instructions (and with ``cache_sim``, simulated cache misses) of the measured hop in
+    user space over the whole run, by callgrind event name."""
     procs = Procs(tmp, pin=False)
     root = ref if chain.endswith("-ref") else ROOT
     base = chain.removesuffix("-ref")
     out = tmp / f"callgrind-{chain}-{hop}-{rounds}-{time.monotonic_ns()}.out"
     grind = [which("valgrind") or "valgrind", "--tool=callgrind", "-q",
-             f"--callgrind-out-file={out}"]
+             f"--callgrind-out-file={out}", *(["--cache-sim=yes"] if cache_sim else [])]
     try:
         eport = free_port()
         echo = procs.start("echo", [PY, "-m", "benchmarks._workers", "echo-server",
@@ -110,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=2000,
                    help="extra round trips of the longer run (the divisor)")
     p.add_argument("--ref", type=Path, help="checkout for the -ref chains (built in place)")
+    p.add_argument("--cache-sim", action="store_true",
+                   help="also simulate the caches (valgrind's model of this CPU's first-level "
+                        "and last-level caches, one process alone): misses per round trip")
     p.add_argument("--out", type=Path, help="JSON results file")
     a = p.parse_args(argv)
     if which("valgrind") is None:
@@ -122,14 +138,19 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(t)
         for chain in a.chains:
             for hop in a.hop:
-                short = measure(chain, hop, a.warmup, a.ref, tmp)
-                long = measure(chain, hop, a.warmup + a.count, a.ref, tmp)
-                per = (long - short) / a.count
-                results.append({"chain": chain, "hop": hop, "instructions_per_round_trip":
-                                round(per), "runs": [short, long], "warmup": a.warmup,
-                                "count": a.count})
-                print(f"{chain:16s} {hop:7s} {per:9,.0f} instructions per round trip",
-                      flush=True)
+                short = measure(chain, hop, a.warmup, a.ref, tmp, a.cache_sim)
+                long = measure(chain, hop, a.warmup + a.count, a.ref, tmp, a.cache_sim)
+                per = {e: (long[e] - short.get(e, 0)) / a.count for e in long}
+                row = {"chain": chain, "hop": hop, "instructions_per_round_trip":
+                       round(per["Ir"]), "runs": [short["Ir"], long["Ir"]],
+                       "warmup": a.warmup, "count": a.count}
+                misses = ""
+                if a.cache_sim:
+                    row["per_round_trip"] = {e: round(v, 1) for e, v in per.items()}
+                    misses = "".join(f", {per.get(e, 0):6,.0f} {e}" for e in CACHE_EVENTS)
+                results.append(row)
+                print(f"{chain:16s} {hop:7s} {per['Ir']:9,.0f} instructions per round trip"
+                      + misses, flush=True)
     if a.out:
         a.out.write_text(json.dumps({"workload": "64-byte round trips", "results": results},
                                     indent=1) + "\n")

@@ -63,11 +63,12 @@ def test_relay_benchmark_quick(tmp_path: Path) -> None:
                     reason="valgrind is not installed (Debian package valgrind)")
 def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
     """``python -m benchmarks.instructions`` counts a relay hop's instructions per round trip:
-    it runs, checks the echoed bytes, and gives a positive count for each chain."""
+    it runs, checks the echoed bytes, and gives a positive count for each chain (and, with
+    ``--cache-sim``, the simulated cache misses)."""
     out = tmp_path / "instructions.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.instructions", "--chains",
                            "uvloop-min", "icafast", "--hop", "server", "--warmup", "20",
-                           "--count", "400", "--out", str(out)],
+                           "--count", "400", "--cache-sim", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
@@ -77,6 +78,8 @@ def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
         short, long = r["runs"]
         assert 0 < short < long, r
         assert r["instructions_per_round_trip"] > 0, r
+        # the simulated caches' events, per round trip (instruction-cache misses among them)
+        assert {"Ir", "I1mr", "D1mr", "D1mw"} <= set(r["per_round_trip"]), r
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
