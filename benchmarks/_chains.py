@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import shutil
@@ -147,6 +148,27 @@ def wait_ready(p: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
                 if not line:
                     break
     raise RuntimeError("worker did not become ready:\n" + Procs.tail(p))
+
+
+def start_echo(procs: Procs) -> int:
+    """Start the echo backend of the round-trip workloads; return its port once it listens."""
+    port = free_port()
+    echo = procs.start("echo", [PY, "-m", "benchmarks._workers", "echo-server",
+                                "--port", str(port)])
+    wait_listening(port, echo)
+    return port
+
+
+def checked_round_trips(procs: Procs, port: int, count: int, what: str = "chain") -> None:
+    """``count`` 64-byte round trips through ``port``, no warm-up; raises if a byte came back
+    wrong."""
+    rr = procs.start("rr", [PY, "-m", "benchmarks._workers", "rr-client", "--port", str(port),
+                            "--count", str(count), "--warmup", "0", "--timeout", "120"],
+                     capture=True)
+    stdout, _ = rr.communicate(timeout=600)
+    procs.stop(rr)
+    if not json.loads(stdout)["ok"]:
+        raise RuntimeError(f"{what}: round trips delivered wrong bytes")
 
 
 # -- tools ---------------------------------------------------------------------------------------

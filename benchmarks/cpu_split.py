@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._chains import PY, REF_ROOT, ROOT, Chain, Procs, free_port, missing, wait_listening
+from ._chains import REF_ROOT, ROOT, Chain, Procs, checked_round_trips, missing, start_echo
 
 CHAINS = ("icafast", "icafast-tls", "uvloop-min", "haproxy", "haproxy-tls", "icafast-ref",
           "icafast-tls-ref")
@@ -34,16 +34,6 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / HZ, int(fields[12]) / HZ
-
-
-def _round_trips(procs: Procs, port: int, count: int) -> None:
-    p = procs.start("rr", [PY, "-m", "benchmarks._workers", "rr-client", "--port", str(port),
-                           "--count", str(count), "--warmup", "0", "--timeout", "120"],
-                    capture=True)
-    stdout, _ = p.communicate(timeout=600)
-    procs.stop(p)
-    if not json.loads(stdout)["ok"]:
-        raise RuntimeError("round trips delivered wrong bytes")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="icafast-cpu-") as t:
         procs = Procs(Path(t), a.pin)
         try:
-            eport = free_port()
-            echo = procs.start("echo", [PY, "-m", "benchmarks._workers", "echo-server",
-                                        "--port", str(eport)])
-            wait_listening(eport, echo)
+            eport = start_echo(procs)
             chains = []
             for name in a.chains:
                 why = missing(name)
@@ -84,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         pids = chain.pids()
                         time.sleep(0.3)
-                        _round_trips(procs, chain.listen_port, a.warmup)
+                        checked_round_trips(procs, chain.listen_port, a.warmup, name)
                         before = [cpu_seconds(pid) for pid in pids]
-                        _round_trips(procs, chain.listen_port, a.count)
+                        checked_round_trips(procs, chain.listen_port, a.count, name)
                         after = [cpu_seconds(pid) for pid in pids]
                     finally:
                         chain.stop()

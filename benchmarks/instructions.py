@@ -36,8 +36,10 @@ from ._chains import (
     PY,
     ROOT,
     Procs,
+    checked_round_trips,
     free_port,
     icafast_argv,
+    start_echo,
     tls_files,
     wait_listening,
     which,
@@ -85,10 +87,7 @@ def measure(chain: str, hop: str, rounds: int, ref: Path | None, tmp: Path,
     grind = [which("valgrind") or "valgrind", "--tool=callgrind", "-q",
              f"--callgrind-out-file={out}", *(["--cache-sim=yes"] if cache_sim else [])]
     try:
-        eport = free_port()
-        echo = procs.start("echo", [PY, "-m", "benchmarks._workers", "echo-server",
-                                    "--port", str(eport)])
-        wait_listening(eport, echo)
+        eport = start_echo(procs)
         mid, front = free_port(), free_port()
         argv = _hop_argv(base, "server", mid, eport, tmp)
         server = procs.start("server", [*grind, *argv] if hop == "server" else argv, root=root,
@@ -98,13 +97,7 @@ def measure(chain: str, hop: str, rounds: int, ref: Path | None, tmp: Path,
         client = procs.start("client", [*grind, *argv] if hop == "client" else argv, root=root,
                              env=SAME_HASHES)
         wait_listening(front, client, timeout=120)
-        rr = procs.start("rr", [PY, "-m", "benchmarks._workers", "rr-client", "--port",
-                                str(front), "--count", str(rounds), "--warmup", "0",
-                                "--timeout", "120"], capture=True)
-        stdout, _ = rr.communicate(timeout=600)
-        procs.stop(rr)
-        if not json.loads(stdout)["ok"]:
-            raise RuntimeError(f"{chain}: round trips delivered wrong bytes")
+        checked_round_trips(procs, front, rounds, chain)
         measured = server if hop == "server" else client
         os.kill(measured.pid, signal.SIGINT)  # a clean exit: callgrind writes its counts
         measured.wait(120)
