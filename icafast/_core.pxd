@@ -31,10 +31,11 @@ cdef extern from "frame.h" nogil:
 
 @cython.final
 cdef class Frame:
-    cdef public object type
-    cdef public object flags
-    cdef public object seq
-    cdef public object ack
+    # (C fields: the compiled engine reads them without an int object per field and frame)
+    cdef public int type
+    cdef public int flags
+    cdef public uint64_t seq
+    cdef public uint64_t ack
     cdef public object payload
 
 

@@ -12,12 +12,20 @@ from icafast._core cimport (
 
 cpdef _us(double now)  # (a C call from the PING path)
 
+# Frame types and link phases as C constants (compared on every frame)
+cdef int _TYPE_DATA, _TYPE_ACK, _TYPE_PING, _TYPE_PONG, _TYPE_CLOSE
+cdef int _HELLO_SENT, _AUTH_SENT, _ESTABLISHED
+cdef unsigned long long _MAX_OFFSET
+
 
 cdef class _Link:
-    cdef public object id, phase, nonce, peer_nonce
+    cdef public object id, nonce, peer_nonce
+    cdef public int phase
     cdef public _CFrameDecoder decoder
     cdef public double started, last_rx, last_heard, last_ping
-    cdef public object ping_ts, peer_max_payload, confirm_secret
+    cdef public object ping_ts
+    cdef public unsigned long long peer_max_payload
+    cdef public bint confirm_secret
 
 
 cdef class SessionEngine:
@@ -27,31 +35,49 @@ cdef class SessionEngine:
     cdef public object config, _policy, session_id, state, created
     cdef public _CReplayBuffer tx  # (the compiled core's: its methods are C calls from here)
     cdef public double _ack_delay, _handshake_timeout, _ping_after, _dead_timeout
-    cdef public object _frame_size
     cdef public _Link _link
-    cdef public object _tx_sent, _tx_fin, _tx_fin_acked, _peer_ack, _rx, _rx_fin, _rx_acked
-    cdef public object _ack_hold, _ack_now, _now, sink_backlog, _ack_due, _ack_threshold
-    cdef public object _link_seq, _out, _events, _disconnected_at
-    cdef public object reconnects, bytes_received, replayed_total, last_activity, srtt, rttvar
-    cdef public object close_reason
+    # Stream offsets and counters as C integers (PROTOCOL.md 4.1: every offset, the FIN's
+    # ack included, fits in 64 bits; the engine refuses a stream that would pass that)
+    cdef public unsigned long long _tx_sent, _peer_ack, _rx, _rx_acked, sink_backlog
+    cdef public unsigned long long _frame_size, _ack_threshold
+    cdef public unsigned long long reconnects, bytes_received, replayed_total
+    cdef public bint _tx_fin, _tx_fin_acked, _rx_fin, _ack_now
+    cdef public double _now, last_activity
+    cdef public object _ack_hold, _ack_due
+    cdef public object _link_seq, _disconnected_at
+    cdef public list _out
+    cdef public list _events  # (consumed from _ev_head on: no deque method lookups)
+    cdef public Py_ssize_t _ev_head
+    cdef public object srtt, rttvar, close_reason
 
     # the per-message path: C calls within the module and from the compiled adapter
     cpdef next_event(self)
+    @cython.locals(events=list, i=Py_ssize_t)
     cpdef _next_raw(self)
-    cpdef _free(self)
+    @cython.locals(tx=_CReplayBuffer, used=cython.ulonglong)
+    cpdef unsigned long long _free(self) except? 0xFFFFFFFFFFFFFFFF
     cpdef send_view(self, max_bytes)
     cpdef commit_view(self, n)
-    cpdef data_to_send(self, include_data=*)
-    @cython.locals(tx=_CReplayBuffer)
+    @cython.locals(ackv=cython.ulonglong, out=list)
+    cpdef list data_to_send(self, include_data=*)
+    @cython.locals(tx=_CReplayBuffer, end=cython.ulonglong, sent=cython.ulonglong,
+                   n=cython.ulonglong, size=cython.ulonglong, rx=cython.ulonglong,
+                   last=bint, fin=bint)
     cpdef _frame_data(self, _Link link)
-    cpdef _ack_value(self)
-    cpdef _tx_limit(self)
+    @cython.locals(rx=cython.ulonglong, backlog=cython.ulonglong, v=cython.ulonglong)
+    cpdef unsigned long long _ack_value(self) except? 0xFFFFFFFFFFFFFFFF
+    @cython.locals(end=cython.ulonglong)
+    cpdef unsigned long long _tx_limit(self) except? 0xFFFFFFFFFFFFFFFF
     cpdef _sent_ack(self)
     cpdef receive_data(self, data, now)
-    @cython.locals(f=_CFrame)
+    @cython.locals(f=_CFrame, t=int, heard=bint)
     cpdef _receive_frames(self, _Link link, list frames, now)
-    cpdef _apply_ack(self, ack)
-    cpdef _on_ack(self, ack)
+    @cython.locals(tx=_CReplayBuffer, end=cython.ulonglong)
+    cpdef _apply_ack(self, unsigned long long ack)
+    @cython.locals(upper=cython.ulonglong, sent=cython.ulonglong)
+    cpdef _on_ack(self, unsigned long long ack)
+    @cython.locals(s=cython.ulonglong, n=cython.ulonglong, rx=cython.ulonglong,
+                   skip=cython.ulonglong, fin=int)
     cpdef _on_data(self, _CFrame f, now)
     cpdef _check_done(self)
     cpdef get_timer(self)

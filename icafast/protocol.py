@@ -246,6 +246,10 @@ _HELLO_SENT = 1  # client sent HELLO, waits for the server's HELLO
 _AUTH_SENT = 2  # client sent NEW/RESUME, waits for ACCEPT/REJECT
 _ESTABLISHED = 3
 
+#: The last stream offset (PROTOCOL.md 4.1): the compiled engine keeps offsets in 64-bit C
+#: integers, and no offset or ack it handles may pass this
+_MAX_OFFSET = MAX_OFFSET
+
 
 class _Link:
     """Per-connection state: decoder, nonces, keepalive bookkeeping."""
@@ -318,8 +322,10 @@ class SessionEngine:
         self._link: _Link | None = None
         self._link_seq = 0
         self._out: list[Any] = []
-        #: events, and received stream bytes as bare chunks (``next_event`` wraps them)
-        self._events: deque[Any] = deque()
+        #: events, and received stream bytes as bare chunks (``next_event`` wraps them),
+        #: taken from index ``_ev_head`` on and cleared when all are taken
+        self._events: list[Any] = []
+        self._ev_head = 0
         self._disconnected_at: float | None = None
         # statistics for ``icafast sessions`` and logs
         self.reconnects = 0
@@ -355,9 +361,12 @@ class SessionEngine:
         return self._free()
 
     def _free(self) -> int:  # (send_free without the property's lookup, for the adapter)
+        if self._tx_fin:
+            return 0
         tx = self.tx
         # (tx.free from the fields behind it: C fields in the compiled engine, see _core.pxd)
-        return 0 if self._tx_fin else tx._limit - (tx._end - tx._start)
+        used = tx._end - tx._start
+        return tx._limit - used if used < tx._limit else 0
 
     @property
     def finished(self) -> bool:
@@ -371,7 +380,17 @@ class SessionEngine:
     def _next_raw(self) -> Any:
         """``next_event()`` for the adapter: received stream bytes come as the bytes-like
         chunk itself, not wrapped in a DataReceived (which costs an object per frame)."""
-        return self._events.popleft() if self._events else None
+        events = self._events
+        i = self._ev_head
+        if i >= len(events):
+            return None
+        e = events[i]
+        i += 1
+        if i == len(events):
+            del events[:]
+            i = 0
+        self._ev_head = i
+        return e
 
     @property
     def policy(self) -> Policy:
@@ -403,6 +422,8 @@ class SessionEngine:
 
     def send_eof(self) -> None:
         """The local source ended (half-close): a FIN follows the last byte."""
+        if self.tx._end >= _MAX_OFFSET:  # (its ack, one past it, would not fit 64 bits)
+            raise ProtocolError("the stream reached the last 64-bit offset: no room for its FIN")
         self._tx_fin = True
 
     # -- output ------------------------------------------------------------------------------
@@ -467,7 +488,12 @@ class SessionEngine:
     def _ack_value(self) -> int:
         """The cumulative ack we send: what the local sink took (received bytes minus those still
         queued toward it, ``sink_backlog``), frozen while acks are held; never backwards."""
-        v = self._rx - self.sink_backlog if self._ack_hold is None else self._ack_hold
+        if self._ack_hold is None:
+            rx = self._rx
+            backlog = self.sink_backlog
+            v = rx - backlog if backlog < rx else 0  # (unsigned in the compiled engine)
+        else:
+            v = self._ack_hold
         return v if v > self._rx_acked else self._rx_acked
 
     def _peer_limit(self, peer_replay_limit: int) -> None:
@@ -563,7 +589,7 @@ class SessionEngine:
 
     def _tx_limit(self) -> int:
         """One past the last offset of our stream (the FIN counts as one)."""
-        end = self.tx._end  # (a Python int, so the sum may pass 2**64-1 as the FIN's offset)
+        end = self.tx._end  # (below the last offset if there is a FIN: see send_eof)
         return end + 1 if self._tx_fin else end
 
     def _apply_ack(self, ack: int) -> None:
@@ -576,7 +602,8 @@ class SessionEngine:
             self._tx_fin_acked = True
 
     def _on_ack(self, ack: int) -> None:
-        upper = min(self._tx_limit(), max(self._tx_sent, self._peer_ack))
+        sent = self._tx_sent if self._tx_sent > self._peer_ack else self._peer_ack
+        upper = min(self._tx_limit(), sent)
         if not self._peer_ack <= ack <= upper:
             raise ProtocolError(f"ack {ack} outside [{self._peer_ack}, {upper}]")
         self._apply_ack(ack)
@@ -585,11 +612,14 @@ class SessionEngine:
         s = f.seq
         p = f.payload
         n = len(p)
+        fin = 1 if f.flags & FLAG_FIN else 0
         rx = self._rx
         if s > rx:
             raise ProtocolError(f"DATA at offset {s} leaves a gap (expected {rx})")
+        if n + fin > _MAX_OFFSET - s:  # (its end, or its FIN's ack, would not fit 64 bits)
+            raise ProtocolError(f"DATA at offset {s} passes the last 64-bit offset")
         if self._rx_fin:
-            if s + n + (1 if f.flags & FLAG_FIN else 0) > rx:
+            if s + n + fin > rx:
                 raise ProtocolError("DATA after the end of the stream")
             return
         skip = rx - s
@@ -599,7 +629,7 @@ class SessionEngine:
             self.bytes_received += n - skip
             self.last_activity = now
             self._events.append(chunk)  # next_event() wraps it in a DataReceived
-        if f.flags & FLAG_FIN and s + n == self._rx:
+        if fin and s + n == self._rx:
             self._rx_fin = True
             self._rx += 1
             self._ack_now = True  # acknowledge the end of the stream at once
@@ -625,7 +655,8 @@ class SessionEngine:
         """The peer says it has everything before ``received``: resend from there."""
         self._check_received(received)
         self._apply_ack(received)
-        replay = max(0, self._tx_sent - received)
+        sent = self._tx_sent
+        replay = sent - received if sent > received else 0
         self._tx_sent = received
         return replay
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from icafast import FrameDecoder
 from icafast import events as ev
+from icafast.errors import ProtocolError
 from icafast.protocol import (
     CLOSE_ABORTED,
     CLOSE_DONE,
@@ -672,14 +673,29 @@ def test_adapter_drain_gives_the_same_stream_as_next_event():
     assert seen["_next_raw"] == seen["next_event"]
 
 
-def test_stream_limit_counts_the_fin_past_the_last_64_bit_offset():
-    """A stream that ends at the last 64-bit offset: its FIN sits one past it, and the limit
-    that acks and resume offsets are checked against says so (offsets are Python ints in the
-    engine, compiled or not: no wrap-around)."""
+def test_the_last_fin_and_its_ack_fit_64_bits():
+    """A stream may end one before the last 64-bit offset: its FIN sits there, and the FIN's
+    ack is the last offset (PROTOCOL.md 4.1). The limit that acks and resume offsets are
+    checked against says so, without wrap-around in the compiled engine's 64-bit fields."""
+    e = ClientSession(Config(), 0.0)
+    e.tx = type(e.tx)(1024, start=MAX_OFFSET - 10)
+    e.send_data(b"x" * 9)
+    assert e._tx_limit() == MAX_OFFSET - 1
+    e.send_eof()
+    assert e._tx_limit() == MAX_OFFSET
+    e._check_received(MAX_OFFSET)  # the peer has every byte and the FIN: within [acked, limit]
+    with pytest.raises(ProtocolError):
+        e._check_received(MAX_OFFSET + 1)
+
+
+def test_a_stream_at_the_last_offset_has_no_room_for_its_fin():
+    """A FIN at the last offset would need an ack past 64 bits: send_eof refuses it and the
+    stream stays open, so no offset the engine keeps ever wraps."""
     e = ClientSession(Config(), 0.0)
     e.tx = type(e.tx)(1024, start=MAX_OFFSET - 9)
     e.send_data(b"x" * 9)
     assert e._tx_limit() == MAX_OFFSET
-    e.send_eof()
-    assert e._tx_limit() == MAX_OFFSET + 1
-    e._check_received(MAX_OFFSET)  # the peer has every byte: within [acked, limit]
+    with pytest.raises(ProtocolError, match="last 64-bit offset"):
+        e.send_eof()
+    assert not e._tx_fin
+    assert e._tx_limit() == MAX_OFFSET

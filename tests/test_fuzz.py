@@ -57,7 +57,14 @@ from icafast import events as ev
 from icafast import protocol
 from icafast.errors import FRAME_ERR_LENGTH, FRAME_ERR_TRUNCATED, FrameError
 from icafast.protocol import MAGIC, Config, ServerHandshake
-from icafast.wire import ALLOWED_FLAGS, DEFAULT_MAX_PAYLOAD, FLAG_FIN, HEADER_SIZE, FrameType
+from icafast.wire import (
+    ALLOWED_FLAGS,
+    DEFAULT_MAX_PAYLOAD,
+    FLAG_FIN,
+    HEADER_SIZE,
+    MAX_OFFSET,
+    FrameType,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -190,6 +197,34 @@ def test_handshake_memory_with_4gb_length_claim(core):
         assert not hs.done
         hs.handle_timer(BIG.handshake_timeout)
         assert events_of(ev.HandshakeFailed, list(iter(hs.next_event, None)))
+
+
+@pytest.mark.parametrize(("length", "flags", "ok"), [
+    (4, 0, True),  # ends at the last offset: its ack is the last offset
+    (3, FLAG_FIN, True),  # ... and so does a FIN right before it
+    (4, FLAG_FIN, False),  # a FIN at the last offset: its ack would pass 64 bits
+    (5, 0, False),  # bytes past the last offset
+])
+def test_data_past_the_last_64_bit_offset_is_refused(core, length, flags, ok):
+    """Offsets fit 64 bits (PROTOCOL.md 4.1); the compiled engine keeps them in 64-bit C
+    fields, so a frame that would pass the last one must fail the link, in either engine,
+    rather than wrap around."""
+    with engine_on(core):
+        h = Harness(BIG)
+        h.open_link()
+        h.pump()
+        s = h.server
+        s._rx = s._rx_acked = MAX_OFFSET - 4
+        s.receive_data(protocol.encode_frame(FrameType.DATA, flags, MAX_OFFSET - 4, 0,
+                                             b"x" * length), h.now)
+        events = list(iter(s.next_event, None))
+        lost = events_of(ev.LinkLost, events)
+        if ok:
+            assert not lost
+            assert s._rx == MAX_OFFSET  # (both end there, the FIN counted)
+        else:
+            assert lost and "last 64-bit offset" in lost[0].reason, events
+            assert s._rx == MAX_OFFSET - 4  # nothing of it taken
 
 
 @pytest.mark.parametrize("fuzz_client", [True, False])

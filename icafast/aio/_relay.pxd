@@ -12,7 +12,9 @@ cdef class Runner
 
 cdef class _EndpointBase:
     cdef public object runner  # a Runner, or the client's plain-relay fallback bridge
-    cdef public object transport, _spare, pending
+    cdef public object transport, _spare
+    cdef public object _write, _buffered  # the transport's write and get_write_buffer_size
+    cdef public list pending
     cdef public bint paused, eof, closed, _in_spare
     cdef public Py_ssize_t _hint, _offered, _burst
 
@@ -24,6 +26,7 @@ cdef class _EndpointBase:
 
 cdef class _LinkBase:
     cdef public object owner, transport, link_id, peer
+    cdef public object _write, _writelines  # the transport's (bound once: no lookup per call)
     cdef public bint write_paused, closed, join_writes
 
     @cython.locals(r=Runner)
@@ -52,6 +55,7 @@ cdef class Runner:
 
     # the per-message path and the timers, as C methods for the calls within this module
     # (their Python-visible entry points are pump() and _on_timer())
+    @cython.locals(bufs=list)
     cdef _pump(self)
     cdef _schedule(self)
     cdef _cancel_timer(self)

@@ -114,12 +114,20 @@ def abort_with_rst(transport: asyncio.BaseTransport | None) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
+def _not_connected(*args: Any) -> Any:
+    raise RuntimeError("no transport yet (connection_made not called)")
+
+
 class _EndpointBase:
     """What :class:`Endpoint` does (a separate base so that it compiles to an extension type)."""
 
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.transport: asyncio.Transport | None = None
+        #: the transport's write and get_write_buffer_size, bound once (the per-message path
+        #: calls them without a method lookup each time)
+        self._write: Callable[..., Any] = _not_connected
+        self._buffered: Callable[..., Any] = _not_connected
         self.paused = False  # reading paused by us (replay buffer full)
         self.eof = False
         self.closed = False
@@ -137,6 +145,8 @@ class _EndpointBase:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self._write = transport.write
+        self._buffered = transport.get_write_buffer_size
         # what waits for a slow sink is bounded by the peer's replay limit plus this
         tune_socket(transport, high=ENDPOINT_HIGH_WATER, low=ENDPOINT_LOW_WATER)
         self.runner.endpoint_made(cast(Endpoint, self))
@@ -228,6 +238,9 @@ class _LinkBase:
     def __init__(self, owner: Any) -> None:
         self.owner = owner  # runner, or the server's handshake handler before attach
         self.transport: asyncio.Transport | None = None
+        #: the transport's write and writelines, bound once (as the endpoint's)
+        self._write: Callable[..., Any] = _not_connected
+        self._writelines: Callable[..., Any] = _not_connected
         self.link_id = 0  # engine's link number once attached
         self.write_paused = False
         self.closed = False
@@ -240,6 +253,8 @@ class _LinkBase:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
+        self._write = transport.write
+        self._writelines = transport.writelines
         self.join_writes = transport.get_extra_info("sslcontext") is not None
         tune_socket(transport)
         peer = transport.get_extra_info("peername")
@@ -448,18 +463,18 @@ class Runner:
         if ep is not None and ep.transport is not None and not ep.closed and (
                 self._sink_written or eng.sink_backlog):  # (else it is still 0)
             # not yet taken by the sink: not acknowledged (bounds what piles up there)
-            eng.sink_backlog = ep.transport.get_write_buffer_size()
+            eng.sink_backlog = ep._buffered()
             self._sink_written = False
         link = self.link
         if link is not None and link.transport is not None and not link.closed:
             bufs = eng.data_to_send(not link.write_paused)
             if bufs:
                 if len(bufs) == 1:  # (a round trip's frame: write costs less than writelines)
-                    link.transport.write(bufs[0])
+                    link._write(bufs[0])
                 elif link.join_writes:
-                    link.transport.write(b"".join(bufs))
+                    link._write(b"".join(bufs))
                 else:
-                    link.transport.writelines(bufs)
+                    link._writelines(bufs)
             if self._close_link_after_flush:
                 self._close_link_after_flush = False
                 self.link = None
@@ -528,16 +543,15 @@ class Runner:
     def _deliver(self, data: Any) -> None:
         ep = self.endpoint
         if ep is not None and ep.transport is not None and not ep.closed:
-            t = ep.transport
             if not self._sink_written and not self.engine.sink_backlog:
                 # Nothing written since the last pump found the sink's buffer empty (and only
                 # this method writes to it): the transport sends at once, or keeps the view.
-                t.write(data)
-            elif t.get_write_buffer_size():
+                ep._write(data)
+            elif ep._buffered():
                 # it will be queued: copy, so the view does not pin the whole received block
-                t.write(bytes(data))
+                ep._write(bytes(data))
             else:
-                t.write(data)
+                ep._write(data)
             self._sink_written = True
 
     def handle_event(self, e: ev.Event) -> None:
