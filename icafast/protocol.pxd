@@ -16,6 +16,7 @@ cpdef _us(double now)  # (a C call from the PING path)
 cdef int _TYPE_DATA, _TYPE_ACK, _TYPE_PING, _TYPE_PONG, _TYPE_CLOSE
 cdef int _HELLO_SENT, _AUTH_SENT, _ESTABLISHED
 cdef unsigned long long _MAX_OFFSET
+cdef double _NEVER
 
 
 cdef class _Link:
@@ -42,8 +43,8 @@ cdef class SessionEngine:
     cdef public unsigned long long _frame_size, _ack_threshold
     cdef public unsigned long long reconnects, bytes_received, replayed_total
     cdef public bint _tx_fin, _tx_fin_acked, _rx_fin, _ack_now
-    cdef public double _now, last_activity
-    cdef public object _ack_hold, _ack_due
+    cdef public double _now, last_activity, _ack_due
+    cdef public object _ack_hold
     cdef public object _link_seq, _disconnected_at
     cdef public list _out
     cdef public list _events  # (consumed from _ev_head on: no deque method lookups)
@@ -81,6 +82,8 @@ cdef class SessionEngine:
     cpdef _on_data(self, _CFrame f, now)
     cpdef _check_done(self)
     cpdef get_timer(self)
+    @cython.locals(t=double, dead=double)
+    cpdef double _deadline(self) except? -1.0
     cpdef _extra_timer(self)
     # ... and an idle session's keepalive: its timer and the PING / PONG frames
     cpdef handle_timer(self, double now)

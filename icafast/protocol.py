@@ -249,6 +249,8 @@ _ESTABLISHED = 3
 #: The last stream offset (PROTOCOL.md 4.1): the compiled engine keeps offsets in 64-bit C
 #: integers, and no offset or ack it handles may pass this
 _MAX_OFFSET = MAX_OFFSET
+#: "no deadline" for the timers kept as C doubles in the compiled engine
+_NEVER = float("inf")
 
 
 class _Link:
@@ -317,7 +319,7 @@ class SessionEngine:
         #: bytes received but still queued toward the local sink (set by the adapter): they are
         #: not acknowledged yet, which bounds what can pile up there by the peer's replay limit
         self.sink_backlog = 0
-        self._ack_due: float | None = None
+        self._ack_due = _NEVER  # when a standalone ACK is due
         self._ack_threshold = config.ack_threshold or min(256 * 1024, config.replay_limit // 4)
         self._link: _Link | None = None
         self._link_seq = 0
@@ -443,7 +445,7 @@ class SessionEngine:
             ):
                 self._out.append(encode_frame(_TYPE_ACK, 0, 0, ackv))
                 self._sent_ack()
-            if self._rx != self._rx_acked and self._ack_due is None:
+            if self._rx != self._rx_acked and self._ack_due == _NEVER:
                 self._ack_due = self._now + self._ack_delay  # the rest, a little later
         out = self._out
         if not out:
@@ -503,7 +505,7 @@ class SessionEngine:
 
     def _sent_ack(self) -> None:
         self._rx_acked = self._ack_value()
-        self._ack_due = None
+        self._ack_due = _NEVER
         self._ack_now = False
 
     def _send_control(self, ftype: int, seq: int = 0, payload: bytes = b"") -> None:
@@ -583,7 +585,7 @@ class SessionEngine:
                 raise ProtocolError(f"unexpected frame type 0x{t:02x} on an established link")
         if heard:
             link.last_heard = now
-        if self._rx != self._rx_acked and self._ack_due is None:
+        if self._rx != self._rx_acked and self._ack_due == _NEVER:
             self._ack_due = now + self._ack_delay  # data_to_send may ack sooner
         self._check_done()
 
@@ -680,7 +682,7 @@ class SessionEngine:
             return
         self._link = None
         self._out = []
-        self._ack_due = None
+        self._ack_due = _NEVER
         if self.state is State.CLOSED:
             return
         if link.phase == _ESTABLISHED:
@@ -714,21 +716,27 @@ class SessionEngine:
     # -- timers ------------------------------------------------------------------------------
     def get_timer(self) -> float | None:
         """The next time ``handle_timer`` must be called (None: no deadline)."""
+        t = self._deadline()
+        return None if t == _NEVER else t
+
+    def _deadline(self) -> float:
+        """``get_timer()`` as a float, ``inf`` for none (for the adapter: no object per call)."""
         if self.state is _CLOSED:
-            return None
-        t: float | None = None
+            return _NEVER
+        t = _NEVER
         link = self._link
         if link is not None:
             if link.phase == _ESTABLISHED:
-                last_rx = link.last_rx
                 t = max(link.last_heard, link.last_ping) + self._ping_after
-                t = min(t, last_rx + self._dead_timeout)
-                if self._ack_due is not None and self._ack_due < t:
+                dead = link.last_rx + self._dead_timeout
+                if dead < t:
+                    t = dead
+                if self._ack_due < t:
                     t = self._ack_due
             else:
                 t = link.started + self._handshake_timeout
         t2 = self._extra_timer()
-        if t2 is not None and (t is None or t2 < t):
+        if t2 is not None and t2 < t:
             t = t2
         return t
 
@@ -747,8 +755,8 @@ class SessionEngine:
                         f"dead: nothing received for {now - link.last_rx:.1f}s", now
                     )
                 else:
-                    if self._ack_due is not None and now >= self._ack_due:
-                        self._ack_due = None
+                    if now >= self._ack_due:
+                        self._ack_due = _NEVER
                         self._ack_now = True  # the ACK goes out with data_to_send
                     if now >= max(link.last_heard, link.last_ping) + self._ping_after:
                         self._ping(link, now)

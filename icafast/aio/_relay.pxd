@@ -9,6 +9,8 @@ from icafast.protocol cimport SessionEngine
 
 cdef class Runner
 
+cdef double _NEVER
+
 
 cdef class _EndpointBase:
     cdef public object runner  # a Runner, or the client's plain-relay fallback bridge
@@ -45,7 +47,8 @@ cdef class _Ticks:
 cdef class Runner:
     cdef dict __dict__
     cdef object __weakref__
-    cdef public object loop, name, on_status, _timer, _timer_at, closed_future, _time
+    cdef public object loop, name, on_status, _timer, closed_future, _time
+    cdef public double _timer_at
     cdef public _Ticks _ticks
     cdef public long long _tick
     cdef public bint _done, _close_link_after_flush, _sink_written
@@ -57,6 +60,7 @@ cdef class Runner:
     # (their Python-visible entry points are pump() and _on_timer())
     @cython.locals(bufs=list)
     cdef _pump(self)
+    @cython.locals(t=double)
     cdef _schedule(self)
     cdef _cancel_timer(self)
     cdef _timer_fired(self)

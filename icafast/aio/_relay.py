@@ -43,6 +43,7 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: deadlines (an immediate reconnect, a zero delay) keep an exact timer of their own.
 TIMER_TICK = 0.016
 COALESCE_AFTER = 0.1
+_NEVER = float("inf")  # no deadline
 
 
 class _Ticks:
@@ -363,7 +364,7 @@ class Runner:
         self.on_status = on_status
         self._timer: asyncio.TimerHandle | None = None  # an exact timer of its own, or
         self._tick = 0  # ... the shared tick it is due at (0: none)
-        self._timer_at: float | None = None  # when the armed one fires
+        self._timer_at = _NEVER  # when the armed one fires (inf: none is armed)
         self._ticks = _ticks_of(loop)
         self._done = False
         self._close_link_after_flush = False
@@ -497,11 +498,11 @@ class Runner:
         self._schedule()
 
     def _schedule(self) -> None:
-        t = self.engine.get_timer()
-        if t is None:
+        t = self.engine._deadline()
+        if t == _NEVER:
             self._cancel_timer()
             return
-        if self._timer_at is not None and self._timer_at <= t:
+        if self._timer_at <= t:
             return  # the armed timer fires first; it will re-arm
         if t - self.loop.time() > COALESCE_AFTER:
             tick = -int(-t // TIMER_TICK)  # the first tick at or after t
@@ -521,17 +522,18 @@ class Runner:
             self._timer.cancel()
             self._timer = None
         self._tick = 0  # a tick's entry for us is skipped when it fires
-        self._timer_at = None
+        self._timer_at = _NEVER
 
     def _on_timer(self) -> None:
         self._timer_fired()
 
     def _timer_fired(self) -> None:
-        self._timer = self._timer_at = None
+        self._timer = None
+        self._timer_at = _NEVER
         self._tick = 0
         now = self.loop.time()
-        t = self.engine.get_timer()
-        if t is not None and t > now:
+        t = self.engine._deadline()
+        if now < t != _NEVER:
             # Armed for a deadline that moved later (data or a PING arrived since): nothing is
             # due, so only re-arm.
             self._schedule()
