@@ -84,5 +84,10 @@ cdef class ReplayBuffer:
     cpdef write_view(self, max_bytes=*)
     cpdef commit(self, n)
     cpdef ack(self, offset)
+    cpdef uint64_t _ack_at(self, uint64_t offset) except? 0xFFFFFFFFFFFFFFFF
+    cdef uint64_t _drop_to(self, uint64_t o) noexcept
     cpdef bytes frame(self, object type, object flags, object offset, object n, object ack)
+    cpdef bytes _frame_at(self, uint64_t type, uint64_t flags, uint64_t offset, uint64_t n,
+                          uint64_t ack)
+    cdef bytes _frame_from_ring(self, uint64_t t, uint64_t f, uint64_t o, uint64_t k, uint64_t a)
     cpdef list views(self, offset=*, max_bytes=*)

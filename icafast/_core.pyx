@@ -738,7 +738,7 @@ cdef class ReplayBuffer:
     # -- acknowledging and replaying -------------------------------------------------------
     cpdef ack(self, offset):
         """Drop the bytes before ``offset`` (the peer has them); return how many were dropped."""
-        cdef uint64_t o, k
+        cdef uint64_t o
         if not (_u64(offset, &o) and self._start <= o <= self._end):
             if offset < self._start or offset > self._end:
                 raise ReplayRangeError(
@@ -749,7 +749,16 @@ cdef class ReplayBuffer:
                 raise ReplayRangeError(
                     f"ack {offset} outside the unacknowledged range [{self._start}, {self._end}]"
                 )
-        k = o - self._start
+        return self._drop_to(o)
+
+    cpdef uint64_t _ack_at(self, uint64_t offset) except? 0xFFFFFFFFFFFFFFFF:
+        """``ack`` for a caller whose offset is already a C integer (the compiled engine)."""
+        if not self._start <= offset <= self._end:
+            return self.ack(offset)  # (raises, with ack's message)
+        return self._drop_to(offset)
+
+    cdef uint64_t _drop_to(self, uint64_t o) noexcept:
+        cdef uint64_t k = o - self._start
         if k:
             self._wv = 0
             self._start = o
@@ -774,25 +783,11 @@ cdef class ReplayBuffer:
         payload)`` gives it, whose payload is the ``n`` buffered bytes from ``offset``: copied
         straight from the ring (across its wrap too), with no view in between. For small frames,
         where one buffer to write costs less than a header and a view."""
-        cdef uint64_t o, k, t, f, s, a, pos, first
-        cdef bytes out
-        cdef unsigned char *dst
+        cdef uint64_t o, k, t, f, s, a
         if (_u64(offset, &o) and _u64(n, &k) and self._start <= o <= self._end
                 and k <= self._end - o and _fast_args(type, flags, offset, ack, <Py_ssize_t>k,
                                                       &t, &f, &s, &a)):
-            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(ICAFAST_HEADER_SIZE + k))
-            dst = <unsigned char *>PyBytes_AS_STRING(out)
-            if k:
-                pos = (self._head + o - self._start) % self._cap
-                first = self._cap - pos
-                if first > k:
-                    first = k
-                memcpy(dst + ICAFAST_HEADER_SIZE, self._ptr + pos, <size_t>first)
-                if first < k:
-                    memcpy(dst + ICAFAST_HEADER_SIZE + first, self._ptr, <size_t>(k - first))
-            icafast_frame_header_encode(dst, <uint8_t>t, <uint8_t>f, s, a,
-                                        dst + ICAFAST_HEADER_SIZE, <uint32_t>k)
-            return out
+            return self._frame_from_ring(t, f, o, k, a)
         # anything else: the pure twin's code, for its exact checks and errors
         offset = operator.index(offset)
         n = operator.index(n)
@@ -802,6 +797,33 @@ cdef class ReplayBuffer:
                 f"[{self._start}, {self._end}]"
             )
         return encode_frame(type, flags, offset, ack, b"".join(self.views(offset, n)))
+
+    cpdef bytes _frame_at(self, uint64_t type, uint64_t flags, uint64_t offset, uint64_t n,
+                          uint64_t ack):
+        """``frame`` for a caller whose arguments are already C integers (the compiled
+        engine): the same checks and errors, no int objects."""
+        if (self._start <= offset <= self._end and n <= self._end - offset
+                and icafast_frame_check_args(type, flags, n) == ICAFAST_FRAME_OK):
+            return self._frame_from_ring(type, flags, offset, n, ack)
+        return self.frame(type, flags, offset, n, ack)  # (raises, with frame's message)
+
+    cdef bytes _frame_from_ring(self, uint64_t t, uint64_t f, uint64_t o, uint64_t k,
+                                uint64_t a):
+        # (arguments checked: o..o+k within the buffered range, a valid type, flags, length)
+        cdef uint64_t pos, first
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(ICAFAST_HEADER_SIZE + k))
+        cdef unsigned char *dst = <unsigned char *>PyBytes_AS_STRING(out)
+        if k:
+            pos = (self._head + o - self._start) % self._cap
+            first = self._cap - pos
+            if first > k:
+                first = k
+            memcpy(dst + ICAFAST_HEADER_SIZE, self._ptr + pos, <size_t>first)
+            if first < k:
+                memcpy(dst + ICAFAST_HEADER_SIZE + first, self._ptr, <size_t>(k - first))
+        icafast_frame_header_encode(dst, <uint8_t>t, <uint8_t>f, o, a,
+                                    dst + ICAFAST_HEADER_SIZE, <uint32_t>k)
+        return out
 
     cpdef list views(self, offset=None, max_bytes=None):
         """The bytes from ``offset`` (default: start) to the end, at most ``max_bytes`` of them,

@@ -467,6 +467,11 @@ class ReplayBuffer:
                 self._head = (self._head + k) % len(self._buf)
         return k
 
+    def _ack_at(self, offset: int) -> int:
+        """``ack`` for a caller whose offset is an int in 0..2**64-1 (the session engine): the
+        compiled core takes it as a C integer, without an int object per call."""
+        return self.ack(offset)
+
     def _views(self, offset: int, n: int) -> list[memoryview]:
         if n == 0:
             return []
@@ -492,6 +497,11 @@ class ReplayBuffer:
                 f"[{self._start}, {self._end}]"
             )
         return encode_frame(type, flags, offset, ack, b"".join(self.views(offset, n)))
+
+    def _frame_at(self, type: int, flags: int, offset: int, n: int, ack: int) -> bytes:
+        """``frame`` for a caller whose arguments are ints in 0..2**64-1 (the session engine):
+        the compiled core takes them as C integers, without an int object per argument."""
+        return self.frame(type, flags, offset, n, ack)
 
     def views(self, offset: int | None = None, max_bytes: int | None = None) -> list[memoryview]:
         """The bytes from ``offset`` (default: start) to the end, at most ``max_bytes`` of them,

@@ -17,6 +17,7 @@ cdef int _TYPE_DATA, _TYPE_ACK, _TYPE_PING, _TYPE_PONG, _TYPE_CLOSE
 cdef int _HELLO_SENT, _AUTH_SENT, _ESTABLISHED
 cdef unsigned long long _MAX_OFFSET
 cdef double _NEVER
+cdef int _FLAG_FIN
 
 
 cdef class _Link:

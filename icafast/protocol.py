@@ -251,6 +251,7 @@ _ESTABLISHED = 3
 _MAX_OFFSET = MAX_OFFSET
 #: "no deadline" for the timers kept as C doubles in the compiled engine
 _NEVER = float("inf")
+_FLAG_FIN = FLAG_FIN  # (a C constant in the compiled engine)
 
 
 class _Link:
@@ -389,7 +390,7 @@ class SessionEngine:
         e = events[i]
         i += 1
         if i == len(events):
-            del events[:]
+            self._events = []
             i = 0
         self._ev_head = i
         return e
@@ -468,7 +469,7 @@ class SessionEngine:
                 n = end - sent
                 if n <= SMALL_FRAME and n <= size:
                     # one buffer: copying a little costs less than a second buffer to write
-                    out.append(tx.frame(_TYPE_DATA, FLAG_FIN if fin else 0, sent, n, rx))
+                    out.append(tx._frame_at(_TYPE_DATA, _FLAG_FIN if fin else 0, sent, n, rx))
                     sent = end + 1 if fin else end
                     break
                 for v in tx.views(sent, size):  # header, then the ring's own bytes (vectored)
@@ -599,7 +600,7 @@ class SessionEngine:
         self._peer_ack = ack
         tx = self.tx
         end = tx._end
-        tx.ack(ack if ack < end else end)
+        tx._ack_at(ack if ack < end else end)
         if self._tx_fin and ack == end + 1:
             self._tx_fin_acked = True
 
@@ -614,7 +615,7 @@ class SessionEngine:
         s = f.seq
         p = f.payload
         n = len(p)
-        fin = 1 if f.flags & FLAG_FIN else 0
+        fin = 1 if f.flags & _FLAG_FIN else 0
         rx = self._rx
         if s > rx:
             raise ProtocolError(f"DATA at offset {s} leaves a gap (expected {rx})")

@@ -152,10 +152,11 @@ class ReplayModel(RuleBasedStateMachine):
         with pytest.raises(ValueError, match="^max_bytes must not be negative$"):
             self.rb.write_view(max_bytes)
 
-    @rule(frac=st.floats(0, 1))
-    def ack(self, frac):
+    @rule(frac=st.floats(0, 1), typed=st.booleans())
+    def ack(self, frac, typed):
+        # (typed: the engine's entry point, which the compiled core takes as a C integer)
         k = int(len(self.data) * frac)
-        assert self.rb.ack(self.start + k) == k
+        assert (self.rb._ack_at if typed else self.rb.ack)(self.start + k) == k
         if k:
             self.wv = None
             self.start += k
@@ -163,11 +164,12 @@ class ReplayModel(RuleBasedStateMachine):
             if not self.data:
                 pass  # storage index resets; nothing to model
 
-    @rule(below=st.booleans(), by=st.integers(1, 2**70))
-    def ack_out_of_range(self, below, by):
+    @rule(below=st.booleans(), by=st.integers(1, 2**70), typed=st.booleans())
+    def ack_out_of_range(self, below, by, typed):
         offset = self.start - by if below else self.end + by
+        typed = typed and 0 <= offset <= MAX_OFFSET  # (_ack_at takes 64-bit offsets only)
         with pytest.raises(ReplayRangeError) as info:
-            self.rb.ack(offset)
+            (self.rb._ack_at if typed else self.rb.ack)(offset)
         assert str(info.value) == (
             f"ack {offset} outside the unacknowledged range [{self.start}, {self.end}]"
         )
@@ -203,20 +205,22 @@ class ReplayModel(RuleBasedStateMachine):
         )
 
     @rule(frac=st.floats(0, 1), n=st.integers(0, 3000), fin=st.booleans(),
-          ack=st.sampled_from([0, 1, MAX_OFFSET]))
-    def frame(self, frac, n, fin, ack):
+          ack=st.sampled_from([0, 1, MAX_OFFSET]), typed=st.booleans())
+    def frame(self, frac, n, fin, ack, typed):
         """A whole DATA frame straight from the ring: what encode_frame makes of those bytes,
-        across the ring's wrap too; out of range: ReplayRangeError, nothing changed."""
+        across the ring's wrap too; out of range: ReplayRangeError, nothing changed. (typed:
+        the engine's entry point, which the compiled core takes as C integers.)"""
+        frame = self.rb._frame_at if typed else self.rb.frame
         rel = int(len(self.data) * frac)
         offset = self.start + rel
         if rel + n <= len(self.data):
-            got = self.rb.frame(0x10, int(fin), offset, n, ack)
+            got = frame(0x10, int(fin), offset, n, ack)
             assert type(got) is bytes
             assert got == self.core.encode_frame(0x10, int(fin), offset, ack,
                                                  self.data[rel:rel + n])
         else:
             with pytest.raises(ReplayRangeError) as info:
-                self.rb.frame(0x10, 0, offset, n, ack)
+                frame(0x10, 0, offset, n, ack)
             assert str(info.value) == (
                 f"frame of {n} bytes from {offset} outside the buffered range "
                 f"[{self.start}, {self.end}]"
@@ -426,5 +430,21 @@ def test_frame_across_the_wrap(core):
     assert [len(v) for v in rb.views()] == [40, 40] and rb.capacity == 100
     data = first[60:] + second
     for rel, n in ((0, 80), (10, 50), (39, 2), (40, 40), (0, 0), (79, 1)):
-        got = rb.frame(0x10, 1, 60 + rel, n, 7)
-        assert got == core.encode_frame(0x10, 1, 60 + rel, 7, data[rel:rel + n]), (rel, n)
+        want = core.encode_frame(0x10, 1, 60 + rel, 7, data[rel:rel + n])
+        assert rb.frame(0x10, 1, 60 + rel, n, 7) == want, (rel, n)
+        assert rb._frame_at(0x10, 1, 60 + rel, n, 7) == want, (rel, n)
+
+
+def test_frame_at_checks_and_fails_as_frame(core):
+    """The engine's entry point takes C integers in the compiled core, but an invalid frame
+    type, flag or range fails there exactly as ``frame`` does."""
+    rb = core.ReplayBuffer(100)
+    rb.append(b"abc")
+    for args in ((0x99, 0, 0, 3, 0), (0x10, 0x80, 0, 3, 0), (0x10, 0, 1, 3, 0),
+                 (0x10, 0, 4, 0, 0)):
+        with pytest.raises(ValueError) as want:
+            rb.frame(*args)
+        with pytest.raises(ValueError) as got:
+            rb._frame_at(*args)
+        assert (type(got.value), str(got.value)) == (type(want.value), str(want.value)), args
+    assert rb._frame_at(0x10, 0, 1, 2, 5) == core.encode_frame(0x10, 0, 1, 5, b"bc")
