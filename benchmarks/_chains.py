@@ -172,6 +172,15 @@ def checked_round_trips(procs: Procs, port: int, count: int, what: str = "chain"
 
 
 # -- tools ---------------------------------------------------------------------------------------
+def git_commit(root: Path) -> str | None:
+    """The short commit of the checkout at ``root`` (results name commits, not directories)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=str(root), timeout=10).stdout.strip() or None
+    except OSError:
+        return None
+
+
 def which(tool: str) -> str | None:
     return shutil.which(tool) or next((p for p in (f"/usr/sbin/{tool}", f"/usr/bin/{tool}")
                                        if os.access(p, os.X_OK)), None)

@@ -22,7 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._chains import REF_ROOT, ROOT, Chain, Procs, checked_round_trips, missing, start_echo
+from ._chains import (
+    REF_ROOT,
+    ROOT,
+    Chain,
+    Procs,
+    checked_round_trips,
+    git_commit,
+    missing,
+    start_echo,
+)
 
 CHAINS = ("icafast", "icafast-tls", "uvloop-min", "haproxy", "haproxy-tls", "icafast-ref",
           "icafast-tls-ref")
@@ -93,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
               f"system {statistics.median(split['system_us']):6.1f} µs")
     if a.out:
         a.out.write_text(json.dumps({"pinned": a.pin, "count": a.count, "repeats": a.repeats,
-                                     "root": str(ROOT), "ref": str(a.ref) if a.ref else None,
+                                     "commit": git_commit(ROOT),
+                                     "ref_commit": git_commit(a.ref) if a.ref else None,
                                      "runs": runs}, indent=1) + "\n")
     return 0
 

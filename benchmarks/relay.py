@@ -58,6 +58,7 @@ from ._chains import (
     Chain,
     Procs,
     free_port,
+    git_commit,
     icafast_argv,
     missing,
     negotiated_from_logs,
@@ -491,8 +492,8 @@ class Bench:
             "cpus": os.cpu_count(),
             "loadavg_start": os.getloadavg(),
             "python": platform.python_version(),
-            "icafast_commit": _git_commit(ROOT),
-            "ref": {"dir": self.a.ref, "commit": _git_commit(Path(self.a.ref))}
+            "icafast_commit": git_commit(ROOT),
+            "ref": {"commit": git_commit(Path(self.a.ref))}
             if self.a.ref else None,
             "tools": {
                 "socat": tool_version([which("socat") or "socat", "-V"])[:80] if which("socat")
@@ -576,14 +577,6 @@ def _tree_cpu_s(pid: int) -> float:
     except OSError:
         kids = []
     return total + sum(_tree_cpu_s(int(k)) for k in kids)
-
-
-def _git_commit(root: Path) -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=str(root), timeout=10).stdout.strip() or None
-    except OSError:
-        return None
 
 
 # -- the table -------------------------------------------------------------------------------
