@@ -171,6 +171,10 @@ class Bench:
         for r in range(self.a.repeats):
             for n, c in chains.items():
                 try:
+                    dead = [p for p in c.started if p.poll() is not None]
+                    if dead:  # (a crashed hop: its clients would only wait for their timeouts)
+                        raise RuntimeError(f"a process of the chain exited (pid {dead[0].pid}, "
+                                           f"status {dead[0].returncode})")
                     m = fn(n, c)
                 except Exception as e:  # noqa: BLE001 - report, go on with the others
                     log(f"  {what} {n} run {r + 1}: FAILED: {e}")
