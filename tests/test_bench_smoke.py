@@ -98,3 +98,37 @@ def test_cpu_split_benchmark_quick(tmp_path: Path) -> None:
         assert len(r["user_us"]) == len(r["system_us"]) == 1, (name, r)
         # 3,000 round trips cost each relay tens of ms: more than one clock tick
         assert r["user_us"][0] + r["system_us"][0] > 0, (name, r)
+
+
+def test_a_chain_whose_process_exited_fails_at_once(tmp_path: Path) -> None:
+    """A crashed hop is reported as a failed run straight away: its workload is not started
+    (whose client would only wait for its timeout against the dead listener)."""
+    import argparse
+    import types
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.relay import Bench
+    finally:
+        sys.path.remove(str(ROOT))
+    bench = Bench(argparse.Namespace(quick=True, pin=False, repeats=2))
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait(timeout=30)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        ran: list[str] = []
+
+        def fn(name: str, chain: object) -> dict[str, float]:
+            ran.append(name)
+            return {"x": 1.0}
+
+        chains = {"crashed": types.SimpleNamespace(started=[dead]),
+                  "fine": types.SimpleNamespace(started=[alive])}
+        res = bench.measure(chains, "rr", fn)  # type: ignore[arg-type]
+    finally:
+        alive.kill()
+        alive.wait(timeout=30)
+        shutil.rmtree(bench.tmp, ignore_errors=True)
+    assert ran == ["fine", "fine"]
+    assert "error" in res["crashed"] and "x" not in res["crashed"]
+    assert "x" in res["fine"]
