@@ -424,7 +424,9 @@ class SessionEngine:
         self.tx.commit(n)
 
     def send_eof(self) -> None:
-        """The local source ended (half-close): a FIN follows the last byte."""
+        """The local source ended (half-close): a FIN follows the last byte. Raises
+        ProtocolError if the stream reached offset 2**64-1, where its FIN's ack would not fit
+        (PROTOCOL.md 4.1)."""
         if self.tx._end >= _MAX_OFFSET:  # (its ack, one past it, would not fit 64 bits)
             raise ProtocolError("the stream reached the last 64-bit offset: no room for its FIN")
         self._tx_fin = True
