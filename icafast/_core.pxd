@@ -61,6 +61,14 @@ cdef class FrameDecoder:
 
 
 @cython.final
+cdef class RecvWindow:
+    cdef object _owner       # the storage it points into (kept alive while it does)
+    cdef unsigned char *_p
+    cdef Py_ssize_t _len
+    cdef Py_ssize_t _exports  # buffers handed out and not yet released
+
+
+@cython.final
 cdef class ReplayBuffer:
     # _limit, _start and _end are the limit, start and end properties (the pure twin's
     # attributes of the same names: the compiled engine reads them directly)
@@ -74,6 +82,7 @@ cdef class ReplayBuffer:
     cdef object _mv          # memoryview(_buf)
     cdef object _rmv         # _mv.toreadonly()
     cdef unsigned char *_ptr  # _buf's bytes
+    cdef RecvWindow _win     # recv_window's reusable window (None until the first call)
     cdef dict __dict__
     cdef object __weakref__
 
@@ -82,7 +91,11 @@ cdef class ReplayBuffer:
     cdef int _relocate(self, uint64_t newcap) except -1
     cdef list _views(self, uint64_t offset, uint64_t n)
     cpdef write_view(self, max_bytes=*)
+    cdef uint64_t _open_write(self, uint64_t want, uint64_t *tail) except? 0xFFFFFFFFFFFFFFFF
+    cpdef recv_window(self, uint64_t max_bytes)
     cpdef commit(self, n)
+    cpdef _commit(self, uint64_t n)
+    cdef void _close_window(self) noexcept
     cpdef ack(self, offset)
     cpdef uint64_t _ack_at(self, uint64_t offset) except? 0xFFFFFFFFFFFFFFFF
     cdef uint64_t _drop_to(self, uint64_t o) noexcept

@@ -20,7 +20,13 @@ Deliberate (documented) differences, none reachable with well-typed arguments:
 """
 
 cimport cython
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release
+from cpython.buffer cimport (
+    PyBUF_FORMAT,
+    PyBUF_ND,
+    PyBUF_SIMPLE,
+    PyBUF_STRIDES,
+    PyBuffer_Release,
+)
 from cpython.bytearray cimport (
     PyByteArray_AS_STRING,
     PyByteArray_FromStringAndSize,
@@ -532,6 +538,49 @@ cdef inline uint64_t _index(object x) except? 0:
     return operator.index(x)
 
 
+cdef char *_FORMAT_B = "B"  # (a C string constant: the buffer format of unsigned bytes)
+
+
+@cython.auto_pickle(False)
+cdef class RecvWindow:
+    """A writable window on a :class:`ReplayBuffer`'s free space, for one receive.
+
+    Returned by ``ReplayBuffer.recv_window``: a one-dimensional, writable, contiguous buffer of
+    unsigned bytes (the buffer protocol only), reused for each receive so that filling the ring
+    from a socket allocates nothing. Empty once its bytes are committed.
+    """
+
+    def __cinit__(self):
+        self._owner = None
+        self._p = NULL
+        self._len = 0
+        self._exports = 0
+
+    def __len__(self):
+        return self._len
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        # (a writable request on a read-only window cannot happen: windows are always writable)
+        view.buf = <void *>self._p
+        view.obj = self
+        view.len = self._len
+        view.readonly = 0
+        view.itemsize = 1
+        view.format = _FORMAT_B if flags & PyBUF_FORMAT else NULL
+        view.ndim = 1
+        view.shape = &self._len if flags & PyBUF_ND else NULL
+        view.strides = &view.itemsize if (flags & PyBUF_STRIDES) == PyBUF_STRIDES else NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self._exports -= 1
+
+    def __repr__(self):
+        return f"<RecvWindow of {self._len} bytes>"
+
+
 @cython.auto_pickle(False)
 cdef class ReplayBuffer:
     """Bounded ring of outbound bytes addressed by absolute stream offset.
@@ -567,6 +616,14 @@ cdef class ReplayBuffer:
         self._wv = 0
 
     cdef int _set_storage(self, object buf) except -1:
+        cdef RecvWindow w = self._win
+        if w is not None:  # it points into the storage being replaced
+            if w._exports:
+                self._win = None  # its holder keeps the old storage alive, then drops it
+            else:
+                w._owner = None
+                w._p = NULL
+                w._len = 0
         self._buf = buf
         self._mv = memoryview(buf)
         self._rmv = self._mv.toreadonly()
@@ -688,7 +745,7 @@ cdef class ReplayBuffer:
         """
         cdef uint64_t size = self._end - self._start
         cdef uint64_t free = self._limit - size
-        cdef uint64_t want, m, tail, contiguous, n
+        cdef uint64_t want, m, tail, n
         if max_bytes is None:
             want = free
         elif _u64(max_bytes, &m):
@@ -703,22 +760,56 @@ cdef class ReplayBuffer:
             free = self._limit - size
             if want > free:
                 want = free
+        n = self._open_write(want, &tail)
+        if n == 0:
+            return memoryview(bytearray())
+        return self._mv[tail:tail + n]
+
+    cdef uint64_t _open_write(self, uint64_t want, uint64_t *tail) except? 0xFFFFFFFFFFFFFFFF:
+        """Reserve room for ``want`` (at most ``free``) bytes; the contiguous free bytes at the
+        end from storage index ``tail`` on, at most ``want`` (what commit accepts now)."""
+        cdef uint64_t size = self._end - self._start
+        cdef uint64_t contiguous, n
         self._wv = 0
         if want == 0:
-            return memoryview(bytearray())
+            return 0
         if size == 0:
             self._head = 0
         self._reserve(want)
-        tail = (self._head + size) % self._cap
+        tail[0] = (self._head + size) % self._cap
         if size == self._cap:
             contiguous = 0
-        elif tail >= self._head:
-            contiguous = self._cap - tail
+        elif tail[0] >= self._head:
+            contiguous = self._cap - tail[0]
         else:
-            contiguous = self._head - tail
+            contiguous = self._head - tail[0]
         n = want if want < contiguous else contiguous
         self._wv = n
-        return self._mv[tail:tail + n]
+        return n
+
+    cpdef recv_window(self, uint64_t max_bytes):
+        """``write_view(max_bytes)`` for a receive that fills it at once and commits before
+        anything else touches the buffer (``BufferedProtocol.get_buffer``, ``recv_into``).
+
+        It returns the same :class:`RecvWindow` each time, pointed at the new free space, instead
+        of a new memoryview per receive (the pure twin returns ``write_view``'s memoryview). A
+        window still exported when the next call comes is left to its holder and replaced.
+        """
+        cdef uint64_t free = self._limit - (self._end - self._start)
+        cdef uint64_t tail = 0
+        cdef uint64_t n = self._open_write(max_bytes if max_bytes < free else free, &tail)
+        cdef RecvWindow w = self._win
+        if w is None or w._exports:
+            w = self._win = RecvWindow.__new__(RecvWindow)
+        if n:
+            w._owner = self._buf
+            w._p = self._ptr + tail
+            w._len = <Py_ssize_t>n
+        else:
+            w._owner = None
+            w._p = NULL
+            w._len = 0
+        return w
 
     cpdef commit(self, n):
         """Add the first ``n`` bytes written into the last ``write_view`` to the buffer."""
@@ -734,6 +825,26 @@ cdef class ReplayBuffer:
             raise ValueError("stream offset would pass 2**64-1")
         self._wv = 0
         self._end += k
+        self._close_window()
+
+    cpdef _commit(self, uint64_t n):
+        """``commit(n)`` with a C integer (the relay's per-receive call)."""
+        if n > self._wv:
+            raise ValueError(f"commit of {n} bytes, but the last write_view offered {self._wv}")
+        if n > U64_MAX - self._end:
+            raise ValueError("stream offset would pass 2**64-1")
+        self._wv = 0
+        self._end += n
+        self._close_window()
+
+    cdef void _close_window(self) noexcept:
+        # The committed bytes are the replay buffer's now: the window no longer shows them
+        # (unless it is exported: its holder broke the fill-then-commit contract).
+        cdef RecvWindow w = self._win
+        if w is not None and not w._exports:
+            w._owner = None
+            w._p = NULL
+            w._len = 0
 
     # -- acknowledging and replaying -------------------------------------------------------
     cpdef ack(self, offset):

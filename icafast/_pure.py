@@ -441,6 +441,11 @@ class ReplayBuffer:
         self._wv = n
         return memoryview(self._buf)[tail : tail + n]
 
+    def recv_window(self, max_bytes: int) -> memoryview:
+        """``write_view(max_bytes)`` for a receive that fills it at once and commits before
+        anything else touches the buffer (the compiled core reuses one window object)."""
+        return self.write_view(max_bytes)
+
     def commit(self, n: int) -> None:
         """Add the first ``n`` bytes written into the last ``write_view`` to the buffer."""
         if not 0 <= n <= self._wv:
@@ -449,6 +454,10 @@ class ReplayBuffer:
             raise ValueError("stream offset would pass 2**64-1")
         self._wv = 0
         self._end += n
+
+    def _commit(self, n: int) -> None:
+        """``commit(n)`` (the compiled core's takes a C integer)."""
+        self.commit(n)
 
     # -- acknowledging and replaying -------------------------------------------------------
     def ack(self, offset: int) -> int:

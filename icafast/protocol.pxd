@@ -60,6 +60,8 @@ cdef class SessionEngine:
     cpdef unsigned long long _free(self) except? 0xFFFFFFFFFFFFFFFF
     cpdef send_view(self, max_bytes)
     cpdef commit_view(self, n)
+    cpdef _recv_window(self, unsigned long long max_bytes)
+    cpdef _commit_recv(self, unsigned long long n)
     @cython.locals(ackv=cython.ulonglong, out=list)
     cpdef list data_to_send(self, include_data=*)
     @cython.locals(tx=_CReplayBuffer, end=cython.ulonglong, sent=cython.ulonglong,

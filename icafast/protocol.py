@@ -423,6 +423,15 @@ class SessionEngine:
     def commit_view(self, n: int) -> None:
         self.tx.commit(n)
 
+    def _recv_window(self, max_bytes: int) -> Any:
+        """``send_view`` for an adapter that fills it at once (``BufferedProtocol.get_buffer``)
+        and calls ``_commit_recv`` next: with the compiled core, one reused window object
+        instead of a new memoryview per receive."""
+        return self.tx.recv_window(max_bytes)
+
+    def _commit_recv(self, n: int) -> None:
+        self.tx._commit(n)
+
     def send_eof(self) -> None:
         """The local source ended (half-close): a FIN follows the last byte. Raises
         ProtocolError if the stream reached offset 2**64-1, where its FIN's ack would not fit

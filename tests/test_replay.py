@@ -102,28 +102,38 @@ class ReplayModel(RuleBasedStateMachine):
         max_bytes=st.none() | st.integers(0, 50_000), fill=st.floats(0, 1), seed=st.integers(0, 99)
     )
     def write_view_commit(self, max_bytes, fill, seed):
-        self._write_view(max_bytes)
+        # an odd seed takes the relay's path: recv_window + _commit (C integers; the compiled
+        # core's window object is reused); otherwise write_view + commit
+        window = seed % 2 == 1 and max_bytes is not None
+        self._write_view(max_bytes, window)
         v = self.wv
         k = int(len(v) * fill)
         if self.end + k > MAX_OFFSET:
             return  # see test_commit_past_max_offset
         data = blob(k, seed)
-        v[:k] = data
-        self.rb.commit(k)
+        with memoryview(v) as m:
+            m[:k] = data
+        (self.rb._commit if window else self.rb.commit)(k)
+        if window and self.core.IMPLEMENTATION == "cython":
+            assert len(v) == 0  # committed: the window shows nothing any more
         self.wv = None
         self.data += data
 
-    @rule(max_bytes=st.none() | st.integers(0, 50_000))
-    def write_view_only(self, max_bytes):
-        self._write_view(max_bytes)
+    @rule(max_bytes=st.none() | st.integers(0, 50_000), window=st.booleans())
+    def write_view_only(self, max_bytes, window):
+        self._write_view(max_bytes, window and max_bytes is not None)
 
-    def _write_view(self, max_bytes):
+    def _write_view(self, max_bytes, window=False):
         want = self.free if max_bytes is None else min(max_bytes, self.free)
         if self.free * 2 > 300_000 and max_bytes is None:
             want = min(self.free, 50_000)  # keep huge limits cheap
             max_bytes = want
-        v = self.rb.write_view(max_bytes)
-        assert type(v) is memoryview and not v.readonly and v.format == "B"
+        v = self.rb.recv_window(max_bytes) if window else self.rb.write_view(max_bytes)
+        with memoryview(v) as m:
+            assert not m.readonly and m.format == "B" and m.ndim == 1 and m.contiguous
+            assert m.nbytes == len(v)
+        if not window or self.core.IMPLEMENTATION == "python":
+            assert type(v) is memoryview
         assert len(v) <= want
         if want:
             assert len(v) > 0
@@ -136,7 +146,8 @@ class ReplayModel(RuleBasedStateMachine):
         if self.end + n > MAX_OFFSET:
             return  # see test_commit_past_max_offset
         if 0 <= n <= offered:
-            before = bytes(self.wv[:n]) if n else b""
+            with memoryview(self.wv) as m:
+                before = bytes(m[:n])
             self.rb.commit(n)
             self.data += before
             self.wv = None
@@ -373,6 +384,57 @@ def test_write_view_recv_into(core):
     finally:
         a.close()
         b.close()
+
+
+def test_recv_window_recv_into(core):
+    import socket
+
+    a, b = socket.socketpair()
+    try:
+        rb = core.ReplayBuffer(64)
+        for part in (b"hello ", b"world"):
+            a.sendall(part)
+            w = rb.recv_window(100)
+            assert len(w) == 64 - len(rb)
+            n = b.recv_into(w)
+            rb._commit(n)
+        assert b"".join(rb.views()) == b"hello world"
+        assert len(rb.recv_window(0)) == 0
+        with pytest.raises(ValueError, match="^commit of 1 bytes, but the last write_view"):
+            rb._commit(1)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_recv_window_reuse_and_exports():
+    """The compiled core's window: one object per buffer while nobody holds it; one still
+    exported is left alone (its length is its views' shape) and replaced, and keeps the storage
+    it points into alive."""
+    from icafast import _core
+
+    rb = _core.ReplayBuffer(1 << 20)
+    w = rb.recv_window(100)
+    assert type(w) is _core.RecvWindow and len(w) == 100
+    assert rb.recv_window(50) is w and len(w) == 50
+    rb._commit(0)
+    assert len(w) == 0  # committed: it shows nothing any more
+    assert rb.recv_window(100) is w
+    with memoryview(w) as m:
+        m[:3] = b"abc"
+        rb.commit(3)
+        assert len(w) == 100 and m.nbytes == 100  # exported: untouched
+        w2 = rb.recv_window(10)  # ... and replaced
+        assert w2 is not w and len(w2) == 10
+        rb.append(b"x" * 100_000)  # grows: new storage; the view keeps the old one alive
+        assert len(w2) == 0  # (it pointed into the old storage)
+        m[3:6] = b"zzz"  # writes into the old storage, not into the buffer
+    assert b"".join(rb.views()) == b"abc" + b"x" * 100_000
+    w3 = rb.recv_window(10)
+    assert w3 is w2 and len(w3) == 10
+    rb.ack(rb.end)
+    rb.shrink()  # storage given back: the window lets go of it
+    assert len(w3) == 0
 
 
 def test_commit_invalidated_by_other_calls(core):

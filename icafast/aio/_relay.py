@@ -158,7 +158,7 @@ class _EndpointBase:
             if isinstance(runner, Runner):
                 r = runner  # (compiled: typed, so the engine's calls below are C calls)
                 eng = r.engine
-                v = eng.send_view(self._hint) if eng._free() > 0 else None
+                v = eng._recv_window(self._hint) if eng._free() > 0 else None
             else:  # the client's plain-relay fallback bridge
                 b = runner.engine
                 v = b.send_view(self._hint) if b.send_free > 0 else None
@@ -183,7 +183,7 @@ class _EndpointBase:
             self.pause()
         else:
             if r is not None:
-                r.engine.commit_view(nbytes)
+                r.engine._commit_recv(nbytes)
             else:
                 runner.engine.commit_view(nbytes)
             if nbytes >= self._offered:  # filled: more may be waiting
@@ -456,8 +456,11 @@ class Runner:
     def _pump(self) -> None:  # (compiled: a C method, for the calls within this module)
         eng = self.engine
         while (e := eng._next_raw()) is not None:
-            if not isinstance(e, _Event):
-                self._deliver(e)  # received bytes: the common case, without the dispatch
+            t = type(e)
+            if t is bytes or t is memoryview or not isinstance(e, _Event):
+                # received bytes: the common case, without the dispatch (and, compiled, without
+                # a full isinstance against the Event class for each)
+                self._deliver(e)
             else:
                 self.handle_event(e)
         ep = self.endpoint
