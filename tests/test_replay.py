@@ -146,8 +146,11 @@ class ReplayModel(RuleBasedStateMachine):
         if self.end + n > MAX_OFFSET:
             return  # see test_commit_past_max_offset
         if 0 <= n <= offered:
-            with memoryview(self.wv) as m:
-                before = bytes(m[:n])
+            if self.wv is None:  # (n == 0: committing nothing needs no view)
+                before = b""
+            else:
+                with memoryview(self.wv) as m:
+                    before = bytes(m[:n])
             self.rb.commit(n)
             self.data += before
             self.wv = None
