@@ -820,18 +820,14 @@ cdef class ReplayBuffer:
             k = _index(n)
             if k > self._wv:  # changed by user code above: never commit unreserved bytes
                 raise ValueError(f"commit of {n} bytes, but the last write_view offered {self._wv}")
-        if k > U64_MAX - self._end:
-            # The pure twin lets ``end`` pass 2**64-1 here; 64-bit offsets cannot.
-            raise ValueError("stream offset would pass 2**64-1")
-        self._wv = 0
-        self._end += k
-        self._close_window()
+        self._commit(k)
 
     cpdef _commit(self, uint64_t n):
         """``commit(n)`` with a C integer (the relay's per-receive call)."""
         if n > self._wv:
             raise ValueError(f"commit of {n} bytes, but the last write_view offered {self._wv}")
         if n > U64_MAX - self._end:
+            # The pure twin lets ``end`` pass 2**64-1 here; 64-bit offsets cannot.
             raise ValueError("stream offset would pass 2**64-1")
         self._wv = 0
         self._end += n
