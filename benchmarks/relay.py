@@ -218,7 +218,7 @@ class Bench:
                 out = {}
                 pure = n == "icafast-pure"
                 for d in ("up", "down"):
-                    cpu0 = sum(_tree_cpu_s(pid) for pid in c.pids())
+                    cpu0, faults0 = _chain_counts(c.pids())
                     if iperf:
                         t = 1.0 if self.quick or pure else self.a.duration
                         omit = "0" if self.quick or pure else "1"
@@ -246,8 +246,13 @@ class Bench:
                         moved = j["bytes"]
                     if c.pids():
                         time.sleep(0.3)  # socat's per-connection child exits and is reaped
-                        cpu = sum(_tree_cpu_s(pid) for pid in c.pids()) - cpu0
-                        out[d + "_cpu_s_per_GB"] = cpu / (moved / 1e9) if moved else float("nan")
+                        cpu, faults = _chain_counts(c.pids())
+                        gb = moved / 1e9
+                        out[d + "_cpu_s_per_GB"] = (cpu - cpu0) / gb if moved else float("nan")
+                        # pages the relays touched for the first time (fresh heap memory):
+                        # each is a fault, and the kernel zeroes the page
+                        out[d + "_faults_per_GB"] = ((faults - faults0) / gb if moved
+                                                     else float("nan"))
                 return out
 
             res["chains"] = self.measure(chains, "bulk", run)
@@ -567,20 +572,39 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _tree_cpu_s(pid: int) -> float:
-    """CPU seconds of ``pid``, its threads, its reaped children (socat forks one per
-    connection) and its live descendants."""
+def _tree_counts(pid: int) -> tuple[float, int]:
+    """CPU seconds and minor page faults of ``pid``, its threads, its reaped children (socat
+    forks one per connection) and its live descendants."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
     except OSError:
-        return 0.0
-    total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0
+    cpu = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    faults = int(fields[7]) + int(fields[8])  # minflt, cminflt
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         kids = []
-    return total + sum(_tree_cpu_s(int(k)) for k in kids)
+    for k in kids:
+        c, m = _tree_counts(int(k))
+        cpu += c
+        faults += m
+    return cpu, faults
+
+
+def _tree_cpu_s(pid: int) -> float:
+    return _tree_counts(pid)[0]
+
+
+def _chain_counts(pids: list[int]) -> tuple[float, int]:
+    """CPU seconds and minor page faults of a chain's relay processes (see _tree_counts)."""
+    cpu, faults = 0.0, 0
+    for pid in pids:
+        c, m = _tree_counts(pid)
+        cpu += c
+        faults += m
+    return cpu, faults
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -597,6 +621,8 @@ def _fmt(v: float | None, unit: str) -> str:
         return f"{v / 1000:.0f}k"
     if unit == "s":
         return f"{v:.2f}"
+    if unit == "k":
+        return f"{v / 1000:.1f}k"
     return f"{v:.3g}"
 
 
@@ -607,8 +633,9 @@ def _best_peer(chains: dict[str, Any], chain: str, key: str, higher: bool) -> st
     return (max if higher else min)(peers, key=peers.__getitem__) if peers else None
 
 
-def _metric_rows(res: dict[str, Any], metrics: list[tuple[str, str, str, bool]]) -> list[str]:
-    """metrics: (key, label, unit, higher_is_better)."""
+def _metric_rows(res: dict[str, Any],
+                 metrics: list[tuple[str, str, str, bool | None]]) -> list[str]:
+    """metrics: (key, label, unit, higher_is_better; None: a diagnostic, no ratio)."""
     rows = []
     chains = res.get("chains", {})
     for key, label, unit, higher in metrics:
@@ -617,7 +644,7 @@ def _metric_rows(res: dict[str, Any], metrics: list[tuple[str, str, str, bool]])
                 continue
             s = c[key]
             ratio = ""
-            best = _best_peer(chains, n, key, higher)
+            best = None if higher is None else _best_peer(chains, n, key, higher)
             if best is not None and s["median"] is not None:
                 ratio = f"{s['median'] / chains[best][key]['median']:.2f}× {best}"
             ok = res.get("verified", {}).get(n)
@@ -643,7 +670,11 @@ def table(out: dict[str, Any]) -> str:
                                           ("up_cpu_s_per_GB", "bulk up: relay CPU s per GB",
                                            "s", False),
                                           ("down_cpu_s_per_GB", "bulk down: relay CPU s per GB",
-                                           "s", False)])
+                                           "s", False),
+                                          ("up_faults_per_GB", "bulk up: relay page faults per GB",
+                                           "k", None),
+                                          ("down_faults_per_GB",
+                                           "bulk down: relay page faults per GB", "k", None)])
     if "rr" in w and "chains" in w["rr"]:
         lines += _metric_rows(w["rr"], [("p50_us", "64 B round trip p50 µs", "µs", False),
                                         ("p99_us", "64 B round trip p99 µs", "µs", False),
