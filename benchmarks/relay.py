@@ -276,13 +276,13 @@ class Bench:
             def run(n: str, c: Chain) -> dict[str, float]:
                 count = 300 if self.quick else (2000 if n == "icafast-pure" else self.a.rr_count)
                 warmup = 50 if self.quick else 500
-                cpu0 = sum(_tree_cpu_s(pid) for pid in c.pids())
+                cpu0 = _chain_counts(c.pids())[0]
                 j = self.worker("rr", ["rr-client", "--port", str(c.listen_port), "--count",
                                        str(count), "--warmup", str(warmup)], 120)
                 ok_all[n] = ok_all[n] and j["ok"]
                 out = {"p50_us": j["p50_us"], "p99_us": j["p99_us"], "p999_us": j["p999_us"]}
                 if c.pids():
-                    cpu = sum(_tree_cpu_s(pid) for pid in c.pids()) - cpu0
+                    cpu = _chain_counts(c.pids())[0] - cpu0
                     out["cpu_us_per_rt"] = cpu / (count + warmup) * 1e6
                 return out
 
@@ -586,15 +586,8 @@ def _tree_counts(pid: int) -> tuple[float, int]:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         kids = []
-    for k in kids:
-        c, m = _tree_counts(int(k))
-        cpu += c
-        faults += m
-    return cpu, faults
-
-
-def _tree_cpu_s(pid: int) -> float:
-    return _tree_counts(pid)[0]
+    c, m = _chain_counts([int(k) for k in kids])
+    return cpu + c, faults + m
 
 
 def _chain_counts(pids: list[int]) -> tuple[float, int]:
