@@ -817,9 +817,7 @@ cdef class ReplayBuffer:
         if not (_u64(n, &k) and k <= self._wv):
             if not 0 <= n <= self._wv:
                 raise ValueError(f"commit of {n} bytes, but the last write_view offered {self._wv}")
-            k = _index(n)
-            if k > self._wv:  # changed by user code above: never commit unreserved bytes
-                raise ValueError(f"commit of {n} bytes, but the last write_view offered {self._wv}")
+            k = _index(n)  # (may run user code that changes _wv: _commit checks k again)
         self._commit(k)
 
     cpdef _commit(self, uint64_t n):
