@@ -58,6 +58,7 @@ cdef class FrameDecoder:
 
     cdef object _fail(self, int code, object a, object b)
     cpdef list feed(self, data)
+    cpdef Frame feed_one(self, data)
 
 
 @cython.final

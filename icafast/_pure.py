@@ -274,6 +274,30 @@ class FrameDecoder:
                 pos = n
         return out
 
+    def feed_one(self, data: Any) -> Frame | None:
+        """``feed(data)[0]`` when nothing is buffered and ``data`` is exactly one whole frame
+        (a relay's usual receive of a small message: no list); otherwise None, and nothing is
+        consumed. Raises what ``feed`` raises for the same frame."""
+        if self._error is not None:
+            raise self._error
+        if self._fields is not None or self._hdr:
+            return None
+        try:
+            mv = memoryview(data)
+        except TypeError:
+            return None
+        if not mv.c_contiguous or mv.nbytes < HEADER_SIZE:
+            return None
+        mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        if mv.nbytes - HEADER_SIZE != int.from_bytes(mv[4:8], "big"):
+            return None
+        hdr = mv[:HEADER_SIZE]
+        fields = self._parse(hdr)
+        payload: Any = mv[HEADER_SIZE:]
+        if fields[2] < self._copy_below:
+            payload = bytes(payload)
+        return self._finish(hdr, fields, payload)
+
     def feed_eof(self) -> None:
         """The stream ended: raise FrameError if it ended inside a frame."""
         if self._error is not None:

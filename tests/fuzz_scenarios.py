@@ -603,3 +603,68 @@ def scenario_nonsense(fuzz_client: bool, ops: Sequence[tuple], seed: int = 0,
         assert closed == (engine.state is State.CLOSED)
         if engine.link_id != link and not closed:
             assert engine.state is State.DISCONNECTED
+
+
+def feed_as_relay(engine: Any, data: bytes, now: float) -> None:
+    """Link bytes into an engine the way the relay feeds them (``_receive_one``). The bytes it
+    returns are queued as the event ``receive_data`` queues for them (it returns bytes only when
+    no event is pending), so the caller sees what ``receive_data`` gives."""
+    chunk = engine._receive_one(data, now)
+    if chunk is not None:
+        engine._events.append(chunk)
+
+
+def engine_view(engine: Any) -> tuple:
+    """What a peer, the adapter or a test can observe of an engine (not its random ids)."""
+    link = engine._link
+    return (
+        engine.state, engine.link_id, engine._rx, engine._rx_acked, engine._peer_ack,
+        engine._tx_sent, engine.tx.start, engine.tx.end, engine.bytes_received, engine._ack_due,
+        engine._ack_now, engine.last_activity, engine._rx_fin, engine._tx_fin_acked,
+        engine.get_timer(),
+        None if link is None else (link.phase, link.last_rx, link.last_heard, link.confirm_secret,
+                                   link.decoder.offset, link.decoder.buffered),
+    )
+
+
+def scenario_fast_receive(fuzz_client: bool, ops: Sequence[tuple], seed: int = 0,
+                          core: ModuleType | None = None) -> None:
+    """The relay's receive shortcut against the general path: two identical sessions fed the
+    same frames (ops as in ``scenario_nonsense``; a frame op may add a cut that splits it over
+    two receives), one through ``receive_data``, one through ``_receive_one``. After every
+    op both show the same state, write the same frames and report the same events."""
+    with engine_on(core):
+        hs = [Harness(CFG, seed=seed) for _ in range(2)]
+        for h in hs:
+            h.open_link()
+            h.pump()
+            h.auto_reconnect = False
+        engines = [Peer(h, fuzz_client).engine for h in hs]
+        for op in ops:
+            seen = []
+            for relay, (h, engine) in enumerate(zip(hs, engines, strict=True)):
+                if op[0] == "frame":
+                    _, t, fin, seq, ack, payload, cut = op
+                    flags = FLAG_FIN if fin and t == FrameType.DATA else 0
+                    data = raw_frame(int(t), flags, anchored(engine, *seq),
+                                     anchored(engine, *ack), payload)
+                    for chunk in (data[:cut], data[cut:]) if 0 < cut < len(data) else (data,):
+                        if relay:
+                            feed_as_relay(engine, chunk, h.now)
+                        else:
+                            engine.receive_data(chunk, h.now)
+                elif op[0] == "tick":
+                    h.now += op[1] / 1000
+                    t = engine.get_timer()
+                    if t is not None and t <= h.now:
+                        engine.handle_timer(h.now)
+                elif engine.send_free:
+                    engine.send_data(pattern(3, min(op[1], engine.send_free)))
+                frames, code, _ = reference_decode(
+                    b"".join(bytes(x) for x in engine.data_to_send()), DEFAULT_MAX_PAYLOAD)
+                events = []
+                while (e := engine.next_event()) is not None:
+                    events.append((type(e).__name__, bytes(e.data)) if isinstance(
+                        e, ev.DataReceived) else repr(e))
+                seen.append((engine_view(engine), frames, code, events))
+            assert seen[0] == seen[1], op

@@ -84,10 +84,13 @@ def test_encode(ccore, pcore, t, flags, seq, ack, payload):
 
 
 @st.composite
-def streams(draw):
-    """Valid frames, sometimes damaged, sometimes garbage; split at random points."""
+def streams(draw, whole=False):
+    """Valid frames, sometimes damaged, sometimes garbage; split at random points (``whole``:
+    each frame, or each piece of garbage, in a chunk of its own)."""
     out = b""
+    pieces = []
     for _ in range(draw(st.integers(0, 5))):
+        pieces.append(len(out))
         kind = draw(st.sampled_from(["frame"] * 6 + ["flip", "garbage", "raw"]))
         if kind == "garbage":
             out += draw(st.binary(max_size=60))
@@ -125,6 +128,9 @@ def streams(draw):
             i = draw(st.integers(0, len(f) - 1))
             f[i] ^= 1 << draw(st.integers(0, 7))
         out += f
+    if whole:
+        cuts = [*pieces, len(out)]
+        return [out[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
     if draw(st.booleans()) and out:
         out = out[: draw(st.integers(0, len(out)))]  # truncate
     cuts = sorted(set(draw(st.lists(st.integers(0, len(out)), max_size=8))) | {0, len(out)})
@@ -139,7 +145,13 @@ def as_input(chunk: bytes, mode: str):
     return chunk
 
 
-def run_decoder(core, max_payload, chunks, mode, copy_below=0):
+def _feed_one_first(dec, data):
+    """What a relay does with each receive: ``feed_one``, and ``feed`` when that declines."""
+    f = dec.feed_one(data)
+    return dec.feed(data) if f is None else [f]
+
+
+def run_decoder(core, max_payload, chunks, mode, copy_below=0, one=False):
     steps = []
     dec = outcome(core.FrameDecoder, max_payload, copy_below)
     if dec[0] != "ok":
@@ -147,7 +159,7 @@ def run_decoder(core, max_payload, chunks, mode, copy_below=0):
     dec = dec[1]
     for c in chunks:
         data = as_input(c, mode)
-        r = outcome(dec.feed, data)
+        r = outcome(_feed_one_first, dec, data) if one else outcome(dec.feed, data)
         if r[0] == "ok":
             r = ("ok", [frame_key(f) for f in r[1]],
                  [getattr(f.payload, "obj", None) is data for f in r[1]])
@@ -173,6 +185,37 @@ def test_decoder(ccore, pcore, chunks, max_payload, mode, copy_below):
     assert run_decoder(ccore, max_payload, chunks, mode, copy_below) == run_decoder(
         pcore, max_payload, chunks, mode, copy_below
     )
+
+
+@settings(max_examples=300)
+@given(
+    chunks=st.one_of(streams(), streams(whole=True)),
+    max_payload=st.sampled_from([0, 100, 400, 2**18]),
+    mode=st.sampled_from(["bytes", "bytes", "bytearray", "strided"]),
+    copy_below=st.sampled_from([0, 1, 50, 2048]),
+)
+def test_decoder_feed_one(ccore, pcore, chunks, max_payload, mode, copy_below):
+    """``feed_one`` then ``feed`` when it declines: in both twins, the same frames, errors and
+    states as ``feed`` alone (the specification)."""
+    spec = run_decoder(pcore, max_payload, chunks, mode, copy_below)
+    assert run_decoder(pcore, max_payload, chunks, mode, copy_below, one=True) == spec
+    assert run_decoder(ccore, max_payload, chunks, mode, copy_below, one=True) == spec
+
+
+def test_decoder_feed_one_declines(ccore, pcore):
+    """None, with nothing consumed, unless the buffer is exactly one whole frame."""
+    for core in (ccore, pcore):
+        frame = core.encode_frame(int(FrameType.DATA), 0, 5, 7, b"abc")
+        dec = core.FrameDecoder()
+        for data in (b"", frame[:27], frame[:-1], frame + frame, frame + b"x", "text", 12):
+            assert dec.feed_one(data) is None
+            assert (dec.offset, dec.buffered) == (0, 0)
+        f = dec.feed_one(frame)
+        assert (f.type, f.seq, f.ack, bytes(f.payload)) == (int(FrameType.DATA), 5, 7, b"abc")
+        assert dec.offset == len(frame)
+        assert dec.feed(frame[:10]) == []
+        assert dec.feed_one(frame) is None  # a partial frame is buffered
+        assert dec.buffered == 10
 
 
 # -- replay buffer -------------------------------------------------------------------------------

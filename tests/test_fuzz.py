@@ -47,6 +47,7 @@ from fuzz_scenarios import (
     run_decoder,
     scenario_client_handshake,
     scenario_corrupted_stream,
+    scenario_fast_receive,
     scenario_nonsense,
     split,
 )
@@ -370,6 +371,52 @@ NONSENSE_OP = st.one_of(
 @given(fuzz_client=st.booleans(), ops=st.lists(NONSENSE_OP, max_size=12), seed=SEED)
 def test_session_fed_well_formed_nonsense(core, fuzz_client, ops, seed):
     scenario_nonsense(fuzz_client, ops, seed, core)
+
+
+#: Frames as in NONSENSE_OP, plus a cut (split over two receives); and, mostly, the relay's usual
+#: frame: DATA in order, acking what was sent, sometimes a little off.
+_ANY_FRAME = st.tuples(
+    st.just("frame"),
+    st.sampled_from(list(FrameType)),
+    st.booleans(),
+    st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),
+    st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),
+    st.one_of(st.binary(max_size=120), st.sampled_from([b"", b"\0", b"\0\0", b"\0\0bye"])),
+    st.integers(0, 40),
+)
+_USUAL_FRAME = st.tuples(
+    st.just("frame"),
+    st.sampled_from([FrameType.DATA] * 8 + [FrameType.PING, FrameType.ACK]),
+    st.just(False),
+    st.just(("rx", 0)),
+    st.tuples(st.sampled_from(["tx_start", "tx_end"]), st.just(0)),
+    st.binary(min_size=1, max_size=120),
+    st.sampled_from([0] * 9 + [10, 30]),
+)
+_OFF_FRAME = st.tuples(  # ... or a little off: empty, FIN, a gap, an ack past what was sent
+    st.just("frame"),
+    st.just(FrameType.DATA),
+    st.booleans(),
+    st.tuples(st.just("rx"), st.integers(-1, 1)),
+    st.tuples(st.sampled_from(["tx_start", "tx_end", "tx_end+1"]), st.integers(-1, 1)),
+    st.binary(max_size=20),
+    st.just(0),
+)
+_FAST_OPS = {
+    "usual": _USUAL_FRAME,
+    "off": _OFF_FRAME,
+    "any": _ANY_FRAME,
+    "send": st.tuples(st.just("send"), st.integers(1, 300)),
+    "tick": st.tuples(st.just("tick"), st.integers(0, 1500)),
+}
+FAST_OP = st.sampled_from(["usual"] * 12 + ["off", "any", "send", "send", "tick", "tick"]).flatmap(
+    _FAST_OPS.__getitem__)
+
+
+@settings(max_examples=150)
+@given(fuzz_client=st.booleans(), ops=st.lists(FAST_OP, max_size=20), seed=SEED)
+def test_relay_receive_shortcut_matches_receive_data(core, fuzz_client, ops, seed):
+    scenario_fast_receive(fuzz_client, ops, seed, core)
 
 
 # -- the atheris harnesses (fuzz/), a short bounded run each -------------------------------------

@@ -434,7 +434,9 @@ class Runner:
     def _link_data(self, link: _LinkBase, data: bytes) -> None:
         if link is not self.link:
             return
-        self.engine.receive_data(data, self._time())
+        chunk = self.engine._receive_one(data, self._time())
+        if chunk is not None:  # the usual case: one DATA frame's new bytes, without an event
+            self._deliver(chunk)
         self._pump()
 
     def link_lost(self, link: Link, reason: str) -> None:
