@@ -68,6 +68,8 @@ cdef class SessionEngine:
                    n=cython.ulonglong, size=cython.ulonglong, rx=cython.ulonglong,
                    last=bint, fin=bint)
     cpdef _frame_data(self, _Link link)
+    @cython.locals(sent=cython.ulonglong, n=cython.ulonglong)
+    cpdef _frame_one(self)
     @cython.locals(rx=cython.ulonglong, backlog=cython.ulonglong, v=cython.ulonglong)
     cpdef unsigned long long _ack_value(self) except? 0xFFFFFFFFFFFFFFFF
     @cython.locals(end=cython.ulonglong)

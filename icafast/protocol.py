@@ -465,6 +465,25 @@ class SessionEngine:
         self._out = []
         return out
 
+    def _frame_one(self) -> Any:
+        """``data_to_send()`` for the adapter's usual case after a receive from the local source:
+        what is unsent fits one small DATA frame on an established link, and nothing else
+        waits. Returns that frame's bytes and leaves the state ``data_to_send`` would leave;
+        otherwise None, with nothing changed (``data_to_send`` then does it all)."""
+        link = self._link
+        if link is None or link.phase != _ESTABLISHED or self._out or self._tx_fin:
+            return None
+        sent = self._tx_sent  # (no FIN: at most the end)
+        n = self.tx._end - sent
+        if not n or n > SMALL_FRAME or n > self._frame_size or n > link.peer_max_payload:
+            return None
+        frame = self.tx._frame_at(_TYPE_DATA, 0, sent, n, self._ack_value())
+        self._tx_sent = sent + n
+        self._sent_ack()
+        if self._rx != self._rx_acked:  # (what data_to_send does after an ack)
+            self._ack_due = self._now + self._ack_delay
+        return frame
+
     def _frame_data(self, link: _Link) -> None:
         end = self.tx._end  # (tx.end; a C field in the compiled engine)
         sent = self._tx_sent

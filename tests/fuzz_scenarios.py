@@ -629,10 +629,12 @@ def engine_view(engine: Any) -> tuple:
 
 def scenario_fast_receive(fuzz_client: bool, ops: Sequence[tuple], seed: int = 0,
                           core: ModuleType | None = None) -> None:
-    """The relay's receive shortcut against the general path: two identical sessions fed the
-    same frames (ops as in ``scenario_nonsense``; a frame op may add a cut that splits it over
-    two receives), one through ``receive_data``, one through ``_receive_one``. After every
-    op both show the same state, write the same frames and report the same events."""
+    """The relay's shortcuts against the general path: two identical sessions fed the same
+    frames (ops as in ``scenario_nonsense``; a frame op may add a cut that splits it over two
+    receives), one through ``receive_data``, one through ``_receive_one``; and given the same
+    bytes to send and the same sink backlog (op ("backlog", n)), framed by ``data_to_send``
+    in one, by ``_frame_one`` first in the other. After every op both show the same state,
+    write the same frames and report the same events."""
     with engine_on(core):
         hs = [Harness(CFG, seed=seed) for _ in range(2)]
         for h in hs:
@@ -658,10 +660,16 @@ def scenario_fast_receive(fuzz_client: bool, ops: Sequence[tuple], seed: int = 0
                     t = engine.get_timer()
                     if t is not None and t <= h.now:
                         engine.handle_timer(h.now)
+                elif op[0] == "backlog":  # what the adapter reads from the sink's transport
+                    engine.sink_backlog = min(op[1], engine.bytes_received)
                 elif engine.send_free:
                     engine.send_data(pattern(3, min(op[1], engine.send_free)))
+                out = None
+                if relay and op[0] == "send" and not engine._events:
+                    out = engine._frame_one()  # (the adapter writes it, and nothing more)
                 frames, code, _ = reference_decode(
-                    b"".join(bytes(x) for x in engine.data_to_send()), DEFAULT_MAX_PAYLOAD)
+                    bytes(out) if out is not None
+                    else b"".join(bytes(x) for x in engine.data_to_send()), DEFAULT_MAX_PAYLOAD)
                 events = []
                 while (e := engine.next_event()) is not None:
                     events.append((type(e).__name__, bytes(e.data)) if isinstance(

@@ -407,9 +407,13 @@ _FAST_OPS = {
     "off": _OFF_FRAME,
     "any": _ANY_FRAME,
     "send": st.tuples(st.just("send"), st.integers(1, 300)),
+    "send_small": st.tuples(st.just("send"), st.integers(1, 90)),  # (one frame: CFG.frame_size)
     "tick": st.tuples(st.just("tick"), st.integers(0, 1500)),
+    "backlog": st.tuples(st.just("backlog"), st.integers(0, 400)),
 }
-FAST_OP = st.sampled_from(["usual"] * 12 + ["off", "any", "send", "send", "tick", "tick"]).flatmap(
+FAST_OP = st.sampled_from(
+    ["usual"] * 12 + ["off", "any", "send", "send_small", "send_small", "tick", "tick", "backlog"],
+).flatmap(
     _FAST_OPS.__getitem__)
 
 

@@ -60,6 +60,8 @@ cdef class Runner:
     # (their Python-visible entry points are pump() and _on_timer())
     @cython.locals(bufs=list)
     cdef _pump(self)
+    @cython.locals(eng=SessionEngine, link=_LinkBase, ep=_EndpointBase)
+    cdef _pump_source(self)
     @cython.locals(t=double)
     cdef _schedule(self)
     cdef _cancel_timer(self)

@@ -198,7 +198,7 @@ class _EndpointBase:
                     hint *= 2
                 self._hint = hint
         if r is not None:
-            r._pump()
+            r._pump_source()
         else:
             runner.pump()
 
@@ -457,7 +457,7 @@ class Runner:
 
     def _pump(self) -> None:  # (compiled: a C method, for the calls within this module)
         eng = self.engine
-        while (e := eng._next_raw()) is not None:
+        while eng._events and (e := eng._next_raw()) is not None:
             t = type(e)
             if t is bytes or t is memoryview or not isinstance(e, _Event):
                 # received bytes: the common case, without the dispatch (and, compiled, without
@@ -501,6 +501,25 @@ class Runner:
             elif eng._free() == 0 and not ep.eof:
                 ep.pause()
         self._schedule()
+
+    def _pump_source(self) -> None:
+        """``_pump`` after a receive from the endpoint into the replay buffer, with a shortcut
+        for the usual case: nothing else to do but send those bytes as one frame."""
+        eng = self.engine
+        link = self.link
+        ep = self.endpoint
+        if (not eng._events and not self._sink_written and not eng.sink_backlog
+                and not self._close_link_after_flush and link is not None
+                and link.transport is not None and not link.closed and not link.write_paused
+                and ep is not None and not ep.paused and not ep.pending):
+            frame = eng._frame_one()
+            if frame is not None:
+                link._write(frame)
+                if eng._free() == 0 and not ep.eof:
+                    ep.pause()
+                self._schedule()
+                return
+        self._pump()
 
     def _schedule(self) -> None:
         t = self.engine._deadline()
