@@ -10,6 +10,11 @@ with ``writelines`` (on TLS links, one joined write: see ``_LinkBase``). Receive
 parsed in the bytes object the event loop hands to the link, and their payloads written to the
 endpoint as memoryviews of it; when the endpoint's transport already holds unsent data, the
 payload is copied instead, so a queued view does not keep a whole received block alive.
+
+The usual message takes a shortcut each way, with the same outcome as the general path (the
+engine's ``_receive_one`` and ``_frame_one``): a link read that is one whole in-order DATA
+frame goes from the decoder to the endpoint without an event, and an endpoint read that fits
+one small frame is framed and written without the engine's output list.
 """
 
 from __future__ import annotations
