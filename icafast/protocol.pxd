@@ -70,6 +70,8 @@ cdef class SessionEngine:
     cpdef _frame_data(self, _Link link)
     @cython.locals(sent=cython.ulonglong, n=cython.ulonglong)
     cpdef _frame_one(self)
+    @cython.locals(ackv=cython.ulonglong)
+    cpdef bint _output_idle(self) except -1
     @cython.locals(rx=cython.ulonglong, backlog=cython.ulonglong, v=cython.ulonglong)
     cpdef unsigned long long _ack_value(self) except? 0xFFFFFFFFFFFFFFFF
     @cython.locals(end=cython.ulonglong)

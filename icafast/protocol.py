@@ -484,6 +484,21 @@ class SessionEngine:
             self._ack_due = self._now + self._ack_delay
         return frame
 
+    def _output_idle(self) -> bool:
+        """True when ``data_to_send()`` would return nothing and change nothing (the adapter
+        then skips it): an established link, no frame queued, no stream bytes or FIN unsent, no
+        ack due now, and a later ack already timed."""
+        link = self._link
+        if link is None or link.phase != _ESTABLISHED or self._out or self._tx_fin:
+            return False
+        if self._tx_sent != self.tx._end:
+            return False
+        ackv = self._ack_value()
+        if ackv != self._rx_acked and (
+                self._ack_now or ackv - self._rx_acked >= self._ack_threshold):
+            return False
+        return self._rx == self._rx_acked or self._ack_due != _NEVER
+
     def _frame_data(self, link: _Link) -> None:
         end = self.tx._end  # (tx.end; a C field in the compiled engine)
         sent = self._tx_sent

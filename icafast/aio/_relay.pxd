@@ -67,4 +67,5 @@ cdef class Runner:
     cdef _cancel_timer(self)
     cdef _timer_fired(self)
     cdef _deliver(self, data)
+    @cython.locals(eng=SessionEngine, ep=_EndpointBase, link=_LinkBase)
     cdef _link_data(self, _LinkBase link, data)

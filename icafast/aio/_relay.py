@@ -439,9 +439,24 @@ class Runner:
     def _link_data(self, link: _LinkBase, data: bytes) -> None:
         if link is not self.link:
             return
-        chunk = self.engine._receive_one(data, self._time())
-        if chunk is not None:  # the usual case: one DATA frame's new bytes, without an event
-            self._deliver(chunk)
+        eng = self.engine
+        chunk = eng._receive_one(data, self._time())
+        if chunk is None:
+            self._pump()
+            return
+        # The usual case: one DATA frame's new bytes, without an event. The timer is armed
+        # before they are written, and little is left to do after: on a shared CPU the next hop
+        # waits until this process blocks again.
+        self._schedule()
+        self._deliver(chunk)
+        ep = self.endpoint
+        if ep is not None and ep.transport is not None and not ep.closed:
+            eng.sink_backlog = ep._buffered()
+            self._sink_written = False
+            link = self.link
+            if (not ep.paused and not ep.pending and not self._close_link_after_flush
+                    and link is not None and not link.closed and eng._output_idle()):
+                return  # nothing to write, nothing to resume, the timer is armed
         self._pump()
 
     def link_lost(self, link: Link, reason: str) -> None:
@@ -518,11 +533,11 @@ class Runner:
                 and link.transport is not None and not link.closed and not link.write_paused
                 and ep is not None and not ep.paused and not ep.pending):
             frame = eng._frame_one()
-            if frame is not None:
-                link._write(frame)
+            if frame is not None:  # (the write last: see _link_data)
                 if eng._free() == 0 and not ep.eof:
                     ep.pause()
                 self._schedule()
+                link._write(frame)
                 return
         self._pump()
 
