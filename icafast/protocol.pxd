@@ -18,6 +18,7 @@ cdef int _HELLO_SENT, _AUTH_SENT, _ESTABLISHED
 cdef unsigned long long _MAX_OFFSET
 cdef double _NEVER
 cdef int _FLAG_FIN
+cdef object _CLOSED, _ACTIVE  # (State members as C globals: no module lookup per call)
 
 
 cdef class _Link:

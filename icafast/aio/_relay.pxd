@@ -10,6 +10,8 @@ from icafast.protocol cimport SessionEngine
 cdef class Runner
 
 cdef double _NEVER
+cdef Py_ssize_t _READ_SIZE, _MIN_READ_SIZE  # (READ_SIZE, MIN_READ_SIZE as C constants)
+cdef double _TIMER_TICK, _COALESCE_AFTER
 
 
 cdef class _EndpointBase:
@@ -22,7 +24,7 @@ cdef class _EndpointBase:
 
     @cython.locals(r=Runner, eng=SessionEngine)
     cpdef get_buffer(self, Py_ssize_t sizehint)
-    @cython.locals(r=Runner)
+    @cython.locals(r=Runner, total=Py_ssize_t, hint=Py_ssize_t)
     cpdef buffer_updated(self, Py_ssize_t nbytes)
 
 

@@ -48,6 +48,9 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: deadlines (an immediate reconnect, a zero delay) keep an exact timer of their own.
 TIMER_TICK = 0.016
 COALESCE_AFTER = 0.1
+# (the same values for the per-message path: C constants when compiled, see _relay.pxd)
+_READ_SIZE, _MIN_READ_SIZE = READ_SIZE, MIN_READ_SIZE
+_TIMER_TICK, _COALESCE_AFTER = TIMER_TICK, COALESCE_AFTER
 _NEVER = float("inf")  # no deadline
 
 
@@ -193,13 +196,13 @@ class _EndpointBase:
                 runner.engine.commit_view(nbytes)
             if nbytes >= self._offered:  # filled: more may be waiting
                 self._burst += nbytes
-                if self._hint < READ_SIZE:
+                if self._hint < _READ_SIZE:
                     self._hint *= 2
             else:  # drained: the burst ends here
                 total = self._burst + nbytes
                 self._burst = 0
-                hint = MIN_READ_SIZE
-                while hint <= total and hint < READ_SIZE:
+                hint = _MIN_READ_SIZE
+                while hint <= total and hint < _READ_SIZE:
                     hint *= 2
                 self._hint = hint
         if r is not None:
@@ -516,7 +519,7 @@ class Runner:
                     self._pump()
                     return
             if ep.paused:
-                if not ep.pending and eng._free() >= min(READ_SIZE, eng.tx.limit // 4):
+                if not ep.pending and eng._free() >= min(_READ_SIZE, eng.tx.limit // 4):
                     ep.resume()
             elif eng._free() == 0 and not ep.eof:
                 ep.pause()
@@ -548,13 +551,13 @@ class Runner:
             return
         if self._timer_at <= t:
             return  # the armed timer fires first; it will re-arm
-        if t - self.loop.time() > COALESCE_AFTER:
-            tick = -int(-t // TIMER_TICK)  # the first tick at or after t
+        if t - self.loop.time() > _COALESCE_AFTER:
+            tick = -int(-t // _TIMER_TICK)  # the first tick at or after t
             if tick == self._tick:
                 return  # a deadline earlier within the same tick
             self._cancel_timer()
             self._tick = tick
-            self._timer_at = tick * TIMER_TICK
+            self._timer_at = tick * _TIMER_TICK
             self._ticks.add(self, tick)
         else:
             self._cancel_timer()
