@@ -59,6 +59,7 @@ cdef class FrameDecoder:
     cdef object _fail(self, int code, object a, object b)
     cpdef list feed(self, data)
     cpdef Frame feed_one(self, data)
+    cdef Frame _one(self, object data, const unsigned char *p, Py_ssize_t n)
 
 
 @cython.final

@@ -520,40 +520,43 @@ cdef class FrameDecoder:
         (a relay's usual receive of a small message: no list); otherwise None, and nothing is
         consumed. Raises what ``feed`` raises for the same frame."""
         cdef Py_buffer view
-        cdef const unsigned char *p
-        cdef Py_ssize_t n
-        cdef uint64_t length, a, b
-        cdef int rc
-        cdef icafast_frame_header h
         if self._error is not None:
             raise self._error
         if self._fields or self._hdr_len:
             return None
+        if PyBytes_CheckExact(data):  # (what the event loop hands over: no buffer export)
+            return self._one(data, <const unsigned char *>PyBytes_AS_STRING(data),
+                             PyBytes_GET_SIZE(data))
         if _get_buffer(data, &view, PyBUF_SIMPLE) != 0:
             PyErr_Clear()
             return None  # (not a simple contiguous buffer: feed() handles or rejects it)
         try:
-            p = <const unsigned char *>view.buf
-            n = view.len
-            if n < ICAFAST_HEADER_SIZE:
-                return None
-            length = ((<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16) | (<uint64_t>p[6] << 8)
-                      | <uint64_t>p[7])
-            if <uint64_t>(n - ICAFAST_HEADER_SIZE) != length:
-                return None
-            rc = icafast_frame_header_parse(p, self._cmax, &h, &a, &b)
-            if rc != ICAFAST_FRAME_OK:
-                raise self._fail(rc, a, self._max if rc == 4 else b)
-            rc = icafast_frame_verify(p, p + ICAFAST_HEADER_SIZE, <size_t>length, &a, &b)
-            if rc != ICAFAST_FRAME_OK:
-                raise self._fail(rc, a, b)
-            self._offset += <uint64_t>n
-            if <Py_ssize_t>length < self._copy_below:
-                return _new_frame(&h, PyBytes_FromStringAndSize(
-                    <const char *>p + ICAFAST_HEADER_SIZE, <Py_ssize_t>length))
-            return _new_frame(&h, _as_bytes_view(data)[ICAFAST_HEADER_SIZE:])
+            return self._one(data, <const unsigned char *>view.buf, view.len)
         finally:
             PyBuffer_Release(&view)
+
+    cdef Frame _one(self, object data, const unsigned char *p, Py_ssize_t n):
+        # feed_one's work on the n bytes of data at p
+        cdef uint64_t length, a, b
+        cdef int rc
+        cdef icafast_frame_header h
+        if n < ICAFAST_HEADER_SIZE:
+            return None
+        length = ((<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16) | (<uint64_t>p[6] << 8)
+                  | <uint64_t>p[7])
+        if <uint64_t>(n - ICAFAST_HEADER_SIZE) != length:
+            return None
+        rc = icafast_frame_header_parse(p, self._cmax, &h, &a, &b)
+        if rc != ICAFAST_FRAME_OK:
+            raise self._fail(rc, a, self._max if rc == 4 else b)
+        rc = icafast_frame_verify(p, p + ICAFAST_HEADER_SIZE, <size_t>length, &a, &b)
+        if rc != ICAFAST_FRAME_OK:
+            raise self._fail(rc, a, b)
+        self._offset += <uint64_t>n
+        if <Py_ssize_t>length < self._copy_below:
+            return _new_frame(&h, PyBytes_FromStringAndSize(
+                <const char *>p + ICAFAST_HEADER_SIZE, <Py_ssize_t>length))
+        return _new_frame(&h, _as_bytes_view(data)[ICAFAST_HEADER_SIZE:])
 
     def feed_eof(self):
         """The stream ended: raise FrameError if it ended inside a frame."""

@@ -22,7 +22,7 @@ cdef class _EndpointBase:
     cdef public bint paused, eof, closed, _in_spare
     cdef public Py_ssize_t _hint, _offered, _burst
 
-    @cython.locals(r=Runner, eng=SessionEngine)
+    @cython.locals(r=Runner, eng=SessionEngine, n=Py_ssize_t)
     cpdef get_buffer(self, Py_ssize_t sizehint)
     @cython.locals(r=Runner, total=Py_ssize_t, hint=Py_ssize_t)
     cpdef buffer_updated(self, Py_ssize_t nbytes)
