@@ -170,11 +170,12 @@ class _EndpointBase:
             else:  # the client's plain-relay fallback bridge
                 b = runner.engine
                 v = b.send_view(self._hint) if b.send_free > 0 else None
-            n = len(v) if v is not None else 0
-            if n:
-                self._in_spare = False
-                self._offered = n
-                return v
+            if v is not None:
+                n = len(v)
+                if n:
+                    self._in_spare = False
+                    self._offered = n
+                    return v
         # Replay buffer full (or data arrived after pause_reading): park it, bounded.
         self._in_spare = True
         if self._spare is None:
