@@ -79,6 +79,7 @@ cdef class SessionEngine:
     cpdef unsigned long long _tx_limit(self) except? 0xFFFFFFFFFFFFFFFF
     cpdef _sent_ack(self)
     cpdef receive_data(self, data, now)
+    cpdef _frames_in(self, _Link link, list frames, now)
     @cython.locals(f=_CFrame, rx=cython.ulonglong, n=cython.ulonglong)
     cpdef _receive_one(self, data, double now)
     @cython.locals(f=_CFrame, t=int, heard=bint)

@@ -589,6 +589,10 @@ class SessionEngine:
             self._link_failed(f"malformed frame: {e}", now)
             return
         link.last_rx = now
+        self._frames_in(link, frames, now)
+
+    def _frames_in(self, link: _Link, frames: list[Any], now: float) -> None:
+        """Decoded frames of ``link``: a protocol error drops it (if it is still the link)."""
         try:
             if link.phase == _ESTABLISHED:
                 self._receive_frames(link, frames, now)
@@ -609,28 +613,22 @@ class SessionEngine:
                 or self.state is _CLOSED):
             self.receive_data(data, now)
             return None
+        self._now = now
         try:
             f = link.decoder.feed_one(data)
         except FrameError as e:
-            self._now = now
             self._link_failed(f"malformed frame: {e}", now)
             return None
         if f is None:  # not exactly one frame
             self.receive_data(data, now)
             return None
-        self._now = now
         link.last_rx = now
         p = f.payload
         n = len(p)
         rx = self._rx
         if (f.type != _TYPE_DATA or f.flags or f.seq != rx or not n or self._rx_fin
                 or n > _MAX_OFFSET - rx):
-            frames = [f]
-            try:
-                self._receive_frames(link, frames, now)
-            except ProtocolError as e:
-                if self._link is link:
-                    self._link_failed(f"protocol error: {e}", now)
+            self._frames_in(link, [f], now)
             return None
         if f.ack != self._peer_ack:
             try:
