@@ -68,7 +68,10 @@ async def _bulk_through_breaks(size: int, breaks_each: int) -> None:
                 assert await wait_for(lambda t=target: progress() >= t, 60), "transfer stalled"
                 # break only a link that is up (the previous break was recovered from)
                 assert await wait_for(lambda k=k: len(of(ev.LinkUp, cev)) == k + 1 and
-                                      s.proxy.live_connections > 0, 10)
+                                      s.proxy.live_connections > 0, 10), (
+                    f"link not up again after break {k}: {len(of(ev.LinkUp, cev))} LinkUp, "
+                    f"{s.proxy.live_connections} proxied connections, losses "
+                    f"{[e.reason for e in of(ev.LinkLost, cev)]}")
                 kind = kinds[k % 3]
                 getattr(s.proxy, kind)()
                 done[kind] += 1
