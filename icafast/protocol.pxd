@@ -41,7 +41,7 @@ cdef class SessionEngine:
     cdef public _Link _link
     # Stream offsets and counters as C integers (PROTOCOL.md 4.1: every offset, the FIN's
     # ack included, fits in 64 bits; the engine refuses a stream that would pass that)
-    cdef public unsigned long long _tx_sent, _peer_ack, _rx, _rx_acked, sink_backlog
+    cdef public unsigned long long _tx_sent, _tx_high, _peer_ack, _rx, _rx_acked, sink_backlog
     cdef public unsigned long long _frame_size, _ack_threshold
     cdef public unsigned long long reconnects, bytes_received, replayed_total
     cdef public bint _tx_fin, _tx_fin_acked, _rx_fin, _ack_now

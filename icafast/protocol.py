@@ -308,6 +308,7 @@ class SessionEngine:
         self.created = now
         self.tx = ReplayBuffer(config.replay_limit)
         self._tx_sent = 0  # next offset to frame on the current link (FIN counts as one)
+        self._tx_high = 0  # the furthest _tx_sent reached on an earlier link (see _on_ack)
         self._tx_fin = False  # the local source ended: FIN sits at offset tx.end
         self._tx_fin_acked = False
         self._peer_ack = 0  # highest cumulative ack from the peer
@@ -697,11 +698,18 @@ class SessionEngine:
             self._tx_fin_acked = True
 
     def _on_ack(self, ack: int) -> None:
+        # What was sent, on this link or an earlier one: after a resume the peer may ack bytes
+        # it received on the old link before they are sent again (its ACCEPT/RESUME offset is
+        # its ack, which its sink may pass right after), PROTOCOL.md 4.5.
         sent = self._tx_sent if self._tx_sent > self._peer_ack else self._peer_ack
+        if self._tx_high > sent:
+            sent = self._tx_high
         upper = min(self._tx_limit(), sent)
         if not self._peer_ack <= ack <= upper:
             raise ProtocolError(f"ack {ack} outside [{self._peer_ack}, {upper}]")
         self._apply_ack(ack)
+        if ack > self._tx_sent:  # acknowledged: not sent again
+            self._tx_sent = ack
 
     def _on_data(self, f: Any, now: float) -> None:
         s = f.seq
@@ -752,6 +760,8 @@ class SessionEngine:
         self._apply_ack(received)
         sent = self._tx_sent
         replay = sent - received if sent > received else 0
+        if sent > self._tx_high:
+            self._tx_high = sent
         self._tx_sent = received
         return replay
 

@@ -699,3 +699,39 @@ def test_a_stream_at_the_last_offset_has_no_room_for_its_fin():
         e.send_eof()
     assert not e._tx_fin
     assert e._tx_limit() == MAX_OFFSET
+
+
+def test_ack_after_resume_of_bytes_the_sink_had_not_taken_at_accept():
+    """ACCEPT carries what the server's sink took (its ack), which may be less than it received
+    on the old link; once the sink takes the rest, the server acks it. That ack can reach the
+    client in the same read as ACCEPT, before the client has replayed those bytes on the new
+    link: it is valid (they were sent, on the old link) and must not cost the link
+    (PROTOCOL.md 4.5, 4.6)."""
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    s = h.server
+    s.hold_acks(True)  # the backend stops taking data: acks stay where they are (0)
+    h.client_send(pattern(1, 3000))
+    h.pump()
+    assert s.bytes_received == 3000 and h.client.tx.start == 0
+    h.reset()
+    h.auto_reconnect = False
+    h.advance(1.0)
+    assert of(ev.ReconnectDue, h.client_events)
+    n_events = len(h.client_events)
+    h.open_link()
+    w = h.wire
+    assert w is not None
+    h.deliver_c2s(w=w)  # HELLO
+    h.deliver_s2c(w=w)  # the server's HELLO; the client answers RESUME
+    h.deliver_c2s(w=w)  # RESUME: ACCEPT(ack 0) goes out
+    s.hold_acks(False)  # the backend took it all ...
+    h.server_send(pattern(2, 5))  # ... and the next frame acks it: 3000
+    h.deliver_s2c(w=w)  # ACCEPT and that frame, in one read
+    new = h.client_events[n_events:]
+    assert not of(ev.LinkLost, new), new
+    assert [e.replayed for e in of(ev.LinkUp, new)] == [3000]
+    assert h.client.tx.start == h.client.bytes_sent == 3000  # acked: not sent again
+    h.pump()
+    assert bytes(h.s_recv) == bytes(h.c_sent) and bytes(h.c_recv) == bytes(h.s_sent)
