@@ -19,6 +19,9 @@ cdef extern from "frame.h" nogil:
         uint64_t ack
         uint32_t crc
     int icafast_frame_allowed_flags(unsigned int type)
+    void icafast_frame_header_unpack(const unsigned char *buf, icafast_frame_header *h)
+    int icafast_frame_header_check(const icafast_frame_header *h, uint64_t max_payload,
+                                   uint64_t *a, uint64_t *b)
     int icafast_frame_header_parse(const unsigned char *buf, uint64_t max_payload,
                                    icafast_frame_header *h, uint64_t *a, uint64_t *b)
     int icafast_frame_verify(const unsigned char *hdr, const void *payload, size_t length,

@@ -542,11 +542,11 @@ cdef class FrameDecoder:
         cdef icafast_frame_header h
         if n < ICAFAST_HEADER_SIZE:
             return None
-        length = ((<uint64_t>p[4] << 24) | (<uint64_t>p[5] << 16) | (<uint64_t>p[6] << 8)
-                  | <uint64_t>p[7])
+        icafast_frame_header_unpack(p, &h)
+        length = h.length
         if <uint64_t>(n - ICAFAST_HEADER_SIZE) != length:
             return None
-        rc = icafast_frame_header_parse(p, self._cmax, &h, &a, &b)
+        rc = icafast_frame_header_check(&h, self._cmax, &a, &b)
         if rc != ICAFAST_FRAME_OK:
             raise self._fail(rc, a, self._max if rc == 4 else b)
         rc = icafast_frame_verify(p, p + ICAFAST_HEADER_SIZE, <size_t>length, &a, &b)

@@ -283,12 +283,11 @@ class FrameDecoder:
         if self._fields is not None or self._hdr:
             return None
         try:
-            mv = memoryview(data)
-        except TypeError:
+            mv = _as_bytes_view(data)
+        except TypeError:  # (not a buffer, or a strided one: feed() handles or rejects it)
             return None
         if not mv.c_contiguous or mv.nbytes < HEADER_SIZE:
             return None
-        mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
         if mv.nbytes - HEADER_SIZE != int.from_bytes(mv[4:8], "big"):
             return None
         hdr = mv[:HEADER_SIZE]

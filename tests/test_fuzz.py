@@ -353,15 +353,16 @@ def test_client_handshake_fed_corrupted_replies(core, resume, accept_phase, muta
 
 # -- sessions fed well-formed nonsense -------------------------------------------------------------
 
+NONSENSE_FRAME = st.tuples(
+    st.just("frame"),
+    st.sampled_from(list(FrameType)),
+    st.booleans(),  # FIN (DATA only)
+    st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),  # seq
+    st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),  # ack
+    st.one_of(st.binary(max_size=120), st.sampled_from([b"", b"\0", b"\0\0", b"\0\0bye"])),
+)
 NONSENSE_OP = st.one_of(
-    st.tuples(
-        st.just("frame"),
-        st.sampled_from(list(FrameType)),
-        st.booleans(),  # FIN (DATA only)
-        st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),  # seq
-        st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),  # ack
-        st.one_of(st.binary(max_size=120), st.sampled_from([b"", b"\0", b"\0\0", b"\0\0bye"])),
-    ),
+    NONSENSE_FRAME,
     st.tuples(st.just("tick"), st.integers(0, 4000)),
     st.tuples(st.just("send"), st.integers(1, 300)),
 )
@@ -375,15 +376,7 @@ def test_session_fed_well_formed_nonsense(core, fuzz_client, ops, seed):
 
 #: Frames as in NONSENSE_OP, plus a cut (split over two receives); and, mostly, the relay's usual
 #: frame: DATA in order, acking what was sent, sometimes a little off.
-_ANY_FRAME = st.tuples(
-    st.just("frame"),
-    st.sampled_from(list(FrameType)),
-    st.booleans(),
-    st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),
-    st.tuples(st.sampled_from(ANCHORS), st.integers(-3, 3)),
-    st.one_of(st.binary(max_size=120), st.sampled_from([b"", b"\0", b"\0\0", b"\0\0bye"])),
-    st.integers(0, 40),
-)
+_ANY_FRAME = st.tuples(NONSENSE_FRAME, st.integers(0, 40)).map(lambda fc: (*fc[0], fc[1]))
 _USUAL_FRAME = st.tuples(
     st.just("frame"),
     st.sampled_from([FrameType.DATA] * 8 + [FrameType.PING, FrameType.ACK]),
@@ -413,8 +406,7 @@ _FAST_OPS = {
 }
 FAST_OP = st.sampled_from(
     ["usual"] * 12 + ["off", "any", "send", "send_small", "send_small", "tick", "tick", "backlog"],
-).flatmap(
-    _FAST_OPS.__getitem__)
+).flatmap(_FAST_OPS.__getitem__)
 
 
 @settings(max_examples=150)
