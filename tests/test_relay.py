@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from typing import Any
 
 import pytest
+from engine_harness import Harness
 from relay_helpers import (
     FAST,
     Backend,
@@ -26,6 +28,7 @@ from icafast.aio._relay import (
     TIMER_TICK,
     WRITE_HIGH_WATER,
     Endpoint,
+    Link,
     Runner,
     _ticks_of,
 )
@@ -629,3 +632,59 @@ def test_endpoint_reads_a_burst_like_the_last_one_in_one_read():
     reads = burst(8 * READ_SIZE + 1)
     assert max(reads) == READ_SIZE and sum(reads) == 8 * READ_SIZE + 1
     assert burst(3 * READ_SIZE)[0] == READ_SIZE  # a bulk stream keeps the large reads
+
+
+class _RecordingTransport:
+    """Records what the runner writes to an endpoint or link (nothing is ever backlogged)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def write(self, data: Any) -> None:
+        self.calls.append(("write", bytes(data)))
+
+    def writelines(self, bufs: Any) -> None:
+        self.calls.append(("writelines", [bytes(b) for b in bufs]))
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.calls.append(("write_eof",))
+
+
+def test_frames_of_one_link_read_reach_the_sink_in_one_writelines_before_the_fin():
+    """Several DATA frames decoded from one read of the link go to the endpoint as one
+    ``writelines`` (one writev, not a write per frame), in order, and a FIN in the same read is
+    passed on only after them."""
+    h = Harness()
+    h.open_link()
+    h.pump()
+    payloads = [bytes([i]) * 65536 for i in range(3)]
+    for p in payloads:
+        assert h.server_send(p) == len(p)
+    h.server.send_eof()
+    w = h.wire
+    assert w is not None
+    h._server_out(w)
+    wire_bytes = bytes(w.s2c)
+    assert len(wire_bytes) > 3 * (65536 + HEADER_SIZE)  # all three frames and the FIN
+
+    loop = asyncio.new_event_loop()
+    try:
+        runner = Runner(loop, h.client, "client")
+        runner._time = lambda: h.now
+        ep, ep_t = Endpoint(runner), _RecordingTransport()
+        ep.transport, ep._write, ep._writelines = ep_t, ep_t.write, ep_t.writelines
+        ep._buffered = ep_t.get_write_buffer_size
+        link, link_t = Link(runner), _RecordingTransport()
+        link.transport, link._write, link._writelines = link_t, link_t.write, link_t.writelines
+        link.link_id = h.client.link_id
+        runner.endpoint, runner.link = ep, link
+        runner.link_data(link, wire_bytes)
+    finally:
+        loop.close()
+    assert ep_t.calls == [("writelines", payloads), ("write_eof",)]

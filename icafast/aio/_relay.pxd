@@ -17,7 +17,7 @@ cdef double _TIMER_TICK, _COALESCE_AFTER
 cdef class _EndpointBase:
     cdef public object runner  # a Runner, or the client's plain-relay fallback bridge
     cdef public object transport, _spare
-    cdef public object _write, _buffered  # the transport's write and get_write_buffer_size
+    cdef public object _write, _writelines, _buffered  # the transport's write and get_write_buffer_size
     cdef public list pending
     cdef public bint paused, eof, closed, _in_spare
     cdef public Py_ssize_t _hint, _offered, _burst
@@ -60,7 +60,7 @@ cdef class Runner:
 
     # the per-message path and the timers, as C methods for the calls within this module
     # (their Python-visible entry points are pump() and _on_timer())
-    @cython.locals(bufs=list)
+    @cython.locals(bufs=list, batch=list)
     cdef _pump(self)
     @cython.locals(eng=SessionEngine, link=_LinkBase, ep=_EndpointBase)
     cdef _pump_source(self)
@@ -69,5 +69,6 @@ cdef class Runner:
     cdef _cancel_timer(self)
     cdef _timer_fired(self)
     cdef _deliver(self, data)
+    cdef _deliver_all(self, list bufs)
     @cython.locals(eng=SessionEngine, ep=_EndpointBase, link=_LinkBase)
     cdef _link_data(self, _LinkBase link, data)

@@ -133,9 +133,10 @@ class _EndpointBase:
     def __init__(self, runner: Runner) -> None:
         self.runner = runner
         self.transport: asyncio.Transport | None = None
-        #: the transport's write and get_write_buffer_size, bound once (the per-message path
-        #: calls them without a method lookup each time)
+        #: the transport's write, writelines and get_write_buffer_size, bound once (the
+        #: per-message path calls them without a method lookup each time)
         self._write: Callable[..., Any] = _not_connected
+        self._writelines: Callable[..., Any] = _not_connected
         self._buffered: Callable[..., Any] = _not_connected
         self.paused = False  # reading paused by us (replay buffer full)
         self.eof = False
@@ -155,6 +156,7 @@ class _EndpointBase:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self._write = transport.write
+        self._writelines = transport.writelines
         self._buffered = transport.get_write_buffer_size
         # what waits for a slow sink is bounded by the peer's replay limit plus this
         tune_socket(transport, high=ENDPOINT_HIGH_WATER, low=ENDPOINT_LOW_WATER)
@@ -482,14 +484,23 @@ class Runner:
 
     def _pump(self) -> None:  # (compiled: a C method, for the calls within this module)
         eng = self.engine
+        batch: list[Any] | None = None
         while eng._events and (e := eng._next_raw()) is not None:
             t = type(e)
             if t is bytes or t is memoryview or not isinstance(e, _Event):
                 # received bytes: the common case, without the dispatch (and, compiled, without
                 # a full isinstance against the Event class for each)
-                self._deliver(e)
+                if batch is None:
+                    batch = [e]
+                else:
+                    batch.append(e)
             else:
+                if batch is not None:
+                    self._deliver_all(batch)
+                    batch = None
                 self.handle_event(e)
+        if batch is not None:
+            self._deliver_all(batch)
         ep = self.endpoint
         if ep is not None and ep.transport is not None and not ep.closed and (
                 self._sink_written or eng.sink_backlog):  # (else it is still 0)
@@ -603,6 +614,22 @@ class Runner:
                 ep._write(bytes(data))
             else:
                 ep._write(data)
+            self._sink_written = True
+
+    def _deliver_all(self, bufs: list[Any]) -> None:
+        """Write the payloads of several DATA frames decoded from one read of the link: one
+        ``writelines`` (a single writev while the sink keeps up) instead of a write per frame.
+        Bulk data arrives as 64 KiB frames in reads of up to 256 KiB, so this saves about three
+        system calls in four toward the sink."""
+        if len(bufs) == 1:
+            self._deliver(bufs[0])
+            return
+        ep = self.endpoint
+        if ep is not None and ep.transport is not None and not ep.closed:
+            if (self._sink_written or self.engine.sink_backlog) and ep._buffered():
+                # they will be queued: copies, as in _deliver
+                bufs = [bytes(b) for b in bufs]
+            ep._writelines(bufs)
             self._sink_written = True
 
     def handle_event(self, e: ev.Event) -> None:
