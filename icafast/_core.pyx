@@ -71,6 +71,10 @@ cdef extern from "Python.h":
     unsigned long long _as_ull "PyLong_AsUnsignedLongLong" (object obj)
 
 
+cdef extern from "mem.h" nogil:
+    void icafast_hint_huge_pages(void *p, size_t n)
+
+
 cdef extern from "crc32c.h" nogil:
     uint32_t icafast_crc32c(uint32_t crc, const void *buf, size_t len)
     const char *icafast_crc32c_backend()
@@ -719,6 +723,7 @@ cdef class ReplayBuffer:
         cdef uint64_t first
         new = PyByteArray_FromStringAndSize(NULL, <Py_ssize_t>newcap)
         cdef unsigned char *dst = <unsigned char *>PyByteArray_AS_STRING(new)
+        icafast_hint_huge_pages(dst, <size_t>newcap)  # (before the first touch, below)
         if size:
             first = self._cap - self._head
             if first > size:

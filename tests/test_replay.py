@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import random
 
 import pytest
@@ -513,3 +515,32 @@ def test_frame_at_checks_and_fails_as_frame(core):
             rb._frame_at(*args)
         assert (type(got.value), str(got.value)) == (type(want.value), str(want.value)), args
     assert rb._frame_at(0x10, 0, 1, 2, 5) == core.encode_frame(0x10, 0, 1, 5, b"bc")
+
+
+def _vm_flags(addr: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds ``addr`` (Linux smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split(None, 1)[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="Linux with transparent huge pages only")
+def test_large_storage_asks_for_huge_pages(ccore):
+    """Storage of 2 MiB or more is marked for transparent huge pages (madvise) before it is
+    first touched: the kernel's copy of each bulk read into the ring then misses the TLB far
+    less. The hint changes no byte (the differential tests cover the contents)."""
+    rb = ccore.ReplayBuffer(8 << 20)
+    rb.append(blob(3 << 20, 1))  # storage grows to 4 MiB
+    assert rb.capacity == 4 << 20
+    view = rb.write_view(1)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    assert "hg" in _vm_flags(addr)
+    view.release()
