@@ -838,12 +838,16 @@ class SessionEngine:
                     t = self._ack_due
             else:
                 t = link.started + self._handshake_timeout
+            return t
         t2 = self._extra_timer()
         if t2 is not None and t2 < t:
             t = t2
         return t
 
     def _extra_timer(self) -> float | None:
+        """A subclass's own deadline, which applies only while no link is up (the client's
+        next reconnect, the server's reliability timeout or hold): ``_deadline`` asks for it
+        only then, which keeps the call off the per-message path."""
         return None
 
     def handle_timer(self, now: float) -> None:
