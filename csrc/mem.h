@@ -14,7 +14,9 @@
 
 /* Ask for transparent huge pages over the pages of [p, p + n), before they are first touched.
  * Only a hint: where the kernel has none to give, or the platform has no madvise, nothing
- * changes. */
+ * changes. With the kernel's THP defrag setting at "madvise" (a common default), the first
+ * touch may compact memory to find huge pages: a one-time cost when a ring grows past 2 MiB,
+ * which an administrator can avoid with defrag "defer". */
 static inline void icafast_hint_huge_pages(void *p, size_t n)
 {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
