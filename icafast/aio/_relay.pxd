@@ -17,7 +17,8 @@ cdef double _TIMER_TICK, _COALESCE_AFTER
 cdef class _EndpointBase:
     cdef public object runner  # a Runner, or the client's plain-relay fallback bridge
     cdef public object transport, _spare
-    cdef public object _write, _writelines, _buffered  # the transport's write and get_write_buffer_size
+    # the transport's write, writelines and get_write_buffer_size
+    cdef public object _write, _writelines, _buffered
     cdef public list pending
     cdef public bint paused, eof, closed, _in_spare
     cdef public Py_ssize_t _hint, _offered, _burst
@@ -68,6 +69,7 @@ cdef class Runner:
     cdef _schedule(self)
     cdef _cancel_timer(self)
     cdef _timer_fired(self)
+    cdef bint _sink_queues(self, _EndpointBase ep) except -1
     cdef _deliver(self, data)
     cdef _deliver_all(self, list bufs)
     @cython.locals(eng=SessionEngine, ep=_EndpointBase, link=_LinkBase)

@@ -602,18 +602,18 @@ class Runner:
         self._pump()
 
     # -- events ------------------------------------------------------------------------------
+    def _sink_queues(self, ep: _EndpointBase) -> bool:
+        """Whether what is written to the endpoint now will wait in its buffer. Only the two
+        delivery methods below write to it, so when nothing was written since the last pump
+        found its buffer empty, the transport sends at once and the buffer is not asked."""
+        return bool(self._sink_written or self.engine.sink_backlog) and ep._buffered() > 0
+
     def _deliver(self, data: Any) -> None:
         ep = self.endpoint
         if ep is not None and ep.transport is not None and not ep.closed:
-            if not self._sink_written and not self.engine.sink_backlog:
-                # Nothing written since the last pump found the sink's buffer empty (and only
-                # this method writes to it): the transport sends at once, or keeps the view.
-                ep._write(data)
-            elif ep._buffered():
-                # it will be queued: copy, so the view does not pin the whole received block
-                ep._write(bytes(data))
-            else:
-                ep._write(data)
+            # a payload that will wait is copied, so its view does not pin the whole received
+            # block; otherwise the transport sends the view at once, or keeps it
+            ep._write(bytes(data) if self._sink_queues(ep) else data)
             self._sink_written = True
 
     def _deliver_all(self, bufs: list[Any]) -> None:
@@ -626,9 +626,8 @@ class Runner:
             return
         ep = self.endpoint
         if ep is not None and ep.transport is not None and not ep.closed:
-            if (self._sink_written or self.engine.sink_backlog) and ep._buffered():
-                # they will be queued: copies, as in _deliver
-                bufs = [bytes(b) for b in bufs]
+            if self._sink_queues(ep):
+                bufs = [bytes(b) for b in bufs]  # (as in _deliver)
             ep._writelines(bufs)
             self._sink_written = True
 
