@@ -606,7 +606,9 @@ class Runner:
         """Whether what is written to the endpoint now will wait in its buffer. Only the two
         delivery methods below write to it, so when nothing was written since the last pump
         found its buffer empty, the transport sends at once and the buffer is not asked."""
-        return bool(self._sink_written or self.engine.sink_backlog) and ep._buffered() > 0
+        if not self._sink_written and not self.engine.sink_backlog:
+            return False
+        return bool(ep._buffered())
 
     def _deliver(self, data: Any) -> None:
         ep = self.endpoint
