@@ -34,12 +34,15 @@ class StreamStats:
 
 
 async def pump_stream(writer: asyncio.StreamWriter, size: int, seed: int, rate: int,
-                      stats: StreamStats) -> None:
+                      stats: StreamStats, gate: tuple[int, asyncio.Event] | None = None) -> None:
     """Write ``size`` seeded pseudo-random bytes at ``rate`` bytes/s (0: as fast as possible),
-    then half-close."""
+    then half-close. With ``gate=(offset, event)``, wait for the event once ``offset`` bytes
+    are written."""
     rng = random.Random(seed)
     start = time.monotonic()
     while stats.sent < size:
+        if gate is not None and stats.sent >= gate[0] and not gate[1].is_set():
+            await gate[1].wait()  # (the pacing below then goes on at the rate)
         chunk = rng.randbytes(min(CHUNK, size - stats.sent))
         writer.write(chunk)
         stats.sent_hash.update(chunk)
@@ -134,9 +137,12 @@ async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1
 
     resumes = 0
     replayed = 0
+    ups = 0  # links established or resumed
 
     def on_status(e: ev.Event, engine: Any) -> None:
-        nonlocal resumes, replayed
+        nonlocal resumes, replayed, ups
+        if isinstance(e, ev.LinkUp):
+            ups += 1
         if isinstance(e, ev.LinkLost):
             say(f"{stamp()} client: link lost ({e.reason})")
         elif isinstance(e, ev.LinkUp) and e.resumed:
@@ -153,31 +159,39 @@ async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1
     kinds = ["reset", "blackhole", "half-open"]
     counts = dict.fromkeys(kinds, 0)
 
+    # The last part of the upload waits for the last break, so every break finds the session
+    # still moving data.
+    breaks_done = asyncio.Event()
+    gate = (size - size // (breaks + 2), breaks_done)
+
     async def breaker() -> None:
-        for k in range(breaks):
-            target = (k + 1) * size // (breaks + 1)
-            for _ in range(6000):
-                if app.received >= target or app.received >= size:
-                    break
-                await asyncio.sleep(0.01)
-            if app.received >= size:
-                return
-            kind = kinds[k % 3]
-            for _ in range(500):  # wait until the link is back up before breaking it again
-                if proxy.live_connections:
-                    break
-                await asyncio.sleep(0.01)
-            n = {"reset": proxy.reset, "blackhole": proxy.blackhole,
-                 "half-open": proxy.half_open}[kind]()
-            counts[kind] += 1
-            say(f"{stamp()} proxy: {kind} of {n} connection(s) at {_mib(app.received)} "
-                f"received")
+        try:
+            for k in range(breaks):
+                target = (k + 1) * size // (breaks + 1)
+                for _ in range(6000):
+                    if app.received >= target or app.received >= size:
+                        break
+                    await asyncio.sleep(0.01)
+                kind = kinds[k % 3]
+                # wait until the link broken last is back (resumed) before breaking it again:
+                # a break of a link still in its handshake would not be a new break
+                for _ in range(3000):
+                    if ups >= k + 1 and proxy.live_connections:
+                        break
+                    await asyncio.sleep(0.01)
+                n = {"reset": proxy.reset, "blackhole": proxy.blackhole,
+                     "half-open": proxy.half_open}[kind]()
+                counts[kind] += 1
+                say(f"{stamp()} proxy: {kind} of {n} connection(s) at {_mib(app.received)} "
+                    f"received")
+        finally:
+            breaks_done.set()
 
     ok = False
     try:
         await asyncio.wait_for(
-            asyncio.gather(pump_stream(writer, size, 1, rate, app), drain_stream(reader, app),
-                           breaker()),
+            asyncio.gather(pump_stream(writer, size, 1, rate, app, gate),
+                           drain_stream(reader, app), breaker()),
             timeout=max(120.0, 4 * size / max(rate, 1)),
         )
         await asyncio.wait_for(backend.done.wait(), 30)

@@ -88,6 +88,8 @@ def test_demo_runs_and_verifies(pure):
     assert p.returncode == 0, p.stdout + p.stderr
     assert "no byte lost" in p.stdout
     assert p.stdout.count(" OK") == 2
+    # each break hits a link that is up, so each one is a loss and a resume of its own
+    assert "resumes: 3;" in p.stdout, p.stdout
     assert f"core: {'python' if pure else icafast.IMPLEMENTATION}" in p.stdout
 
 
