@@ -41,7 +41,7 @@ async def pump_stream(writer: asyncio.StreamWriter, size: int, seed: int, rate: 
     rng = random.Random(seed)
     start = time.monotonic()
     while stats.sent < size:
-        if gate is not None and stats.sent >= gate[0] and not gate[1].is_set():
+        if gate is not None and stats.sent >= gate[0]:
             await gate[1].wait()  # (the pacing below then goes on at the rate)
         chunk = rng.randbytes(min(CHUNK, size - stats.sent))
         writer.write(chunk)
@@ -169,7 +169,7 @@ async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1
             for k in range(breaks):
                 target = (k + 1) * size // (breaks + 1)
                 for _ in range(6000):
-                    if app.received >= target or app.received >= size:
+                    if app.received >= target:  # (target < size: reached at the latest)
                         break
                     await asyncio.sleep(0.01)
                 kind = kinds[k % 3]
