@@ -454,15 +454,16 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         print(f"{req['cmd']}: {reply.get('reset') or reply.get('disconnected')}")
         return 0
     rows = reply["sessions"]
-    head = ["ID", "STATE", "CLIENT", "BACKEND", "AGE", "IDLE", "IN", "OUT", "UNACKED", "RTT",
-            "RECONN"]
+    head = ["ID", "STATE", "CLIENT", "BACKEND", "AGE", "IDLE", "IN", "OUT", "UNACKED", "BUFFER",
+            "RTT", "RECONN"]
     table = [head]
     for r in rows:
         state = r["state"] + (" (held)" if r.get("held") else "")
         rtt = "-" if r["rtt_ms"] is None else f"{r['rtt_ms']:.1f}ms"
         table.append([r["id"], state, r.get("client", ""), r["backend"], _fmt_secs(r["age"]),
                       _fmt_secs(r["idle"]), _fmt_bytes(r["bytes_in"]),
-                      _fmt_bytes(r["bytes_out"]), _fmt_bytes(r["unacked"]), rtt,
+                      _fmt_bytes(r["bytes_out"]), _fmt_bytes(r["unacked"]),
+                      _fmt_bytes(r.get("replay_capacity", 0)), rtt,
                       str(r["reconnects"])])
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:

@@ -918,6 +918,7 @@ class SessionEngine:
             "bytes_in": self.bytes_received,
             "bytes_out": self.bytes_sent,
             "unacked": self.unacked,
+            "replay_capacity": self.tx.capacity,
             "rtt_ms": None if self.srtt is None else round(self.srtt * 1000, 3),
             "reconnects": self.reconnects,
         }

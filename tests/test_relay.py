@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import struct
+import sys
 from typing import Any
 
 import pytest
@@ -23,6 +26,7 @@ from relay_helpers import (
 from icafast import events as ev
 from icafast.aio import Mapping, RelayServer, open_session
 from icafast.aio._relay import (
+    LINK_NOTSENT_LOWAT,
     MIN_READ_SIZE,
     READ_SIZE,
     TIMER_TICK,
@@ -401,6 +405,64 @@ def test_back_pressure_is_bounded_by_the_replay_limit(loop):
     run_async(loop, main(), timeout=240)
 
 
+def _notsent_bytes(sock: Any) -> int:
+    """Bytes the kernel holds unsent in a TCP socket (``tcpi_notsent_bytes`` of TCP_INFO)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    assert len(info) >= 148, "kernel's TCP_INFO has no notsent_bytes"
+    return int(struct.unpack_from("=I", info, 144)[0])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads Linux's TCP_INFO")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_link_whose_peer_stops_reading_keeps_little_unsent_in_the_kernel(loop):
+    """Links set TCP_NOTSENT_LOWAT: when the far end stops reading, the kernel holds about
+    LINK_NOTSENT_LOWAT unsent (not its whole send buffer, megabytes); the rest waits in the
+    replay buffer. The application and backend sockets keep the default. Nothing is lost."""
+    size = 48 * 1024 * 1024
+    lowat = socket.TCP_NOTSENT_LOWAT if hasattr(socket, "TCP_NOTSENT_LOWAT") else 25
+
+    async def main() -> None:
+        # keepalives cannot cross the stopped direction: a dead timeout far beyond the test's
+        cfg = Config(keepalive_interval=1.0, dead_timeout=60.0, replay_limit=8 * 1024 * 1024)
+        async with Setup(Backend("stream", size=size), config=cfg) as s:
+            reader, writer = await s.client()
+            (pair,) = s.proxy.pairs
+            assert pair.server is not None and pair.server.transport is not None
+            # a receive buffer far below the replay limit: the server's writes back up in its
+            # own socket once the proxy stops reading, whatever this host's autotuning allows
+            pair.server.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+            app = Stats()
+            task = asyncio.create_task(recv_stream(reader, app))
+            assert await wait_for(lambda: app.received >= 4 * 1024 * 1024, 20)
+            pair.server.transport.pause_reading()  # the server's link: its peer reads no more
+            r = s.only_session()
+            assert r.link is not None and r.endpoint is not None
+            link_sock = r.link.transport.get_extra_info("socket")
+            backend_sock = r.endpoint.transport.get_extra_info("socket")
+            assert link_sock.getsockopt(socket.IPPROTO_TCP, lowat) == LINK_NOTSENT_LOWAT
+            assert backend_sock.getsockopt(socket.IPPROTO_TCP, lowat) == 0
+            last = -1
+            for _ in range(100):  # until the server stops taking from the backend
+                await asyncio.sleep(0.2)
+                if r.engine.tx.end == last:
+                    break
+                last = r.engine.tx.end
+            assert r.engine.tx.end == last < size, "the server never stopped"
+            notsent = _notsent_bytes(link_sock)
+            # a write goes in while less than the low mark is unsent, so one write's worth over
+            assert 0 < notsent <= 2 * LINK_NOTSENT_LOWAT, notsent
+            assert r.engine.unacked > 2 * LINK_NOTSENT_LOWAT  # the rest waits for replay
+            pair.server.transport.resume_reading()
+            await asyncio.wait_for(task, 60)
+            be = s.backend.conns[0]
+            assert app.received == size and app.recv_hash.digest() == be.sent_hash.digest()
+            assert not of(ev.LinkLost, s.events)
+            writer.close()
+
+    run_async(loop, main(), timeout=120)
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_half_close_propagates_in_order(loop):
     async def main() -> None:
@@ -457,8 +519,8 @@ def test_control_socket_list_disconnect_reset(tmp_path):
             reply = await loop.run_in_executor(None, control_request, path, {"cmd": "list"})
             (row,) = reply["sessions"]
             assert row["state"] == "ACTIVE" and row["bytes_in"] == 3 and row["bytes_out"] >= 0
-            for key in ("id", "client", "backend", "age", "idle", "unacked", "rtt_ms",
-                        "reconnects"):
+            for key in ("id", "client", "backend", "age", "idle", "unacked", "replay_capacity",
+                        "rtt_ms", "reconnects"):
                 assert key in row
             import os
             import stat

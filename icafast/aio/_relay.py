@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -39,6 +40,13 @@ WRITE_HIGH_WATER = 1024 * 1024  # transport write buffer limits (bytes)
 WRITE_LOW_WATER = 256 * 1024
 ENDPOINT_HIGH_WATER = 64 * 1024  # the application/backend side
 ENDPOINT_LOW_WATER = 16 * 1024
+#: TCP_NOTSENT_LOWAT on links: the kernel takes a link write only while less than this much of
+#: what it already holds is unsent. What the path can carry (TCP's congestion window) still goes
+#: out at once; the rest waits in the replay buffer instead of piling up unsent in the socket
+#: (up to its 4 MiB send buffer), so less is unacknowledged, the replay buffer cycles through less
+#: memory, and an interactive write is not queued behind megabytes (benchmarks/README.md).
+LINK_NOTSENT_LOWAT = 256 * 1024
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else 0)
 
 
 #: Session deadlines further away than COALESCE_AFTER are rounded up to the next multiple of
@@ -95,12 +103,15 @@ def short_id(sid: bytes) -> str:
 
 
 def tune_socket(transport: asyncio.BaseTransport, high: int = WRITE_HIGH_WATER,
-                low: int = WRITE_LOW_WATER) -> None:
-    """TCP_NODELAY on every socket (small writes must not wait for Nagle) and big limits."""
+                low: int = WRITE_LOW_WATER, notsent_lowat: int = 0) -> None:
+    """TCP_NODELAY on every socket (small writes must not wait for Nagle), big limits, and
+    TCP_NOTSENT_LOWAT if ``notsent_lowat`` (where the platform has it)."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if notsent_lowat and _TCP_NOTSENT_LOWAT:
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, notsent_lowat)
         except OSError:
             pass
     if hasattr(transport, "set_write_buffer_limits"):
@@ -269,7 +280,7 @@ class _LinkBase:
         self._write = transport.write
         self._writelines = transport.writelines
         self.join_writes = transport.get_extra_info("sslcontext") is not None
-        tune_socket(transport)
+        tune_socket(transport, notsent_lowat=LINK_NOTSENT_LOWAT)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
