@@ -93,7 +93,8 @@ def _pair(tmp_path):
     return cert, key, tls.fingerprint_of_pem(cert)
 
 
-def test_pinned_fingerprint_session_survives_breaks(tmp_path):
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_pinned_fingerprint_session_survives_breaks(tmp_path, loop):
     cert, key, fp = _pair(tmp_path)
     size = 8 * 1024 * 1024
 
@@ -128,7 +129,7 @@ def test_pinned_fingerprint_session_survives_breaks(tmp_path):
             assert len(s.backend.conns) == 1
             assert sum(1 for e in cev if isinstance(e, ev.LinkUp) and e.resumed) >= 6
 
-    run_async("uvloop", main(), timeout=120)
+    run_async(loop, main(), timeout=120)
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
