@@ -696,38 +696,6 @@ def test_endpoint_reads_a_burst_like_the_last_one_in_one_read():
     assert burst(3 * READ_SIZE)[0] == READ_SIZE  # a bulk stream keeps the large reads
 
 
-def test_links_read_into_one_shared_buffer_unless_a_view_of_it_lives():
-    """Links receive into one buffer shared by the process, reused for the next read only when
-    nothing holds a view of it: bytes a sink (or anything else) still holds are never
-    overwritten by a later read, of this link or another."""
-    kept: list[Any] = []
-
-    class Owner:
-        keep = True
-
-        def link_data(self, link: Any, data: Any) -> None:
-            if self.keep:
-                kept.append(data)
-
-    owner = Owner()
-    a, b = Link(owner), Link(owner)
-    view = a.get_buffer(-1)
-    assert len(view) == READ_SIZE
-    buf1 = view.obj
-    view[:3] = b"abc"
-    del view  # (as the event loop drops it after the receive)
-    a.buffer_updated(3)  # the owner keeps a view of these three bytes
-    view = b.get_buffer(-1)
-    buf2 = view.obj
-    assert buf2 is not buf1  # (the other link too gets a new buffer)
-    view[:3] = b"xyz"
-    del view
-    owner.keep = False
-    b.buffer_updated(3)
-    assert [bytes(d) for d in kept] == [b"abc"]
-    assert a.get_buffer(-1).obj is buf2  # no view of it left: reused, nothing allocated
-
-
 class _RecordingTransport:
     """Records what the runner writes to an endpoint or link (nothing is ever backlogged)."""
 

@@ -286,20 +286,7 @@ class _LinkBase:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
         self.owner.link_made(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        global _link_rbuf
-        b = _link_rbuf
-        if _in_use(b):  # a view of its bytes is alive: leave it to its holders
-            b = _link_rbuf = bytearray(READ_SIZE)
-        # (a memoryview, not the bytearray: stdlib asyncio's TLS transport fills the rest of
-        # the buffer through a slice of it, and a bytearray's slice is a copy)
-        return memoryview(b)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # (the loop calls get_buffer, receives, and calls this, with nothing in between)
-        self.data_received(memoryview(_link_rbuf)[:nbytes])
-
-    def data_received(self, data: Any) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
         owner = self.owner
         if isinstance(owner, Runner):
             r = owner  # (compiled: typed, so the call below is a C call)
@@ -333,31 +320,12 @@ class _LinkBase:
                 self.transport.close()
 
 
-def _in_use(b: bytearray) -> bool:
-    """Does a buffer export (a memoryview, a transport's pending write) hold ``b``? (A
-    bytearray cannot be resized while one does; its size is the same afterwards.)"""
-    try:
-        b.append(0)
-    except BufferError:
-        return True
-    del b[-1]
-    return False
-
-
-#: The links' receive buffer, shared by every link of the process: links read into it, and the
-#: payloads decoded from a read are memoryviews of it. It is reused for the next read only when
-#: no view of it is left (the usual case: the payloads went straight into the sink's socket);
-#: otherwise the next read gets a new one and the old one lives as long as its views.
-_link_rbuf = bytearray(READ_SIZE)
-
-
-class Link(_LinkBase, asyncio.BufferedProtocol):
+class Link(_LinkBase, asyncio.Protocol):
     """The framed connection between client and server (one per attempt).
 
-    Reads go into the receive buffer shared by all links (``_link_rbuf``): an idle link holds no
-    receive buffer of its own (10,000 idle sessions stay small), payload memoryviews stay valid
-    however long a transport queues them, and no read is copied into a new bytes object (as a
-    plain Protocol's would be: benchmarks/README.md, receiving into a shared buffer)."""
+    A plain Protocol on purpose: the event loop reads into its own shared buffer and hands us an
+    immutable bytes object, so an idle link holds no receive buffer (10,000 idle sessions stay
+    small) and payload memoryviews into it stay valid however long a transport queues them."""
 
 
 StatusCallback = Callable[[ev.Event, SessionEngine], None]
@@ -371,7 +339,7 @@ class _Discard:
     def link_made(self, link: Link) -> None:  # pragma: no cover - never called
         pass
 
-    def link_data(self, link: Link, data: Any) -> None:
+    def link_data(self, link: Link, data: bytes) -> None:
         pass
 
     def link_lost(self, link: Link, reason: str) -> None:
@@ -483,10 +451,10 @@ class Runner:
     def link_made(self, link: Link) -> None:
         raise NotImplementedError
 
-    def link_data(self, link: Link, data: Any) -> None:
+    def link_data(self, link: Link, data: bytes) -> None:
         self._link_data(link, data)
 
-    def _link_data(self, link: _LinkBase, data: Any) -> None:
+    def _link_data(self, link: _LinkBase, data: bytes) -> None:
         if link is not self.link:
             return
         eng = self.engine
