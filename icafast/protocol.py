@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _impl
-from .errors import FrameError, ProtocolError, ReplayFullError
+from .errors import FrameError, ProtocolError
 from .events import (
     DataReceived,
     Event,
@@ -149,15 +149,6 @@ class Policy:
     reliability_timeout: float = 180.0
     on_timeout: str = "reset"  # "reset" or "disconnect"
     hold: float = 3600.0
-
-
-#: With the link's minimum round-trip time known (``SessionEngine.path_rtt``), the send window
-#: is what carries WINDOW_RATE bytes per second at that RTT (8 GiB/s: several times what one TCP
-#: connection gets on a 10 Gbit/s path), at least WINDOW_FLOOR and at most the replay limit:
-#: 1 MiB on loopback or a LAN, the replay limit from about 1 ms on.
-WINDOW_RATE = 8 * 1024**3
-#: four of the peer's acks, which come every min(256 KiB, replay limit / 4) (PROTOCOL.md 4.4)
-WINDOW_FLOOR = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -332,8 +323,6 @@ class SessionEngine:
         self.sink_backlog = 0
         self._ack_due = _NEVER  # when a standalone ACK is due
         self._ack_threshold = config.ack_threshold or min(256 * 1024, config.replay_limit // 4)
-        #: the send window: at most this much unacknowledged (see ``path_rtt``)
-        self._window = config.replay_limit
         self._link: _Link | None = None
         self._link_seq = 0
         self._out: list[Any] = []
@@ -379,31 +368,9 @@ class SessionEngine:
         if self._tx_fin:
             return 0
         tx = self.tx
-        # (from the replay buffer's fields: C fields in the compiled engine, see _core.pxd; the
-        # window is never above the buffer's limit)
+        # (tx.free from the fields behind it: C fields in the compiled engine, see _core.pxd)
         used = tx._end - tx._start
-        return self._window - used if used < self._window else 0
-
-    @property
-    def send_window(self) -> int:
-        """Most bytes unacknowledged at once: the replay limit, or less on a short path
-        (``path_rtt``)."""
-        return self._window
-
-    def path_rtt(self, min_rtt: float) -> None:
-        """The adapter's measure of the current link's minimum round-trip time, in seconds
-        (on Linux, TCP_INFO's ``tcpi_min_rtt``). It sizes the send window: what carries
-        WINDOW_RATE bytes per second at that RTT, at least WINDOW_FLOOR, at most the replay
-        limit. More than a path needs in flight only queues, in socket buffers and in the
-        replay buffer, whose storage it makes larger and colder (benchmarks/README.md,
-        "a send window for short paths"). Without this call the window is the replay limit."""
-        limit = self.tx._limit
-        w = int(min_rtt * WINDOW_RATE) if min_rtt > 0 else 0
-        floor = WINDOW_FLOOR if WINDOW_FLOOR < limit else limit
-        self._window = floor if w < floor else (w if w < limit else limit)
-        tx = self.tx
-        if tx.capacity > self._window >= len(tx):
-            tx.shrink()  # (storage regrows on demand, now up to the window)
+        return tx._limit - used if used < tx._limit else 0
 
     @property
     def finished(self) -> bool:
@@ -448,16 +415,11 @@ class SessionEngine:
         """Queue stream bytes; raises ReplayFullError (nothing queued) past ``send_free``."""
         if self._tx_fin:
             raise ProtocolError("send_data after send_eof")
-        n = memoryview(data).nbytes
-        if n > self._free():
-            raise ReplayFullError(f"send of {n} bytes exceeds the {self._free()} bytes free "
-                                  f"(send window {self._window})")
         self.tx.append(data)
 
     def send_view(self, max_bytes: int) -> memoryview:
         """Writable view into the replay buffer for receiving straight into it (recv_into)."""
-        free = self._free()
-        return self.tx.write_view(max_bytes if max_bytes < free else free)
+        return self.tx.write_view(max_bytes)
 
     def commit_view(self, n: int) -> None:
         self.tx.commit(n)
@@ -466,8 +428,7 @@ class SessionEngine:
         """``send_view`` for an adapter that fills it at once (``BufferedProtocol.get_buffer``)
         and calls ``_commit_recv`` next: with the compiled core, one reused window object
         instead of a new memoryview per receive."""
-        free = self._free()
-        return self.tx.recv_window(max_bytes if max_bytes < free else free)
+        return self.tx.recv_window(max_bytes)
 
     def _commit_recv(self, n: int) -> None:
         self.tx._commit(n)
@@ -957,7 +918,6 @@ class SessionEngine:
             "bytes_in": self.bytes_received,
             "bytes_out": self.bytes_sent,
             "unacked": self.unacked,
-            "send_window": self._window,
             "replay_capacity": self.tx.capacity,
             "rtt_ms": None if self.srtt is None else round(self.srtt * 1000, 3),
             "reconnects": self.reconnects,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import sys
 import weakref
 from collections.abc import Callable
@@ -48,9 +47,6 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: memory, and an interactive write is not queued behind megabytes (benchmarks/README.md).
 LINK_NOTSENT_LOWAT = 256 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else 0)
-#: TCP_INFO, where struct tcp_info has ``tcpi_min_rtt`` (microseconds, at byte 148; Linux 4.6+)
-_TCP_INFO = getattr(socket, "TCP_INFO", 0) if sys.platform == "linux" else 0
-_MIN_RTT = struct.Struct("=I")
 
 
 #: Session deadlines further away than COALESCE_AFTER are rounded up to the next multiple of
@@ -120,21 +116,6 @@ def tune_socket(transport: asyncio.BaseTransport, high: int = WRITE_HIGH_WATER,
             pass
     if hasattr(transport, "set_write_buffer_limits"):
         transport.set_write_buffer_limits(high=high, low=low)
-
-
-def min_rtt(transport: asyncio.BaseTransport) -> float:
-    """The minimum round-trip time the kernel measured on a TCP transport's connection, in
-    seconds (TCP_INFO's ``tcpi_min_rtt``); 0.0 where unknown (not TCP, not Linux)."""
-    sock = transport.get_extra_info("socket")
-    if not _TCP_INFO or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return 0.0
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 232)
-    except OSError:
-        return 0.0
-    if len(info) < 152:
-        return 0.0
-    return float(_MIN_RTT.unpack_from(info, 148)[0]) / 1e6
 
 
 _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {l_onoff=1, l_linger=0}
@@ -469,14 +450,6 @@ class Runner:
     # -- link side ---------------------------------------------------------------------------
     def link_made(self, link: Link) -> None:
         raise NotImplementedError
-
-    def _link_attached(self, link: Link) -> None:
-        """``link`` is the session's link now (the engine took it): the send window follows
-        its path's minimum RTT."""
-        self.link = link
-        rtt = min_rtt(link.transport) if link.transport is not None else 0.0
-        if rtt > 0:
-            self.engine.path_rtt(rtt)
 
     def link_data(self, link: Link, data: bytes) -> None:
         self._link_data(link, data)

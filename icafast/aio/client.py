@@ -93,7 +93,7 @@ class _ClientRunner(Runner):
                 return
         self.engine.connect(self.now())
         link.link_id = self.engine.link_id
-        self._link_attached(link)
+        self.link = link
         self.pump()
 
     def handle_event(self, e: ev.Event) -> None:

@@ -99,7 +99,7 @@ class _ServerRunner(Runner):
             old.close(abort=True)
         link.owner = self
         link.link_id = self.engine.link_id
-        self._link_attached(link)
+        self.link = link
         if link.transport is not None:
             link.transport.resume_reading()
         self.pump()
