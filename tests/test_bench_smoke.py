@@ -11,7 +11,9 @@ are not installed (socat, haproxy, iperf3, redis) are skipped by the benchmark a
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +26,24 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the benchmark reads /proc and uses Linux tools")
 
 
+def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark in a process group of its own. If it overruns ``timeout``, stop the
+    whole group by its id (the group is the benchmark's pid): the benchmark and every relay and
+    peer it started, which would otherwise outlive it and load the machine."""
+    p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        pytest.fail(f"{argv[2]} timed out after {timeout} s:\n{out[-2000:]}{err[-3000:]}")
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
 def test_relay_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "relay.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.relay", "--quick", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=280)
+    proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--out", str(out)], 280)
     assert out.exists(), proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -66,10 +82,9 @@ def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
     it runs, checks the echoed bytes, and gives a positive count for each chain (and, with
     ``--cache-sim``, the simulated cache misses)."""
     out = tmp_path / "instructions.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.instructions", "--chains",
-                           "uvloop-min", "icafast", "--hop", "server", "--warmup", "20",
-                           "--count", "400", "--cache-sim", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=280)
+    proc = _run([sys.executable, "-m", "benchmarks.instructions", "--chains", "uvloop-min",
+                 "icafast", "--hop", "server", "--warmup", "20", "--count", "400",
+                 "--cache-sim", "--out", str(out)], 280)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert [(r["chain"], r["hop"]) for r in res] == [("uvloop-min", "server"),
