@@ -43,8 +43,8 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: TCP_NOTSENT_LOWAT on links: the kernel takes a link write only while less than this much of
 #: what it already holds is unsent. What the path can carry (TCP's congestion window) still goes
 #: out at once; the rest waits in the replay buffer instead of piling up unsent in the socket
-#: (up to its 4 MiB send buffer), so less is unacknowledged, the replay buffer cycles through less
-#: memory, and an interactive write is not queued behind megabytes (benchmarks/README.md).
+#: (up to its 4 MiB send buffer), so less is unacknowledged and an interactive write is not
+#: queued behind megabytes (benchmarks/README.md, "little left unsent in link sockets").
 LINK_NOTSENT_LOWAT = 256 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else 0)
 
