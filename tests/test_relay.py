@@ -419,7 +419,6 @@ def test_a_link_whose_peer_stops_reading_keeps_little_unsent_in_the_kernel(loop)
     LINK_NOTSENT_LOWAT unsent (not its whole send buffer, megabytes); the rest waits in the
     replay buffer. The application and backend sockets keep the default. Nothing is lost."""
     size = 48 * 1024 * 1024
-    lowat = socket.TCP_NOTSENT_LOWAT if hasattr(socket, "TCP_NOTSENT_LOWAT") else 25
 
     async def main() -> None:
         # keepalives cannot cross the stopped direction: a dead timeout far beyond the test's
@@ -440,6 +439,7 @@ def test_a_link_whose_peer_stops_reading_keeps_little_unsent_in_the_kernel(loop)
             assert r.link is not None and r.endpoint is not None
             link_sock = r.link.transport.get_extra_info("socket")
             backend_sock = r.endpoint.transport.get_extra_info("socket")
+            lowat = socket.TCP_NOTSENT_LOWAT
             assert link_sock.getsockopt(socket.IPPROTO_TCP, lowat) == LINK_NOTSENT_LOWAT
             assert backend_sock.getsockopt(socket.IPPROTO_TCP, lowat) == 0
             last = -1

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -46,7 +45,7 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: (up to its 4 MiB send buffer), so less is unacknowledged and an interactive write is not
 #: queued behind megabytes (benchmarks/README.md, "little left unsent in link sockets").
 LINK_NOTSENT_LOWAT = 256 * 1024
-_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25 if sys.platform == "linux" else 0)
+_TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 0)  # (Linux, macOS)
 
 
 #: Session deadlines further away than COALESCE_AFTER are rounded up to the next multiple of
