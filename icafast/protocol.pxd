@@ -42,7 +42,8 @@ cdef class SessionEngine:
     # Stream offsets and counters as C integers (PROTOCOL.md 4.1: every offset, the FIN's
     # ack included, fits in 64 bits; the engine refuses a stream that would pass that)
     cdef public unsigned long long _tx_sent, _tx_high, _peer_ack, _rx, _rx_acked, sink_backlog
-    cdef public unsigned long long _frame_size, _ack_threshold
+    cdef public unsigned long long _frame_size, _ack_threshold, _window
+    cdef public object handshake_rtt
     cdef public unsigned long long reconnects, bytes_received, replayed_total
     cdef public bint _tx_fin, _tx_fin_acked, _rx_fin, _ack_now
     cdef public double _now, last_activity, _ack_due
@@ -57,10 +58,13 @@ cdef class SessionEngine:
     cpdef next_event(self)
     @cython.locals(events=list, i=Py_ssize_t)
     cpdef _next_raw(self)
-    @cython.locals(tx=_CReplayBuffer, used=cython.ulonglong)
     cpdef unsigned long long _free(self) except? 0xFFFFFFFFFFFFFFFF
-    cpdef send_view(self, max_bytes)
+    @cython.locals(tx=_CReplayBuffer, used=cython.ulonglong, w=cython.ulonglong)
+    cpdef unsigned long long _room(self) except? 0xFFFFFFFFFFFFFFFF
+    @cython.locals(room=cython.ulonglong)
+    cpdef send_view(self, max_bytes=*)
     cpdef commit_view(self, n)
+    @cython.locals(room=cython.ulonglong)
     cpdef _recv_window(self, unsigned long long max_bytes)
     cpdef _commit_recv(self, unsigned long long n)
     @cython.locals(ackv=cython.ulonglong, out=list)
@@ -117,7 +121,7 @@ cdef class ServerHandshake:
     cdef dict __dict__
     cdef public object config, decoder, nonce, client_nonce, client_max_payload
     cdef public object client_replay_limit, started, version, received, resume, done
-    cdef public object _waiting_hello, _out, _events
+    cdef public object _waiting_hello, _out, _events, _now, _hello_at, rtt
 
 
 cdef class ServerSession(SessionEngine):

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from . import _impl
-from .errors import FrameError, ProtocolError
+from .errors import FrameError, ProtocolError, ReplayFullError
 from .events import (
     DataReceived,
     Event,
@@ -62,6 +62,7 @@ __all__ = [
     "ServerSession",
     "make_proof",
     "rotate_secret",
+    "send_window",
     "REJECT_VERSION",
     "REJECT_UNKNOWN_SESSION",
     "REJECT_BAD_PROOF",
@@ -233,6 +234,26 @@ def _parse_reason(payload: Any) -> tuple[int, str]:
     return code, p[2 : 2 + _MAX_REASON].decode("utf-8", "replace")
 
 
+#: The send window: how much of its stream a side keeps in flight, unacknowledged. A path whose
+#: handshake round trip is short needs far less than the replay limit to run at full speed, and
+#: a smaller window keeps the replay ring small enough to stay in the CPU's caches (measured:
+#: benchmarks/README.md, "a send window sized from the handshake"). The window covers the
+#: round trip at WINDOW_RATE, is at least WINDOW_MIN (scheduling gaps of a busy host) and at
+#: most the replay limit: 4 MiB up to a 1 ms round trip, the full 8 MiB from 2 ms on. The rate
+#: is twice the fastest session measured (about 2 GB/s), so a round trip read up to 1 ms short
+#: (uvloop's loop clock counts whole milliseconds) still gets a window that covers it.
+WINDOW_MIN = 4 * 1024 * 1024
+WINDOW_RATE = 4 * 1024 * 1024 * 1024  # bytes per second
+
+
+def send_window(rtt: float, replay_limit: int) -> int:
+    """The send window for a link whose handshake took ``rtt`` seconds (PROTOCOL.md 4.7)."""
+    w = rtt * WINDOW_RATE
+    if not w > WINDOW_MIN:  # (a NaN too)
+        w = WINDOW_MIN
+    return replay_limit if w >= replay_limit else int(w)
+
+
 def _ms(seconds: float) -> int:
     return min(0xFFFFFFFF, max(0, round(seconds * 1000)))
 
@@ -307,6 +328,9 @@ class SessionEngine:
         self.state = State.CONNECTING
         self.created = now
         self.tx = ReplayBuffer(config.replay_limit)
+        #: what may be unacknowledged: the replay limit until a handshake sizes it (_set_window)
+        self._window = config.replay_limit
+        self.handshake_rtt: float | None = None  # the last link's, which sized the window
         self._tx_sent = 0  # next offset to frame on the current link (FIN counts as one)
         self._tx_high = 0  # the furthest _tx_sent reached on an earlier link (see _on_ack)
         self._tx_fin = False  # the local source ended: FIN sits at offset tx.end
@@ -367,10 +391,25 @@ class SessionEngine:
     def _free(self) -> int:  # (send_free without the property's lookup, for the adapter)
         if self._tx_fin:
             return 0
+        return self._room()
+
+    def _room(self) -> int:
+        """Bytes the send window has room for (the FIN aside)."""
         tx = self.tx
-        # (tx.free from the fields behind it: C fields in the compiled engine, see _core.pxd)
+        # (from the replay buffer's fields: C fields in the compiled engine, see _core.pxd)
         used = tx._end - tx._start
-        return tx._limit - used if used < tx._limit else 0
+        w = self._window
+        return w - used if used < w else 0
+
+    @property
+    def send_window(self) -> int:
+        """How many bytes of the local stream may be unacknowledged at a time: sized from the
+        handshake round trip, at most ``replay_limit`` (PROTOCOL.md 4.7)."""
+        return self._window
+
+    def _set_window(self, rtt: float) -> None:
+        self.handshake_rtt = rtt
+        self._window = send_window(rtt, self.config.replay_limit)
 
     @property
     def finished(self) -> bool:
@@ -415,11 +454,21 @@ class SessionEngine:
         """Queue stream bytes; raises ReplayFullError (nothing queued) past ``send_free``."""
         if self._tx_fin:
             raise ProtocolError("send_data after send_eof")
-        self.tx.append(data)
+        tx = self.tx
+        if self._window < tx._limit:  # (else the replay buffer's own check is the window's)
+            room = self._room()
+            n = memoryview(data).nbytes
+            if n > room:
+                raise ReplayFullError(
+                    f"send of {n} bytes exceeds the {room} bytes free (send window {self._window})"
+                )
+        tx.append(data)
 
-    def send_view(self, max_bytes: int) -> memoryview:
-        """Writable view into the replay buffer for receiving straight into it (recv_into)."""
-        return self.tx.write_view(max_bytes)
+    def send_view(self, max_bytes: int | None = None) -> memoryview:
+        """Writable view into the replay buffer for receiving straight into it (recv_into): at
+        most ``max_bytes`` long and at most what the send window has room for."""
+        room = self._room()
+        return self.tx.write_view(room if max_bytes is None or max_bytes > room else max_bytes)
 
     def commit_view(self, n: int) -> None:
         self.tx.commit(n)
@@ -428,7 +477,8 @@ class SessionEngine:
         """``send_view`` for an adapter that fills it at once (``BufferedProtocol.get_buffer``)
         and calls ``_commit_recv`` next: with the compiled core, one reused window object
         instead of a new memoryview per receive."""
-        return self.tx.recv_window(max_bytes)
+        room = self._room()
+        return self.tx.recv_window(max_bytes if max_bytes < room else room)
 
     def _commit_recv(self, n: int) -> None:
         self.tx._commit(n)
@@ -919,6 +969,7 @@ class SessionEngine:
             "bytes_out": self.bytes_sent,
             "unacked": self.unacked,
             "replay_capacity": self.tx.capacity,
+            "send_window": self._window,
             "rtt_ms": None if self.srtt is None else round(self.srtt * 1000, 3),
             "reconnects": self.reconnects,
         }
@@ -979,6 +1030,7 @@ class ClientSession(SessionEngine):
             t = f.type
             if link.phase == _HELLO_SENT and t == FrameType.HELLO:
                 self._on_server_hello(link, f)
+                self._set_window(now - link.started)  # HELLO -> HELLO: one round trip
             elif link.phase == _AUTH_SENT and t == FrameType.ACCEPT:
                 self._on_accept(link, f, now)
                 if self._link is link and i + 1 < len(frames):
@@ -1168,6 +1220,10 @@ class ServerHandshake:
         self.client_max_payload = DEFAULT_MAX_PAYLOAD
         self.client_replay_limit = config.replay_limit
         self.started = now
+        self._now = now
+        self._hello_at = now  # when our HELLO left
+        #: our HELLO -> the client's NEW/RESUME: one round trip (it sizes the send window)
+        self.rtt: float | None = None
         self.version = 0
         self.received = 0  # client's received offset, from RESUME
         self.resume = False
@@ -1184,6 +1240,7 @@ class ServerHandshake:
             if first and first[0] != FrameType.HELLO:
                 self.fail(f"not an icafast client (first byte 0x{first[0]:02x})")
                 return
+        self._now = now
         try:
             frames = self.decoder.feed(data)
             for i, f in enumerate(frames):
@@ -1220,10 +1277,12 @@ class ServerHandshake:
             hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION,
                                 self.config.max_payload, self.config.replay_limit, self.nonce)
             self._out.append(encode_frame(FrameType.HELLO, 0, 0, 0, hello))
+            self._hello_at = self._now
         elif t == FrameType.NEW:
             if len(f.payload):
                 raise ProtocolError("NEW carries no payload")
             self.done = True
+            self.rtt = self._now - self._hello_at
             self._events.append(NewSessionRequested(self.version))
         elif t == FrameType.RESUME:
             if len(f.payload) != _RESUME.size:
@@ -1232,6 +1291,7 @@ class ServerHandshake:
             self.received = f.ack
             self.resume = True
             self.done = True
+            self.rtt = self._now - self._hello_at
             self._events.append(ResumeRequested(sid, proof, f.ack))
         else:
             raise ProtocolError(f"expected NEW or RESUME, got frame type 0x{t:02x}")
@@ -1310,6 +1370,8 @@ class ServerSession(SessionEngine):
         link.nonce, link.peer_nonce = hs.nonce, hs.client_nonce
         link.peer_max_payload = hs.client_max_payload
         self._peer_limit(hs.client_replay_limit)
+        if hs.rtt is not None:
+            self._set_window(hs.rtt)
         replay = self._rewind(received)
         p = self.policy
         accept = _ACCEPT.pack(

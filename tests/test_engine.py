@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from engine_harness import Harness
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from icafast import FrameDecoder
 from icafast import events as ev
-from icafast.errors import ProtocolError
+from icafast.errors import ProtocolError, ReplayFullError
 from icafast.protocol import (
     CLOSE_ABORTED,
     CLOSE_DONE,
@@ -20,11 +21,14 @@ from icafast.protocol import (
     REJECT_BAD_PROOF,
     REJECT_PROTOCOL,
     REJECT_UNKNOWN_SESSION,
+    WINDOW_MIN,
+    WINDOW_RATE,
     ClientSession,
     Config,
     ServerHandshake,
     State,
     make_proof,
+    send_window,
 )
 from icafast.wire import MAX_OFFSET, FrameType
 
@@ -735,3 +739,87 @@ def test_ack_after_resume_of_bytes_the_sink_had_not_taken_at_accept():
     assert h.client.tx.start == h.client.bytes_sent == 3000  # acked: not sent again
     h.pump()
     assert bytes(h.s_recv) == bytes(h.c_sent) and bytes(h.c_recv) == bytes(h.s_sent)
+
+
+# -- the send window (PROTOCOL.md 4.7) ---------------------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def handshake(h: Harness, rtt: float) -> None:
+    """Open a link whose every crossing takes ``rtt / 2``: HELLO -> HELLO on the client and
+    HELLO -> NEW/RESUME on the server each take ``rtt``."""
+    h.open_link()
+    for deliver in (h.deliver_c2s, h.deliver_s2c, h.deliver_c2s, h.deliver_s2c):
+        h.advance(rtt / 2)
+        assert deliver()
+    assert h.client.established
+
+
+def test_send_window_covers_the_round_trip_within_the_floor_and_the_limit():
+    limit = 8 * MiB
+    assert WINDOW_MIN == 4 * MiB
+    for rtt in (0.0, 0.00005, 0.0005, WINDOW_MIN / WINDOW_RATE):
+        assert send_window(rtt, limit) == WINDOW_MIN
+    assert send_window(0.0015, limit) == int(0.0015 * WINDOW_RATE)
+    assert WINDOW_MIN < send_window(0.0015, limit) < limit
+    for rtt in (limit / WINDOW_RATE, 0.002, 0.05, 3600.0, float("inf")):
+        assert send_window(rtt, limit) == limit
+    # a replay limit below the floor is the window; nonsense round trips get the floor
+    assert send_window(0.0, 1024) == send_window(1.0, 1024) == 1024
+    assert send_window(float("nan"), limit) == send_window(-1.0, limit) == WINDOW_MIN
+
+
+@pytest.mark.parametrize("rtt", [0.0, 0.0001, 0.0015, 0.02])
+def test_both_sides_size_the_window_from_their_handshake(rtt):
+    h = Harness(Config())
+    assert h.client.send_window == Config().replay_limit  # until a handshake sizes it
+    handshake(h, rtt)
+    for e in (h.client, h.server):
+        assert e.handshake_rtt == pytest.approx(rtt, abs=1e-9)
+        w = send_window(e.handshake_rtt, e.config.replay_limit)
+        assert e.send_window == e.send_free == e.stats(h.now)["send_window"] == w
+        assert w == pytest.approx(send_window(rtt, e.config.replay_limit), abs=16)
+
+
+def test_the_window_bounds_what_is_unacknowledged_and_nothing_is_lost():
+    h = Harness(Config())
+    handshake(h, 0.0001)
+    c = h.client
+    assert c.send_window == WINDOW_MIN < c.config.replay_limit
+    data = random.Random(3).randbytes(6 * MiB)
+    assert h.client_send(data) == WINDOW_MIN  # the window takes a prefix; the wire holds it
+    assert c.unacked == WINDOW_MIN and c.send_free == 0
+    with pytest.raises(ReplayFullError, match="send window"):
+        c.send_data(b"x")
+    assert len(c.send_view(1000)) == len(c.send_view()) == 0
+    assert c.unacked == WINDOW_MIN  # the refused send queued nothing
+    h.pump()
+    assert c.unacked == 0 and c.send_free == WINDOW_MIN
+    assert len(c.send_view(10 * MiB)) <= WINDOW_MIN
+    assert h.client_send(data[WINDOW_MIN:]) == len(data) - WINDOW_MIN
+    h.pump()
+    assert h.s_recv == data
+    # the replay buffer never grew past the window: the ring stays small
+    assert c.tx.capacity <= WINDOW_MIN
+
+
+def test_a_resume_resizes_the_window_and_replays_all_that_is_unacknowledged():
+    limit = 8 * MiB
+    h = Harness(Config())
+    h.auto_reconnect = False
+    handshake(h, 0.02)  # a long path: the whole replay limit in flight
+    assert h.client.send_window == h.server.send_window == limit
+    data = random.Random(4).randbytes(limit)
+    assert h.client_send(data) == limit
+    assert h.server_send(data[: 2 * MiB]) == 2 * MiB
+    h.reset()  # all of it lost in flight
+    handshake(h, 0.0001)  # the resume takes a short path
+    assert of(ev.LinkUp, h.client_events)[-1].resumed
+    for e in (h.client, h.server):
+        assert e.send_window == WINDOW_MIN
+    # more is unacknowledged than the new window allows: none is dropped, no more is taken
+    assert h.client.send_free == 0 and h.client_send(b"more") == 0
+    h.pump()
+    assert h.s_recv == data and h.c_recv == data[: 2 * MiB]
+    assert h.client.send_free == WINDOW_MIN

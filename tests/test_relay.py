@@ -46,6 +46,7 @@ from icafast.protocol import (
     ServerHandshake,
     ServerSession,
     State,
+    send_window,
 )
 from icafast.wire import HEADER_SIZE, FrameType
 
@@ -403,6 +404,46 @@ def test_back_pressure_is_bounded_by_the_replay_limit(loop):
             writer.close()
 
     run_async(loop, main(), timeout=240)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_stalled_client_holds_the_server_to_its_send_window(loop):
+    """The server sizes its send window from the link's handshake round trip: with the client
+    application reading nothing, what the server keeps unacknowledged stops at that window
+    (4 MiB on loopback, against the 8 MiB replay limit), and a break then loses nothing."""
+    size = 64 * 1024 * 1024
+    limit = 8 * 1024 * 1024
+
+    async def main() -> None:
+        cfg = Config(keepalive_interval=0.2, dead_timeout=1.2, replay_limit=limit,
+                     reconnect_initial=0.02)
+        async with Setup(Backend("stream", size=size), config=cfg) as s:
+            reader, writer = await s.client()
+            assert await wait_for(lambda: len(s.server.sessions_by_id) == 1, 10)
+            r = s.only_session()
+            eng = r.engine
+            last = -1
+            for _ in range(100):  # until the server stops taking from the backend
+                await asyncio.sleep(0.2)
+                if eng.tx.end == last:
+                    break
+                last = eng.tx.end
+            assert eng.tx.end == last < size, "the server never stopped"
+            rtt = eng.handshake_rtt
+            assert rtt is not None and 0 <= rtt < 1.0  # (uvloop's clock counts whole ms)
+            assert eng.send_window == send_window(rtt, limit) == eng.stats(0.0)["send_window"]
+            # filled to the window, and no further (reading resumes only once a read's worth
+            # is free, so the last acks may leave a little less)
+            assert eng.send_window - READ_SIZE <= eng.unacked <= eng.send_window
+            assert eng.tx.capacity <= eng.send_window
+            s.proxy.reset()
+            app = Stats()
+            await asyncio.wait_for(recv_stream(reader, app), 60)
+            be = s.backend.conns[0]
+            assert app.received == size and app.recv_hash.digest() == be.sent_hash.digest()
+            writer.close()
+
+    run_async(loop, main(), timeout=120)
 
 
 def _notsent_bytes(sock: Any) -> int:

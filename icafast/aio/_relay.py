@@ -542,7 +542,7 @@ class Runner:
                     self._pump()
                     return
             if ep.paused:
-                if not ep.pending and eng._free() >= min(_READ_SIZE, eng.tx.limit // 4):
+                if not ep.pending and eng._free() >= min(_READ_SIZE, eng.send_window // 4):
                     ep.resume()
             elif eng._free() == 0 and not ep.eof:
                 ep.pause()
