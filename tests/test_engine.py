@@ -761,6 +761,9 @@ def test_send_window_covers_the_round_trip_within_the_floor_and_the_limit():
     assert WINDOW_MIN == 4 * MiB
     for rtt in (0.0, 0.00005, 0.0005, WINDOW_MIN / WINDOW_RATE):
         assert send_window(rtt, limit) == WINDOW_MIN
+    # a round trip read by a clock of whole milliseconds as 1 ms: exactly the floor, so the
+    # ring (which grows by doubling) stays at 4 MiB
+    assert send_window(12345.679 - 12345.678, limit) == WINDOW_MIN
     assert send_window(0.0015, limit) == int(0.0015 * WINDOW_RATE)
     assert WINDOW_MIN < send_window(0.0015, limit) < limit
     for rtt in (limit / WINDOW_RATE, 0.002, 0.05, 3600.0, float("inf")):
