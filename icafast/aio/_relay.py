@@ -90,6 +90,13 @@ _TICKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Ticks] = \
     weakref.WeakKeyDictionary()
 
 
+def window_note(eng: SessionEngine) -> str:
+    """The send window and the handshake round trip it came from, for a log line."""
+    rtt = eng.handshake_rtt
+    return "" if rtt is None else (
+        f"; send window {eng.send_window // 1024} KiB (handshake {rtt * 1000:.1f} ms)")
+
+
 def _ticks_of(loop: asyncio.AbstractEventLoop) -> _Ticks:
     t = _TICKS.get(loop)
     if t is None:
@@ -661,10 +668,10 @@ class Runner:
             log.info("session %s: link lost (%s)", self.sid, e.reason)
         elif isinstance(e, ev.LinkUp):
             if e.resumed:
-                log.info("session %s: resumed on link %d, %d bytes replayed", self.sid,
-                         e.link_id, e.replayed)
+                log.info("session %s: resumed on link %d, %d bytes replayed%s", self.sid,
+                         e.link_id, e.replayed, window_note(self.engine))
             else:
-                log.info("session %s: new session active", self.sid)
+                log.info("session %s: new session active%s", self.sid, window_note(self.engine))
         elif isinstance(e, ev.SessionClosed):
             self._on_closed(e)
         elif isinstance(e, ev.SessionHeld):

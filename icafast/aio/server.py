@@ -32,7 +32,7 @@ from ..protocol import (
     State,
 )
 from ..proxyproto import ProxyHeaderParser
-from ._relay import Endpoint, Link, Runner, StatusCallback, short_id
+from ._relay import Endpoint, Link, Runner, StatusCallback, short_id, window_note
 
 log = logging.getLogger("icafast")
 
@@ -107,13 +107,14 @@ class _ServerRunner(Runner):
 
     def handle_event(self, e: ev.Event) -> None:
         if isinstance(e, ev.LinkUp) and not e.resumed:
-            log.info("session %s: new from %s to backend %s", self.sid, self.engine.client_address,
-                     self.mapping.backend)
+            log.info("session %s: new from %s to backend %s%s", self.sid,
+                     self.engine.client_address, self.mapping.backend, window_note(self.engine))
             self.status(e)
             return
         if isinstance(e, ev.LinkUp):
-            log.info("session %s: resumed from %s, %d bytes replayed (reconnect %d)", self.sid,
-                     self.engine.client_address, e.replayed, self.engine.reconnects)
+            log.info("session %s: resumed from %s, %d bytes replayed (reconnect %d)%s", self.sid,
+                     self.engine.client_address, e.replayed, self.engine.reconnects,
+                     window_note(self.engine))
             self.status(e)
             return
         if isinstance(e, ev.LinkLost):
