@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -46,14 +45,6 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: (up to its 4 MiB send buffer), so less is unacknowledged and an interactive write is not
 #: queued behind megabytes (benchmarks/README.md, "little left unsent in link sockets").
 LINK_NOTSENT_LOWAT = 256 * 1024
-#: A link whose read brings at least BULK_READ bytes is streaming: it then reads into a buffer of
-#: its own (a BufferedProtocol, _BulkReader) instead of getting each read as a new bytes object
-#: that the event loop copies out of its buffer. After BULK_SMALL_READS reads in a row of less
-#: than MIN_READ_SIZE it goes back to plain reads and drops the buffer: a request/response link
-#: and an idle one (whose keepalives are small reads) keep the plain path, which costs fewer
-#: calls per read, and no buffer (benchmarks/README.md, "links read bulk into a buffer").
-BULK_READ = 64 * 1024
-BULK_SMALL_READS = 4
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 0)  # (Linux, macOS)
 
 
@@ -66,7 +57,6 @@ TIMER_TICK = 0.016
 COALESCE_AFTER = 0.1
 # (the same values for the per-message path: C constants when compiled, see _relay.pxd)
 _READ_SIZE, _MIN_READ_SIZE = READ_SIZE, MIN_READ_SIZE
-_BULK_READ, _BULK_SMALL_READS = BULK_READ, BULK_SMALL_READS
 _TIMER_TICK, _COALESCE_AFTER = TIMER_TICK, COALESCE_AFTER
 _NEVER = float("inf")  # no deadline
 
@@ -289,8 +279,6 @@ class _LinkBase:
         #: payload: two records per frame, each with its own overhead and cipher call), so a
         #: burst of frames is joined into one write instead
         self.join_writes = False
-        self._bulk: _BulkReader | None = None  # while streaming: see BULK_READ
-        self.bulk_starts = 0  # how many times it went to bulk reads (for tests and debugging)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -304,41 +292,19 @@ class _LinkBase:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
         self.owner.link_made(self)
 
-    def data_received(self, data: Any) -> None:  # type: ignore[override]
+    def data_received(self, data: bytes) -> None:  # type: ignore[override]
         owner = self.owner
         if isinstance(owner, Runner):
             r = owner  # (compiled: typed, so the call below is a C call)
-            if len(data) >= _BULK_READ and self._bulk is None and not self.closed:
-                self._start_bulk()
             r._link_data(self, data)
         else:  # the server's handshake handler, or a lingering link's discarder
             owner.link_data(self, data)
-
-    def _start_bulk(self) -> None:
-        t = self.transport
-        if t is not None and not t.is_closing():
-            self._bulk = _BulkReader(self)
-            self.bulk_starts += 1
-            t.set_protocol(self._bulk)  # (from the next read on)
-
-    def _stop_bulk(self) -> None:
-        b = self._bulk
-        if b is not None:
-            self._bulk = None
-            b.buf = None
-            t = self.transport
-            if t is not None and not t.is_closing():
-                t.set_protocol(cast(asyncio.BaseProtocol, self))
 
     def eof_received(self) -> bool:
         self.owner.link_lost(self, "connection closed by peer")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        b = self._bulk
-        if b is not None:
-            self._bulk = None
-            b.buf = None
         if not self.closed:
             self.closed = True
             reason = f"connection lost: {exc}" if exc else "connection closed"
@@ -358,63 +324,6 @@ class _LinkBase:
                 abort_with_rst(self.transport)
             else:
                 self.transport.close()
-
-
-class _BulkReaderBase:
-    """What :class:`_BulkReader` does (a separate base so that it compiles to an extension
-    type)."""
-
-    def __init__(self, link: _LinkBase) -> None:
-        self.link = link
-        self.buf: bytearray | None = None
-        self._refs = 0  # references to ``buf`` while nothing else holds it (see get_buffer)
-        self._small = 0  # small reads in a row
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        b = self.buf
-        # Reused only while nothing else holds it: a payload view of the last read that a
-        # transport still queues, or the engine still holds, keeps it (and gets a new one). A
-        # view holds a reference to the buffer, so the count tells, in compiled code or not.
-        if b is None or sys.getrefcount(b) > self._refs:
-            b = self.buf = bytearray(_READ_SIZE)
-            self._refs = sys.getrefcount(b)
-        # (a memoryview, not the bytearray: stdlib asyncio's TLS transport fills the rest of
-        # the buffer through a slice of it, and a bytearray's slice is a copy)
-        return memoryview(b)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # (the loop calls get_buffer, receives into it and calls this, nothing in between)
-        link = self.link
-        b = self.buf
-        if b is None:  # (dropped by connection_lost)
-            return
-        if nbytes < _MIN_READ_SIZE:
-            self._small += 1
-            if self._small >= _BULK_SMALL_READS:
-                link._stop_bulk()  # (from the next read on)
-        else:
-            self._small = 0
-        link.data_received(memoryview(b)[:nbytes])
-
-    def data_received(self, data: Any) -> None:  # (a transport between two modes may call it)
-        self.link.data_received(data)
-
-    def eof_received(self) -> bool:
-        return self.link.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.link.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.link.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.link.resume_writing()
-
-
-class _BulkReader(_BulkReaderBase, asyncio.BufferedProtocol):
-    """A streaming link's protocol: reads go into a buffer of the link's own (see BULK_READ).
-    The transport's other calls go to the link itself."""
 
 
 class Link(_LinkBase, asyncio.Protocol):
