@@ -60,7 +60,8 @@ cdef class SessionEngine:
     cpdef _next_raw(self)
     cpdef unsigned long long _free(self) except? 0xFFFFFFFFFFFFFFFF
     @cython.locals(tx=_CReplayBuffer, used=cython.ulonglong, w=cython.ulonglong)
-    cpdef unsigned long long _room(self) except? 0xFFFFFFFFFFFFFFFF
+    @cython.final
+    cdef inline unsigned long long _room(self) noexcept
     @cython.locals(room=cython.ulonglong)
     cpdef send_view(self, max_bytes=*)
     cpdef commit_view(self, n)
