@@ -62,7 +62,7 @@ __all__ = [
     "ServerSession",
     "make_proof",
     "rotate_secret",
-    "send_window",
+    "send_window_for",
     "REJECT_VERSION",
     "REJECT_UNKNOWN_SESSION",
     "REJECT_BAD_PROOF",
@@ -250,7 +250,7 @@ WINDOW_MIN = 4 * 1024 * 1024
 WINDOW_RATE = WINDOW_MIN * 1000  # bytes per second
 
 
-def send_window(rtt: float, replay_limit: int) -> int:
+def send_window_for(rtt: float, replay_limit: int) -> int:
     """The send window for a link whose handshake took ``rtt`` seconds (PROTOCOL.md 4.7)."""
     w = rtt * WINDOW_RATE
     if not w > WINDOW_MIN:  # (a NaN too)
@@ -413,7 +413,7 @@ class SessionEngine:
 
     def _set_window(self, rtt: float) -> None:
         self.handshake_rtt = rtt
-        self._window = send_window(rtt, self.config.replay_limit)
+        self._window = send_window_for(rtt, self.config.replay_limit)
 
     @property
     def finished(self) -> bool:

@@ -28,7 +28,7 @@ from icafast.protocol import (
     ServerHandshake,
     State,
     make_proof,
-    send_window,
+    send_window_for,
 )
 from icafast.wire import MAX_OFFSET, FrameType
 
@@ -760,17 +760,17 @@ def test_send_window_covers_the_round_trip_within_the_floor_and_the_limit():
     limit = 8 * MiB
     assert WINDOW_MIN == 4 * MiB
     for rtt in (0.0, 0.00005, 0.0005, WINDOW_MIN / WINDOW_RATE):
-        assert send_window(rtt, limit) == WINDOW_MIN
+        assert send_window_for(rtt, limit) == WINDOW_MIN
     # a round trip read by a clock of whole milliseconds as 1 ms: exactly the floor, so the
     # ring (which grows by doubling) stays at 4 MiB
-    assert send_window(12345.679 - 12345.678, limit) == WINDOW_MIN
-    assert send_window(0.0015, limit) == int(0.0015 * WINDOW_RATE)
-    assert WINDOW_MIN < send_window(0.0015, limit) < limit
+    assert send_window_for(12345.679 - 12345.678, limit) == WINDOW_MIN
+    assert send_window_for(0.0015, limit) == int(0.0015 * WINDOW_RATE)
+    assert WINDOW_MIN < send_window_for(0.0015, limit) < limit
     for rtt in (limit / WINDOW_RATE, 0.002, 0.05, 3600.0, float("inf")):
-        assert send_window(rtt, limit) == limit
+        assert send_window_for(rtt, limit) == limit
     # a replay limit below the floor is the window; nonsense round trips get the floor
-    assert send_window(0.0, 1024) == send_window(1.0, 1024) == 1024
-    assert send_window(float("nan"), limit) == send_window(-1.0, limit) == WINDOW_MIN
+    assert send_window_for(0.0, 1024) == send_window_for(1.0, 1024) == 1024
+    assert send_window_for(float("nan"), limit) == send_window_for(-1.0, limit) == WINDOW_MIN
 
 
 @pytest.mark.parametrize("rtt", [0.0, 0.0001, 0.0015, 0.02])
@@ -780,9 +780,9 @@ def test_both_sides_size_the_window_from_their_handshake(rtt):
     handshake(h, rtt)
     for e in (h.client, h.server):
         assert e.handshake_rtt == pytest.approx(rtt, abs=1e-9)
-        w = send_window(e.handshake_rtt, e.config.replay_limit)
+        w = send_window_for(e.handshake_rtt, e.config.replay_limit)
         assert e.send_window == e.send_free == e.stats(h.now)["send_window"] == w
-        assert w == pytest.approx(send_window(rtt, e.config.replay_limit), abs=16)
+        assert w == pytest.approx(send_window_for(rtt, e.config.replay_limit), abs=16)
 
 
 def test_the_window_bounds_what_is_unacknowledged_and_nothing_is_lost():

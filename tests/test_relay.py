@@ -46,7 +46,7 @@ from icafast.protocol import (
     ServerHandshake,
     ServerSession,
     State,
-    send_window,
+    send_window_for,
 )
 from icafast.wire import HEADER_SIZE, FrameType
 
@@ -431,7 +431,7 @@ def test_a_stalled_client_holds_the_server_to_its_send_window(loop):
             assert eng.tx.end == last < size, "the server never stopped"
             rtt = eng.handshake_rtt
             assert rtt is not None and 0 <= rtt < 1.0  # (uvloop's clock counts whole ms)
-            assert eng.send_window == send_window(rtt, limit) == eng.stats(0.0)["send_window"]
+            assert eng.send_window == send_window_for(rtt, limit) == eng.stats(0.0)["send_window"]
             # filled to the window, and no further (reading resumes only once a read's worth
             # is free, so the last acks may leave a little less)
             assert eng.send_window - READ_SIZE <= eng.unacked <= eng.send_window
