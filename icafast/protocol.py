@@ -1224,7 +1224,6 @@ class ServerHandshake:
         self.client_max_payload = DEFAULT_MAX_PAYLOAD
         self.client_replay_limit = config.replay_limit
         self.started = now
-        self._now = now
         self._hello_at = now  # when our HELLO left
         #: our HELLO -> the client's NEW/RESUME: one round trip (it sizes the send window)
         self.rtt: float | None = None
@@ -1244,11 +1243,10 @@ class ServerHandshake:
             if first and first[0] != FrameType.HELLO:
                 self.fail(f"not an icafast client (first byte 0x{first[0]:02x})")
                 return
-        self._now = now
         try:
             frames = self.decoder.feed(data)
             for i, f in enumerate(frames):
-                self._on_frame(f)
+                self._on_frame(f, now)
                 if self.done:
                     if i + 1 < len(frames):
                         self._events.clear()  # no NEW/RESUME to act on: the request is void
@@ -1259,7 +1257,7 @@ class ServerHandshake:
         except ProtocolError as e:
             self.fail(str(e), e.code or REJECT_PROTOCOL)
 
-    def _on_frame(self, f: Any) -> None:
+    def _on_frame(self, f: Any, now: float) -> None:
         t = f.type
         if self._waiting_hello:
             if t != FrameType.HELLO:
@@ -1281,12 +1279,12 @@ class ServerHandshake:
             hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION,
                                 self.config.max_payload, self.config.replay_limit, self.nonce)
             self._out.append(encode_frame(FrameType.HELLO, 0, 0, 0, hello))
-            self._hello_at = self._now
+            self._hello_at = now
         elif t == FrameType.NEW:
             if len(f.payload):
                 raise ProtocolError("NEW carries no payload")
             self.done = True
-            self.rtt = self._now - self._hello_at
+            self.rtt = now - self._hello_at
             self._events.append(NewSessionRequested(self.version))
         elif t == FrameType.RESUME:
             if len(f.payload) != _RESUME.size:
@@ -1295,7 +1293,7 @@ class ServerHandshake:
             self.received = f.ack
             self.resume = True
             self.done = True
-            self.rtt = self._now - self._hello_at
+            self.rtt = now - self._hello_at
             self._events.append(ResumeRequested(sid, proof, f.ack))
         else:
             raise ProtocolError(f"expected NEW or RESUME, got frame type 0x{t:02x}")
