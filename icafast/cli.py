@@ -496,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose >= 2 else
                             logging.INFO if args.verbose else logging.WARNING,
                             format="  log: %(message)s", stream=sys.stderr)
+    if args.cmd in ("serve", "connect", "demo"):
+        from .heap import tune_malloc
+
+        log.info("%s", tune_malloc())
     handler = {"serve": cmd_serve, "connect": cmd_connect, "sessions": cmd_sessions,
                "demo": cmd_demo, "selfcheck": cmd_selfcheck}[args.cmd]
     try:

@@ -208,6 +208,7 @@ backend = "127.0.0.1:{b2.getsockname()[1]}"
         b1.close()
         b2.close()
     assert "new from" in slog and "closed (reset by operator)" in slog, slog
+    assert "heap: " in slog and "heap: " in log, slog  # what the start-up did to malloc
     assert not os.path.exists(control)
     del log
 
