@@ -10,8 +10,9 @@ again: up to 150,000 page faults per GB relayed, and a third of the decrypting r
 (benchmarks/README.md, "heap thresholds fixed for TLS bulk").
 
 :func:`tune_malloc` fixes both thresholds where glibc's own adaptation tops out on 64-bit
-systems (32 MiB, and twice that for the trim threshold), so that blocks up to 32 MiB come
-from the heap and up to 64 MiB of free memory at its top is kept for the next ones.
+systems (32 MiB), so that blocks up to that size come from the heap, and keeps up to 16 MiB
+of free memory at the heap's top for the next ones (twice the default replay limit: the
+largest transient block a session makes is a replay of its whole window after a resume).
 ``icafast serve``, ``icafast connect`` and ``icafast demo`` call it at start-up; a program
 that embeds icafast may call it too (it changes the whole process's allocator, so the library
 never calls it on its own). It does nothing:
@@ -30,8 +31,8 @@ from typing import Any
 
 #: blocks up to this size come from the heap (glibc's largest adaptive value on 64-bit)
 MMAP_THRESHOLD = 32 << 20
-#: free memory at the top of the heap kept for later (twice the above, as glibc adapts it)
-TRIM_THRESHOLD = 64 << 20
+#: free memory at the top of the heap kept for later (twice the default replay limit)
+TRIM_THRESHOLD = 16 << 20
 
 # glibc's <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -77,5 +78,5 @@ def tune_malloc(environ: dict[str, str] | None = None, libc: Any | None = None) 
     if not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         return "heap: malloc left as it is (glibc refused an mmap threshold of 32 MiB)"
     if not mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):  # pragma: no cover - glibc accepts any
-        return "heap: mmap threshold 32 MiB; glibc refused a trim threshold of 64 MiB"
-    return "heap: glibc malloc thresholds fixed (mmap 32 MiB, trim 64 MiB)"
+        return "heap: mmap threshold 32 MiB; glibc refused a trim threshold of 16 MiB"
+    return "heap: glibc malloc thresholds fixed (mmap 32 MiB, trim 16 MiB)"

@@ -33,10 +33,10 @@ class FakeLibc:
 def test_sets_the_mmap_threshold_then_the_trim_threshold():
     libc = FakeLibc()
     note = tune_malloc({}, libc)
-    # M_MMAP_THRESHOLD (-3) first, then M_TRIM_THRESHOLD (-1), at glibc's adaptive maxima
-    assert libc.mallopt.calls == [(-3, 32 << 20), (-1, 64 << 20)]
-    assert (MMAP_THRESHOLD, TRIM_THRESHOLD) == (32 << 20, 64 << 20)
-    assert note == "heap: glibc malloc thresholds fixed (mmap 32 MiB, trim 64 MiB)"
+    # M_MMAP_THRESHOLD (-3) first, then M_TRIM_THRESHOLD (-1)
+    assert libc.mallopt.calls == [(-3, 32 << 20), (-1, 16 << 20)]
+    assert (MMAP_THRESHOLD, TRIM_THRESHOLD) == (32 << 20, 16 << 20)
+    assert note == "heap: glibc malloc thresholds fixed (mmap 32 MiB, trim 16 MiB)"
 
 
 @pytest.mark.parametrize("env, why", [
@@ -66,13 +66,13 @@ def test_a_refusal_is_reported_and_stops_there():
     assert "refused" in note
 
 
-# What the settings change, observed through glibc's own counters in a fresh process: a 20 MiB
+# What the settings change, observed through glibc's own counters in a fresh process: a 12 MiB
 # block comes from the heap instead of its own mapping, and freeing it keeps the memory.
 _PROBE = r"""
 import ctypes, json, os, sys
 from icafast.heap import tune_malloc
 
-class MallInfo(ctypes.Structure):  # struct mallinfo (int fields: enough for 20 MiB)
+class MallInfo(ctypes.Structure):  # struct mallinfo (int fields: enough for 12 MiB)
     _fields_ = [(n, ctypes.c_int) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
                                             "usmblks", "fsmblks", "uordblks", "fordblks",
                                             "keepcost")]
@@ -80,7 +80,7 @@ class MallInfo(ctypes.Structure):  # struct mallinfo (int fields: enough for 20 
 libc = ctypes.CDLL(None)
 libc.mallinfo.restype = MallInfo
 note = tune_malloc()
-block = bytearray(20 << 20)
+block = bytearray(12 << 20)
 held = libc.mallinfo()
 del block
 freed = libc.mallinfo()
@@ -103,10 +103,10 @@ def _probe(**env: str) -> dict[str, object]:
 @pytest.mark.skipif(_glibc() is None, reason="glibc's malloc only")
 def test_large_blocks_come_from_the_heap_and_stay_there():
     tuned = _probe()
-    assert tuned["note"] == "heap: glibc malloc thresholds fixed (mmap 32 MiB, trim 64 MiB)"
+    assert tuned["note"] == "heap: glibc malloc thresholds fixed (mmap 32 MiB, trim 16 MiB)"
     assert tuned["mapped_while_held"] < 1 << 20  # from the heap, not a mapping of its own
-    assert tuned["heap_after_free"] >= 20 << 20  # kept for the next block
+    assert tuned["heap_after_free"] >= 12 << 20  # kept for the next block
     plain = _probe(ICAFAST_TUNE_MALLOC="0")
     assert plain["note"] == "heap: malloc left as it is (ICAFAST_TUNE_MALLOC=0)"
-    assert plain["mapped_while_held"] >= 20 << 20  # glibc's default: a mapping, unmapped on free
-    assert plain["heap_after_free"] < 20 << 20
+    assert plain["mapped_while_held"] >= 12 << 20  # glibc's default: a mapping, unmapped on free
+    assert plain["heap_after_free"] < 12 << 20
