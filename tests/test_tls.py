@@ -11,8 +11,6 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from relay_helpers import (
     FAST,
     Backend,
@@ -266,20 +264,3 @@ def test_server_warns_without_tls_on_non_loopback():
         assert "WITHOUT TLS" in "".join(server.lines)
     finally:
         server.stop()
-
-
-@given(st.lists(st.integers(0, 40_000), max_size=12))
-def test_tls_writes_join_runs_of_small_buffers_and_pass_large_ones_uncopied(sizes):
-    # on a TLS link each buffer becomes TLS records of its own: small neighbours (headers,
-    # small payloads) are joined into one write, a large payload goes as it is (no copy)
-    from icafast.aio._relay import TLS_JOIN_BELOW, _tls_writes
-
-    bufs = [memoryview(bytes([i % 251]) * n) if n >= TLS_JOIN_BELOW else bytes([i % 251]) * n
-            for i, n in enumerate(sizes)]
-    out = _tls_writes(bufs)
-    assert b"".join(out) == b"".join(bufs)
-    large = [b for b in bufs if len(b) >= TLS_JOIN_BELOW]
-    assert [b for b in out if any(b is x for x in large)] == large  # the same objects
-    for a, b in zip(out, out[1:], strict=False):  # never two small writes in a row
-        assert len(a) >= TLS_JOIN_BELOW or len(b) >= TLS_JOIN_BELOW
-    assert len(out) <= 2 * len(large) + 1

@@ -11,11 +11,6 @@ cdef class Runner
 
 cdef double _NEVER
 cdef Py_ssize_t _READ_SIZE, _MIN_READ_SIZE  # (READ_SIZE, MIN_READ_SIZE as C constants)
-cdef Py_ssize_t _TLS_JOIN_BELOW
-
-
-@cython.locals(out=list, run=list)
-cpdef list _tls_writes(list bufs)
 cdef double _TIMER_TICK, _COALESCE_AFTER
 
 

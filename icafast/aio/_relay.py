@@ -6,11 +6,10 @@ These classes only move bytes and timers between sockets and a sans-IO session e
 Data path (one copy each way): the endpoint (application or backend socket) receives straight
 into the session's replay buffer (``BufferedProtocol.get_buffer`` returns a view of free ring
 space); the engine frames views of that ring and the link transport writes header + payload
-with ``writelines`` (on TLS links, small buffers joined first: see ``_tls_writes``). Received
-frames are parsed in the bytes object the event loop hands to the link, and their payloads
-written to the endpoint as memoryviews of it; when the endpoint's transport already holds
-unsent data, the payload is copied instead, so a queued view does not keep a whole received
-block alive.
+with ``writelines`` (on TLS links, one joined write: see ``_LinkBase``). Received frames are
+parsed in the bytes object the event loop hands to the link, and their payloads written to the
+endpoint as memoryviews of it; when the endpoint's transport already holds unsent data, the
+payload is copied instead, so a queued view does not keep a whole received block alive.
 
 The usual message takes a shortcut each way, with the same outcome as the general path (the
 engine's ``_receive_one`` and ``_frame_one``): a link read that is one whole in-order DATA
@@ -47,10 +46,6 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: queued behind megabytes (benchmarks/README.md, "little left unsent in link sockets").
 LINK_NOTSENT_LOWAT = 256 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 0)  # (Linux, macOS)
-#: TLS links: each buffer given to the transport becomes TLS records of its own, so runs of
-#: smaller buffers (headers, small payloads, acks) are joined into one write; a buffer of at
-#: least this size (a bulk payload: whole 16 KiB records already) goes as it is, uncopied.
-TLS_JOIN_BELOW = 16 * 1024
 
 
 #: Session deadlines further away than COALESCE_AFTER are rounded up to the next multiple of
@@ -62,27 +57,8 @@ TIMER_TICK = 0.016
 COALESCE_AFTER = 0.1
 # (the same values for the per-message path: C constants when compiled, see _relay.pxd)
 _READ_SIZE, _MIN_READ_SIZE = READ_SIZE, MIN_READ_SIZE
-_TLS_JOIN_BELOW = TLS_JOIN_BELOW
 _TIMER_TICK, _COALESCE_AFTER = TIMER_TICK, COALESCE_AFTER
 _NEVER = float("inf")  # no deadline
-
-
-def _tls_writes(bufs: list[Any]) -> list[Any]:
-    """What a TLS link writes for ``bufs``: each run of buffers smaller than TLS_JOIN_BELOW
-    joined into one, larger ones as they are."""
-    out: list[Any] = []
-    run: list[Any] = []
-    for b in bufs:
-        if len(b) < _TLS_JOIN_BELOW:
-            run.append(b)
-            continue
-        if run:
-            out.append(run[0] if len(run) == 1 else b"".join(run))
-            run = []
-        out.append(b)
-    if run:
-        out.append(run[0] if len(run) == 1 else b"".join(run))
-    return out
 
 
 class _Ticks:
@@ -299,9 +275,9 @@ class _LinkBase:
         self.write_paused = False
         self.closed = False
         self.peer = ""
-        #: TLS: each buffer given to ``writelines`` becomes TLS records of its own (header and
-        #: payload: at least two records per frame, each with its own overhead and cipher
-        #: call), so runs of small buffers are joined into one write (``_tls_writes``)
+        #: TLS: each buffer given to ``writelines`` becomes its own TLS record (header and
+        #: payload: two records per frame, each with its own overhead and cipher call), so a
+        #: burst of frames is joined into one write instead
         self.join_writes = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -555,11 +531,7 @@ class Runner:
                 if len(bufs) == 1:  # (a round trip's frame: write costs less than writelines)
                     link._write(bufs[0])
                 elif link.join_writes:
-                    bufs = _tls_writes(bufs)
-                    if len(bufs) == 1:
-                        link._write(bufs[0])
-                    else:
-                        link._writelines(bufs)
+                    link._write(b"".join(bufs))
                 else:
                     link._writelines(bufs)
             if self._close_link_after_flush:
