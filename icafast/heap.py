@@ -6,13 +6,14 @@ and hands each burst of encrypted output on as one ``bytes`` as large as the bur
 sizes its heap thresholds from what it has seen (``M_MMAP_THRESHOLD`` rises to the size of the
 largest mapped block freed so far, and ``M_TRIM_THRESHOLD`` follows at twice that), so with
 blocks of this shape the top of the heap keeps being handed back to the kernel and taken
-again: up to 150,000 page faults per GB relayed, and a third of the decrypting relay's CPU
-(benchmarks/README.md, "heap thresholds fixed for TLS bulk").
+again: in a fresh relay process, up to 150,000 page faults per GB relayed and up to twice the
+decrypting relay's CPU (benchmarks/README.md, "glibc's heap thresholds fixed").
 
-:func:`tune_malloc` fixes both thresholds where glibc's own adaptation tops out on 64-bit
-systems (32 MiB), so that blocks up to that size come from the heap, and keeps up to 16 MiB
-of free memory at the heap's top for the next ones (twice the default replay limit: the
-largest transient block a session makes is a replay of its whole window after a resume).
+:func:`tune_malloc` fixes the mmap threshold where glibc's own adaptation tops out on 64-bit
+systems (32 MiB), so that blocks up to that size come from the heap, and the trim threshold
+at 16 MiB, so that that much free memory at the heap's top is kept for the next ones (twice
+the default replay limit: the largest transient block a session makes is a replay of its
+whole window after a resume).
 ``icafast serve``, ``icafast connect`` and ``icafast demo`` call it at start-up; a program
 that embeds icafast may call it too (it changes the whole process's allocator, so the library
 never calls it on its own). It does nothing:
