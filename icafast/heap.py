@@ -75,7 +75,9 @@ def tune_malloc(environ: dict[str, str] | None = None, libc: Any | None = None) 
     mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # mmap threshold first: setting either one stops glibc adapting both
+    # The mmap threshold first, and nothing more if it is refused: a trim threshold set alone
+    # would still stop glibc adapting the mmap threshold (128 KiB by default), and every
+    # 256 KiB record buffer would then be mapped and unmapped.
     if not mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         return "heap: malloc left as it is (glibc refused an mmap threshold of 32 MiB)"
     if not mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD):  # pragma: no cover - glibc accepts any
