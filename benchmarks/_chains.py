@@ -10,6 +10,7 @@ pid.
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -20,14 +21,58 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import IO
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class Busy(Exception):
+    """Another timed benchmark run holds the machine (see :func:`exclusive_run`)."""
+
+
+def lock_path() -> Path:
+    """The machine-wide lock of timed runs: ``ICAFAST_BENCH_LOCK``, else icafast-bench.lock in
+    the temporary directory."""
+    env = os.environ.get("ICAFAST_BENCH_LOCK")
+    return Path(env) if env else Path(tempfile.gettempdir()) / "icafast-bench.lock"
+
+
+def exclusive_run(wait: bool = True, say: Callable[[str], None] = print) -> IO[str] | None:
+    """Take the lock of timed runs, so that two never overlap: each would load the CPUs whose
+    time the other measures, and both would report the mix. Waits for a run in progress (or,
+    with ``wait=False``, raises :class:`Busy`). Returns the open lock file: the lock is held
+    until it is closed or the process ends. Where the lock file cannot be opened (another
+    user's), the run goes on unguarded, and ``say`` says so."""
+    path = lock_path()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        say(f"note: cannot open {path} ({e.strerror}): not guarded against a concurrent run")
+        return None
+    f = os.fdopen(fd, "r+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        if not wait:
+            f.close()
+            raise Busy(f"another timed benchmark run (pid {holder}) holds {path}") from None
+        say(f"waiting for another timed benchmark run (pid {holder}) to end: two runs at once "
+            "would disturb each other's figures")
+        fcntl.flock(f, fcntl.LOCK_EX)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 class Procs:

@@ -55,8 +55,10 @@ from ._chains import (
     ROOT,
     TLS_KEY,
     TLS_PEERS,
+    Busy,
     Chain,
     Procs,
+    exclusive_run,
     free_port,
     git_commit,
     icafast_argv,
@@ -821,12 +823,21 @@ def main(argv: list[str] | None = None) -> int:
                    "relay-<mode>.json)")
     p.add_argument("--report", nargs="+", metavar="JSON", help="print one markdown table of "
                    "earlier result files (side by side) and exit")
+    p.add_argument("--no-wait", action="store_true", help="exit (status 2) instead of waiting "
+                   "when another timed run holds the machine (timed runs never overlap; "
+                   "--quick runs do not take part)")
     a = p.parse_args(argv)
     if a.report:
         print(report(a.report))
         return 0
     if a.repeats is None:
         a.repeats = 1 if a.quick else 5
+    if not a.quick:
+        try:  # (the open lock file is kept with the arguments: held until the process ends)
+            a.lock = exclusive_run(wait=not a.no_wait, say=log)
+        except Busy as e:
+            print(f"python -m benchmarks.relay: {e}", file=sys.stderr)
+            return 2
     if a.pin:
         os.sched_setaffinity(0, {0})
     if a.ref:

@@ -147,3 +147,56 @@ def test_a_chain_whose_process_exited_fails_at_once(tmp_path: Path) -> None:
     assert ran == ["fine", "fine"]
     assert "error" in res["crashed"] and "x" not in res["crashed"]
     assert "x" in res["fine"]
+
+
+def test_timed_runs_never_overlap(tmp_path, monkeypatch):
+    # two timed runs at once would each load the CPUs the other measures: the second waits
+    # (or, asked not to, refuses) until the first one's lock is released
+    import threading
+
+    from benchmarks._chains import Busy, exclusive_run
+
+    monkeypatch.setenv("ICAFAST_BENCH_LOCK", str(tmp_path / "bench.lock"))
+    first = exclusive_run(say=lambda m: None)
+    assert first is not None
+    assert (tmp_path / "bench.lock").read_text() == f"{os.getpid()}\n"
+    with pytest.raises(Busy, match=rf"pid {os.getpid()}\)"):
+        exclusive_run(wait=False)
+    said: list[str] = []
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(exclusive_run(say=said.append)))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not got  # still waiting
+    assert said and "waiting for another timed benchmark run" in said[0]
+    first.close()  # the first run ends
+    waiter.join(10)
+    assert not waiter.is_alive() and got[0] is not None
+    got[0].close()  # type: ignore[attr-defined]
+    again = exclusive_run(wait=False)  # free again
+    assert again is not None
+    again.close()
+
+
+def test_a_second_timed_run_can_refuse_to_wait(tmp_path):
+    env = {**os.environ, "ICAFAST_BENCH_LOCK": str(tmp_path / "bench.lock")}
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from benchmarks._chains import exclusive_run; "
+        "f = exclusive_run(); print('held', flush=True); sys.stdin.read()")],
+        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        p = subprocess.run([sys.executable, "-m", "benchmarks.relay", "--no-wait", "--only",
+                            "rr", "--chains", "direct", "--out", str(tmp_path / "x.json")],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert f"(pid {holder.pid}) holds" in p.stderr
+        assert not (tmp_path / "x.json").exists()
+    finally:
+        holder.stdin.close()  # type: ignore[union-attr]  (the holder then ends)
+        try:
+            holder.wait(10)
+        except subprocess.TimeoutExpired:
+            holder.kill()  # (by its pid)
+            holder.wait(10)
+        holder.stdout.close()  # type: ignore[union-attr]
