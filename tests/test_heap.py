@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -90,8 +91,6 @@ print(json.dumps({"note": note, "mapped_while_held": held.hblkhd,
 
 
 def _probe(**env: str) -> dict[str, object]:
-    import json
-
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "ICAFAST_TUNE"))}
     e.update(env)
