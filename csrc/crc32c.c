@@ -7,13 +7,19 @@
  * Internally every path works on the raw shift register ("state"), which is ~result.
  *
  * Code paths, chosen once at run time (see resolve_impl()):
+ *   - "avx512-vpclmulqdq"  x86-64 with AVX-512F and VPCLMULQDQ (AMD Zen 4, Intel Ice Lake and
+ *                     later): buffers of FOLD_MIN_LEN bytes or more are folded 256 bytes per step
+ *                     with 512-bit carry-less multiplies (see (3) below), about twice the speed of
+ *                     the "sse4.2" path on large buffers; shorter ones, and the last < 256 bytes,
+ *                     go through the "sse4.2" path.
  *   - "sse4.2"        x86-64 `crc32` instruction, three interleaved streams, combined with
  *                     PCLMULQDQ (or a portable carry-less multiply on the rare SSE4.2 CPUs that
  *                     lack PCLMULQDQ).  Built with target attributes, no global -msse4.2 needed.
  *   - "armv8"         AArch64 CRC extension (__crc32cd/__crc32cb), three interleaved streams for
  *                     large buffers, combined with a portable GF(2) multiply.
  *   - "slicing-by-8"  portable table-driven fallback, also exported as icafast_crc32c_sw().
- * ICAFAST_CRC32C_FORCE_SW=1 in the environment at first use forces the portable path.
+ * ICAFAST_CRC32C_FORCE_SW=1 in the environment at first use forces the portable path;
+ * ICAFAST_CRC32C_NO_VPCLMUL=1 keeps x86-64 on the "sse4.2" path (tests compare the two).
  *
  * ---------------------------------------------------------------------------------------------
  * Polynomial arithmetic used below (everything is over GF(2), modulo P = the CRC polynomial).
@@ -42,6 +48,20 @@
  *          crc32_u64(0, clmul(a, k)) = a * k * x^33   (mod P),
  *      and with k = x^(n-33) mod P this is a * x^n mod P: a shift by n bits in ~3 instructions.
  *      The constants for the block sizes used are computed once at first use (build_tables()).
+ *
+ *  (3) Folding (the "avx512-vpclmulqdq" path).  Read 16 message bytes as a 128-bit little-endian
+ *      value whose bit j is the coefficient of x^(127-j) relative to its place: its low qword
+ *      L holds the first 8 bytes (the higher degrees), its high qword H the next 8, so the chunk
+ *      is L*x^64 + H.  Moving a chunk D bits further down the message multiplies it by x^D; with
+ *      (2)'s reading of a carry-less product (a 64-bit reflected a times a 32-bit reflected k,
+ *      bit j of the product is the coefficient of x^(94-j), i.e. as a chunk it is a*k*x^33):
+ *          chunk(clmul(L, x^(D+64-33))) ^ chunk(clmul(H, x^(D-33))) = (L*x^64 + H) * x^D
+ *      (mod P), a 128-bit value that is xored into the chunk D bits further on.  Four 512-bit
+ *      accumulators (16 chunks) cover 256 bytes and fold by D = 2048 per step; at the end they
+ *      fold into one another (D = 512) and their four lanes into the last one (D = 384, 256,
+ *      128).  The incoming state is xored into the first 4 message bytes (s*x^(8n) is exactly
+ *      the state's contribution), and the last chunk C then contributes C*x^32: the state of
+ *      the whole is the CRC of C's 16 bytes from state 0, two crc32 instructions.
  * ---------------------------------------------------------------------------------------------
  */
 #include "crc32c.h"
@@ -118,6 +138,10 @@ static uint32_t gf2_xpow(uint64_t n)
     return result;
 }
 
+#ifdef ICAFAST_CRC_X86
+static void build_fold_tables(void); /* the "avx512-vpclmulqdq" path's constants */
+#endif
+
 static void build_tables(void)
 {
     for (uint32_t b = 0; b < 256; b++) {
@@ -145,6 +169,9 @@ static void build_tables(void)
     g_klong_clmul[1] = gf2_xpow(16ull * LONG_L - 33);
     g_klong_mul[0] = gf2_xpow(8ull * LONG_L);
     g_klong_mul[1] = gf2_xpow(16ull * LONG_L);
+#ifdef ICAFAST_CRC_X86
+    build_fold_tables();
+#endif
 }
 
 static inline void cpu_relax(void)
@@ -342,6 +369,78 @@ static X86_SSE42 uint32_t crc32c_x86_sse42(uint32_t crc, const void *buf, size_t
     }
     return ~(uint32_t)x86_serial(s, p, len);
 }
+
+/* x86-64 with AVX-512F and VPCLMULQDQ: folding, 256 bytes per step (see (3) above). Below
+ * FOLD_MIN_LEN the set-up and final reduction cost more than the 3-way crc32 path. */
+#define X86_VPCLMUL __attribute__((target("sse4.2,pclmul,avx512f,vpclmulqdq")))
+#define FOLD_MIN_LEN 512u
+
+/* Fold constants {x^(D+64-33), x^(D-33)} (mod P) per 128-bit lane: D = 2048 (the main loop),
+ * D = 512 (accumulator into accumulator), and D = 384, 256, 128 for lanes 0-2 of the last
+ * accumulator (lane 3 is not moved: zero constants, its value is xored in as it is). */
+static uint64_t g_fold2048[2], g_fold512[2], g_fold_lanes[8];
+
+static void build_fold_tables(void)
+{
+    g_fold2048[0] = gf2_xpow(2048 + 64 - 33);
+    g_fold2048[1] = gf2_xpow(2048 - 33);
+    g_fold512[0] = gf2_xpow(512 + 64 - 33);
+    g_fold512[1] = gf2_xpow(512 - 33);
+    for (unsigned i = 0; i < 3; i++) {
+        unsigned d = 128u * (3 - i);
+        g_fold_lanes[2 * i] = gf2_xpow(d + 64 - 33);
+        g_fold_lanes[2 * i + 1] = gf2_xpow(d - 33);
+    }
+    g_fold_lanes[6] = g_fold_lanes[7] = 0;
+}
+
+/* x moved D bits further (k: D's constants in every lane), xored into data. */
+static ALWAYS_INLINE X86_VPCLMUL __m512i x86_fold(__m512i x, __m512i k, __m512i data)
+{
+    return _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(x, k, 0x00),
+                                     _mm512_clmulepi64_epi128(x, k, 0x11), data, 0x96);
+}
+
+static ALWAYS_INLINE X86_VPCLMUL __m512i x86_lanes(const uint64_t k[2])
+{
+    return _mm512_broadcast_i32x4(_mm_set_epi64x((long long)k[1], (long long)k[0]));
+}
+
+static X86_VPCLMUL uint32_t crc32c_x86_vpclmul(uint32_t crc, const void *buf, size_t len)
+{
+    if (len < FOLD_MIN_LEN)
+        return crc32c_x86_clmul(crc, buf, len);
+    const unsigned char *p = (const unsigned char *)buf;
+    __m512i x0 = _mm512_loadu_si512((const void *)p);
+    __m512i x1 = _mm512_loadu_si512((const void *)(p + 64));
+    __m512i x2 = _mm512_loadu_si512((const void *)(p + 128));
+    __m512i x3 = _mm512_loadu_si512((const void *)(p + 192));
+    x0 = _mm512_xor_si512(x0, _mm512_castsi128_si512(_mm_cvtsi32_si128((int)~crc)));
+    p += 256;
+    len -= 256;
+    const __m512i k2048 = x86_lanes(g_fold2048);
+    while (len >= 256) {
+        x0 = x86_fold(x0, k2048, _mm512_loadu_si512((const void *)p));
+        x1 = x86_fold(x1, k2048, _mm512_loadu_si512((const void *)(p + 64)));
+        x2 = x86_fold(x2, k2048, _mm512_loadu_si512((const void *)(p + 128)));
+        x3 = x86_fold(x3, k2048, _mm512_loadu_si512((const void *)(p + 192)));
+        p += 256;
+        len -= 256;
+    }
+    const __m512i k512 = x86_lanes(g_fold512);
+    x1 = x86_fold(x0, k512, x1);
+    x2 = x86_fold(x1, k512, x2);
+    x3 = x86_fold(x2, k512, x3);
+    const __m512i kl = _mm512_loadu_si512((const void *)g_fold_lanes);
+    __m512i t = _mm512_xor_si512(_mm512_clmulepi64_epi128(x3, kl, 0x00),
+                                 _mm512_clmulepi64_epi128(x3, kl, 0x11));
+    __m128i c = _mm_xor_si128(_mm512_extracti32x4_epi32(t, 0), _mm512_extracti32x4_epi32(t, 1));
+    c = _mm_xor_si128(c, _mm_xor_si128(_mm512_extracti32x4_epi32(t, 2),
+                                       _mm512_extracti32x4_epi32(x3, 3)));
+    uint64_t s = _mm_crc32_u64(0, (uint64_t)_mm_cvtsi128_si64(c));
+    s = _mm_crc32_u64(s, (uint64_t)_mm_extract_epi64(c, 1));
+    return crc32c_x86_clmul(~(uint32_t)s, p, len); /* the last < 256 bytes */
+}
 #endif /* ICAFAST_CRC_X86 */
 
 /* ------------------------------------------------------------------------------------------ */
@@ -420,6 +519,11 @@ static __attribute__((noinline)) crc_fn resolve_impl(void)
             f = crc32c_x86_sse42;
 #else
             f = __builtin_cpu_supports("pclmul") ? crc32c_x86_clmul : crc32c_x86_sse42;
+            const char *no_vpclmul = getenv("ICAFAST_CRC32C_NO_VPCLMUL");
+            if (f == crc32c_x86_clmul && __builtin_cpu_supports("avx512f") &&
+                __builtin_cpu_supports("vpclmulqdq") &&
+                !(no_vpclmul && strcmp(no_vpclmul, "1") == 0))
+                f = crc32c_x86_vpclmul;
 #endif
         }
 #elif defined(ICAFAST_CRC_ARM)
@@ -454,6 +558,8 @@ const char *icafast_crc32c_backend(void)
 {
     crc_fn f = get_impl();
 #if defined(ICAFAST_CRC_X86)
+    if (f == crc32c_x86_vpclmul)
+        return "avx512-vpclmulqdq";
     if (f == crc32c_x86_clmul || f == crc32c_x86_sse42)
         return "sse4.2";
 #elif defined(ICAFAST_CRC_ARM)

@@ -7,6 +7,8 @@
  * pseudo-random data: every length 0..4096 at 16 alignments, split/continue points, lengths
  * around the internal block sizes, and a few large buffers.  On Linux it also re-runs itself with
  * ICAFAST_CRC32C_FORCE_SW=1 and checks that the override selects "slicing-by-8".
+ * On an x86-64 CPU with AVX-512 and VPCLMULQDQ, run it a second time with
+ * ICAFAST_CRC32C_NO_VPCLMUL=1 to check the "sse4.2" path as well.
  * Finally it prints throughput of both paths (informational).  Exits non-zero on any mismatch.
  * Options: --no-bench (skip timing), --quick (fewer alignments; for slow emulators). */
 #define _GNU_SOURCE

@@ -197,7 +197,8 @@ def crc32c(data, value=0):
 
 
 def crc32c_backend():
-    """Which CRC32C code path is in use: "sse4.2", "armv8" or a portable software one."""
+    """Which CRC32C code path is in use: "avx512-vpclmulqdq", "sse4.2", "armv8" or a portable
+    software one."""
     return (<bytes>icafast_crc32c_backend()).decode("ascii")
 
 

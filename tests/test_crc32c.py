@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import array
 import ctypes
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import google_crc32c
@@ -164,3 +168,50 @@ def test_value_not_int(core):
     with pytest.raises(TypeError):
         core.crc32c(b"x", None)
     assert core.crc32c(b"x", True) == google_crc32c.extend(1, b"x")
+
+
+# -- the x86-64 hardware paths against each other ------------------------------------------------
+
+#: CRCs of slices of a fixed pseudo-random buffer, at lengths around the compiled core's internal
+#: block sizes (the folding path's threshold, 512, and its 256-byte step; the 3-way path's
+#: 3 x 8 KiB blocks; a few large buffers) and six alignments, each continued from its own value.
+#: A code string, so that a child process with other settings computes exactly the same.
+EDGE_CRCS = """
+lengths = sorted({*range(0, 80), *range(240, 300), *range(500, 530), *range(760, 780),
+                  *range(1020, 1040), 4095, 4096, 4097, 24575, 24576, 24577, 65536, 65552,
+                  200_003})
+data = bytes((i * 2654435761 >> 11) & 0xFF for i in range(200_003 + 64))
+crcs = [crc32c(data[off:off + n], (n * 0x9E3779B1) & 0xFFFFFFFF)
+        for n in lengths for off in (0, 1, 7, 8, 33, 63)]
+"""
+
+
+def _edge_crcs(crc32c) -> list[int]:  # type: ignore[no-untyped-def]
+    scope = {"crc32c": crc32c}
+    exec(EDGE_CRCS, scope)
+    return scope["crcs"]  # type: ignore[no-any-return]
+
+
+def test_edge_lengths_and_alignments(core):
+    if core.IMPLEMENTATION != "cython":
+        pytest.skip("the pure twin has no length-dependent paths")
+    assert _edge_crcs(core.crc32c) == _edge_crcs(lambda b, c: google_crc32c.extend(c, b))
+
+
+def test_sse42_path_matches_the_chosen_one(core):
+    """ICAFAST_CRC32C_NO_VPCLMUL=1 keeps x86-64 on the 3-way crc32 path: on a CPU with AVX-512
+    and VPCLMULQDQ this compares the folding path (this process) with it (a child process);
+    elsewhere it checks that the setting changes nothing."""
+    if core.IMPLEMENTATION != "cython":
+        pytest.skip("a setting of the compiled core")
+    child = ("import json\nfrom icafast._core import crc32c, crc32c_backend\n" + EDGE_CRCS +
+             "print(json.dumps([crc32c_backend(), crcs]))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ICAFAST_CRC32C_")}
+    env["ICAFAST_CRC32C_NO_VPCLMUL"] = "1"
+    out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True,
+                         timeout=120, check=True)
+    backend, crcs = json.loads(out.stdout)
+    assert backend != "avx512-vpclmulqdq"
+    if core.crc32c_backend() != "avx512-vpclmulqdq":
+        assert backend == core.crc32c_backend()
+    assert crcs == _edge_crcs(core.crc32c)
