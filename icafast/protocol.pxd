@@ -42,7 +42,7 @@ cdef class SessionEngine:
     # Stream offsets and counters as C integers (PROTOCOL.md 4.1: every offset, the FIN's
     # ack included, fits in 64 bits; the engine refuses a stream that would pass that)
     cdef public unsigned long long _tx_sent, _tx_high, _peer_ack, _rx, _rx_acked, sink_backlog
-    cdef public unsigned long long _frame_size, _ack_threshold, _window
+    cdef public unsigned long long _frame_size, _ack_threshold, _window, _burst
     cdef public object handshake_rtt
     cdef public unsigned long long reconnects, bytes_received, replayed_total
     cdef public bint _tx_fin, _tx_fin_acked, _rx_fin, _ack_now
@@ -78,6 +78,7 @@ cdef class SessionEngine:
     cpdef _frame_one(self)
     @cython.locals(ackv=cython.ulonglong)
     cpdef bint _output_idle(self) except -1
+    cpdef bint has_unsent(self) except -1
     @cython.locals(rx=cython.ulonglong, backlog=cython.ulonglong, v=cython.ulonglong)
     cpdef unsigned long long _ack_value(self) except? 0xFFFFFFFFFFFFFFFF
     @cython.locals(end=cython.ulonglong)

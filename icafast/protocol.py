@@ -127,6 +127,13 @@ _TYPE_CLOSE = int(FrameType.CLOSE)
 #: views of the received block.
 SMALL_FRAME = 2048
 
+#: Stream bytes framed by one ``data_to_send`` call at most (the link transport's own high
+#: water mark): after a resume, or when a paused link resumes, megabytes may wait unsent, and
+#: framing them in one go would hold the event loop for as long as their checksums take (with
+#: the pure-Python core, about 90 ms per MiB), while keepalives and other sessions wait.
+#: What is left is for the next call; ``has_unsent`` says when one is needed.
+MAX_BURST = 1024 * 1024
+
 
 class State(str, enum.Enum):
     """Session states, as shown by ``icafast sessions``."""
@@ -326,6 +333,7 @@ class SessionEngine:
         # hot-path copies of settings (the config is frozen; the policy goes through its setter)
         self._ack_delay = config.ack_delay
         self._frame_size = config.frame_size
+        self._burst = MAX_BURST
         self._handshake_timeout = config.handshake_timeout
         self.policy = config.policy
         self.session_id = b""
@@ -500,7 +508,9 @@ class SessionEngine:
         """Buffers to write, in order, on the current link (write them with writelines).
 
         With ``include_data=False`` (the link's send buffer is full) only control frames
-        are returned and new stream data waits in the replay buffer.
+        are returned and new stream data waits in the replay buffer. At most ``MAX_BURST``
+        stream bytes are framed per call: while ``has_unsent()``, call again (after giving the
+        event loop a turn).
         """
         link = self._link
         if link is not None and link.phase == _ESTABLISHED:
@@ -554,6 +564,11 @@ class SessionEngine:
             return False
         return self._rx == self._rx_acked or self._ack_due != _NEVER
 
+    def has_unsent(self) -> bool:
+        """Stream bytes wait in the replay buffer, not yet framed (``data_to_send`` framed a
+        burst of ``MAX_BURST`` and stopped, or the link's send buffer was full)."""
+        return self._tx_sent < self.tx._end
+
     def _frame_data(self, link: _Link) -> None:
         end = self.tx._end  # (tx.end; a C field in the compiled engine)
         sent = self._tx_sent
@@ -561,6 +576,9 @@ class SessionEngine:
             return  # FIN already sent
         out = self._out
         fin = self._tx_fin
+        if end - sent > self._burst:  # the rest on the next call (MAX_BURST)
+            end = sent + self._burst
+            fin = False
         if sent < end:
             size = min(self._frame_size, link.peer_max_payload)
             rx = self._ack_value()

@@ -18,6 +18,7 @@ from icafast.protocol import (
     CLOSE_DONE,
     CLOSE_REJECTED,
     CLOSE_TIMEOUT,
+    MAX_BURST,
     REJECT_BAD_PROOF,
     REJECT_PROTOCOL,
     REJECT_UNKNOWN_SESSION,
@@ -30,7 +31,7 @@ from icafast.protocol import (
     make_proof,
     send_window_for,
 )
-from icafast.wire import MAX_OFFSET, FrameType
+from icafast.wire import FLAG_FIN, MAX_OFFSET, FrameType
 
 SMALL = Config(frame_size=100, replay_limit=4096, keepalive_interval=1.0, dead_timeout=3.0,
                reliability_timeout=30.0)
@@ -67,6 +68,32 @@ def test_data_both_ways_and_acks():
         h.pump()
     assert bytes(h.s_recv) == a and bytes(h.c_recv) == b
     assert h.client.unacked == 0 and h.server.unacked == 0
+
+
+def test_data_to_send_frames_one_burst_per_call():
+    """A resume or a resumed link can leave megabytes unsent: each data_to_send frames at most
+    MAX_BURST of them (the event loop gets a turn in between), has_unsent() says more waits,
+    and the stream arrives whole, in order, with its end, wherever the bursts were cut."""
+    big = Config(replay_limit=8 * 1024 * 1024)
+    h = Harness(big)
+    h.open_link()
+    h.pump()
+    data = pattern(3, 3 * MAX_BURST + 12_345)
+    c = h.client
+    c.send_data(data)
+    c.send_eof()
+    fins = []
+    while c.has_unsent() and len(fins) < 10:
+        out = c.data_to_send()
+        frames = FrameDecoder().feed(b"".join(bytes(b) for b in out))
+        payload = sum(len(f.payload) for f in frames if f.type == FrameType.DATA)
+        assert 0 < payload <= MAX_BURST + big.frame_size
+        fins.append(any(f.flags & FLAG_FIN for f in frames))
+        assert h.wire is not None
+        h.wire.c2s += b"".join(bytes(b) for b in out)
+    assert fins == [False, False, False, True]  # the end goes with the last burst only
+    h.pump()
+    assert bytes(h.s_recv) == data and h.s_eof
 
 
 def test_reset_replays_unacked_bytes():

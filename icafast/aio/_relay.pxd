@@ -54,7 +54,7 @@ cdef class Runner:
     cdef public double _timer_at
     cdef public _Ticks _ticks
     cdef public long long _tick
-    cdef public bint _done, _close_link_after_flush, _sink_written
+    cdef public bint _done, _close_link_after_flush, _sink_written, _more_due
     cdef public SessionEngine engine
     cdef public _EndpointBase endpoint
     cdef public _LinkBase link

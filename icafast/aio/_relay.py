@@ -398,6 +398,7 @@ class Runner:
         self._done = False
         self._close_link_after_flush = False
         self._sink_written = False  # bytes written to the endpoint since its backlog was read
+        self._more_due = False  # a pump is scheduled for the rest of a framed burst
         self.closed_future: asyncio.Future[ev.SessionClosed] = loop.create_future()
         self._time = loop.time  # (bound once: the per-message path calls it)
         RUNNERS.add(self)
@@ -534,6 +535,10 @@ class Runner:
                     link._write(b"".join(bufs))
                 else:
                     link._writelines(bufs)
+                if not self._more_due and not link.write_paused and eng.has_unsent():
+                    # a burst was framed (protocol.MAX_BURST): the rest after the loop's turn
+                    self._more_due = True
+                    self.loop.call_soon(self._more)
             if self._close_link_after_flush:
                 self._close_link_after_flush = False
                 self.link = None
@@ -554,6 +559,10 @@ class Runner:
             elif eng._free() == 0 and not ep.eof:
                 ep.pause()
         self._schedule()
+
+    def _more(self) -> None:
+        self._more_due = False
+        self._pump()
 
     def _pump_source(self) -> None:
         """``_pump`` after a receive from the endpoint into the replay buffer, with a shortcut
