@@ -41,6 +41,8 @@ def compiled_core(config: pytest.Config) -> ModuleType:
         from icafast import _core  # type: ignore[attr-defined]
     except ImportError as exc:  # pragma: no cover - depends on the build
         pytest.skip(f"compiled core icafast._core is not built: {exc}")
+    if getattr(_core, "IMPLEMENTATION", None) != "cython":  # ICAFAST_PURE_PYTHON=1 aliases it
+        pytest.skip("the pure-Python core runs here (ICAFAST_PURE_PYTHON=1)")
     return _core
 
 

@@ -412,11 +412,11 @@ def test_recv_window_recv_into(core):
         b.close()
 
 
-def test_recv_window_reuse_and_exports():
+def test_recv_window_reuse_and_exports(ccore):
     """The compiled core's window: one object per buffer while nobody holds it; one still
     exported is left alone (its length is its views' shape) and replaced, and keeps the storage
     it points into alive."""
-    from icafast import _core
+    _core = ccore
 
     rb = _core.ReplayBuffer(1 << 20)
     w = rb.recv_window(100)
