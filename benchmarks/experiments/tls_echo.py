@@ -26,7 +26,6 @@ direction. The servers set glibc's heap thresholds as ``icafast serve`` does
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import socket
 import ssl
@@ -35,31 +34,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+from .._chains import tls_files
 
 FORMS = ("plain", "transport", "bio", "bio-raw")
-
-
-def _make_cert(directory: str) -> tuple[str, str]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    cpath, kpath = os.path.join(directory, "c.pem"), os.path.join(directory, "k.pem")
-    with open(cpath, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(kpath, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))
-    return cpath, kpath
 
 
 def serve(form: str, cert: str, key: str) -> None:
@@ -185,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p50: dict[str, list[float]] = {f: [] for f in FORMS}
     cpu: dict[str, list[float]] = {f: [] for f in FORMS}
     with tempfile.TemporaryDirectory(prefix="icafast-tls-echo-") as d:
-        cert, key = _make_cert(d)
+        files = tls_files(Path(d))
+        cert, key = str(files.cert), str(files.key)
         for _ in range(a.rounds):
             for form in FORMS:
                 proc = subprocess.Popen(
