@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import socket
 import struct
-import subprocess
 import sys
 from typing import Any
 
@@ -111,23 +109,6 @@ def test_64mib_each_way_through_ten_breaks_of_each_kind():
 
 def test_bulk_through_breaks_stdlib_asyncio():
     run_async("asyncio", _bulk_through_breaks(8 * 1024 * 1024, 2), timeout=120)
-
-
-def test_bulk_through_breaks_pure_python():
-    """The same with no compiled code (``ICAFAST_PURE_PYTHON=1``, the fallback where the extension
-    is missing), in a child process. Its checksums run at about 11 MB/s: a resume's replay of
-    megabytes, framed in one go, held the event loop past the dead timeout, every resume was
-    declared dead again, and the transfer stalled. Now each pump frames one burst
-    (``protocol.MAX_BURST``)."""
-    env = {k: v for k, v in os.environ.items() if k != "ICAFAST_REQUIRE_COMPILED"}
-    env["ICAFAST_PURE_PYTHON"] = "1"
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         f"{os.path.abspath(__file__)}::test_bulk_through_breaks_stdlib_asyncio"],
-        env=env, capture_output=True, text=True, timeout=280,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "1 passed" in r.stdout
 
 
 @pytest.mark.parametrize("loop", LOOPS)
