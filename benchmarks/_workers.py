@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import socket
 import struct
 import sys
@@ -628,6 +629,10 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--server-port", type=int, required=True)
     s.add_argument("--batch", type=int, default=100)
     a = p.parse_args(argv)
+    # Stopped with SIGINT (benchmarks.instructions lets callgrind write its counts so): a
+    # process started from a non-interactive shell's background job inherits SIGINT ignored,
+    # and Python then leaves it ignored, so make it interrupt here whatever the parent did.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     globals()["cmd_" + a.cmd.replace("-", "_")](a)
 
 
