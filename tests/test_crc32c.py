@@ -192,18 +192,14 @@ def _edge_crcs(crc32c) -> list[int]:  # type: ignore[no-untyped-def]
     return scope["crcs"]  # type: ignore[no-any-return]
 
 
-def test_edge_lengths_and_alignments(core):
-    if core.IMPLEMENTATION != "cython":
-        pytest.skip("the pure twin has no length-dependent paths")
-    assert _edge_crcs(core.crc32c) == _edge_crcs(lambda b, c: google_crc32c.extend(c, b))
+def test_edge_lengths_and_alignments(ccore):
+    assert _edge_crcs(ccore.crc32c) == _edge_crcs(lambda b, c: google_crc32c.extend(c, b))
 
 
-def test_sse42_path_matches_the_chosen_one(core):
+def test_sse42_path_matches_the_chosen_one(ccore):
     """ICAFAST_CRC32C_NO_VPCLMUL=1 keeps x86-64 on the 3-way crc32 path: on a CPU with AVX-512
     and VPCLMULQDQ this compares the folding path (this process) with it (a child process);
     elsewhere it checks that the setting changes nothing."""
-    if core.IMPLEMENTATION != "cython":
-        pytest.skip("a setting of the compiled core")
     child = ("import json\nfrom icafast._core import crc32c, crc32c_backend\n" + EDGE_CRCS +
              "print(json.dumps([crc32c_backend(), crcs]))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ICAFAST_CRC32C_")}
@@ -212,6 +208,6 @@ def test_sse42_path_matches_the_chosen_one(core):
                          timeout=120, check=True)
     backend, crcs = json.loads(out.stdout)
     assert backend != "avx512-vpclmulqdq"
-    if core.crc32c_backend() != "avx512-vpclmulqdq":
-        assert backend == core.crc32c_backend()
-    assert crcs == _edge_crcs(core.crc32c)
+    if ccore.crc32c_backend() != "avx512-vpclmulqdq":
+        assert backend == ccore.crc32c_backend()
+    assert crcs == _edge_crcs(ccore.crc32c)
