@@ -9,6 +9,7 @@ a build requirement, and the sources are translated at build time.
 from __future__ import annotations
 
 import os
+import sys
 from glob import glob
 
 from setuptools import Extension, setup
@@ -35,6 +36,10 @@ ext_modules = [
               include_dirs=["csrc"],
               depends=[os.path.join("icafast", "aio", "_relay.pxd"),
                        *(os.path.join("icafast", n) for n in ("protocol.pxd", "_core.pxd"))]),
+    # TLS records read and written with OpenSSL's own calls (found at run time in the OpenSSL
+    # of Python's _ssl module: no OpenSSL headers or libraries at build time)
+    Extension("icafast._tlsio", sources=[os.path.join("icafast", "_tlsio.pyx")],
+              libraries=["dl"] if sys.platform.startswith("linux") else []),
 ]
 
 #: Annotations in the .py sources are for type checkers; the C types come from the .pxd files.

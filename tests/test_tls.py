@@ -25,6 +25,7 @@ from relay_helpers import (
 
 from icafast import events as ev
 from icafast import tls
+from icafast.tlspipe import uses_pipe
 from icafast.aio import Mapping, RelayServer, open_session
 
 PY = sys.executable
@@ -93,8 +94,13 @@ def _pair(tmp_path):
     return cert, key, tls.fingerprint_of_pem(cert)
 
 
+@pytest.mark.parametrize("tls_io", ["auto", "pure", "loop"])
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-def test_pinned_fingerprint_session_survives_breaks(tmp_path, loop):
+def test_pinned_fingerprint_session_survives_breaks(tmp_path, loop, tls_io, monkeypatch):
+    """Both ways of running TLS: by the link through a pipe (compiled by default; ``pure``:
+    the Python twin) and by the event loop's TLS transport (``loop``)."""
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    piped = tls_io != "loop" and (tls_io == "pure" or uses_pipe())
     cert, key, fp = _pair(tmp_path)
     size = 8 * 1024 * 1024
 
@@ -115,7 +121,15 @@ def test_pinned_fingerprint_session_survives_breaks(tmp_path, loop):
                     if k == 0:  # frames leave in one TLS write per burst, not one per buffer
                         (runner,) = s.server.sessions_by_id.values()
                         assert await wait_for(lambda r=runner: r.link is not None, 10)
-                        assert runner.link.join_writes
+                        link = runner.link
+                        if piped:  # (the pipe joins small buffers into records itself)
+                            assert link.tls is not None and not link.join_writes
+                            assert type(link.tls).__module__ == ("icafast.tlspipe" if
+                                                                  tls_io == "pure" else
+                                                                  "icafast._tlsio")
+                        else:
+                            assert link.tls is None and link.join_writes
+                        assert link.ssl_object.version() in ("TLSv1.2", "TLSv1.3")
                     await asyncio.sleep(0.05)
                     (s.proxy.reset if k % 2 == 0 else s.proxy.blackhole)()
                 done.set()

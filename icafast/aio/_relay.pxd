@@ -30,7 +30,7 @@ cdef class _EndpointBase:
 
 
 cdef class _LinkBase:
-    cdef public object owner, transport, link_id, peer
+    cdef public object owner, transport, link_id, peer, tls_setup, tls, ssl_object
     cdef public object _write, _writelines  # the transport's (bound once: no lookup per call)
     cdef public bint write_paused, closed, join_writes
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -265,9 +266,15 @@ class Endpoint(_EndpointBase, asyncio.BufferedProtocol):
 class _LinkBase:
     """What :class:`Link` does (a separate base so that it compiles to an extension type)."""
 
-    def __init__(self, owner: Any) -> None:
+    def __init__(self, owner: Any, tls_setup: Any = None) -> None:
         self.owner = owner  # runner, or the server's handshake handler before attach
         self.transport: asyncio.Transport | None = None
+        #: TLS run by the link itself over a plain transport (icafast.aio.tlslink): the
+        #: handshake until it is done, then the pipe every record goes through
+        self.tls_setup = tls_setup
+        self.tls: Any = None
+        #: the ssl.SSLObject of a TLS link (either kind), for its certificate and version
+        self.ssl_object: Any = None
         #: the transport's write and writelines, bound once (as the endpoint's)
         self._write: Callable[..., Any] = _not_connected
         self._writelines: Callable[..., Any] = _not_connected
@@ -286,13 +293,55 @@ class _LinkBase:
         self._write = transport.write
         self._writelines = transport.writelines
         self.join_writes = transport.get_extra_info("sslcontext") is not None
+        self.ssl_object = transport.get_extra_info("ssl_object")
         tune_socket(transport, notsent_lowat=LINK_NOTSENT_LOWAT)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+        if self.tls_setup is not None:
+            self.tls_setup.start(self, transport)  # the owner hears of the link once secured
+            return
         self.owner.link_made(self)
 
+    def secured(self, pipe: Any, ssl_object: Any) -> None:
+        """The TLS handshake is done (called by the link's TLSSetup): from now on every write
+        is sealed into records and every read opened by ``pipe``."""
+        self.tls_setup = None
+        self.tls = pipe
+        self.ssl_object = ssl_object
+        self._write = self._tls_write
+        self._writelines = self._tls_writelines
+        self.join_writes = False  # (the pipe joins a burst's small buffers into records)
+        self.owner.link_made(self)
+
+    def _tls_write(self, data: Any) -> None:
+        self.transport.write(self.tls.seal(data))  # type: ignore[union-attr]
+
+    def _tls_writelines(self, bufs: Any) -> None:
+        self.transport.write(self.tls.seal(list(bufs)))  # type: ignore[union-attr]
+
     def data_received(self, data: bytes) -> None:  # type: ignore[override]
+        tls = self.tls
+        if tls is not None:  # TLS run by the link: open the records
+            try:
+                data = tls.open(data)
+            except ssl.SSLError as e:
+                self.closed = True
+                self.owner.link_lost(self, f"TLS error: {e}")
+                self.close(abort=True)
+                return
+            out = tls.output()
+            if out and self.transport is not None:
+                self.transport.write(out)
+            if not data:
+                if tls.peer_closed and not self.closed:
+                    self.closed = True
+                    self.owner.link_lost(self, "connection closed by peer (TLS close_notify)")
+                    self.close()
+                return
+        elif self.tls_setup is not None:  # still in the TLS handshake
+            self.tls_setup.feed(data)
+            return
         owner = self.owner
         if isinstance(owner, Runner):
             r = owner  # (compiled: typed, so the call below is a C call)
@@ -301,10 +350,16 @@ class _LinkBase:
             owner.link_data(self, data)
 
     def eof_received(self) -> bool:
+        if self.tls_setup is not None:
+            self.tls_setup.lost(None)
+            return False
         self.owner.link_lost(self, "connection closed by peer")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.tls_setup is not None:
+            self.tls_setup.lost(exc)
+            return
         if not self.closed:
             self.closed = True
             reason = f"connection lost: {exc}" if exc else "connection closed"
@@ -323,6 +378,11 @@ class _LinkBase:
             if abort:
                 abort_with_rst(self.transport)
             else:
+                if self.tls is not None:  # close_notify first
+                    try:
+                        self.transport.write(self.tls.close())
+                    except ssl.SSLError:
+                        pass
                 self.transport.close()
 
 

@@ -18,7 +18,9 @@ from typing import Any, cast
 from .. import events as ev
 from ..protocol import CLOSE_ABORTED, ClientSession, Config, State
 from ..tls import ClientTLS, TLSVerifyError, check_peer
+from ..tlspipe import uses_pipe
 from ._relay import Endpoint, Link, Runner, StatusCallback, abort_with_rst, tune_socket
+from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
 
@@ -57,15 +59,18 @@ class _ClientRunner(Runner):
     async def _connect(self) -> None:
         host, port = self.server
         tls = self.tls
+        timeout = self.engine.config.handshake_timeout
         kw: dict[str, Any] = {}
-        if tls is not None:
+        setup: TLSSetup | None = None
+        if tls is not None and uses_pipe():  # TLS run by the link (icafast.aio.tlslink)
+            setup = TLSSetup(tls.context, server_side=False,
+                             server_hostname=tls.server_hostname or host, timeout=timeout,
+                             loop=self.loop)
+        elif tls is not None:  # the event loop's TLS transport
             kw = {"ssl": tls.context, "server_hostname": tls.server_hostname or host,
-                  "ssl_handshake_timeout": self.engine.config.handshake_timeout}
+                  "ssl_handshake_timeout": timeout}
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: Link(self), host, port, **kw),
-                self.engine.config.handshake_timeout,
-            )
+            await asyncio.wait_for(self._open_link(host, port, setup, kw), timeout)
         except (OSError, asyncio.TimeoutError) as e:
             reason = str(e) or type(e).__name__
             if isinstance(e, ssl.SSLCertVerificationError):
@@ -76,13 +81,24 @@ class _ClientRunner(Runner):
                 self.engine.connect_failed(reason, self.now())
                 self.pump()
 
+    async def _open_link(self, host: str, port: int, setup: TLSSetup | None,
+                         kw: dict[str, Any]) -> None:
+        try:
+            await self.loop.create_connection(lambda: Link(self, setup), host, port, **kw)
+            if setup is not None:
+                await setup.done
+        except BaseException:
+            if setup is not None:
+                setup.abort()
+            raise
+
     def link_made(self, link: Link) -> None:
         if self.engine.state is State.CLOSED or self._done:
             link.close(abort=True)
             return
         if self.tls is not None and link.transport is not None:
             try:
-                check_peer(self.tls, link.transport.get_extra_info("ssl_object"))
+                check_peer(self.tls, link.ssl_object)
             except TLSVerifyError as e:
                 self._tls_failed = True
                 log.error("session %s: %s", self.sid, e)

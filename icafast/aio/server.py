@@ -32,7 +32,9 @@ from ..protocol import (
     State,
 )
 from ..proxyproto import ProxyHeaderParser
+from ..tlspipe import uses_pipe
 from ._relay import Endpoint, Link, Runner, StatusCallback, short_id, window_note
+from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
 
@@ -141,10 +143,11 @@ class _ServerRunner(Runner):
 class _PendingLink:
     """A client connection still in the handshake (owner of its Link until attached)."""
 
-    def __init__(self, server: RelayServer, mapping: Mapping) -> None:
+    def __init__(self, server: RelayServer, mapping: Mapping,
+                 tls_setup: TLSSetup | None = None) -> None:
         self.server = server
         self.mapping = mapping
-        self.link: Link = Link(self)
+        self.link: Link = Link(self, tls_setup)
         self.hs: ServerHandshake = ServerHandshake(server.config, server.loop.time())
         self.proxy: ProxyHeaderParser | None = (
             ProxyHeaderParser() if server.proxy_protocol else None
@@ -206,7 +209,7 @@ class _PendingLink:
     def _flush(self) -> None:
         out = self.hs.data_to_send()
         if out and self.link.transport is not None and not self.link.closed:
-            self.link.transport.writelines(out)
+            self.link._writelines(out)
 
     def reject(self, code: int, reason: str) -> None:
         self.hs.reject(code, reason)
@@ -285,15 +288,19 @@ class RelayServer:
             raise ValueError("--proxy-protocol needs the load balancer to terminate TLS "
                              "(use --no-tls behind it): the PROXY header precedes any TLS")
         self.loop = asyncio.get_running_loop()
+        # TLS run by each link over a plain transport (icafast.aio.tlslink), else by the loop
+        own_tls = self.ssl is not None and uses_pipe()
+        loop_ssl = None if own_tls else self.ssl
         for m in self.mappings:
             srv = await self.loop.create_server(
-                lambda m=m: _PendingLink(self, m).link,
+                (lambda m=m: _PendingLink(self, m, self._tls_setup()).link) if own_tls else
+                (lambda m=m: _PendingLink(self, m).link),
                 m.listen_host or None,
                 m.listen_port,
                 reuse_address=True,
                 backlog=1024,
-                ssl=self.ssl,
-                ssl_handshake_timeout=self.config.handshake_timeout if self.ssl else None,
+                ssl=loop_ssl,
+                ssl_handshake_timeout=self.config.handshake_timeout if loop_ssl else None,
             )
             self._servers.append(srv)
             for sock in srv.sockets:
@@ -303,6 +310,11 @@ class RelayServer:
                          "TLS" if self.ssl else "plain text", m.backend)
         if self.control_path:
             await self._start_control(self.control_path)
+
+    def _tls_setup(self) -> TLSSetup:
+        assert self.ssl is not None
+        return TLSSetup(self.ssl, server_side=True, server_hostname=None,
+                        timeout=self.config.handshake_timeout, loop=self.loop)
 
     async def serve_forever(self) -> None:
         await asyncio.gather(*(s.serve_forever() for s in self._servers))

@@ -1,0 +1,117 @@
+"""TLS records in and out of a link, on a connection whose handshake Python's ``ssl`` did.
+
+The specification and pure-Python twin of the compiled pipe in ``icafast._tlsio``: the same
+methods, the same results, ``ssl.SSLError`` on a bad record (the message differs: the compiled
+pipe reports OpenSSL's error string). A link that uses a pipe runs TLS over a plain transport:
+the handshake is done by an ``ssl.SSLObject`` over two ``ssl.MemoryBIO`` objects (so
+certificates and their checks are exactly Python's), then every record goes through the pipe.
+
+``pipe_for(sslobj, incoming, outgoing)`` gives the compiled pipe where it can run (see
+``icafast._tlsio.bind``), else ``None``: icafast then uses the event loop's TLS transport, whose
+per-record path is faster than this twin's. ``ICAFAST_TLS_IO`` overrides: ``loop`` (the loop's
+TLS transport), ``pure`` (this twin: tests), ``compiled`` (fail if it cannot run).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from typing import Any
+
+__all__ = ["TLSPipe", "RECORD", "tls_io_mode", "pipe_for", "compiled_unavailable", "uses_pipe"]
+
+#: the largest plaintext of one TLS record: writes are joined and cut into records of this size
+RECORD = 16384
+
+
+class TLSPipe:
+    """Ciphertext in, plaintext out (:meth:`open`); plaintext in, ciphertext out (:meth:`seal`)."""
+
+    def __init__(self, sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO,
+                 outgoing: ssl.MemoryBIO) -> None:
+        self._obj, self._in, self._out = sslobj, incoming, outgoing
+        #: the peer sent close_notify: no more plaintext will come
+        self.peer_closed = False
+
+    def open(self, data: Any) -> bytes:
+        """Feed received ciphertext; return all the plaintext it completes (``b""`` if none).
+        A close_notify from the peer sets ``peer_closed``; a bad record raises ssl.SSLError."""
+        if len(data):
+            self._in.write(data)
+        parts = []
+        while True:
+            try:
+                chunk = self._obj.read(RECORD)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except ssl.SSLZeroReturnError:
+                self.peer_closed = True
+                break
+            if not chunk:  # (a close_notify seen by an earlier read)
+                self.peer_closed = True
+                break
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def seal(self, data: Any) -> bytes:
+        """Encrypt ``data`` (a bytes-like object, or a list of them sent as one stream: small
+        buffers share a record) and return the ciphertext to send."""
+        joined = b"".join(data) if isinstance(data, list) else data
+        if len(joined):
+            self._obj.write(joined)  # (OpenSSL cuts it into records of RECORD bytes)
+        return self.output()
+
+    def output(self) -> bytes:
+        """Ciphertext waiting to be sent (post-handshake messages, a key update's answer)."""
+        return self._out.read() if self._out.pending else b""
+
+    def close(self) -> bytes:
+        """A close_notify alert, as ciphertext to send before closing the connection."""
+        try:
+            self._obj.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            pass  # (the peer's close_notify is not awaited)
+        return self.output()
+
+
+def tls_io_mode() -> str:
+    """``ICAFAST_TLS_IO``: ``auto`` (default), ``compiled``, ``pure`` or ``loop``."""
+    v = os.environ.get("ICAFAST_TLS_IO", "").strip().lower() or "auto"
+    if v not in ("auto", "compiled", "pure", "loop"):
+        raise ValueError(f"ICAFAST_TLS_IO={v!r}: expected auto, compiled, pure or loop")
+    return v
+
+
+def compiled_unavailable() -> str | None:
+    """Why the compiled pipe cannot run here (``None``: it can)."""
+    from ._impl import _want_pure
+
+    if _want_pure():
+        return "ICAFAST_PURE_PYTHON is set"
+    try:
+        from . import _tlsio  # type: ignore[attr-defined]
+    except ImportError as e:
+        return f"icafast._tlsio not built ({e})"
+    return _tlsio.bind()  # type: ignore[no-any-return]
+
+
+def uses_pipe() -> bool:
+    """Whether links run TLS through a pipe (else through the event loop's TLS transport)."""
+    mode = tls_io_mode()
+    if mode == "loop":
+        return False
+    if mode == "pure":
+        return True
+    why = compiled_unavailable()
+    if why is not None and mode == "compiled":
+        raise RuntimeError(f"ICAFAST_TLS_IO=compiled: {why}")
+    return why is None
+
+
+def pipe_for(sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> Any:
+    """The pipe for a finished handshake: compiled unless ``ICAFAST_TLS_IO=pure``."""
+    if tls_io_mode() == "pure":
+        return TLSPipe(sslobj, incoming, outgoing)
+    from . import _tlsio  # type: ignore[attr-defined]
+
+    return _tlsio.TLSPipe(sslobj, incoming, outgoing)
