@@ -403,9 +403,14 @@ CHAINS: dict[str, tuple[str, str]] = {
                     "verify none, bind ssl crt -> backend (no splice: TLS is encrypted in user "
                     "space)"),
     "icafast-tls": ("icafast", "icafast connect -> icafast serve over TLS (icafast's default), "
-                    "compiled core, uvloop's TLS transport"),
-    "icafast-tls-asyncio": ("icafast", "icafast-tls with ICAFAST_LOOP=asyncio on both ends: "
-                            "stdlib asyncio's loop and TLS transport"),
+                    "compiled core, uvloop, TLS run by the links (Python's ssl handshake, "
+                    "records through the compiled pipe)"),
+    "icafast-tls-loop": ("icafast", "icafast-tls with ICAFAST_TLS_IO=loop on both ends: "
+                         "uvloop's TLS transport runs TLS (icafast's TLS before the pipe, and "
+                         "its fallback)"),
+    "icafast-tls-asyncio": ("icafast", "icafast-tls with ICAFAST_LOOP=asyncio and "
+                            "ICAFAST_TLS_IO=loop on both ends: stdlib asyncio's loop and TLS "
+                            "transport"),
     "icafast-tls-ref": ("icafast", "icafast-tls from the checkout given with --ref (A/B "
                         "comparison)"),
 }
@@ -415,7 +420,7 @@ REF_ROOT: list[Path] = []
 PEERS = ("socat", "socat-b65536", "socat-b131072", "haproxy")
 #: the chains with TLS between the hops; their ratios are against the best of TLS_PEERS only
 ENCRYPTED = frozenset({"socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast-tls",
-                       "icafast-tls-asyncio", "icafast-tls-ref"})
+                       "icafast-tls-loop", "icafast-tls-asyncio", "icafast-tls-ref"})
 #: chain -> its A/B twin from the --ref checkout
 REF_TWINS = {"icafast": "icafast-ref", "icafast-tls": "icafast-tls-ref"}
 TLS_PEERS = ("socat-tls", "socat-tls-nodelay", "haproxy-tls")
@@ -539,6 +544,8 @@ class Chain:
             env = {"ICAFAST_PURE_PYTHON": "1"} if self.name == "icafast-pure" else {}
             if self.name == "icafast-tls-asyncio":
                 env["ICAFAST_LOOP"] = "asyncio"
+            if self.name in ("icafast-tls-loop", "icafast-tls-asyncio"):
+                env["ICAFAST_TLS_IO"] = "loop"
             link_tls = tls_files(self.procs.tmp) if self.name in ENCRYPTED else None
             if hop == "server":
                 ctl = self.procs.tmp / f"ctl-{listen}.sock"

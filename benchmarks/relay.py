@@ -11,9 +11,10 @@ Measures, in one run and side by side, the same workloads through
   given a small size / short duration);
 - the encrypted path (TLS between the two hops; bulk, rr and redis): socat ``OPENSSL:`` two-hop
   (``socat-tls``; ``socat-tls-nodelay`` with TCP_NODELAY), HAProxy ``ssl`` two-hop
-  (``haproxy-tls``) and icafast with TLS on uvloop (``icafast-tls``) and on stdlib asyncio
-  (``icafast-tls-asyncio``), all with one certificate made for the run. Encrypted chains are
-  compared only with the encrypted peers, plain chains only with the plain peers.
+  (``haproxy-tls``) and icafast with TLS: run by its links through the compiled pipe on uvloop
+  (``icafast-tls``, the default), by uvloop's TLS transport (``icafast-tls-loop``) and by stdlib
+  asyncio's (``icafast-tls-asyncio``), all with one certificate made for the run. Encrypted
+  chains are compared only with the encrypted peers, plain chains only with the plain peers.
 
 Workloads: bulk throughput each direction (iperf3, else the built-in sender/sink), 64-byte
 round trips, pipelined redis (``redis-benchmark -P 16 -d 1024 -t set,get``), resume after a
@@ -77,7 +78,7 @@ WORKLOADS = ("bulk", "rr", "redis", "resume", "scale")
 MiB = 1 << 20
 #: the encrypted chains, in every workload that runs them (bulk, rr, redis)
 TLS_CHAINS = ["socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast-tls",
-              "icafast-tls-asyncio"]
+              "icafast-tls-loop", "icafast-tls-asyncio"]
 
 
 def log(msg: str) -> None:
@@ -752,8 +753,8 @@ def report(paths: list[str]) -> str:
                     best = _best_peer(cs, n, key, higher)
                     if best is not None:
                         cell += f" **{c['median'] / cs[best][key]['median']:.2f}×** {best}"
-                if n == "icafast-tls-asyncio" and cs.get("icafast-tls", {}).get(key, {}).get(
-                        "median"):  # stdlib asyncio's TLS transport against uvloop's
+                if n in ("icafast-tls-loop", "icafast-tls-asyncio") and cs.get(
+                        "icafast-tls", {}).get(key, {}).get("median"):  # against the pipe
                     cell += f"; {c['median'] / cs['icafast-tls'][key]['median']:.2f}× icafast-tls"
                 cells.append(cell)
             lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")

@@ -7,6 +7,8 @@ Sits between client and server and breaks the links through it on demand:
                    a NAT that forgot the mapping, a pulled cable);
 - ``half_open()``  the client's side is reset but the server's side stays open and silent, so
                    the server believes the old link is alive (the takeover case);
+- ``corrupt()``    one byte of the next chunk each link carries toward the server is flipped
+                   (a checksum or a TLS record's tag must catch it);
 - ``refuse_new``   new connections are reset at once (server unreachable);
 - ``blackhole_new`` new connections are accepted but nothing is forwarded.
 """
@@ -62,6 +64,7 @@ class _Pair:
         self.dead = False  # blackholed: read and discard
         self.closed = False
         self.bytes = 0
+        self.corrupt_next = False  # flip a byte of the next client -> server chunk
 
     def other(self, side: _Side) -> _Side | None:
         return self.server if side is self.client else self.client
@@ -108,6 +111,11 @@ class _Pair:
         if other.transport.is_closing():
             return
         self.bytes += len(data)
+        if self.corrupt_next and side is self.client:
+            self.corrupt_next = False
+            b = bytearray(data)
+            b[len(b) // 2] ^= 0x40
+            data = bytes(b)
         other.transport.write(data)
 
     def eof(self, side: _Side) -> None:
@@ -195,6 +203,13 @@ class FaultProxy:
         for p in live:
             p.half_open()
             self.zombies.append(p)
+        return len(live)
+
+    def corrupt(self) -> int:
+        """Flip one byte in the next chunk each live link carries toward the server."""
+        live = self._live()
+        for p in live:
+            p.corrupt_next = True
         return len(live)
 
     @property

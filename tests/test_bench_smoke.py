@@ -1,9 +1,9 @@
 """Smoke test of the end-to-end relay benchmark: ``python -m benchmarks.relay --quick``.
 
 Asserts only that every workload ran and that every chain, plain and encrypted (TLS between the
-two hops: socat-tls, socat-tls-nodelay, haproxy-tls, icafast-tls, icafast-tls-asyncio),
-delivered the right bytes (SHA-256 checked transfers, echoed round trips, SET/GET, resumed
-markers, echoes on every idle session).
+two hops: socat-tls, socat-tls-nodelay, haproxy-tls, icafast-tls, icafast-tls-loop,
+icafast-tls-asyncio), delivered the right bytes (SHA-256 checked transfers, echoed round trips,
+SET/GET, resumed markers, echoes on every idle session).
 Never asserts speed: this machine is shared and the figures are noise at these sizes. Peers that
 are not installed (socat, haproxy, iperf3, redis) are skipped by the benchmark and reported.
 """
@@ -61,14 +61,14 @@ def test_relay_benchmark_quick(tmp_path: Path) -> None:
         if name == "redis" and "skipped" in w[name]:
             continue
         ran = set(w[name]["chains"]) | set(res["skipped"])
-        assert {"direct", "icafast", "icafast-pure", "icafast-tls",
+        assert {"direct", "icafast", "icafast-pure", "icafast-tls", "icafast-tls-loop",
                 "icafast-tls-asyncio"} <= set(w[name]["chains"])
         assert {"socat", "haproxy", "socat-tls", "socat-tls-nodelay", "haproxy-tls"} <= ran
         assert set(w[name]["verified"]) == set(w[name]["chains"])
     for name in ("resume", "scale"):  # plain only
         assert set(w[name]["verified"]) == {"icafast"}
     negotiated = res["meta"]["tls"]["negotiated"]
-    assert {"icafast-tls", "icafast-tls-asyncio"} <= set(negotiated), negotiated
+    assert {"icafast-tls", "icafast-tls-loop", "icafast-tls-asyncio"} <= set(negotiated), negotiated
     assert w["resume"]["one_session"]["resume"]["n"] > 0
     assert w["resume"]["many_sessions"]["rounds"]
     levels = w["scale"]["levels"]
