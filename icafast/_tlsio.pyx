@@ -6,23 +6,26 @@ A drop-in twin of :class:`icafast.tlspipe.TLSPipe` (which is the specification).
 ``ssl`` module still makes the context, runs the handshake and checks the certificate: the pipe
 is built from the ``ssl.SSLObject`` and the two ``ssl.MemoryBIO`` objects of a finished
 handshake. After that, each record is read and written with OpenSSL's own calls on that same
-connection object (``SSL_read_ex``/``SSL_write_ex``), holding the GIL (memory BIOs never
-block), without the Python-level wrappers, their exceptions per empty read, and the release and
-re-take of the GIL around every call (benchmarks/README.md, "TLS records driven from C").
+connection object (``SSL_read_ex``/``SSL_write_ex``), holding the GIL (nothing here blocks),
+without the Python-level wrappers, their exception per empty read, and the release and re-take
+of the GIL around every call (benchmarks/README.md, "TLS records driven from C").
+
+The pipe also gives the connection two BIOs of its own in place of the memory BIOs: OpenSSL
+reads records straight from the buffer the event loop received (no copy into a memory BIO) and
+writes them straight into the ``bytes`` object that goes to the transport (no copy out of one).
+The ``MemoryBIO`` objects keep their own references to their BIOs and are left as they are.
 
 OpenSSL is not linked at build time. The functions are looked up at run time in the OpenSSL
 that Python's own ``_ssl`` module uses (``bind()``), so the pipe always works on the very
 objects Python created, and a build needs no OpenSSL headers. ``bind()`` refuses, and icafast
 falls back to the event loop's TLS transport, when the library's version is not Python's or
-when the connection object is not laid out as CPython 3.8-3.14 lays it out (checked on each
-pipe: the ``SSL``'s read and write BIOs must be the two ``MemoryBIO`` objects' own).
+when the interpreter is not a CPython 3.8-3.14, whose ``_ssl`` objects are laid out as read here
+(checked again on each pipe: the ``SSL``'s read and write BIOs must be the two ``MemoryBIO``
+objects' own).
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.object cimport PyObject
-from libc.stdint cimport uintptr_t
-from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from posix.dlfcn cimport RTLD_NOW, dlerror, dlopen, dlsym
 
@@ -30,11 +33,11 @@ import ssl
 import sys
 
 cdef extern from "Python.h":
-    # (raw references: the plaintext buffer is grown and shrunk in place)
+    # (raw references: output buffers are grown and shrunk in place)
     PyObject *_new_bytes "PyBytes_FromStringAndSize"(const char *, Py_ssize_t)
     char *_bytes_data "PyBytes_AS_STRING"(PyObject *)
+    Py_ssize_t _bytes_size "PyBytes_GET_SIZE"(PyObject *)
     int _PyBytes_Resize(PyObject **bytes, Py_ssize_t newsize)
-    void Py_DECREF(PyObject *)
     void Py_XDECREF(PyObject *)
 
 cdef extern from *:
@@ -44,47 +47,137 @@ cdef extern from *:
     #endif
     typedef struct ssl_st icafast_SSL;
     typedef struct bio_st icafast_BIO;
+    typedef struct bio_method_st icafast_BIO_METHOD;
     """
     int RTLD_NOLOAD
     ctypedef struct icafast_SSL
     ctypedef struct icafast_BIO
+    ctypedef struct icafast_BIO_METHOD
 
 ctypedef int (*f_ssl_read)(icafast_SSL *, void *, size_t, size_t *) noexcept nogil
 ctypedef int (*f_ssl_write)(icafast_SSL *, const void *, size_t, size_t *) noexcept nogil
 ctypedef int (*f_ssl_get_error)(const icafast_SSL *, int) noexcept nogil
 ctypedef icafast_BIO *(*f_ssl_get_bio)(const icafast_SSL *) noexcept nogil
+ctypedef void (*f_ssl_set0_bio)(icafast_SSL *, icafast_BIO *) noexcept nogil
 ctypedef int (*f_ssl_shutdown)(icafast_SSL *) noexcept nogil
-ctypedef int (*f_bio_io)(icafast_BIO *, void *, int) noexcept nogil
 ctypedef size_t (*f_bio_pending)(icafast_BIO *) noexcept nogil
+ctypedef int (*f_bio_io)(icafast_BIO *, void *, int) noexcept nogil
+ctypedef int (*f_void_int)() noexcept nogil
 ctypedef void (*f_void)() noexcept nogil
 ctypedef unsigned long (*f_ulong)() noexcept nogil
 ctypedef void (*f_err_string)(unsigned long, char *, size_t) noexcept nogil
+# the BIO method of the pipe's own BIOs
+ctypedef int (*cb_write)(icafast_BIO *, const char *, size_t, size_t *) noexcept
+ctypedef int (*cb_read)(icafast_BIO *, char *, size_t, size_t *) noexcept
+ctypedef long (*cb_ctrl)(icafast_BIO *, int, long, void *) noexcept
+ctypedef icafast_BIO_METHOD *(*f_meth_new)(int, const char *) noexcept nogil
+ctypedef int (*f_meth_set_write)(icafast_BIO_METHOD *, cb_write) noexcept nogil
+ctypedef int (*f_meth_set_read)(icafast_BIO_METHOD *, cb_read) noexcept nogil
+ctypedef int (*f_meth_set_ctrl)(icafast_BIO_METHOD *, cb_ctrl) noexcept nogil
+ctypedef icafast_BIO *(*f_bio_new)(const icafast_BIO_METHOD *) noexcept nogil
+ctypedef void (*f_bio_set_data)(icafast_BIO *, void *) noexcept nogil
+ctypedef void *(*f_bio_get_data)(icafast_BIO *) noexcept nogil
+ctypedef void (*f_bio_set_int)(icafast_BIO *, int) noexcept nogil
 
 # OpenSSL's constants (the same in 1.1.1 and 3.x)
 DEF SSL_ERROR_SSL = 1
 DEF SSL_ERROR_WANT_READ = 2
 DEF SSL_ERROR_WANT_WRITE = 3
-DEF SSL_ERROR_SYSCALL = 5
 DEF SSL_ERROR_ZERO_RETURN = 6
+DEF BIO_TYPE_SOURCE_SINK = 0x0400
+DEF BIO_FLAGS_READ = 0x01
+DEF BIO_FLAGS_RWS = 0x07
+DEF BIO_FLAGS_SHOULD_RETRY = 0x08
+DEF BIO_CTRL_PUSH = 6
+DEF BIO_CTRL_POP = 7
+DEF BIO_CTRL_FLUSH = 11
+DEF BIO_CTRL_DUP = 12
 #: the largest plaintext of one TLS record: writes are cut and joined into records of this size
 DEF RECORD = 16384
+#: room reserved per record for its header, tag and padding (TLS 1.3 AEAD: 22 bytes; TLS 1.2
+#: CBC with SHA-384 and the longest padding: 325); a record that needs more grows the buffer
+DEF RECORD_ROOM = 64
 
 cdef f_ssl_read p_read = NULL
 cdef f_ssl_write p_write = NULL
 cdef f_ssl_get_error p_get_error = NULL
 cdef f_ssl_get_bio p_get_rbio = NULL
 cdef f_ssl_get_bio p_get_wbio = NULL
+cdef f_ssl_set0_bio p_set0_rbio = NULL
+cdef f_ssl_set0_bio p_set0_wbio = NULL
 cdef f_ssl_shutdown p_shutdown = NULL
-cdef f_bio_io p_bio_write = NULL
-cdef f_bio_io p_bio_read = NULL
 cdef f_bio_pending p_bio_pending = NULL
+cdef f_bio_io p_bio_read = NULL
 cdef f_void p_err_clear = NULL
 cdef f_ulong p_err_get = NULL
+cdef f_ulong p_err_peek = NULL
 cdef f_err_string p_err_string = NULL
+cdef f_bio_new p_bio_new = NULL
+cdef f_bio_set_data p_bio_set_data = NULL
+cdef f_bio_get_data p_bio_get_data = NULL
+cdef f_bio_set_int p_bio_set_init = NULL
+cdef f_bio_set_int p_bio_set_flags = NULL
+cdef f_bio_set_int p_bio_clear_flags = NULL
+cdef icafast_BIO_METHOD *_method = NULL
 cdef object _bind_error = "not bound yet"
 
 #: CPython versions whose ``_ssl`` objects are laid out as read below (checked per pipe too)
 _LAYOUT_VERSIONS = ((3, 8), (3, 15))
+
+
+cdef struct _IO:
+    # what the pipe's BIOs read from and write to, for the call in progress
+    const char *src  # received ciphertext not yet read by OpenSSL
+    Py_ssize_t src_len
+    PyObject *out  # a bytes object being filled with ciphertext to send (or NULL)
+    Py_ssize_t out_len
+    bint failed  # the output buffer could not grow
+
+
+cdef int _bio_write(icafast_BIO *b, const char *data, size_t n, size_t *done) noexcept:
+    # (called by OpenSSL within the pipe's calls, which hold the GIL)
+    cdef _IO *io = <_IO *>p_bio_get_data(b)
+    cdef Py_ssize_t need, cap
+    p_bio_clear_flags(b, BIO_FLAGS_RWS | BIO_FLAGS_SHOULD_RETRY)
+    if io == NULL:
+        return 0
+    need = io.out_len + <Py_ssize_t>n
+    if io.out == NULL:
+        io.out = _new_bytes(NULL, need + RECORD + RECORD_ROOM)
+        if io.out == NULL:
+            io.failed = True
+            return 0
+    elif need > _bytes_size(io.out):
+        cap = 2 * _bytes_size(io.out)
+        if _PyBytes_Resize(&io.out, need if need > cap else cap) < 0:
+            io.failed = True
+            return 0
+    memcpy(_bytes_data(io.out) + io.out_len, data, n)
+    io.out_len = need
+    done[0] = n
+    return 1
+
+
+cdef int _bio_read(icafast_BIO *b, char *buf, size_t n, size_t *done) noexcept:
+    cdef _IO *io = <_IO *>p_bio_get_data(b)
+    p_bio_clear_flags(b, BIO_FLAGS_RWS | BIO_FLAGS_SHOULD_RETRY)
+    if io == NULL or io.src_len == 0:
+        p_bio_set_flags(b, BIO_FLAGS_READ | BIO_FLAGS_SHOULD_RETRY)
+        done[0] = 0
+        return 0
+    if <size_t>io.src_len < n:
+        n = <size_t>io.src_len
+    memcpy(buf, io.src, n)
+    io.src += n
+    io.src_len -= <Py_ssize_t>n
+    done[0] = n
+    return 1
+
+
+cdef long _bio_ctrl(icafast_BIO *b, int cmd, long num, void *ptr) noexcept:
+    if cmd == BIO_CTRL_FLUSH or cmd == BIO_CTRL_DUP or cmd == BIO_CTRL_PUSH or cmd == BIO_CTRL_POP:
+        return 1
+    return 0
 
 
 cdef void *_sym(void *h, const char *name) except NULL:
@@ -98,11 +191,15 @@ def bind():
     """Look up the OpenSSL functions in the library Python's ``ssl`` module uses. Returns
     ``None`` when the pipe can be used, else the reason it cannot (then use the loop's TLS)."""
     global _bind_error, p_read, p_write, p_get_error, p_get_rbio, p_get_wbio, p_shutdown
-    global p_bio_write, p_bio_read, p_bio_pending, p_err_clear, p_err_get, p_err_string
+    global p_set0_rbio, p_set0_wbio, p_bio_pending, p_bio_read, p_err_clear, p_err_get, p_err_peek
+    global p_err_string, p_bio_new, p_bio_set_data, p_bio_get_data, p_bio_set_init
+    global p_bio_set_flags, p_bio_clear_flags, _method
     if _bind_error is None:
         return None
     cdef void *h
     cdef f_ulong version
+    cdef f_void_int new_index
+    cdef f_meth_new meth_new
     if not (_LAYOUT_VERSIONS[0] <= sys.version_info[:2] < _LAYOUT_VERSIONS[1]):
         _bind_error = f"Python {sys.version_info[0]}.{sys.version_info[1]}: _ssl layout unknown"
         return _bind_error
@@ -127,13 +224,32 @@ def bind():
         p_get_error = <f_ssl_get_error>_sym(h, b"SSL_get_error")
         p_get_rbio = <f_ssl_get_bio>_sym(h, b"SSL_get_rbio")
         p_get_wbio = <f_ssl_get_bio>_sym(h, b"SSL_get_wbio")
+        p_set0_rbio = <f_ssl_set0_bio>_sym(h, b"SSL_set0_rbio")
+        p_set0_wbio = <f_ssl_set0_bio>_sym(h, b"SSL_set0_wbio")
         p_shutdown = <f_ssl_shutdown>_sym(h, b"SSL_shutdown")
-        p_bio_write = <f_bio_io>_sym(h, b"BIO_write")
-        p_bio_read = <f_bio_io>_sym(h, b"BIO_read")
         p_bio_pending = <f_bio_pending>_sym(h, b"BIO_ctrl_pending")
+        p_bio_read = <f_bio_io>_sym(h, b"BIO_read")
         p_err_clear = <f_void>_sym(h, b"ERR_clear_error")
         p_err_get = <f_ulong>_sym(h, b"ERR_get_error")
+        p_err_peek = <f_ulong>_sym(h, b"ERR_peek_error")
         p_err_string = <f_err_string>_sym(h, b"ERR_error_string_n")
+        p_bio_new = <f_bio_new>_sym(h, b"BIO_new")
+        p_bio_set_data = <f_bio_set_data>_sym(h, b"BIO_set_data")
+        p_bio_get_data = <f_bio_get_data>_sym(h, b"BIO_get_data")
+        p_bio_set_init = <f_bio_set_int>_sym(h, b"BIO_set_init")
+        p_bio_set_flags = <f_bio_set_int>_sym(h, b"BIO_set_flags")
+        p_bio_clear_flags = <f_bio_set_int>_sym(h, b"BIO_clear_flags")
+        new_index = <f_void_int>_sym(h, b"BIO_get_new_index")
+        meth_new = <f_meth_new>_sym(h, b"BIO_meth_new")
+        set_write = <f_meth_set_write>_sym(h, b"BIO_meth_set_write_ex")
+        set_read = <f_meth_set_read>_sym(h, b"BIO_meth_set_read_ex")
+        set_ctrl = <f_meth_set_ctrl>_sym(h, b"BIO_meth_set_ctrl")
+        if _method == NULL:
+            _method = meth_new(BIO_TYPE_SOURCE_SINK | new_index(), b"icafast TLS pipe")
+            if (_method == NULL or set_write(_method, _bio_write) != 1
+                    or set_read(_method, _bio_read) != 1 or set_ctrl(_method, _bio_ctrl) != 1):
+                _bind_error = "could not make the pipe's BIO method"
+                return _bind_error
     except LookupError as e:
         _bind_error = str(e)
         return _bind_error
@@ -144,6 +260,13 @@ def bind():
 cdef inline void *_field(object obj, Py_ssize_t offset):
     # A pointer field of a CPython object, ``offset`` bytes after the object header.
     return (<void **>(<char *><PyObject *>obj + sizeof(PyObject) + offset))[0]
+
+
+cdef inline void _err_reset() noexcept:
+    # An empty error queue before a call, as SSL_get_error needs: clearing costs OpenSSL 3 some
+    # 800 instructions, looking 50, and the queue is nearly always empty already
+    if p_err_peek() != 0:
+        p_err_clear()
 
 
 cdef object _ssl_error(str what):
@@ -162,15 +285,20 @@ cdef class TLSPipe:
     """Ciphertext in, plaintext out (``open``); plaintext in, ciphertext out (``seal``), on a
     connection whose handshake is done. See :class:`icafast.tlspipe.TLSPipe`."""
 
-    cdef object _obj, _in, _out  # the SSLObject and its BIOs: they own the pointers below
+    cdef object _obj, _in, _out  # the SSLObject (owns the SSL) and its memory BIOs
     cdef icafast_SSL *_ssl
-    cdef icafast_BIO *_rbio
+    cdef icafast_BIO *_rbio  # the pipe's own BIOs, owned by the SSL once set
     cdef icafast_BIO *_wbio
-    cdef char *_stage  # small writes joined into one record
+    cdef _IO _io
+    cdef bytes _carry  # records the memory BIO held when the pipe took over
+    cdef char _stage[RECORD]  # small writes joined into one record
     cdef Py_ssize_t _staged
     cdef public bint peer_closed
 
     def __cinit__(self, sslobj, incoming, outgoing):
+        cdef icafast_BIO *mem_in
+        cdef icafast_BIO *mem_out
+        self._io.out = NULL
         if bind() is not None:
             raise RuntimeError(f"TLS pipe unavailable: {_bind_error}")
         import _ssl
@@ -183,43 +311,64 @@ cdef class TLSPipe:
         # PySSLSocket: {PyObject_HEAD; PyObject *Socket; SSL *ssl; ...};
         # PySSLMemoryBIO: {PyObject_HEAD; BIO *bio; ...}
         self._ssl = <icafast_SSL *>_field(inner, sizeof(void *))
-        self._rbio = <icafast_BIO *>_field(incoming, 0)
-        self._wbio = <icafast_BIO *>_field(outgoing, 0)
-        if (self._ssl == NULL or p_get_rbio(self._ssl) != self._rbio
-                or p_get_wbio(self._ssl) != self._wbio):
+        mem_in = <icafast_BIO *>_field(incoming, 0)
+        mem_out = <icafast_BIO *>_field(outgoing, 0)
+        if (self._ssl == NULL or p_get_rbio(self._ssl) != mem_in
+                or p_get_wbio(self._ssl) != mem_out):
             raise RuntimeError("TLS pipe unavailable: the SSL object's BIOs are not the given ones")
         self._obj, self._in, self._out = sslobj, incoming, outgoing
-        self._stage = <char *>malloc(RECORD)
-        if self._stage == NULL:
-            raise MemoryError()
         self._staged = 0
         self.peer_closed = False
+        # what the memory BIOs still hold moves over: records received with the handshake's
+        # last flight, and anything not yet sent
+        self._carry = incoming.read() if incoming.pending else b""
+        pending = outgoing.read() if outgoing.pending else b""
+        self._rbio = p_bio_new(_method)
+        self._wbio = p_bio_new(_method)
+        if self._rbio == NULL or self._wbio == NULL:
+            raise MemoryError()
+        p_bio_set_data(self._rbio, &self._io)
+        p_bio_set_init(self._rbio, 1)
+        p_bio_set_data(self._wbio, &self._io)
+        p_bio_set_init(self._wbio, 1)
+        # (the MemoryBIO objects hold references of their own to their BIOs)
+        p_set0_rbio(self._ssl, self._rbio)
+        p_set0_wbio(self._ssl, self._wbio)
+        if pending:
+            self._io.out = _new_bytes(pending, len(pending))
+            if self._io.out == NULL:
+                raise MemoryError()
+            self._io.out_len = len(pending)
 
     def __dealloc__(self):
-        free(self._stage)
+        # The SSL object (the SSLObject's) outlives the pipe: its BIOs must not reach back
+        if self._rbio != NULL:
+            p_bio_set_data(self._rbio, NULL)
+        if self._wbio != NULL:
+            p_bio_set_data(self._wbio, NULL)
+        Py_XDECREF(self._io.out)
+        self._io.out = NULL
 
     cpdef bytes open(self, data):
         """Feed received ciphertext; return all the plaintext it completes (``b""`` if none).
         A close_notify from the peer sets ``peer_closed``; a bad record raises ssl.SSLError."""
         cdef Py_buffer view
-        cdef Py_ssize_t cap, got = 0, n
+        cdef Py_ssize_t cap, got = 0
         cdef size_t done
         cdef int r, err
         cdef PyObject *out = NULL
+        if self._carry:
+            data = self._carry + bytes(data)
+            self._carry = b""
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        self._io.src = <const char *>view.buf
+        self._io.src_len = view.len
         try:
-            p_err_clear()
-            if view.len:
-                r = p_bio_write(self._rbio, view.buf, <int>view.len)
-                if r != view.len:
-                    raise MemoryError("TLS: could not buffer received records")
+            _err_reset()
             cap = view.len + RECORD
-        finally:
-            PyBuffer_Release(&view)
-        out = _new_bytes(NULL, cap)
-        if out == NULL:
-            raise MemoryError()
-        try:
+            out = _new_bytes(NULL, cap)
+            if out == NULL:
+                raise MemoryError()
             while True:
                 r = p_read(self._ssl, _bytes_data(out) + got, <size_t>(cap - got), &done)
                 if r == 1:
@@ -228,6 +377,11 @@ cdef class TLSPipe:
                         cap *= 2
                         if _PyBytes_Resize(&out, cap) < 0:
                             raise MemoryError()
+                    elif self._io.src_len == 0:
+                        # OpenSSL reads a record's exact length and returned all of this one's
+                        # plaintext: nothing is left to read, so the call that would only
+                        # say so (about a thousand instructions) is skipped
+                        break
                     continue
                 err = p_get_error(self._ssl, r)
                 if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
@@ -238,6 +392,9 @@ cdef class TLSPipe:
                     break
                 raise _ssl_error("TLS record rejected" if err == SSL_ERROR_SSL else
                                  f"TLS read failed (error {err})")
+            if self._io.failed:
+                self._io.failed = False
+                raise MemoryError("TLS: no memory for the records to send")
             if got == 0:
                 return b""
             if got != cap and _PyBytes_Resize(&out, got) < 0:  # (shrinks in place)
@@ -245,6 +402,9 @@ cdef class TLSPipe:
             return <bytes>out
         finally:
             Py_XDECREF(out)
+            self._io.src = NULL
+            self._io.src_len = 0
+            PyBuffer_Release(&view)
 
     cdef int _write(self, const char *p, Py_ssize_t n) except -1:
         cdef size_t done
@@ -252,6 +412,9 @@ cdef class TLSPipe:
         while n > 0:
             r = p_write(self._ssl, p, <size_t>n, &done)
             if r != 1:
+                if self._io.failed:
+                    self._io.failed = False
+                    raise MemoryError("TLS: no memory for the records to send")
                 raise _ssl_error(f"TLS write failed (error {p_get_error(self._ssl, r)})")
             p += done
             n -= <Py_ssize_t>done
@@ -279,13 +442,32 @@ cdef class TLSPipe:
                 self._write(self._stage, RECORD)
         return 0
 
+    cdef int _reserve(self, Py_ssize_t plaintext) except -1:
+        # Room for the records of ``plaintext`` bytes in the output buffer, so that OpenSSL
+        # writes them without growing it
+        cdef Py_ssize_t need = self._io.out_len + plaintext + (
+            plaintext // RECORD + 2) * RECORD_ROOM
+        if self._io.out == NULL:
+            self._io.out = _new_bytes(NULL, need)
+            if self._io.out == NULL:
+                raise MemoryError()
+        elif need > _bytes_size(self._io.out):
+            if _PyBytes_Resize(&self._io.out, need) < 0:
+                raise MemoryError()
+        return 0
+
     cpdef bytes seal(self, data):
         """Encrypt ``data`` (a bytes-like object, or a list of them sent as one stream: small
         buffers share a record) and return the ciphertext to send."""
         cdef Py_buffer view
-        p_err_clear()
+        cdef Py_ssize_t n
+        _err_reset()
         self._staged = 0
         if type(data) is list:
+            n = 0
+            for b in <list>data:
+                n += len(b)
+            self._reserve(n)
             for b in <list>data:
                 PyObject_GetBuffer(b, &view, PyBUF_SIMPLE)
                 try:
@@ -295,6 +477,7 @@ cdef class TLSPipe:
         else:
             PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
             try:
+                self._reserve(view.len)
                 self._add(<const char *>view.buf, view.len)
             finally:
                 PyBuffer_Release(&view)
@@ -306,17 +489,23 @@ cdef class TLSPipe:
 
     cpdef bytes output(self):
         """Ciphertext waiting to be sent (post-handshake messages, a key update's answer)."""
-        cdef size_t n = p_bio_pending(self._wbio)
-        if n == 0:
+        cdef PyObject *out = self._io.out
+        cdef Py_ssize_t n = self._io.out_len
+        if out == NULL or n == 0:
             return b""
-        result = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>n)
-        if p_bio_read(self._wbio, PyBytes_AS_STRING(result), <int>n) != <int>n:
-            raise _ssl_error("TLS: could not take the records to send")
-        return result
+        self._io.out = NULL
+        self._io.out_len = 0
+        try:
+            if n != _bytes_size(out) and _PyBytes_Resize(&out, n) < 0:  # (shrinks in place)
+                raise MemoryError()
+            return <bytes>out
+        finally:
+            Py_XDECREF(out)
 
     def close(self):
         """A close_notify alert, as ciphertext to send before closing the connection."""
         p_err_clear()
         p_shutdown(self._ssl)
         p_err_clear()
+        self._io.failed = False
         return self.output()

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend
 from .protocol import Config
+from .tlspipe import describe as tls_records
 
 log = logging.getLogger("icafast")
 
@@ -311,6 +312,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     log.info("icafast %s serve (core %s, crc32c %s, engine %s); control socket %s", __version__,
              IMPLEMENTATION, crc32c_backend(), _engine_kind(), control)
+    if ssl_ctx is not None:
+        log.info("TLS records: %s", tls_records())
     for m in mappings:
         loopback = m.listen_host in ("::1", "localhost") or m.listen_host.startswith("127.")
         if ssl_ctx is None and not loopback:

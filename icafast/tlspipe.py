@@ -18,7 +18,8 @@ import os
 import ssl
 from typing import Any
 
-__all__ = ["TLSPipe", "RECORD", "tls_io_mode", "pipe_for", "compiled_unavailable", "uses_pipe"]
+__all__ = ["TLSPipe", "RECORD", "tls_io_mode", "pipe_for", "compiled_unavailable", "uses_pipe",
+           "describe"]
 
 #: the largest plaintext of one TLS record: writes are joined and cut into records of this size
 RECORD = 16384
@@ -106,6 +107,18 @@ def uses_pipe() -> bool:
     if why is not None and mode == "compiled":
         raise RuntimeError(f"ICAFAST_TLS_IO=compiled: {why}")
     return why is None
+
+
+def describe() -> str:
+    """What runs TLS on links here, for logs: ``compiled pipe``, ``pure-Python pipe`` or the
+    event loop's transport (with the reason the pipe is not used)."""
+    mode = tls_io_mode()
+    if mode == "pure":
+        return "pure-Python pipe (ICAFAST_TLS_IO=pure)"
+    if mode == "loop":
+        return "the event loop's TLS transport (ICAFAST_TLS_IO=loop)"
+    why = compiled_unavailable()
+    return "compiled pipe" if why is None else f"the event loop's TLS transport ({why})"
 
 
 def pipe_for(sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> Any:

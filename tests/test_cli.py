@@ -29,6 +29,10 @@ def test_compiled_core_in_use_when_required():
         pytest.skip("set ICAFAST_REQUIRE_COMPILED=1 to require the compiled core (CI does)")
     assert icafast.IMPLEMENTATION == "cython"
     assert icafast.compiled_modules() == {"icafast.protocol": True, "icafast.aio._relay": True}
+    from icafast import tlspipe
+
+    assert tlspipe.compiled_unavailable() is None  # TLS links use the compiled pipe
+    assert tlspipe.describe() == "compiled pipe"
 
 
 def test_compiled_engine_has_no_instance_dict():

@@ -152,3 +152,41 @@ def test_no_compiled_pipe_without_a_matching_openssl():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "layout unknown" in out.stdout
+
+
+@pytest.mark.parametrize("server_kind", KINDS)
+def test_records_that_came_with_the_last_handshake_flight(contexts, server_kind):
+    """The client finishes its handshake first and may send data at once: those records reach
+    the server in the same read as the client's Finished, before the server's pipe exists."""
+    sctx, cctx = contexts
+    si, so, ci, co = (ssl.MemoryBIO() for _ in range(4))
+    s = sctx.wrap_bio(si, so, server_side=True)
+    c = cctx.wrap_bio(ci, co, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        c.do_handshake()  # ClientHello
+    si.write(co.read())
+    with pytest.raises(ssl.SSLWantReadError):
+        s.do_handshake()  # ServerHello ... Finished
+    ci.write(so.read())
+    c.do_handshake()  # the client is done; its Finished waits in co
+    client = KINDS["compiled"](c, ci, co)
+    si.write(client.output() + client.seal(b"early bird"))  # one read: Finished + data
+    s.do_handshake()
+    server = KINDS[server_kind](s, si, so)
+    assert server.open(b"") == b"early bird"
+    assert client.open(server.seal(b"reply")) == b"reply"
+
+
+def test_the_ssl_object_outlives_its_pipe(contexts):
+    """The pipe gives the connection BIOs of its own; the SSLObject still answers questions
+    about the connection, during the pipe's life and after it is gone."""
+    (s, si, so), (c, ci, co) = handshake(contexts)
+    a, b = _tlsio.TLSPipe(s, si, so), _tlsio.TLSPipe(c, ci, co)
+    assert b.open(a.seal(b"x")) == b"x"
+    assert s.version() == c.version() and s.cipher() == c.cipher()
+    del a, b
+    import gc
+
+    gc.collect()
+    assert c.getpeercert(binary_form=True)
+    assert s.version() in ("TLSv1.2", "TLSv1.3")
