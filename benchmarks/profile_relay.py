@@ -5,8 +5,9 @@ py-spy``): ``python -m benchmarks.profile_relay WORKLOAD [--seconds S] [--native
 WORKLOAD is ``bulk-up`` / ``bulk-down`` (iperf3, else the built-in sender), ``rr`` (64-byte round
 trips), ``redis`` (redis-benchmark -P 16 -d 1024) or ``idle`` (N idle sessions with keepalives;
 ``--sessions``). py-spy samples ``icafast connect`` and ``icafast serve`` at 250 Hz while the load
-runs (``--chain icafast-tls`` / ``icafast-tls-asyncio``: the encrypted chains of
-``benchmarks.relay``, TLS between the two processes; not with ``idle``, whose sessions are plain);
+runs (``--chain icafast-tls`` / ``icafast-tls-loop`` / ``icafast-tls-asyncio``: the encrypted
+chains of ``benchmarks.relay``, TLS between the two processes; not with ``idle``, whose sessions
+are plain);
 the summary lists, per process, the frames with the largest share of samples: *self* (the frame
 was on top of the stack) and *total* (anywhere on the stack). Raw collapsed stacks are kept in
 the directory printed at the end (for a flame graph, run ``py-spy record -o x.svg --pid PID``
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--pin", action="store_true")
     p.add_argument("--chain", default="icafast", choices=["icafast", "icafast-tls",
+                                                          "icafast-tls-loop",
                                                           "icafast-tls-asyncio"],
                    help="the icafast chain to profile (default: plain links)")
     a = p.parse_args(argv)

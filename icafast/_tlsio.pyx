@@ -97,6 +97,8 @@ DEF RECORD = 16384
 #: room reserved per record for its header, tag and padding (TLS 1.3 AEAD: 22 bytes; TLS 1.2
 #: CBC with SHA-384 and the longest padding: 325); a record that needs more grows the buffer
 DEF RECORD_ROOM = 64
+#: room for plaintext beyond a small read's own length (see ``open``)
+DEF SMALL_ROOM = 256
 
 cdef f_ssl_read p_read = NULL
 cdef f_ssl_write p_write = NULL
@@ -294,6 +296,7 @@ cdef class TLSPipe:
     cdef char _stage[RECORD]  # small writes joined into one record
     cdef Py_ssize_t _staged
     cdef public bint peer_closed
+    cdef object _sink  # where ``send`` (and ``open``, for its answers) write ciphertext
 
     def __cinit__(self, sslobj, incoming, outgoing):
         cdef icafast_BIO *mem_in
@@ -365,7 +368,9 @@ cdef class TLSPipe:
         self._io.src_len = view.len
         try:
             _err_reset()
-            cap = view.len + RECORD
+            # the plaintext is shorter than the records that carry it, but a record begun in
+            # an earlier read may end in this one: room for it where reads are that large
+            cap = view.len + (RECORD if view.len >= RECORD else SMALL_ROOM)
             out = _new_bytes(NULL, cap)
             if out == NULL:
                 raise MemoryError()
@@ -373,7 +378,7 @@ cdef class TLSPipe:
                 r = p_read(self._ssl, _bytes_data(out) + got, <size_t>(cap - got), &done)
                 if r == 1:
                     got += <Py_ssize_t>done
-                    if got == cap:  # (cannot happen: plaintext is shorter than its records)
+                    if got == cap:  # (more to come: OpenSSL keeps the rest of the record)
                         cap *= 2
                         if _PyBytes_Resize(&out, cap) < 0:
                             raise MemoryError()
@@ -395,6 +400,8 @@ cdef class TLSPipe:
             if self._io.failed:
                 self._io.failed = False
                 raise MemoryError("TLS: no memory for the records to send")
+            if self._io.out_len and self._sink is not None:  # (a post-handshake answer)
+                self._sink(self.output())
             if got == 0:
                 return b""
             if got != cap and _PyBytes_Resize(&out, got) < 0:  # (shrinks in place)
@@ -486,6 +493,15 @@ cdef class TLSPipe:
             self._staged = 0
             self._write(self._stage, n)
         return self.output()
+
+    def attach(self, sink):
+        """Write ciphertext to ``sink`` (a transport's ``write``): ``send`` seals into it, and
+        ``open`` writes there what the peer's records called for (tickets, key updates)."""
+        self._sink = sink
+
+    cpdef send(self, data):
+        """``sink(seal(data))``: the write of a link that runs TLS itself."""
+        self._sink(self.seal(data))
 
     cpdef bytes output(self):
         """Ciphertext waiting to be sent (post-handshake messages, a key update's answer)."""

@@ -33,6 +33,16 @@ class TLSPipe:
         self._obj, self._in, self._out = sslobj, incoming, outgoing
         #: the peer sent close_notify: no more plaintext will come
         self.peer_closed = False
+        self._sink: Any = None
+
+    def attach(self, sink: Any) -> None:
+        """Write ciphertext to ``sink`` (a transport's ``write``): ``send`` seals into it, and
+        ``open`` writes there what the peer's records called for (tickets, key updates)."""
+        self._sink = sink
+
+    def send(self, data: Any) -> None:
+        """``sink(seal(data))``: the write of a link that runs TLS itself."""
+        self._sink(self.seal(data))
 
     def open(self, data: Any) -> bytes:
         """Feed received ciphertext; return all the plaintext it completes (``b""`` if none).
@@ -52,6 +62,8 @@ class TLSPipe:
                 self.peer_closed = True
                 break
             parts.append(chunk)
+        if self._sink is not None and self._out.pending:  # (a post-handshake answer)
+            self._sink(self.output())
         return b"".join(parts)
 
     def seal(self, data: Any) -> bytes:

@@ -154,10 +154,8 @@ def test_no_compiled_pipe_without_a_matching_openssl():
     assert "layout unknown" in out.stdout
 
 
-@pytest.mark.parametrize("server_kind", KINDS)
-def test_records_that_came_with_the_last_handshake_flight(contexts, server_kind):
-    """The client finishes its handshake first and may send data at once: those records reach
-    the server in the same read as the client's Finished, before the server's pipe exists."""
+def _client_done_first(contexts):
+    """A TLS 1.3 handshake up to the client's end: its Finished still waits in ``co``."""
     sctx, cctx = contexts
     si, so, ci, co = (ssl.MemoryBIO() for _ in range(4))
     s = sctx.wrap_bio(si, so, server_side=True)
@@ -168,7 +166,16 @@ def test_records_that_came_with_the_last_handshake_flight(contexts, server_kind)
     with pytest.raises(ssl.SSLWantReadError):
         s.do_handshake()  # ServerHello ... Finished
     ci.write(so.read())
-    c.do_handshake()  # the client is done; its Finished waits in co
+    c.do_handshake()
+    assert co.pending
+    return (s, si, so), (c, ci, co)
+
+
+@pytest.mark.parametrize("server_kind", KINDS)
+def test_records_that_came_with_the_last_handshake_flight(contexts, server_kind):
+    """The client finishes its handshake first and may send data at once: those records reach
+    the server in the same read as the client's Finished, before the server's pipe exists."""
+    (s, si, so), (c, ci, co) = _client_done_first(contexts)
     client = KINDS["compiled"](c, ci, co)
     si.write(client.output() + client.seal(b"early bird"))  # one read: Finished + data
     s.do_handshake()
@@ -190,3 +197,21 @@ def test_the_ssl_object_outlives_its_pipe(contexts):
     gc.collect()
     assert c.getpeercert(binary_form=True)
     assert s.version() in ("TLSv1.2", "TLSv1.3")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_send_and_what_open_owes_go_to_the_sink(contexts, kind):
+    """``send`` seals into the attached sink; ``open`` writes there what is owed the peer (here
+    the client's Finished, still unsent when the pipe took over)."""
+    (s, si, so), (c, ci, co) = _client_done_first(contexts)
+    client = KINDS[kind](c, ci, co)
+    wire: list[bytes] = []
+    client.attach(wire.append)
+    assert client.open(b"") == b"" and len(wire) == 1  # the Finished
+    client.send([b"one ", memoryview(b"two")])
+    si.write(b"".join(wire))
+    s.do_handshake()
+    server = KINDS["pure" if kind == "compiled" else "compiled"](s, si, so)
+    assert server.open(b"") == b"one two"
+    client.open(server.output())  # (session tickets: nothing owed)
+    assert len(wire) == 2

@@ -309,16 +309,12 @@ class _LinkBase:
         self.tls_setup = None
         self.tls = pipe
         self.ssl_object = ssl_object
-        self._write = self._tls_write
-        self._writelines = self._tls_writelines
-        self.join_writes = False  # (the pipe joins a burst's small buffers into records)
+        pipe.attach(self.transport.write)  # type: ignore[union-attr]
+        # (writelines too: the runner gives it a list, and the pipe joins a burst's small
+        # buffers into records)
+        self._write = self._writelines = pipe.send
+        self.join_writes = False
         self.owner.link_made(self)
-
-    def _tls_write(self, data: Any) -> None:
-        self.transport.write(self.tls.seal(data))  # type: ignore[union-attr]
-
-    def _tls_writelines(self, bufs: Any) -> None:
-        self.transport.write(self.tls.seal(list(bufs)))  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:  # type: ignore[override]
         tls = self.tls
@@ -330,9 +326,6 @@ class _LinkBase:
                 self.owner.link_lost(self, f"TLS error: {e}")
                 self.close(abort=True)
                 return
-            out = tls.output()
-            if out and self.transport is not None:
-                self.transport.write(out)
             if not data:
                 if tls.peer_closed and not self.closed:
                     self.closed = True
