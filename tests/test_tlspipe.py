@@ -215,3 +215,17 @@ def test_send_and_what_open_owes_go_to_the_sink(contexts, kind):
     assert server.open(b"") == b"one two"
     client.open(server.output())  # (session tickets: nothing owed)
     assert len(wire) == 2
+
+
+def test_idle_frees_the_record_buffers_only_when_nothing_is_held(contexts):
+    """The compiled pipe keeps OpenSSL's record buffers between records (Python's ssl has it
+    free them after each one); ``idle()`` frees them, unless half a record waits in them."""
+    a, b = pipes(contexts, "compiled", "compiled")
+    wire = a.seal(b"z" * 5000)
+    assert b.open(wire[:100]) == b""  # half a record, held by OpenSSL
+    assert b.idle() is False
+    assert b.open(wire[100:]) == b"z" * 5000
+    assert b.idle() is True and a.idle() is True
+    assert b.open(a.seal(b"again")) == b"again"  # (the buffers come back as needed)
+    p, q = pipes(contexts, "pure", "pure")
+    assert p.idle() is True and q.open(p.seal(b"pure")) == b"pure"

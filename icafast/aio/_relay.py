@@ -679,6 +679,11 @@ class Runner:
             return
         self.engine.handle_timer(now)
         self._pump()
+        link = self.link
+        if link is not None and link.tls is not None:
+            # (a session's timers fire every ack delay or keepalive interval at most: a quiet
+            # TLS link gives back its record buffers within one)
+            link.tls.idle()
 
     # -- events ------------------------------------------------------------------------------
     def _sink_queues(self, ep: _EndpointBase) -> bool:
