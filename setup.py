@@ -2,8 +2,9 @@
 
 ``icafast._core`` is Cython (icafast/_core.pyx) plus plain C (csrc/*.c); ``icafast.protocol``
 and ``icafast.aio._relay`` are their .py modules compiled by Cython with the declarations of the
-.pxd beside them. The generated .c files are not kept in the repository or the sdist: Cython is
-a build requirement, and the sources are translated at build time.
+.pxd beside them; ``icafast._tlsio`` (icafast/_tlsio.pyx) drives OpenSSL for TLS links. The
+generated .c files are not kept in the repository or the sdist: Cython is a build requirement,
+and the sources are translated at build time.
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ ext_modules = [
               include_dirs=["csrc"],
               depends=[os.path.join("icafast", "aio", "_relay.pxd"),
                        *(os.path.join("icafast", n) for n in ("protocol.pxd", "_core.pxd"))]),
-    # TLS records read and written with OpenSSL's own calls (found at run time in the OpenSSL
-    # of Python's _ssl module: no OpenSSL headers or libraries at build time)
-    Extension("icafast._tlsio", sources=[os.path.join("icafast", "_tlsio.pyx")],
-              libraries=["dl"] if sys.platform.startswith("linux") else []),
 ]
+if sys.platform != "win32":
+    # TLS records read and written with OpenSSL's own calls, found at run time (dlopen) in the
+    # OpenSSL of Python's _ssl module: no OpenSSL headers or libraries at build time. (Not on
+    # Windows, which has no dlopen: TLS there runs in the event loop's transport.)
+    ext_modules.append(
+        Extension("icafast._tlsio", sources=[os.path.join("icafast", "_tlsio.pyx")],
+                  libraries=["dl"] if sys.platform.startswith("linux") else []))
 
 #: Annotations in the .py sources are for type checkers; the C types come from the .pxd files.
 DIRECTIVES = {"language_level": "3", "annotation_typing": False, "binding": True}

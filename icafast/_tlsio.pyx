@@ -85,6 +85,7 @@ ctypedef void (*f_bio_set_int)(icafast_BIO *, int) noexcept nogil
 DEF SSL_ERROR_SSL = 1
 DEF SSL_ERROR_WANT_READ = 2
 DEF SSL_ERROR_WANT_WRITE = 3
+DEF SSL_ERROR_SYSCALL = 5
 DEF SSL_ERROR_ZERO_RETURN = 6
 DEF SSL_CTRL_CLEAR_MODE = 78
 DEF SSL_MODE_RELEASE_BUFFERS = 0x10
@@ -101,8 +102,6 @@ DEF RECORD = 16384
 #: room reserved per record for its header, tag and padding (TLS 1.3 AEAD: 22 bytes; TLS 1.2
 #: CBC with SHA-384 and the longest padding: 325); a record that needs more grows the buffer
 DEF RECORD_ROOM = 64
-#: room for plaintext beyond a small read's own length (see ``open``)
-DEF SMALL_ROOM = 256
 
 cdef f_ssl_read p_read = NULL
 cdef f_ssl_write p_write = NULL
@@ -118,7 +117,6 @@ cdef f_bio_pending p_bio_pending = NULL
 cdef f_bio_io p_bio_read = NULL
 cdef f_void p_err_clear = NULL
 cdef f_ulong p_err_get = NULL
-cdef f_ulong p_err_peek = NULL
 cdef f_err_string p_err_string = NULL
 cdef f_bio_new p_bio_new = NULL
 cdef f_bio_set_data p_bio_set_data = NULL
@@ -199,7 +197,7 @@ def bind():
     """Look up the OpenSSL functions in the library Python's ``ssl`` module uses. Returns
     ``None`` when the pipe can be used, else the reason it cannot (then use the loop's TLS)."""
     global _bind_error, p_read, p_write, p_get_error, p_get_rbio, p_get_wbio, p_shutdown
-    global p_set0_rbio, p_set0_wbio, p_bio_pending, p_bio_read, p_err_clear, p_err_get, p_err_peek
+    global p_set0_rbio, p_set0_wbio, p_bio_pending, p_bio_read, p_err_clear, p_err_get
     global p_err_string, p_bio_new, p_bio_set_data, p_bio_get_data, p_bio_set_init
     global p_bio_set_flags, p_bio_clear_flags, _method, p_ssl_ctrl, p_free_buffers
     if _bind_error is None:
@@ -241,7 +239,6 @@ def bind():
         p_bio_read = <f_bio_io>_sym(h, b"BIO_read")
         p_err_clear = <f_void>_sym(h, b"ERR_clear_error")
         p_err_get = <f_ulong>_sym(h, b"ERR_get_error")
-        p_err_peek = <f_ulong>_sym(h, b"ERR_peek_error")
         p_err_string = <f_err_string>_sym(h, b"ERR_error_string_n")
         p_bio_new = <f_bio_new>_sym(h, b"BIO_new")
         p_bio_set_data = <f_bio_set_data>_sym(h, b"BIO_set_data")
@@ -272,23 +269,41 @@ cdef inline void *_field(object obj, Py_ssize_t offset):
     return (<void **>(<char *><PyObject *>obj + sizeof(PyObject) + offset))[0]
 
 
-cdef inline void _err_reset() noexcept:
-    # An empty error queue before a call, as SSL_get_error needs: clearing costs OpenSSL 3 some
-    # 800 instructions, looking 50, and the queue is nearly always empty already
-    if p_err_peek() != 0:
-        p_err_clear()
-
-
-cdef object _ssl_error(str what):
-    # The OpenSSL error queue as an ssl.SSLError, the queue left empty.
+cdef str _pop_errors():
+    # The first error of OpenSSL's queue as text, the queue left empty.
     cdef char buf[256]
     cdef unsigned long code = p_err_get()
-    msg = what
+    text = ""
     if code:
         p_err_string(code, buf, sizeof(buf))
-        msg = f"{what}: {buf.decode('utf-8', 'replace')}"
+        text = buf.decode("utf-8", "replace")
     p_err_clear()
-    return ssl.SSLError(1, msg)
+    return text
+
+
+cdef int _failure(icafast_SSL *conn, int r, str what) except -1:
+    # What a failed SSL_read_ex/SSL_write_ex means: SSL_ERROR_WANT_READ (and the like), or
+    # SSL_ERROR_ZERO_RETURN, returned; an error raised as ssl.SSLError.
+    #
+    # SSL_get_error reads this thread's error queue, so an error another user of OpenSSL left
+    # there would pass for ours. The queue is not cleared before every call (that costs
+    # OpenSSL 3 hundreds of instructions, and it is nearly always empty): instead, an error is
+    # taken out, and the call's own state asked again without it.
+    cdef int err = p_get_error(conn, r)
+    if err != SSL_ERROR_SSL and err != SSL_ERROR_SYSCALL:
+        return err
+    text = _pop_errors()
+    err = p_get_error(conn, r)
+    if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE or err == SSL_ERROR_ZERO_RETURN:
+        return err  # (the error was not this call's)
+    raise ssl.SSLError(1, f"{what}: {text}" if text else f"{what} (error {err})")
+
+
+#: Shared by every pipe (each call holds the GIL from start to end and calls back into no
+#: Python code that could enter another pipe): small reads are decrypted here and copied out
+#: at their exact size, and small writes joined here into one record.
+cdef char _plain[2 * RECORD]
+cdef char _stage[RECORD]
 
 
 cdef class TLSPipe:
@@ -301,7 +316,6 @@ cdef class TLSPipe:
     cdef icafast_BIO *_wbio
     cdef _IO _io
     cdef bytes _carry  # records the memory BIO held when the pipe took over
-    cdef char _stage[RECORD]  # small writes joined into one record
     cdef Py_ssize_t _staged
     cdef public bint peer_closed
     cdef object _sink  # where ``send`` (and ``open``, for its answers) write ciphertext
@@ -373,6 +387,8 @@ cdef class TLSPipe:
         cdef size_t done
         cdef int r, err
         cdef PyObject *out = NULL
+        cdef char *buf
+        cdef bint small
         if self._carry:
             data = self._carry + bytes(data)
             self._carry = b""
@@ -380,46 +396,58 @@ cdef class TLSPipe:
         self._io.src = <const char *>view.buf
         self._io.src_len = view.len
         try:
-            _err_reset()
-            # the plaintext is shorter than the records that carry it, but a record begun in
-            # an earlier read may end in this one: room for it where reads are that large
-            cap = view.len + (RECORD if view.len >= RECORD else SMALL_ROOM)
-            out = _new_bytes(NULL, cap)
-            if out == NULL:
-                raise MemoryError()
+            # The plaintext is shorter than the records that carry it, but a record begun in
+            # an earlier read may end in this one (up to RECORD more). A small read is
+            # decrypted into the shared buffer, which holds that much, and copied out at its
+            # size; a large one straight into a bytes object, shrunk at the end.
+            small = view.len <= RECORD
+            if small:
+                cap = 2 * RECORD
+                buf = _plain
+            else:
+                cap = view.len + RECORD
+                out = _new_bytes(NULL, cap)
+                if out == NULL:
+                    raise MemoryError()
+                buf = _bytes_data(out)
             while True:
-                r = p_read(self._ssl, _bytes_data(out) + got, <size_t>(cap - got), &done)
+                r = p_read(self._ssl, buf + got, <size_t>(cap - got), &done)
                 if r == 1:
                     got += <Py_ssize_t>done
-                    if got == cap:  # (more to come: OpenSSL keeps the rest of the record)
+                    if got == cap:  # (cannot happen, see above; but if it did: more room)
+                        if small:
+                            out = _new_bytes(_plain, got)
+                            if out == NULL:
+                                raise MemoryError()
+                            small = False
                         cap *= 2
                         if _PyBytes_Resize(&out, cap) < 0:
                             raise MemoryError()
+                        buf = _bytes_data(out)
                     elif self._io.src_len == 0:
                         # OpenSSL reads a record's exact length and returned all of this one's
                         # plaintext: nothing is left to read, so the call that would only
                         # say so (about a thousand instructions) is skipped
                         break
                     continue
-                err = p_get_error(self._ssl, r)
-                if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
-                    break
+                err = _failure(self._ssl, r, "TLS record rejected")
                 if err == SSL_ERROR_ZERO_RETURN:
                     self.peer_closed = True
-                    p_err_clear()
-                    break
-                raise _ssl_error("TLS record rejected" if err == SSL_ERROR_SSL else
-                                 f"TLS read failed (error {err})")
+                break
             if self._io.failed:
                 self._io.failed = False
                 raise MemoryError("TLS: no memory for the records to send")
+            if got == 0:
+                result = b""
+            elif small:
+                result = _plain[:got]
+            else:
+                if got != cap and _PyBytes_Resize(&out, got) < 0:  # (shrinks in place)
+                    raise MemoryError()
+                result = <bytes>out
             if self._io.out_len and self._sink is not None:  # (a post-handshake answer)
                 self._sink(self.output())
-            if got == 0:
-                return b""
-            if got != cap and _PyBytes_Resize(&out, got) < 0:  # (shrinks in place)
-                raise MemoryError()
-            return <bytes>out
+            return result
         finally:
             Py_XDECREF(out)
             self._io.src = NULL
@@ -435,7 +463,8 @@ cdef class TLSPipe:
                 if self._io.failed:
                     self._io.failed = False
                     raise MemoryError("TLS: no memory for the records to send")
-                raise _ssl_error(f"TLS write failed (error {p_get_error(self._ssl, r)})")
+                _failure(self._ssl, r, "TLS write failed")
+                raise ssl.SSLError(1, "TLS write failed: the connection wants a read")
             p += done
             n -= <Py_ssize_t>done
         return 0
@@ -453,13 +482,13 @@ cdef class TLSPipe:
             room = RECORD - self._staged
             if room > n:
                 room = n
-            memcpy(self._stage + self._staged, p, room)
+            memcpy(_stage + self._staged, p, room)
             self._staged += room
             p += room
             n -= room
             if self._staged == RECORD:
                 self._staged = 0
-                self._write(self._stage, RECORD)
+                self._write(_stage, RECORD)
         return 0
 
     cdef int _reserve(self, Py_ssize_t plaintext) except -1:
@@ -481,7 +510,6 @@ cdef class TLSPipe:
         buffers share a record) and return the ciphertext to send."""
         cdef Py_buffer view
         cdef Py_ssize_t n
-        _err_reset()
         self._staged = 0
         if type(data) is list:
             n = 0
@@ -504,7 +532,7 @@ cdef class TLSPipe:
         if self._staged:
             n = self._staged
             self._staged = 0
-            self._write(self._stage, n)
+            self._write(_stage, n)
         return self.output()
 
     cpdef bint idle(self):

@@ -229,3 +229,38 @@ def test_idle_frees_the_record_buffers_only_when_nothing_is_held(contexts):
     assert b.open(a.seal(b"again")) == b"again"  # (the buffers come back as needed)
     p, q = pipes(contexts, "pure", "pure")
     assert p.idle() is True and q.open(p.seal(b"pure")) == b"pure"
+
+
+def _leave_an_openssl_error() -> bool:
+    """Push an error onto this thread's OpenSSL error queue, as careless code using the same
+    OpenSSL might leave it; False where the library has no function to do it with."""
+    import _ssl
+    import ctypes
+
+    lib = ctypes.CDLL(_ssl.__file__)
+    if hasattr(lib, "ERR_new") and hasattr(lib, "ERR_set_error"):  # OpenSSL 3
+        lib.ERR_new()
+        lib.ERR_set_error(20, 101, None)  # (ERR_LIB_SSL, any reason)
+        return True
+    if hasattr(lib, "ERR_put_error"):  # OpenSSL 1.1.1
+        lib.ERR_put_error(20, 0, 101, b"test", 1)
+        return True
+    return False
+
+
+def test_an_error_someone_else_left_in_openssls_queue_is_not_taken_for_ours(contexts):
+    """The pipe does not clear OpenSSL's per-thread error queue before each call; an error
+    left there by other code must not make a read that merely waits for more look failed.
+    (OpenSSL 3.0's SSL_read drops such an error itself, so there this holds the library to
+    it; where a library keeps it, the pipe's failure path takes it out and asks again.)"""
+    a, b = pipes(contexts, "compiled", "compiled")
+    wire = a.seal(b"q" * 3000)
+    if not _leave_an_openssl_error():
+        pytest.skip("this OpenSSL has no ERR_new/ERR_put_error to leave an error with")
+    assert b.open(wire[:50]) == b""  # half a record: SSL_read wants more
+    assert b.open(wire[50:]) == b"q" * 3000
+    assert ssl.RAND_status()  # (and the queue is usable by Python's ssl afterwards)
+    bad = bytearray(a.seal(b"r" * 100))
+    bad[-1] ^= 1
+    with pytest.raises(ssl.SSLError, match="TLS record rejected"):
+        b.open(bytes(bad))  # a real error is still one

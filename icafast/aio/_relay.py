@@ -422,8 +422,10 @@ def _linger(loop: asyncio.AbstractEventLoop, link: Link) -> None:
         return
     link.owner = _Discard()
     try:
+        if link.tls is not None:  # TLS run by the link: close_notify, then the half-close
+            t.write(link.tls.close())
         t.write_eof()
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ssl.SSLError):
         link.close()
         return
     loop.call_later(LINGER, link.close)
