@@ -200,6 +200,39 @@ def test_corrupted_records_close_the_link_and_the_session_resumes(tmp_path, tls_
     run_async("uvloop", main(), timeout=120)
 
 
+def test_quiet_tls_links_give_back_their_record_buffers(tmp_path):
+    """The compiled pipe keeps OpenSSL's record buffers while a link is busy; the session's
+    timers (keepalives here) ask it to free them, and the session goes on after."""
+    if not uses_pipe():
+        pytest.skip("TLS runs in the event loop's transport here")
+    cert, key, fp = _pair(tmp_path)
+
+    class Counting:
+        def __init__(self, pipe) -> None:
+            self.pipe, self.idle_calls = pipe, 0
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+        def idle(self) -> bool:
+            self.idle_calls += 1
+            return self.pipe.idle()
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), ssl=tls.server_context(cert, key)) as s:
+            r, w = await s.client(tls=tls.client_context(fingerprint=fp))
+            w.write(b"x" * 100_000)
+            assert await r.readexactly(100_000) == b"x" * 100_000
+            runner = s.only_session()
+            spy = runner.link.tls = Counting(runner.link.tls)
+            # (keepalive every 0.1 s: a quiet second is ten timer firings or so)
+            assert await wait_for(lambda: spy.idle_calls >= 3, 10)
+            w.write(b"after")
+            assert await r.readexactly(5) == b"after"
+
+    run_async("uvloop", main())
+
+
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_wrong_fingerprint_is_refused_and_never_falls_back(tmp_path, loop):
     cert, key, fp = _pair(tmp_path)
