@@ -51,6 +51,9 @@ def selfcheck(seconds: float = 0.3) -> int:
 
     for name, compiled in compiled_modules().items():
         print(f"{name}: {'compiled' if compiled else 'Python source'}")
+    from .tlspipe import describe
+
+    print(f"TLS records: {describe()}")
     core = _core or _pure
     for size in (1024, 16384, 65536):
         buf = os.urandom(size)

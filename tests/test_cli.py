@@ -97,6 +97,23 @@ def test_demo_runs_and_verifies(pure):
     assert f"core: {'python' if pure else icafast.IMPLEMENTATION}" in p.stdout
 
 
+@pytest.mark.parametrize("pure", [False, True])
+def test_selfcheck_reports_what_runs(pure):
+    env = _env(ICAFAST_PURE_PYTHON="1") if pure else _env()
+    p = subprocess.run([PY, "-m", "icafast", "selfcheck", "--seconds", "0.01"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "crc32c" in p.stdout
+    from icafast import tlspipe
+
+    if pure:  # (the pure twin of the pipe is for tests only: the loop's TLS runs)
+        assert "TLS records: the event loop's TLS transport (ICAFAST_PURE_PYTHON is set)" \
+            in p.stdout
+    else:
+        assert "differential check against the pure-Python twin: OK" in p.stdout
+        assert f"TLS records: {tlspipe.describe()}" in p.stdout
+
+
 def test_help_documents_shared_options():
     for cmd in ("serve", "connect"):
         out = subprocess.run([PY, "-m", "icafast", cmd, "--help"], capture_output=True,
