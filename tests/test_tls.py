@@ -233,6 +233,40 @@ def test_quiet_tls_links_give_back_their_record_buffers(tmp_path):
     run_async("uvloop", main())
 
 
+@pytest.mark.parametrize("tls_io", ["auto", "loop"])
+def test_silent_and_garbage_tls_clients_are_dropped(tmp_path, tls_io, monkeypatch):
+    """Connections that never finish the TLS handshake: silent ones are closed after the
+    handshake timeout, one that sends garbage at once; a real client still gets in."""
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    cert, key, fp = _pair(tmp_path)
+
+    async def main() -> None:
+        from icafast.protocol import Config
+
+        cfg = Config(keepalive_interval=0.1, dead_timeout=0.4, handshake_timeout=0.5)
+        async with Setup(Backend("echo"), config=cfg, ssl=tls.server_context(cert, key)) as s:
+            silent = [await asyncio.open_connection("127.0.0.1", s.server_port)
+                      for _ in range(5)]
+            gr, gw = await asyncio.open_connection("127.0.0.1", s.server_port)
+            gw.write(b"GET / HTTP/1.0\r\n\r\n" * 20)  # not a ClientHello
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            for r, w in [(gr, gw), *silent]:  # each is closed by the server
+                try:
+                    while await asyncio.wait_for(r.read(65536), 5):
+                        pass
+                except ConnectionError:
+                    pass
+                w.close()
+            assert loop.time() - t0 < 4  # (the handshake timeout is 0.5 s)
+            assert not s.server.sessions_by_id and not s.backend.conns
+            r, w = await s.client(config=cfg, tls=tls.client_context(fingerprint=fp))
+            w.write(b"in")
+            assert await r.readexactly(2) == b"in"
+
+    run_async("uvloop", main())
+
+
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_wrong_fingerprint_is_refused_and_never_falls_back(tmp_path, loop):
     cert, key, fp = _pair(tmp_path)
