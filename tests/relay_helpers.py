@@ -226,6 +226,21 @@ class Setup:
         return r
 
 
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> None:
+    """Read and drop until the peer closes (or resets) the connection; a read that waits
+    ``timeout`` seconds for the close fails the test (asyncio.TimeoutError)."""
+    try:
+        while await asyncio.wait_for(reader.read(65536), timeout):
+            pass
+    except ConnectionError:
+        pass
+
+
+def links_up(events: list[Any]) -> int:
+    """How many LinkUp events a session's status callback has seen."""
+    return sum(1 for e in events if isinstance(e, ev.LinkUp))
+
+
 async def wait_for(cond: Any, timeout: float = 10.0, step: float = 0.01) -> bool:
     """Poll ``cond()`` until true; bounded in time."""
     loop = asyncio.get_running_loop()

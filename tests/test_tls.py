@@ -17,6 +17,8 @@ from relay_helpers import (
     Setup,
     Stats,
     free_port,
+    links_up,
+    read_until_closed,
     recv_stream,
     run_async,
     send_stream,
@@ -115,8 +117,7 @@ def test_pinned_fingerprint_session_survives_breaks(tmp_path, loop, tls_io, monk
 
             async def breaker() -> None:
                 for k in range(6):
-                    assert await wait_for(lambda k=k: len([e for e in cev
-                                          if isinstance(e, ev.LinkUp)]) == k + 1
+                    assert await wait_for(lambda k=k: links_up(cev) == k + 1
                                           and s.proxy.live_connections > 0, 10)
                     if k == 0:  # frames leave in one TLS write per burst, not one per buffer
                         (runner,) = s.server.sessions_by_id.values()
@@ -169,15 +170,13 @@ def test_corrupted_records_close_the_link_and_the_session_resumes(tmp_path, tls_
 
             async def corrupter() -> None:
                 for k in range(3):
-                    assert await wait_for(lambda k=k: len([e for e in cev
-                                          if isinstance(e, ev.LinkUp)]) == k + 1
+                    assert await wait_for(lambda k=k: links_up(cev) == k + 1
                                           and s.proxy.live_connections > 0, 10)
                     await asyncio.sleep(0.05)
                     # (>= 1: the loop's TLS transport half-closes a link it gave up, and the
                     # proxy counts that pair until its other end closes too)
                     assert s.proxy.corrupt() >= 1
-                assert await wait_for(lambda: len([e for e in cev
-                                                   if isinstance(e, ev.LinkUp)]) == 4, 10)
+                assert await wait_for(lambda: links_up(cev) == 4, 10)
                 done.set()
 
             await asyncio.gather(send_stream(writer, size, 1, app, gate=(size // 2, done)),
@@ -252,11 +251,7 @@ def test_silent_and_garbage_tls_clients_are_dropped(tmp_path, tls_io, monkeypatc
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             for r, w in [(gr, gw), *silent]:  # each is closed by the server
-                try:
-                    while await asyncio.wait_for(r.read(65536), 5):
-                        pass
-                except ConnectionError:
-                    pass
+                await read_until_closed(r, 5)
                 w.close()
             assert loop.time() - t0 < 4  # (the handshake timeout is 0.5 s)
             assert not s.server.sessions_by_id and not s.backend.conns

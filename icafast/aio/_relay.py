@@ -371,12 +371,17 @@ class _LinkBase:
             if abort:
                 abort_with_rst(self.transport)
             else:
-                if self.tls is not None:  # close_notify first
-                    try:
-                        self.transport.write(self.tls.close())
-                    except ssl.SSLError:
-                        pass
+                self.close_notify()
                 self.transport.close()
+
+    def close_notify(self) -> None:
+        """TLS run by the link: send the close_notify alert (before closing or half-closing
+        the connection). Nothing otherwise."""
+        if self.tls is not None and self.transport is not None:
+            try:
+                self.transport.write(self.tls.close())
+            except ssl.SSLError:
+                pass
 
 
 class Link(_LinkBase, asyncio.Protocol):
@@ -422,10 +427,9 @@ def _linger(loop: asyncio.AbstractEventLoop, link: Link) -> None:
         return
     link.owner = _Discard()
     try:
-        if link.tls is not None:  # TLS run by the link: close_notify, then the half-close
-            t.write(link.tls.close())
+        link.close_notify()
         t.write_eof()
-    except (OSError, RuntimeError, ssl.SSLError):
+    except (OSError, RuntimeError):
         link.close()
         return
     loop.call_later(LINGER, link.close)

@@ -293,8 +293,7 @@ class RelayServer:
         loop_ssl = None if own_tls else self.ssl
         for m in self.mappings:
             srv = await self.loop.create_server(
-                (lambda m=m: _PendingLink(self, m, self._tls_setup()).link) if own_tls else
-                (lambda m=m: _PendingLink(self, m).link),
+                lambda m=m: _PendingLink(self, m, self._tls_setup() if own_tls else None).link,
                 m.listen_host or None,
                 m.listen_port,
                 reuse_address=True,
