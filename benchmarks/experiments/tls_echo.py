@@ -13,7 +13,10 @@ a plain TCP one for reference (``plain``: what TLS adds is the difference):
   ``incoming.write(raw)``, ``read()`` until the BIO is empty, ``write()`` the echo,
   ``outgoing.read()`` to the transport (what a TLS layer inside icafast's adapter would do);
 - ``bio-raw``: the same through the ``SSLObject``'s underlying C object (no Python-level
-  wrapper methods), the least a layer on Python's ``ssl`` module could cost.
+  wrapper methods), the least a layer on Python's ``ssl`` module could cost;
+- ``pipe``: the handshake as in ``bio``, then icafast's compiled TLS pipe
+  (``icafast._tlsio.TLSPipe``: OpenSSL's calls from C, what icafast's links use since
+  ``9d47bfb``), writing to the transport itself.
 
 A blocking TLS client sends ``--count`` 64-byte messages one at a time (after 1,000 for
 warm-up). Reported per form, median over ``--rounds`` (forms interleaved): the round trip p50
@@ -38,7 +41,7 @@ from pathlib import Path
 
 from .._chains import tls_files
 
-FORMS = ("plain", "transport", "bio", "bio-raw")
+FORMS = ("plain", "transport", "bio", "bio-raw", "pipe")
 
 
 def serve(form: str, cert: str, key: str) -> None:
@@ -74,6 +77,11 @@ def serve(form: str, cert: str, key: str) -> None:
             self.handshaking = True
 
         def data_received(self, data: bytes) -> None:
+            if form == "pipe" and not self.handshaking:
+                plain = self.pipe.open(data)
+                if plain:
+                    self.pipe.send(plain)
+                return
             self.inc.write(data)
             if self.handshaking:
                 try:
@@ -86,6 +94,17 @@ def serve(form: str, cert: str, key: str) -> None:
                     self.t.write(out)  # type: ignore[attr-defined]
                 if self.handshaking:
                     return
+                if form == "pipe":  # the records from here on go through the pipe
+                    from icafast._tlsio import TLSPipe
+
+                    self.pipe = TLSPipe(self.obj, self.inc, self.out)
+                    self.pipe.attach(self.t.write)  # type: ignore[attr-defined]
+                    data = b""
+            if form == "pipe":
+                plain = self.pipe.open(data)
+                if plain:
+                    self.pipe.send(plain)
+                return
             s, inc = self.s, self.inc
             while True:
                 try:
