@@ -545,8 +545,14 @@ async def _idle_clients(a: argparse.Namespace) -> None:
         if isinstance(e, ev.LinkLost):
             lost += 1
 
+    tls = None
+    if a.tls_fingerprint:
+        from icafast.tls import client_context
+
+        tls = client_context(fingerprint=a.tls_fingerprint)
+
     async def one() -> bool:
-        r, w = await open_session("127.0.0.1", a.server_port, on_status=on_status)
+        r, w = await open_session("127.0.0.1", a.server_port, on_status=on_status, tls=tls)
         sessions.append((r, w))
         return await exchange(r, w)
 
@@ -628,6 +634,7 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("idle-clients")
     s.add_argument("--server-port", type=int, required=True)
     s.add_argument("--batch", type=int, default=100)
+    s.add_argument("--tls-fingerprint", help="TLS links, the server's certificate pinned")
     a = p.parse_args(argv)
     # Stopped with SIGINT (benchmarks.instructions lets callgrind write its counts so): a
     # process started from a non-interactive shell's background job inherits SIGINT ignored,

@@ -410,16 +410,25 @@ class Bench:
         b, s = free_port(), free_port()
         started = [self.server("idle-backend", ["idle-backend", "--port", str(b)])]
         res: dict[str, Any] = {"fd_limit": nofile, "levels": []}
+        # --scale-tls: TLS links (the run's certificate, pinned by the clients); how TLS runs
+        # follows ICAFAST_TLS_IO in the environment (default: the links' compiled pipe)
+        tls = tls_files(self.tmp) if self.a.scale_tls else None
+        client_tls = ["--tls-fingerprint", tls.fingerprint] if tls is not None else []
+        if tls is not None:
+            from icafast.tlspipe import describe
+
+            res["tls"] = f"TLS links; TLS records: {describe()}"
         try:
             srv = self.procs.start("scale-serve", icafast_argv(
-                "serve", s, b, ["--control", str(self.tmp / "ctl-scale.sock"), "-q", *extra]))
+                "serve", s, b, ["--control", str(self.tmp / "ctl-scale.sock"), "-q", *extra],
+                tls=tls))
             started.append(srv)
             wait_listening(s, srv)
             clients = []
             for i in range(nclients):
                 p = self.procs.start(f"idle-clients-{i}", [
-                    PY, "-m", "benchmarks._workers", "idle-clients", "--server-port", str(s)],
-                    stdin=True, capture=True)
+                    PY, "-m", "benchmarks._workers", "idle-clients", "--server-port", str(s),
+                    *client_tls], stdin=True, capture=True)
                 started.append(p)
                 wait_ready(p)
                 clients.append(p)
@@ -815,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
                    "once")
     p.add_argument("--sessions", type=int, default=10_000, help="idle sessions at most (the "
                    "server needs 2 descriptors per session; capped by the open-files limit)")
+    p.add_argument("--scale-tls", action="store_true", help="scale: the sessions' links over "
+                   "TLS (how TLS runs follows ICAFAST_TLS_IO; default: the compiled pipe)")
     p.add_argument("--window", type=float, default=20.0, help="seconds of idle CPU measured "
                    "per scale level")
     p.add_argument("--ref", metavar="DIR", help="also run the icafast chain from another "

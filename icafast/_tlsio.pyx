@@ -318,6 +318,9 @@ cdef class TLSPipe:
     cdef bytes _carry  # records the memory BIO held when the pipe took over
     cdef Py_ssize_t _staged
     cdef public bint peer_closed
+    #: records of at most this much plaintext (a link's control messages: keepalives, acks)
+    #: free the record buffers after them, so that an idle link holds none between keepalives
+    cdef public Py_ssize_t quiet_max
     cdef object _sink  # where ``send`` (and ``open``, for its answers) write ciphertext
 
     def __cinit__(self, sslobj, incoming, outgoing):
@@ -344,6 +347,7 @@ cdef class TLSPipe:
         self._obj, self._in, self._out = sslobj, incoming, outgoing
         self._staged = 0
         self.peer_closed = False
+        self.quiet_max = 0
         # what the memory BIOs still hold moves over: records received with the handshake's
         # last flight, and anything not yet sent
         self._carry = incoming.read() if incoming.pending else b""
@@ -437,6 +441,8 @@ cdef class TLSPipe:
             if self._io.failed:
                 self._io.failed = False
                 raise MemoryError("TLS: no memory for the records to send")
+            if 0 < got <= self.quiet_max and self._io.src_len == 0:
+                p_free_buffers(self._ssl)  # (a lone control message: see quiet_max)
             if got == 0:
                 result = b""
             elif small:
@@ -533,6 +539,8 @@ cdef class TLSPipe:
             n = self._staged
             self._staged = 0
             self._write(_stage, n)
+            if n <= self.quiet_max:  # (a lone control message: see quiet_max)
+                p_free_buffers(self._ssl)
         return self.output()
 
     cpdef bint idle(self):

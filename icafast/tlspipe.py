@@ -33,6 +33,9 @@ class TLSPipe:
         self._obj, self._in, self._out = sslobj, incoming, outgoing
         #: the peer sent close_notify: no more plaintext will come
         self.peer_closed = False
+        #: records of at most this much plaintext free the record buffers after them (the
+        #: compiled pipe; Python's ``ssl`` frees them after every record anyway)
+        self.quiet_max = 0
         self._sink: Any = None
 
     def idle(self) -> bool:

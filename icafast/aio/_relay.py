@@ -29,6 +29,7 @@ from typing import Any, cast
 
 from .. import events as ev
 from ..protocol import CLOSE_ABORTED, SessionEngine, State
+from ..wire import HEADER_SIZE
 
 log = logging.getLogger("icafast")
 _Event = ev.Event
@@ -310,6 +311,7 @@ class _LinkBase:
         self.tls = pipe
         self.ssl_object = ssl_object
         pipe.attach(self.transport.write)  # type: ignore[union-attr]
+        pipe.quiet_max = HEADER_SIZE  # a frame without payload: a keepalive, an ack
         # (writelines too: the runner gives it a list, and the pipe joins a burst's small
         # buffers into records)
         self._write = self._writelines = pipe.send
