@@ -41,6 +41,19 @@ def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
+def test_scale_over_tls_quick(tmp_path: Path) -> None:
+    """``--scale-tls``: the idle sessions' links over TLS (the compiled pipe by default)."""
+    out = tmp_path / "scale-tls.json"
+    proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--only", "scale",
+                 "--scale-tls", "--out", str(out)], 120)
+    assert proc.returncode == 0 and out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())["workloads"]["scale"]
+    assert r["verified"] == {"icafast": True}
+    assert r["tls"].startswith("TLS links; TLS records: ")
+    assert [row["sessions"] for row in r["levels"]] == [10, 40]
+    assert r["links_lost"] == 0
+
+
 def test_relay_benchmark_quick(tmp_path: Path) -> None:
     out = tmp_path / "relay.json"
     proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--out", str(out)], 280)
