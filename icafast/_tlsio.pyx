@@ -62,8 +62,6 @@ ctypedef void (*f_ssl_set0_bio)(icafast_SSL *, icafast_BIO *) noexcept nogil
 ctypedef int (*f_ssl_shutdown)(icafast_SSL *) noexcept nogil
 ctypedef long (*f_ssl_ctrl)(icafast_SSL *, int, long, void *) noexcept nogil
 ctypedef int (*f_ssl_free_buffers)(icafast_SSL *) noexcept nogil
-ctypedef size_t (*f_bio_pending)(icafast_BIO *) noexcept nogil
-ctypedef int (*f_bio_io)(icafast_BIO *, void *, int) noexcept nogil
 ctypedef int (*f_void_int)() noexcept nogil
 ctypedef void (*f_void)() noexcept nogil
 ctypedef unsigned long (*f_ulong)() noexcept nogil
@@ -113,8 +111,6 @@ cdef f_ssl_set0_bio p_set0_wbio = NULL
 cdef f_ssl_shutdown p_shutdown = NULL
 cdef f_ssl_ctrl p_ssl_ctrl = NULL
 cdef f_ssl_free_buffers p_free_buffers = NULL
-cdef f_bio_pending p_bio_pending = NULL
-cdef f_bio_io p_bio_read = NULL
 cdef f_void p_err_clear = NULL
 cdef f_ulong p_err_get = NULL
 cdef f_err_string p_err_string = NULL
@@ -197,7 +193,7 @@ def bind():
     """Look up the OpenSSL functions in the library Python's ``ssl`` module uses. Returns
     ``None`` when the pipe can be used, else the reason it cannot (then use the loop's TLS)."""
     global _bind_error, p_read, p_write, p_get_error, p_get_rbio, p_get_wbio, p_shutdown
-    global p_set0_rbio, p_set0_wbio, p_bio_pending, p_bio_read, p_err_clear, p_err_get
+    global p_set0_rbio, p_set0_wbio, p_err_clear, p_err_get
     global p_err_string, p_bio_new, p_bio_set_data, p_bio_get_data, p_bio_set_init
     global p_bio_set_flags, p_bio_clear_flags, _method, p_ssl_ctrl, p_free_buffers
     if _bind_error is None:
@@ -235,8 +231,6 @@ def bind():
         p_shutdown = <f_ssl_shutdown>_sym(h, b"SSL_shutdown")
         p_ssl_ctrl = <f_ssl_ctrl>_sym(h, b"SSL_ctrl")
         p_free_buffers = <f_ssl_free_buffers>_sym(h, b"SSL_free_buffers")
-        p_bio_pending = <f_bio_pending>_sym(h, b"BIO_ctrl_pending")
-        p_bio_read = <f_bio_io>_sym(h, b"BIO_read")
         p_err_clear = <f_void>_sym(h, b"ERR_clear_error")
         p_err_get = <f_ulong>_sym(h, b"ERR_get_error")
         p_err_string = <f_err_string>_sym(h, b"ERR_error_string_n")
