@@ -15,6 +15,7 @@ cpdef _us(double now)  # (a C call from the PING path)
 # Frame types and link phases as C constants (compared on every frame)
 cdef int _TYPE_DATA, _TYPE_ACK, _TYPE_PING, _TYPE_PONG, _TYPE_CLOSE
 cdef int _HELLO_SENT, _AUTH_SENT, _ESTABLISHED
+cdef int _WC_HOLD, _WC_HIGH, _WC_LOW  # window control's phases
 cdef unsigned long long _MAX_OFFSET
 cdef double _NEVER
 cdef int _FLAG_FIN
@@ -44,6 +45,11 @@ cdef class SessionEngine:
     cdef public unsigned long long _tx_sent, _tx_high, _peer_ack, _rx, _rx_acked, sink_backlog
     cdef public unsigned long long _frame_size, _ack_threshold, _window, _burst
     cdef public object handshake_rtt
+    # window control (protocol.py, WC_*)
+    cdef public unsigned long long _window_hi, _window_lo, _wc_choice, _wc_b0, _wc_settle
+    cdef public unsigned long long _wc_full
+    cdef public int _wc_phase
+    cdef public double _wc_t0, _wc_rate, _wc_until, _wc_hold
     cdef public unsigned long long reconnects, bytes_received, replayed_total
     cdef public bint _tx_fin, _tx_fin_acked, _rx_fin, _ack_now
     cdef public double _now, last_activity, _ack_due
@@ -109,6 +115,9 @@ cdef class SessionEngine:
     cpdef _send_control(self, ftype, seq=*, payload=*)
     cpdef _shrink_if_idle(self)
     cpdef _rtt_sample(self, double r)
+    cpdef _wc_switch(self, int phase, unsigned long long window, unsigned long long ack)
+    cpdef _wc_hold_for(self, unsigned long long window)
+    cpdef _wc_ack(self, unsigned long long used, unsigned long long ack)
 
 
 cdef class ClientSession(SessionEngine):

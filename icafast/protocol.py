@@ -257,6 +257,23 @@ WINDOW_MIN = 4 * 1024 * 1024
 WINDOW_RATE = WINDOW_MIN * 1000  # bytes per second
 
 
+#: Window control (PROTOCOL.md 4.7, "window control"). A sender limited by its send window
+#: measures its delivery rate (bytes acknowledged per second) with the window sized from the
+#: handshake (high) and then with a quarter of it (low, at least four ack thresholds), and
+#: keeps the low window only if it delivers at least WC_MARGIN times as much. On a short path
+#: whose hops share a CPU the low window is the faster: a ring and socket buffers that stay in
+#: the CPU's cache (benchmarks/README.md, "a send window that measures itself"); on a long
+#: path, or hops with CPUs of their own, the high one.
+WC_EPOCH = 0.05  # seconds a measurement lasts, at least
+WC_PROBE_MAX = 1.0  # a probe without a measurement by then (not window-limited) ends
+WC_HOLD_MIN = 0.25  # seconds a choice holds before the next pair of measurements...
+WC_HOLD_MAX = 4.0  # ...doubling up to this while the choice stays the same
+WC_MARGIN = 1.04
+_WC_HOLD = 0  # a choice holds until _wc_until
+_WC_HIGH = 1  # measuring the high window (until _wc_until at most)
+_WC_LOW = 2  # measuring the low window
+
+
 def send_window_for(rtt: float, replay_limit: int) -> int:
     """The send window for a link whose handshake took ``rtt`` seconds (PROTOCOL.md 4.7)."""
     w = rtt * WINDOW_RATE
@@ -342,6 +359,15 @@ class SessionEngine:
         self.tx = ReplayBuffer(config.replay_limit)
         #: what may be unacknowledged: the replay limit until a handshake sizes it (_set_window)
         self._window = config.replay_limit
+        # window control: the two windows (equal: none), the phase and its measurement
+        self._window_hi = self._window_lo = self._wc_choice = self._window
+        self._wc_phase = _WC_HOLD
+        self._wc_until = _NEVER  # end of the hold, or of the probe
+        self._wc_hold = WC_HOLD_MIN  # the next hold's length
+        self._wc_t0 = self._wc_rate = 0.0  # measurement's start; the high window's rate
+        self._wc_b0 = 0  # ack at the measurement's start
+        self._wc_settle = 0  # the measurement starts past this ack
+        self._wc_full = 0  # the last ack that found the window (nearly) full
         self.handshake_rtt: float | None = None  # the last link's, which sized the window
         self._tx_sent = 0  # next offset to frame on the current link (FIN counts as one)
         self._tx_high = 0  # the furthest _tx_sent reached on an earlier link (see _on_ack)
@@ -416,12 +442,78 @@ class SessionEngine:
     @property
     def send_window(self) -> int:
         """How many bytes of the local stream may be unacknowledged at a time: sized from the
-        handshake round trip, at most ``replay_limit`` (PROTOCOL.md 4.7)."""
+        handshake round trip, at most ``replay_limit``, and a quarter of that while window
+        control finds the smaller one faster (PROTOCOL.md 4.7)."""
         return self._window
 
     def _set_window(self, rtt: float) -> None:
         self.handshake_rtt = rtt
-        self._window = send_window_for(rtt, self.config.replay_limit)
+        hi = send_window_for(rtt, self.config.replay_limit)
+        lo = hi // 4
+        floor = 4 * min(256 * 1024, self.config.replay_limit // 4)
+        if lo < floor:
+            lo = floor
+        self._window = self._window_hi = self._wc_choice = hi
+        self._window_lo = lo
+        self._wc_hold = WC_HOLD_MIN
+        if lo < hi:  # measure the high window first
+            self._wc_switch(_WC_HIGH, hi, self._peer_ack)
+        else:
+            self._wc_phase = _WC_HOLD
+            self._wc_until = _NEVER
+
+    def _wc_switch(self, phase: int, window: int, ack: int) -> None:
+        """Start measuring ``window``: from the ack that covers what the old one put in
+        flight (at most the high window), until the probe's deadline."""
+        self._wc_phase = phase
+        self._window = window
+        self._wc_settle = ack + self._window_hi
+        self._wc_b0 = self._wc_full = ack
+        self._wc_t0 = self._now
+        self._wc_until = self._now + WC_PROBE_MAX
+
+    def _wc_hold_for(self, window: int) -> None:
+        """Keep ``window`` for a hold: twice the last one if the choice is the same."""
+        if window == self._wc_choice:
+            hold = self._wc_hold * 2
+            self._wc_hold = hold if hold < WC_HOLD_MAX else WC_HOLD_MAX
+        else:
+            self._wc_hold = WC_HOLD_MIN
+        self._window = self._wc_choice = window
+        self._wc_phase = _WC_HOLD
+        self._wc_until = self._now + self._wc_hold
+
+    def _wc_ack(self, used: int, ack: int) -> None:
+        """Window control, for an ack of ``ack`` that found ``used`` bytes unacknowledged."""
+        now = self._now
+        phase = self._wc_phase
+        if phase == _WC_HOLD:
+            if now >= self._wc_until:
+                self._wc_switch(_WC_HIGH, self._window_hi, ack)
+            return
+        if now >= self._wc_until:  # no measurement: the window does not limit the sender
+            self._wc_phase = _WC_HOLD
+            self._window = self._wc_choice = self._window_hi
+            self._wc_until = now + self._wc_hold
+            return
+        if used * 8 >= self._window * 7:
+            self._wc_full = ack
+        if ack <= self._wc_settle or ack - self._wc_full > self._window:
+            # settling, or a whole window acknowledged and not once (nearly) full: the source
+            # does not keep up, and the measurement starts again
+            self._wc_b0 = ack
+            self._wc_t0 = now
+            return
+        dt = now - self._wc_t0
+        if dt < WC_EPOCH:
+            return
+        rate = (ack - self._wc_b0) / dt
+        if phase == _WC_HIGH:
+            self._wc_rate = rate
+            self._wc_switch(_WC_LOW, self._window_lo, ack)
+        else:
+            self._wc_hold_for(
+                self._window_lo if rate >= self._wc_rate * WC_MARGIN else self._window_hi)
 
     @property
     def finished(self) -> bool:
@@ -779,7 +871,13 @@ class SessionEngine:
         upper = min(self._tx_limit(), sent)
         if not self._peer_ack <= ack <= upper:
             raise ProtocolError(f"ack {ack} outside [{self._peer_ack}, {upper}]")
+        tx = self.tx
+        used = tx._end - tx._start
         self._apply_ack(ack)
+        if self._window_lo < self._window_hi:
+            self._wc_ack(used, ack)
+            if len(tx._buf) >= 2 * self._window and tx._end - tx._start <= self._window:
+                tx.shrink()  # (the low window: a ring that cycles through less memory)
         if ack > self._tx_sent:  # acknowledged: not sent again
             self._tx_sent = ack
 

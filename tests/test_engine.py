@@ -853,3 +853,114 @@ def test_a_resume_resizes_the_window_and_replays_all_that_is_unacknowledged():
     h.pump()
     assert h.s_recv == data and h.c_recv == data[: 2 * MiB]
     assert h.client.send_free == WINDOW_MIN
+
+
+# -- window control (PROTOCOL.md 4.7) ----------------------------------------------------------
+
+
+class BulkPath:
+    """A client sending as fast as its window lets it, over a path that delivers at most
+    ``rate(window)`` bytes per second, each byte ``delay`` seconds after it was sent (acks come
+    back at once). Time moves in ``step``-second ticks; the sent stream is a seeded pattern so
+    that what the server receives can be checked against it."""
+
+    def __init__(self, h: Harness, rate, delay: float = 0.0, step: float = 0.0005) -> None:
+        self.h, self.rate, self.delay, self.step = h, rate, delay, step
+        self.pattern = random.Random(7).randbytes(1 << 16)
+        self.sent = 0
+        self.phase = -1
+        self.queued: list[list[float]] = []  # [time sent, bytes] on the wire, oldest first
+        self.windows: list[int] = []  # the client's window at every tick
+        self.held: list[int] = []  # ...at the ticks where window control holds a choice
+        self.holds = 0  # choices made (holds begun)
+
+    def run(self, seconds: float) -> None:
+        h, c = self.h, self.h.client
+        for _ in range(round(seconds / self.step)):
+            w = h.wire
+            before = len(w.c2s)
+            while c.send_free:
+                o = self.sent % len(self.pattern)
+                n = h.client_send(self.pattern[o : o + c.send_free])
+                assert n
+                self.sent += n
+            if len(w.c2s) > before:
+                self.queued.append([h.now, len(w.c2s) - before])
+            budget = int(self.rate(c.send_window) * self.step)
+            while budget and self.queued and self.queued[0][0] <= h.now - self.delay:
+                n = min(budget, int(self.queued[0][1]))
+                assert h.deliver_c2s(n) == n
+                budget -= n
+                self.queued[0][1] -= n
+                if not self.queued[0][1]:
+                    self.queued.pop(0)
+            h.deliver_s2c()
+            self.windows.append(c.send_window)
+            if c._wc_phase == 0:  # (_WC_HOLD)
+                self.holds += not self.held or self.phase != 0
+                self.held.append(c.send_window)
+            self.phase = c._wc_phase
+            h.advance(self.step)
+
+    def check_stream(self) -> None:
+        got = bytes(self.h.s_recv)
+        assert len(got) > 0
+        for o in range(0, len(got), len(self.pattern)):
+            assert got[o : o + len(self.pattern)] == self.pattern[: len(got) - o]
+
+
+def window_harness() -> Harness:
+    # a 2 MiB replay limit: high window 2 MiB, low 1 MiB (four of the peer's 256 KiB acks)
+    h = Harness(Config(replay_limit=2 * MiB))
+    handshake(h, 0.0001)
+    assert h.client._window_hi == 2 * MiB and h.client._window_lo == MiB
+    return h
+
+
+def test_window_control_keeps_the_low_window_where_it_delivers_more():
+    h = window_harness()
+    path = BulkPath(h, lambda w: 15e6 if w <= MiB else 10e6)  # a cache that 1 MiB fits
+    path.run(3.0)
+    # after the first comparison, which may still see the start, every choice is the low one
+    late = path.held[len(path.held) // 4 :]
+    assert late and set(late) == {MiB}
+    assert path.holds >= 3  # measured again after 0.25 s, 0.5 s, 1 s...
+    assert h.client.tx.capacity == MiB  # the ring shrank with the window
+    path.check_stream()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2])
+def test_window_control_keeps_the_high_window_where_it_delivers_as_much_or_more(delay):
+    """Same rate both ways: the high window stays (the low one must win by WC_MARGIN). With
+    a delay of 200 ms (a path that grew longer after the handshake) the low window carries
+    1 MiB per round trip, half what the high one does, and loses."""
+    h = window_harness()
+    path = BulkPath(h, lambda w: 12e6, delay=delay)
+    path.run(3.0)
+    assert len(path.held) > len(path.windows) // 4
+    assert set(path.held) == {2 * MiB}  # it measured the low window, and never kept it
+    assert MiB in path.windows
+    path.check_stream()
+
+
+def test_window_control_measures_only_while_the_window_limits_the_sender():
+    h = window_harness()
+    c = h.client
+    data = random.Random(5).randbytes(16 * 1024)
+    for _ in range(1500):  # 16 KiB every millisecond: far below what the path carries
+        assert h.client_send(data) == len(data)
+        h.pump()
+        h.advance(0.001)
+        assert c.send_window == 2 * MiB  # no measurement ever completes
+    assert h.s_recv == data * 1500
+
+
+def test_window_control_is_off_when_the_two_windows_are_equal():
+    h = Harness(Config(replay_limit=MiB))
+    handshake(h, 0.0001)
+    c = h.client
+    assert c._window_hi == c._window_lo == c.send_window == MiB
+    path = BulkPath(h, lambda w: 12e6)
+    path.run(1.0)
+    assert set(path.windows) == {MiB}
+    path.check_stream()
