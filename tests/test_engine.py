@@ -876,25 +876,31 @@ class BulkPath:
 
     def run(self, seconds: float) -> None:
         h, c = self.h, self.h.client
+        wire = None
         for _ in range(round(seconds / self.step)):
             w = h.wire
-            before = len(w.c2s)
-            while c.send_free:
-                o = self.sent % len(self.pattern)
-                n = h.client_send(self.pattern[o : o + c.send_free])
-                assert n
-                self.sent += n
-            if len(w.c2s) > before:
-                self.queued.append([h.now, len(w.c2s) - before])
-            budget = int(self.rate(c.send_window) * self.step)
-            while budget and self.queued and self.queued[0][0] <= h.now - self.delay:
-                n = min(budget, int(self.queued[0][1]))
-                assert h.deliver_c2s(n) == n
-                budget -= n
-                self.queued[0][1] -= n
-                if not self.queued[0][1]:
-                    self.queued.pop(0)
-            h.deliver_s2c()
+            if w is not wire:  # a new link (or none): what was on the old one is gone
+                wire, self.queued = w, []
+            if w is not None and c.established:
+                before = len(w.c2s)
+                while c.send_free:
+                    o = self.sent % len(self.pattern)
+                    n = h.client_send(self.pattern[o : o + c.send_free])
+                    assert n
+                    self.sent += n
+                if len(w.c2s) > before:
+                    self.queued.append([h.now, len(w.c2s) - before])
+                budget = int(self.rate(c.send_window) * self.step)
+                while budget and self.queued and self.queued[0][0] <= h.now - self.delay:
+                    n = min(budget, int(self.queued[0][1]))
+                    if h.deliver_c2s(n) < n:  # blackholed
+                        self.queued = []
+                        break
+                    budget -= n
+                    self.queued[0][1] -= n
+                    if not self.queued[0][1]:
+                        self.queued.pop(0)
+                h.deliver_s2c()
             self.windows.append(c.send_window)
             if c._wc_phase == 0:  # (_WC_HOLD)
                 self.holds += not self.held or self.phase != 0
@@ -902,9 +908,10 @@ class BulkPath:
             self.phase = c._wc_phase
             h.advance(self.step)
 
-    def check_stream(self) -> None:
+    def check_stream(self, complete: bool = False) -> None:
         got = bytes(self.h.s_recv)
-        assert len(got) > 0
+        assert len(got) > 0 and self.h.s_recv == self.h.c_sent[: len(got)]
+        assert not complete or len(got) == self.sent == len(self.h.c_sent)
         for o in range(0, len(got), len(self.pattern)):
             assert got[o : o + len(self.pattern)] == self.pattern[: len(got) - o]
 
@@ -964,3 +971,46 @@ def test_window_control_is_off_when_the_two_windows_are_equal():
     path.run(1.0)
     assert set(path.windows) == {MiB}
     path.check_stream()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    faster=st.sampled_from(["low", "high", "same"]),
+    steps=st.lists(st.tuples(
+        st.sampled_from(["none", "ssend", "reset", "blackhole", "tick"]),
+        st.integers(1, 300_000),  # bytes the server sends, or (up to 1.5 s) of a tick
+        st.integers(50, 600),  # then milliseconds of bulk from the client
+    ), min_size=1, max_size=6),
+)
+def test_window_control_through_breaks_loses_and_repeats_nothing(faster, steps):
+    """Windows switched and rings shrunk at random points, links broken in between: each
+    stream arrives whole, once, in order."""
+    h = Harness(Config(replay_limit=2 * MiB, keepalive_interval=1.0, dead_timeout=3.0))
+    handshake(h, 0.0001)
+    speed = {"low": lambda w: 15e6 if w <= MiB else 10e6,
+             "high": lambda w: 10e6 if w <= MiB else 15e6, "same": lambda w: 12e6}[faster]
+    path = BulkPath(h, speed)
+    path.run(0.4)  # past the first measurement of the low window
+    ssent = 0
+    for op, arg, bulk in steps:
+        if op == "ssend" and h.sessions:
+            ssent += h.server_send(pattern(2, arg, ssent))
+        elif op == "reset":
+            h.reset()
+        elif op == "blackhole":
+            h.blackhole()
+        elif op == "tick":
+            h.advance(arg % 1501 / 1000)
+        path.run(bulk / 1000)
+        assert h.s_recv == h.c_sent[: len(h.s_recv)]
+        assert h.c_recv == h.s_sent[: len(h.c_recv)]
+    for _ in range(200):  # heal
+        h.pump()
+        if (len(h.s_recv) == len(h.c_sent) and len(h.c_recv) == len(h.s_sent)
+                and h.client.unacked == 0 and h.server.unacked == 0):
+            break
+        h.advance(3.0 if h.wire is not None and h.wire.blackholed else 0.05)
+    assert h.client.state is not State.CLOSED
+    assert h.c_recv == h.s_sent
+    if path.sent:
+        path.check_stream(complete=True)
