@@ -49,7 +49,7 @@ cdef class SessionEngine:
     cdef public unsigned long long _window_hi, _window_lo, _wc_choice, _wc_b0, _wc_settle
     cdef public unsigned long long _wc_full
     cdef public int _wc_phase
-    cdef public double _wc_t0, _wc_rate, _wc_until, _wc_hold
+    cdef public double _wc_t0, _wc_rate, _wc_rate_lo, _wc_until, _wc_hold
     cdef public unsigned long long reconnects, bytes_received, replayed_total
     cdef public bint _tx_fin, _tx_fin_acked, _rx_fin, _ack_now
     cdef public double _now, last_activity, _ack_due

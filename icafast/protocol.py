@@ -364,7 +364,8 @@ class SessionEngine:
         self._wc_phase = _WC_HOLD
         self._wc_until = _NEVER  # end of the hold, or of the probe
         self._wc_hold = WC_HOLD_MIN  # the next hold's length
-        self._wc_t0 = self._wc_rate = 0.0  # measurement's start; the high window's rate
+        self._wc_t0 = 0.0  # the measurement's start
+        self._wc_rate = self._wc_rate_lo = 0.0  # each window's last rate (bytes/s; 0: none)
         self._wc_b0 = 0  # ack at the measurement's start
         self._wc_settle = 0  # the measurement starts past this ack
         self._wc_full = 0  # the last ack that found the window (nearly) full
@@ -512,6 +513,7 @@ class SessionEngine:
             self._wc_rate = rate
             self._wc_switch(_WC_LOW, self._window_lo, ack)
         else:
+            self._wc_rate_lo = rate
             self._wc_hold_for(
                 self._window_lo if rate >= self._wc_rate * WC_MARGIN else self._window_hi)
 
@@ -1090,6 +1092,11 @@ class SessionEngine:
             "unacked": self.unacked,
             "replay_capacity": self.tx.capacity,
             "send_window": self._window,
+            # the two windows and what each delivered when last measured (bytes/s; 0: not
+            # yet), or None where the two are equal (PROTOCOL.md 4.7, window control)
+            "window_control": None if self._window_lo >= self._window_hi else {
+                "high": self._window_hi, "low": self._window_lo,
+                "high_rate": round(self._wc_rate), "low_rate": round(self._wc_rate_lo)},
             "rtt_ms": None if self.srtt is None else round(self.srtt * 1000, 3),
             "reconnects": self.reconnects,
         }

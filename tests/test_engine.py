@@ -933,6 +933,10 @@ def test_window_control_keeps_the_low_window_where_it_delivers_more():
     assert late and set(late) == {MiB}
     assert path.holds >= 3  # measured again after 0.25 s, 0.5 s, 1 s...
     assert h.client.tx.capacity == MiB  # the ring shrank with the window
+    wc = h.client.stats(h.now)["window_control"]
+    assert wc["high"] == 2 * MiB and wc["low"] == MiB
+    assert wc["high_rate"] == pytest.approx(10e6, rel=0.1)
+    assert wc["low_rate"] == pytest.approx(15e6, rel=0.1)
     path.check_stream()
 
 
@@ -967,6 +971,7 @@ def test_window_control_is_off_when_the_two_windows_are_equal():
     handshake(h, 0.0001)
     c = h.client
     assert c._window_hi == c._window_lo == c.send_window == MiB
+    assert c.stats(h.now)["window_control"] is None
     path = BulkPath(h, lambda w: 12e6)
     path.run(1.0)
     assert set(path.windows) == {MiB}
