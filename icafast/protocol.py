@@ -264,8 +264,8 @@ WINDOW_RATE = WINDOW_MIN * 1000  # bytes per second
 #: whose hops share a CPU the low window is the faster: a ring and socket buffers that stay in
 #: the CPU's cache (benchmarks/README.md, "a send window that measures itself"); on a long
 #: path, or hops with CPUs of their own, the high one.
-WC_EPOCH = 0.05  # seconds a measurement lasts, at least
-WC_PROBE_MAX = 1.0  # a probe without a measurement by then (not window-limited) ends
+WC_EPOCH = 0.05  # seconds a measurement lasts, at least (and two windows acknowledged)
+WC_PROBE_MAX = 2.0  # a probe without a measurement by then (not window-limited) ends
 WC_HOLD_MIN = 0.25  # seconds a choice holds before the next pair of measurements...
 WC_HOLD_MAX = 4.0  # ...doubling up to this while the choice stays the same
 WC_MARGIN = 1.04
@@ -506,8 +506,8 @@ class SessionEngine:
             self._wc_t0 = now
             return
         dt = now - self._wc_t0
-        if dt < WC_EPOCH:
-            return
+        if dt < WC_EPOCH or ack - self._wc_b0 < 2 * self._window:
+            return  # (two windows: at least two round trips, however long they are)
         rate = (ack - self._wc_b0) / dt
         if phase == _WC_HIGH:
             self._wc_rate = rate
@@ -1484,6 +1484,7 @@ class ServerSession(SessionEngine):
         alive or not, is dropped (takeover). Returns the number of bytes to be replayed."""
         if self.state is State.CLOSED:
             raise ProtocolError("session is closed")
+        self._now = now  # (window control times its measurement from here)
         resumed = hs.resume
         if resumed and not self.attached_links:
             raise ProtocolError("RESUME of a session that never had a link")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import pytest
 from engine_harness import Harness
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from icafast import FrameDecoder
+from icafast import FrameDecoder, protocol
 from icafast import events as ev
 from icafast.errors import ProtocolError, ReplayFullError
 from icafast.protocol import (
@@ -869,6 +870,7 @@ class BulkPath:
         self.pattern = random.Random(7).randbytes(1 << 16)
         self.sent = 0
         self.phase = -1
+        self.wire: Any = None  # the link the queue is of
         self.queued: list[list[float]] = []  # [time sent, bytes] on the wire, oldest first
         self.windows: list[int] = []  # the client's window at every tick
         self.held: list[int] = []  # ...at the ticks where window control holds a choice
@@ -876,20 +878,19 @@ class BulkPath:
 
     def run(self, seconds: float) -> None:
         h, c = self.h, self.h.client
-        wire = None
         for _ in range(round(seconds / self.step)):
             w = h.wire
-            if w is not wire:  # a new link (or none): what was on the old one is gone
-                wire, self.queued = w, []
+            if w is not self.wire:  # a new link (or none): what was on the old one is gone
+                self.wire, self.queued = w, []
             if w is not None and c.established:
-                before = len(w.c2s)
                 while c.send_free:
                     o = self.sent % len(self.pattern)
                     n = h.client_send(self.pattern[o : o + c.send_free])
                     assert n
                     self.sent += n
-                if len(w.c2s) > before:
-                    self.queued.append([h.now, len(w.c2s) - before])
+                new = len(w.c2s) - sum(int(q[1]) for q in self.queued)  # (replays too)
+                if new > 0:
+                    self.queued.append([h.now, new])
                 budget = int(self.rate(c.send_window) * self.step)
                 while budget and self.queued and self.queued[0][0] <= h.now - self.delay:
                     n = min(budget, int(self.queued[0][1]))
@@ -926,7 +927,7 @@ def window_harness() -> Harness:
 
 def test_window_control_keeps_the_low_window_where_it_delivers_more():
     h = window_harness()
-    path = BulkPath(h, lambda w: 15e6 if w <= MiB else 10e6)  # a cache that 1 MiB fits
+    path = BulkPath(h, lambda w: 45e6 if w <= MiB else 30e6)  # a cache that 1 MiB fits
     path.run(3.0)
     # after the first comparison, which may still see the start, every choice is the low one
     late = path.held[len(path.held) // 4 :]
@@ -935,8 +936,8 @@ def test_window_control_keeps_the_low_window_where_it_delivers_more():
     assert h.client.tx.capacity == MiB  # the ring shrank with the window
     wc = h.client.stats(h.now)["window_control"]
     assert wc["high"] == 2 * MiB and wc["low"] == MiB
-    assert wc["high_rate"] == pytest.approx(10e6, rel=0.1)
-    assert wc["low_rate"] == pytest.approx(15e6, rel=0.1)
+    assert wc["high_rate"] == pytest.approx(30e6, rel=0.1)
+    assert wc["low_rate"] == pytest.approx(45e6, rel=0.1)
     path.check_stream()
 
 
@@ -946,8 +947,8 @@ def test_window_control_keeps_the_high_window_where_it_delivers_as_much_or_more(
     a delay of 200 ms (a path that grew longer after the handshake) the low window carries
     1 MiB per round trip, half what the high one does, and loses."""
     h = window_harness()
-    path = BulkPath(h, lambda w: 12e6, delay=delay)
-    path.run(3.0)
+    path = BulkPath(h, lambda w: 36e6, delay=delay)
+    path.run(3.0 if delay == 0 else 6.0)
     assert len(path.held) > len(path.windows) // 4
     assert set(path.held) == {2 * MiB}  # it measured the low window, and never kept it
     assert MiB in path.windows
@@ -964,6 +965,22 @@ def test_window_control_measures_only_while_the_window_limits_the_sender():
         h.advance(0.001)
         assert c.send_window == 2 * MiB  # no measurement ever completes
     assert h.s_recv == data * 1500
+
+
+def test_window_control_measures_from_a_resume_after_a_long_disconnection():
+    h = window_harness()
+    h.auto_reconnect = False
+    path = BulkPath(h, lambda w: 36e6)
+    path.run(0.3)
+    h.reset()
+    h.advance(30.0)  # disconnected for a while: the server session hears nothing
+    handshake(h, 0.0001)
+    for e in (h.client, h.server):
+        assert e._wc_phase == 1  # (_WC_HIGH) measuring, until a second from the resume
+        assert e._wc_until == pytest.approx(h.now + protocol.WC_PROBE_MAX, abs=0.01)
+    path.run(1.0)
+    assert h.client.stats(h.now)["window_control"]["low_rate"] > 0
+    path.check_stream()
 
 
 def test_window_control_is_off_when_the_two_windows_are_equal():
