@@ -493,9 +493,7 @@ class SessionEngine:
                 self._wc_switch(_WC_HIGH, self._window_hi, ack)
             return
         if now >= self._wc_until:  # no measurement: the window does not limit the sender
-            self._wc_phase = _WC_HOLD
-            self._window = self._wc_choice = self._window_hi
-            self._wc_until = now + self._wc_hold
+            self._wc_hold_for(self._window_hi)
             return
         if used * 8 >= self._window * 7:
             self._wc_full = ack
