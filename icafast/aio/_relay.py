@@ -378,10 +378,13 @@ class _LinkBase:
 
     def close_notify(self) -> None:
         """TLS run by the link: send the close_notify alert (before closing or half-closing
-        the connection). Nothing otherwise."""
-        if self.tls is not None and self.transport is not None:
+        the connection), once: a lingering link half-closed after it (_linger) must not write
+        again when it is closed. Nothing otherwise."""
+        tls = self.tls
+        if tls is not None and self.transport is not None:
+            self.tls = None  # (what still arrives is dropped unread: the owner discards it)
             try:
-                self.transport.write(self.tls.close())
+                self.transport.write(tls.close())
             except ssl.SSLError:
                 pass
 
