@@ -68,3 +68,15 @@ def pcore() -> ModuleType:
     from icafast import _pure
 
     return _pure
+
+
+@pytest.fixture(autouse=True)
+def _no_fatal_transport_errors(caplog: pytest.LogCaptureFixture):
+    """Fail any test during which an event loop reported a fatal error on a transport (an
+    exception escaped one of our protocol callbacks): the loop closes that connection and
+    goes on, so nothing else would notice."""
+    yield
+    fatal = [r.getMessage().splitlines()[0] for r in caplog.get_records("call")
+             if "Fatal error on transport" in r.getMessage()
+             or "Fatal error: protocol" in r.getMessage()]
+    assert not fatal, fatal
