@@ -98,11 +98,11 @@ def _pair(tmp_path):
 
 @pytest.mark.parametrize("tls_io", ["auto", "pure", "loop"])
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-def test_pinned_fingerprint_session_survives_breaks(tmp_path, loop, tls_io, monkeypatch,
-                                                    caplog):
+def test_pinned_fingerprint_session_survives_breaks(tmp_path, loop, tls_io, monkeypatch):
     """Both ways of running TLS: by the link through a pipe (compiled by default; ``pure``:
     the Python twin) and by the event loop's TLS transport (``loop``). The session ends
-    cleanly: its last link lingers after CLOSE and is closed without a transport error."""
+    cleanly: its last link lingers after CLOSE and is closed without a transport error
+    (conftest's autouse fixture fails the test on one)."""
     monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
     piped = tls_io != "loop" and (tls_io == "pure" or uses_pipe())
     cert, key, fp = _pair(tmp_path)
@@ -149,8 +149,6 @@ def test_pinned_fingerprint_session_survives_breaks(tmp_path, loop, tls_io, monk
             await asyncio.sleep(0.3)  # the lingering links see their peers close
 
     run_async(loop, main(), timeout=120)
-    fatal = [r.getMessage() for r in caplog.records if "Fatal error" in r.getMessage()]
-    assert not fatal, fatal
 
 
 @pytest.mark.parametrize("tls_io", ["auto", "pure", "loop"])
