@@ -48,9 +48,11 @@ cdef extern from *:
     typedef struct ssl_st icafast_SSL;
     typedef struct bio_st icafast_BIO;
     typedef struct bio_method_st icafast_BIO_METHOD;
+    typedef struct ssl_session_st icafast_SSL_SESSION;
     """
     int RTLD_NOLOAD
     ctypedef struct icafast_SSL
+    ctypedef struct icafast_SSL_SESSION
     ctypedef struct icafast_BIO
     ctypedef struct icafast_BIO_METHOD
 
@@ -63,6 +65,11 @@ ctypedef int (*f_ssl_shutdown)(icafast_SSL *) noexcept nogil
 ctypedef long (*f_ssl_ctrl)(icafast_SSL *, int, long, void *) noexcept nogil
 ctypedef int (*f_ssl_free_buffers)(icafast_SSL *) noexcept nogil
 ctypedef int (*f_void_int)() noexcept nogil
+ctypedef icafast_SSL_SESSION *(*f_get1_session)(icafast_SSL *) noexcept nogil
+ctypedef int (*f_set_session)(icafast_SSL *, icafast_SSL_SESSION *) noexcept nogil
+ctypedef void (*f_session_free)(icafast_SSL_SESSION *) noexcept nogil
+ctypedef int (*f_session_int)(const icafast_SSL_SESSION *) noexcept nogil
+ctypedef icafast_SSL_SESSION *(*f_session_dup)(const icafast_SSL_SESSION *) noexcept nogil
 ctypedef void (*f_void)() noexcept nogil
 ctypedef unsigned long (*f_ulong)() noexcept nogil
 ctypedef void (*f_err_string)(unsigned long, char *, size_t) noexcept nogil
@@ -120,6 +127,11 @@ cdef f_bio_get_data p_bio_get_data = NULL
 cdef f_bio_set_int p_bio_set_init = NULL
 cdef f_bio_set_int p_bio_set_flags = NULL
 cdef f_bio_set_int p_bio_clear_flags = NULL
+cdef f_get1_session p_get1_session = NULL
+cdef f_set_session p_set_session = NULL
+cdef f_session_free p_session_free = NULL
+cdef f_session_int p_session_resumable = NULL
+cdef f_session_dup p_session_dup = NULL
 cdef icafast_BIO_METHOD *_method = NULL
 cdef object _bind_error = "not bound yet"
 
@@ -196,6 +208,7 @@ def bind():
     global p_set0_rbio, p_set0_wbio, p_err_clear, p_err_get
     global p_err_string, p_bio_new, p_bio_set_data, p_bio_get_data, p_bio_set_init
     global p_bio_set_flags, p_bio_clear_flags, _method, p_ssl_ctrl, p_free_buffers
+    global p_get1_session, p_set_session, p_session_free, p_session_resumable, p_session_dup
     if _bind_error is None:
         return None
     cdef void *h
@@ -231,6 +244,11 @@ def bind():
         p_shutdown = <f_ssl_shutdown>_sym(h, b"SSL_shutdown")
         p_ssl_ctrl = <f_ssl_ctrl>_sym(h, b"SSL_ctrl")
         p_free_buffers = <f_ssl_free_buffers>_sym(h, b"SSL_free_buffers")
+        p_get1_session = <f_get1_session>_sym(h, b"SSL_get1_session")
+        p_set_session = <f_set_session>_sym(h, b"SSL_set_session")
+        p_session_free = <f_session_free>_sym(h, b"SSL_SESSION_free")
+        p_session_resumable = <f_session_int>_sym(h, b"SSL_SESSION_is_resumable")
+        p_session_dup = <f_session_dup>_sym(h, b"SSL_SESSION_dup")
         p_err_clear = <f_void>_sym(h, b"ERR_clear_error")
         p_err_get = <f_ulong>_sym(h, b"ERR_get_error")
         p_err_string = <f_err_string>_sym(h, b"ERR_error_string_n")
@@ -261,6 +279,80 @@ def bind():
 cdef inline void *_field(object obj, Py_ssize_t offset):
     # A pointer field of a CPython object, ``offset`` bytes after the object header.
     return (<void **>(<char *><PyObject *>obj + sizeof(PyObject) + offset))[0]
+
+
+cdef icafast_SSL *_ssl_of(object sslobj) except NULL:
+    # The OpenSSL connection of an ``ssl.SSLObject``.
+    import _ssl
+    inner = getattr(sslobj, "_sslobj", None)
+    if (type(inner) is not _ssl._SSLSocket
+            or _ssl._SSLSocket.__basicsize__ < sizeof(PyObject) + 2 * sizeof(void *)):
+        raise RuntimeError("TLS pipe unavailable: not an ssl.SSLObject")
+    # PySSLSocket: {PyObject_HEAD; PyObject *Socket; SSL *ssl; ...};
+    cdef icafast_SSL *conn = <icafast_SSL *>_field(inner, sizeof(void *))
+    if conn == NULL:
+        raise RuntimeError("TLS pipe unavailable: an ssl.SSLObject without a connection")
+    return conn
+
+
+cdef class Session:
+    """A TLS session a client may resume: a copy of OpenSSL's ``SSL_SESSION`` made in memory
+    (``SSL_SESSION_dup``: the certificate is shared, not copied).
+
+    Python's ``SSLObject.session`` copies a session through its DER encoding both when it is
+    read and when it is set (a workaround for OpenSSL 1.1.0), and decoding the server's
+    certificate in those copies costs OpenSSL 3 about as much as the resumed handshake itself.
+    A copy is still needed, once: OpenSSL marks a connection's own session as not resumable
+    when that connection ends without a close_notify, which is how a broken link ends. The copy
+    belongs to no connection; a connection it is offered to resumes from it without changing
+    it (a TLS 1.3 ticket received later goes into a new session)."""
+
+    cdef icafast_SSL_SESSION *_sess
+
+    def __dealloc__(self):
+        if self._sess != NULL:
+            p_session_free(self._sess)
+            self._sess = NULL
+
+    @property
+    def resumable(self):
+        """Whether OpenSSL would still offer it (a connection that failed may have marked it
+        otherwise)."""
+        return self._sess != NULL and p_session_resumable(self._sess) == 1
+
+
+def session_of(sslobj):
+    """A copy of the resumable session of a connection whose handshake is done, or ``None``
+    (no ticket yet, or a session that cannot be resumed)."""
+    if bind() is not None:
+        raise RuntimeError(f"TLS pipe unavailable: {_bind_error}")
+    cdef icafast_SSL_SESSION *sess = p_get1_session(_ssl_of(sslobj))
+    cdef icafast_SSL_SESSION *copy = NULL
+    if sess == NULL:
+        return None
+    if p_session_resumable(sess) == 1:
+        copy = p_session_dup(sess)
+    p_session_free(sess)
+    if copy == NULL:
+        p_err_clear()
+        return None
+    cdef Session out = Session.__new__(Session)
+    out._sess = copy
+    return out
+
+
+def offer_session(sslobj, Session session not None):
+    """Offer ``session`` in the handshake of a client connection not started yet. Returns
+    whether OpenSSL took it (the server may still refuse it: then the handshake is a full
+    one)."""
+    if bind() is not None:
+        raise RuntimeError(f"TLS pipe unavailable: {_bind_error}")
+    if not session.resumable:
+        return False
+    if p_set_session(_ssl_of(sslobj), session._sess) != 1:
+        p_err_clear()
+        return False
+    return True
 
 
 cdef str _pop_errors():
@@ -324,15 +416,11 @@ cdef class TLSPipe:
         if bind() is not None:
             raise RuntimeError(f"TLS pipe unavailable: {_bind_error}")
         import _ssl
-        inner = getattr(sslobj, "_sslobj", None)
-        if (type(inner) is not _ssl._SSLSocket or type(incoming) is not _ssl.MemoryBIO
-                or type(outgoing) is not _ssl.MemoryBIO
-                or _ssl._SSLSocket.__basicsize__ < sizeof(PyObject) + 2 * sizeof(void *)
+        if (type(incoming) is not _ssl.MemoryBIO or type(outgoing) is not _ssl.MemoryBIO
                 or _ssl.MemoryBIO.__basicsize__ < sizeof(PyObject) + sizeof(void *)):
             raise RuntimeError("TLS pipe unavailable: not an ssl.SSLObject over two MemoryBIOs")
-        # PySSLSocket: {PyObject_HEAD; PyObject *Socket; SSL *ssl; ...};
         # PySSLMemoryBIO: {PyObject_HEAD; BIO *bio; ...}
-        self._ssl = <icafast_SSL *>_field(inner, sizeof(void *))
+        self._ssl = _ssl_of(sslobj)
         mem_in = <icafast_BIO *>_field(incoming, 0)
         mem_out = <icafast_BIO *>_field(outgoing, 0)
         if (self._ssl == NULL or p_get_rbio(self._ssl) != mem_in

@@ -14,7 +14,9 @@ import hashlib
 import os
 import socket
 import ssl
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "ClientTLS",
@@ -117,15 +119,27 @@ def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     return cert, key, True
 
 
-def _base(purpose: ssl.Purpose) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(purpose)
+def _base(protocol: ssl._SSLMethod) -> ssl.SSLContext:
+    """A context with the standard library's defaults (``ssl.create_default_context``:
+    no compression, forward-secret AEAD ciphers first) but no certificate authorities loaded:
+    each side loads only what it trusts. (The system's CA directory would also cost every
+    handshake a scan of that directory in OpenSSL 3, even where nothing is verified.)"""
+    ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    keylog = os.environ.get("SSLKEYLOGFILE")  # (as create_default_context: for debugging)
+    if keylog and not sys.flags.ignore_environment:
+        ctx.keylog_filename = keylog
     return ctx
 
 
 def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
-    """Server context; with ``client_ca`` clients must present a certificate it signed."""
-    ctx = _base(ssl.Purpose.CLIENT_AUTH)
+    """Server context; with ``client_ca`` clients must present a certificate it signed.
+
+    It issues one TLS session ticket per handshake (encrypted with a key that lives as long as
+    the context), with which a client may resume: an abbreviated handshake, with new keys
+    (ECDHE) but without the certificate and its signature."""
+    ctx = _base(ssl.PROTOCOL_TLS_SERVER)
+    ctx.num_tickets = 1
     ctx.load_cert_chain(cert, key)
     if client_ca:
         ctx.load_verify_locations(client_ca)
@@ -142,6 +156,30 @@ class ClientTLS:
     fingerprint: str | None = None
     #: Name to check the certificate against (None: the server host given).
     server_hostname: str | None = None
+    #: Resume TLS sessions: a link offers the session of the latest link to the same server
+    #: (same address and name), an abbreviated handshake if the server still takes it.
+    resume: bool = True
+    _sessions: dict[tuple[str, int, str], Any] = field(default_factory=dict, repr=False,
+                                                       compare=False)
+
+    def session_for(self, host: str, port: int, server_hostname: str) -> Any:
+        """The session to offer a new link to ``host:port`` (None: a full handshake).
+
+        Resuming is as safe as the handshake that made the session: only a server this client
+        verified (chain and name, or pinned fingerprint) can have sealed its ticket, and the
+        certificate the session carries is that server's, which :func:`check_peer` checks
+        again. A session is kept per address and name, never offered to another server."""
+        if not self.resume:
+            return None
+        return self._sessions.get((host, port, server_hostname))
+
+    def remember(self, host: str, port: int, server_hostname: str, session: Any) -> None:
+        """Keep the session (from :func:`icafast.tlspipe.session_of`) of a link that is up."""
+        if not self.resume or session is None:
+            return
+        if len(self._sessions) >= 64:  # (one per server: a client has few)
+            self._sessions.clear()
+        self._sessions[(host, port, server_hostname)] = session
 
 
 def client_context(*, ca: str | None = None, fingerprint: str | None = None,
@@ -152,9 +190,9 @@ def client_context(*, ca: str | None = None, fingerprint: str | None = None,
     if not (ca or fingerprint or insecure):
         raise ValueError("refusing an unverified server: give a CA file (--tls-ca), a pinned "
                          "certificate fingerprint (--tls-fingerprint) or --tls-insecure")
-    ctx = _base(ssl.Purpose.SERVER_AUTH)
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
     fp = normalize_fingerprint(fingerprint) if fingerprint else None
-    if ca:
+    if ca:  # only this CA file: not also the system's authorities
         ctx.load_verify_locations(ca)
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED

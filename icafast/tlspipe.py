@@ -141,6 +141,32 @@ def describe() -> str:
     return "compiled pipe" if why is None else f"the event loop's TLS transport ({why})"
 
 
+def session_of(sslobj: ssl.SSLObject) -> Any:
+    """The resumable TLS session of a client connection that is up (its server's ticket
+    received), or ``None``. Compiled (``icafast._tlsio.Session``: a reference to OpenSSL's
+    session) unless ``ICAFAST_TLS_IO=pure``; else Python's ``ssl.SSLSession`` (a copy)."""
+    if tls_io_mode() != "pure" and compiled_unavailable() is None:
+        from . import _tlsio  # type: ignore[attr-defined]
+
+        return _tlsio.session_of(sslobj)
+    sess = sslobj.session
+    return sess if sess is not None and sess.has_ticket else None
+
+
+def offer_session(sslobj: ssl.SSLObject, session: Any) -> bool:
+    """Offer a session from :func:`session_of` in the handshake of a client connection not
+    started yet (whether it is resumed is the server's choice). Returns whether it was set."""
+    if isinstance(session, ssl.SSLSession):
+        try:
+            sslobj.session = session
+        except ValueError:  # (a session of another context)
+            return False
+        return True
+    from . import _tlsio  # type: ignore[attr-defined]
+
+    return bool(_tlsio.offer_session(sslobj, session))
+
+
 def pipe_for(sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> Any:
     """The pipe for a finished handshake: compiled unless ``ICAFAST_TLS_IO=pure``."""
     if tls_io_mode() == "pure":

@@ -203,6 +203,79 @@ def test_corrupted_records_close_the_link_and_the_session_resumes(tmp_path, tls_
     run_async("uvloop", main(), timeout=120)
 
 
+@pytest.mark.parametrize("tls_io", ["auto", "pure"])
+def test_links_resume_tls_sessions(tmp_path, tls_io, monkeypatch):
+    """A client resumes the TLS session of its latest link to the same server: new links of
+    a session (after a break) and links of new sessions make abbreviated handshakes, and the
+    pinned certificate is still checked on them. A server that no longer takes the ticket
+    (a restarted server: a new ticket key) gets a full handshake and the session works; a
+    client told ``resume=False`` never offers one. ``pure``: Python's ``ssl`` sessions."""
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    if tls_io == "auto" and not uses_pipe():
+        pytest.skip("the compiled pipe cannot run here")
+    cert, key, fp = _pair(tmp_path)
+
+    def reused(s: Setup) -> list[bool]:  # the server's side of each session's link
+        return [r.link.ssl_object.session_reused for r in s.server.sessions_by_id.values()
+                if r.link is not None]
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter, data: bytes) -> None:
+        w.write(data)
+        assert await asyncio.wait_for(r.readexactly(len(data)), 10) == data
+
+    async def main() -> None:
+        ct = tls.client_context(fingerprint=fp)
+        async with Setup(Backend("echo"), ssl=tls.server_context(cert, key)) as s:
+            cev: list = []
+            r1, w1 = await s.client(events=cev, tls=ct)
+            await echo(r1, w1, b"first")
+            assert reused(s) == [False]  # (nothing to resume yet)
+            (key1,) = ct._sessions
+            assert key1[:2] == ("127.0.0.1", s.proxy.port)
+            for k in range(3):  # breaks: each new link resumes
+                s.proxy.reset()
+                assert await wait_for(lambda k=k: links_up(cev) == k + 2
+                                      and reused(s) == [True], 10), (links_up(cev), reused(s))
+                await echo(r1, w1, b"after break %d" % k)
+            r2, w2 = await s.client(direct=True, tls=ct)  # a new session, another address
+            await echo(r2, w2, b"second")
+            assert sorted(reused(s)) == [False, True]
+            r3, w3 = await s.client(direct=True, tls=ct)  # now resumed too
+            await echo(r3, w3, b"third")
+            assert sorted(reused(s)) == [False, True, True]
+            assert len(ct._sessions) == 2
+            old = ct._sessions[key1]
+            off = tls.client_context(fingerprint=fp)
+            off.resume = False
+            r4, w4 = await s.client(direct=True, tls=off)
+            await echo(r4, w4, b"no resume")
+            assert sorted(reused(s)) == [False, False, True, True] and not off._sessions
+            for w in (w1, w2, w3, w4):
+                w.close()
+        # a restarted server (a new context, a new ticket key) is offered the old ticket
+        async with Setup(Backend("echo"), ssl=tls.server_context(cert, key)) as s:
+            ct.remember("127.0.0.1", s.server_port, "127.0.0.1", old)
+            r5, w5 = await s.client(direct=True, tls=ct)
+            await echo(r5, w5, b"restarted")
+            assert reused(s) == [False]
+            w5.close()
+            await asyncio.sleep(0.2)
+
+    run_async("uvloop", main(), timeout=60)
+
+
+def test_contexts_trust_only_what_they_are_given(tmp_path):
+    """No system certificate authorities: a client with ``ca`` trusts that CA alone; a pinned
+    client and a server trust none (their verification is the pin, or client_ca)."""
+    ca, _ = _make_ca(tmp_path)
+    cert, key, fp = _pair(tmp_path / "srv")
+    assert tls.client_context(ca=ca).context.cert_store_stats()["x509_ca"] == 1
+    assert tls.client_context(fingerprint=fp).context.cert_store_stats()["x509"] == 0
+    assert tls.server_context(cert, key).cert_store_stats()["x509"] == 0
+    assert tls.server_context(cert, key, client_ca=ca).cert_store_stats()["x509_ca"] == 1
+
+
+
 def test_quiet_tls_links_give_back_their_record_buffers(tmp_path):
     """The compiled pipe keeps OpenSSL's record buffers while a link is busy; the session's
     timers (keepalives here) ask it to free them, and the session goes on after."""

@@ -18,7 +18,7 @@ from typing import Any, cast
 from .. import events as ev
 from ..protocol import CLOSE_ABORTED, ClientSession, Config, State
 from ..tls import ClientTLS, TLSVerifyError, check_peer
-from ..tlspipe import uses_pipe
+from ..tlspipe import session_of, uses_pipe
 from ._relay import Endpoint, Link, Runner, StatusCallback, abort_with_rst, tune_socket
 from .tlslink import TLSSetup
 
@@ -63,9 +63,10 @@ class _ClientRunner(Runner):
         kw: dict[str, Any] = {}
         setup: TLSSetup | None = None
         if tls is not None and uses_pipe():  # TLS run by the link (icafast.aio.tlslink)
-            setup = TLSSetup(tls.context, server_side=False,
-                             server_hostname=tls.server_hostname or host, timeout=timeout,
-                             loop=self.loop)
+            name = tls.server_hostname or host
+            setup = TLSSetup(tls.context, server_side=False, server_hostname=name,
+                             timeout=timeout, loop=self.loop,
+                             session=tls.session_for(host, port, name))
         elif tls is not None:  # the event loop's TLS transport
             kw = {"ssl": tls.context, "server_hostname": tls.server_hostname or host,
                   "ssl_handshake_timeout": timeout}
@@ -127,6 +128,11 @@ class _ClientRunner(Runner):
             self.status(e)
             return
         if isinstance(e, ev.LinkUp):
+            link = self.link
+            if self.tls is not None and link is not None and link.tls is not None:
+                host, port = self.server  # (a link whose TLS the loop runs cannot resume)
+                self.tls.remember(host, port, self.tls.server_hostname or host,
+                                  session_of(link.ssl_object))
             if not self.ready.done():
                 self.ready.set_result("session")
         if (isinstance(e, ev.SessionClosed) and self.fallback is not None

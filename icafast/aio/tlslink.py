@@ -15,7 +15,7 @@ import logging
 import ssl
 from typing import Any
 
-from ..tlspipe import pipe_for
+from ..tlspipe import offer_session, pipe_for
 
 log = logging.getLogger("icafast")
 
@@ -32,8 +32,10 @@ class TLSSetup:
 
     def __init__(self, context: ssl.SSLContext, *, server_side: bool,
                  server_hostname: str | None, timeout: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop,
+                 session: Any = None) -> None:
         self.context = context
+        self.session = session  # (client: a session to resume, from tlspipe.session_of)
         self.server_side = server_side
         self.server_hostname = server_hostname
         self.timeout = timeout
@@ -52,6 +54,8 @@ class TLSSetup:
         try:
             self.sslobj = self.context.wrap_bio(self._in, self._out, server_side=self.server_side,
                                                 server_hostname=self.server_hostname)
+            if self.session is not None:
+                offer_session(self.sslobj, self.session)
         except (ssl.SSLError, ValueError) as e:
             self._fail(e)
             return
