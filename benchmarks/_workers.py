@@ -408,8 +408,13 @@ async def _resume_many(a: argparse.Namespace) -> None:
     await _wait_port(a.server_port)
     sessions: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     t0 = time.monotonic()
+    tls = None
+    if a.tls_fingerprint:
+        from icafast.tls import client_context
+
+        tls = client_context(fingerprint=a.tls_fingerprint)
     for start in range(0, a.sessions, 100):
-        batch = await asyncio.gather(*(open_session("127.0.0.1", a.server_port)
+        batch = await asyncio.gather(*(open_session("127.0.0.1", a.server_port, tls=tls)
                                        for _ in range(start, min(a.sessions, start + 100))))
         for r, w in batch:
             w.write(b"S%06d\n" % len(sessions))
@@ -626,6 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--sessions", type=int, default=1000)
     s.add_argument("--rounds", type=int, default=3)
     s.add_argument("--hold", type=float, default=0.05)
+    s.add_argument("--tls-fingerprint", help="TLS links, the server's certificate pinned")
     s = sub.add_parser("forward")
     s.add_argument("--listen", type=int, required=True)
     s.add_argument("--target", type=int, required=True)

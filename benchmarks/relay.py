@@ -342,6 +342,11 @@ class Bench:
     # -- 4. resume ---------------------------------------------------------------------------
     def resume(self) -> dict[str, Any]:
         res: dict[str, Any] = {}
+        # --resume-tls: TLS links (the run's certificate, pinned by the clients), each new link
+        # resuming the TLS session of the one before; else plain links
+        tls = tls_files(self.tmp) if self.a.resume_tls else None
+        res["tls"] = "TLS links" if tls is not None else "plain links"
+        tls_client = ["--tls-fingerprint", tls.fingerprint] if tls is not None else []
         # one session, 200 resets: app -> connect -> proxy -> serve -> backend (in the driver)
         b, s, pp, ctl, lport = (free_port() for _ in range(5))
         driver = self.procs.start("resume-one", [
@@ -352,13 +357,13 @@ class Bench:
         try:
             wait_ready(driver)
             started.append(self.procs.start("resume-serve", icafast_argv(
-                "serve", s, b, ["--control", str(self.tmp / "ctl-resume.sock")])))
+                "serve", s, b, ["--control", str(self.tmp / "ctl-resume.sock")], tls=tls)))
             wait_listening(s, started[-1])
             started.append(self.server("resume-proxy", ["proxy", "--listen", str(pp),
                                                         "--target", str(s), "--control",
                                                         str(ctl)]))
             started.append(self.procs.start("resume-connect", icafast_argv("connect", lport,
-                                                                           pp)))
+                                                                           pp, tls=tls)))
             out, _ = driver.communicate(timeout=300)
             res["one_session"] = self._parse(driver, out)
             r1 = res["one_session"]["resume"]
@@ -373,12 +378,12 @@ class Bench:
         driver = self.procs.start("resume-many", [
             PY, "-m", "benchmarks._workers", "resume-many", "--server-port", str(pp),
             "--backend-port", str(b), "--control-port", str(ctl), "--sessions", str(n),
-            "--rounds", str(1 if self.quick else 3)], capture=True)
+            "--rounds", str(1 if self.quick else 3), *tls_client], capture=True)
         started = [driver]
         try:
             wait_ready(driver)
             started.append(self.procs.start("resume-many-serve", icafast_argv(
-                "serve", s, b, ["--control", str(self.tmp / "ctl-resume-many.sock")])))
+                "serve", s, b, ["--control", str(self.tmp / "ctl-resume-many.sock")], tls=tls)))
             wait_listening(s, started[-1])
             started.append(self.server("resume-many-proxy", [
                 "proxy", "--listen", str(pp), "--target", str(s), "--control", str(ctl)]))
@@ -695,12 +700,14 @@ def table(out: dict[str, Any]) -> str:
     if "one_session" in r:
         o = r["one_session"]["resume"]
         ok = "ok" if r["verified"]["icafast"] else "BAD"
-        lines.append(f"| resume, 1 session × {o['n']} resets: p50 / p99 / max ms | icafast | "
+        over = " (TLS links)" if r.get("tls") == "TLS links" else ""
+        lines.append(f"| resume{over}, 1 session × {o['n']} resets: p50 / p99 / max ms | icafast | "
                      f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} / {o['max_ms']:.2f} | | | {ok} |")
     if "many_sessions" in r:
         m = r["many_sessions"]
         a = m["all_done_ms"]
-        lines.append(f"| resume, {m['sessions']} sessions at once: all done ms | icafast | "
+        over = " (TLS links)" if r.get("tls") == "TLS links" else ""
+        lines.append(f"| resume{over}, {m['sessions']} sessions at once: all done ms | icafast | "
                      f"{a['median']:.0f} | {a['min']:.0f} – {a['max']:.0f} | | "
                      f"{'ok' if m['ok'] else 'BAD'} |")
     sc = w.get("scale", {})
@@ -772,13 +779,16 @@ def report(paths: list[str]) -> str:
         res = r["workloads"].get("resume", {})
         if "one_session" in res:
             o = res["one_session"]["resume"]
-            lines.append(f"| resume, 1 session, {o['n']} resets: p50 / p99 / max ms | icafast | "
+            over = " (TLS links)" if res.get("tls") == "TLS links" else ""
+            lines.append(f"| resume{over}, 1 session, {o['n']} resets: p50 / p99 / max ms "
+                         "| icafast | "
                          + " | ".join(f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} / {o['max_ms']:.2f}"
                                       if x is r else "" for x in runs) + " |")
         if "many_sessions" in res:
             m = res["many_sessions"]
             a = m["all_done_ms"]
-            lines.append(f"| resume, {m['sessions']} sessions at once: all done, ms "
+            over = " (TLS links)" if res.get("tls") == "TLS links" else ""
+            lines.append(f"| resume{over}, {m['sessions']} sessions at once: all done, ms "
                          f"(rounds) | icafast | " + " | ".join(
                              f"{a['median']:.0f} ({', '.join(f'{x:.0f}' for x in a['runs'])})"
                              if x is r else "" for x in runs) + " |")
@@ -824,6 +834,8 @@ def main(argv: list[str] | None = None) -> int:
                    "once")
     p.add_argument("--sessions", type=int, default=10_000, help="idle sessions at most (the "
                    "server needs 2 descriptors per session; capped by the open-files limit)")
+    p.add_argument("--resume-tls", action="store_true", help="resume: the links over TLS "
+                   "(the run's certificate, pinned by the clients)")
     p.add_argument("--scale-tls", action="store_true", help="scale: the sessions' links over "
                    "TLS (how TLS runs follows ICAFAST_TLS_IO; default: the compiled pipe)")
     p.add_argument("--window", type=float, default=20.0, help="seconds of idle CPU measured "
