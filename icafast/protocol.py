@@ -1104,6 +1104,11 @@ class SessionEngine:
 # Client
 
 
+#: The reconnect jitter of client sessions that are given no generator of their own: one for
+#: the process, seeded once (seeding a generator per session costs more than its use).
+_JITTER = random.Random()
+
+
 class ClientSession(SessionEngine):
     """A session seen from the client.
 
@@ -1116,7 +1121,7 @@ class ClientSession(SessionEngine):
     def __init__(self, config: Config | None = None, now: float = 0.0, rng: Any = None) -> None:
         super().__init__(config or Config(), now)
         self._secret = b""
-        self._rng = rng or random.Random()
+        self._rng = rng or _JITTER  # (reconnect jitter: a per-session generator buys nothing)
         self._attempt = 0
         self._reconnect_at: float | None = None
         self._ever_established = False

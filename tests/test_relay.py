@@ -483,6 +483,8 @@ def test_a_link_whose_peer_stops_reading_keeps_little_unsent_in_the_kernel(loop)
             lowat = socket.TCP_NOTSENT_LOWAT
             assert link_sock.getsockopt(socket.IPPROTO_TCP, lowat) == LINK_NOTSENT_LOWAT
             assert backend_sock.getsockopt(socket.IPPROTO_TCP, lowat) == 0
+            for sk in (link_sock, backend_sock):  # (set on the descriptor, still open)
+                assert sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             last = -1
             for _ in range(100):  # until the server stops taking from the backend
                 await asyncio.sleep(0.2)

@@ -114,16 +114,35 @@ def tune_socket(transport: asyncio.BaseTransport, high: int = WRITE_HIGH_WATER,
                 low: int = WRITE_LOW_WATER, notsent_lowat: int = 0) -> None:
     """TCP_NODELAY on every socket (small writes must not wait for Nagle), big limits, and
     TCP_NOTSENT_LOWAT if ``notsent_lowat`` (where the platform has it)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if notsent_lowat and _TCP_NOTSENT_LOWAT:
-                sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, notsent_lowat)
-        except OSError:
-            pass
+    opts = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    if notsent_lowat and _TCP_NOTSENT_LOWAT:
+        opts.append((socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, notsent_lowat))
+    _set_tcp_options(transport, opts)
     if hasattr(transport, "set_write_buffer_limits"):
         transport.set_write_buffer_limits(high=high, low=low)
+
+
+def _set_tcp_options(transport: asyncio.BaseTransport, opts: list[tuple[int, int, Any]]) -> None:
+    """setsockopt on a TCP transport's socket (nothing for other sockets; errors ignored).
+
+    Through a socket object of our own on the transport's descriptor, told its family, type
+    and protocol (so that it asks the kernel for none of them), detached afterwards: uvloop's
+    stand-in socket makes a new socket object for each setsockopt call, each asking the kernel
+    three questions first, and a session has two sockets at each end."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    fd = sock.fileno()
+    if fd < 0:
+        return
+    own = socket.socket(sock.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
+    try:
+        for level, name, value in opts:
+            own.setsockopt(level, name, value)
+    except OSError:
+        pass
+    finally:
+        own.detach()  # (the transport still owns the descriptor)
 
 
 _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {l_onoff=1, l_linger=0}
@@ -133,12 +152,7 @@ def abort_with_rst(transport: asyncio.BaseTransport | None) -> None:
     """Close a TCP connection with a reset (SO_LINGER 0), so the peer sees it was not clean."""
     if transport is None or transport.is_closing():
         return
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-        except OSError:
-            pass
+    _set_tcp_options(transport, [(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)])
     transport.abort()  # type: ignore[attr-defined]
 
 

@@ -49,7 +49,8 @@ class TLSSetup:
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self, link: Any, transport: asyncio.Transport) -> None:
-        """Called by the link's ``connection_made``: send the first flight (client)."""
+        """Called by the link's ``connection_made``: send the first flight (client), or wait
+        for the peer's (server)."""
         self.link, self.transport = link, transport
         try:
             self.sslobj = self.context.wrap_bio(self._in, self._out, server_side=self.server_side,
@@ -60,7 +61,8 @@ class TLSSetup:
             self._fail(e)
             return
         self._timer = self.loop.call_later(self.timeout, self._timed_out)
-        self._step()
+        if not self.server_side:  # (a server has nothing to do before the ClientHello)
+            self._step()
 
     def feed(self, data: Any) -> None:
         """Handshake records from the peer."""
