@@ -390,16 +390,22 @@ def test_client_certificates(tmp_path):
     async def main() -> None:
         async with Setup(Backend("echo"),
                          ssl=tls.server_context(cert, key, client_ca=ca)) as s:
-            r, w = await open_session("127.0.0.1", s.server_port, config=FAST,
-                                      tls=tls.client_context(fingerprint=fp, cert=ccert,
-                                                             key=ckey))
-            w.write(b"mtls")
-            assert await r.readexactly(4) == b"mtls"
-            w.close()
+            ctls = tls.client_context(fingerprint=fp, cert=ccert, key=ckey)
+            writers = []
+            for _ in range(2):  # (the second resumes the first's TLS session)
+                r, w = await open_session("127.0.0.1", s.server_port, config=FAST, tls=ctls)
+                w.write(b"mtls")
+                assert await r.readexactly(4) == b"mtls"
+                writers.append(w)
+            if uses_pipe():
+                assert sorted(ru.link.ssl_object.session_reused
+                              for ru in s.server.sessions_by_id.values()) == [False, True]
+            for w in writers:
+                w.close()
             with pytest.raises(ConnectionError):
                 await open_session("127.0.0.1", s.server_port, config=FAST,
                                    tls=tls.client_context(fingerprint=fp))
-            assert len(s.backend.conns) == 1
+            assert len(s.backend.conns) == 2
 
     run_async("uvloop", main())
 
