@@ -302,10 +302,10 @@ cdef class Session:
     Python's ``SSLObject.session`` copies a session through its DER encoding both when it is
     read and when it is set (a workaround for OpenSSL 1.1.0), and decoding the server's
     certificate in those copies costs OpenSSL 3 about as much as the resumed handshake itself.
-    A copy is still needed, once: OpenSSL marks a connection's own session as not resumable
-    when that connection ends without a close_notify, which is how a broken link ends. The copy
-    belongs to no connection; a connection it is offered to resumes from it without changing
-    it (a TLS 1.3 ticket received later goes into a new session)."""
+    Copies are still needed: OpenSSL marks a connection's session as not resumable when that
+    connection ends without a close_notify, which is how a broken link ends. So the session is
+    copied when it is taken from a connection, and each connection it is offered to gets a
+    copy of its own; the kept one belongs to no connection."""
 
     cdef icafast_SSL_SESSION *_sess
 
@@ -320,13 +320,32 @@ cdef class Session:
         otherwise)."""
         return self._sess != NULL and p_session_resumable(self._sess) == 1
 
+    def offer(self, sslobj):
+        """Offer this session in the handshake of a client connection (an ``ssl.SSLObject``)
+        not started yet. Returns whether OpenSSL took it (the server may still refuse it:
+        then the handshake is a full one)."""
+        cdef icafast_SSL *conn = _ssl_of(sslobj)
+        cdef icafast_SSL_SESSION *copy
+        cdef int ok
+        if not self.resumable:
+            return False
+        # a copy of its own for the connection: a TLS 1.2 resumption keeps the session it was
+        # given, and marks it not resumable if it ends without a close_notify
+        copy = p_session_dup(self._sess)
+        if copy == NULL:
+            p_err_clear()
+            return False
+        ok = p_set_session(conn, copy)
+        p_session_free(copy)  # (the connection holds its own reference)
+        if ok != 1:
+            p_err_clear()
+            return False
+        return True
 
-def session_of(sslobj):
-    """A copy of the resumable session of a connection whose handshake is done, or ``None``
-    (no ticket yet, or a session that cannot be resumed)."""
-    if bind() is not None:
-        raise RuntimeError(f"TLS pipe unavailable: {_bind_error}")
-    cdef icafast_SSL_SESSION *sess = p_get1_session(_ssl_of(sslobj))
+
+cdef Session _session_of(icafast_SSL *conn):
+    # A copy of the connection's session if it can be resumed, else None.
+    cdef icafast_SSL_SESSION *sess = p_get1_session(conn)
     cdef icafast_SSL_SESSION *copy = NULL
     if sess == NULL:
         return None
@@ -339,20 +358,6 @@ def session_of(sslobj):
     cdef Session out = Session.__new__(Session)
     out._sess = copy
     return out
-
-
-def offer_session(sslobj, Session session not None):
-    """Offer ``session`` in the handshake of a client connection not started yet. Returns
-    whether OpenSSL took it (the server may still refuse it: then the handshake is a full
-    one)."""
-    if bind() is not None:
-        raise RuntimeError(f"TLS pipe unavailable: {_bind_error}")
-    if not session.resumable:
-        return False
-    if p_set_session(_ssl_of(sslobj), session._sess) != 1:
-        p_err_clear()
-        return False
-    return True
 
 
 cdef str _pop_errors():
@@ -653,6 +658,11 @@ cdef class TLSPipe:
             return <bytes>out
         finally:
             Py_XDECREF(out)
+
+    def session(self):
+        """A copy of the session a client may resume on its next connection to this server
+        (its ticket received), or ``None``. See :class:`Session`."""
+        return _session_of(self._ssl)
 
     def close(self):
         """A close_notify alert, as ciphertext to send before closing the connection."""

@@ -174,7 +174,7 @@ class ClientTLS:
         return self._sessions.get((host, port, server_hostname))
 
     def remember(self, host: str, port: int, server_hostname: str, session: Any) -> None:
-        """Keep the session (from :func:`icafast.tlspipe.session_of`) of a link that is up."""
+        """Keep the session of a link that is up (its TLS pipe's ``session()``)."""
         if not self.resume or session is None:
             return
         if len(self._sessions) >= 64:  # (one per server: a client has few)

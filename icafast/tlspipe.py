@@ -94,6 +94,12 @@ class TLSPipe:
             pass  # (the peer's close_notify is not awaited)
         return self.output()
 
+    def session(self) -> ssl.SSLSession | None:
+        """The session a client may resume on its next connection to this server (its ticket
+        received), or ``None``; give it to :func:`offer_session`."""
+        sess = self._obj.session
+        return sess if sess is not None and sess.has_ticket else None
+
 
 def tls_io_mode() -> str:
     """``ICAFAST_TLS_IO``: ``auto`` (default), ``compiled``, ``pure`` or ``loop``."""
@@ -110,10 +116,10 @@ def compiled_unavailable() -> str | None:
     if _want_pure():
         return "ICAFAST_PURE_PYTHON is set"
     try:
-        from . import _tlsio  # type: ignore[attr-defined]
+        mod = _compiled_module()
     except ImportError as e:
         return f"icafast._tlsio not built ({e})"
-    return _tlsio.bind()  # type: ignore[no-any-return]
+    return mod.bind()  # type: ignore[no-any-return]
 
 
 def uses_pipe() -> bool:
@@ -141,36 +147,35 @@ def describe() -> str:
     return "compiled pipe" if why is None else f"the event loop's TLS transport ({why})"
 
 
-def session_of(sslobj: ssl.SSLObject) -> Any:
-    """The resumable TLS session of a client connection that is up (its server's ticket
-    received), or ``None``. Compiled (``icafast._tlsio.Session``: a reference to OpenSSL's
-    session) unless ``ICAFAST_TLS_IO=pure``; else Python's ``ssl.SSLSession`` (a copy)."""
-    if tls_io_mode() != "pure" and compiled_unavailable() is None:
-        from . import _tlsio  # type: ignore[attr-defined]
-
-        return _tlsio.session_of(sslobj)
-    sess = sslobj.session
-    return sess if sess is not None and sess.has_ticket else None
-
-
 def offer_session(sslobj: ssl.SSLObject, session: Any) -> bool:
-    """Offer a session from :func:`session_of` in the handshake of a client connection not
-    started yet (whether it is resumed is the server's choice). Returns whether it was set."""
+    """Offer a session from a pipe's ``session()`` in the handshake of a client connection
+    not started yet (whether it is resumed is the server's choice). Returns whether it was
+    set: ``ssl.SSLSession`` through Python (which copies it), ``icafast._tlsio.Session``
+    through OpenSSL."""
     if isinstance(session, ssl.SSLSession):
         try:
             sslobj.session = session
         except ValueError:  # (a session of another context)
             return False
         return True
-    from . import _tlsio  # type: ignore[attr-defined]
+    return bool(session.offer(sslobj))
 
-    return bool(_tlsio.offer_session(sslobj, session))
+
+_compiled: Any = None
+
+
+def _compiled_module() -> Any:
+    """``icafast._tlsio`` (ImportError where it is not built), imported once."""
+    global _compiled
+    if _compiled is None:
+        from . import _tlsio  # type: ignore[attr-defined]
+
+        _compiled = _tlsio
+    return _compiled
 
 
 def pipe_for(sslobj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO) -> Any:
     """The pipe for a finished handshake: compiled unless ``ICAFAST_TLS_IO=pure``."""
     if tls_io_mode() == "pure":
         return TLSPipe(sslobj, incoming, outgoing)
-    from . import _tlsio  # type: ignore[attr-defined]
-
-    return _tlsio.TLSPipe(sslobj, incoming, outgoing)
+    return _compiled_module().TLSPipe(sslobj, incoming, outgoing)

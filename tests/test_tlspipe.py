@@ -31,8 +31,9 @@ def contexts(tmp_path_factory):
     return tls.server_context(cert, key), tls.client_context(ca=cert).context
 
 
-def handshake(contexts, version=None):
-    """A finished TLS handshake in memory: (server objects, client objects)."""
+def handshake(contexts, version=None, session=None):
+    """A finished TLS handshake in memory: (server objects, client objects). ``session``: one
+    for the client to offer (from a pipe's ``session()``)."""
     sctx, cctx = contexts
     if version is not None:
         cctx = tls.client_context(insecure=True).context
@@ -40,6 +41,8 @@ def handshake(contexts, version=None):
     si, so, ci, co = (ssl.MemoryBIO() for _ in range(4))
     s = sctx.wrap_bio(si, so, server_side=True)
     c = cctx.wrap_bio(ci, co, server_hostname="localhost")
+    if session is not None:
+        assert tlspipe.offer_session(c, session)
     done = set()
     for _ in range(10):
         for name, obj, out, peer_in in (("c", c, co, si), ("s", s, so, ci)):
@@ -59,6 +62,37 @@ def handshake(contexts, version=None):
 def pipes(contexts, server_kind, client_kind, version=None):
     srv, cli = handshake(contexts, version)
     return KINDS[server_kind](*srv), KINDS[client_kind](*cli)
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_sessions_from_either_kind_resume_and_survive_a_connection_that_ends_badly(
+        contexts, kind, version):
+    """A client pipe gives its session once the server's ticket is in (TLS 1.3 sends it after
+    the handshake); offered to the next connection, it resumes it. The compiled kind keeps an
+    in-memory copy, so a connection that then ends without a close_notify (OpenSSL marks its
+    own session as not resumable) leaves the kept session resumable."""
+    contexts = (contexts[0], tls.client_context(insecure=True).context)
+    contexts[1].maximum_version = version
+    sp, cp = pipes(contexts, "compiled", kind)
+    cp.open(sp.seal(b"hello"))  # (the ticket arrives ahead of the data)
+    sess = cp.session()
+    assert sess is not None
+    assert type(sess) is (ssl.SSLSession if kind == "pure" else _tlsio.Session)
+    for _ in range(3):
+        srv, cli = handshake(contexts, session=sess)
+        assert cli[0].session_reused and srv[0].session_reused
+        assert cli[0].getpeercert(binary_form=True)  # (the server's certificate is kept)
+        # the connection ends without a close_notify: OpenSSL marks its session
+        sp2, cp2 = KINDS["compiled"](*srv), KINDS[kind](*cli)
+        assert cp2.open(sp2.seal(b"x")) == b"x"
+        del sp2, cp2, srv, cli
+    if kind == "compiled":
+        assert sess.resumable
+    off = _tlsio.Session()  # (an empty one is never offered)
+    assert not off.resumable
+    _, cli = handshake(contexts)
+    assert not tlspipe.offer_session(cli[0], off)
 
 
 def test_bind_finds_pythons_openssl():

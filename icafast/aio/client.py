@@ -18,7 +18,7 @@ from typing import Any, cast
 from .. import events as ev
 from ..protocol import CLOSE_ABORTED, ClientSession, Config, State
 from ..tls import ClientTLS, TLSVerifyError, check_peer
-from ..tlspipe import session_of, uses_pipe
+from ..tlspipe import uses_pipe
 from ._relay import Endpoint, Link, Runner, StatusCallback, abort_with_rst, tune_socket
 from .tlslink import TLSSetup
 
@@ -132,7 +132,7 @@ class _ClientRunner(Runner):
             if self.tls is not None and link is not None and link.tls is not None:
                 host, port = self.server  # (a link whose TLS the loop runs cannot resume)
                 self.tls.remember(host, port, self.tls.server_hostname or host,
-                                  session_of(link.ssl_object))
+                                  link.tls.session())
             if not self.ready.done():
                 self.ready.set_result("session")
         if (isinstance(e, ev.SessionClosed) and self.fallback is not None

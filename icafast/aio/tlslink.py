@@ -35,7 +35,7 @@ class TLSSetup:
                  loop: asyncio.AbstractEventLoop,
                  session: Any = None) -> None:
         self.context = context
-        self.session = session  # (client: a session to resume, from tlspipe.session_of)
+        self.session = session  # (client: a session to resume, from a pipe's session())
         self.server_side = server_side
         self.server_hostname = server_hostname
         self.timeout = timeout
