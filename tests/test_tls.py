@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import ipaddress
 import os
@@ -353,6 +354,50 @@ def test_wrong_fingerprint_is_refused_and_never_falls_back(tmp_path, loop):
             assert not s.backend.conns  # no plain-text fallback happened
 
     run_async(loop, main())
+
+
+@pytest.mark.parametrize("tls_io", ["auto", "loop"])
+def test_a_server_that_never_answers_the_tls_handshake(tmp_path, tls_io, monkeypatch):
+    """A listener that accepts and then says nothing: each link attempt ends at the handshake
+    timeout and counts as a failed connect (the client retries until ``connect_retry``, then
+    gives up), and the listener saw every attempt's connection closed."""
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    _, _, fp = _pair(tmp_path)
+    config = dataclasses.replace(FAST, handshake_timeout=0.3, connect_retry=0.5)
+
+    async def main() -> None:
+        conns: list[asyncio.StreamWriter] = []
+        closed = 0
+
+        async def mute(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            nonlocal closed
+            conns.append(w)
+            try:
+                await r.read()  # (the ClientHello, then the client's close)
+            except ConnectionError:
+                pass
+            closed += 1
+
+        srv = await asyncio.start_server(mute, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        t0 = asyncio.get_running_loop().time()
+        try:
+            with pytest.raises(ConnectionError, match="no link within|handshake"):
+                await open_session("127.0.0.1", port, config=config,
+                                   tls=tls.client_context(fingerprint=fp))
+            took = asyncio.get_running_loop().time() - t0
+            assert 0.5 <= took < 5, took
+            assert len(conns) >= 2  # (retried)
+            # every attempt's connection was closed by the client (not left open)
+            assert await wait_for(lambda: closed == len(conns), 5), (closed, len(conns))
+        finally:
+            for w in conns:
+                w.close()
+            srv.close()
+            await srv.wait_closed()
+            await asyncio.sleep(0.05)
+
+    run_async("uvloop", main(), timeout=30)
 
 
 def test_ca_verification_and_hostname(tmp_path):

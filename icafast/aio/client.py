@@ -70,8 +70,29 @@ class _ClientRunner(Runner):
         elif tls is not None:  # the event loop's TLS transport
             kw = {"ssl": tls.context, "server_hostname": tls.server_hostname or host,
                   "ssl_handshake_timeout": timeout}
+        # the deadline cancels this task itself (asyncio.wait_for would run the attempt in a
+        # task of its own: another task, future and timer for every link)
+        task = self.connect_task
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            if task is not None:
+                task.cancel()
+
+        timer = self.loop.call_later(timeout, expire)
         try:
-            await asyncio.wait_for(self._open_link(host, port, setup, kw), timeout)
+            try:
+                await self._open_link(host, port, setup, kw)
+            except asyncio.CancelledError:
+                if not expired:
+                    raise
+                if task is not None and hasattr(task, "uncancel"):
+                    task.uncancel()  # (Python 3.11+: this cancellation is handled here)
+                raise asyncio.TimeoutError(f"no link within {timeout:g} s") from None
+            finally:
+                timer.cancel()
         except (OSError, asyncio.TimeoutError) as e:
             reason = str(e) or type(e).__name__
             if isinstance(e, ssl.SSLCertVerificationError):

@@ -78,8 +78,10 @@ class TLSSetup:
                        if exc else ConnectionResetError("connection closed in the TLS handshake"))
 
     def abort(self) -> None:
-        """Give up (the caller timed out or was cancelled)."""
-        if not self.done.done():
+        """Give up (the caller timed out or was cancelled): close the connection unless the
+        handshake already ended. (A task cancelled while awaiting ``done`` cancels ``done``
+        too: that is not an end of the handshake, and the connection must still close.)"""
+        if not self.done.done() or self.done.cancelled():
             self._fail(TimeoutError("TLS handshake abandoned"))
 
     def _flush(self) -> None:
