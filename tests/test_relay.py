@@ -17,6 +17,7 @@ from relay_helpers import (
     Setup,
     Stats,
     free_port,
+    links_up,
     recv_stream,
     run_async,
     send_stream,
@@ -793,3 +794,45 @@ def test_frames_of_one_link_read_reach_the_sink_in_one_writelines_before_the_fin
     finally:
         loop.close()
     assert ep_t.calls == [("writelines", payloads), ("write_eof",)]
+
+
+@pytest.mark.parametrize("tls_on", [False, True])
+def test_a_link_deadline_that_passes_as_the_link_comes_up_does_not_fail_it(tmp_path, tls_on,
+                                                                           monkeypatch):
+    """The deadline of a link attempt fires in the same loop iteration in which the link was
+    handed to its session, before the attempt's task resumed: the attempt must not be
+    cancelled then, or a link that is up would be reported as a failed connect."""
+    from icafast import tls
+    from icafast.aio import client as client_mod
+
+    fired: list[bool] = []
+    orig_link_made = client_mod._ClientRunner.link_made
+
+    def link_made(self: Any, link: Any) -> None:
+        orig_link_made(self, link)
+        attempt = self._attempt
+        if attempt is not None and self.link is link:
+            fired.append(attempt.handed)
+            self._attempt_deadline(attempt)  # the deadline passes now, the link already up
+
+    monkeypatch.setattr(client_mod._ClientRunner, "link_made", link_made)
+    kw: dict[str, Any] = {}
+    ctls = None
+    if tls_on:
+        cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+        kw["ssl"] = tls.server_context(cert, key)
+        ctls = tls.client_context(fingerprint=tls.fingerprint_of_pem(cert))
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), **kw) as s:
+            cev: list[Any] = []
+            r, w = await s.client(events=cev, tls=ctls)
+            w.write(b"still up")
+            assert await asyncio.wait_for(r.readexactly(8), 10) == b"still up"
+            assert fired == [True]
+            assert links_up(cev) == 1
+            assert not any(isinstance(e, ev.ReconnectDue) for e in cev), cev
+            w.close()
+            await asyncio.sleep(0.1)
+
+    run_async("uvloop", main(), timeout=30)

@@ -27,6 +27,18 @@ log = logging.getLogger("icafast")
 __all__ = ["RelayClient", "open_session"]
 
 
+class _Attempt:
+    """One link attempt of a client session, for its deadline."""
+
+    __slots__ = ("setup", "link", "handed", "expired")
+
+    def __init__(self, setup: TLSSetup | None) -> None:
+        self.setup = setup
+        self.link: Link | None = None
+        self.handed = False  # the link went to the session's link_made: the deadline is past
+        self.expired = False
+
+
 class _ClientRunner(Runner):
     def __init__(self, loop: asyncio.AbstractEventLoop, server: tuple[str, int], config: Config,
                  fallback: tuple[str, int] | None, on_status: StatusCallback | None,
@@ -42,6 +54,7 @@ class _ClientRunner(Runner):
         self.ready: asyncio.Future[str] = loop.create_future()  # "session" / "fallback"
         self.tls = tls
         self._tls_failed = False  # a certificate did not verify: never fall back to plain text
+        self._attempt: _Attempt | None = None  # the link attempt in progress
 
     @property
     def sid(self) -> str:
@@ -72,27 +85,22 @@ class _ClientRunner(Runner):
                   "ssl_handshake_timeout": timeout}
         # the deadline cancels this task itself (asyncio.wait_for would run the attempt in a
         # task of its own: another task, future and timer for every link)
-        task = self.connect_task
-        expired = False
-
-        def expire() -> None:
-            nonlocal expired
-            expired = True
-            if task is not None:
-                task.cancel()
-
-        timer = self.loop.call_later(timeout, expire)
+        attempt = self._attempt = _Attempt(setup)
+        timer = self.loop.call_later(timeout, self._attempt_deadline, attempt)
         try:
             try:
-                await self._open_link(host, port, setup, kw)
+                await self._open_link(host, port, attempt, kw)
             except asyncio.CancelledError:
-                if not expired:
+                if not attempt.expired:
                     raise
+                task = self.connect_task
                 if task is not None and hasattr(task, "uncancel"):
                     task.uncancel()  # (Python 3.11+: this cancellation is handled here)
                 raise asyncio.TimeoutError(f"no link within {timeout:g} s") from None
             finally:
                 timer.cancel()
+                if self._attempt is attempt:
+                    self._attempt = None
         except (OSError, asyncio.TimeoutError) as e:
             reason = str(e) or type(e).__name__
             if isinstance(e, ssl.SSLCertVerificationError):
@@ -103,10 +111,23 @@ class _ClientRunner(Runner):
                 self.engine.connect_failed(reason, self.now())
                 self.pump()
 
-    async def _open_link(self, host: str, port: int, setup: TLSSetup | None,
+    def _attempt_deadline(self, attempt: _Attempt) -> None:
+        if attempt.handed:
+            return  # the session has the link (taken or refused): the attempt ends by itself
+        attempt.expired = True
+        if self.connect_task is not None:
+            self.connect_task.cancel()
+
+    async def _open_link(self, host: str, port: int, attempt: _Attempt,
                          kw: dict[str, Any]) -> None:
+        setup = attempt.setup
+
+        def link() -> Link:
+            attempt.link = Link(self, setup)
+            return attempt.link
+
         try:
-            await self.loop.create_connection(lambda: Link(self, setup), host, port, **kw)
+            await self.loop.create_connection(link, host, port, **kw)
             if setup is not None:
                 await setup.done
         except BaseException:
@@ -115,6 +136,8 @@ class _ClientRunner(Runner):
             raise
 
     def link_made(self, link: Link) -> None:
+        if self._attempt is not None and self._attempt.link is link:
+            self._attempt.handed = True
         if self.engine.state is State.CLOSED or self._done:
             link.close(abort=True)
             return
