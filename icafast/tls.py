@@ -159,8 +159,8 @@ class ClientTLS:
     #: Resume TLS sessions: a link offers the session of the latest link to the same server
     #: (same address and name), an abbreviated handshake if the server still takes it.
     resume: bool = True
-    _sessions: dict[tuple[str, int, str], Any] = field(default_factory=dict, repr=False,
-                                                       compare=False)
+    _sessions: dict[tuple[str, int, str], Any] = field(default_factory=dict, init=False,
+                                                       repr=False, compare=False)
 
     def session_for(self, host: str, port: int, server_hostname: str) -> Any:
         """The session to offer a new link to ``host:port`` (None: a full handshake).
