@@ -157,7 +157,8 @@ class ClientTLS:
     #: Name to check the certificate against (None: the server host given).
     server_hostname: str | None = None
     #: Resume TLS sessions: a link offers the session of the latest link to the same server
-    #: (same address and name), an abbreviated handshake if the server still takes it.
+    #: (same address and name), an abbreviated handshake if the server still takes it. Only
+    #: TLS 1.3 sessions: their resumption makes new keys (ECDHE); TLS 1.2's reuses the old.
     resume: bool = True
     _sessions: dict[tuple[str, int, str], Any] = field(default_factory=dict, init=False,
                                                        repr=False, compare=False)

@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import os
 import re
+import ssl
 import subprocess
 import sys
 
@@ -255,6 +256,21 @@ def test_links_resume_tls_sessions(tmp_path, tls_io, monkeypatch):
             assert sorted(reused(s)) == [False, False, True, True] and not off._sessions
             for w in (w1, w2, w3, w4):
                 w.close()
+        # a server that speaks TLS 1.2 only: its sessions are not kept (resuming TLS 1.2 would
+        # reuse the first handshake's keys), so every link makes a full handshake
+        sctx12 = tls.server_context(cert, key)
+        sctx12.maximum_version = ssl.TLSVersion.TLSv1_2
+        async with Setup(Backend("echo"), ssl=sctx12) as s:
+            ct12 = tls.client_context(fingerprint=fp)
+            open12 = []
+            for k in range(2):
+                rk, wk = await s.client(direct=True, tls=ct12)
+                await echo(rk, wk, b"tls 1.2 #%d" % k)
+                open12.append(wk)
+            assert not ct12._sessions
+            assert reused(s) == [False, False]
+            for wk in open12:
+                wk.close()
         # a restarted server (a new context, a new ticket key) is offered the old ticket
         async with Setup(Backend("echo"), ssl=tls.server_context(cert, key)) as s:
             ct.remember("127.0.0.1", s.server_port, "127.0.0.1", old)

@@ -173,8 +173,11 @@ class _ClientRunner(Runner):
             return
         if isinstance(e, ev.LinkUp):
             link = self.link
-            if self.tls is not None and link is not None and link.tls is not None:
-                host, port = self.server  # (a link whose TLS the loop runs cannot resume)
+            # (a link whose TLS the loop runs cannot resume; and a TLS 1.2 resumption would
+            # reuse the first handshake's keys, so only TLS 1.3 sessions are kept)
+            if (self.tls is not None and link is not None and link.tls is not None
+                    and link.ssl_object.version() == "TLSv1.3"):
+                host, port = self.server
                 self.tls.remember(host, port, self.tls.server_hostname or host,
                                   link.tls.session())
             if not self.ready.done():
