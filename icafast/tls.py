@@ -163,24 +163,26 @@ class ClientTLS:
     _sessions: dict[tuple[str, int, str], Any] = field(default_factory=dict, init=False,
                                                        repr=False, compare=False)
 
-    def session_for(self, host: str, port: int, server_hostname: str) -> Any:
+    def session_for(self, host: str, port: int) -> Any:
         """The session to offer a new link to ``host:port`` (None: a full handshake).
 
         Resuming is as safe as the handshake that made the session: only a server this client
         verified (chain and name, or pinned fingerprint) can have sealed its ticket, and the
         certificate the session carries is that server's, which :func:`check_peer` checks
-        again. A session is kept per address and name, never offered to another server."""
+        again. A session is kept per address and name checked (``server_hostname`` or the
+        host), never offered to another server."""
         if not self.resume:
             return None
-        return self._sessions.get((host, port, server_hostname))
+        return self._sessions.get((host, port, self.server_hostname or host))
 
-    def remember(self, host: str, port: int, server_hostname: str, session: Any) -> None:
-        """Keep the session of a link that is up (its TLS pipe's ``session()``)."""
+    def remember(self, host: str, port: int, session: Any) -> None:
+        """Keep the session of a link to ``host:port`` that is up (its TLS pipe's
+        ``session()``)."""
         if not self.resume or session is None:
             return
         if len(self._sessions) >= 64:  # (one per server: a client has few)
             self._sessions.clear()
-        self._sessions[(host, port, server_hostname)] = session
+        self._sessions[(host, port, self.server_hostname or host)] = session
 
 
 def client_context(*, ca: str | None = None, fingerprint: str | None = None,

@@ -273,7 +273,7 @@ def test_links_resume_tls_sessions(tmp_path, tls_io, monkeypatch):
                 wk.close()
         # a restarted server (a new context, a new ticket key) is offered the old ticket
         async with Setup(Backend("echo"), ssl=tls.server_context(cert, key)) as s:
-            ct.remember("127.0.0.1", s.server_port, "127.0.0.1", old)
+            ct.remember("127.0.0.1", s.server_port, old)
             r5, w5 = await s.client(direct=True, tls=ct)
             await echo(r5, w5, b"restarted")
             assert reused(s) == [False]

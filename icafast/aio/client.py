@@ -76,10 +76,9 @@ class _ClientRunner(Runner):
         kw: dict[str, Any] = {}
         setup: TLSSetup | None = None
         if tls is not None and uses_pipe():  # TLS run by the link (icafast.aio.tlslink)
-            name = tls.server_hostname or host
-            setup = TLSSetup(tls.context, server_side=False, server_hostname=name,
-                             timeout=timeout, loop=self.loop,
-                             session=tls.session_for(host, port, name))
+            setup = TLSSetup(tls.context, server_side=False,
+                             server_hostname=tls.server_hostname or host, timeout=timeout,
+                             loop=self.loop, session=tls.session_for(host, port))
         elif tls is not None:  # the event loop's TLS transport
             kw = {"ssl": tls.context, "server_hostname": tls.server_hostname or host,
                   "ssl_handshake_timeout": timeout}
@@ -178,8 +177,7 @@ class _ClientRunner(Runner):
             if (self.tls is not None and link is not None and link.tls is not None
                     and link.ssl_object.version() == "TLSv1.3"):
                 host, port = self.server
-                self.tls.remember(host, port, self.tls.server_hostname or host,
-                                  link.tls.session())
+                self.tls.remember(host, port, link.tls.session())
             if not self.ready.done():
                 self.ready.set_result("session")
         if (isinstance(e, ev.SessionClosed) and self.fallback is not None
