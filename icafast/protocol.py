@@ -605,7 +605,8 @@ class SessionEngine:
         event loop a turn).
         """
         link = self._link
-        if link is not None and link.phase == _ESTABLISHED:
+        # (nothing follows a CLOSE: the peer ends the session on it and the link is closed)
+        if link is not None and link.phase == _ESTABLISHED and self.state is not _CLOSED:
             if include_data:
                 self._frame_data(link)
             ackv = self._ack_value()
@@ -905,7 +906,12 @@ class SessionEngine:
         if fin and s + n == self._rx:
             self._rx_fin = True
             self._rx += 1
-            self._ack_now = True  # acknowledge the end of the stream at once
+            if self._tx_fin:
+                # our stream ended too: the peer may be waiting for this ack to end the
+                # session, so it goes at once. Otherwise it rides on our FIN (or on earlier
+                # data, or goes when the ack deadline passes): the peer needs it only to free
+                # its replay buffer, and a FIN answered by a FIN costs one frame, not two.
+                self._ack_now = True
             self._events.append(StreamEnded())
 
     def _rtt_sample(self, r: float) -> None:
@@ -1221,13 +1227,14 @@ class ClientSession(SessionEngine):
         link.last_rx = link.last_heard = now
         # An RTT sample for each link on this side too (idle links are kept alive by the
         # server's PINGs, which give only the server samples; PROTOCOL.md 5): RESUME -> ACCEPT
-        # is one round trip; a new session's ACCEPT waits for the backend connection, so it
-        # gets one PING instead.
+        # is one round trip; a new session's ACCEPT waits for the backend connection, so its
+        # sample is the HELLO exchange's round trip (no PING, and no PONG to write and read
+        # on every new session).
         if resumed:
             self._rtt_sample(now - link.last_ping)
-            link.last_ping = now
-        else:
-            self._ping(link, now)
+        elif self.handshake_rtt is not None:
+            self._rtt_sample(self.handshake_rtt)
+        link.last_ping = now
         self.state = State.ACTIVE
         if self._ever_established:
             self.reconnects += 1

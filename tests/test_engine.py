@@ -151,7 +151,7 @@ def _pings(data: bytes) -> int:
 def test_idle_link_keepalive_is_led_by_the_server():
     """On an idle link only the server PINGs (once per keepalive interval) and the client
     answers: one PING/PONG pair per interval instead of two crossing. The client still has an
-    RTT sample, from its one PING when the link came up."""
+    RTT sample, from its handshake."""
     h = Harness(SMALL)  # keepalive 1 s, dead 3 s
     h.open_link()
     h.pump()
@@ -475,6 +475,134 @@ def test_half_close_in_order_then_session_closes():
     assert h.server.state is State.CLOSED and h.client.state is State.CLOSED
     sc = of(ev.SessionClosed, h.client_events)[-1]
     assert sc.code == CLOSE_DONE and sc.graceful
+
+
+class _Frames:
+    """Frames on the harness's current wire, recorded as they are delivered: (side, type,
+    FIN flag, ack)."""
+
+    def __init__(self, h: Harness) -> None:
+        self.h = h
+        self.log: list[tuple[str, int, bool, int]] = []
+        self._dec: dict[tuple[int, str], FrameDecoder] = {}
+
+    def _record(self, side: str, data: bytes) -> None:
+        w = self.h.wire
+        dec = self._dec.setdefault((id(w), side), FrameDecoder())
+        self.log += [(side, f.type, bool(f.flags & FLAG_FIN), f.ack) for f in dec.feed(data)]
+
+    def pump(self, rounds: int = 50) -> None:
+        """``Harness.pump``, one delivery at a time each way."""
+        h = self.h
+        for _ in range(rounds):
+            h._client_out()
+            w = h.wire
+            if w is None:
+                return
+            if w.session is not None and w.session.link_id == w.server_link:
+                h._server_out(w)
+            moved = 0
+            for side, buf, deliver in (("c", w.c2s, h.deliver_c2s), ("s", w.s2c, h.deliver_s2c)):
+                if buf:
+                    self._record(side, bytes(buf))
+                    moved += deliver(w=w)
+            if not moved:
+                return
+        raise AssertionError("pump did not settle")
+
+    def types(self) -> list[tuple[str, int, bool]]:
+        return [(side, t, fin) for side, t, fin, _ack in self.log]
+
+
+def _quiet_session() -> Harness:
+    """An established session that exchanged some data and has nothing left to ack."""
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.client_send(b"request")
+    h.pump()
+    h.server_send(b"response")
+    h.pump()
+    h.advance(SMALL.ack_delay + 0.01)
+    h.pump()
+    assert h.client.unacked == 0 and h.server.unacked == 0
+    return h
+
+
+DATA, ACK, CLOSE = int(FrameType.DATA), int(FrameType.ACK), int(FrameType.CLOSE)
+
+
+def test_graceful_end_client_first_takes_four_frames():
+    """The client ends first: the server acknowledges its FIN with its own FIN (one frame, not
+    an ACK and then a FIN); the client acknowledges that at once (the server waits for it),
+    and the server's CLOSE ends the session. PROTOCOL.md 4.4 and 6.4."""
+    h = _quiet_session()
+    rec = _Frames(h)
+    h.client.send_eof()
+    rec.pump()
+    assert h.s_eof and rec.types() == [("c", DATA, True)]  # the server holds its ack
+    h.server.send_eof()
+    rec.pump()
+    assert rec.types() == [("c", DATA, True), ("s", DATA, True), ("c", ACK, False),
+                           ("s", CLOSE, False)]
+    fin_end = len(b"request") + 1
+    assert rec.log[1][3] == fin_end  # the server's FIN carries the ack of the client's
+    assert h.client.state is State.CLOSED and h.server.state is State.CLOSED
+    assert of(ev.SessionClosed, h.client_events)[-1].code == CLOSE_DONE
+
+
+def test_graceful_end_server_first():
+    """The backend ends first: the client holds the ack of the server's FIN until its own
+    application ends, and its FIN carries it; the server then ends the session with CLOSE,
+    and nothing follows the CLOSE."""
+    h = _quiet_session()
+    rec = _Frames(h)
+    h.server.send_eof()
+    h.server_send(b"")
+    rec.pump()
+    assert h.c_eof and rec.types() == [("s", DATA, True)]
+    h.client.send_eof()
+    rec.pump()
+    assert rec.types() == [("s", DATA, True), ("c", DATA, True), ("s", CLOSE, False)]
+    assert h.client.state is State.CLOSED and h.server.state is State.CLOSED
+    assert of(ev.SessionClosed, h.server_events)[-1].code == CLOSE_DONE
+
+
+def test_fin_of_a_half_closed_session_is_acked_by_the_deadline():
+    """A FIN whose receiver's stream goes on (a half-closed session) is acknowledged like data:
+    by the ack deadline if nothing else carries it, so the peer frees its replay buffer."""
+    h = _quiet_session()
+    rec = _Frames(h)
+    h.client.send_data(b"last")
+    h.client.send_eof()
+    rec.pump()
+    assert h.s_eof and h.client.unacked > 0 and rec.types() == [("c", DATA, True)]
+    h.advance(SMALL.ack_delay + 0.01)
+    rec.pump()
+    assert rec.types()[1:] == [("s", ACK, False)]
+    assert h.client.unacked == 0
+    h.server_send(b"more")  # the server's direction goes on
+    rec.pump()
+    assert bytes(h.c_recv).endswith(b"more") and h.server.state is State.ACTIVE
+
+
+def test_new_session_rtt_sample_is_the_hello_round_trip():
+    """A new session's client takes its RTT sample from HELLO -> HELLO (its ACCEPT waits for the
+    backend connection): no PING, and so no PONG, crosses while the session opens."""
+    h = Harness(SMALL)
+    rec = _Frames(h)
+    h.open_link()
+    rec._record("c", bytes(h.wire.c2s))  # the client's HELLO
+    h.deliver_c2s()
+    h.now += 0.02  # the server's HELLO takes 20 ms to arrive
+    rec._record("s", bytes(h.wire.s2c))
+    h.deliver_s2c()
+    h.now += 0.5  # the backend connection is slow: not part of the round trip
+    rec.pump()
+    assert h.client.state is State.ACTIVE
+    assert h.client.srtt == pytest.approx(0.02)
+    kinds = {t for _side, t, _fin in rec.types()}
+    assert int(FrameType.PING) not in kinds and int(FrameType.PONG) not in kinds
 
 
 def test_fin_survives_reconnect():

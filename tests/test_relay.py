@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import socket
 import struct
 import sys
+import weakref
 from typing import Any
 
 import pytest
@@ -30,6 +32,7 @@ from icafast.aio._relay import (
     LINK_NOTSENT_LOWAT,
     MIN_READ_SIZE,
     READ_SIZE,
+    RUNNERS,
     TIMER_TICK,
     WRITE_HIGH_WATER,
     Endpoint,
@@ -662,6 +665,48 @@ def test_a_failing_timer_does_not_stop_the_others_of_its_tick(caplog):
     run_async("asyncio", main())
     assert fired == [b"a", b"c"]
     assert "timer failed" in caplog.text and "boom" in caplog.text
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_ended_sessions_are_freed_at_once(loop):
+    """What a session holds (runner, engine and replay buffers, links, transports) is freed
+    when it ends, not when its last timer would have fired: the shared ticks hold an emptied
+    slot, and a lingering link whose peer closed does not wait out LINGER. (The ticks used to
+    keep every ended session for up to the dead timeout: 10 s by default, so a relay opening
+    1,000 sessions a second held 10,000 ended ones.)"""
+    cfg = Config(reliability_timeout=20.0)  # default keepalive (3 s) and dead timeout (10 s)
+
+    async def main() -> None:
+        lp = asyncio.get_running_loop()
+        async with Setup(Backend("echo"), config=cfg) as s:
+            pairs = [await s.client(config=cfg) for _ in range(10)]
+            for r, w in pairs:
+                w.write(b"x")
+                assert await r.readexactly(1) == b"x"
+            runners = [r for r in RUNNERS if r.loop is lp]
+            assert len(runners) == 20  # 10 client and 10 server sessions
+            assert all(r._tick for r in runners)  # each waits for a keepalive tick
+            refs = [weakref.ref(r) for r in runners]
+            refs += [weakref.ref(r.link) for r in runners if r.link is not None]
+            del runners
+            for r, w in pairs:
+                w.close()
+                assert await r.read() == b""  # the backend's end, after ours
+            for _ in range(100):  # the server's CLOSE, and both sides close their links
+                if not s.server.sessions_by_id and not any(
+                        ref() is not None and not getattr(ref(), "closed", True)
+                        for ref in refs):
+                    break
+                await asyncio.sleep(0.02)
+            s.writers.clear()
+            del pairs, r, w
+            await asyncio.sleep(0.1)
+            gc.collect()
+            alive = [type(ref()).__name__ for ref in refs if ref() is not None]
+            assert alive == []
+            assert _ticks_of(lp).due  # ticks are still to fire: they hold no session
+
+    run_async(loop, main())
 
 
 def test_server_handshake_engine_rejects_version_mismatch():

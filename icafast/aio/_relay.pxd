@@ -38,12 +38,16 @@ cdef class _LinkBase:
     cpdef data_received(self, data)
 
 
+cdef class _TickSlot:
+    cdef public Runner runner
+
+
 cdef class _Ticks:
     cdef public object loop
     cdef public dict due
 
     cpdef add(self, Runner runner, long long tick)
-    @cython.locals(r=Runner)
+    @cython.locals(slot=_TickSlot, r=Runner)
     cpdef _fire(self, long long tick)
 
 
@@ -53,6 +57,7 @@ cdef class Runner:
     cdef public object loop, name, on_status, _timer, closed_future, _time
     cdef public double _timer_at
     cdef public _Ticks _ticks
+    cdef public _TickSlot _slot
     cdef public long long _tick
     cdef public bint _done, _close_link_after_flush, _sink_written, _more_due
     cdef public SessionEngine engine

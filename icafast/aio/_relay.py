@@ -63,25 +63,40 @@ _TIMER_TICK, _COALESCE_AFTER = TIMER_TICK, COALESCE_AFTER
 _NEVER = float("inf")  # no deadline
 
 
+class _TickSlot:
+    """A runner's place in the shared ticks. The ticks hold the slot, not the runner, and a
+    session that ends empties it: a tick that is still to fire (a keepalive or dead-link
+    deadline up to ``dead_timeout`` ahead, and any deadline the runner moved away from) then
+    keeps nothing of the session alive. Without it every ended session's objects, replay
+    buffers and sockets' state stayed in memory for up to 10 s."""
+
+    __slots__ = ("runner",)
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner: Runner | None = runner
+
+
 class _Ticks:
-    """The shared timers of one event loop: tick number -> runners due at that tick."""
+    """The shared timers of one event loop: tick number -> slots of the runners due then."""
 
     __slots__ = ("loop", "due")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.due: dict[int, list[Runner]] = {}
+        self.due: dict[int, list[_TickSlot]] = {}
 
     def add(self, runner: Runner, tick: int) -> None:
-        runners = self.due.get(tick)
-        if runners is None:
-            runners = self.due[tick] = []
+        slots = self.due.get(tick)
+        if slots is None:
+            slots = self.due[tick] = []
             self.loop.call_at(tick * TIMER_TICK, self._fire, tick)
-        runners.append(runner)
+        slots.append(runner._slot)
 
     def _fire(self, tick: int) -> None:
-        for r in self.due.pop(tick, ()):
-            if r._tick == tick:  # still armed for this tick (not cancelled or moved earlier)
+        for slot in self.due.pop(tick, ()):
+            r = slot.runner
+            if r is not None and r._tick == tick:  # still armed for this tick (not cancelled,
+                # not moved earlier, the session not ended)
                 try:
                     r._timer_fired()
                 except Exception:  # one session's failure must not cost the others their timers
@@ -419,6 +434,9 @@ LINGER = 2.0  # seconds a link stays open after our CLOSE, so the peer reads it
 class _Discard:
     """Owner of a lingering link: whatever still arrives is dropped."""
 
+    def __init__(self) -> None:
+        self.timer: asyncio.TimerHandle | None = None  # closes the link after LINGER at most
+
     def link_made(self, link: Link) -> None:  # pragma: no cover - never called
         pass
 
@@ -427,6 +445,9 @@ class _Discard:
 
     def link_lost(self, link: Link, reason: str) -> None:
         link.close()
+        if self.timer is not None:  # (the peer closed first, as it should: the link and its
+            self.timer.cancel()  # transport are not kept for the rest of LINGER)
+            self.timer = None
 
     def link_writable(self, link: Link) -> None:
         pass
@@ -444,14 +465,14 @@ def _linger(loop: asyncio.AbstractEventLoop, link: Link) -> None:
     if not t.can_write_eof():  # TLS: no half-close; close after the flush as before
         link.close()
         return
-    link.owner = _Discard()
+    owner = link.owner = _Discard()
     try:
         link.close_notify()
         t.write_eof()
     except (OSError, RuntimeError):
         link.close()
         return
-    loop.call_later(LINGER, link.close)
+    owner.timer = loop.call_later(LINGER, link.close)
 
 
 #: Every live runner (weakly held), so that a whole process can be shut down cleanly.
@@ -473,6 +494,7 @@ class Runner:
         self._tick = 0  # ... the shared tick it is due at (0: none)
         self._timer_at = _NEVER  # when the armed one fires (inf: none is armed)
         self._ticks = _ticks_of(loop)
+        self._slot = _TickSlot(self)
         self._done = False
         self._close_link_after_flush = False
         self._sink_written = False  # bytes written to the endpoint since its backlog was read
@@ -789,6 +811,7 @@ class Runner:
             else:
                 abort_with_rst(ep.transport)
         self._cancel_timer()
+        self._slot.runner = None  # (the ticks still to fire keep nothing of the session)
         if not self.closed_future.done():
             self.closed_future.set_result(e)
         self.session_closed(e)
