@@ -17,6 +17,7 @@ replay on resume, half-close (FIN), PING/PONG keepalive and RTT, dead-link detec
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import random
@@ -206,8 +207,8 @@ class Config:
             if getattr(self, name) * 1000 > 0xFFFFFFFF:
                 raise ValueError(f"{name} too large (at most 49 days)")
 
-    @property
-    def policy(self) -> Policy:
+    @functools.cached_property
+    def policy(self) -> Policy:  # (once per Config: every new session asks for it)
         return Policy(
             self.keepalive_interval,
             self.dead_timeout,

@@ -554,6 +554,41 @@ def test_backend_down_gives_reject_and_no_session():
     run_async("uvloop", main())
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_backend_that_never_answers_gives_reject_within_its_deadline(loop):
+    """A backend whose connection never completes (here: a listener whose accept queue is
+    full, so the kernel drops the SYNs) costs the client a REJECT once
+    ``backend_connect_timeout`` passes, and leaves no session and no task behind."""
+    async def main() -> None:
+        lp = asyncio.get_running_loop()
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fillers = []
+        try:
+            for _ in range(4):  # more than the accept queue takes: the rest hang in SYN_SENT
+                c = socket.socket()
+                c.setblocking(False)
+                c.connect_ex(full.getsockname())
+                fillers.append(c)
+            srv = RelayServer([Mapping("127.0.0.1", 0, *full.getsockname())], FAST,
+                              backend_connect_timeout=0.3)
+            await srv.start()
+            t0 = lp.time()
+            with pytest.raises(ConnectionError, match="no connection within 0.3 s"):
+                await open_session(*srv.addresses[0], config=FAST)
+            assert 0.3 <= lp.time() - t0 < FAST.handshake_timeout
+            assert not srv.sessions_by_id and not srv._handshaking
+            assert await wait_for(lambda: not srv._tasks, 2.0)
+            await srv.close()
+        finally:
+            for c in fillers:
+                c.close()
+            full.close()
+
+    run_async(loop, main())
+
+
 def test_control_socket_list_disconnect_reset(tmp_path):
     path = str(tmp_path / "ctl" / "control.sock")
 

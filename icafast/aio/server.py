@@ -224,7 +224,7 @@ class _PendingLink:
             if isinstance(e, ev.NewSessionRequested):
                 if self.link.transport is not None:
                     self.link.transport.pause_reading()
-                self.server._spawn(self.server._new_session(self))
+                self.server._start_session(self)
             elif isinstance(e, ev.ResumeRequested):
                 self.server._resume(self, e)
             elif isinstance(e, ev.HandshakeFailed):
@@ -233,6 +233,17 @@ class _PendingLink:
                          e.reason)
                 self.link.close()
                 self.detach()
+
+
+class _BackendAttempt:
+    """A new session's connection to its backend, for its deadline."""
+
+    __slots__ = ("runner", "task", "expired")
+
+    def __init__(self, runner: _ServerRunner) -> None:
+        self.runner = runner
+        self.task: asyncio.Task[None] | None = None
+        self.expired = False
 
 
 class RelayServer:
@@ -337,27 +348,49 @@ class RelayServer:
                 await s.wait_closed()
         await asyncio.sleep(0)
 
-    def _spawn(self, coro: Any) -> None:
-        t = self.loop.create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-
     # -- sessions ----------------------------------------------------------------------------
-    async def _new_session(self, pending: _PendingLink) -> None:
+    def _start_session(self, pending: _PendingLink) -> None:
         m = pending.mapping
         if len(self.sessions_by_id) >= self.max_sessions:
             pending.reject(REJECT_BUSY, f"server is at its limit of {self.max_sessions} sessions")
             return
         runner = _ServerRunner(self, ServerSession(self.config, self.loop.time()), m)
+        attempt = _BackendAttempt(runner)
+        attempt.task = t = self.loop.create_task(self._new_session(pending, attempt))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _backend_deadline(self, attempt: _BackendAttempt) -> None:
+        if attempt.runner.endpoint is not None:
+            return  # connected as the deadline came: the session goes on
+        attempt.expired = True
+        if attempt.task is not None:
+            attempt.task.cancel()
+
+    async def _new_session(self, pending: _PendingLink, attempt: _BackendAttempt) -> None:
+        m = pending.mapping
+        runner = attempt.runner
+        # the deadline cancels this task itself (asyncio.wait_for would run the connect in a
+        # task of its own: another task, future and callbacks for every new session)
+        timer = self.loop.call_later(self.backend_connect_timeout, self._backend_deadline,
+                                     attempt)
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: Endpoint(runner), m.backend_host,
-                                            m.backend_port),
-                self.backend_connect_timeout,
-            )
-        except (OSError, asyncio.TimeoutError) as e:
-            pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: {e or 'timeout'}")
+            await self.loop.create_connection(lambda: Endpoint(runner), m.backend_host,
+                                              m.backend_port)
+        except asyncio.CancelledError:
+            if not attempt.expired:
+                raise
+            task = attempt.task
+            if task is not None and hasattr(task, "uncancel"):
+                task.uncancel()  # (Python 3.11+: this cancellation is handled here)
+            pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: no connection "
+                           f"within {self.backend_connect_timeout:g} s")
             return
+        except OSError as e:
+            pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: {e}")
+            return
+        finally:
+            timer.cancel()
         if pending.link.closed:
             if runner.endpoint is not None and runner.endpoint.transport is not None:
                 runner.endpoint.transport.close()
