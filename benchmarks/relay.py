@@ -76,6 +76,8 @@ from ._chains import (
 
 WORKLOADS = ("bulk", "rr", "redis", "resume", "scale")
 MiB = 1 << 20
+#: rounds of 50 new connections per run of the redis workload (see Bench.redis)
+NEW_CONN_ROUNDS = 10
 #: the encrypted chains, in every workload that runs them (bulk, rr, redis)
 TLS_CHAINS = ["socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast-tls",
               "icafast-tls-loop", "icafast-tls-asyncio"]
@@ -314,6 +316,8 @@ class Bench:
         wait_listening(rport, rs)
         chains = self.start_chains(names, rport)
         res: dict[str, Any] = {"command": "redis-benchmark -P 16 -d 1024 -t set,get -c 50",
+                               "new_connections": f"{NEW_CONN_ROUNDS} x redis-benchmark -t "
+                                                  "ping_mbulk -n 50 -c 50",
                                "verified": {}}
         try:
             for n, c in chains.items():
@@ -331,7 +335,37 @@ class Bench:
                 finally:
                     self.procs.stop(p)
                 rows = {r[0]: r for r in csv.reader(io.StringIO(o.decode())) if r}
-                return {"set_rps": float(rows["SET"][1]), "get_rps": float(rows["GET"][1])}
+                out = {"set_rps": float(rows["SET"][1]), "get_rps": float(rows["GET"][1])}
+                out.update(new_connections(n, c))
+                return out
+
+            def new_connections(n: str, c: Chain) -> dict[str, float]:
+                """What a new session costs: rounds of 50 new connections with one request
+                each (``redis-benchmark -t ping_mbulk -n 50 -c 50``, which also opens one to
+                read the server's settings), the relays' CPU and minor page faults per
+                connection from /proc."""
+                rounds = 2 if self.quick else (4 if n == "icafast-pure" else NEW_CONN_ROUNDS)
+                argv = [bench, "-h", "127.0.0.1", "-p", str(c.listen_port), "-t", "ping_mbulk",
+                        "-n", "50", "-c", "50", "--csv"]
+                cpu0, faults0 = _chain_counts(c.pids()) if c.pids() else (0.0, 0)
+                t0 = time.perf_counter()
+                for i in range(rounds):
+                    p = self.procs.start(f"redis-benchmark-{n}-conn{i}", argv, capture=True)
+                    try:
+                        o, _ = p.communicate(timeout=60)
+                    finally:
+                        self.procs.stop(p)
+                    if p.returncode != 0 or b"PING" not in o:
+                        raise RuntimeError(f"redis-benchmark ping_mbulk failed: {o[-200:]!r}")
+                elapsed = time.perf_counter() - t0
+                conns = rounds * 51
+                out = {"newconn_per_s": conns / elapsed}
+                if c.pids():
+                    time.sleep(0.3)  # socat's per-connection children exit and are reaped
+                    cpu, faults = _chain_counts(c.pids())
+                    out["newconn_cpu_us"] = (cpu - cpu0) / conns * 1e6
+                    out["newconn_faults"] = (faults - faults0) / conns
+                return out
 
             res["chains"] = self.measure(chains, "redis", run)
         finally:
@@ -631,6 +665,8 @@ def _fmt(v: float | None, unit: str) -> str:
         return f"{v / 1000:.0f}k"
     if unit == "s":
         return f"{v:.2f}"
+    if unit == "/s":
+        return f"{v:,.0f}"
     if unit == "k":
         return f"{v / 1000:.1f}k"
     return f"{v:.3g}"
@@ -695,7 +731,13 @@ def table(out: dict[str, Any]) -> str:
         lines += _metric_rows(w["redis"], [("set_rps", "redis -P16 -d1024 SET req/s", "k/s",
                                             True),
                                            ("get_rps", "redis -P16 -d1024 GET req/s", "k/s",
-                                            True)])
+                                            True),
+                                           ("newconn_per_s", "new connections per s (one "
+                                            "request each)", "/s", True),
+                                           ("newconn_cpu_us", "new connection: relay CPU µs",
+                                            "µs", False),
+                                           ("newconn_faults", "new connection: relay page "
+                                            "faults", "", None)])
     r = w.get("resume", {})
     if "one_session" in r:
         o = r["one_session"]["resume"]
@@ -738,6 +780,8 @@ _METRICS: list[tuple[str, str, str, str, bool]] = [
     ("rr", "cpu_us_per_rt", "64 B RTT, relay CPU µs", "µs", False),
     ("redis", "set_rps", "redis -P16 SET, req/s", "k/s", True),
     ("redis", "get_rps", "redis -P16 GET, req/s", "k/s", True),
+    ("redis", "newconn_per_s", "new connections per s", "/s", True),
+    ("redis", "newconn_cpu_us", "new connection, relay CPU µs", "µs", False),
 ]
 
 
