@@ -41,9 +41,13 @@ async def pump_stream(writer: asyncio.StreamWriter, size: int, seed: int, rate: 
     rng = random.Random(seed)
     start = time.monotonic()
     while stats.sent < size:
-        if gate is not None and stats.sent >= gate[0]:
-            await gate[1].wait()  # (the pacing below then goes on at the rate)
-        chunk = rng.randbytes(min(CHUNK, size - stats.sent))
+        n = min(CHUNK, size - stats.sent)
+        if gate is not None and not gate[1].is_set():
+            if stats.sent >= gate[0]:
+                await gate[1].wait()  # (the pacing below then goes on at the rate)
+            else:
+                n = min(n, gate[0] - stats.sent)  # (a chunk must not carry us past the gate)
+        chunk = rng.randbytes(n)
         writer.write(chunk)
         stats.sent_hash.update(chunk)
         stats.sent += len(chunk)

@@ -132,7 +132,7 @@ cdef class ServerHandshake:
     cdef dict __dict__
     cdef public object config, decoder, nonce, client_nonce, client_max_payload
     cdef public object client_replay_limit, started, version, received, resume, done
-    cdef public object _waiting_hello, _out, _events, _hello_at, rtt
+    cdef public object _waiting_hello, _hello_read, _out, _events, _hello_at, rtt
 
 
 cdef class ServerSession(SessionEngine):

@@ -1154,6 +1154,11 @@ class ClientSession(SessionEngine):
         hello = _HELLO.pack(MAGIC, PROTOCOL_VERSION, PROTOCOL_VERSION, self.config.max_payload,
                             self.config.replay_limit, link.nonce)
         self._out = [encode_frame(FrameType.HELLO, 0, 0, 0, hello)]
+        if not self.session_id:
+            # A new session needs nothing from the server's HELLO: NEW goes with ours, and
+            # the session opens in one round trip instead of two (PROTOCOL.md 3.2). A RESUME
+            # waits for the server's HELLO: its proof covers the server's nonce.
+            self._out.append(encode_frame(FrameType.NEW, 0, 0, 0))
 
     def connect_failed(self, reason: str, now: float) -> None:
         """Opening the connection to the server failed (refused, unreachable, timeout)."""
@@ -1198,8 +1203,7 @@ class ClientSession(SessionEngine):
             payload = _RESUME.pack(self.session_id, proof)
             self._out.append(encode_frame(FrameType.RESUME, 0, 0, self._ack_value(), payload))
             self._sent_ack()  # what RESUME acks is sent: later frames repeat it (4.3)
-        else:
-            self._out.append(encode_frame(FrameType.NEW, 0, 0, 0))
+        # (a new session's NEW went with our HELLO: see connect)
         link.phase = _AUTH_SENT
         link.last_ping = self._now  # when NEW/RESUME left: a resume's ACCEPT is its RTT sample
 
@@ -1359,19 +1363,22 @@ class ServerHandshake:
         self.client_replay_limit = config.replay_limit
         self.started = now
         self._hello_at = now  # when our HELLO left
-        #: our HELLO -> the client's NEW/RESUME: one round trip (it sizes the send window)
+        #: our HELLO -> the client's NEW/RESUME: one round trip (it sizes the send window);
+        #: None when NEW came with the client's HELLO (the adapter may set it before accept)
         self.rtt: float | None = None
         self.version = 0
         self.received = 0  # client's received offset, from RESUME
         self.resume = False
         self.done = False
         self._waiting_hello = True
+        self._hello_read = False  # the read being processed holds the client's HELLO
         self._out: list[Any] = []
         self._events: deque[Event] = deque()
 
     def receive_data(self, data: Any, now: float) -> None:
         if self.done:
             return
+        self._hello_read = self._waiting_hello  # (a HELLO, if any, is in this read)
         if self.decoder.offset == 0 and not self.decoder.buffered:
             first = memoryview(data)[:1].tobytes()
             if first and first[0] != FrameType.HELLO:
@@ -1418,7 +1425,9 @@ class ServerHandshake:
             if len(f.payload):
                 raise ProtocolError("NEW carries no payload")
             self.done = True
-            self.rtt = now - self._hello_at
+            # A NEW read with the HELLO was sent with it, before our HELLO could arrive: no
+            # round trip to measure (the adapter may supply one, e.g. the TCP connection's)
+            self.rtt = None if self._hello_read else now - self._hello_at
             self._events.append(NewSessionRequested(self.version))
         elif t == FrameType.RESUME:
             if len(f.payload) != _RESUME.size:
@@ -1529,7 +1538,10 @@ class ServerSession(SessionEngine):
             link.confirm_secret = True
             self.reconnects += 1
         hs.done = True
-        self._out = [encode_frame(FrameType.ACCEPT, 0, 0, self._ack_value(), accept)]
+        # (what the handshake has not handed out yet goes first: our HELLO, when the client's
+        # NEW came with its HELLO and the adapter accepts before writing the handshake's output)
+        self._out = [*hs.data_to_send(),
+                     encode_frame(FrameType.ACCEPT, 0, 0, self._ack_value(), accept)]
         self._rx_acked = self._ack_value()
         self._link = link
         self.attached_links += 1

@@ -56,6 +56,9 @@ class Harness:
         self.client_events: list[Any] = []
         self.server_events: list[Any] = []
         self.auto_reconnect = True
+        #: the TCP connection's round trip, as a server adapter would read it from the kernel
+        #: for a new session (None: none, and the server's send window stays the replay limit)
+        self.tcp_rtt: float | None = None
 
     # -- helpers -----------------------------------------------------------------------------
     @property
@@ -107,6 +110,8 @@ class Harness:
         while (e := hs.next_event()) is not None:
             self.server_events.append(e)
             if isinstance(e, ev.NewSessionRequested):
+                if hs.rtt is None:  # NEW came with the HELLO: the adapter's round trip
+                    hs.rtt = self.tcp_rtt
                 s = ServerSession(self.server_config, self.now)
                 self.sessions[s.session_id] = s
                 s.accept(hs, self.now)

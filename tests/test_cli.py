@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -81,6 +82,43 @@ def test_pure_python_switch():
                          text=True, timeout=60, check=True)
     assert out.stdout.strip() == (
         "python True {'icafast.protocol': False, 'icafast.aio._relay': False}")
+
+
+def test_demo_upload_stops_at_its_gate_until_the_breaks_are_done():
+    """The demo's upload holds its last part until every break was made (so every break finds
+    the session moving data), even where one chunk would carry it past the gate: 256 KiB in
+    64 KiB chunks with the gate at 200 KiB used to go out whole, the session ended, and the
+    later breaks found no link."""
+    from icafast.demo import StreamStats, pump_stream
+
+    class Writer:
+        def __init__(self) -> None:
+            self.data = bytearray()
+            self.eof = False
+
+        def write(self, b: bytes) -> None:
+            self.data += b
+
+        async def drain(self) -> None:
+            pass
+
+        def can_write_eof(self) -> bool:
+            return True
+
+        def write_eof(self) -> None:
+            self.eof = True
+
+    async def main() -> None:
+        w, st, done = Writer(), StreamStats(), asyncio.Event()
+        task = asyncio.ensure_future(pump_stream(w, 256 * 1024, 1, 0, st, (200 * 1024, done)))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert len(w.data) == st.sent == 200 * 1024 and not w.eof and not task.done()
+        done.set()
+        await asyncio.wait_for(task, 5)
+        assert len(w.data) == 256 * 1024 and w.eof
+
+    asyncio.run(main())
 
 
 @pytest.mark.parametrize("pure", [False, True])

@@ -281,7 +281,7 @@ def test_wrong_proof_is_rejected_and_changes_nothing():
     hs = ServerHandshake(SMALL, h.now)
     attacker = ClientSession(SMALL, h.now)
     attacker.connect(h.now)
-    hs.receive_data(b"".join(bytes(x) for x in attacker.data_to_send()), h.now)
+    hs.receive_data(_hello_of(attacker), h.now)
     nonce = hs.client_nonce
     # forge a RESUME with a guessed secret
     from icafast.protocol import encode_frame
@@ -308,7 +308,7 @@ def test_captured_resume_cannot_be_replayed():
     hs = ServerHandshake(SMALL, h.now)
     c = ClientSession(SMALL, h.now)
     c.connect(h.now)
-    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()), h.now)
+    hs.receive_data(_hello_of(c), h.now)
     resume = [e for e in h.server_events if isinstance(e, ev.ResumeRequested)][-1]
     from icafast.protocol import encode_frame
     hs.receive_data(encode_frame(FrameType.RESUME, 0, 0, resume.received,
@@ -605,6 +605,12 @@ def test_new_session_rtt_sample_is_the_hello_round_trip():
     assert int(FrameType.PING) not in kinds and int(FrameType.PONG) not in kinds
 
 
+def _hello_of(client: ClientSession) -> bytes:
+    """The HELLO of a client that just called ``connect`` (without the NEW that a new
+    session's client sends with it)."""
+    return bytes(client.data_to_send()[0])
+
+
 def test_fin_survives_reconnect():
     h = Harness(SMALL)
     h.open_link()
@@ -760,7 +766,7 @@ def test_proven_resume_with_impossible_offset_leaves_live_link_alone():
     hs = ServerHandshake(SMALL, h.now)
     thief = ClientSession(SMALL, h.now)
     thief.connect(h.now)
-    hs.receive_data(b"".join(bytes(x) for x in thief.data_to_send()), h.now)
+    hs.receive_data(_hello_of(thief), h.now)
     secret = bytes.fromhex(h.client.export_state()["secret"])
     proof = make_proof(secret, s.session_id, hs.client_nonce, hs.nonce)
     from icafast.protocol import encode_frame
@@ -774,18 +780,66 @@ def test_proven_resume_with_impossible_offset_leaves_live_link_alone():
 
 
 def test_frames_pipelined_after_the_request_void_it():
-    h = Harness(SMALL)
+    """NEW may follow HELLO in the same read (a new session's client sends them together), but
+    nothing may follow the request before ACCEPT: the request is void."""
+    from icafast.protocol import encode_frame
+
+    extra = encode_frame(FrameType.PING, 0, 1, 0)
     hs = ServerHandshake(SMALL, 0.0)
     c = ClientSession(SMALL, 0.0)
     c.connect(0.0)
-    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()), 0.0)
-    c.receive_data(b"".join(bytes(x) for x in hs.data_to_send()), 0.0)
-    from icafast.protocol import encode_frame
-    extra = encode_frame(FrameType.PING, 0, 1, 0)
     hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()) + extra, 0.0)
-    evs = [*iter(hs.next_event, None)]
-    assert [type(e) for e in evs] == [ev.HandshakeFailed]
-    del h
+    assert [type(e) for e in iter(hs.next_event, None)] == [ev.HandshakeFailed]
+    # a RESUME, sent once the server's HELLO is in, likewise
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    hs = ServerHandshake(SMALL, h.now)
+    h.client.connect(h.now)
+    hs.receive_data(b"".join(bytes(x) for x in h.client.data_to_send()), h.now)
+    h.client.receive_data(b"".join(bytes(x) for x in hs.data_to_send()), h.now)
+    hs.receive_data(b"".join(bytes(x) for x in h.client.data_to_send()) + extra, h.now)
+    assert [type(e) for e in iter(hs.next_event, None)] == [ev.HandshakeFailed]
+
+
+def test_new_session_request_goes_with_the_hello():
+    """A new session's client sends NEW with its HELLO (one round trip to ACCEPT, not two);
+    the server answers HELLO, then ACCEPT. It has no round trip of its own to size its window
+    from (its HELLO had not arrived when NEW was sent): ``rtt`` is None, for the adapter to set
+    (the reference server reads the TCP connection's round trip) or to leave, and then the
+    window stays the replay limit. A RESUME still waits for the server's HELLO."""
+    hs = ServerHandshake(Config(), 0.0)
+    c = ClientSession(Config(), 0.0)
+    c.connect(0.0)
+    out = b"".join(bytes(x) for x in c.data_to_send())
+    assert [f.type for f in FrameDecoder().feed(out)] == [FrameType.HELLO, FrameType.NEW]
+    hs.receive_data(out, 0.001)
+    assert [type(e) for e in iter(hs.next_event, None)] == [ev.NewSessionRequested]
+    assert hs.rtt is None
+    s = protocol.ServerSession(Config(), 0.001)
+    s.accept(hs, 0.001)  # (the handshake's HELLO not yet handed out: accept sends it first)
+    assert s.send_window == Config().replay_limit
+    back = b"".join(bytes(x) for x in s.data_to_send())
+    assert [f.type for f in FrameDecoder().feed(back)] == [FrameType.HELLO, FrameType.ACCEPT]
+    c.receive_data(back, 0.003)
+    assert c.established and c.handshake_rtt == pytest.approx(0.003)
+    # given the connection's round trip, the server sizes its window from it
+    hs = ServerHandshake(Config(), 0.0)
+    c = ClientSession(Config(), 0.0)
+    c.connect(0.0)
+    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()), 0.001)
+    hs.rtt = 0.02
+    s = protocol.ServerSession(Config(), 0.001)
+    s.accept(hs, 0.001)
+    assert s.handshake_rtt == 0.02 and s.send_window == send_window_for(0.02, s.config.replay_limit)
+    # HELLO and NEW in separate reads (a client that waits, or an old one): measured as before
+    hs = ServerHandshake(Config(), 0.0)
+    c = ClientSession(Config(), 0.0)
+    c.connect(0.0)
+    hello, new = (bytes(x) for x in c.data_to_send())
+    hs.receive_data(hello, 0.0)
+    hs.receive_data(new, 0.004)
+    assert hs.rtt == pytest.approx(0.004)
 
 
 def test_abort_while_disconnected_is_delivered_on_reconnect():
@@ -903,10 +957,13 @@ MiB = 1024 * 1024
 
 
 def handshake(h: Harness, rtt: float) -> None:
-    """Open a link whose every crossing takes ``rtt / 2``: HELLO -> HELLO on the client and
-    HELLO -> NEW/RESUME on the server each take ``rtt``."""
+    """Open a link whose every crossing takes ``rtt / 2``: HELLO -> HELLO on the client,
+    HELLO -> RESUME on the server and, for a new session (whose NEW goes with the client's
+    HELLO), the TCP connection's round trip as the server reads it, each ``rtt``."""
+    h.tcp_rtt = rtt
+    resume = h.client.has_session
     h.open_link()
-    for deliver in (h.deliver_c2s, h.deliver_s2c, h.deliver_c2s, h.deliver_s2c):
+    for deliver in (h.deliver_c2s, h.deliver_s2c) * (2 if resume else 1):
         h.advance(rtt / 2)
         assert deliver()
     assert h.client.established

@@ -39,6 +39,7 @@ from icafast.aio._relay import (
     Link,
     Runner,
     _ticks_of,
+    tcp_rtt,
 )
 from icafast.aio.server import control_request
 from icafast.protocol import (
@@ -552,6 +553,28 @@ def test_backend_down_gives_reject_and_no_session():
         await srv.close()
 
     run_async("uvloop", main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_new_session_sizes_the_server_window_from_the_tcp_round_trip(loop):
+    """A new session's NEW goes with the client's HELLO, so the server has no HELLO round trip
+    of its own: it reads the TCP connection's (Linux TCP_INFO) and sizes its window from it."""
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            r, w = await s.client(direct=True)
+            w.write(b"x")
+            assert await r.readexactly(1) == b"x"
+            runner = s.only_session()
+            eng = runner.engine
+            if not sys.platform.startswith("linux"):
+                assert eng.handshake_rtt is None  # (no TCP_INFO: the window stays the limit)
+                return
+            assert eng.handshake_rtt is not None and 0 < eng.handshake_rtt < 0.5
+            assert eng.send_window == send_window_for(eng.handshake_rtt, eng.config.replay_limit)
+            now = tcp_rtt(runner.link.transport)  # (the kernel's estimate, updated since)
+            assert now is not None and 0 < now < 0.5
+
+    run_async(loop, main())
 
 
 @pytest.mark.parametrize("loop", LOOPS)

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import sys
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -167,6 +168,34 @@ def _set_tcp_options(transport: asyncio.BaseTransport, opts: list[tuple[int, int
                 pass
     finally:
         own.detach()  # (the transport still owns the descriptor)
+
+
+# (Linux's struct tcp_info: other systems with a TCP_INFO lay it out differently)
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
+_TCPI_RTT = slice(68, 72)  # struct tcp_info: tcpi_rtt, the smoothed round trip in µs
+
+
+def tcp_rtt(transport: asyncio.BaseTransport | None) -> float | None:
+    """The kernel's smoothed round-trip time of a TCP transport's connection in seconds
+    (Linux ``TCP_INFO``; on an accepted connection, measured by the TCP handshake), or None
+    where there is none to read."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if _TCP_INFO is None or sock is None:
+        return None
+    fd = sock.fileno()
+    if fd < 0:
+        return None
+    own = _CSocket(_AF_INET, _SOCK_STREAM, 0, fd)
+    try:
+        info = own.getsockopt(_NODELAY[0], _TCP_INFO, 104)
+    except OSError:
+        return None
+    finally:
+        own.detach()
+    if len(info) < _TCPI_RTT.stop:
+        return None
+    rtt = int.from_bytes(info[_TCPI_RTT], sys.byteorder)
+    return rtt / 1e6 if rtt else None
 
 
 _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {l_onoff=1, l_linger=0}

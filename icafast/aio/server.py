@@ -33,7 +33,7 @@ from ..protocol import (
 )
 from ..proxyproto import ProxyHeaderParser
 from ..tlspipe import uses_pipe
-from ._relay import Endpoint, Link, Runner, StatusCallback, short_id, window_note
+from ._relay import Endpoint, Link, Runner, StatusCallback, short_id, tcp_rtt, window_note
 from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
@@ -354,6 +354,8 @@ class RelayServer:
         if len(self.sessions_by_id) >= self.max_sessions:
             pending.reject(REJECT_BUSY, f"server is at its limit of {self.max_sessions} sessions")
             return
+        if pending.hs.rtt is None:  # NEW came with the HELLO: the TCP handshake's round trip
+            pending.hs.rtt = tcp_rtt(pending.link.transport)  # sizes the send window instead
         runner = _ServerRunner(self, ServerSession(self.config, self.loop.time()), m)
         attempt = _BackendAttempt(runner)
         attempt.task = t = self.loop.create_task(self._new_session(pending, attempt))
