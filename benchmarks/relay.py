@@ -77,7 +77,7 @@ from ._chains import (
 WORKLOADS = ("bulk", "rr", "redis", "resume", "scale")
 MiB = 1 << 20
 #: rounds of 50 new connections per run of the redis workload (see Bench.redis)
-NEW_CONN_ROUNDS = 10
+NEW_CONN_ROUNDS = 30
 #: the encrypted chains, in every workload that runs them (bulk, rr, redis)
 TLS_CHAINS = ["socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast-tls",
               "icafast-tls-loop", "icafast-tls-asyncio"]
