@@ -179,6 +179,10 @@ backend be
                 writer.write(b"hello")
                 assert await reader.readexactly(5) == b"hello"
                 r = s.only_session()
+                # the NEW came with the HELLO, and the TCP peer is HAProxy, not the client: no
+                # round trip sizes the new session's window (it stays the replay limit)
+                assert r.engine.handshake_rtt is None
+                assert r.engine.send_window == r.engine.config.replay_limit
                 for k in range(6):
                     before = r.engine.reconnects
                     (s.proxy.reset if k % 2 == 0 else s.proxy.blackhole)()

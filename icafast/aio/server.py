@@ -354,8 +354,12 @@ class RelayServer:
         if len(self.sessions_by_id) >= self.max_sessions:
             pending.reject(REJECT_BUSY, f"server is at its limit of {self.max_sessions} sessions")
             return
-        if pending.hs.rtt is None:  # NEW came with the HELLO: the TCP handshake's round trip
-            pending.hs.rtt = tcp_rtt(pending.link.transport)  # sizes the send window instead
+        if pending.hs.rtt is None and pending.proxy is None:
+            # NEW came with the HELLO: the TCP handshake's round trip sizes the send window
+            # instead. (Not behind a PROXY-protocol load balancer: the TCP peer is the balancer,
+            # and a round trip to it would size the window for a shorter path than the
+            # client's; the window then stays the replay limit.)
+            pending.hs.rtt = tcp_rtt(pending.link.transport)
         runner = _ServerRunner(self, ServerSession(self.config, self.loop.time()), m)
         attempt = _BackendAttempt(runner)
         attempt.task = t = self.loop.create_task(self._new_session(pending, attempt))
