@@ -916,7 +916,7 @@ def test_a_link_deadline_that_passes_as_the_link_comes_up_does_not_fail_it(tmp_p
         attempt = self._attempt
         if attempt is not None and self.link is link:
             fired.append(attempt.handed)
-            self._attempt_deadline(attempt)  # the deadline passes now, the link already up
+            attempt.deadline.fire()  # the deadline passes now, the link already up
 
     monkeypatch.setattr(client_mod._ClientRunner, "link_made", link_made)
     kw: dict[str, Any] = {}

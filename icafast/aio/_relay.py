@@ -198,6 +198,46 @@ def tcp_rtt(transport: asyncio.BaseTransport | None) -> float | None:
     return rtt / 1e6 if rtt else None
 
 
+class Deadline:
+    """A deadline for work awaited in the running task, that cancels this task itself
+    (``asyncio.wait_for`` would run the work in a task of its own: another task, future and
+    callbacks for every new session or link). ``await deadline.run(aw)``: ``aw``'s result, or
+    ``asyncio.TimeoutError("no WHAT within ... s")`` if the deadline cancelled it. When the
+    deadline comes and ``may_cancel()`` is false, the work got far enough to finish (its
+    connection is handed on) and is left to."""
+
+    __slots__ = ("loop", "timeout", "may_cancel", "what", "task", "expired")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float,
+                 may_cancel: Callable[[], bool], what: str) -> None:
+        self.loop = loop
+        self.timeout = timeout
+        self.may_cancel = may_cancel
+        self.what = what
+        self.task: asyncio.Task[Any] | None = None
+        self.expired = False
+
+    async def run(self, aw: Any) -> Any:
+        self.task = asyncio.current_task()
+        timer = self.loop.call_later(self.timeout, self.fire)
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            if not self.expired:
+                raise
+            if self.task is not None and hasattr(self.task, "uncancel"):
+                self.task.uncancel()  # (Python 3.11+: this cancellation is handled here)
+            raise asyncio.TimeoutError(f"no {self.what} within {self.timeout:g} s") from None
+        finally:
+            timer.cancel()
+
+    def fire(self) -> None:
+        """The deadline passes (called by its timer)."""
+        if self.task is not None and not self.expired and self.may_cancel():
+            self.expired = True
+            self.task.cancel()
+
+
 _LINGER_ZERO = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {l_onoff=1, l_linger=0}
 
 

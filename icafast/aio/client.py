@@ -19,7 +19,15 @@ from .. import events as ev
 from ..protocol import CLOSE_ABORTED, ClientSession, Config, State
 from ..tls import ClientTLS, TLSVerifyError, check_peer
 from ..tlspipe import uses_pipe
-from ._relay import Endpoint, Link, Runner, StatusCallback, abort_with_rst, tune_socket
+from ._relay import (
+    Deadline,
+    Endpoint,
+    Link,
+    Runner,
+    StatusCallback,
+    abort_with_rst,
+    tune_socket,
+)
 from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
@@ -28,15 +36,18 @@ __all__ = ["RelayClient", "open_session"]
 
 
 class _Attempt:
-    """One link attempt of a client session, for its deadline."""
+    """One link attempt of a client session, and its deadline."""
 
-    __slots__ = ("setup", "link", "handed", "expired")
+    __slots__ = ("setup", "link", "handed", "deadline")
 
-    def __init__(self, setup: TLSSetup | None) -> None:
+    def __init__(self, setup: TLSSetup | None, loop: asyncio.AbstractEventLoop,
+                 timeout: float) -> None:
         self.setup = setup
         self.link: Link | None = None
         self.handed = False  # the link went to the session's link_made: the deadline is past
-        self.expired = False
+        # (once the link went to the session, taken or refused, the attempt ends by itself:
+        # the deadline leaves it alone)
+        self.deadline = Deadline(loop, timeout, lambda: not self.handed, "link")
 
 
 class _ClientRunner(Runner):
@@ -82,22 +93,11 @@ class _ClientRunner(Runner):
         elif tls is not None:  # the event loop's TLS transport
             kw = {"ssl": tls.context, "server_hostname": tls.server_hostname or host,
                   "ssl_handshake_timeout": timeout}
-        # the deadline cancels this task itself (asyncio.wait_for would run the attempt in a
-        # task of its own: another task, future and timer for every link)
-        attempt = self._attempt = _Attempt(setup)
-        timer = self.loop.call_later(timeout, self._attempt_deadline, attempt)
+        attempt = self._attempt = _Attempt(setup, self.loop, timeout)
         try:
             try:
-                await self._open_link(host, port, attempt, kw)
-            except asyncio.CancelledError:
-                if not attempt.expired:
-                    raise
-                task = self.connect_task
-                if task is not None and hasattr(task, "uncancel"):
-                    task.uncancel()  # (Python 3.11+: this cancellation is handled here)
-                raise asyncio.TimeoutError(f"no link within {timeout:g} s") from None
+                await attempt.deadline.run(self._open_link(host, port, attempt, kw))
             finally:
-                timer.cancel()
                 if self._attempt is attempt:
                     self._attempt = None
         except (OSError, asyncio.TimeoutError) as e:
@@ -109,13 +109,6 @@ class _ClientRunner(Runner):
                 log.info("session %s: connect to %s:%d failed: %s", self.sid, host, port, reason)
                 self.engine.connect_failed(reason, self.now())
                 self.pump()
-
-    def _attempt_deadline(self, attempt: _Attempt) -> None:
-        if attempt.handed:
-            return  # the session has the link (taken or refused): the attempt ends by itself
-        attempt.expired = True
-        if self.connect_task is not None:
-            self.connect_task.cancel()
 
     async def _open_link(self, host: str, port: int, attempt: _Attempt,
                          kw: dict[str, Any]) -> None:

@@ -33,7 +33,16 @@ from ..protocol import (
 )
 from ..proxyproto import ProxyHeaderParser
 from ..tlspipe import uses_pipe
-from ._relay import Endpoint, Link, Runner, StatusCallback, short_id, tcp_rtt, window_note
+from ._relay import (
+    Deadline,
+    Endpoint,
+    Link,
+    Runner,
+    StatusCallback,
+    short_id,
+    tcp_rtt,
+    window_note,
+)
 from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
@@ -235,17 +244,6 @@ class _PendingLink:
                 self.detach()
 
 
-class _BackendAttempt:
-    """A new session's connection to its backend, for its deadline."""
-
-    __slots__ = ("runner", "task", "expired")
-
-    def __init__(self, runner: _ServerRunner) -> None:
-        self.runner = runner
-        self.task: asyncio.Task[None] | None = None
-        self.expired = False
-
-
 class RelayServer:
     """Listens for framed links on each mapping and relays sessions to the backends.
 
@@ -361,42 +359,22 @@ class RelayServer:
             # client's; the window then stays the replay limit.)
             pending.hs.rtt = tcp_rtt(pending.link.transport)
         runner = _ServerRunner(self, ServerSession(self.config, self.loop.time()), m)
-        attempt = _BackendAttempt(runner)
-        attempt.task = t = self.loop.create_task(self._new_session(pending, attempt))
+        t = self.loop.create_task(self._new_session(pending, runner))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    def _backend_deadline(self, attempt: _BackendAttempt) -> None:
-        if attempt.runner.endpoint is not None:
-            return  # connected as the deadline came: the session goes on
-        attempt.expired = True
-        if attempt.task is not None:
-            attempt.task.cancel()
-
-    async def _new_session(self, pending: _PendingLink, attempt: _BackendAttempt) -> None:
+    async def _new_session(self, pending: _PendingLink, runner: _ServerRunner) -> None:
         m = pending.mapping
-        runner = attempt.runner
-        # the deadline cancels this task itself (asyncio.wait_for would run the connect in a
-        # task of its own: another task, future and callbacks for every new session)
-        timer = self.loop.call_later(self.backend_connect_timeout, self._backend_deadline,
-                                     attempt)
         try:
-            await self.loop.create_connection(lambda: Endpoint(runner), m.backend_host,
-                                              m.backend_port)
-        except asyncio.CancelledError:
-            if not attempt.expired:
-                raise
-            task = attempt.task
-            if task is not None and hasattr(task, "uncancel"):
-                task.uncancel()  # (Python 3.11+: this cancellation is handled here)
-            pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: no connection "
-                           f"within {self.backend_connect_timeout:g} s")
+            # (connected as the deadline comes: the session goes on)
+            await Deadline(self.loop, self.backend_connect_timeout,
+                           lambda: runner.endpoint is None, "connection").run(
+                self.loop.create_connection(lambda: Endpoint(runner), m.backend_host,
+                                            m.backend_port))
+        except (OSError, asyncio.TimeoutError) as e:
+            pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: "
+                                           f"{e or type(e).__name__}")
             return
-        except OSError as e:
-            pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: {e}")
-            return
-        finally:
-            timer.cancel()
         if pending.link.closed:
             if runner.endpoint is not None and runner.endpoint.transport is not None:
                 runner.endpoint.transport.close()
