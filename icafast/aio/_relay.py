@@ -50,9 +50,10 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: queued behind megabytes (benchmarks/README.md, "little left unsent in link sockets").
 LINK_NOTSENT_LOWAT = 256 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 0)  # (Linux, macOS)
-_CSocket = _socket.socket  # (see _set_tcp_options)
+_CSocket = _socket.socket  # (see _fd_socket)
 _AF_INET, _SOCK_STREAM = int(socket.AF_INET), int(socket.SOCK_STREAM)
-_NODELAY = (int(socket.IPPROTO_TCP), int(socket.TCP_NODELAY), 1)
+_IPPROTO_TCP = int(socket.IPPROTO_TCP)
+_NODELAY = (_IPPROTO_TCP, int(socket.TCP_NODELAY), 1)
 
 
 #: Session deadlines further away than COALESCE_AFTER are rounded up to the next multiple of
@@ -136,30 +137,35 @@ def tune_socket(transport: asyncio.BaseTransport, high: int = WRITE_HIGH_WATER,
     TCP_NOTSENT_LOWAT if ``notsent_lowat`` (where the platform has it)."""
     opts = [_NODELAY]
     if notsent_lowat and _TCP_NOTSENT_LOWAT:
-        opts.append((_NODELAY[0], _TCP_NOTSENT_LOWAT, notsent_lowat))
+        opts.append((_IPPROTO_TCP, _TCP_NOTSENT_LOWAT, notsent_lowat))
     _set_tcp_options(transport, opts)
     if hasattr(transport, "set_write_buffer_limits"):
         transport.set_write_buffer_limits(high=high, low=low)
 
 
-def _set_tcp_options(transport: asyncio.BaseTransport, opts: list[tuple[int, int, Any]]) -> None:
-    """setsockopt on a transport's socket; an option the socket does not take (TCP options on
-    a Unix socket, as ``open_session`` uses) is skipped.
+def _fd_socket(transport: asyncio.BaseTransport) -> Any | None:
+    """A socket object of our own on a transport's descriptor (None if it has none), for
+    socket options; ``detach()`` it after use (the transport still owns the descriptor).
 
-    Through a socket object of our own on the transport's descriptor, detached afterwards:
-    uvloop's stand-in socket makes a new socket object for each setsockopt call, each asking
-    the kernel three questions first. Ours is the C-level ``_socket.socket`` (``socket.socket``
+    uvloop's stand-in socket makes a new socket object for each option call, each asking the
+    kernel three questions first. Ours is the C-level ``_socket.socket`` (``socket.socket``
     runs Python code to initialise), and the socket's family is not asked for (the stand-in
-    makes it an enum member): a session has two sockets at each end. ``tune_socket`` on a
-    uvloop link took 4.1 µs, and takes 2.5 µs (three system calls of it)."""
+    makes it an enum member; the family given here only decides how addresses would be
+    parsed, and none are): a session has two sockets at each end. ``tune_socket`` on a uvloop
+    link took 4.1 µs, and takes 2.5 µs (three system calls of it)."""
     sock = transport.get_extra_info("socket")
     if sock is None:
-        return
+        return None
     fd = sock.fileno()
-    if fd < 0:
+    return _CSocket(_AF_INET, _SOCK_STREAM, 0, fd) if fd >= 0 else None
+
+
+def _set_tcp_options(transport: asyncio.BaseTransport, opts: list[tuple[int, int, Any]]) -> None:
+    """setsockopt on a transport's socket; an option the socket does not take (TCP options on
+    a Unix socket, as ``open_session`` uses) is skipped."""
+    own = _fd_socket(transport)
+    if own is None:
         return
-    # (the family given here only decides how addresses would be parsed: none are)
-    own = _CSocket(_AF_INET, _SOCK_STREAM, 0, fd)
     try:
         for level, name, value in opts:
             try:
@@ -167,7 +173,7 @@ def _set_tcp_options(transport: asyncio.BaseTransport, opts: list[tuple[int, int
             except OSError:
                 pass
     finally:
-        own.detach()  # (the transport still owns the descriptor)
+        own.detach()
 
 
 # (Linux's struct tcp_info: other systems with a TCP_INFO lay it out differently)
@@ -179,15 +185,11 @@ def tcp_rtt(transport: asyncio.BaseTransport | None) -> float | None:
     """The kernel's smoothed round-trip time of a TCP transport's connection in seconds
     (Linux ``TCP_INFO``; on an accepted connection, measured by the TCP handshake), or None
     where there is none to read."""
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if _TCP_INFO is None or sock is None:
+    own = _fd_socket(transport) if _TCP_INFO is not None and transport is not None else None
+    if own is None:
         return None
-    fd = sock.fileno()
-    if fd < 0:
-        return None
-    own = _CSocket(_AF_INET, _SOCK_STREAM, 0, fd)
     try:
-        info = own.getsockopt(_NODELAY[0], _TCP_INFO, 104)
+        info = own.getsockopt(_IPPROTO_TCP, _TCP_INFO, 104)
     except OSError:
         return None
     finally:
