@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend
+from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend, logs
 from .protocol import Config
 from .tlspipe import describe as tls_records
 
@@ -254,19 +254,7 @@ def setup_logging(args: argparse.Namespace) -> None:
         level = logging.WARNING
     elif getattr(args, "verbose", 0) >= 2:
         level = logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    _lean_log_records()
-
-
-def _lean_log_records() -> None:
-    """Records without what the format never shows: no caller frame walk, no thread, process
-    or multiprocessing names (the logging HOWTO's "Optimization"). A server logs a line or two
-    per session and per resume, so 1,000 sessions resuming at once log 2,000 lines."""
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
+    logs.setup(level)
 
 
 async def _run_until_signal(start: Any, stop: Any) -> None:
@@ -510,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose >= 2 else
                             logging.INFO if args.verbose else logging.WARNING,
                             format="  log: %(message)s", stream=sys.stderr)
-        _lean_log_records()
+        logs.lean_records()
     if args.cmd in ("serve", "connect", "demo"):
         from .heap import tune_malloc
 

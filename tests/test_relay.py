@@ -40,6 +40,7 @@ from icafast.aio._relay import (
     Runner,
     _ticks_of,
     tcp_rtt,
+    tune_socket,
 )
 from icafast.aio.server import control_request
 from icafast.protocol import (
@@ -509,6 +510,31 @@ def test_a_link_whose_peer_stops_reading_keeps_little_unsent_in_the_kernel(loop)
             writer.close()
 
     run_async(loop, main(), timeout=120)
+
+
+def test_tune_socket_sets_nodelay_where_the_event_loop_does_not():
+    """uvloop and asyncio set TCP_NODELAY on every TCP socket themselves, so tune_socket does
+    not set it again for their transports (the test above reads it on a session's sockets with
+    each loop); on a transport of any other kind it does."""
+
+    class OtherTransport(asyncio.Transport):
+        def __init__(self, sock: socket.socket) -> None:
+            super().__init__()
+            self.sock = sock
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return self.sock if name == "socket" else default
+
+        def set_write_buffer_limits(self, high: int | None = None,
+                                    low: int | None = None) -> None:
+            self.limits = (high, low)
+
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        with socket.create_connection(lsock.getsockname()) as sock:
+            assert not sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            tune_socket(OtherTransport(sock))
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            assert sock.fileno() >= 0  # (the descriptor is still the transport's)
 
 
 @pytest.mark.parametrize("loop", LOOPS)

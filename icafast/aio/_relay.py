@@ -131,14 +131,33 @@ def short_id(sid: bytes) -> str:
     return sid.hex() if sid else "-"
 
 
+#: Transports whose event loop sets TCP_NODELAY on every TCP socket itself: uvloop's (libuv
+#: sets it when it accepts or connects) and asyncio's own (``base_events._set_nodelay``, since
+#: Python 3.6), and the TLS transports over them. Setting it again cost each new session two
+#: socket objects and six system calls (benchmarks/README.md, "what a new session costs").
+_LOOP_SETS_NODELAY = frozenset(("uvloop.loop", "asyncio.selector_events",
+                                "asyncio.proactor_events", "asyncio.sslproto"))
+_sets_nodelay: dict[type, bool] = {}
+
+
+def _loop_sets_nodelay(transport: asyncio.BaseTransport) -> bool:
+    kind = type(transport)
+    known = _sets_nodelay.get(kind)
+    if known is None:
+        known = _sets_nodelay[kind] = kind.__module__ in _LOOP_SETS_NODELAY
+    return known
+
+
 def tune_socket(transport: asyncio.BaseTransport, high: int = WRITE_HIGH_WATER,
                 low: int = WRITE_LOW_WATER, notsent_lowat: int = 0) -> None:
-    """TCP_NODELAY on every socket (small writes must not wait for Nagle), big limits, and
-    TCP_NOTSENT_LOWAT if ``notsent_lowat`` (where the platform has it)."""
-    opts = [_NODELAY]
+    """TCP_NODELAY on every socket (small writes must not wait for Nagle; set here unless the
+    event loop sets it on every TCP socket anyway), big limits, and TCP_NOTSENT_LOWAT if
+    ``notsent_lowat`` (where the platform has it)."""
+    opts = [] if _loop_sets_nodelay(transport) else [_NODELAY]
     if notsent_lowat and _TCP_NOTSENT_LOWAT:
         opts.append((_IPPROTO_TCP, _TCP_NOTSENT_LOWAT, notsent_lowat))
-    _set_tcp_options(transport, opts)
+    if opts:
+        _set_tcp_options(transport, opts)
     if hasattr(transport, "set_write_buffer_limits"):
         transport.set_write_buffer_limits(high=high, low=low)
 
@@ -220,7 +239,7 @@ class Deadline:
         self.expired = False
 
     async def run(self, aw: Any) -> Any:
-        self.task = asyncio.current_task()
+        self.task = asyncio.current_task(self.loop)  # (given the loop: no getpid() call)
         timer = self.loop.call_later(self.timeout, self.fire)
         try:
             return await aw

@@ -336,18 +336,20 @@ class RelayClient:
         self._server: asyncio.base_events.Server | None = None
         self.addresses: list[tuple[str, int]] = []
         self._count = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # (start() sets it)
 
     def _factory(self) -> Endpoint:
-        loop = asyncio.get_running_loop()
         self._count += 1
-        r = _ClientRunner(loop, self.server, self.config, self.fallback, self.on_status,
+        assert self._loop is not None
+        r = _ClientRunner(self._loop, self.server, self.config, self.fallback, self.on_status,
                           label=f" #{self._count}", tls=self.tls)
         self.runners.add(r)
         r.closed_future.add_done_callback(lambda _f: self.runners.discard(r))
         return Endpoint(r)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        # (kept for the factory: asking for the running loop costs a getpid() call each time)
+        self._loop = loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._factory, self.listen[0] or None,
                                                 self.listen[1], reuse_address=True, backlog=1024)
         for sock in self._server.sockets:

@@ -1,0 +1,135 @@
+"""The command line's log lines, made with less work per line.
+
+``icafast serve`` and ``icafast connect`` log two lines per session at their default level,
+INFO (the session's start and its end). Through the standard ``logging`` setup
+(``basicConfig``) each line took about 65,000 instructions: a quarter of what either relay
+spent in user space on a session that opens, carries one request and closes
+(benchmarks/README.md, "log lines at half the cost").
+
+Every line still goes through ``logging`` (levels, ``-v``/``-q``, filters and any handler an
+embedder adds work as before); what the command line installs for its own output does less:
+
+- :class:`LineFormatter` writes ``asctime levelname message`` as ``logging.Formatter`` does
+  with that format, but makes the date and time part once per second instead of once per line;
+- :class:`LineHandler` writes and flushes each line at once (as ``StreamHandler`` does),
+  without taking the handler's lock a second time to flush;
+- :class:`LeanRecord` (``logging.setLogRecordFactory``) fills a record without the work for
+  what no line of the command line shows (thread, process and asyncio task names, the caller's
+  file name taken apart), as the logging HOWTO's "Optimization" section suggests.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_UNKNOWN_FILE = "(unknown file)"  # (logging's pathname when it does not look for the caller)
+
+
+class LineFormatter(logging.Formatter):
+    """``logging.Formatter(FORMAT)`` with the date and time made once per second."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+        self._second = -1
+        self._stamp = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)  # (a traceback: the standard way)
+        record.message = record.getMessage()
+        second = int(record.created)
+        if second != self._second:
+            self._stamp = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._stamp},{int(record.msecs):03d} {record.levelname} {record.message}"
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A ``StreamHandler`` that flushes each line within the lock ``handle`` already holds."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = self.stream
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except RecursionError:  # (as StreamHandler.emit)
+            raise
+        except Exception:
+            self.handleError(record)
+
+
+_time_ns = time.time_ns
+_start = logging._startTime  # type: ignore[attr-defined]  # (a float before 3.13, then ns)
+_START_NS = _start if isinstance(_start, int) else int(_start * 1e9)
+_HAS_TASK_NAMES = hasattr(logging, "logAsyncioTasks")  # (3.12+)
+
+
+class LeanRecord(logging.LogRecord):
+    """A ``LogRecord`` with the same attributes, filled with less work: what
+    ``logging.logThreads``, ``logProcesses``, ``logMultiprocessing`` and (3.12+)
+    ``logAsyncioTasks`` switch off is not looked at, and a caller's file name is taken apart
+    only when there is one."""
+
+    def __init__(self, name: str, level: int, pathname: str, lineno: int, msg: Any,
+                 args: Any, exc_info: Any, func: str | None = None, sinfo: str | None = None,
+                 **kwargs: Any) -> None:
+        ct = _time_ns()
+        self.name = name
+        self.msg = msg
+        if args and len(args) == 1 and isinstance(args[0], dict) and args[0]:
+            args = args[0]  # (as LogRecord: a single mapping is the mapping)
+        self.args = args
+        self.levelname = logging.getLevelName(level)
+        self.levelno = level
+        self.pathname = pathname
+        if pathname == _UNKNOWN_FILE:
+            self.filename = self.module = pathname
+        else:
+            self.filename = os.path.basename(pathname)
+            self.module = os.path.splitext(self.filename)[0]
+        self.exc_info = exc_info
+        self.exc_text = None
+        self.stack_info = sinfo
+        self.lineno = lineno
+        self.funcName = func  # type: ignore[assignment]  # (as LogRecord)
+        self.created = ct / 1e9
+        self.msecs = float((ct % 1_000_000_000) // 1_000_000)
+        self.relativeCreated = (ct - _START_NS) / 1e6
+        self.thread = self.threadName = None
+        self.processName = self.process = None
+        if _HAS_TASK_NAMES:
+            self.taskName = None
+        if (logging.logThreads or logging.logProcesses or logging.logMultiprocessing
+                or (_HAS_TASK_NAMES and logging.logAsyncioTasks)):  # type: ignore[attr-defined]
+            # (switched back on: the standard record fills them)
+            logging.LogRecord.__init__(self, name, level, pathname, lineno, msg, args,
+                                       exc_info, func, sinfo, **kwargs)
+
+
+def lean_records() -> None:
+    """Records without what the command line's lines never show: no walk up the stack for the
+    caller, no thread, process or task names."""
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    if _HAS_TASK_NAMES:
+        logging.logAsyncioTasks = False  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(LeanRecord)
+
+
+def setup(level: int, stream: TextIO | None = None) -> None:
+    """The command line's logging: ``FORMAT`` lines at ``level`` and above to ``stream``
+    (standard error), as ``logging.basicConfig(level=level, format=FORMAT)`` would."""
+    root = logging.getLogger()
+    if not root.handlers:  # (as basicConfig: a process that set up logging keeps it)
+        handler = LineHandler(stream if stream is not None else sys.stderr)
+        handler.setFormatter(LineFormatter())
+        root.addHandler(handler)
+        root.setLevel(level)
+    lean_records()
