@@ -219,6 +219,10 @@ def tcp_rtt(transport: asyncio.BaseTransport | None) -> float | None:
     return rtt / 1e6 if rtt else None
 
 
+def _cannot_cancel() -> bool:
+    return False
+
+
 class Deadline:
     """A deadline for work awaited in the running task, that cancels this task itself
     (``asyncio.wait_for`` would run the work in a task of its own: another task, future and
@@ -251,6 +255,11 @@ class Deadline:
             raise asyncio.TimeoutError(f"no {self.what} within {self.timeout:g} s") from None
         finally:
             timer.cancel()
+            # (``may_cancel`` is often a closure over the deadline's owner, which holds the
+            # deadline: without these the owner, the task and what they hold would wait for
+            # the cyclic garbage collector)
+            self.task = None
+            self.may_cancel = _cannot_cancel
 
     def fire(self) -> None:
         """The deadline passes (called by its timer)."""
@@ -369,6 +378,12 @@ class _EndpointBase:
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.runner.endpoint_lost(exc)
+        # The transport calls no more. Without the endpoint's reference back, an ended
+        # session (runner <-> endpoint, and all they hold: engine, replay buffers, link,
+        # transports) is freed by reference counting at once, not by a pass of the cyclic
+        # garbage collector that has to find it first (benchmarks/README.md, "what a new
+        # session costs").
+        self.runner = None  # type: ignore[assignment]
 
     def pause_writing(self) -> None:
         self.runner.sink_paused()
