@@ -846,6 +846,33 @@ def test_ended_sessions_need_no_garbage_collector(loop, tls_on, tmp_path):
         gc.enable()
 
 
+def test_tombstones_of_ended_sessions_expire_in_order():
+    """Ended sessions' ids are kept for a minute (a late RESUME gets CLOSED, not UNKNOWN), and
+    each session that ends drops those that expired, oldest first: the store stays as large as
+    a minute of ended sessions, with no pass over all of it."""
+    from types import SimpleNamespace
+
+    clock = SimpleNamespace(t=1000.0)
+    srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 1)], Config(dead_timeout=10.0))
+    srv.loop = SimpleNamespace(time=lambda: clock.t)  # type: ignore[assignment]
+
+    def end(sid: bytes) -> None:
+        srv._forget(SimpleNamespace(engine=SimpleNamespace(session_id=sid)))  # type: ignore
+
+    for i in range(1000):  # 1,000 sessions end within 10 s
+        end(b"a%03d" % i)
+        clock.t += 0.01
+    assert len(srv._tombstones) == 1000
+    assert srv._tombstones[b"a000"] == 1060.0  # kept for max(60 s, 2 * dead_timeout)
+    clock.t = 1060.0 + 0.005  # a000 has expired (1060.00); a001 (1060.01) has not
+    end(b"b")
+    assert b"a000" not in srv._tombstones and b"a001" in srv._tombstones
+    assert len(srv._tombstones) == 1000 and len(srv._tombstone_order) == 1000
+    clock.t = 2000.0  # all of them expired: the next ended session drops them all
+    end(b"c")
+    assert list(srv._tombstones) == [b"c"] and len(srv._tombstone_order) == 1
+
+
 def test_server_handshake_engine_rejects_version_mismatch():
     import struct
 

@@ -4,6 +4,7 @@ backend (default 127.0.0.1:1494). Embeddable: ``RelayServer`` in a gateway's own
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -283,7 +284,11 @@ class RelayServer:
         self.backend_connect_timeout = backend_connect_timeout or self.config.handshake_timeout / 2
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.sessions_by_id: dict[bytes, _ServerRunner] = {}
+        #: ended sessions' ids -> until when a RESUME of one gets REJECT 4 (CLOSED) rather
+        #: than UNKNOWN; and (expiry, id) in the order they ended, which is their expiry order
+        #: (now + one constant), so that expired ones are dropped from the front
         self._tombstones: dict[bytes, float] = {}
+        self._tombstone_order: collections.deque[tuple[float, bytes]] = collections.deque()
         self._handshaking: set[_PendingLink] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._control: asyncio.base_events.Server | None = None
@@ -446,9 +451,17 @@ class RelayServer:
         if self.sessions_by_id.get(sid) is runner:
             del self.sessions_by_id[sid]
         now = self.loop.time()
-        self._tombstones[sid] = now + max(60.0, self.config.dead_timeout * 2)
-        if len(self._tombstones) > 4 * self.max_sessions or len(self._tombstones) % 256 == 0:
-            self._tombstones = {k: t for k, t in self._tombstones.items() if t > now}
+        until = now + max(60.0, self.config.dead_timeout * 2)
+        self._tombstones[sid] = until
+        order = self._tombstone_order
+        order.append((until, sid))
+        # (a few expired ones per ended session; this used to filter the whole dict every 256
+        # sessions, and on every session once more than 4 * max_sessions had ended within the
+        # minute: tens of thousands of entries per new session at 1,000 sessions a second)
+        while order[0][0] <= now:
+            t, old = order.popleft()
+            if self._tombstones.get(old) == t:
+                del self._tombstones[old]
 
     def find(self, sid_prefix: str) -> _ServerRunner:
         """The session whose hex id is or starts with ``sid_prefix`` (unique)."""
