@@ -638,6 +638,52 @@ def test_backend_that_never_answers_gives_reject_within_its_deadline(loop):
     run_async(loop, main())
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_servers_hello_goes_with_its_answer_to_new(loop):
+    """A new session's NEW comes with the client's HELLO; the server's HELLO then goes in one
+    write with its ACCEPT, or with the REJECT when the backend cannot be reached (here: never
+    answers), not in a write of its own ahead of it."""
+    from icafast import FrameDecoder
+
+    async def first_frames(port: int, wait: float) -> tuple[list[int], float]:
+        c = ClientSession(FAST, 0.0)
+        c.connect(0.0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"".join(bytes(x) for x in c.data_to_send()))  # HELLO + NEW
+        t0 = asyncio.get_running_loop().time()
+        data = await asyncio.wait_for(reader.read(65536), wait)
+        took = asyncio.get_running_loop().time() - t0
+        writer.close()
+        return [f.type for f in FrameDecoder().feed(data)], took
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            types, _ = await first_frames(s.server_port, 5.0)
+            assert types == [FrameType.HELLO, FrameType.ACCEPT]
+        full = socket.socket()
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fillers = []
+        try:
+            for _ in range(4):  # the backend's accept queue full: its SYNs are dropped
+                f = socket.socket()
+                f.setblocking(False)
+                f.connect_ex(full.getsockname())
+                fillers.append(f)
+            srv = RelayServer([Mapping("127.0.0.1", 0, *full.getsockname())], FAST,
+                              backend_connect_timeout=0.3)
+            await srv.start()
+            types, took = await first_frames(srv.addresses[0][1], 5.0)
+            assert types == [FrameType.HELLO, FrameType.REJECT] and took >= 0.3
+            await srv.close()
+        finally:
+            for f in fillers:
+                f.close()
+            full.close()
+
+    run_async(loop, main())
+
+
 def test_control_socket_list_disconnect_reset(tmp_path):
     path = str(tmp_path / "ctl" / "control.sock")
 

@@ -229,13 +229,17 @@ class _PendingLink:
         self.detach()
 
     def _process(self) -> None:
+        e = self.hs.next_event()
+        if isinstance(e, ev.NewSessionRequested):  # (the handshake's only event then)
+            # Our HELLO waits to go in one write with the ACCEPT (or REJECT) that answers the
+            # NEW (PROTOCOL.md 3.5), whether the NEW came with the client's HELLO or after ours.
+            if self.link.transport is not None:
+                self.link.transport.pause_reading()
+            self.server._start_session(self)
+            return
         self._flush()
-        while (e := self.hs.next_event()) is not None:
-            if isinstance(e, ev.NewSessionRequested):
-                if self.link.transport is not None:
-                    self.link.transport.pause_reading()
-                self.server._start_session(self)
-            elif isinstance(e, ev.ResumeRequested):
+        while e is not None:
+            if isinstance(e, ev.ResumeRequested):
                 self.server._resume(self, e)
             elif isinstance(e, ev.HandshakeFailed):
                 self._flush()
@@ -243,6 +247,7 @@ class _PendingLink:
                          e.reason)
                 self.link.close()
                 self.detach()
+            e = self.hs.next_event()
 
 
 class RelayServer:
