@@ -135,11 +135,16 @@ def _base(protocol: ssl._SSLMethod) -> ssl.SSLContext:
 def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
     """Server context; with ``client_ca`` clients must present a certificate it signed.
 
-    It issues one TLS session ticket per handshake (encrypted with a key that lives as long as
-    the context), with which a client may resume: an abbreviated handshake, with new keys
-    (ECDHE) but without the certificate and its signature."""
+    It issues one TLS session ticket per full handshake (encrypted with a key that lives as
+    long as the context), with which a client may resume: an abbreviated handshake, with new
+    keys (ECDHE) but without the certificate and its signature. A resumption gets a new ticket
+    only once the one it used is past half its lifetime (OpenSSL's default is one after every
+    resumption; see :func:`icafast.tlspipe.spare_tickets`)."""
+    from .tlspipe import spare_tickets
+
     ctx = _base(ssl.PROTOCOL_TLS_SERVER)
     ctx.num_tickets = 1
+    spare_tickets(ctx)
     ctx.load_cert_chain(cert, key)
     if client_ca:
         ctx.load_verify_locations(client_ca)

@@ -147,6 +147,16 @@ def describe() -> str:
     return "compiled pipe" if why is None else f"the event loop's TLS transport ({why})"
 
 
+def spare_tickets(ctx: ssl.SSLContext) -> bool:
+    """On a server context: no new session ticket after a resumption with a ticket in the first
+    half of its lifetime (:func:`icafast._tlsio.spare_tickets`), where the compiled module can
+    run; elsewhere OpenSSL's default stays (a new ticket after every handshake). Returns
+    whether it was set."""
+    if compiled_unavailable() is not None:
+        return False
+    return bool(_compiled_module().spare_tickets(ctx))
+
+
 def offer_session(sslobj: ssl.SSLObject, session: Any) -> bool:
     """Offer a session from a pipe's ``session()`` in the handshake of a client connection
     not started yet (whether it is resumed is the server's choice). Returns whether it was

@@ -312,3 +312,47 @@ def test_lone_control_messages_free_the_buffers_and_traffic_goes_on(contexts, ki
         assert a.open(b.seal(msg)) == msg
     wire = a.seal(b"k" * 28)
     assert b.open(wire[:10]) == b"" and b.open(wire[10:]) == b"k" * 28  # (split: held, then freed)
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_resumption_gets_a_new_ticket_only_where_the_server_does_not_spare_it(tmp_path, spare):
+    """``tls.server_context`` sends a ticket after a full handshake and none after a resumption
+    with a young ticket (the client offers that one again, and it still resumes); OpenSSL's
+    default, kept where ``spare_tickets`` is not set, sends one after every resumption."""
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+    if spare:
+        sctx = tls.server_context(cert, key)
+    else:
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(cert, key)
+        sctx.num_tickets = 1
+    ctxs = (sctx, tls.client_context(ca=cert).context)
+    srv, cli = handshake(ctxs)
+    assert cli[1].pending  # the full handshake's ticket, waiting for the client to read it
+    sp, cp = KINDS["compiled"](*srv), KINDS["compiled"](*cli)
+    assert cp.open(sp.seal(b"x")) == b"x"
+    sess = cp.session()
+    for _ in range(3):
+        srv, cli = handshake(ctxs, session=sess)
+        assert srv[0].session_reused and cli[0].session_reused
+        assert bool(cli[1].pending) is not spare  # a new ticket after the resumption, or none
+        sp, cp = KINDS["compiled"](*srv), KINDS["compiled"](*cli)
+        assert cp.open(sp.seal(b"y")) == b"y"
+        sess = cp.session()  # (the same ticket again where none came)
+
+
+def test_ticket_decisions():
+    """What the spared server does with an offered ticket: OpenSSL's SSL_TICKET_STATUS in
+    (its own TLS 1.3 tickets come as SUCCESS_RENEW), SSL_TICKET_RETURN out."""
+    success, success_renew, empty, no_decrypt = 5, 6, 3, 4
+    use, use_renew, ignore_renew = 3, 4, 2
+    for status in (success, success_renew):
+        assert _tlsio.ticket_decision(status, 0, 7200) == use
+        assert _tlsio.ticket_decision(status, 3599, 7200) == use
+        assert _tlsio.ticket_decision(status, 3600, 7200) == use_renew  # half its life: renew
+        assert _tlsio.ticket_decision(status, 9000, 7200) == use_renew
+        assert _tlsio.ticket_decision(status, -5, 7200) == use_renew  # (the clock went back)
+        assert _tlsio.ticket_decision(status, 0, 0) == use_renew
+    for status in (empty, no_decrypt):  # a full handshake, with a ticket after it
+        assert _tlsio.ticket_decision(status, -1, 0) == ignore_renew
+    assert not _tlsio.spare_tickets(object())
