@@ -10,7 +10,7 @@ import random
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any
 
 from icafast import events as ev
@@ -177,6 +177,41 @@ class Backend:
             self._server.close()
         for w in self.writers:
             w.close()
+
+
+@contextlib.contextmanager
+def unanswering_backend() -> Iterator[tuple[str, int]]:
+    """The address of a listener whose connections never complete: its accept queue is full
+    (it accepts nothing), so the kernel drops further SYNs and a connect to it waits until
+    its deadline."""
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):  # more than the accept queue takes: the rest hang in SYN_SENT
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(full.getsockname())
+            fillers.append(c)
+        yield full.getsockname()
+    finally:
+        for c in fillers:
+            c.close()
+        full.close()
+
+
+def tls_for(tmp_path: Any, on: bool) -> tuple[dict[str, Any], Any]:
+    """TLS for a test's server and client, or none (``on`` false): the keyword arguments for
+    ``Setup`` (its ``RelayServer``) and the client's ``ClientTLS`` (or None), which pins the
+    certificate made in ``tmp_path``."""
+    if not on:
+        return {}, None
+    from icafast import tls
+
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+    return ({"ssl": tls.server_context(cert, key)},
+            tls.client_context(fingerprint=tls.fingerprint_of_pem(cert)))
 
 
 class Setup:

@@ -23,6 +23,8 @@ from relay_helpers import (
     recv_stream,
     run_async,
     send_stream,
+    tls_for,
+    unanswering_backend,
     wait_for,
 )
 
@@ -610,17 +612,8 @@ def test_backend_that_never_answers_gives_reject_within_its_deadline(loop):
     ``backend_connect_timeout`` passes, and leaves no session and no task behind."""
     async def main() -> None:
         lp = asyncio.get_running_loop()
-        full = socket.socket()
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        fillers = []
-        try:
-            for _ in range(4):  # more than the accept queue takes: the rest hang in SYN_SENT
-                c = socket.socket()
-                c.setblocking(False)
-                c.connect_ex(full.getsockname())
-                fillers.append(c)
-            srv = RelayServer([Mapping("127.0.0.1", 0, *full.getsockname())], FAST,
+        with unanswering_backend() as backend:
+            srv = RelayServer([Mapping("127.0.0.1", 0, *backend)], FAST,
                               backend_connect_timeout=0.3)
             await srv.start()
             t0 = lp.time()
@@ -630,10 +623,6 @@ def test_backend_that_never_answers_gives_reject_within_its_deadline(loop):
             assert not srv.sessions_by_id and not srv._handshaking
             assert await wait_for(lambda: not srv._tasks, 2.0)
             await srv.close()
-        finally:
-            for c in fillers:
-                c.close()
-            full.close()
 
     run_async(loop, main())
 
@@ -660,26 +649,13 @@ def test_the_servers_hello_goes_with_its_answer_to_new(loop):
         async with Setup(Backend("echo")) as s:
             types, _ = await first_frames(s.server_port, 5.0)
             assert types == [FrameType.HELLO, FrameType.ACCEPT]
-        full = socket.socket()
-        full.bind(("127.0.0.1", 0))
-        full.listen(0)
-        fillers = []
-        try:
-            for _ in range(4):  # the backend's accept queue full: its SYNs are dropped
-                f = socket.socket()
-                f.setblocking(False)
-                f.connect_ex(full.getsockname())
-                fillers.append(f)
-            srv = RelayServer([Mapping("127.0.0.1", 0, *full.getsockname())], FAST,
+        with unanswering_backend() as backend:
+            srv = RelayServer([Mapping("127.0.0.1", 0, *backend)], FAST,
                               backend_connect_timeout=0.3)
             await srv.start()
             types, took = await first_frames(srv.addresses[0][1], 5.0)
             assert types == [FrameType.HELLO, FrameType.REJECT] and took >= 0.3
             await srv.close()
-        finally:
-            for f in fillers:
-                f.close()
-            full.close()
 
     run_async(loop, main())
 
@@ -846,16 +822,10 @@ def test_ended_sessions_need_no_garbage_collector(loop, tls_on, tmp_path):
     holds) as it ends: with the cyclic garbage collector switched off, nothing of ten sessions
     through ``icafast connect``'s client and the server stays. (Runner and endpoint referred to
     each other, and a link attempt to its deadline: each session waited for a collector pass,
-    which then had all of it to walk, 5-10 % of a new session's instructions.)"""
-    from icafast import tls
+    which then had all of it to walk, 4-11 % of a new session's instructions.)"""
     from icafast.aio import RelayClient
 
-    kw: dict[str, Any] = {}
-    ctls = None
-    if tls_on:
-        cert, key, _ = tls.ensure_self_signed(str(tmp_path))
-        kw["ssl"] = tls.server_context(cert, key)
-        ctls = tls.client_context(fingerprint=tls.fingerprint_of_pem(cert))
+    kw, ctls = tls_for(tmp_path, tls_on)
 
     async def main() -> None:
         lp = asyncio.get_running_loop()
@@ -1057,7 +1027,6 @@ def test_a_link_deadline_that_passes_as_the_link_comes_up_does_not_fail_it(tmp_p
     """The deadline of a link attempt fires in the same loop iteration in which the link was
     handed to its session, before the attempt's task resumed: the attempt must not be
     cancelled then, or a link that is up would be reported as a failed connect."""
-    from icafast import tls
     from icafast.aio import client as client_mod
 
     fired: list[bool] = []
@@ -1071,12 +1040,7 @@ def test_a_link_deadline_that_passes_as_the_link_comes_up_does_not_fail_it(tmp_p
             attempt.deadline.fire()  # the deadline passes now, the link already up
 
     monkeypatch.setattr(client_mod._ClientRunner, "link_made", link_made)
-    kw: dict[str, Any] = {}
-    ctls = None
-    if tls_on:
-        cert, key, _ = tls.ensure_self_signed(str(tmp_path))
-        kw["ssl"] = tls.server_context(cert, key)
-        ctls = tls.client_context(fingerprint=tls.fingerprint_of_pem(cert))
+    kw, ctls = tls_for(tmp_path, tls_on)
 
     async def main() -> None:
         async with Setup(Backend("echo"), **kw) as s:
