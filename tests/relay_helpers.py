@@ -53,10 +53,18 @@ def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0)
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:
+            import faulthandler
             import gc
 
             gc.collect()
-            loop.close()
+            # Bounded too: should closing the loop ever block (it waits for every handle to
+            # close), the run ends within a minute with every thread's traceback instead of
+            # hanging until the CI job's limit.
+            faulthandler.dump_traceback_later(60, exit=True)
+            try:
+                loop.close()
+            finally:
+                faulthandler.cancel_dump_traceback_later()
 
 
 def stop_process(p: subprocess.Popen, close_pipes: bool = True) -> None:
