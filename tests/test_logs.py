@@ -80,6 +80,8 @@ def test_lean_records_fill_thread_names_when_switched_back_on(restored_logging):
     logging.logThreads = True
     r = logs.LeanRecord("icafast", logging.INFO, "(unknown file)", 0, "m", (), None)
     assert r.threadName is not None and r.thread is not None
+    r = logs.LeanRecord("icafast", logging.INFO, "(unknown file)", 0, "%(a)s", ({"a": 1},), None)
+    assert r.getMessage() == "1" and r.threadName is not None  # (a single mapping, as usual)
 
 
 def test_setup_writes_lines_at_the_level_and_keeps_an_existing_setup(restored_logging):
