@@ -584,6 +584,41 @@ def test_backend_down_gives_reject_and_no_session():
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_rejected_session_of_the_listening_client_leaves_no_unretrieved_error(loop):
+    """``icafast connect``'s listener gives each application connection a session that no
+    one awaits. When the server rejects it (here: its backend refuses), the client closes the
+    application's connection and logs why (at INFO): no "Future exception was never
+    retrieved" error from the event loop when the session is freed."""
+    from icafast.aio import RelayClient
+
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        lp = asyncio.get_running_loop()
+        lp.set_exception_handler(lambda _lp, ctx: errors.append(ctx))
+        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", free_port())], FAST)
+        await srv.start()
+        client = RelayClient(("127.0.0.1", 0), srv.addresses[0], FAST)
+        await client.start()
+        try:
+            for _ in range(3):
+                r, w = await asyncio.open_connection(*client.addresses[0])
+                with pytest.raises(ConnectionError):  # a reset, or the stream's end
+                    if await asyncio.wait_for(r.read(), 10) == b"":
+                        raise ConnectionError("closed")
+                w.close()
+            assert await wait_for(lambda: not client.runners, 5)
+            gc.collect()
+            await asyncio.sleep(0)
+        finally:
+            await client.close()
+            await srv.close()
+
+    run_async(loop, main())
+    assert not errors, [e.get("message") for e in errors]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_new_session_sizes_the_server_window_from_the_tcp_round_trip(loop):
     """A new session's NEW goes with the client's HELLO, so the server has no HELLO round trip
     of its own: it reads the TCP connection's (Linux TCP_INFO) and sizes its window from it."""

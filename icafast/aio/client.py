@@ -62,7 +62,9 @@ class _ClientRunner(Runner):
         self.fallback = fallback
         self.label = label
         self.connect_task: asyncio.Task[Any] | None = None
-        self.ready: asyncio.Future[str] = loop.create_future()  # "session" / "fallback"
+        # "session" / "fallback", or ConnectionError; only for open_session(), which awaits
+        # it: a future no one awaits would log its error as never retrieved when freed
+        self.ready: asyncio.Future[str] | None = None
         self.tls = tls
         self._tls_failed = False  # a certificate did not verify: never fall back to plain text
         self._attempt: _Attempt | None = None  # the link attempt in progress
@@ -171,15 +173,25 @@ class _ClientRunner(Runner):
                     and link.ssl_object.version() == "TLSv1.3"):
                 host, port = self.server
                 self.tls.remember(host, port, link.tls.session())
-            if not self.ready.done():
-                self.ready.set_result("session")
+            self._settle("session")
         if (isinstance(e, ev.SessionClosed) and self.fallback is not None
                 and not eng.has_session and e.code == CLOSE_ABORTED and not self._tls_failed):
             self._start_fallback(e.reason)
             return
-        if isinstance(e, ev.SessionClosed) and not self.ready.done():
-            self.ready.set_exception(ConnectionError(e.reason))
+        if isinstance(e, ev.SessionClosed):
+            self._settle(None, e.reason)
         super().handle_event(e)
+
+    def _settle(self, result: str | None, error: str = "") -> None:
+        """Tell open_session() (if it waits) what became of the session: ``result``, or
+        ConnectionError(``error``)."""
+        ready = self.ready
+        if ready is None or ready.done():
+            return
+        if result is None:
+            ready.set_exception(ConnectionError(error))
+        else:
+            ready.set_result(result)
 
     # -- fallback: no session reliability, a plain relay to e.g. the server's 1494 ----------
     def _start_fallback(self, reason: str) -> None:
@@ -206,12 +218,10 @@ class _ClientRunner(Runner):
             )
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("fallback %s:%d failed too: %s", host, port, e)
-            if not self.ready.done():
-                self.ready.set_exception(ConnectionError(f"fallback failed: {e}"))
+            self._settle(None, f"fallback failed: {e}")
             abort_with_rst(ep.transport)
             return
-        if not self.ready.done():
-            self.ready.set_result("fallback")
+        self._settle("fallback")
 
 
 class _PlainBridge:
@@ -394,6 +404,7 @@ async def open_session(
     loop = asyncio.get_running_loop()
     app_sock, relay_sock = socket.socketpair()
     runner = _ClientRunner(loop, (host, port), config or Config(), fallback, on_status, tls=tls)
+    ready = runner.ready = loop.create_future()
     try:
         await loop.connect_accepted_socket(lambda: Endpoint(runner), relay_sock)
         reader, writer = await asyncio.open_connection(sock=app_sock, limit=limit)
@@ -402,7 +413,7 @@ async def open_session(
         relay_sock.close()
         raise
     try:
-        await runner.ready
+        await ready
     except BaseException:
         writer.close()
         raise
