@@ -205,7 +205,8 @@ class _ClientRunner(Runner):
         if self.link is not None:
             self.link.close(abort=True)
             self.link = None
-        self.loop.create_task(self._fallback(host, port))
+        # (kept: the loop holds only weak references to its tasks)
+        self.connect_task = self.loop.create_task(self._fallback(host, port))
 
     async def _fallback(self, host: str, port: int) -> None:
         ep = self.endpoint
