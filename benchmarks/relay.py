@@ -223,7 +223,7 @@ class Bench:
                 out = {}
                 pure = n == "icafast-pure"
                 for d in ("up", "down"):
-                    cpu0, faults0 = _chain_counts(c.pids())
+                    cpu0, user0, faults0 = _chain_counts(c.pids())
                     if iperf:
                         t = 1.0 if self.quick or pure else self.a.duration
                         omit = "0" if self.quick or pure else "1"
@@ -251,9 +251,12 @@ class Bench:
                         moved = j["bytes"]
                     if c.pids():
                         time.sleep(0.3)  # socat's per-connection child exits and is reaped
-                        cpu, faults = _chain_counts(c.pids())
+                        cpu, user, faults = _chain_counts(c.pids())
                         gb = moved / 1e9
                         out[d + "_cpu_s_per_GB"] = (cpu - cpu0) / gb if moved else float("nan")
+                        # the part in user space (the rest is the kernel's: copies, TCP)
+                        out[d + "_user_s_per_GB"] = ((user - user0) / gb if moved
+                                                     else float("nan"))
                         # pages the relays touched for the first time (fresh heap memory):
                         # each is a fault, and the kernel zeroes the page
                         out[d + "_faults_per_GB"] = ((faults - faults0) / gb if moved
@@ -347,7 +350,7 @@ class Bench:
                 rounds = 2 if self.quick else (4 if n == "icafast-pure" else NEW_CONN_ROUNDS)
                 argv = [bench, "-h", "127.0.0.1", "-p", str(c.listen_port), "-t", "ping_mbulk",
                         "-n", "50", "-c", "50", "--csv"]
-                cpu0, faults0 = _chain_counts(c.pids()) if c.pids() else (0.0, 0)
+                cpu0, _, faults0 = _chain_counts(c.pids()) if c.pids() else (0.0, 0.0, 0)
                 t0 = time.perf_counter()
                 for i in range(rounds):
                     p = self.procs.start(f"redis-benchmark-{n}-conn{i}", argv, capture=True)
@@ -362,7 +365,7 @@ class Bench:
                 out = {"newconn_per_s": conns / elapsed}
                 if c.pids():
                     time.sleep(0.3)  # socat's per-connection children exit and are reaped
-                    cpu, faults = _chain_counts(c.pids())
+                    cpu, _, faults = _chain_counts(c.pids())
                     out["newconn_cpu_us"] = (cpu - cpu0) / conns * 1e6
                     out["newconn_faults"] = (faults - faults0) / conns
                 return out
@@ -623,32 +626,36 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _tree_counts(pid: int) -> tuple[float, int]:
-    """CPU seconds and minor page faults of ``pid``, its threads, its reaped children (socat
-    forks one per connection) and its live descendants."""
+def _tree_counts(pid: int) -> tuple[float, float, int]:
+    """CPU seconds (all, and in user space) and minor page faults of ``pid``, its threads, its
+    reaped children (socat forks one per connection) and its live descendants."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
     except OSError:
-        return 0.0, 0
-    cpu = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0, 0
+    hz = os.sysconf("SC_CLK_TCK")
+    cpu = sum(int(x) for x in fields[11:15]) / hz  # utime, stime, cutime, cstime
+    user = (int(fields[11]) + int(fields[13])) / hz
     faults = int(fields[7]) + int(fields[8])  # minflt, cminflt
     try:
         kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         kids = []
-    c, m = _chain_counts([int(k) for k in kids])
-    return cpu + c, faults + m
+    c, u, m = _chain_counts([int(k) for k in kids])
+    return cpu + c, user + u, faults + m
 
 
-def _chain_counts(pids: list[int]) -> tuple[float, int]:
-    """CPU seconds and minor page faults of a chain's relay processes (see _tree_counts)."""
-    cpu, faults = 0.0, 0
+def _chain_counts(pids: list[int]) -> tuple[float, float, int]:
+    """CPU seconds (all, and in user space) and minor page faults of a chain's relay
+    processes (see _tree_counts)."""
+    cpu, user, faults = 0.0, 0.0, 0
     for pid in pids:
-        c, m = _tree_counts(pid)
+        c, u, m = _tree_counts(pid)
         cpu += c
+        user += u
         faults += m
-    return cpu, faults
+    return cpu, user, faults
 
 
 # -- the table -------------------------------------------------------------------------------
@@ -717,6 +724,10 @@ def table(out: dict[str, Any]) -> str:
                                            "s", False),
                                           ("down_cpu_s_per_GB", "bulk down: relay CPU s per GB",
                                            "s", False),
+                                          ("up_user_s_per_GB", "bulk up: of that, user space",
+                                           "s", None),
+                                          ("down_user_s_per_GB",
+                                           "bulk down: of that, user space", "s", None),
                                           ("up_faults_per_GB", "bulk up: relay page faults per GB",
                                            "k", None),
                                           ("down_faults_per_GB",
