@@ -24,6 +24,19 @@ settings.register_profile("ci", parent=settings.get_profile("icafast"), derandom
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "icafast"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Tracebacks that a test dumps when it is stuck (``relay_helpers.run_async``) go where
+    pytest's own fault handler writes: a copy of the terminal's stderr, not the capture of
+    the test's output, which is lost when the dump ends the process."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+    except ImportError:  # pragma: no cover - another pytest: the test's stderr, as before
+        return
+    import relay_helpers
+
+    relay_helpers.stuck_dump_fd = lambda: config.stash.get(fault_handler_stderr_fd_key, None)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--no-c-extensions",

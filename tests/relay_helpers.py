@@ -10,13 +10,22 @@ import random
 import signal
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 from icafast import events as ev
 from icafast.aio import Mapping, RelayServer, open_session
 from icafast.faults import FaultProxy
 from icafast.protocol import Config
+
+
+def _no_fd() -> int | None:
+    return None
+
+
+#: where a stuck test's tracebacks go (a file descriptor), or None for the test's stderr;
+#: conftest.py points it at pytest's own fault handler's copy of the terminal's stderr
+stuck_dump_fd: Callable[[], int | None] = _no_fd
 
 FAST = Config(keepalive_interval=0.1, dead_timeout=0.4, reliability_timeout=20.0,
               handshake_timeout=2.0, reconnect_initial=0.02, reconnect_max=0.2,
@@ -58,9 +67,13 @@ def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0)
 
             gc.collect()
             # Bounded too: should closing the loop ever block (it waits for every handle to
-            # close), the run ends within a minute with every thread's traceback instead of
-            # hanging until the CI job's limit.
-            faulthandler.dump_traceback_later(60, exit=True)
+            # close), the run ends within a minute with every thread's traceback (on the
+            # terminal: see conftest.py) instead of hanging until the CI job's limit.
+            fd = stuck_dump_fd()
+            if fd is None:
+                faulthandler.dump_traceback_later(60, exit=True)
+            else:
+                faulthandler.dump_traceback_later(60, exit=True, file=fd)
             try:
                 loop.close()
             finally:
