@@ -214,6 +214,9 @@ def test_bad_handshakes_are_rejected_and_disturb_no_session(loop):
             writer.write(b"x" * 100)
             assert await reader.readexactly(100) == b"x" * 100
             live = s.only_session()
+            # (the client's ack of the echo comes with its next frame, a keepalive at the
+            # latest: wait for it, so that the snapshot is of a session at rest)
+            assert await wait_for(lambda: live.engine.export_state()["peer_ack"] == 100, 5)
             before = live.engine.export_state()
             port = s.server_port
 
