@@ -7,9 +7,11 @@ import contextlib
 import hashlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
@@ -32,12 +34,46 @@ FAST = Config(keepalive_interval=0.1, dead_timeout=0.4, reliability_timeout=20.0
               connect_retry=1.0)
 
 
+def dump_stuck_state(fd: int | None) -> None:
+    """What Python's fault handler cannot show of a stuck process, written to ``fd`` (or
+    stderr): each thread's kernel wait channel, the open file descriptors, the loopback TCP
+    sockets' states and, when gdb is installed, every thread's native stack (a loop blocked in
+    libuv shows only its Python frame otherwise)."""
+    lines = ["", f"== icafast test: state of stuck process {os.getpid()}"]
+    try:
+        for tid in sorted(os.listdir("/proc/self/task"), key=int):
+            base = f"/proc/self/task/{tid}"
+            with open(f"{base}/comm") as comm, open(f"{base}/wchan") as wchan:
+                lines.append(f"thread {tid} {comm.read().strip()} waits in {wchan.read() or '-'}")
+        for name in sorted(os.listdir("/proc/self/fd"), key=int):
+            with contextlib.suppress(OSError):
+                lines.append(f"fd {name} -> {os.readlink(f'/proc/self/fd/{name}')}")
+        for table in ("tcp", "tcp6"):
+            with open(f"/proc/self/net/{table}") as f:
+                lines.append(f"/proc/net/{table}:\n" + f.read().rstrip())
+    except OSError as exc:  # not Linux, or /proc is not mounted
+        lines.append(f"(/proc: {exc})")
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        lines.append("(gdb is not installed: no native stacks)")
+    else:
+        try:
+            r = subprocess.run([gdb, "-batch", "-nx", "-p", str(os.getpid()),
+                                "-ex", "thread apply all bt 40"],
+                               capture_output=True, text=True, timeout=30)
+            lines.append(r.stdout.rstrip() + r.stderr[-2000:].rstrip())
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            lines.append(f"(gdb failed: {exc})")
+    os.write(2 if fd is None else fd, ("\n".join(lines) + "\n").encode(errors="replace"))
+
+
 def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
     """Run ``coro`` on a fresh uvloop or asyncio loop, bounded in time."""
 
     async def bounded() -> Any:
         return await asyncio.wait_for(coro, timeout)
 
+    loop: asyncio.AbstractEventLoop
     if kind == "uvloop":
         import uvloop
 
@@ -69,7 +105,11 @@ def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0)
             # Bounded too: should closing the loop ever block (it waits for every handle to
             # close), the run ends within a minute with every thread's traceback (on the
             # terminal: see conftest.py) instead of hanging until the CI job's limit.
+            # The native state goes first (a thread: the stuck loop does not hold the GIL).
             fd = stuck_dump_fd()
+            native = threading.Timer(20, dump_stuck_state, (fd,))
+            native.daemon = True
+            native.start()
             if fd is None:
                 faulthandler.dump_traceback_later(60, exit=True)
             else:
@@ -77,6 +117,7 @@ def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0)
             try:
                 loop.close()
             finally:
+                native.cancel()
                 faulthandler.cancel_dump_traceback_later()
 
 
