@@ -1096,3 +1096,29 @@ def test_a_link_deadline_that_passes_as_the_link_comes_up_does_not_fail_it(tmp_p
             await asyncio.sleep(0.1)
 
     run_async("uvloop", main(), timeout=30)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_run_leaves_nothing_running_and_closes_its_loop(loop, monkeypatch):
+    """``icafast.aio.run`` (what the CLI runs on) ends as ``asyncio.run`` does: a task still
+    pending when ``main`` returns is cancelled (its cleanup runs), and the loop is closed."""
+    from icafast.aio import loop_name, run
+
+    monkeypatch.setenv("ICAFAST_LOOP", loop)
+    seen: dict[str, Any] = {}
+
+    async def left_behind() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            seen["cleaned up"] = True
+
+    async def main() -> str:
+        seen["loop"] = asyncio.get_running_loop()
+        seen["task"] = asyncio.get_running_loop().create_task(left_behind())
+        await asyncio.sleep(0)
+        return loop_name()
+
+    assert run(main()) == loop
+    assert seen["task"].cancelled() and seen.get("cleaned up")
+    assert seen["loop"].is_closed()

@@ -43,8 +43,12 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         except ImportError:
             pass
         else:
-            return asyncio.Runner(loop_factory=uvloop.new_event_loop).run(main) if hasattr(
-                asyncio, "Runner") else uvloop.run(main)
+            if not hasattr(asyncio, "Runner"):  # Python 3.10
+                return uvloop.run(main)
+            # (as asyncio.run does: on the way out, tasks still pending are cancelled,
+            # asynchronous generators and the default executor shut down, the loop closed)
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(main)
     return asyncio.run(main)
 
 
