@@ -110,10 +110,7 @@ def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0)
             native = threading.Timer(20, dump_stuck_state, (fd,))
             native.daemon = True
             native.start()
-            if fd is None:
-                faulthandler.dump_traceback_later(60, exit=True)
-            else:
-                faulthandler.dump_traceback_later(60, exit=True, file=fd)
+            faulthandler.dump_traceback_later(60, exit=True, file=2 if fd is None else fd)
             try:
                 loop.close()
             finally:
