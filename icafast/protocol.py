@@ -628,9 +628,11 @@ class SessionEngine:
         """``data_to_send()`` for the adapter's usual case after a receive from the local source:
         what is unsent fits one small DATA frame on an established link, and nothing else
         waits. Returns that frame's bytes and leaves the state ``data_to_send`` would leave;
-        otherwise None, with nothing changed (``data_to_send`` then does it all)."""
+        otherwise None, with nothing changed (``data_to_send`` then does it all). Nothing
+        follows a CLOSE, as there: a closed session keeps its link only to flush that CLOSE."""
         link = self._link
-        if link is None or link.phase != _ESTABLISHED or self._out or self._tx_fin:
+        if (link is None or link.phase != _ESTABLISHED or self._out or self._tx_fin
+                or self.state is _CLOSED):
             return None
         sent = self._tx_sent  # (no FIN: at most the end)
         n = self.tx._end - sent
