@@ -116,6 +116,10 @@ def run_async(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0)
             finally:
                 native.cancel()
                 faulthandler.cancel_dump_traceback_later()
+            # What the closed loop still referenced (its selector's or handles' transports) is
+            # garbage now: collect it here, so that a transport this test left unclosed fails
+            # this test (ResourceWarning is an error) and not whichever test runs into it later.
+            gc.collect()
 
 
 def stop_process(p: subprocess.Popen, close_pipes: bool = True) -> None:
