@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import socket
@@ -1122,3 +1123,27 @@ def test_run_leaves_nothing_running_and_closes_its_loop(loop, monkeypatch):
     assert run(main()) == loop
     assert seen["task"].cancelled() and seen.get("cleaned up")
     assert seen["loop"].is_closed()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_transport_left_open_fails_the_test_and_does_not_hang_it(loop):
+    """The tests' loop runner reports a connection a test left open when its loop closes, as
+    a failure of that test. On uvloop it must not hang: close() warns of each open handle
+    before closing it, and a warning raised as an error would skip that close, so close()
+    would wait on the open connection for good."""
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+
+    async def leave_one_open() -> None:
+        await asyncio.get_running_loop().create_connection(asyncio.Protocol,
+                                                           *ls.getsockname())
+
+    try:
+        with pytest.raises(AssertionError, match="left open when the test's loop closed"):
+            run_async(loop, leave_one_open(), timeout=10)
+    finally:
+        with contextlib.suppress(BlockingIOError):
+            ls.setblocking(False)
+            ls.accept()[0].close()
+        ls.close()

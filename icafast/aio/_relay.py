@@ -587,10 +587,15 @@ def _linger(loop: asyncio.AbstractEventLoop, link: Link) -> None:
         link.close()
         return
     owner.timer = loop.call_later(LINGER, link.close)
+    LINGERING[link] = loop
 
 
 #: Every live runner (weakly held), so that a whole process can be shut down cleanly.
 RUNNERS: weakref.WeakSet[Runner] = weakref.WeakSet()
+#: Links lingering after a CLOSE, and their loops (weakly held: each link closes when its peer
+#: does, or at LINGER at most).
+LINGERING: weakref.WeakKeyDictionary[Link, asyncio.AbstractEventLoop] = (
+    weakref.WeakKeyDictionary())
 
 
 class Runner:
