@@ -204,11 +204,13 @@ def start_echo(procs: Procs) -> int:
     return port
 
 
-def checked_round_trips(procs: Procs, port: int, count: int, what: str = "chain") -> None:
-    """``count`` 64-byte round trips through ``port``, no warm-up; raises if a byte came back
-    wrong."""
+def checked_round_trips(procs: Procs, port: int, count: int, what: str = "chain",
+                        new_connections: bool = False) -> None:
+    """``count`` 64-byte round trips through ``port``, no warm-up (with ``new_connections``,
+    each through a connection of its own); raises if a byte came back wrong."""
     rr = procs.start("rr", [PY, "-m", "benchmarks._workers", "rr-client", "--port", str(port),
-                            "--count", str(count), "--warmup", "0", "--timeout", "120"],
+                            "--count", str(count), "--warmup", "0", "--timeout", "120",
+                            *(["--new-connections"] if new_connections else [])],
                      capture=True)
     stdout, _ = rr.communicate(timeout=600)
     procs.stop(rr)

@@ -197,6 +197,9 @@ def cmd_echo_server(a: argparse.Namespace) -> None:
 
 
 def cmd_rr_client(a: argparse.Namespace) -> None:
+    """Round trips of ``--size`` bytes through one connection, or with ``--new-connections``
+    each through a connection of its own (opened, one round trip, closed after the echo's
+    end of stream: a whole session per round trip)."""
     s = socket.create_connection(("127.0.0.1", a.port), timeout=a.timeout)
     _nodelay(s)
     msg = bytearray(os.urandom(a.size))
@@ -207,6 +210,9 @@ def cmd_rr_client(a: argparse.Namespace) -> None:
         struct.pack_into("<Q", msg, 0, i)
         want = bytes(msg)
         t0 = clock()
+        if a.new_connections and i:
+            s = socket.create_connection(("127.0.0.1", a.port), timeout=a.timeout)
+            _nodelay(s)
         s.sendall(want)
         got = s.recv(a.size)
         while len(got) < a.size:
@@ -219,6 +225,11 @@ def cmd_rr_client(a: argparse.Namespace) -> None:
             ok = False
         if i >= a.warmup:
             lat.append((t1 - t0) / 1000.0)
+        if a.new_connections:
+            s.shutdown(socket.SHUT_WR)
+            if s.recv(1):  # the chain ends the session: its end of stream comes back
+                ok = False
+            s.close()
     s.close()
     lat.sort()
     _out({"count": len(lat), "p50_us": percentile(lat, 50), "p99_us": percentile(lat, 99),
@@ -611,6 +622,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--warmup", type=int, default=200)
     s.add_argument("--size", type=int, default=64)
     s.add_argument("--timeout", type=float, default=30)
+    s.add_argument("--new-connections", action="store_true",
+                   help="a connection of its own for each round trip")
     s = sub.add_parser("redis-check")
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--timeout", type=float, default=30)

@@ -10,6 +10,9 @@ round trips through the chain, and counts the instructions that hop executes in 
 (kernel time is not counted: the syscalls are the same for every Python relay here, six per round
 trip). It does that twice, with ``--warmup`` and with ``--warmup + --count`` round trips, and
 reports the difference divided by ``--count``: start-up, imports and shutdown cancel out.
+With ``--sessions``, each round trip goes through a connection of its own (the client opens
+it, sends 64 bytes, reads them back, closes, and waits for the chain's end of stream): the
+figure is then user-space instructions per whole session, from accept to free, in that hop.
 With ``--cache-sim``, valgrind also simulates this CPU's caches for the measured process (alone:
 the other processes that share a CPU with it in a real run are not in the model) and the same
 difference gives first-level cache misses per round trip.
@@ -77,7 +80,7 @@ def _summary(path: Path) -> dict[str, int]:
 
 
 def measure(chain: str, hop: str, rounds: int, ref: Path | None, tmp: Path,
-            cache_sim: bool = False) -> dict[str, int]:
+            cache_sim: bool = False, sessions: bool = False) -> dict[str, int]:
     """Instructions (and with ``cache_sim``, simulated cache misses) of the measured hop in
     user space over the whole run, by callgrind event name."""
     procs = Procs(tmp, pin=False)
@@ -97,7 +100,7 @@ def measure(chain: str, hop: str, rounds: int, ref: Path | None, tmp: Path,
         client = procs.start("client", [*grind, *argv] if hop == "client" else argv, root=root,
                              env=SAME_HASHES)
         wait_listening(front, client, timeout=120)
-        checked_round_trips(procs, front, rounds, chain)
+        checked_round_trips(procs, front, rounds, chain, new_connections=sessions)
         measured = server if hop == "server" else client
         os.kill(measured.pid, signal.SIGINT)  # a clean exit: callgrind writes its counts
         measured.wait(120)
@@ -119,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-sim", action="store_true",
                    help="also simulate the caches (valgrind's model of this CPU's first-level "
                         "and last-level caches, one process alone): misses per round trip")
+    p.add_argument("--sessions", action="store_true",
+                   help="a new connection (a whole session) for each round trip: "
+                        "instructions per session")
     p.add_argument("--out", type=Path, help="JSON results file")
     a = p.parse_args(argv)
     if which("valgrind") is None:
@@ -126,26 +132,30 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if any(c.endswith("-ref") for c in a.chains) and a.ref is None:
         p.error("the -ref chains need --ref DIR")
+    unit = "session" if a.sessions else "round trip"
     results = []
     with tempfile.TemporaryDirectory(prefix="icafast-instr-") as t:
         tmp = Path(t)
         for chain in a.chains:
             for hop in a.hop:
-                short = measure(chain, hop, a.warmup, a.ref, tmp, a.cache_sim)
-                long = measure(chain, hop, a.warmup + a.count, a.ref, tmp, a.cache_sim)
+                short = measure(chain, hop, a.warmup, a.ref, tmp, a.cache_sim, a.sessions)
+                long = measure(chain, hop, a.warmup + a.count, a.ref, tmp, a.cache_sim,
+                               a.sessions)
                 per = {e: (long[e] - short.get(e, 0)) / a.count for e in long}
-                row = {"chain": chain, "hop": hop, "instructions_per_round_trip":
+                row = {"chain": chain, "hop": hop, f"instructions_per_{unit}".replace(" ", "_"):
                        round(per["Ir"]), "runs": [short["Ir"], long["Ir"]],
                        "warmup": a.warmup, "count": a.count}
                 misses = ""
                 if a.cache_sim:
-                    row["per_round_trip"] = {e: round(v, 1) for e, v in per.items()}
+                    row[f"per_{unit}".replace(" ", "_")] = {e: round(v, 1) for e, v in per.items()}
                     misses = "".join(f", {per.get(e, 0):6,.0f} {e}" for e in CACHE_EVENTS)
                 results.append(row)
-                print(f"{chain:16s} {hop:7s} {per['Ir']:9,.0f} instructions per round trip"
+                print(f"{chain:16s} {hop:7s} {per['Ir']:9,.0f} instructions per {unit}"
                       + misses, flush=True)
     if a.out:
-        a.out.write_text(json.dumps({"workload": "64-byte round trips", "results": results},
+        workload = ("new sessions, one 64-byte round trip each" if a.sessions
+                    else "64-byte round trips")
+        a.out.write_text(json.dumps({"workload": workload, "results": results},
                                     indent=1) + "\n")
     return 0
 

@@ -110,6 +110,24 @@ def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
         assert {"Ir", "I1mr", "D1mr", "D1mw"} <= set(r["per_round_trip"]), r
 
 
+@pytest.mark.skipif(shutil.which("valgrind") is None,
+                    reason="valgrind is not installed (Debian package valgrind)")
+def test_instruction_count_benchmark_per_session_quick(tmp_path: Path) -> None:
+    """With ``--sessions`` each round trip runs through a new connection, and the figure is
+    instructions per whole session: larger than per round trip by the session's set-up and
+    teardown, and the echoed bytes and the chain's end of stream are checked."""
+    out = tmp_path / "sessions.json"
+    proc = _run([sys.executable, "-m", "benchmarks.instructions", "--chains", "icafast",
+                 "--hop", "server", "--warmup", "5", "--count", "40", "--sessions",
+                 "--out", str(out)], 280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["workload"].startswith("new sessions")
+    (r,) = doc["results"]
+    # a session is tens of thousands of instructions at the very least (a round trip on an
+    # open session is ~10,000): accept, handshake, backend connection, teardown
+    assert r["instructions_per_session"] > 30_000, r
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_cpu_split_benchmark_quick(tmp_path: Path) -> None:
     """``python -m benchmarks.cpu_split`` reads each relay's user and system CPU around a run of
