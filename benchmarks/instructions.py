@@ -13,6 +13,9 @@ reports the difference divided by ``--count``: start-up, imports and shutdown ca
 With ``--sessions``, each round trip goes through a connection of its own (the client opens
 it, sends 64 bytes, reads them back, closes, and waits for the chain's end of stream): the
 figure is then user-space instructions per whole session, from accept to free, in that hop.
+Copies and fills made with ``rep movsb`` / ``rep stosb`` (glibc's ``memcpy`` and ``memset``
+above a few KiB) count one instruction per byte under valgrind, far above what they cost:
+compare such counts with care where large buffers are copied or cleared.
 With ``--cache-sim``, valgrind also simulates this CPU's caches for the measured process (alone:
 the other processes that share a CPU with it in a real run are not in the model) and the same
 difference gives first-level cache misses per round trip.

@@ -553,6 +553,9 @@ class Bench:
             "quick": self.quick,
             "repeats": self.a.repeats,
             "cpus": os.cpu_count(),
+            # verdicts depend on the host (benchmarks/README.md): say which one ran
+            "cpu_model": _cpu_model(),
+            "kernel": platform.release(),
             "loadavg_start": os.getloadavg(),
             "python": platform.python_version(),
             "icafast_commit": git_commit(ROOT),
@@ -644,6 +647,25 @@ def _tree_counts(pid: int) -> tuple[float, float, int]:
         kids = []
     c, u, m = _chain_counts([int(k) for k in kids])
     return cpu + c, user + u, faults + m
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name, family and model numbers as /proc/cpuinfo gives them (a virtual
+    machine's name can be as vague as "Intel(R) Xeon(R) Processor"); None where there is none."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU's block is enough
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        return None
+    if "model name" not in fields:
+        return None
+    return (f"{fields['model name']} (family {fields.get('cpu family', '?')}, "
+            f"model {fields.get('model', '?')})")
 
 
 def _chain_counts(pids: list[int]) -> tuple[float, float, int]:

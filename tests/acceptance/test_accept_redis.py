@@ -80,9 +80,26 @@ class FaultLoop(threading.Thread):
 
 
 CLIENTS = 20
-# requests per run, sized so that each run outlasts its breaks on this kind of machine
+# requests per run at least; more on a host fast enough to finish these before its breaks
 REQUESTS = {("plain", "set"): 100_000, ("plain", "get"): 100_000,
             ("pipelined", "set"): 800_000, ("pipelined", "get"): 1_500_000}
+#: how long a run should last unbroken at the speed measured first (breaks only lengthen it)
+RUN_SECONDS = 6.0
+
+
+def sized_requests(rig: Rig, progs: dict[str, str], local: int, mode: str, test: str,
+                   extra: list[str]) -> int:
+    """Requests for a run that outlasts its breaks on this host: a tenth of ``REQUESTS``
+    through the relay first, unbroken, gives the rate; the run gets ``RUN_SECONDS`` of it
+    (never fewer than ``REQUESTS``: a fixed count finished before the third break on a fast
+    host)."""
+    probe = rig.spawn("client", f"redis-benchmark-{mode}-{test}-rate", [
+        progs["redis-benchmark"], "-h", "127.0.0.1", "-p", str(local), "-c", str(CLIENTS),
+        "-n", str(REQUESTS[mode, test] // 10), "-t", test, "-q", *extra])
+    assert probe.p.wait(120) == 0, probe.text()
+    m = re.search(r"([\d.]+) requests per second", probe.text())
+    assert m, probe.text()
+    return max(REQUESTS[mode, test], int(float(m.group(1)) * RUN_SECONDS))
 SCHEDULE = {"set": ["reset", "blackhole", "reset", "reset"],
             "get": ["reset", "outage", "reset", "reset"]}
 
@@ -102,10 +119,11 @@ def test_redis_benchmark_through_link_kills(rig: Rig, mode: str) -> None:
     conns_before = info_stat(rig, progs, local, "total_connections_received")
     for test in ("set", "get"):
         extra = ["-P", "16", "-d", "1024"] if mode == "pipelined" else []
+        requests = sized_requests(rig, progs, local, mode, test, extra)
         base = rig.new_sessions()
         bench = rig.spawn("client", f"redis-benchmark-{mode}-{test}", [
             progs["redis-benchmark"], "-h", "127.0.0.1", "-p", str(local), "-c", str(CLIENTS),
-            "-n", str(REQUESTS[mode, test]), "-t", test, "-q", *extra])
+            "-n", str(requests), "-t", test, "-q", *extra])
         # connections: one for redis-benchmark's CONFIG GET, then the clients
         faults = FaultLoop(rig, bench.p, SCHEDULE[test],
                            ready=lambda base=base: rig.new_sessions() >= base + 1 + CLIENTS,
@@ -127,7 +145,7 @@ def test_redis_benchmark_through_link_kills(rig: Rig, mode: str) -> None:
         # breaks (two of them resets of every link) must have hit it while it ran
         assert len(faults.done) >= 3 and len(resets) >= 2, (
             f"{test}: breaks while it ran: {faults.done}")
-        print(f"{mode} {test}: {final[0]}; breaks {faults.done}")
+        print(f"{mode} {test}: {requests} requests, {final[0]}; breaks {faults.done}")
     assert rig.resumes() >= 2 * 3 * CLIENTS
     # Redis saw exactly one connection per session: no break turned into a new connection
     conns = info_stat(rig, progs, local, "total_connections_received") - conns_before - 1
