@@ -85,6 +85,8 @@ REQUESTS = {("plain", "set"): 100_000, ("plain", "get"): 100_000,
             ("pipelined", "set"): 800_000, ("pipelined", "get"): 1_500_000}
 #: how long a run should last unbroken at the speed measured first (breaks only lengthen it)
 RUN_SECONDS = 6.0
+SCHEDULE = {"set": ["reset", "blackhole", "reset", "reset"],
+            "get": ["reset", "outage", "reset", "reset"]}
 
 
 def sized_requests(rig: Rig, progs: dict[str, str], local: int, mode: str, test: str,
@@ -100,8 +102,6 @@ def sized_requests(rig: Rig, progs: dict[str, str], local: int, mode: str, test:
     m = re.search(r"([\d.]+) requests per second", probe.text())
     assert m, probe.text()
     return max(REQUESTS[mode, test], int(float(m.group(1)) * RUN_SECONDS))
-SCHEDULE = {"set": ["reset", "blackhole", "reset", "reset"],
-            "get": ["reset", "outage", "reset", "reset"]}
 
 
 @pytest.mark.parametrize("mode", ["plain", "pipelined"])
