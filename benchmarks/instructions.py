@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(c.endswith("-ref") for c in a.chains) and a.ref is None:
         p.error("the -ref chains need --ref DIR")
     unit = "session" if a.sessions else "round trip"
+    per_unit = "per_" + unit.replace(" ", "_")  # the JSON keys: per_session, per_round_trip
     results = []
     with tempfile.TemporaryDirectory(prefix="icafast-instr-") as t:
         tmp = Path(t)
@@ -145,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
                 long = measure(chain, hop, a.warmup + a.count, a.ref, tmp, a.cache_sim,
                                a.sessions)
                 per = {e: (long[e] - short.get(e, 0)) / a.count for e in long}
-                row = {"chain": chain, "hop": hop, f"instructions_per_{unit}".replace(" ", "_"):
+                row = {"chain": chain, "hop": hop, f"instructions_{per_unit}":
                        round(per["Ir"]), "runs": [short["Ir"], long["Ir"]],
                        "warmup": a.warmup, "count": a.count}
                 misses = ""
                 if a.cache_sim:
-                    row[f"per_{unit}".replace(" ", "_")] = {e: round(v, 1) for e, v in per.items()}
+                    row[per_unit] = {e: round(v, 1) for e, v in per.items()}
                     misses = "".join(f", {per.get(e, 0):6,.0f} {e}" for e in CACHE_EVENTS)
                 results.append(row)
                 print(f"{chain:16s} {hop:7s} {per['Ir']:9,.0f} instructions per {unit}"
