@@ -202,12 +202,14 @@ async def recv_stream(reader: asyncio.StreamReader, st: Stats) -> None:
 
 
 class Backend:
-    """Loopback backend. mode: 'echo', 'stream' (send ``size`` seeded bytes, hash what
-    arrives), 'stall' (accept, never read until ``release`` is set), 'banner'."""
+    """Loopback backend. mode: 'echo' (with ``delay``: a pause before each read, a slow
+    reader), 'stream' (send ``size`` seeded bytes, hash what arrives), 'stall' (accept, never
+    read until ``release`` is set), 'banner'."""
 
     def __init__(self, mode: str = "echo", size: int = 0, seed: int = 2,
-                 banner: bytes = b"") -> None:
+                 banner: bytes = b"", delay: float = 0.0) -> None:
         self.mode = mode
+        self.delay = delay
         self.size = size
         self.seed = seed
         self.banner = banner
@@ -232,6 +234,8 @@ class Backend:
                 writer.write(self.banner)
             if self.mode == "echo":
                 while True:
+                    if self.delay:
+                        await asyncio.sleep(self.delay)
                     data = await reader.read(256 * 1024)
                     if not data:
                         break

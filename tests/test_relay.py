@@ -41,6 +41,7 @@ from icafast.aio._relay import (
     Endpoint,
     Link,
     Runner,
+    _bulk_buffer,
     _ticks_of,
     tcp_rtt,
     tune_socket,
@@ -453,6 +454,53 @@ def test_a_stalled_client_holds_the_server_to_its_send_window(loop):
             await asyncio.wait_for(recv_stream(reader, app), 60)
             be = s.backend.conns[0]
             assert app.received == size and app.recv_hash.digest() == be.sent_hash.digest()
+            writer.close()
+
+    run_async(loop, main(), timeout=120)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("backend", ["echo", "slow"])
+def test_a_streaming_link_reads_into_its_own_buffer_and_goes_back_when_quiet(loop, backend):
+    """A link whose reads are large switches to reading into a buffer of its own (no bytes
+    object per read), and back to plain reads when messages are small again. Payload views of a
+    read that the backend's socket has not taken yet keep their buffer: with a backend that
+    reads slowly, the link must take a new buffer, or the queued bytes would be overwritten."""
+    size = 24 * 1024 * 1024
+
+    async def main() -> None:
+        async with Setup(Backend("echo", delay=0.002 if backend == "slow" else 0.0)) as s:
+            reader, writer = await s.client()
+            writer.write(b"hello")
+            assert await reader.readexactly(5) == b"hello"
+            r = s.only_session()
+            link = r.link
+            assert isinstance(link, Link) and link._bulk is None and link.bulk_starts == 0
+            allocated = _bulk_buffer.allocated  # (this thread's, as the relay's)
+            app = Stats()
+
+            async def receive() -> None:
+                while app.received < size:
+                    data = await reader.read(512 * 1024)
+                    assert data
+                    app.recv_hash.update(data)
+                    app.received += len(data)
+
+            await asyncio.gather(send_stream(writer, size, 7, app, eof=False), receive())
+            assert app.received == size and app.recv_hash.digest() == app.sent_hash.digest()
+            assert link.bulk_starts >= 1  # it streamed
+            assert link.bulk_reads >= 1
+            if backend == "echo":  # a backend that keeps up: the thread's buffer is reused
+                assert _bulk_buffer.allocated - allocated < link.bulk_reads
+            assert link.transport.get_protocol() in (link, link._bulk)
+            for i in range(40):  # small messages: back to plain reads within a few
+                msg = b"%d" % i * 8
+                writer.write(msg)
+                assert await reader.readexactly(len(msg)) == msg
+                if link._bulk is None:
+                    break
+            assert link._bulk is None and link.transport.get_protocol() is link
+            assert r.link is link and not of(ev.LinkLost, s.events)
             writer.close()
 
     run_async(loop, main(), timeout=120)

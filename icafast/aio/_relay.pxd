@@ -11,6 +11,7 @@ cdef class Runner
 
 cdef double _NEVER
 cdef Py_ssize_t _READ_SIZE, _MIN_READ_SIZE  # (READ_SIZE, MIN_READ_SIZE as C constants)
+cdef Py_ssize_t _BULK_READ, _BULK_SMALL_READS
 cdef double _TIMER_TICK, _COALESCE_AFTER
 
 
@@ -33,9 +34,22 @@ cdef class _LinkBase:
     cdef public object owner, transport, link_id, peer, tls_setup, tls, ssl_object
     cdef public object _write, _writelines  # the transport's (bound once: no lookup per call)
     cdef public bint write_paused, closed, join_writes
+    cdef public _BulkReaderBase _bulk
+    cdef public Py_ssize_t bulk_starts, bulk_reads
 
     @cython.locals(r=Runner)
     cpdef data_received(self, data)
+    cpdef _stop_bulk(self)
+
+
+cdef class _BulkReaderBase:
+    cdef public _LinkBase link
+    cdef public bint lost
+    cdef public Py_ssize_t _small
+
+    cpdef get_buffer(self, Py_ssize_t sizehint)
+    @cython.locals(link=_LinkBase, b=bytearray)
+    cpdef buffer_updated(self, Py_ssize_t nbytes)
 
 
 cdef class _TickSlot:

@@ -25,6 +25,7 @@ import logging
 import socket
 import ssl
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, cast
@@ -49,6 +50,14 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: (up to its 4 MiB send buffer), so less is unacknowledged and an interactive write is not
 #: queued behind megabytes (benchmarks/README.md, "little left unsent in link sockets").
 LINK_NOTSENT_LOWAT = 256 * 1024
+#: A link whose read brings at least BULK_READ bytes is streaming: it then reads straight into a
+#: buffer shared by the thread's links (a BufferedProtocol, _BulkReader) instead of getting each
+#: read as a new bytes object that the event loop copies out of its own buffer. After
+#: BULK_SMALL_READS reads in a row of less than MIN_READ_SIZE it goes back to plain reads: a
+#: request/response link and an idle one (whose keepalives are small reads) keep the plain path,
+#: which costs fewer calls per read (benchmarks/README.md, "links read bulk into a buffer").
+BULK_READ = 64 * 1024
+BULK_SMALL_READS = 4
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 0)  # (Linux, macOS)
 _CSocket = _socket.socket  # (see _fd_socket)
 _AF_INET, _SOCK_STREAM = int(socket.AF_INET), int(socket.SOCK_STREAM)
@@ -65,6 +74,7 @@ TIMER_TICK = 0.016
 COALESCE_AFTER = 0.1
 # (the same values for the per-message path: C constants when compiled, see _relay.pxd)
 _READ_SIZE, _MIN_READ_SIZE = READ_SIZE, MIN_READ_SIZE
+_BULK_READ, _BULK_SMALL_READS = BULK_READ, BULK_SMALL_READS
 _TIMER_TICK, _COALESCE_AFTER = TIMER_TICK, COALESCE_AFTER
 _NEVER = float("inf")  # no deadline
 
@@ -430,6 +440,10 @@ class _LinkBase:
         #: payload: two records per frame, each with its own overhead and cipher call), so a
         #: burst of frames is joined into one write instead
         self.join_writes = False
+        self._bulk: _BulkReader | None = None  # while streaming: see BULK_READ
+        # how many times it went to bulk reads, and its reads in that mode (for tests and
+        # debugging)
+        self.bulk_starts = self.bulk_reads = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
@@ -461,7 +475,7 @@ class _LinkBase:
         self.join_writes = False
         self.owner.link_made(self)
 
-    def data_received(self, data: bytes) -> None:  # type: ignore[override]
+    def data_received(self, data: Any) -> None:  # type: ignore[override]
         tls = self.tls
         if tls is not None:  # TLS run by the link: open the records
             try:
@@ -483,9 +497,26 @@ class _LinkBase:
         owner = self.owner
         if isinstance(owner, Runner):
             r = owner  # (compiled: typed, so the call below is a C call)
+            if len(data) >= _BULK_READ and tls is None and self._bulk is None and not self.closed:
+                self._start_bulk()
             r._link_data(self, data)
         else:  # the server's handshake handler, or a lingering link's discarder
             owner.link_data(self, data)
+
+    def _start_bulk(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            self._bulk = _BulkReader(self)
+            self.bulk_starts += 1
+            t.set_protocol(self._bulk)  # (from the next read on)
+
+    def _stop_bulk(self) -> None:
+        b = self._bulk
+        if b is not None:
+            self._bulk = None
+            t = self.transport
+            if t is not None and not t.is_closing():
+                t.set_protocol(cast(asyncio.BaseProtocol, self))
 
     def eof_received(self) -> bool:
         if self.tls_setup is not None:
@@ -495,6 +526,10 @@ class _LinkBase:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        b = self._bulk
+        if b is not None:
+            self._bulk = None
+            b.lost = True  # (what a transport still calls it with is not for the owner)
         if self.tls_setup is not None:
             self.tls_setup.lost(exc)
             return
@@ -530,6 +565,80 @@ class _LinkBase:
                 self.transport.write(tls.close())
             except ssl.SSLError:
                 pass
+
+
+class _BulkBuffer(threading.local):
+    """The buffer that streaming links read into: one per thread (so one per event loop), not
+    one per link, so that sessions that stall or idle in bulk mode hold none of their own."""
+
+    buf: bytearray | None = None
+    refs = 0  # references to ``buf`` while nothing else holds it (see get_buffer)
+    allocated = 0  # buffers made (for tests and debugging)
+
+
+_bulk_buffer = _BulkBuffer()
+
+
+class _BulkReaderBase:
+    """What :class:`_BulkReader` does (a separate base so that it compiles to an extension
+    type)."""
+
+    def __init__(self, link: _LinkBase) -> None:
+        self.link = link
+        self.lost = False
+        self._small = 0  # small reads in a row
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        shared = _bulk_buffer
+        b = shared.buf
+        # Reused only while nothing else holds it: a payload view of an earlier read that a
+        # transport still queues, or the engine still holds, keeps it (and the read gets a new
+        # one). Each read's payloads are views of one memoryview of the buffer, which holds a
+        # reference to it, so the count tells, in compiled code or not.
+        if b is None or sys.getrefcount(b) > shared.refs:
+            b = shared.buf = bytearray(_READ_SIZE)
+            shared.refs = sys.getrefcount(b)
+            shared.allocated += 1
+        # (a memoryview, not the bytearray: stdlib asyncio's TLS transport fills the rest of
+        # the buffer through a slice of it, and a bytearray's slice is a copy)
+        return memoryview(b)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The loop calls get_buffer, receives into what it returned and calls this, with no
+        # other read of this thread in between: the bytes are in this thread's buffer.
+        if self.lost:
+            return
+        b = _bulk_buffer.buf
+        assert b is not None
+        link = self.link
+        link.bulk_reads += 1
+        if nbytes < _MIN_READ_SIZE:
+            self._small += 1
+            if self._small >= _BULK_SMALL_READS:
+                link._stop_bulk()  # (from the next read on)
+        else:
+            self._small = 0
+        link.data_received(memoryview(b)[:nbytes])
+
+    def data_received(self, data: Any) -> None:  # (a transport between two modes may call it)
+        self.link.data_received(data)
+
+    def eof_received(self) -> bool:
+        return self.link.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.link.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.link.resume_writing()
+
+
+class _BulkReader(_BulkReaderBase, asyncio.BufferedProtocol):
+    """A streaming link's protocol: reads go into the thread's shared buffer (see BULK_READ).
+    The transport's other calls go to the link itself."""
 
 
 class Link(_LinkBase, asyncio.Protocol):
