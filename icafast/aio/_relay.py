@@ -55,7 +55,8 @@ LINK_NOTSENT_LOWAT = 256 * 1024
 #: read as a new bytes object that the event loop copies out of its own buffer. After
 #: BULK_SMALL_READS reads in a row of less than MIN_READ_SIZE it goes back to plain reads: a
 #: request/response link and an idle one (whose keepalives are small reads) keep the plain path,
-#: which costs fewer calls per read (benchmarks/README.md, "links read bulk into a buffer").
+#: which costs fewer calls per read (benchmarks/README.md,
+#: "links read bulk straight into a shared buffer").
 BULK_READ = 64 * 1024
 BULK_SMALL_READS = 4
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 0)  # (Linux, macOS)
