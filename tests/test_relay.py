@@ -461,16 +461,23 @@ def test_a_stalled_client_holds_the_server_to_its_send_window(loop):
 
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("backend", ["echo", "slow"])
-def test_a_streaming_link_reads_into_its_own_buffer_and_goes_back_when_quiet(loop, backend):
-    """A link whose reads are large switches to reading into a buffer of its own (no bytes
-    object per read), and back to plain reads when messages are small again. Payload views of a
-    read that the backend's socket has not taken yet keep their buffer: with a backend that
-    reads slowly, the link must take a new buffer, or the queued bytes would be overwritten."""
+@pytest.mark.parametrize("tls_io", [None, "auto", "pure", "loop"])
+def test_a_streaming_link_reads_into_its_own_buffer_and_goes_back_when_quiet(
+        loop, backend, tls_io, tmp_path, monkeypatch):
+    """A link whose reads are large switches to reading into the thread's shared buffer (no
+    bytes object per read), and back to plain reads when messages are small again. Payload
+    views of a read that the backend's socket has not taken yet keep their buffer: with a
+    backend that reads slowly, the link must take a new buffer, or the queued bytes would be
+    overwritten. Plain links, and TLS links of every kind (``tls_io``: opened by the compiled
+    pipe or its Python twin, or by the event loop's TLS transport)."""
     size = 24 * 1024 * 1024
+    if tls_io is not None:
+        monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    kw, ctls = tls_for(tmp_path, tls_io is not None)
 
     async def main() -> None:
-        async with Setup(Backend("echo", delay=0.002 if backend == "slow" else 0.0)) as s:
-            reader, writer = await s.client()
+        async with Setup(Backend("echo", delay=0.002 if backend == "slow" else 0.0), **kw) as s:
+            reader, writer = await s.client(tls=ctls)
             writer.write(b"hello")
             assert await reader.readexactly(5) == b"hello"
             r = s.only_session()

@@ -498,7 +498,7 @@ class _LinkBase:
         owner = self.owner
         if isinstance(owner, Runner):
             r = owner  # (compiled: typed, so the call below is a C call)
-            if len(data) >= _BULK_READ and tls is None and self._bulk is None and not self.closed:
+            if len(data) >= _BULK_READ and self._bulk is None and not self.closed:
                 self._start_bulk()
             r._link_data(self, data)
         else:  # the server's handshake handler, or a lingering link's discarder
