@@ -462,7 +462,7 @@ def test_a_stalled_client_holds_the_server_to_its_send_window(loop):
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("backend", ["echo", "slow"])
 @pytest.mark.parametrize("tls_io", [None, "auto", "pure", "loop"])
-def test_a_streaming_link_reads_into_its_own_buffer_and_goes_back_when_quiet(
+def test_a_streaming_link_reads_into_the_shared_buffer_and_goes_back_when_quiet(
         loop, backend, tls_io, tmp_path, monkeypatch):
     """A link whose reads are large switches to reading into the thread's shared buffer (no
     bytes object per read), and back to plain reads when messages are small again. Payload

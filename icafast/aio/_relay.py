@@ -512,8 +512,7 @@ class _LinkBase:
             t.set_protocol(self._bulk)  # (from the next read on)
 
     def _stop_bulk(self) -> None:
-        b = self._bulk
-        if b is not None:
+        if self._bulk is not None:
             self._bulk = None
             t = self.transport
             if t is not None and not t.is_closing():
