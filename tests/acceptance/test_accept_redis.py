@@ -89,15 +89,22 @@ SCHEDULE = {"set": ["reset", "blackhole", "reset", "reset"],
             "get": ["reset", "outage", "reset", "reset"]}
 
 
+def bench_argv(progs: dict[str, str], local: int, requests: int, test: str,
+               extra: list[str]) -> list[str]:
+    """redis-benchmark's command line: ``requests`` of ``test`` with CLIENTS connections to
+    the relay's local port."""
+    return [progs["redis-benchmark"], "-h", "127.0.0.1", "-p", str(local), "-c", str(CLIENTS),
+            "-n", str(requests), "-t", test, "-q", *extra]
+
+
 def sized_requests(rig: Rig, progs: dict[str, str], local: int, mode: str, test: str,
                    extra: list[str]) -> int:
     """Requests for a run that outlasts its breaks on this host: a tenth of ``REQUESTS``
     through the relay first, unbroken, gives the rate; the run gets ``RUN_SECONDS`` of it
     (never fewer than ``REQUESTS``: a fixed count finished before the third break on a fast
     host)."""
-    probe = rig.spawn("client", f"redis-benchmark-{mode}-{test}-rate", [
-        progs["redis-benchmark"], "-h", "127.0.0.1", "-p", str(local), "-c", str(CLIENTS),
-        "-n", str(REQUESTS[mode, test] // 10), "-t", test, "-q", *extra])
+    probe = rig.spawn("client", f"redis-benchmark-{mode}-{test}-rate",
+                      bench_argv(progs, local, REQUESTS[mode, test] // 10, test, extra))
     assert probe.p.wait(120) == 0, probe.text()
     m = re.search(r"([\d.]+) requests per second", probe.text())
     assert m, probe.text()
@@ -121,9 +128,8 @@ def test_redis_benchmark_through_link_kills(rig: Rig, mode: str) -> None:
         extra = ["-P", "16", "-d", "1024"] if mode == "pipelined" else []
         requests = sized_requests(rig, progs, local, mode, test, extra)
         base = rig.new_sessions()
-        bench = rig.spawn("client", f"redis-benchmark-{mode}-{test}", [
-            progs["redis-benchmark"], "-h", "127.0.0.1", "-p", str(local), "-c", str(CLIENTS),
-            "-n", str(requests), "-t", test, "-q", *extra])
+        bench = rig.spawn("client", f"redis-benchmark-{mode}-{test}",
+                          bench_argv(progs, local, requests, test, extra))
         # connections: one for redis-benchmark's CONFIG GET, then the clients
         faults = FaultLoop(rig, bench.p, SCHEDULE[test],
                            ready=lambda base=base: rig.new_sessions() >= base + 1 + CLIENTS,
