@@ -82,6 +82,7 @@ async def _bulk_through_breaks(size: int, breaks_each: int) -> None:
             return s.backend.conns[0].received if s.backend.conns else 0
 
         async def breaker() -> None:
+            nonlocal in_bulk
             for k in range(total):
                 target = (k + 1) * size // (total + 2)
                 assert await wait_for(lambda t=target: progress() >= t, 60), "transfer stalled"
@@ -94,7 +95,6 @@ async def _bulk_through_breaks(size: int, breaks_each: int) -> None:
                 kind = kinds[k % 3]
                 link = s.only_session().link
                 if isinstance(link, Link) and link._bulk is not None:
-                    nonlocal in_bulk
                     in_bulk += 1
                 getattr(s.proxy, kind)()
                 done[kind] += 1
