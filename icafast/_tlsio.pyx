@@ -8,7 +8,7 @@ is built from the ``ssl.SSLObject`` and the two ``ssl.MemoryBIO`` objects of a f
 handshake. After that, each record is read and written with OpenSSL's own calls on that same
 connection object (``SSL_read_ex``/``SSL_write_ex``), holding the GIL (nothing here blocks),
 without the Python-level wrappers, their exception per empty read, and the release and re-take
-of the GIL around every call (benchmarks/README.md, "TLS records driven from C").
+of the GIL around every call (benchmarks/HISTORY.md, "TLS records driven from C").
 
 The pipe also gives the connection two BIOs of its own in place of the memory BIOs: OpenSSL
 reads records straight from the buffer the event loop received (no copy into a memory BIO) and

@@ -7,7 +7,7 @@ sizes its heap thresholds from what it has seen (``M_MMAP_THRESHOLD`` rises to t
 largest mapped block freed so far, and ``M_TRIM_THRESHOLD`` follows at twice that), so with
 blocks of this shape the top of the heap keeps being handed back to the kernel and taken
 again: in a fresh relay process, up to 150,000 page faults per GB relayed and up to twice the
-decrypting relay's CPU (benchmarks/README.md, "glibc's heap thresholds fixed").
+decrypting relay's CPU (benchmarks/HISTORY.md, "glibc's heap thresholds fixed").
 
 :func:`tune_malloc` fixes the mmap threshold where glibc's own adaptation tops out on 64-bit
 systems (32 MiB), so that blocks up to that size come from the heap, and the trim threshold

@@ -4,7 +4,7 @@
 INFO (the session's start and its end). Through the standard ``logging`` setup
 (``basicConfig``) each line took about 65,000 instructions: a quarter of what either relay
 spent in user space on a session that opens, carries one request and closes
-(benchmarks/README.md, "a new session for 15–20 % less").
+(benchmarks/HISTORY.md, "a new session for 15–20 % less").
 
 Every line still goes through ``logging`` (levels, ``-v``/``-q``, filters and any handler an
 embedder adds work as before); what the command line installs for its own output does less:

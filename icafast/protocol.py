@@ -245,7 +245,7 @@ def _parse_reason(payload: Any) -> tuple[int, str]:
 #: The send window: how much of its stream a side keeps in flight, unacknowledged. A path whose
 #: handshake round trip is short needs far less than the replay limit to run at full speed, and
 #: a smaller window keeps a busy session's replay ring smaller: 4 MiB instead of 8 on a short
-#: path (benchmarks/README.md, "a send window sized from the handshake"). The window covers the
+#: path (benchmarks/HISTORY.md, "a send window sized from the handshake"). The window covers the
 #: round trip at WINDOW_RATE, is at least WINDOW_MIN (scheduling gaps of a busy host) and at
 #: most the replay limit: 4 MiB up to a 1 ms round trip, the full 8 MiB from 2 ms on.
 #: - The rate, 4 MiB per millisecond (4.2 GB/s), is twice the fastest session measured. A
@@ -263,7 +263,7 @@ WINDOW_RATE = WINDOW_MIN * 1000  # bytes per second
 #: handshake (high) and then with a quarter of it (low, at least four ack thresholds), and
 #: keeps the low window only if it delivers at least WC_MARGIN times as much. On a short path
 #: whose hops share a CPU the low window is the faster: a ring and socket buffers that stay in
-#: the CPU's cache (benchmarks/README.md, "a send window that measures itself"); on a long
+#: the CPU's cache (benchmarks/HISTORY.md, "a send window that measures itself"); on a long
 #: path, or hops with CPUs of their own, the high one.
 WC_EPOCH = 0.05  # seconds a measurement lasts, at least (and two windows acknowledged)
 WC_PROBE_MAX = 2.0  # a probe without a measurement by then (not window-limited) ends

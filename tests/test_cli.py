@@ -39,7 +39,8 @@ def test_compiled_core_in_use_when_required():
 def test_compiled_engine_has_no_instance_dict():
     """The compiled adapter calls the engine's cpdef methods straight in C only while engines
     have no instance __dict__: with one, Cython looks each call up on the instance first, and
-    with thousands of sessions its cache never hits (benchmarks/README.md, the idle path)."""
+    with thousands of sessions its cache never hits (benchmarks/HISTORY.md, "The idle path in
+    C")."""
     from icafast import protocol
     from icafast.protocol import ClientSession, Config, ServerSession
 

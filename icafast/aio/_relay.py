@@ -48,14 +48,14 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: what it already holds is unsent. What the path can carry (TCP's congestion window) still goes
 #: out at once; the rest waits in the replay buffer instead of piling up unsent in the socket
 #: (up to its 4 MiB send buffer), so less is unacknowledged and an interactive write is not
-#: queued behind megabytes (benchmarks/README.md, "little left unsent in link sockets").
+#: queued behind megabytes (benchmarks/HISTORY.md, "little left unsent in link sockets").
 LINK_NOTSENT_LOWAT = 256 * 1024
 #: A link whose read brings at least BULK_READ bytes is streaming: it then reads straight into a
 #: buffer shared by the thread's links (a BufferedProtocol, _BulkReader) instead of getting each
 #: read as a new bytes object that the event loop copies out of its own buffer. After
 #: BULK_SMALL_READS reads in a row of less than MIN_READ_SIZE it goes back to plain reads: a
 #: request/response link and an idle one (whose keepalives are small reads) keep the plain path,
-#: which costs fewer calls per read (benchmarks/README.md,
+#: which costs fewer calls per read (benchmarks/HISTORY.md,
 #: "links read bulk straight into a shared buffer").
 BULK_READ = 64 * 1024
 BULK_SMALL_READS = 4
@@ -145,7 +145,7 @@ def short_id(sid: bytes) -> str:
 #: Transports whose event loop sets TCP_NODELAY on every TCP socket itself: uvloop's (libuv
 #: sets it when it accepts or connects) and asyncio's own (``base_events._set_nodelay``, since
 #: Python 3.6), and the TLS transports over them. Setting it again cost each new session two
-#: socket objects and six system calls (benchmarks/README.md, "what a new session costs").
+#: socket objects and six system calls (benchmarks/HISTORY.md, "what a new session costs").
 _LOOP_SETS_NODELAY = frozenset(("uvloop.loop", "asyncio.selector_events",
                                 "asyncio.proactor_events", "asyncio.sslproto"))
 _sets_nodelay: dict[type, bool] = {}
@@ -392,7 +392,7 @@ class _EndpointBase:
         # The transport calls no more. Without the endpoint's reference back, an ended
         # session (runner <-> endpoint, and all they hold: engine, replay buffers, link,
         # transports) is freed by reference counting at once, not by a pass of the cyclic
-        # garbage collector that has to find it first (benchmarks/README.md, "what a new
+        # garbage collector that has to find it first (benchmarks/HISTORY.md, "what a new
         # session costs").
         self.runner = None  # type: ignore[assignment]
 

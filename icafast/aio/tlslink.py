@@ -4,7 +4,7 @@ Where the compiled pipe can run (:func:`icafast.tlspipe.uses_pipe`), links are m
 TCP transports and secured here: an ``ssl.SSLObject`` over two ``ssl.MemoryBIO`` objects does
 the handshake with the link's ``ssl.SSLContext`` (the same context, certificates, host name
 check and errors as with the event loop's TLS transport), then the link reads and writes every
-record through a :mod:`icafast.tlspipe` pipe (benchmarks/README.md: "TLS records driven from
+record through a :mod:`icafast.tlspipe` pipe (benchmarks/HISTORY.md: "TLS records driven from
 C"). The link's owner sees the link only once the handshake is done, as with the loop's TLS.
 """
 
