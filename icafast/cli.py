@@ -14,6 +14,7 @@ from dataclasses import fields
 from typing import Any
 
 from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend, logs
+from .events import SessionClosed
 from .protocol import Config
 from .tlspipe import describe as tls_records
 
@@ -42,32 +43,56 @@ def parse_size(text: str | int) -> int:
         t = t[:-1]
     try:
         value = int(float(t) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):  # (OverflowError: "inf")
         raise argparse.ArgumentTypeError(f"invalid size {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must not be negative")
     return value
 
 
-def _seconds(text: str) -> float:
+def _count(text: str) -> int:
+    """A limit given on the command line: a whole number of at least 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
+    return v
+
+
+def _seconds(text: str | float) -> float:
     try:
         v = float(text)
-    except ValueError:
+    except (ValueError, TypeError):
         raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError("seconds must not be negative")
+    if not v >= 0 or v == float("inf"):  # (also NaN)
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: must be a "
+                                         "finite number, not negative")
     return v
 
 
 _CONFIG_KEYS: dict[str, Callable[[Any], Any]] = {
-    "keepalive_interval": float,
-    "dead_timeout": float,
-    "reliability_timeout": float,
+    "keepalive_interval": _seconds,
+    "dead_timeout": _seconds,
+    "reliability_timeout": _seconds,
     "replay_limit": parse_size,
     "on_timeout": str,
-    "hold": float,
-    "handshake_timeout": float,
+    "hold": _seconds,
+    "handshake_timeout": _seconds,
     "max_payload": parse_size,
     "frame_size": parse_size,
-    "connect_retry": float,
+    "connect_retry": _seconds,
+}
+#: config-file names of settings whose command-line option is named otherwise
+_CONFIG_ALIASES = {"max_frame_size": "max_payload"}
+#: every other key a config file may hold (for serve, connect or sessions: one file can serve
+#: all three); anything else is a mistake worth an error rather than a silent default
+_FILE_KEYS = {
+    "listen", "backend", "mapping", "control", "server", "fallback", "max_sessions",
+    "max_handshakes", "max_failed_resumes", "proxy_protocol", "no_tls", "tls_cert", "tls_key",
+    "tls_client_ca", "state_dir", "tls_ca", "tls_fingerprint", "tls_insecure",
+    "tls_server_name", "tls_client_cert", "tls_client_key",
 }
 
 
@@ -102,8 +127,10 @@ def _add_common(p: argparse.ArgumentParser, server: bool) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="TOML file with the same keys (keepalive_interval = 3, ...); "
                         "command-line options win")
-    p.add_argument("--control", metavar="PATH",
-                   help=f"server's control socket (default {default_control_path()})")
+    if server:
+        p.add_argument("--control", metavar="PATH",
+                       help="control socket for 'icafast sessions' (default "
+                            f"{default_control_path()}); one per server")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more logging (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -135,12 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", action="append", metavar="HOST:PORT",
                    help="backend for the matching --listen (default 127.0.0.1:1494)")
     lim = s.add_argument_group("limits (hostile load)")
-    lim.add_argument("--max-sessions", type=int, metavar="N", help="refuse NEW beyond this "
+    lim.add_argument("--max-sessions", type=_count, metavar="N", help="refuse NEW beyond this "
                      "many sessions (default 10000)")
-    lim.add_argument("--max-handshakes", type=int, metavar="N",
+    lim.add_argument("--max-handshakes", type=_count, metavar="N",
                      help="connections allowed in the handshake at once; more are closed at "
                           "once (default 1024)")
-    lim.add_argument("--max-failed-resumes", type=int, metavar="N",
+    lim.add_argument("--max-failed-resumes", type=_count, metavar="N",
                      help="failed RESUME attempts (wrong proof, unknown session) allowed per "
                           "source address per minute before it is refused (default 20)")
     s.add_argument("--proxy-protocol", action="store_true",
@@ -223,12 +250,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class UsageError(Exception):
+    """Bad settings or arguments: printed as one line, exit status 2."""
+
+
 def load_toml(path: str | None) -> dict[str, Any]:
     if not path:
         return {}
-    with open(path, "rb") as f:
-        data = tomllib.load(f)
-    return {k.replace("-", "_"): v for k, v in data.items()}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise UsageError(f"cannot read the config file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML: {e}") from None
+    cfg = {}
+    for key, value in data.items():
+        k = key.replace("-", "_")
+        k = _CONFIG_ALIASES.get(k, k)
+        if k not in _CONFIG_KEYS and k not in _FILE_KEYS:
+            raise UsageError(f"config file {path}: unknown setting {key!r}")
+        if k in cfg:
+            raise UsageError(f"config file {path}: {key!r} given twice (under two names)")
+        cfg[k] = value
+    for i, m in enumerate(cfg.get("mapping", [])):
+        if not isinstance(m, dict) or "listen" not in m:
+            raise UsageError(f"config file {path}: [[mapping]] number {i + 1} needs 'listen'")
+        if set(m) - {"listen", "backend"}:
+            raise UsageError(f"config file {path}: [[mapping]] number {i + 1}: unknown "
+                             f"setting {sorted(set(m) - {'listen', 'backend'})[0]!r}")
+    return cfg
 
 
 def make_config(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Config:
@@ -238,14 +289,17 @@ def make_config(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Config:
         if key not in names:
             continue
         if key in file_cfg:
-            kw[key] = conv(file_cfg[key])
+            try:
+                kw[key] = conv(file_cfg[key])
+            except (argparse.ArgumentTypeError, ValueError, TypeError) as e:
+                raise UsageError(f"config file: {key} = {file_cfg[key]!r}: {e}") from None
         v = getattr(args, key, None)
         if v is not None:
             kw[key] = v
     try:
         return Config(**kw)
     except ValueError as e:
-        raise SystemExit(f"icafast: invalid settings: {e}") from None
+        raise UsageError(f"invalid settings: {e}") from None
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -272,7 +326,7 @@ async def _run_until_signal(start: Any, stop: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .aio import Mapping, RelayServer, parse_hostport, run
+    from .aio import Mapping, RelayServer, run
 
     file_cfg = load_toml(args.config)
     config = make_config(args, file_cfg)
@@ -280,8 +334,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     backends = args.backend or []
     mappings: list[Mapping] = []
     for m in file_cfg.get("mapping", []) if not listens else []:
-        lh, lp = parse_hostport(str(m["listen"]), "0.0.0.0", 2598)
-        bh, bp = parse_hostport(str(m.get("backend", "127.0.0.1:1494")), "127.0.0.1", 1494)
+        lh, lp = _address(m["listen"], "0.0.0.0", 2598)
+        bh, bp = _address(m.get("backend", "127.0.0.1:1494"), "127.0.0.1", 1494)
         mappings.append(Mapping(lh, lp, bh, bp))
     if not mappings:
         if not listens:
@@ -291,22 +345,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if len(backends) == 1 and len(listens) > 1:
             backends = backends * len(listens)
         if len(backends) != len(listens):
-            raise SystemExit("icafast serve: give one --backend per --listen (paired in order)")
+            raise UsageError("give one --backend per --listen (paired in order)")
         for lt, bt in zip(listens, backends, strict=True):
-            lh, lp = parse_hostport(lt, "0.0.0.0", 2598)
-            bh, bp = parse_hostport(bt, "127.0.0.1", 1494)
+            lh, lp = _address(lt, "0.0.0.0", 2598)
+            bh, bp = _address(bt, "127.0.0.1", 1494)
             mappings.append(Mapping(lh, lp, bh, bp))
     control = args.control or file_cfg.get("control") or default_control_path()
-    max_sessions = args.max_sessions or int(file_cfg.get("max_sessions", 10_000))
+    max_sessions = _limit(args, file_cfg, "max_sessions", 10_000)
     try:
         ssl_ctx = _server_tls(args, file_cfg)
     except (OSError, ValueError) as e:
-        print(f"icafast serve: TLS: {e}", file=sys.stderr)
+        print(f"icafast serve: TLS: {_tls_problem(e, '--tls-cert', '--tls-key')}",
+              file=sys.stderr)
         return 1
     server = RelayServer(
         mappings, config, control_path=control, max_sessions=max_sessions, ssl=ssl_ctx,
-        max_handshakes=args.max_handshakes or int(file_cfg.get("max_handshakes", 1024)),
-        max_failed_resumes=args.max_failed_resumes or int(file_cfg.get("max_failed_resumes", 20)),
+        max_handshakes=_limit(args, file_cfg, "max_handshakes", 1024),
+        max_failed_resumes=_limit(args, file_cfg, "max_failed_resumes", 20),
         proxy_protocol=bool(_opt(args, file_cfg, "proxy_protocol")),
     )
     log.info("icafast %s serve (core %s, crc32c %s, engine %s); control socket %s", __version__,
@@ -334,11 +389,53 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(args: argparse.Namespace, file_cfg: dict[str, Any], name: str, default: int) -> int:
+    v = getattr(args, name, None)
+    if v is not None:
+        return int(v)
+    if name not in file_cfg:
+        return default
+    try:
+        return _count(str(file_cfg[name]))
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"config file: {name} = {file_cfg[name]!r}: {e}") from None
+
+
+def _address(text: Any, default_host: str, default_port: int) -> tuple[str, int]:
+    from .aio import parse_hostport
+
+    try:
+        return parse_hostport(str(text), default_host, default_port)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 def _opt(args: argparse.Namespace, file_cfg: dict[str, Any], name: str) -> Any:
     v = getattr(args, name, None)
     if v in (None, False):
         v = file_cfg.get(name, v)
     return v
+
+
+def _readable(args: argparse.Namespace, file_cfg: dict[str, Any], *names: str) -> None:
+    """The TLS files given must be readable: say which one is not (OpenSSL's errors do not)."""
+    for name in names:
+        path = _opt(args, file_cfg, name)
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise ValueError(f"--{name.replace('_', '-')} {path}: {e.strerror or e}") from None
+
+
+def _tls_problem(e: Exception, cert_opt: str, key_opt: str) -> str:
+    """OpenSSL's "PEM lib" error, raised when a certificate and key do not load as a pair, says
+    nothing about which file is wrong: name the options instead."""
+    if "PEM lib" in str(e):
+        return (f"{cert_opt} and {key_opt} do not load as a certificate and its private key "
+                f"(PEM, the key unencrypted): {e}")
+    return str(e)
 
 
 def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
@@ -349,6 +446,7 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     cert, key = _opt(args, file_cfg, "tls_cert"), _opt(args, file_cfg, "tls_key")
     if bool(cert) != bool(key):
         raise ValueError("give both --tls-cert and --tls-key")
+    _readable(args, file_cfg, "tls_cert", "tls_key", "tls_client_ca")
     if not cert:
         state = _opt(args, file_cfg, "state_dir") or tls.default_state_dir()
         cert, key, created = tls.ensure_self_signed(state)
@@ -365,6 +463,9 @@ def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
 
     if _opt(args, file_cfg, "no_tls"):
         return None
+    if _opt(args, file_cfg, "tls_client_key") and not _opt(args, file_cfg, "tls_client_cert"):
+        raise ValueError("--tls-client-key needs --tls-client-cert")
+    _readable(args, file_cfg, "tls_ca", "tls_client_cert", "tls_client_key")
     return tls.client_context(
         ca=_opt(args, file_cfg, "tls_ca"),
         fingerprint=_opt(args, file_cfg, "tls_fingerprint"),
@@ -376,31 +477,37 @@ def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
 
 
 def cmd_connect(args: argparse.Namespace) -> int:
-    from .aio import RelayClient, parse_hostport, run
+    from .aio import RelayClient, run
 
     file_cfg = load_toml(args.config)
     config = make_config(args, file_cfg)
-    listen = parse_hostport(args.listen or str(file_cfg.get("listen", "127.0.0.1:1494")),
-                            "127.0.0.1", 1494)
+    listen = _address(args.listen or file_cfg.get("listen", "127.0.0.1:1494"), "127.0.0.1", 1494)
     server_text = args.server or file_cfg.get("server")
     if not server_text:
-        raise SystemExit("icafast connect: --server HOST:PORT is required")
-    server = parse_hostport(str(server_text), "127.0.0.1", 2598)
+        raise UsageError("--server HOST:PORT is required")
+    server = _address(server_text, "127.0.0.1", 2598)
     fb_text = args.fallback or file_cfg.get("fallback")
-    fallback = parse_hostport(str(fb_text), "127.0.0.1", 1494) if fb_text else None
+    fallback = _address(fb_text, "127.0.0.1", 1494) if fb_text else None
+
+    policy_logged: set[bytes] = set()  # sessions whose server timeouts were logged
 
     def on_status(e: Any, engine: Any) -> None:
+        sid = engine.session_id
+        if isinstance(e, SessionClosed):
+            policy_logged.discard(sid)
+            return
         pol = getattr(engine, "server_policy", None)
         mine = config.policy
-        if pol is not None and pol != mine and not getattr(engine, "_policy_logged", False):
-            engine._policy_logged = True
+        if pol is not None and pol != mine and sid not in policy_logged:
+            policy_logged.add(sid)
             log.info("session %s: using the server's timeouts %s (local settings %s)",
-                     engine.session_id.hex(), pol, mine)
+                     sid.hex(), pol, mine)
 
     try:
         tls_cfg = _client_tls(args, file_cfg)
     except (OSError, ValueError) as e:
-        print(f"icafast connect: TLS: {e}", file=sys.stderr)
+        print(f"icafast connect: TLS: {_tls_problem(e, '--tls-client-cert', '--tls-client-key')}",
+              file=sys.stderr)
         return 1
     if tls_cfg is not None and tls_cfg.fingerprint is None and tls_cfg.context.verify_mode == 0:
         log.warning("TLS without verifying the server (--tls-insecure): an active attacker can "
@@ -437,16 +544,22 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
     file_cfg = load_toml(args.config)
     path = args.control or file_cfg.get("control") or default_control_path()
-    if args.reset:
+    if args.reset is not None:
         req = {"cmd": "reset", "id": args.reset}
-    elif args.disconnect:
+    elif args.disconnect is not None:
         req = {"cmd": "disconnect", "id": args.disconnect}
     else:
         req = {"cmd": "list"}
+    if "id" in req and not req["id"].strip():
+        raise UsageError(f"--{req['cmd']} needs a session ID (or the start of one)")
     try:
         reply = control_request(path, req)
     except OSError as e:
         print(f"icafast sessions: cannot reach the server at {path}: {e}", file=sys.stderr)
+        return 2
+    except ValueError:  # (not JSON: not an icafast control socket)
+        print(f"icafast sessions: {path} did not answer as an icafast server's control socket",
+              file=sys.stderr)
         return 2
     if not reply.get("ok"):
         print(f"icafast sessions: {reply.get('error')}", file=sys.stderr)
@@ -507,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
                "demo": cmd_demo, "selfcheck": cmd_selfcheck}[args.cmd]
     try:
         return handler(args)
+    except UsageError as e:
+        print(f"icafast {args.cmd}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

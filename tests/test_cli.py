@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -158,8 +159,10 @@ def test_help_documents_shared_options():
         out = subprocess.run([PY, "-m", "icafast", cmd, "--help"], capture_output=True,
                              text=True, timeout=60, check=True).stdout
         for opt in ("--keepalive-interval", "--dead-timeout", "--reliability-timeout",
-                    "--replay-limit", "--control", "--config"):
+                    "--replay-limit", "--max-frame-size", "--config"):
             assert opt in out, (cmd, opt)
+        # the control socket is the server's: the client has none to offer
+        assert ("--control" in out) == (cmd == "serve"), cmd
     out = subprocess.run([PY, "-m", "icafast", "serve", "--help"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
     assert "--on-timeout" in out and "--hold" in out
@@ -269,6 +272,9 @@ backend = "127.0.0.1:{b2.getsockname()[1]}"
         b2.close()
     assert "new from" in slog and "closed (reset by operator)" in slog, slog
     assert "heap: " in slog and "heap: " in log, slog  # what the start-up did to malloc
+    # the server's timeouts differ from the client's: said once, and no callback fails on it
+    assert "status callback failed" not in log and "Traceback" not in log, log
+    assert log.count("using the server's timeouts") == 1, log
     assert not os.path.exists(control)
     del log
 
@@ -285,3 +291,109 @@ def test_invalid_settings_are_refused():
                         "--dead-timeout", "2", "--listen", "127.0.0.1:0"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode != 0 and "dead_timeout" in p.stderr
+
+
+def _icafast(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PY, "-m", "icafast", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["serve", "--no-tls", "--listen", "127.0.0.1:99999"], "port of 0-65535"),
+    (["serve", "--no-tls", "--listen", "127.0.0.1:abc"], "the port must be a number"),
+    (["serve", "--no-tls", "--listen", "[::1"], "need [IPv6]:PORT"),
+    (["serve", "--no-tls", "--listen", "::1:2598"], "write an IPv6 address in brackets"),
+    (["serve", "--no-tls", "--listen", "fe80::1:70000"], "write an IPv6 address in brackets"),
+    (["connect", "--no-tls", "--server", "127.0.0.1:x"], "the port must be a number"),
+    (["connect", "--no-tls", "--server", "127.0.0.1:2598", "--replay-limit", "inf"],
+     "invalid size"),
+    (["serve", "--no-tls", "--max-sessions", "0"], "must be at least 1"),
+    (["serve", "--no-tls", "--max-handshakes", "-1"], "must be at least 1"),
+    (["serve", "--no-tls", "--config", "/nonexistent/icafast.toml"],
+     "cannot read the config file /nonexistent/icafast.toml"),
+    (["sessions", "--reset", ""], "needs a session ID"),
+    (["connect", "--server", "127.0.0.1:2598", "--tls-ca", "/nonexistent/ca.pem"],
+     "--tls-ca /nonexistent/ca.pem: No such file or directory"),
+    (["connect", "--server", "127.0.0.1:2598", "--tls-insecure", "--tls-client-key", "k.pem"],
+     "--tls-client-key needs --tls-client-cert"),
+])
+def test_bad_arguments_get_one_clear_line(args, message):
+    """Bad input is refused before anything starts: a one-line message, no traceback."""
+    p = _icafast(*args)
+    assert p.returncode in (1, 2), (p.returncode, p.stderr)
+    assert message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("text,message", [
+    ("garbage [[[", "is not valid TOML"),
+    ("dead_timout = 99", "unknown setting 'dead_timout'"),
+    ("dead_timeout = 'abc'", "dead_timeout = 'abc'"),
+    ("replay_limit = '12q'", "invalid size '12q'"),
+    ("max_sessions = 0", "max_sessions = 0: must be at least 1"),
+    ("[[mapping]]\nbackend = '127.0.0.1:1494'", "[[mapping]] number 1 needs 'listen'"),
+    ("[[mapping]]\nlisten = ':2598'\nbakend = 'x'", "unknown setting 'bakend'"),
+])
+def test_bad_config_files_get_one_clear_line(tmp_path, text, message):
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_text(text + "\n")
+    p = _icafast("serve", "--no-tls", "--listen", "127.0.0.1:0", "--config", str(cfg))
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_config_file_takes_the_options_long_names(tmp_path):
+    from icafast import cli
+
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_text('max_frame_size = "1M"\nmax-payload = "2M"\nserver = "h:1"\n')
+    with pytest.raises(cli.UsageError, match="given twice"):  # one setting, two names
+        cli.load_toml(str(cfg))
+    cfg.write_text('max_frame_size = "1M"\nserver = "h:1"\ndead_timeout = 20\n')
+    args = cli.build_parser().parse_args(["connect", "--config", str(cfg)])
+    config = cli.make_config(args, cli.load_toml(str(cfg)))
+    assert config.max_payload == 1 << 20 and config.dead_timeout == 20
+
+
+def test_sessions_against_something_else_fails_clearly(tmp_path):
+    path = str(tmp_path / "other.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+    stop = threading.Event()
+
+    def answer() -> None:
+        srv.settimeout(10)
+        with contextlib.suppress(OSError):
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(1000)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+        stop.set()
+
+    t = threading.Thread(target=answer, daemon=True)
+    t.start()
+    try:
+        p = _icafast("sessions", "--control", path)
+    finally:
+        t.join(15)
+        srv.close()
+    assert p.returncode == 2 and "did not answer as an icafast server" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("127.0.0.1:2600", ("127.0.0.1", 2600)),
+    (":2600", ("127.0.0.1", 2600)),
+    ("2600", ("127.0.0.1", 2600)),
+    ("example.net", ("example.net", 1494)),
+    ("example.net:", ("example.net", 1494)),
+    ("[::1]:2600", ("::1", 2600)),
+    ("[::1]", ("::1", 1494)),
+    ("::1", ("::1", 1494)),
+    ("fe80::a:b", ("fe80::a:b", 1494)),
+])
+def test_addresses(text, expected):
+    from icafast.aio import parse_hostport
+
+    assert parse_hostport(text, "127.0.0.1", 1494) == expected

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import logging
+import os
 import socket
 import struct
 import sys
@@ -798,9 +800,57 @@ def test_control_socket_list_disconnect_reset(tmp_path):
                 await asyncio.wait_for(reader.readexactly(1), 5)
             bad = await loop.run_in_executor(None, control_request, path,
                                              {"cmd": "reset", "id": "ffff"})
-            assert not bad["ok"]
+            assert not bad["ok"] and bad["error"] == "no session matches 'ffff'", bad
 
     run_async("uvloop", main())
+
+
+def test_control_socket_of_a_running_server_is_not_taken(tmp_path):
+    """A second server given the same control socket refuses to start, and the first keeps
+    it; a socket file left by a server that is gone is replaced."""
+    path = str(tmp_path / "control.sock")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with Setup(Backend("echo"), control_path=path):
+            second = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", free_port())], FAST,
+                                 control_path=path)
+            with pytest.raises(OSError, match="in use by another running server"):
+                await second.start()
+            await second.close()
+            reply = await loop.run_in_executor(None, control_request, path, {"cmd": "list"})
+            assert reply["ok"] and reply["sessions"] == []
+        assert not os.path.exists(path)
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(path)  # a socket file that nothing listens on any more
+        stale.close()
+        third = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", free_port())], FAST,
+                            control_path=path)
+        await third.start()
+        try:
+            reply = await loop.run_in_executor(None, control_request, path, {"cmd": "list"})
+            assert reply["ok"]
+        finally:
+            await third.close()
+
+    run_async("uvloop", main())
+
+
+def test_an_unreachable_backend_is_a_warning(caplog):
+    """The client is refused, and the operator is told at WARNING (it is theirs to fix)."""
+    async def main() -> None:
+        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", free_port())], FAST)
+        await srv.start()
+        try:
+            with pytest.raises(ConnectionError):
+                await open_session(*srv.addresses[0], config=FAST)
+        finally:
+            await srv.close()
+
+    with caplog.at_level(logging.INFO, logger="icafast"):
+        run_async("uvloop", main())
+    (rec,) = [r for r in caplog.records if "connection from" in r.getMessage()]
+    assert rec.levelno == logging.WARNING and "rejected: backend 127.0.0.1:" in rec.getMessage()
 
 
 def test_many_sessions_at_once_stay_separate():

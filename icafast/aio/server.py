@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
+import ipaddress
 import json
 import logging
 import os
@@ -53,25 +55,42 @@ __all__ = ["Mapping", "RelayServer", "parse_hostport"]
 
 def parse_hostport(text: str, default_host: str = "", default_port: int | None = None
                    ) -> tuple[str, int]:
-    """'HOST:PORT', '[v6]:PORT', ':PORT' or 'PORT' -> (host, port)."""
+    """'HOST:PORT', '[v6]:PORT', ':PORT' or 'PORT' -> (host, port). An IPv6 address without
+    brackets is taken as a host alone ('::1') unless it ends in what could be a port
+    ('::1:2598'), which is refused: brackets say which is meant."""
     text = text.strip()
-    host, port = default_host, default_port
+    host, port_text = default_host, ""
     if text.startswith("["):
-        end = text.index("]")
-        host = text[1:end]
-        rest = text[end + 1 :]
-        if rest.startswith(":"):
-            port = int(rest[1:])
+        end = text.find("]")
+        rest = text[end + 1 :] if end > 0 else ":"
+        if end <= 0 or (rest and not rest.startswith(":")):
+            raise ValueError(f"invalid address {text!r}: need [IPv6]:PORT")
+        host, port_text = text[1:end], rest[1:]
     elif text.count(":") == 1:
-        h, p = text.split(":")
+        h, port_text = text.split(":")
         host = h or default_host
-        port = int(p)
+    elif text.count(":") > 1:
+        last = text.rsplit(":", 1)[1]
+        try:
+            ipaddress.IPv6Address(text)
+            ambiguous = len(last) > 1 and last.isdigit()  # '::1:2598': a port, or not?
+        except ValueError:
+            ambiguous = True
+        if ambiguous:
+            raise ValueError(f"invalid address {text!r}: write an IPv6 address in brackets, "
+                             f"as [::1]:2598 (with a port) or [::1] (without)")
+        host = text
     elif text.isdigit():
-        port = int(text)
+        port_text = text
     else:
         host = text
+    port = default_port
+    if port_text:
+        if not port_text.isdigit():
+            raise ValueError(f"invalid address {text!r}: the port must be a number")
+        port = int(port_text)
     if port is None or not 0 <= port <= 65535:
-        raise ValueError(f"invalid address {text!r}: need HOST:PORT")
+        raise ValueError(f"invalid address {text!r}: need HOST:PORT, with a port of 0-65535")
     return host, port
 
 
@@ -221,10 +240,10 @@ class _PendingLink:
         if out and self.link.transport is not None and not self.link.closed:
             self.link._writelines(out)
 
-    def reject(self, code: int, reason: str) -> None:
+    def reject(self, code: int, reason: str, level: int = logging.INFO) -> None:
         self.hs.reject(code, reason)
         self._flush()
-        log.info("connection from %s rejected: %s", self.link.peer, reason)
+        log.log(level, "connection from %s rejected: %s", self.link.peer, reason)
         self.link.close()
         self.detach()
 
@@ -311,15 +330,19 @@ class RelayServer:
         own_tls = self.ssl is not None and uses_pipe()
         loop_ssl = None if own_tls else self.ssl
         for m in self.mappings:
-            srv = await self.loop.create_server(
-                lambda m=m: _PendingLink(self, m, self._tls_setup() if own_tls else None).link,
-                m.listen_host or None,
-                m.listen_port,
-                reuse_address=True,
-                backlog=1024,
-                ssl=loop_ssl,
-                ssl_handshake_timeout=self.config.handshake_timeout if loop_ssl else None,
-            )
+            try:
+                srv = await self.loop.create_server(
+                    lambda m=m: _PendingLink(self, m, self._tls_setup() if own_tls else None).link,
+                    m.listen_host or None,
+                    m.listen_port,
+                    reuse_address=True,
+                    backlog=1024,
+                    ssl=loop_ssl,
+                    ssl_handshake_timeout=self.config.handshake_timeout if loop_ssl else None,
+                )
+            except OSError as e:
+                raise OSError(e.errno, f"cannot listen on {m.listen_host or '*'}:"
+                                       f"{m.listen_port}: {e.strerror or e}") from e
             self._servers.append(srv)
             for sock in srv.sockets:
                 addr = sock.getsockname()
@@ -382,8 +405,9 @@ class RelayServer:
                 self.loop.create_connection(lambda: Endpoint(runner), m.backend_host,
                                             m.backend_port))
         except (OSError, asyncio.TimeoutError) as e:
+            # (a warning: the operator has something to fix, not the client)
             pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: "
-                                           f"{e or type(e).__name__}")
+                                           f"{e or type(e).__name__}", logging.WARNING)
             return
         if pending.link.closed:
             if runner.endpoint is not None and runner.endpoint.transport is not None:
@@ -512,7 +536,10 @@ class RelayServer:
             import stat as _stat
 
             if _stat.S_ISSOCK(st.st_mode):
-                os.unlink(path)
+                if _socket_answers(path):
+                    raise OSError(errno.EADDRINUSE, f"control socket {path} is in use by "
+                                  "another running server (give each server its own --control)")
+                os.unlink(path)  # left behind by a server that is gone
         old = os.umask(0o177)
         try:
             self._control = await asyncio.start_unix_server(self._control_client, path)
@@ -527,7 +554,9 @@ class RelayServer:
             try:
                 req = json.loads(line)
                 reply = self.control(req)
-            except (ValueError, KeyError, TypeError) as e:
+            except KeyError as e:  # (str() of a KeyError quotes its message)
+                reply = {"ok": False, "error": str(e.args[0]) if e.args else "missing key"}
+            except (ValueError, TypeError) as e:
                 reply = {"ok": False, "error": str(e)}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
@@ -546,6 +575,17 @@ class RelayServer:
         if cmd == "disconnect":
             return {"ok": True, "disconnected": self.disconnect_session(str(req["id"]))}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def _socket_answers(path: str) -> bool:
+    """Whether a server accepts connections on the Unix socket at ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True
 
 
 def control_request(path: str, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
