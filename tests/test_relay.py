@@ -780,6 +780,8 @@ def test_control_socket_list_disconnect_reset(tmp_path):
             reply = await loop.run_in_executor(None, control_request, path, {"cmd": "list"})
             (row,) = reply["sessions"]
             assert row["state"] == "ACTIVE" and row["bytes_in"] == 3 and row["bytes_out"] >= 0
+            if sys.platform.startswith("linux"):  # before any keepalive: the kernel's figure
+                assert row["rtt_ms"] is not None and row["rtt_ms"] > 0, row
             for key in ("id", "client", "backend", "age", "idle", "unacked", "replay_capacity",
                         "rtt_ms", "reconnects"):
                 assert key in row

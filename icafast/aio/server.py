@@ -506,6 +506,12 @@ class RelayServer:
         rows = []
         for r in self.sessions_by_id.values():
             d = r.engine.stats(now)
+            if d.get("rtt_ms") is None and r.link is not None:
+                # Keepalives time the link only while it is idle; a busy one has the kernel's
+                # smoothed round trip of its TCP connection (for the listing only)
+                rtt = tcp_rtt(r.link.transport)
+                if rtt is not None:
+                    d["rtt_ms"] = round(rtt * 1000, 3)
             d["backend"] = r.mapping.backend
             d["listen"] = f"{r.mapping.listen_host or '*'}:{r.mapping.listen_port}"
             rows.append(d)
