@@ -232,12 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run backend, server, fault proxy and client on loopback "
                                     "and break the link while a stream flows",
                        description="A self-contained demonstration on 127.0.0.1.")
-    d.add_argument("--size", type=parse_size, default=32 * 1024 * 1024, metavar="BYTES",
+    d.add_argument("--size", type=_demo_size, default=32 * 1024 * 1024, metavar="BYTES",
                    help="bytes to stream each way (default 32M)")
-    d.add_argument("--breaks", type=int, default=6, metavar="N",
+    d.add_argument("--breaks", type=_demo_breaks, default=6, metavar="N",
                    help="link breaks to inflict, cycling reset / blackhole / half-open "
                         "(default 6)")
-    d.add_argument("--rate", type=parse_size, default=16 * 1024 * 1024, metavar="BYTES",
+    d.add_argument("--rate", type=_demo_rate, default=16 * 1024 * 1024, metavar="BYTES",
                    help="stream rate per direction, bytes/s (default 16M; 0: unlimited)")
     d.add_argument("--no-tls", action="store_true", help="plain text links (default: TLS "
                    "with a throw-away self-signed certificate, pinned by the client)")
@@ -587,6 +587,28 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     print(f"{len(rows)} session(s)")
     return 0
+
+
+def _demo_number(parse: Callable[[str], int], text: str, minimum: int, too_small: str) -> int:
+    try:
+        value = parse(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{too_small}, not {text!r}")
+    return value
+
+
+def _demo_size(text: str) -> int:
+    return _demo_number(parse_size, text, 1, "the size must be at least 1 byte")
+
+
+def _demo_breaks(text: str) -> int:
+    return _demo_number(int, text, 0, "the number of breaks must not be negative")
+
+
+def _demo_rate(text: str) -> int:
+    return _demo_number(parse_size, text, 0, "the rate must not be negative (0: unlimited)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -10,10 +10,13 @@ with what the other side received, and the server is asked how many sessions it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
+import signal
 import tempfile
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from . import IMPLEMENTATION, tls
@@ -83,6 +86,7 @@ class SampleBackend:
         self.done = asyncio.Event()
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._server = await asyncio.start_server(self._handle, host, port)
@@ -91,19 +95,52 @@ class SampleBackend:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         st = StreamStats()
         self.stats.append(st)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             await asyncio.gather(pump_stream(writer, self.size, self.seed, self.rate, st),
                                  drain_stream(reader, st))
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            # (by close(): the handler ends normally, as asyncio.start_server's done callback
+            # takes a cancelled handler for an error before Python 3.12)
+            pass
         finally:
             writer.close()
+            if task is not None:
+                self._handlers.discard(task)
             self.done.set()
 
     async def close(self) -> None:
+        """Stop listening and end the connections still streaming."""
         if self._server is not None:
             self._server.close()
+        handlers = list(self._handlers)
+        for t in handlers:
+            t.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
+
+
+async def _all_within(timeout: float, *aws: Awaitable[Any]) -> None:
+    """Run ``aws`` concurrently until all are done, one fails (its exception is raised) or
+    ``timeout`` seconds pass (TimeoutError). None is left running when this returns or raises,
+    cancelled included, and no exception is left unretrieved."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=timeout,
+                                           return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            t.result()
+        if pending:
+            raise asyncio.TimeoutError(f"not done within {timeout:g} s")
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _mib(n: int) -> str:
@@ -112,20 +149,73 @@ def _mib(n: int) -> str:
 
 async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1024 * 1024,
                verbose: int = 0, quiet: bool = False, use_tls: bool = True) -> int:
-    say = (lambda *a: None) if quiet else print  # noqa: E731
+    """Run the demonstration; return 0 when both streams arrived intact over one session, 1
+    when not, and 128 + the signal number when SIGINT or SIGTERM ended it (after the same
+    shutdown as at the end: every connection closed, the temporary directory removed).
+
+    ``quiet`` keeps only the RESULT line (and, on failure, the lines that say why)."""
+    if size < 1 or breaks < 0 or rate < 0:
+        raise ValueError(f"demo needs size >= 1, breaks >= 0 and rate >= 0 "
+                         f"(got size={size}, breaks={breaks}, rate={rate})")
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    caught: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        caught.append(signum)
+        if task is not None:
+            task.cancel()  # (again on a second signal: that one cuts the shutdown short)
+
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # (Windows; not main thread)
+            continue
+        installed.append(sig)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            return await _demo(stack, size, breaks, rate, quiet, use_tls)
+    except asyncio.CancelledError:
+        if not caught or task is None:
+            raise
+        if hasattr(task, "uncancel"):  # (Python 3.11+: these cancellations are handled here)
+            for _ in caught:
+                task.uncancel()
+        print(f"  RESULT: interrupted by {signal.Signals(caught[0]).name}", flush=True)
+        return 128 + caught[0]
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: int,
+                quiet: bool, use_tls: bool) -> int:
+    """The demonstration; what it starts is stopped by ``stack`` when it ends."""
+    def tell(*a: Any) -> None:
+        print(*a, flush=True)
+
+    def say(*a: Any) -> None:  # (progress: not with --quiet)
+        if not quiet:
+            tell(*a)
+
     cfg = Config(keepalive_interval=0.25, dead_timeout=1.0, reliability_timeout=60.0)
     backend = SampleBackend(size, rate)
     await backend.start()
+    stack.push_async_callback(backend.close)
     server_ssl = client_tls = None
-    tmp = tempfile.TemporaryDirectory(prefix="icafast-demo-")
     if use_tls:
-        cert, key, _ = tls.ensure_self_signed(tmp.name)
-        server_ssl = tls.server_context(cert, key)
-        client_tls = tls.client_context(fingerprint=tls.fingerprint_of_pem(cert))
+        # (the contexts hold the key and the certificate: the files are not needed after)
+        with tempfile.TemporaryDirectory(prefix="icafast-demo-") as tmp:
+            cert, key, _ = tls.ensure_self_signed(tmp)
+            server_ssl = tls.server_context(cert, key)
+            client_tls = tls.client_context(fingerprint=tls.fingerprint_of_pem(cert))
     server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], cfg,
                          ssl=server_ssl)
     await server.start()
+    stack.push_async_callback(server.close)
     proxy = await FaultProxy("127.0.0.1", server.addresses[0][1]).start()
+    stack.push_async_callback(proxy.close)
     t0 = time.monotonic()
 
     def stamp() -> str:
@@ -157,16 +247,15 @@ async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1
         elif isinstance(e, ev.LinkUp):
             say(f"{stamp()} client: session {engine.session_id.hex()[:12]}.. established")
 
-    reader, writer = await open_session("127.0.0.1", proxy.port, config=cfg,
-                                        on_status=on_status, tls=client_tls)
     app = StreamStats()
     kinds = ["reset", "blackhole", "half-open"]
     counts = dict.fromkeys(kinds, 0)
 
-    # The last part of the upload waits for the last break, so every break finds the session
-    # still moving data.
+    # The last part of the upload (its last byte at least) waits for the last break, so
+    # every break finds the session still open; break k comes once k/(breaks+1) of the
+    # download arrived (all at once when the size is smaller than the number of breaks).
     breaks_done = asyncio.Event()
-    gate = (size - size // (breaks + 2), breaks_done)
+    gate = (size - max(1, size // (breaks + 2)), breaks_done)
 
     async def breaker() -> None:
         try:
@@ -191,37 +280,36 @@ async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1
         finally:
             breaks_done.set()
 
-    ok = False
+    # (a generous bound, only there to end a demo that is stuck: the streams at their
+    # rate, or at 2 MiB/s when unlimited, and a few dead timeouts for each break)
+    timeout = max(120.0, 4 * size / (rate or 8 * 1024 * 1024)) + 10.0 * breaks
     try:
-        await asyncio.wait_for(
-            asyncio.gather(pump_stream(writer, size, 1, rate, app, gate),
-                           drain_stream(reader, app), breaker()),
-            timeout=max(120.0, 4 * size / max(rate, 1)),
-        )
-        await asyncio.wait_for(backend.done.wait(), 30)
-        be = backend.stats[0]
-        n_sessions = len(backend.stats)
-        up_ok = app.sent == be.received and app.sent_hash.digest() == be.recv_hash.digest()
-        down_ok = be.sent == app.received and be.sent_hash.digest() == app.recv_hash.digest()
-        say("")
-        say(f"  client -> backend: sent {app.sent} bytes sha256 {app.sent_hash.hexdigest()[:16]}"
-            f"..  received {be.received} sha256 {be.recv_hash.hexdigest()[:16]}..  "
-            + ("OK" if up_ok else "MISMATCH"))
-        say(f"  backend -> client: sent {be.sent} bytes sha256 {be.sent_hash.hexdigest()[:16]}"
-            f"..  received {app.received} sha256 {app.recv_hash.hexdigest()[:16]}..  "
-            + ("OK" if down_ok else "MISMATCH"))
-        say(f"  link breaks: {counts['reset']} reset, {counts['blackhole']} blackhole, "
+        reader, writer = await open_session("127.0.0.1", proxy.port, config=cfg,
+                                            on_status=on_status, tls=client_tls)
+        stack.callback(writer.close)
+        await _all_within(timeout, pump_stream(writer, size, 1, rate, app, gate),
+                          drain_stream(reader, app), breaker())
+        await _all_within(30.0, backend.done.wait())
+    except (asyncio.TimeoutError, OSError) as e:
+        tell(f"  client: sent {app.sent} of {size} bytes, received {app.received}")
+        tell(f"  RESULT: FAILED ({type(e).__name__}: {e})")
+        return 1
+    be = backend.stats[0]
+    n_sessions = len(backend.stats)
+    up_ok = app.sent == be.received and app.sent_hash.digest() == be.recv_hash.digest()
+    down_ok = be.sent == app.received and be.sent_hash.digest() == app.recv_hash.digest()
+    ok = up_ok and down_ok and n_sessions == 1
+    summary = say if ok else tell  # (with --quiet, what failed is still shown)
+    say("")
+    summary(f"  client -> backend: sent {app.sent} bytes sha256 "
+            f"{app.sent_hash.hexdigest()[:16]}..  received {be.received} sha256 "
+            f"{be.recv_hash.hexdigest()[:16]}..  " + ("OK" if up_ok else "MISMATCH"))
+    summary(f"  backend -> client: sent {be.sent} bytes sha256 "
+            f"{be.sent_hash.hexdigest()[:16]}..  received {app.received} sha256 "
+            f"{app.recv_hash.hexdigest()[:16]}..  " + ("OK" if down_ok else "MISMATCH"))
+    summary(f"  link breaks: {counts['reset']} reset, {counts['blackhole']} blackhole, "
             f"{counts['half-open']} half-open; resumes: {resumes}; bytes replayed: {replayed}")
-        say(f"  backend connections: {n_sessions} (one session, never a new one)")
-        ok = up_ok and down_ok and n_sessions == 1
-        say("  RESULT: " + ("the session survived every break, no byte lost, duplicated or "
-                            "reordered" if ok else "FAILED"))
-    except (asyncio.TimeoutError, ConnectionError) as e:
-        say(f"  RESULT: FAILED ({type(e).__name__}: {e})")
-    finally:
-        writer.close()
-        await proxy.close()
-        await server.close()
-        await backend.close()
-        tmp.cleanup()
+    summary(f"  backend connections: {n_sessions} (one session, never a new one)")
+    tell("  RESULT: " + ("the session survived every break, no byte lost, duplicated or "
+                         "reordered" if ok else "FAILED"))
     return 0 if ok else 1

@@ -1,0 +1,79 @@
+"""``icafast demo``: its arguments, its output with --quiet, and its shutdown on a signal
+(run as separate processes, each stopped by its pid)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+from test_cli import PY, _env, _Proc
+
+from icafast.cli import build_parser
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "0"], "the size must be at least 1 byte"),
+    (["--size", "-5"], "the size must be at least 1 byte"),
+    (["--size", "0.5"], "the size must be at least 1 byte"),
+    (["--size", "inf"], "invalid value 'inf'"),
+    (["--breaks", "-1"], "the number of breaks must not be negative"),
+    (["--breaks", "two"], "invalid value 'two'"),
+    (["--rate=-1M"], "the rate must not be negative"),
+])
+def test_demo_refuses_impossible_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["demo", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[0].split('=')[0]}: {message}" in err, err
+
+
+def test_demo_accepts_the_smallest_arguments():
+    args = build_parser().parse_args(["demo", "--size", "1", "--breaks", "0", "--rate", "0"])
+    assert (args.size, args.breaks, args.rate) == (1, 0, 0)
+
+
+@pytest.mark.parametrize("size, breaks", [("1", "0"), ("1", "3"), ("5", "7")])
+def test_demo_with_fewer_bytes_than_breaks_still_breaks_a_live_session(size, breaks):
+    """Each break is made while the session is open, even when the stream is too short to
+    spread them over it."""
+    p = subprocess.run([PY, "-m", "icafast", "demo", "--size", size, "--breaks", breaks,
+                        "--rate", "0", "--no-tls"], env=_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "no byte lost" in p.stdout
+    assert f"resumes: {breaks};" in p.stdout, p.stdout
+    assert "of 0 connection(s)" not in p.stdout, p.stdout
+
+
+def test_demo_quiet_prints_the_result_only():
+    p = subprocess.run([PY, "-m", "icafast", "demo", "-q", "--size", "64k", "--breaks", "1",
+                        "--rate", "0", "--no-tls"], env=_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines() == ["  RESULT: the session survived every break, no byte "
+                                     "lost, duplicated or reordered"], p.stdout
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_demo_shuts_down_cleanly_on_a_signal(sig, loop, tmp_path, monkeypatch):
+    """SIGINT and SIGTERM mid-stream: the usual shutdown, its temporary directory (TLS
+    certificate and key) removed, no traceback, and the exit status 128 + the signal."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setenv("ICAFAST_LOOP", loop)
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    # (8 MiB at 1 MiB/s each way: still streaming when the signal comes)
+    proc = _Proc(["demo", "--size", "8M", "--rate", "1M", "--breaks", "2"])
+    try:
+        proc.wait_for("established", timeout=30)
+        os.kill(proc.p.pid, sig)
+        rc = proc.p.wait(20)
+    finally:
+        out = proc.stop()
+    assert rc == 128 + sig, out
+    assert "Traceback" not in out and "never retrieved" not in out, out
+    assert f"RESULT: interrupted by {sig.name}" in out, out
+    assert not list(tmp_path.glob("icafast-demo-*")), out
