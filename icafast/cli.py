@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--breaks", type=_demo_breaks, default=6, metavar="N",
                    help="link breaks to inflict, cycling reset / blackhole / half-open "
                         "(default 6)")
-    d.add_argument("--rate", type=_demo_rate, default=16 * 1024 * 1024, metavar="BYTES",
+    d.add_argument("--rate", type=parse_size, default=16 * 1024 * 1024, metavar="BYTES",
                    help="stream rate per direction, bytes/s (default 16M; 0: unlimited)")
     d.add_argument("--no-tls", action="store_true", help="plain text links (default: TLS "
                    "with a throw-away self-signed certificate, pinned by the client)")
@@ -606,9 +606,6 @@ def _demo_size(text: str) -> int:
 def _demo_breaks(text: str) -> int:
     return _demo_number(int, text, 0, "the number of breaks must not be negative")
 
-
-def _demo_rate(text: str) -> int:
-    return _demo_number(parse_size, text, 0, "the rate must not be negative (0: unlimited)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

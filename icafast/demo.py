@@ -281,7 +281,7 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
             breaks_done.set()
 
     # (a generous bound, only there to end a demo that is stuck: the streams at their
-    # rate, or at 2 MiB/s when unlimited, and a few dead timeouts for each break)
+    # rate, or at 8 MiB/s when unlimited, and a few dead timeouts for each break)
     timeout = max(120.0, 4 * size / (rate or 8 * 1024 * 1024)) + 10.0 * breaks
     try:
         reader, writer = await open_session("127.0.0.1", proxy.port, config=cfg,

@@ -15,12 +15,12 @@ from icafast.cli import build_parser
 
 @pytest.mark.parametrize("argv, message", [
     (["--size", "0"], "the size must be at least 1 byte"),
-    (["--size", "-5"], "the size must be at least 1 byte"),
+    (["--size", "-5"], "invalid size '-5': must not be negative"),
     (["--size", "0.5"], "the size must be at least 1 byte"),
-    (["--size", "inf"], "invalid value 'inf'"),
+    (["--size", "inf"], "invalid size 'inf'"),
     (["--breaks", "-1"], "the number of breaks must not be negative"),
     (["--breaks", "two"], "invalid value 'two'"),
-    (["--rate=-1M"], "the rate must not be negative"),
+    (["--rate=-1M"], "invalid size '-1M': must not be negative"),
 ])
 def test_demo_refuses_impossible_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
