@@ -607,7 +607,6 @@ def _demo_breaks(text: str) -> int:
     return _demo_number(int, text, 0, "the number of breaks must not be negative")
 
 
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from .aio import run
     from .demo import demo
