@@ -31,7 +31,7 @@ cdef class _EndpointBase:
 
 
 cdef class _LinkBase:
-    cdef public object owner, transport, link_id, peer, tls_setup, tls, ssl_object
+    cdef public object owner, transport, link_id, peer, tls_setup, tls, ssl_object, on_lost
     cdef public object _write, _writelines  # the transport's (bound once: no lookup per call)
     cdef public bint write_paused, closed, join_writes
     cdef public _BulkReaderBase _bulk

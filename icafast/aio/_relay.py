@@ -434,6 +434,10 @@ class _LinkBase:
         self._write: Callable[..., Any] = _not_connected
         self._writelines: Callable[..., Any] = _not_connected
         self.link_id = 0  # engine's link number once attached
+        #: called once, without arguments, when the connection is gone (however it ended):
+        #: for whoever must know that the last bytes written to the link went out or never
+        #: will (a client that stops waits for this after its CLOSE)
+        self.on_lost: Callable[[], Any] | None = None
         self.write_paused = False
         self.closed = False
         self.peer = ""
@@ -526,6 +530,10 @@ class _LinkBase:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        on_lost = self.on_lost
+        if on_lost is not None:
+            self.on_lost = None
+            on_lost()
         b = self._bulk
         if b is not None:
             self._bulk = None

@@ -32,7 +32,37 @@ from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
 
-__all__ = ["RelayClient", "open_session"]
+__all__ = ["RelayClient", "open_session", "SHUTDOWN_WAIT"]
+
+#: How long a client that stops (``RelayClient.close``) waits in all for the server to take the
+#: CLOSE of each session; what is left then is reset (a dead link must not hold up the exit).
+SHUTDOWN_WAIT = 1.0
+SHUTDOWN_REASON = "client shutting down"
+
+#: ``ssl.SSLError`` reasons of a TLS handshake that got bytes which are not TLS records
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL",
+                              "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"})
+_TLS_RECORD_TYPES = (0x15, 0x16)  # a TLS alert or handshake record (what a server answers)
+_HINT_PLAIN_SERVER = "is the server running with --no-tls?"
+_HINT_TLS_SERVER = "the server speaks TLS: drop --no-tls"
+_HINT_SILENT_SERVER = ("the server closed the connection without answering "
+                       "(if it runs TLS, the default, drop --no-tls)")
+
+
+def _tls_handshake_hint(e: BaseException) -> str | None:
+    """What to tell about a TLS link that failed with ``e``, when the peer closed the
+    connection in the handshake or answered with bytes that are not TLS (None otherwise:
+    refused, timed out, a certificate that did not verify)."""
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return None
+    if isinstance(e, ssl.SSLError):
+        if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or (
+                getattr(e, "reason", None) in _NOT_TLS_REASONS):
+            return _HINT_PLAIN_SERVER
+        return None
+    if isinstance(e, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return _HINT_PLAIN_SERVER
+    return None
 
 
 class _Attempt:
@@ -48,6 +78,50 @@ class _Attempt:
         # (once the link went to the session, taken or refused, the attempt ends by itself:
         # the deadline leaves it alone)
         self.deadline = Deadline(loop, timeout, lambda: not self.handed, "link")
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _FirstRead(asyncio.Protocol):
+    """A plain-text link's protocol until the server's first bytes: what they are, or that
+    there were none, tells a client without TLS that its server wants TLS. Then the transport
+    goes to the link itself (``set_protocol``), which sees everything as usual."""
+
+    def __init__(self, runner: _ClientRunner, link: Link) -> None:
+        self.runner = runner
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.link.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        link = self.link
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.set_protocol(link)
+        if len(data) >= 2 and data[0] in _TLS_RECORD_TYPES and data[1] == 0x03:
+            self.runner.hint(_HINT_TLS_SERVER)
+        link.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if not self.link.closed:
+            self.runner.hint(_HINT_SILENT_SERVER)
+        return self.link.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None and not self.link.closed:
+            self.runner.hint(_HINT_SILENT_SERVER)
+        self.link.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.link.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.link.resume_writing()
 
 
 class _ClientRunner(Runner):
@@ -67,7 +141,14 @@ class _ClientRunner(Runner):
         self.ready: asyncio.Future[str] | None = None
         self.tls = tls
         self._tls_failed = False  # a certificate did not verify: never fall back to plain text
+        self._verify_logged = False  # ... and that was logged as an error (once per session)
         self._attempt: _Attempt | None = None  # the link attempt in progress
+        self._hinted = False  # a hint on mismatched TLS settings was logged (once per session)
+        self._hint = ""  # ... that hint (open_session's error repeats it)
+        self._stopping = False  # the client stops: see stop()
+        #: the link that carries the session's CLOSE as the client stops, until it is gone
+        self._last_link: Link | None = None
+        self.last_link_gone: asyncio.Future[None] | None = None
 
     @property
     def sid(self) -> str:
@@ -105,20 +186,54 @@ class _ClientRunner(Runner):
         except (OSError, asyncio.TimeoutError) as e:
             reason = str(e) or type(e).__name__
             if isinstance(e, ssl.SSLCertVerificationError):
-                self._tls_failed = True
-                log.error("session %s: server certificate rejected: %s", self.sid, reason)
+                self._verify_failed(f"server certificate rejected: {reason}")
+                return
             if self.engine.state is not State.CLOSED:
                 log.info("session %s: connect to %s:%d failed: %s", self.sid, host, port, reason)
+                if tls is not None:
+                    hint = _tls_handshake_hint(e)
+                    if hint is not None:
+                        self.hint(f"TLS handshake with {host}:{port} failed ({reason}): {hint}")
                 self.engine.connect_failed(reason, self.now())
                 self.pump()
+
+    def _verify_failed(self, reason: str) -> None:
+        """The server's certificate did not verify (chain, name or pinned fingerprint). No
+        other attempt would verify either: a session that never had a link ends at once (the
+        application's connection is reset); one that is resuming counts it as a failed
+        attempt, as a blocked path (the server it reached before proved itself)."""
+        self._tls_failed = True
+        eng = self.engine
+        if eng.state is State.CLOSED:
+            return
+        log.log(logging.INFO if self._verify_logged else logging.ERROR, "session %s: %s",
+                self.sid, reason)
+        self._verify_logged = True
+        if not eng.has_session:
+            eng.close(CLOSE_ABORTED, f"could not connect: {reason}", self.now())
+        else:
+            eng.connect_failed(reason, self.now())
+        self.pump()
+
+    def hint(self, text: str) -> None:
+        """Log a hint on the client's or the server's TLS settings, once per session, while
+        it has never had a link (a server that took this client's settings once has not
+        changed them; a link refused later is a network's doing, or a restart's)."""
+        if not self._hinted and not self.engine.has_session:
+            self._hinted = True
+            self._hint = text
+            log.warning("session %s: %s", self.sid, text)
 
     async def _open_link(self, host: str, port: int, attempt: _Attempt,
                          kw: dict[str, Any]) -> None:
         setup = attempt.setup
 
-        def link() -> Link:
-            attempt.link = Link(self, setup)
-            return attempt.link
+        def link() -> asyncio.Protocol:
+            link = attempt.link = Link(self, setup)
+            if setup is None and not kw and not self._hinted and not self.engine.has_session:
+                # (plain text: see _FirstRead)
+                return _FirstRead(self, link)
+            return link
 
         try:
             await self.loop.create_connection(link, host, port, **kw)
@@ -139,12 +254,9 @@ class _ClientRunner(Runner):
             try:
                 check_peer(self.tls, link.ssl_object)
             except TLSVerifyError as e:
-                self._tls_failed = True
-                log.error("session %s: %s", self.sid, e)
                 link.closed = True  # not ours: do not report its loss
                 link.close(abort=True)
-                self.engine.connect_failed(str(e), self.now())
-                self.pump()
+                self._verify_failed(str(e))
                 return
         self.engine.connect(self.now())
         link.link_id = self.engine.link_id
@@ -179,8 +291,48 @@ class _ClientRunner(Runner):
             self._start_fallback(e.reason)
             return
         if isinstance(e, ev.SessionClosed):
-            self._settle(None, e.reason)
+            self._settle(None, f"{e.reason} ({self._hint})" if self._hint else e.reason)
+            link = self.link
+            if (self._stopping and link is not None and link.transport is not None
+                    and not link.closed):
+                # the CLOSE goes on this link, which then lingers until the server closes it
+                gone = self.last_link_gone = self.loop.create_future()
+                link.on_lost = lambda: _resolve(gone)
+                self._last_link = link
         super().handle_event(e)
+
+    def endpoint_lost(self, exc: Exception | None) -> None:
+        if self._stopping:
+            return  # (stop() ends the session; the reset application says nothing new)
+        super().endpoint_lost(exc)
+
+    # -- the client stops: each session is closed on the server too ---------------------------
+    def stop(self, reason: str) -> bool:
+        """Begin ending the session because the client stops: CLOSE to the server on the link
+        that is up; a session that is disconnected tries a new link at once to deliver it (as
+        after the application's abort, PROTOCOL.md 6.4). Returns whether to wait for the
+        session's end (``closed_future``) and then for ``last_link_gone``; ``finish_stop()``
+        ends whatever is left."""
+        self._stopping = True
+        if self._done:  # ended, or relaying to the fallback address: nothing to tell
+            return False
+        eng = self.engine
+        eng.close(CLOSE_ABORTED, reason, self.now())
+        if eng.state is not State.CLOSED and eng.closing and self.link is None:
+            self.start_connect()
+        self.pump()
+        return not self.closed_future.done()
+
+    def finish_stop(self, reason: str) -> None:
+        """End the session now, whatever became of ``stop()``: reset the application's
+        connection and the link, close a link that still lingers, abandon a link attempt."""
+        self.abort(reason)
+        link, self._last_link = self._last_link, None
+        if link is not None:
+            link.close()
+        task = self.connect_task
+        if task is not None and not task.done():
+            task.cancel()
 
     def _settle(self, result: str | None, error: str = "") -> None:
         """Tell open_session() (if it waits) what became of the session: ``result``, or
@@ -372,14 +524,24 @@ class RelayClient:
         assert self._server is not None
         await self._server.serve_forever()
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = SHUTDOWN_WAIT) -> None:
+        """Stop listening and end every session: each is closed on the server too (CLOSE, on
+        which the server closes its backend connection at once), and the application's
+        connection is reset. Waits at most ``timeout`` seconds in all for the server to take
+        the CLOSEs, then resets whatever is left."""
         if self._server is not None:
             self._server.close()
-        for r in list(self.runners):
-            if r.endpoint is not None:
-                abort_with_rst(r.endpoint.transport)
-            if r.link is not None:
-                r.link.close()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        runners = list(self.runners)
+        ending = {r.closed_future for r in runners if r.stop(SHUTDOWN_REASON)}
+        if ending:  # (a disconnected session's CLOSE waits for its new link)
+            await asyncio.wait(ending, timeout=max(0.0, end - loop.time()))
+        gone = {f for r in runners if (f := r.last_link_gone) is not None and not f.done()}
+        if gone:  # the server closes each link once it has the CLOSE
+            await asyncio.wait(gone, timeout=max(0.0, end - loop.time()))
+        for r in runners:
+            r.finish_stop(SHUTDOWN_REASON)
         if self._server is not None:
             await self._server.wait_closed()
 

@@ -1,0 +1,306 @@
+"""``icafast connect``'s client over its lifetime: a clean stop closes its sessions on the
+server, a certificate that does not verify is not retried, mismatched TLS settings are named."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from typing import Any
+
+import pytest
+from relay_helpers import FAST, Backend, Setup, run_async, tls_for, wait_for
+
+from icafast import events as ev
+from icafast import tls
+from icafast.aio import Mapping, RelayClient, RelayServer, open_session
+from icafast.aio.client import SHUTDOWN_WAIT
+from icafast.protocol import State
+
+LOOPS = ["uvloop", "asyncio"]
+
+
+def _records(caplog: pytest.LogCaptureFixture, text: str,
+             level: int | None = None) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if text in r.getMessage()
+            and (level is None or r.levelno == level)]
+
+
+async def _app_through(client: RelayClient) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An application connection through the client's listener, its session up (an echo)."""
+    r, w = await asyncio.open_connection(*client.addresses[0])
+    w.write(b"ping")
+    assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+    return r, w
+
+
+async def _reset_or_eof(reader: asyncio.StreamReader, timeout: float) -> None:
+    """The client ended the application's connection within ``timeout`` seconds."""
+    try:
+        assert await asyncio.wait_for(reader.read(), timeout) == b""
+    except ConnectionError:
+        pass
+
+
+# -- a clean stop ------------------------------------------------------------------------------
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls_io", [None, "auto", "loop"])
+def test_client_close_closes_its_sessions_on_the_server(loop, tls_io, tmp_path, monkeypatch,
+                                                         caplog):
+    """After ``RelayClient.close()`` (what SIGTERM and SIGINT run) the server has no session
+    left (none DISCONNECTED, waiting for a client that will never resume it) and has closed
+    the backend connection; the client says why."""
+    caplog.set_level(logging.INFO, logger="icafast")
+    if tls_io is not None:
+        monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    kw, ctls = tls_for(tmp_path, tls_io is not None)
+
+    async def main() -> None:
+        lp = asyncio.get_running_loop()
+        async with Setup(Backend("echo"), **kw) as s:
+            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), FAST, tls=ctls)
+            await client.start()
+            try:
+                apps = [await _app_through(client) for _ in range(2)]
+                assert len(s.server.sessions_by_id) == 2
+                t0 = lp.time()
+                await client.close()
+                assert lp.time() - t0 < SHUTDOWN_WAIT + 0.5
+                # the server ended both sessions and closed their backend connections
+                assert await wait_for(lambda: not s.server.sessions_by_id
+                                      and s.backend.closed == 2, 2.0), \
+                    ([r.engine.state for r in s.server.sessions_by_id.values()],
+                     s.backend.closed)
+                for r, w in apps:
+                    await _reset_or_eof(r, 2.0)
+                    w.close()
+            finally:
+                await client.close()
+
+    run_async(loop, main(), timeout=60)
+    assert len(_records(caplog, "closed (client shutting down)")) == 2
+    assert len(_records(caplog, "peer closed: client shutting down")) == 2  # (the server)
+    assert not _records(caplog, "application connection closed")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_client_close_returns_promptly_when_the_link_is_blackholed(loop, caplog):
+    """A link that silently stopped carrying anything: ``close()`` waits at most
+    ``SHUTDOWN_WAIT`` for the server to take the CLOSE, then ends the session anyway and
+    leaves nothing open."""
+    caplog.set_level(logging.INFO, logger="icafast")
+
+    async def main() -> None:
+        lp = asyncio.get_running_loop()
+        async with Setup(Backend("echo")) as s:
+            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.proxy.port), FAST)
+            await client.start()
+            try:
+                r, w = await _app_through(client)
+                assert s.proxy.blackhole() == 1
+                t0 = lp.time()
+                await client.close()
+                took = lp.time() - t0
+                assert took < SHUTDOWN_WAIT + 0.5, took
+                assert not client.runners
+                await _reset_or_eof(r, 2.0)
+                w.close()
+            finally:
+                await client.close()
+
+    run_async(loop, main(), timeout=60)
+    assert len(_records(caplog, "closed (client shutting down)")) == 1
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_client_close_delivers_the_close_of_a_disconnected_session(loop, caplog):
+    """A session whose link broke and whose next attempt is seconds away: the stopping
+    client tries a link at once, resumes and closes the session on the server."""
+    caplog.set_level(logging.INFO, logger="icafast")
+    slow = dataclasses.replace(FAST, reconnect_initial=10.0, reconnect_max=20.0)
+
+    async def main() -> None:
+        lp = asyncio.get_running_loop()
+        async with Setup(Backend("echo")) as s:
+            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.proxy.port), slow)
+            await client.start()
+            try:
+                _r, w = await _app_through(client)
+                (runner,) = client.runners
+                s.proxy.refuse_new = True
+                assert s.proxy.reset() == 1
+                # the first attempt (at once) is refused; the next one is 5 s away at least
+                assert await wait_for(lambda: runner.engine._attempt >= 1  # noqa: SLF001
+                                      and runner.link is None
+                                      and runner.engine.state is State.DISCONNECTED, 5)
+                assert await wait_for(
+                    lambda: s.only_session().engine.state is State.DISCONNECTED, 5)
+                s.proxy.refuse_new = False
+                t0 = lp.time()
+                await client.close()
+                assert lp.time() - t0 < SHUTDOWN_WAIT + 0.5
+                assert await wait_for(lambda: not s.server.sessions_by_id
+                                      and s.backend.closed == 1, 2.0)
+                w.close()
+            finally:
+                await client.close()
+
+    run_async(loop, main(), timeout=60)
+    assert _records(caplog, "peer closed: client shutting down")
+
+
+# -- certificates that do not verify -----------------------------------------------------------
+def _wrong(fp: str) -> str:
+    return ("00" if fp[:2] != "00" else "11") + fp[2:]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls_io", ["auto", "loop"])
+@pytest.mark.parametrize("failure", ["fingerprint", "ca", "name"])
+def test_a_certificate_that_does_not_verify_is_not_retried(loop, tls_io, failure, tmp_path,
+                                                           monkeypatch, caplog):
+    """A pinned fingerprint that does not match, a certificate no trusted CA signed, a name
+    the certificate does not carry: no attempt would fare better. One attempt, one ERROR
+    line, and the application's connection is reset at once (not after ``connect_retry``)."""
+    caplog.set_level(logging.INFO, logger="icafast")
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "server"))
+    other, _, _ = tls.ensure_self_signed(str(tmp_path / "other"))
+    ctls = {"fingerprint": tls.client_context(fingerprint=_wrong(tls.fingerprint_of_pem(cert))),
+            "ca": tls.client_context(ca=other),
+            "name": tls.client_context(ca=cert, server_hostname="other.test")}[failure]
+    config = dataclasses.replace(FAST, connect_retry=10.0)
+
+    async def main() -> None:
+        lp = asyncio.get_running_loop()
+        async with Setup(Backend("echo"), ssl=tls.server_context(cert, key)) as s:
+            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), config,
+                                 tls=ctls)
+            await client.start()
+            try:
+                t0 = lp.time()
+                r, w = await asyncio.open_connection(*client.addresses[0])
+                w.write(b"ping")
+                await _reset_or_eof(r, 5.0)
+                assert lp.time() - t0 < 1.0
+                w.close()
+                # the library API: the error at once, no fallback
+                t0 = lp.time()
+                with pytest.raises(ConnectionError, match="fingerprint|certificate"):
+                    await open_session("127.0.0.1", s.server_port, config=config, tls=ctls,
+                                       fallback=("127.0.0.1", s.backend.port))
+                assert lp.time() - t0 < 1.0
+                assert not s.backend.conns
+            finally:
+                await client.close()
+
+    run_async(loop, main(), timeout=60)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2, [r.getMessage() for r in errors]  # one per session
+    assert not _records(caplog, "reconnecting")
+
+
+# -- mismatched TLS settings -------------------------------------------------------------------
+async def _fails_with_retries(port: int, events: list[Any], client_tls: Any = None) -> None:
+    config = dataclasses.replace(FAST, connect_retry=0.5)
+    with pytest.raises(ConnectionError) as exc:
+        await open_session("127.0.0.1", port, config=config, tls=client_tls,
+                           on_status=lambda e, _s: events.append(e))
+    # still retried (a server's settings may change), and the hint is in the error too
+    assert sum(isinstance(e, ev.ReconnectDue) for e in events) >= 2
+    assert "tls" in str(exc.value).lower()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls_io", ["auto", "loop"])
+def test_plain_client_against_tls_server_gets_a_hint(loop, tls_io, tmp_path, monkeypatch,
+                                                     caplog):
+    """A ``--no-tls`` client whose server runs TLS: the server closes the connection without
+    a byte. Said once per session, not once per attempt."""
+    caplog.set_level(logging.INFO, logger="icafast")
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    kw, _ = tls_for(tmp_path, True)
+
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], FAST, **kw)
+        await srv.start()
+        try:
+            await _fails_with_retries(srv.addresses[0][1], [])
+        finally:
+            await srv.close()
+            await backend.close()
+
+    run_async(loop, main(), timeout=60)
+    hints = _records(caplog, "drop --no-tls", logging.WARNING)
+    assert len(hints) == 1, [r.getMessage() for r in hints]
+    assert "without answering" in hints[0].getMessage()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_plain_client_told_when_the_server_answers_in_tls(loop, caplog):
+    """A server that answers the plain-text HELLO with a TLS alert record: the bytes say
+    it speaks TLS."""
+    caplog.set_level(logging.INFO, logger="icafast")
+
+    async def main() -> None:
+        writers: list[asyncio.StreamWriter] = []
+
+        async def alert(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            writers.append(w)
+            await r.read(1)
+            w.write(bytes.fromhex("15030300020232"))  # alert: fatal, decode_error
+            await w.drain()
+            w.close()
+
+        srv = await asyncio.start_server(alert, "127.0.0.1", 0)
+        try:
+            await _fails_with_retries(srv.sockets[0].getsockname()[1], [])
+        finally:
+            for w in writers:
+                w.close()
+            srv.close()
+            await srv.wait_closed()
+
+    run_async(loop, main(), timeout=60)
+    hints = _records(caplog, "the server speaks TLS: drop --no-tls", logging.WARNING)
+    assert len(hints) == 1
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls_io", ["auto", "loop"])
+@pytest.mark.parametrize("server", ["icafast", "closes"])
+def test_tls_client_against_plain_server_gets_a_hint(loop, tls_io, server, tmp_path,
+                                                     monkeypatch, caplog):
+    """A TLS client whose server runs ``--no-tls`` (it answers the ClientHello with a plain
+    REJECT), or a server that just closes the connection in the TLS handshake."""
+    caplog.set_level(logging.INFO, logger="icafast")
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    _, ctls = tls_for(tmp_path, True)
+
+    async def main() -> None:
+        if server == "icafast":
+            backend = await Backend("echo").start()
+            srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], FAST)
+            await srv.start()
+            try:
+                await _fails_with_retries(srv.addresses[0][1], [], ctls)
+            finally:
+                await srv.close()
+                await backend.close()
+            return
+
+        async def close_at_once(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.read(1)
+            w.close()
+
+        plain = await asyncio.start_server(close_at_once, "127.0.0.1", 0)
+        try:
+            await _fails_with_retries(plain.sockets[0].getsockname()[1], [], ctls)
+        finally:
+            plain.close()
+            await plain.wait_closed()
+
+    run_async(loop, main(), timeout=60)
+    hints = _records(caplog, "is the server running with --no-tls?", logging.WARNING)
+    assert len(hints) == 1, [r.getMessage() for r in hints]
