@@ -507,8 +507,8 @@ class RelayServer:
         for r in self.sessions_by_id.values():
             d = r.engine.stats(now)
             if d.get("rtt_ms") is None and r.link is not None:
-                # Keepalives time the link only while it is idle; a busy one has the kernel's
-                # smoothed round trip of its TCP connection (for the listing only)
+                # Keepalives time the link only while it is idle; one busy since it came up
+                # shows the kernel's smoothed round trip of its TCP connection (listing only)
                 rtt = tcp_rtt(r.link.transport)
                 if rtt is not None:
                     d["rtt_ms"] = round(rtt * 1000, 3)
