@@ -42,7 +42,10 @@ SHUTDOWN_REASON = "client shutting down"
 #: ``ssl.SSLError`` reasons of a TLS handshake that got bytes which are not TLS records
 _NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL",
                               "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"})
-_TLS_RECORD_TYPES = (0x15, 0x16)  # a TLS alert or handshake record (what a server answers)
+#: the engine's reason for a server whose first byte starts a TLS alert or handshake record
+#: (what a TLS server answers to a plain-text HELLO)
+_TLS_RECORD_STARTS = ("not an icafast server (first byte 0x15)",
+                      "not an icafast server (first byte 0x16)")
 _HINT_PLAIN_SERVER = "is the server running with --no-tls?"
 _HINT_TLS_SERVER = "the server speaks TLS: drop --no-tls"
 _HINT_SILENT_SERVER = ("the server closed the connection without answering "
@@ -83,45 +86,6 @@ class _Attempt:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-class _FirstRead(asyncio.Protocol):
-    """A plain-text link's protocol until the server's first bytes: what they are, or that
-    there were none, tells a client without TLS that its server wants TLS. Then the transport
-    goes to the link itself (``set_protocol``), which sees everything as usual."""
-
-    def __init__(self, runner: _ClientRunner, link: Link) -> None:
-        self.runner = runner
-        self.link = link
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.link.connection_made(transport)
-
-    def data_received(self, data: bytes) -> None:
-        link = self.link
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.set_protocol(link)
-        if len(data) >= 2 and data[0] in _TLS_RECORD_TYPES and data[1] == 0x03:
-            self.runner.hint(_HINT_TLS_SERVER)
-        link.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        if not self.link.closed:
-            self.runner.hint(_HINT_SILENT_SERVER)
-        return self.link.eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if exc is not None and not self.link.closed:
-            self.runner.hint(_HINT_SILENT_SERVER)
-        self.link.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self.link.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.link.resume_writing()
 
 
 class _ClientRunner(Runner):
@@ -228,12 +192,9 @@ class _ClientRunner(Runner):
                          kw: dict[str, Any]) -> None:
         setup = attempt.setup
 
-        def link() -> asyncio.Protocol:
-            link = attempt.link = Link(self, setup)
-            if setup is None and not kw and not self._hinted and not self.engine.has_session:
-                # (plain text: see _FirstRead)
-                return _FirstRead(self, link)
-            return link
+        def link() -> Link:
+            attempt.link = Link(self, setup)
+            return attempt.link
 
         try:
             await self.loop.create_connection(link, host, port, **kw)
@@ -272,6 +233,11 @@ class _ClientRunner(Runner):
             return
         if isinstance(e, ev.HandshakeRejected):
             log.info("session %s: handshake failed: %s", self.sid, e.reason)
+            if self.tls is None and not eng.has_session:  # plain text: a server wanting TLS?
+                if e.reason.startswith(_TLS_RECORD_STARTS):
+                    self.hint(_HINT_TLS_SERVER)
+                elif e.reason.startswith(("connection closed by peer", "connection lost")):
+                    self.hint(_HINT_SILENT_SERVER)
             if self.link is not None and self.engine.link_id != self.link.link_id:
                 self.link.close(abort=True)
                 self.link = None
