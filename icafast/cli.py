@@ -50,15 +50,20 @@ def parse_size(text: str | int) -> int:
     return value
 
 
-def _count(text: str) -> int:
-    """A limit given on the command line: a whole number of at least 1."""
+def _number(parse: Callable[[str], int], text: str, minimum: int, too_small: str) -> int:
+    """``parse(text)``, at least ``minimum``, for argparse (``too_small`` says why not)."""
     try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {v}")
-    return v
+        value = parse(text)
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{too_small}, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A limit: a whole number of at least 1."""
+    return _number(int, text, 1, "must be at least 1")
 
 
 def _seconds(text: str | float) -> float:
@@ -589,22 +594,12 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_number(parse: Callable[[str], int], text: str, minimum: int, too_small: str) -> int:
-    try:
-        value = parse(text)
-    except (ValueError, OverflowError):
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"{too_small}, not {text!r}")
-    return value
-
-
 def _demo_size(text: str) -> int:
-    return _demo_number(parse_size, text, 1, "the size must be at least 1 byte")
+    return _number(parse_size, text, 1, "the size must be at least 1 byte")
 
 
 def _demo_breaks(text: str) -> int:
-    return _demo_number(int, text, 0, "the number of breaks must not be negative")
+    return _number(int, text, 0, "the number of breaks must not be negative")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
