@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 from icafast import events as ev
-from icafast.aio import Mapping, RelayServer, open_session
+from icafast.aio import Mapping, RelayClient, RelayServer, open_session
 from icafast.faults import FaultProxy
 from icafast.protocol import Config
 
@@ -382,3 +382,17 @@ async def raw_connection(port: int) -> AsyncIterator[tuple[asyncio.StreamReader,
         yield r, w
     finally:
         w.close()
+
+
+@contextlib.asynccontextmanager
+async def listening_client(server: tuple[str, int], config: Config = FAST,
+                           **kw: Any) -> AsyncIterator[RelayClient]:
+    """``icafast connect``'s client on a free loopback port, relaying to ``server``; closed
+    on the way out (again, if the test closed it already)."""
+    client = RelayClient(("127.0.0.1", 0), server, config, **kw)
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.close()
+

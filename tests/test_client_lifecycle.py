@@ -9,7 +9,15 @@ import logging
 from typing import Any
 
 import pytest
-from relay_helpers import FAST, Backend, Setup, run_async, tls_for, wait_for
+from relay_helpers import (
+    FAST,
+    Backend,
+    Setup,
+    listening_client,
+    run_async,
+    tls_for,
+    wait_for,
+)
 
 from icafast import events as ev
 from icafast import tls
@@ -58,9 +66,7 @@ def test_client_close_closes_its_sessions_on_the_server(loop, tls_io, tmp_path, 
     async def main() -> None:
         lp = asyncio.get_running_loop()
         async with Setup(Backend("echo"), **kw) as s:
-            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), FAST, tls=ctls)
-            await client.start()
-            try:
+            async with listening_client(("127.0.0.1", s.server_port), tls=ctls) as client:
                 apps = [await _app_through(client) for _ in range(2)]
                 assert len(s.server.sessions_by_id) == 2
                 t0 = lp.time()
@@ -74,8 +80,6 @@ def test_client_close_closes_its_sessions_on_the_server(loop, tls_io, tmp_path, 
                 for r, w in apps:
                     await _reset_or_eof(r, 2.0)
                     w.close()
-            finally:
-                await client.close()
 
     run_async(loop, main(), timeout=60)
     assert len(_records(caplog, "closed (client shutting down)")) == 2
@@ -93,9 +97,7 @@ def test_client_close_returns_promptly_when_the_link_is_blackholed(loop, caplog)
     async def main() -> None:
         lp = asyncio.get_running_loop()
         async with Setup(Backend("echo")) as s:
-            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.proxy.port), FAST)
-            await client.start()
-            try:
+            async with listening_client(("127.0.0.1", s.proxy.port)) as client:
                 r, w = await _app_through(client)
                 assert s.proxy.blackhole() == 1
                 t0 = lp.time()
@@ -105,8 +107,6 @@ def test_client_close_returns_promptly_when_the_link_is_blackholed(loop, caplog)
                 assert not client.runners
                 await _reset_or_eof(r, 2.0)
                 w.close()
-            finally:
-                await client.close()
 
     run_async(loop, main(), timeout=60)
     assert len(_records(caplog, "closed (client shutting down)")) == 1
@@ -122,9 +122,7 @@ def test_client_close_delivers_the_close_of_a_disconnected_session(loop, caplog)
     async def main() -> None:
         lp = asyncio.get_running_loop()
         async with Setup(Backend("echo")) as s:
-            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.proxy.port), slow)
-            await client.start()
-            try:
+            async with listening_client(("127.0.0.1", s.proxy.port), slow) as client:
                 _r, w = await _app_through(client)
                 (runner,) = client.runners
                 s.proxy.refuse_new = True
@@ -142,8 +140,6 @@ def test_client_close_delivers_the_close_of_a_disconnected_session(loop, caplog)
                 assert await wait_for(lambda: not s.server.sessions_by_id
                                       and s.backend.closed == 1, 2.0)
                 w.close()
-            finally:
-                await client.close()
 
     run_async(loop, main(), timeout=60)
     assert _records(caplog, "peer closed: client shutting down")
@@ -174,10 +170,7 @@ def test_a_certificate_that_does_not_verify_is_not_retried(loop, tls_io, failure
     async def main() -> None:
         lp = asyncio.get_running_loop()
         async with Setup(Backend("echo"), ssl=tls.server_context(cert, key)) as s:
-            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), config,
-                                 tls=ctls)
-            await client.start()
-            try:
+            async with listening_client(("127.0.0.1", s.server_port), config, tls=ctls) as client:
                 t0 = lp.time()
                 r, w = await asyncio.open_connection(*client.addresses[0])
                 w.write(b"ping")
@@ -191,8 +184,6 @@ def test_a_certificate_that_does_not_verify_is_not_retried(loop, tls_io, failure
                                        fallback=("127.0.0.1", s.backend.port))
                 assert lp.time() - t0 < 1.0
                 assert not s.backend.conns
-            finally:
-                await client.close()
 
     run_async(loop, main(), timeout=60)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -23,6 +23,7 @@ from relay_helpers import (
     Stats,
     free_port,
     links_up,
+    listening_client,
     recv_stream,
     run_async,
     send_stream,
@@ -981,16 +982,13 @@ def test_ended_sessions_need_no_garbage_collector(loop, tls_on, tmp_path):
     through ``icafast connect``'s client and the server stays. (Runner and endpoint referred to
     each other, and a link attempt to its deadline: each session waited for a collector pass,
     which then had all of it to walk, 4-11 % of a new session's instructions.)"""
-    from icafast.aio import RelayClient
 
     kw, ctls = tls_for(tmp_path, tls_on)
 
     async def main() -> None:
         lp = asyncio.get_running_loop()
         async with Setup(Backend("echo"), **kw) as s:
-            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), FAST, tls=ctls)
-            await client.start()
-            try:
+            async with listening_client(("127.0.0.1", s.server_port), tls=ctls) as client:
                 conns = [await asyncio.open_connection(*client.addresses[0]) for _ in range(10)]
                 for r, w in conns:
                     w.write(b"ping")
@@ -1009,8 +1007,6 @@ def test_ended_sessions_need_no_garbage_collector(loop, tls_on, tmp_path):
                 # (each side ends its session, its link lingers until the peer closes it)
                 assert await wait_for(lambda: all(ref() is None for ref in refs), 10), \
                     [type(ref()).__name__ for ref in refs if ref() is not None]
-            finally:
-                await client.close()
 
     gc.collect()
     gc.disable()
