@@ -503,6 +503,12 @@ class _Fwd(asyncio.Protocol):
 
 def cmd_forward(a: argparse.Namespace) -> None:
     from icafast.aio import run
+    from icafast.heap import tune_malloc
+
+    # the heap settings icafast's own relay processes run with: without them glibc maps and
+    # unmaps uvloop's 256 KiB read buffer on every read until one large read raises its mmap
+    # threshold, so the floor would move with what the chain happened to carry first
+    tune_malloc()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
