@@ -332,6 +332,7 @@ async def _run_until_signal(start: Any, stop: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .aio import Mapping, RelayServer, run
+    from .aio.server import format_hostport
 
     file_cfg = load_toml(args.config)
     config = make_config(args, file_cfg)
@@ -340,7 +341,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mappings: list[Mapping] = []
     for m in file_cfg.get("mapping", []) if not listens else []:
         lh, lp = _address(m["listen"], "0.0.0.0", 2598)
-        bh, bp = _address(m.get("backend", "127.0.0.1:1494"), "127.0.0.1", 1494)
+        bh, bp = _address(m.get("backend", "127.0.0.1:1494"), "127.0.0.1", 1494, connect=True)
         mappings.append(Mapping(lh, lp, bh, bp))
     if not mappings:
         if not listens:
@@ -353,7 +354,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise UsageError("give one --backend per --listen (paired in order)")
         for lt, bt in zip(listens, backends, strict=True):
             lh, lp = _address(lt, "0.0.0.0", 2598)
-            bh, bp = _address(bt, "127.0.0.1", 1494)
+            bh, bp = _address(bt, "127.0.0.1", 1494, connect=True)
             mappings.append(Mapping(lh, lp, bh, bp))
     control = args.control or file_cfg.get("control") or default_control_path()
     max_sessions = _limit(args, file_cfg, "max_sessions", 10_000)
@@ -376,9 +377,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for m in mappings:
         loopback = m.listen_host in ("::1", "localhost") or m.listen_host.startswith("127.")
         if ssl_ctx is None and not loopback:
-            log.warning("listening on %s:%d WITHOUT TLS: session data and the first session "
-                        "secret cross the network in plain text", m.listen_host or "*",
-                        m.listen_port)
+            log.warning("listening on %s WITHOUT TLS: session data and the first session "
+                        "secret cross the network in plain text",
+                        format_hostport(m.listen_host or "*", m.listen_port))
 
     async def main() -> None:
         from .aio import loop_name
@@ -406,13 +407,19 @@ def _limit(args: argparse.Namespace, file_cfg: dict[str, Any], name: str, defaul
         raise UsageError(f"config file: {name} = {file_cfg[name]!r}: {e}") from None
 
 
-def _address(text: Any, default_host: str, default_port: int) -> tuple[str, int]:
+def _address(text: Any, default_host: str, default_port: int,
+             connect: bool = False) -> tuple[str, int]:
+    """``HOST:PORT`` given to a command; ``connect``: an address to connect to, where port 0
+    (any free port, for a listener) means nothing."""
     from .aio import parse_hostport
 
     try:
-        return parse_hostport(str(text), default_host, default_port)
+        host, port = parse_hostport(str(text), default_host, default_port)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    if connect and port == 0:
+        raise UsageError(f"invalid address {str(text)!r}: port 0 cannot be connected to")
+    return host, port
 
 
 def _opt(args: argparse.Namespace, file_cfg: dict[str, Any], name: str) -> Any:
@@ -490,9 +497,9 @@ def cmd_connect(args: argparse.Namespace) -> int:
     server_text = args.server or file_cfg.get("server")
     if not server_text:
         raise UsageError("--server HOST:PORT is required")
-    server = _address(server_text, "127.0.0.1", 2598)
+    server = _address(server_text, "127.0.0.1", 2598, connect=True)
     fb_text = args.fallback or file_cfg.get("fallback")
-    fallback = _address(fb_text, "127.0.0.1", 1494) if fb_text else None
+    fallback = _address(fb_text, "127.0.0.1", 1494, connect=True) if fb_text else None
 
     policy_logged: set[bytes] = set()  # sessions whose server timeouts were logged
 

@@ -305,6 +305,11 @@ def _icafast(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str
     (["serve", "--no-tls", "--listen", "::1:2598"], "write an IPv6 address in brackets"),
     (["serve", "--no-tls", "--listen", "fe80::1:70000"], "write an IPv6 address in brackets"),
     (["connect", "--no-tls", "--server", "127.0.0.1:x"], "the port must be a number"),
+    (["connect", "--no-tls", "--server", "127.0.0.1:0"], "port 0 cannot be connected to"),
+    (["connect", "--no-tls", "--server", "127.0.0.1:2598", "--fallback", "127.0.0.1:0"],
+     "port 0 cannot be connected to"),
+    (["serve", "--no-tls", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:0"],
+     "port 0 cannot be connected to"),
     (["connect", "--no-tls", "--server", "127.0.0.1:2598", "--replay-limit", "inf"],
      "invalid size"),
     (["serve", "--no-tls", "--max-sessions", "0"], "must be at least 1"),
@@ -395,5 +400,9 @@ def test_sessions_against_something_else_fails_clearly(tmp_path):
 ])
 def test_addresses(text, expected):
     from icafast.aio import parse_hostport
+    from icafast.aio.server import format_hostport
 
     assert parse_hostport(text, "127.0.0.1", 1494) == expected
+    # and written back as they are read
+    host, port = expected
+    assert parse_hostport(format_hostport(host, port)) == expected

@@ -8,6 +8,7 @@ import gc
 import hashlib
 import logging
 import os
+import re
 import socket
 import struct
 import sys
@@ -33,7 +34,7 @@ from relay_helpers import (
 )
 
 from icafast import events as ev
-from icafast.aio import Mapping, RelayServer, open_session
+from icafast.aio import Mapping, RelayClient, RelayServer, open_session
 from icafast.aio._relay import (
     LINK_NOTSENT_LOWAT,
     MIN_READ_SIZE,
@@ -353,6 +354,29 @@ def test_no_fallback_means_connection_error():
     run_async("uvloop", main())
 
 
+@pytest.mark.parametrize("server,fallback,message", [
+    (("127.0.0.1", None), None, "server: the port must be a number of 1-65535, not None"),
+    (("127.0.0.1", 0), None, "server: the port must be a number of 1-65535, not 0"),
+    (("127.0.0.1", "2598"), None, "server: the port must be a number of 1-65535, not '2598'"),
+    (("", 2598), None, "server: the host must be a non-empty string"),
+    (("127.0.0.1", 2598), ("127.0.0.1", 70000), "fallback: the port must be a number"),
+])
+def test_library_addresses_are_checked_before_any_attempt(server, fallback, message):
+    """A bad address given to the library is refused at once, not retried as failed
+    connects until the connect deadline."""
+    async def main() -> None:
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(ValueError, match=re.escape(message)):
+            await open_session(*server, config=FAST, fallback=fallback)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            RelayClient(("127.0.0.1", 0), server, FAST, fallback=fallback)
+        assert asyncio.get_running_loop().time() - t0 < 1.0
+        with pytest.raises(ValueError, match="backend 127.0.0.1:0: the port must be"):
+            RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 0)], FAST)
+
+    run_async("uvloop", main())
+
+
 def test_multiple_mappings():
     async def main() -> None:
         b1 = await Backend("echo", banner=b"one\n").start()
@@ -367,6 +391,8 @@ def test_multiple_mappings():
         assert await r2.readline() == b"two\n"
         rows = sorted(srv.sessions(), key=lambda d: d["backend"])
         assert {r["backend"] for r in rows} == {f"127.0.0.1:{b1.port}", f"127.0.0.1:{b2.port}"}
+        # each session is listed with the port its listener bound (the mappings asked for 0)
+        assert {r["listen"] for r in rows} == {f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"}
         w1.close()
         w2.close()
         await srv.close()

@@ -449,12 +449,24 @@ class _FallbackProtocol(asyncio.Protocol):
         self.bridge.ep.resume()
 
 
+def _check_peer(what: str, host: Any, port: Any) -> None:
+    # An address to connect to, checked before the first attempt: a bad one would otherwise
+    # surface as connect failures, retried until the connect deadline
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"{what}: the host must be a non-empty string, not {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
+        raise ValueError(f"{what}: the port must be a number of 1-65535, not {port!r}")
+
+
 class RelayClient:
     """``icafast connect``: listen locally; every application connection becomes a session."""
 
     def __init__(self, listen: tuple[str, int], server: tuple[str, int],
                  config: Config | None = None, *, fallback: tuple[str, int] | None = None,
                  on_status: StatusCallback | None = None, tls: ClientTLS | None = None) -> None:
+        _check_peer("server", *server)
+        if fallback is not None:
+            _check_peer("fallback", *fallback)
         self.tls = tls
         self.listen = listen
         self.server = server
@@ -530,6 +542,9 @@ async def open_session(
     ``on_status(event, engine)`` receives LinkUp / LinkLost / ReconnectDue / SessionClosed / ...
     ``tls`` (from :func:`icafast.tls.client_context`) encrypts and verifies every link.
     """
+    _check_peer("server", host, port)
+    if fallback is not None:
+        _check_peer("fallback", *fallback)
     loop = asyncio.get_running_loop()
     app_sock, relay_sock = socket.socketpair()
     runner = _ClientRunner(loop, (host, port), config or Config(), fallback, on_status, tls=tls)

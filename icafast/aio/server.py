@@ -94,6 +94,11 @@ def parse_hostport(text: str, default_host: str = "", default_port: int | None =
     return host, port
 
 
+def format_hostport(host: str, port: int) -> str:
+    """``host:port`` as an address is written, an IPv6 address in brackets (``[::1]:2598``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class Mapping:
     """One listener and the backend its sessions are relayed to."""
@@ -105,7 +110,7 @@ class Mapping:
 
     @property
     def backend(self) -> str:
-        return f"{self.backend_host}:{self.backend_port}"
+        return format_hostport(self.backend_host, self.backend_port)
 
 
 class _ServerRunner(Runner):
@@ -214,7 +219,7 @@ class _PendingLink:
                 return
             if self.proxy.source is not None:
                 host, port = self.proxy.source
-                link.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                link.peer = format_hostport(host, port)
             if not rest:
                 return
             data = memoryview(rest)
@@ -292,6 +297,9 @@ class RelayServer:
     ) -> None:
         if not mappings:
             raise ValueError("at least one listener -> backend mapping is needed")
+        for m in mappings:
+            if not 0 < m.backend_port <= 65535:
+                raise ValueError(f"backend {m.backend}: the port must be a number of 1-65535")
         self.mappings = list(mappings)
         self.config = config or Config()
         self.control_path = control_path
@@ -319,6 +327,7 @@ class RelayServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
         self.addresses: list[tuple[str, int]] = []
+        self._listen_labels: dict[int, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -341,13 +350,18 @@ class RelayServer:
                     ssl_handshake_timeout=self.config.handshake_timeout if loop_ssl else None,
                 )
             except OSError as e:
-                raise OSError(e.errno, f"cannot listen on {m.listen_host or '*'}:"
-                                       f"{m.listen_port}: {e.strerror or e}") from e
+                raise OSError(e.errno, f"cannot listen on "
+                                       f"{format_hostport(m.listen_host or '*', m.listen_port)}: "
+                                       f"{e.strerror or e}") from e
             self._servers.append(srv)
+            # how its sessions are listed: the port bound (a mapping may ask for port 0)
+            bound = {sock.getsockname()[1] for sock in srv.sockets}
+            self._listen_labels[id(m)] = format_hostport(
+                m.listen_host or "*", bound.pop() if len(bound) == 1 else m.listen_port)
             for sock in srv.sockets:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
-                log.info("listening on %s:%d (%s) -> backend %s", addr[0], addr[1],
+                log.info("listening on %s (%s) -> backend %s", format_hostport(addr[0], addr[1]),
                          "TLS" if self.ssl else "plain text", m.backend)
         if self.control_path:
             await self._start_control(self.control_path)
@@ -513,7 +527,8 @@ class RelayServer:
                 if rtt is not None:
                     d["rtt_ms"] = round(rtt * 1000, 3)
             d["backend"] = r.mapping.backend
-            d["listen"] = f"{r.mapping.listen_host or '*'}:{r.mapping.listen_port}"
+            d["listen"] = self._listen_labels.get(id(r.mapping)) or format_hostport(
+                r.mapping.listen_host or "*", r.mapping.listen_port)
             rows.append(d)
         return rows
 
@@ -575,7 +590,7 @@ class RelayServer:
         cmd = req.get("cmd")
         if cmd == "list":
             return {"ok": True, "sessions": self.sessions(), "pid": os.getpid(),
-                    "listen": [f"{h}:{p}" for h, p in self.addresses]}
+                    "listen": [format_hostport(h, p) for h, p in self.addresses]}
         if cmd == "reset":
             return {"ok": True, "reset": self.reset_session(str(req["id"]))}
         if cmd == "disconnect":
