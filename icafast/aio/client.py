@@ -541,17 +541,34 @@ async def open_session(
     backend connection, across any number of link breaks; ``writer.write_eof()`` half-closes.
     ``on_status(event, engine)`` receives LinkUp / LinkLost / ReconnectDue / SessionClosed / ...
     ``tls`` (from :func:`icafast.tls.client_context`) encrypts and verifies every link.
+
+    The end of the stream tells how the session ended, as a TCP connection to the backend
+    would: after a graceful end the reader reaches EOF; after an abortive one (the server or
+    the backend reset it, the reliability timeout passed, a resume was refused) reads raise
+    ConnectionResetError, and bytes not read yet may be lost, as with a reset connection.
     """
     _check_peer("server", host, port)
     if fallback is not None:
         _check_peer("fallback", *fallback)
     loop = asyncio.get_running_loop()
     app_sock, relay_sock = socket.socketpair()
-    runner = _ClientRunner(loop, (host, port), config or Config(), fallback, on_status, tls=tls)
+    # The stream is one end of a socket pair, which cannot carry a reset: an abortive end is
+    # given to its reader as the error a reset TCP connection gives
+    readers: list[asyncio.StreamReader] = []
+
+    def status(e: ev.Event, engine: Any) -> None:
+        if isinstance(e, ev.SessionClosed) and not e.graceful and readers:
+            readers[0].set_exception(ConnectionResetError(
+                f"icafast session ended abortively: {e.reason}"))
+        if on_status is not None:
+            on_status(e, engine)
+
+    runner = _ClientRunner(loop, (host, port), config or Config(), fallback, status, tls=tls)
     ready = runner.ready = loop.create_future()
     try:
         await loop.connect_accepted_socket(lambda: Endpoint(runner), relay_sock)
         reader, writer = await asyncio.open_connection(sock=app_sock, limit=limit)
+        readers.append(reader)
     except BaseException:
         app_sock.close()
         relay_sock.close()
