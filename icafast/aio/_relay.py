@@ -138,6 +138,11 @@ def _ticks_of(loop: asyncio.AbstractEventLoop) -> _Ticks:
     return t
 
 
+def format_hostport(host: str, port: int) -> str:
+    """``host:port`` as an address is written, an IPv6 address in brackets (``[::1]:2598``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def short_id(sid: bytes) -> str:
     return sid.hex() if sid else "-"
 
@@ -460,7 +465,7 @@ class _LinkBase:
         tune_socket(transport, notsent_lowat=LINK_NOTSENT_LOWAT)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
-            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+            self.peer = format_hostport(str(peer[0]), peer[1])
         if self.tls_setup is not None:
             self.tls_setup.start(self, transport)  # the owner hears of the link once secured
             return

@@ -42,6 +42,7 @@ from ._relay import (
     Link,
     Runner,
     StatusCallback,
+    format_hostport,
     short_id,
     tcp_rtt,
     window_note,
@@ -92,11 +93,6 @@ def parse_hostport(text: str, default_host: str = "", default_port: int | None =
     if port is None or not 0 <= port <= 65535:
         raise ValueError(f"invalid address {text!r}: need HOST:PORT, with a port of 0-65535")
     return host, port
-
-
-def format_hostport(host: str, port: int) -> str:
-    """``host:port`` as an address is written, an IPv6 address in brackets (``[::1]:2598``)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
