@@ -1,9 +1,11 @@
 """Decide, in one place, which implementation icafast uses.
 
-``ICAFAST_PURE_PYTHON=1`` (or a missing/broken extension) selects the pure-Python twin of the
-byte-level core. The session engine and the relay's per-message path (``COMPILED_MODULES``) are
-Python modules that the build also compiles from the same source; under ``ICAFAST_PURE_PYTHON=1``
-they are imported from that source instead, so the switch means "no compiled code at all".
+``ICAFAST_PURE_PYTHON=1``, a missing or broken core extension, or missing extensions of the
+engine and the relay (which the compiled core needs) select the pure-Python twin of the
+byte-level core.
+The session engine and the relay's per-message path (``COMPILED_MODULES``) are Python modules
+that the build also compiles from the same source; with the pure core they are imported from
+that source instead, so the switch means "no compiled code at all".
 """
 
 from __future__ import annotations
@@ -41,8 +43,23 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
         return None
 
 
+def _engine_built() -> bool:
+    """Whether the compiled engine and relay (``COMPILED_MODULES``) are built in this package.
+
+    The compiled core runs only under them: the engine from source uses the pure core's
+    attributes, which the compiled core keeps as C fields. Without them (a build that made
+    only the core, or this package's source run beside an installed build of it) the whole
+    of icafast runs from source, on the pure core."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in COMPILED_MODULES:
+        base = os.path.join(here, *name.split(".")[1:])
+        if not any(os.path.isfile(base + s) for s in importlib.machinery.EXTENSION_SUFFIXES):
+            return False
+    return True
+
+
 def load_core() -> ModuleType:
-    if not _want_pure():
+    if not _want_pure() and _engine_built():
         try:
             from . import _core  # type: ignore[attr-defined]
 

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -84,6 +85,58 @@ def test_pure_python_switch():
                          text=True, timeout=60, check=True)
     assert out.stdout.strip() == (
         "python True {'icafast.protocol': False, 'icafast.aio._relay': False}")
+
+
+def test_a_compiled_core_without_the_compiled_engine_is_not_used(tmp_path):
+    """The engine from source runs on the pure core only (it uses the pure core's attributes,
+    which the compiled core keeps as C fields). A package where only the core is built, or this
+    source run beside an installed build, runs wholly from source, and relays."""
+    import importlib.machinery
+    import shutil
+
+    src = os.path.dirname(os.path.abspath(icafast.__file__))
+    if not any(f.startswith("_core.") and f.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
+               for f in os.listdir(src)):
+        pytest.skip("the compiled core is not built here")
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    # the package with its core built, and without the engine's and relay's extensions
+    shutil.copytree(src, tmp_path / "icafast", ignore=lambda d, names: [
+        n for n in names if n.endswith(suffixes) and not n.startswith(("_core.", "_tlsio."))
+        or n == "__pycache__"])
+    code = textwrap.dedent("""
+        import asyncio, icafast
+        from icafast.aio import Mapping, RelayServer, open_session, run
+        from icafast.protocol import Config
+
+        async def echo(r, w):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+            w.close()
+
+        async def main():
+            backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+            server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1",
+                                          backend.sockets[0].getsockname()[1])], Config())
+            await server.start()
+            reader, writer = await open_session(*server.addresses[0])
+            writer.write(b"x" * 100_000)
+            got = await asyncio.wait_for(reader.readexactly(100_000), 20)
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(), 20)
+            await server.close()
+            backend.close()
+            print(icafast.IMPLEMENTATION, icafast.compiled_modules(), len(got))
+
+        run(main())
+    """)
+    env = _env(PYTHONPATH=str(tmp_path))
+    env.pop("ICAFAST_PURE_PYTHON", None)
+    out = subprocess.run([PY, "-c", code], env=env, cwd=str(tmp_path), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == (
+        "python {'icafast.protocol': False, 'icafast.aio._relay': False} 100000"), out.stdout
 
 
 def test_demo_upload_stops_at_its_gate_until_the_breaks_are_done():
