@@ -685,7 +685,9 @@ class ServerLink(asyncio.Protocol):
                 s.on_frame(self, f)
                 if s.close_code is not None:
                     break
-                if self.server.break_due(s) and len(self.buf) >= HEADER_SIZE:
+                # (only with part of a frame still unread, so that the break loses something
+                # in flight; else the break waits for a later read)
+                if len(self.buf) >= HEADER_SIZE and self.server.break_due(s):
                     breaking = True  # leave the rest of the read unprocessed
                     break
             if heard:
@@ -753,6 +755,7 @@ class SpecServer:
         self._server: asyncio.AbstractServer | None = None
 
     def break_due(self, s: Session) -> bool:
+        """Whether to break the link now (each offset of ``break_at`` is used once)."""
         if self.break_at and s.rx >= self.break_at[0]:
             self.break_at.pop(0)
             return True
