@@ -513,8 +513,12 @@ def test_a_streaming_link_reads_into_the_shared_buffer_and_goes_back_when_quiet(
     views of a read that the backend's socket has not taken yet keep their buffer: with a
     backend that reads slowly, the link must take a new buffer, or the queued bytes would be
     overwritten. Plain links, and TLS links of every kind (``tls_io``: opened by the compiled
-    pipe or its Python twin, or by the event loop's TLS transport)."""
+    pipe or its Python twin, or by the event loop's TLS transport).
+
+    Python 3.10's asyncio TLS transport hands over one record (16 KiB at most) per read, so a
+    link on it never streams: there the test checks that it relays all the same."""
     size = 24 * 1024 * 1024
+    record_reads = tls_io == "loop" and loop == "asyncio" and sys.version_info < (3, 11)
     if tls_io is not None:
         monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
     kw, ctls = tls_for(tmp_path, tls_io is not None)
@@ -539,6 +543,11 @@ def test_a_streaming_link_reads_into_the_shared_buffer_and_goes_back_when_quiet(
 
             await asyncio.gather(send_stream(writer, size, 7, app, eof=False), receive())
             assert app.received == size and app.recv_hash.digest() == app.sent_hash.digest()
+            if record_reads:
+                assert link.bulk_starts == 0 and link._bulk is None
+                assert r.link is link and not of(ev.LinkLost, s.events)
+                writer.close()
+                return
             assert link.bulk_starts >= 1  # it streamed
             assert link.bulk_reads >= 1
             if backend == "echo":  # a backend that keeps up: the thread's buffer is reused

@@ -535,6 +535,12 @@ class _LinkBase:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            # (the connection is gone, and every transport says it is closing, but for
+            # Python 3.10's asyncio TLS transport after its connection was lost: it must be
+            # closed, or it warns of an unclosed transport when collected)
+            t.close()
         on_lost = self.on_lost
         if on_lost is not None:
             self.on_lost = None
