@@ -16,6 +16,7 @@ from typing import Any
 from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend, logs
 from .events import SessionClosed
 from .protocol import Config
+from .rlimits import CLIENT_SESSIONS, raise_nofile
 from .tlspipe import describe as tls_records
 
 log = logging.getLogger("icafast")
@@ -364,9 +365,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"icafast serve: TLS: {_tls_problem(e, '--tls-cert', '--tls-key')}",
               file=sys.stderr)
         return 1
+    max_handshakes = _limit(args, file_cfg, "max_handshakes", 1024)
+    enough, line = raise_nofile(max_sessions, max_handshakes)
+    (log.info if enough else log.warning)("%s", line)
     server = RelayServer(
         mappings, config, control_path=control, max_sessions=max_sessions, ssl=ssl_ctx,
-        max_handshakes=_limit(args, file_cfg, "max_handshakes", 1024),
+        max_handshakes=max_handshakes,
         max_failed_resumes=_limit(args, file_cfg, "max_failed_resumes", 20),
         proxy_protocol=bool(_opt(args, file_cfg, "proxy_protocol")),
     )
@@ -524,6 +528,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if tls_cfg is not None and tls_cfg.fingerprint is None and tls_cfg.context.verify_mode == 0:
         log.warning("TLS without verifying the server (--tls-insecure): an active attacker can "
                     "read and change the session")
+    # (no session limit of its own: room for as many as a server's default, where allowed)
+    log.info("%s", raise_nofile(CLIENT_SESSIONS)[1])
     client = RelayClient(listen, server, config, fallback=fallback, on_status=on_status,
                          tls=tls_cfg)
     try:

@@ -224,9 +224,16 @@ def test_help_documents_shared_options():
 class _Proc:
     """An icafast process whose output is collected by a thread; stopped by its pid."""
 
-    def __init__(self, args: list[str]) -> None:
+    def __init__(self, args: list[str], nofile: tuple[int, int] | None = None) -> None:
+        def limit() -> None:  # (in the child, before it runs: its open-files limit)
+            if nofile is not None:
+                import resource
+
+                resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
         self.p = subprocess.Popen([PY, "-m", "icafast", *args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+                                  stderr=subprocess.STDOUT, text=True,
+                                  preexec_fn=limit if nofile is not None else None)
         self.lines: list[str] = []
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()
@@ -330,6 +337,67 @@ backend = "127.0.0.1:{b2.getsockname()[1]}"
     assert log.count("using the server's timeouts") == 1, log
     assert not os.path.exists(control)
     del log
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no open-files limit (resource module)")
+def test_serve_raises_its_open_files_limit_for_its_sessions(tmp_path):
+    """A server started with a soft limit of 128 open files (most systems start processes at
+    1,024) raises it to what --max-sessions needs, within the hard limit, and then carries
+    150 sessions at once (300 sockets); left at 128 it would refuse them from about the 60th
+    with "Too many open files". With the hard limit too low it says how many sessions fit."""
+    from icafast.aio import open_session
+    from icafast.rlimits import fds_needed, sessions_within
+
+    n = 150
+    port = free_port()
+
+    async def main() -> None:
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            w.close()
+
+        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+        bport = backend.sockets[0].getsockname()[1]
+        server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
+                        f"127.0.0.1:{bport}", "--control", str(tmp_path / "c.sock"),
+                        "--max-sessions", "200", "--max-handshakes", "64"],
+                       nofile=(128, 4096))
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            await asyncio.to_thread(server.wait_for, "listening on")
+
+            async def one(i: int) -> bytes:
+                r, w = await asyncio.wait_for(open_session("127.0.0.1", port), 20)
+                writers.append(w)
+                msg = b"session %d\n" % i
+                w.write(msg)
+                return await asyncio.wait_for(r.readexactly(len(msg)), 20)
+
+            got = await asyncio.gather(*(one(i) for i in range(n)))
+            assert got == [b"session %d\n" % i for i in range(n)]
+        finally:
+            for w in writers:
+                w.close()
+            log = server.stop()
+            backend.close()
+        assert f"open files: limit raised from 128 to {fds_needed(200, 64)}" in log, log
+        assert "Too many open files" not in log, log
+
+    asyncio.run(main())
+
+    # a hard limit below what --max-sessions needs: a warning that says how many fit
+    server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{free_port()}",
+                    "--control", str(tmp_path / "c2.sock"), "--max-handshakes", "64"],
+                   nofile=(128, 1024))
+    try:
+        server.wait_for("listening on")
+    finally:
+        log = server.stop()
+    assert (f"WARNING open files: limit raised from 128 to 1024, the hard limit 1024: room for "
+            f"about {sessions_within(1024, 64)} sessions, not 10000") in log, log
 
 
 def test_sessions_without_server_fails_clearly(tmp_path):

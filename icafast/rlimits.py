@@ -1,0 +1,81 @@
+"""The open-files limit of a relay process.
+
+Every session holds two sockets in each relay: its link and its backend connection on the
+server, its link and the application's connection on the client. Most systems start a process
+with a soft limit of 1,024 open files (systemd's default for services, and most shells'), so a
+server left at that limit refuses sessions with "Too many open files" from about the 500th on,
+far below its default ``--max-sessions`` of 10,000.
+
+:func:`raise_nofile` raises the soft limit to what the process needs, as far as the hard limit
+allows (an unprivileged process may do that), and says in one line what it did, or how many
+sessions the limit leaves room for when even the hard limit is too low. ``icafast serve`` and
+``icafast connect`` call it at start-up; a program that embeds icafast decides its own limits
+(the library never changes them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: descriptors a relay process needs besides its sessions: listeners, the control socket, the
+#: event loop's own, log files, the TLS library's, and connections being accepted or closed
+SPARE = 256
+
+#: the sessions ``icafast connect`` makes room for (it has no session limit of its own): as many
+#: as a server allows by default
+CLIENT_SESSIONS = 10_000
+
+
+def fds_needed(sessions: int, handshakes: int = 0) -> int:
+    """Descriptors for ``sessions`` sessions (two each) and ``handshakes`` connections in the
+    handshake at once, plus :data:`SPARE`."""
+    return 2 * sessions + handshakes + SPARE
+
+
+def sessions_within(limit: int, handshakes: int = 0) -> int:
+    """How many sessions fit in ``limit`` descriptors (the inverse of :func:`fds_needed`)."""
+    return max(0, (limit - handshakes - SPARE) // 2)
+
+
+def raise_nofile(sessions: int, handshakes: int = 0,
+                 resource_mod: Any | None = None) -> tuple[bool, str]:
+    """Raise the soft limit on open files to what ``sessions`` sessions need.
+
+    Returns ``(enough, line)``: whether the limit now covers them, and what was done, for the
+    log (a warning when not ``enough``). Never lowers a limit. ``resource_mod`` is for tests
+    (default: the ``resource`` module, which only Unix has).
+    """
+    r: Any = resource_mod
+    if r is None:
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - Windows: no such limit
+            return True, "open files: no limit to raise on this platform"
+        r = resource
+    wanted = fds_needed(sessions, handshakes)
+    soft, hard = r.getrlimit(r.RLIMIT_NOFILE)
+    infinite = r.RLIM_INFINITY
+    if soft == infinite or soft >= wanted:
+        return True, f"open files: limit {_show(soft, infinite)}, enough for {sessions} sessions"
+    target = wanted if hard == infinite else min(wanted, hard)
+    if target > soft:
+        try:
+            r.setrlimit(r.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            target = soft
+            why = f" (raising it failed: {e})"
+        else:
+            why = ""
+        if target >= wanted:
+            return True, f"open files: limit raised from {soft} to {target}{why}"
+    else:
+        why = ""
+    room = sessions_within(target, handshakes)
+    verb = f"raised from {soft} to {target}" if target > soft else f"{target}"
+    return False, (f"open files: limit {verb}{why}, the hard limit {_show(hard, infinite)}: "
+                   f"room for about {room} sessions, not {sessions}; raise the hard limit "
+                   f"to {wanted} (systemd: LimitNOFILE=; a shell: ulimit -n)")
+
+
+def _show(n: int, infinite: int) -> str:
+    return "unlimited" if n == infinite else str(n)

@@ -1,0 +1,86 @@
+"""The open-files limit a relay process raises at start-up (icafast.rlimits), on a stand-in
+for the ``resource`` module; the real processes are in test_cli.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from icafast.rlimits import SPARE, fds_needed, raise_nofile, sessions_within
+
+INF = -1
+
+
+class FakeResource:
+    RLIMIT_NOFILE = 7
+    RLIM_INFINITY = INF
+
+    def __init__(self, soft: int, hard: int, refuse: Exception | None = None) -> None:
+        self.limits = (soft, hard)
+        self.refuse = refuse
+        self.calls: list[tuple[int, int]] = []
+
+    def getrlimit(self, which: int) -> tuple[int, int]:
+        assert which == self.RLIMIT_NOFILE
+        return self.limits
+
+    def setrlimit(self, which: int, limits: tuple[int, int]) -> None:
+        assert which == self.RLIMIT_NOFILE
+        self.calls.append(limits)
+        if self.refuse is not None:
+            raise self.refuse
+        soft, hard = limits
+        assert hard == self.limits[1], "the hard limit is never changed"
+        assert hard == INF or soft <= hard
+        self.limits = limits
+
+
+def test_what_sessions_need():
+    assert fds_needed(10_000, 1024) == 20_000 + 1024 + SPARE
+    assert sessions_within(fds_needed(500, 64), 64) == 500
+    assert sessions_within(fds_needed(500, 64) - 1, 64) == 499
+    assert sessions_within(10, 64) == 0
+
+
+def test_raised_to_what_is_needed_within_the_hard_limit():
+    r = FakeResource(1024, 524_288)
+    enough, line = raise_nofile(10_000, 1024, resource_mod=r)
+    assert enough and r.limits == (fds_needed(10_000, 1024), 524_288)
+    assert line == f"open files: limit raised from 1024 to {fds_needed(10_000, 1024)}"
+
+
+def test_an_unlimited_hard_limit():
+    r = FakeResource(1024, INF)
+    assert raise_nofile(1000, resource_mod=r)[0] and r.limits == (fds_needed(1000), INF)
+
+
+@pytest.mark.parametrize("soft", [fds_needed(100), 1_000_000, INF])
+def test_a_limit_that_is_enough_is_left_alone(soft):
+    r = FakeResource(soft, INF)
+    enough, line = raise_nofile(100, resource_mod=r)
+    assert enough and r.calls == [] and "enough for 100 sessions" in line
+
+
+def test_a_hard_limit_too_low_raises_as_far_as_it_goes_and_says_how_far():
+    r = FakeResource(1024, 4096)
+    enough, line = raise_nofile(10_000, 1024, resource_mod=r)
+    assert not enough and r.limits == (4096, 4096)
+    room = sessions_within(4096, 1024)
+    assert line == (f"open files: limit raised from 1024 to 4096, the hard limit 4096: room "
+                    f"for about {room} sessions, not 10000; raise the hard limit to "
+                    f"{fds_needed(10_000, 1024)} (systemd: LimitNOFILE=; a shell: ulimit -n)")
+
+
+def test_soft_at_the_hard_limit_already():
+    r = FakeResource(2048, 2048)
+    enough, line = raise_nofile(10_000, resource_mod=r)
+    assert not enough and r.calls == []
+    assert line.startswith("open files: limit 2048, the hard limit 2048: room for about "
+                           f"{sessions_within(2048)} sessions")
+
+
+def test_a_refused_raise_is_reported_not_raised():
+    r = FakeResource(1024, 65_536, refuse=ValueError("not allowed"))
+    enough, line = raise_nofile(10_000, resource_mod=r)
+    assert not enough and r.limits == (1024, 65_536) and len(r.calls) == 1
+    assert line.startswith("open files: limit 1024 (raising it failed: not allowed), the hard "
+                           f"limit 65536: room for about {sessions_within(1024)} sessions")
