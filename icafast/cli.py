@@ -366,8 +366,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     max_handshakes = _limit(args, file_cfg, "max_handshakes", 1024)
-    enough, line = raise_nofile(max_sessions, max_handshakes)
-    (log.info if enough else log.warning)("%s", line)
+    room, line = raise_nofile(max_sessions, max_handshakes)
+    if room < max_sessions:
+        # (refused as busy beyond the room there is, rather than running out of descriptors,
+        # which under uvloop closes the listener for good: icafast.rlimits)
+        max_sessions = max(room, 1)
+        log.warning("%s; --max-sessions lowered to %d", line, max_sessions)
+    else:
+        log.info("%s", line)
     server = RelayServer(
         mappings, config, control_path=control, max_sessions=max_sessions, ssl=ssl_ctx,
         max_handshakes=max_handshakes,

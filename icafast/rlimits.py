@@ -11,6 +11,13 @@ allows (an unprivileged process may do that), and says in one line what it did, 
 sessions the limit leaves room for when even the hard limit is too low. ``icafast serve`` and
 ``icafast connect`` call it at start-up; a program that embeds icafast decides its own limits
 (the library never changes them).
+
+Running out matters more than the sessions refused: uvloop closes a listener for good the
+first time ``accept()`` fails with "Too many open files" (it treats every error of its listen
+callback as fatal, and says nothing), so from then on the server answers no connection, new
+session or resume, until it is restarted. So where the hard limit is too low, ``icafast serve``
+also lowers its ``--max-sessions`` to the room there is: new sessions beyond it are refused
+as busy (REJECT 5, with a reason the client reports), and the listener stays up for the rest.
 """
 
 from __future__ import annotations
@@ -38,25 +45,27 @@ def sessions_within(limit: int, handshakes: int = 0) -> int:
 
 
 def raise_nofile(sessions: int, handshakes: int = 0,
-                 resource_mod: Any | None = None) -> tuple[bool, str]:
+                 resource_mod: Any | None = None) -> tuple[int, str]:
     """Raise the soft limit on open files to what ``sessions`` sessions need.
 
-    Returns ``(enough, line)``: whether the limit now covers them, and what was done, for the
-    log (a warning when not ``enough``). Never lowers a limit. ``resource_mod`` is for tests
-    (default: the ``resource`` module, which only Unix has).
+    Returns ``(room, line)``: how many sessions the limit now has room for (``sessions`` when
+    it covers them all, fewer when even the hard limit is too low), and what was done, for the
+    log (a warning when ``room < sessions``). Never lowers a limit. ``resource_mod`` is for
+    tests (default: the ``resource`` module, which only Unix has).
     """
     r: Any = resource_mod
     if r is None:
         try:
             import resource
         except ImportError:  # pragma: no cover - Windows: no such limit
-            return True, "open files: no limit to raise on this platform"
+            return sessions, "open files: no limit to raise on this platform"
         r = resource
     wanted = fds_needed(sessions, handshakes)
     soft, hard = r.getrlimit(r.RLIMIT_NOFILE)
     infinite = r.RLIM_INFINITY
     if soft == infinite or soft >= wanted:
-        return True, f"open files: limit {_show(soft, infinite)}, enough for {sessions} sessions"
+        return sessions, (f"open files: limit {_show(soft, infinite)}, enough for {sessions} "
+                          "sessions")
     target = wanted if hard == infinite else min(wanted, hard)
     if target > soft:
         try:
@@ -67,14 +76,14 @@ def raise_nofile(sessions: int, handshakes: int = 0,
         else:
             why = ""
         if target >= wanted:
-            return True, f"open files: limit raised from {soft} to {target}{why}"
+            return sessions, f"open files: limit raised from {soft} to {target}{why}"
     else:
         why = ""
     room = sessions_within(target, handshakes)
     verb = f"raised from {soft} to {target}" if target > soft else f"{target}"
-    return False, (f"open files: limit {verb}{why}, the hard limit {_show(hard, infinite)}: "
-                   f"room for about {room} sessions, not {sessions}; raise the hard limit "
-                   f"to {wanted} (systemd: LimitNOFILE=; a shell: ulimit -n)")
+    return room, (f"open files: limit {verb}{why}, the hard limit {_show(hard, infinite)}: "
+                  f"room for {room} sessions, not {sessions}; raise the hard limit to "
+                  f"{wanted} (systemd: LimitNOFILE=; a shell: ulimit -n)")
 
 
 def _show(n: int, infinite: int) -> str:

@@ -344,21 +344,22 @@ def test_serve_raises_its_open_files_limit_for_its_sessions(tmp_path):
     """A server started with a soft limit of 128 open files (most systems start processes at
     1,024) raises it to what --max-sessions needs, within the hard limit, and then carries
     150 sessions at once (300 sockets); left at 128 it would refuse them from about the 60th
-    with "Too many open files". With the hard limit too low it says how many sessions fit."""
+    with "Too many open files". With the hard limit too low it says how many sessions fit, and
+    takes no more."""
     from icafast.aio import open_session
     from icafast.rlimits import fds_needed, sessions_within
 
     n = 150
     port = free_port()
 
-    async def main() -> None:
-        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(ConnectionError):
-                while data := await r.read(65536):
-                    w.write(data)
-                    await w.drain()
-            w.close()
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
 
+    async def main() -> None:
         backend = await asyncio.start_server(echo, "127.0.0.1", 0)
         bport = backend.sockets[0].getsockname()[1]
         server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
@@ -388,16 +389,64 @@ def test_serve_raises_its_open_files_limit_for_its_sessions(tmp_path):
 
     asyncio.run(main())
 
-    # a hard limit below what --max-sessions needs: a warning that says how many fit
-    server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{free_port()}",
-                    "--control", str(tmp_path / "c2.sock"), "--max-handshakes", "64"],
-                   nofile=(128, 1024))
+    # A hard limit below what --max-sessions needs: the server says how many sessions fit and
+    # lowers --max-sessions to that, so that sessions beyond it are refused as busy rather than
+    # running it out of descriptors (under uvloop the first accept() that fails so closes the
+    # listener for good: nothing would connect after it).
+    room = sessions_within(512, 16)
+    n = 260  # more than 512 descriptors hold (two per session): enough to run a server out
+
+    async def crowded() -> None:
+        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+        bport = backend.sockets[0].getsockname()[1]
+        server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
+                        f"127.0.0.1:{bport}", "--control", str(tmp_path / "c2.sock"),
+                        "--max-handshakes", "16"], nofile=(512, 512))
+        writers: list[asyncio.StreamWriter] = []
+
+        async def one() -> str:
+            try:
+                _, w = await asyncio.wait_for(open_session("127.0.0.1", port), 30)
+            except ConnectionError as e:
+                return str(e)
+            writers.append(w)
+            return "ok"
+
+        try:
+            await asyncio.to_thread(server.wait_for, "listening on")
+            got = await asyncio.gather(*(one() for _ in range(n)))
+            busy = f"server rejected the session: server is at its limit of {room} sessions"
+            assert got.count("ok") == room and got.count(busy) == n - room, set(got)
+            for w in writers:
+                w.close()
+            writers.clear()
+            # the listener is still up: new sessions open once the others have ended
+            await asyncio.to_thread(server.wait_for, ": closed (", room)
+            assert await asyncio.gather(*(one() for _ in range(5))) == ["ok"] * 5
+        finally:
+            for w in writers:
+                w.close()
+            log = server.stop()
+            backend.close()
+        assert (f"WARNING open files: limit 512, the hard limit 512: room for {room} sessions, "
+                f"not 10000; raise the hard limit to {fds_needed(10_000, 16)} (systemd: "
+                f"LimitNOFILE=; a shell: ulimit -n); --max-sessions lowered to {room}") in log, log
+        assert "Too many open files" not in log, log
+
+    import resource
+
+    # (this process holds four descriptors per session: make room, as far as the hard limit
+    # allows, and put the limit back after)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4 * n + 256
+    if soft != resource.RLIM_INFINITY and soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"the hard limit on open files ({hard}) is below {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     try:
-        server.wait_for("listening on")
+        asyncio.run(crowded())
     finally:
-        log = server.stop()
-    assert (f"WARNING open files: limit raised from 128 to 1024, the hard limit 1024: room for "
-            f"about {sessions_within(1024, 64)} sessions, not 10000") in log, log
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_sessions_without_server_fails_clearly(tmp_path):

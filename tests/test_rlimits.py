@@ -43,44 +43,43 @@ def test_what_sessions_need():
 
 def test_raised_to_what_is_needed_within_the_hard_limit():
     r = FakeResource(1024, 524_288)
-    enough, line = raise_nofile(10_000, 1024, resource_mod=r)
-    assert enough and r.limits == (fds_needed(10_000, 1024), 524_288)
+    room, line = raise_nofile(10_000, 1024, resource_mod=r)
+    assert room == 10_000 and r.limits == (fds_needed(10_000, 1024), 524_288)
     assert line == f"open files: limit raised from 1024 to {fds_needed(10_000, 1024)}"
 
 
 def test_an_unlimited_hard_limit():
     r = FakeResource(1024, INF)
-    assert raise_nofile(1000, resource_mod=r)[0] and r.limits == (fds_needed(1000), INF)
+    assert raise_nofile(1000, resource_mod=r)[0] == 1000 and r.limits == (fds_needed(1000), INF)
 
 
 @pytest.mark.parametrize("soft", [fds_needed(100), 1_000_000, INF])
 def test_a_limit_that_is_enough_is_left_alone(soft):
     r = FakeResource(soft, INF)
-    enough, line = raise_nofile(100, resource_mod=r)
-    assert enough and r.calls == [] and "enough for 100 sessions" in line
+    room, line = raise_nofile(100, resource_mod=r)
+    assert room == 100 and r.calls == [] and "enough for 100 sessions" in line
 
 
 def test_a_hard_limit_too_low_raises_as_far_as_it_goes_and_says_how_far():
     r = FakeResource(1024, 4096)
-    enough, line = raise_nofile(10_000, 1024, resource_mod=r)
-    assert not enough and r.limits == (4096, 4096)
-    room = sessions_within(4096, 1024)
+    room, line = raise_nofile(10_000, 1024, resource_mod=r)
+    assert room == sessions_within(4096, 1024) == 1408 and r.limits == (4096, 4096)
     assert line == (f"open files: limit raised from 1024 to 4096, the hard limit 4096: room "
-                    f"for about {room} sessions, not 10000; raise the hard limit to "
+                    f"for {room} sessions, not 10000; raise the hard limit to "
                     f"{fds_needed(10_000, 1024)} (systemd: LimitNOFILE=; a shell: ulimit -n)")
 
 
 def test_soft_at_the_hard_limit_already():
     r = FakeResource(2048, 2048)
-    enough, line = raise_nofile(10_000, resource_mod=r)
-    assert not enough and r.calls == []
-    assert line.startswith("open files: limit 2048, the hard limit 2048: room for about "
-                           f"{sessions_within(2048)} sessions")
+    room, line = raise_nofile(10_000, resource_mod=r)
+    assert room == sessions_within(2048) and r.calls == []
+    assert line.startswith(f"open files: limit 2048, the hard limit 2048: room for {room} "
+                           "sessions")
 
 
 def test_a_refused_raise_is_reported_not_raised():
     r = FakeResource(1024, 65_536, refuse=ValueError("not allowed"))
-    enough, line = raise_nofile(10_000, resource_mod=r)
-    assert not enough and r.limits == (1024, 65_536) and len(r.calls) == 1
+    room, line = raise_nofile(10_000, resource_mod=r)
+    assert room == sessions_within(1024) and r.limits == (1024, 65_536) and len(r.calls) == 1
     assert line.startswith("open files: limit 1024 (raising it failed: not allowed), the hard "
-                           f"limit 65536: room for about {sessions_within(1024)} sessions")
+                           f"limit 65536: room for {room} sessions")

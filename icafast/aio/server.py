@@ -318,6 +318,8 @@ class RelayServer:
         self._tombstones: dict[bytes, float] = {}
         self._tombstone_order: collections.deque[tuple[float, bytes]] = collections.deque()
         self._handshaking: set[_PendingLink] = set()
+        #: NEW sessions connecting to their backend (not in sessions_by_id yet)
+        self._creating = 0
         self._servers: list[asyncio.base_events.Server] = []
         self._control: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -392,7 +394,8 @@ class RelayServer:
     # -- sessions ----------------------------------------------------------------------------
     def _start_session(self, pending: _PendingLink) -> None:
         m = pending.mapping
-        if len(self.sessions_by_id) >= self.max_sessions:
+        # (sessions still connecting to their backend count: a burst of NEW must not overshoot)
+        if len(self.sessions_by_id) + self._creating >= self.max_sessions:
             pending.reject(REJECT_BUSY, f"server is at its limit of {self.max_sessions} sessions")
             return
         if pending.hs.rtt is None and pending.proxy is None:
@@ -402,9 +405,14 @@ class RelayServer:
             # client's; the window then stays the replay limit.)
             pending.hs.rtt = tcp_rtt(pending.link.transport)
         runner = _ServerRunner(self, ServerSession(self.config, self.loop.time()), m)
+        self._creating += 1
         t = self.loop.create_task(self._new_session(pending, runner))
         self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
+        t.add_done_callback(self._created)  # (also when cancelled before it ran)
+
+    def _created(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._creating -= 1
 
     async def _new_session(self, pending: _PendingLink, runner: _ServerRunner) -> None:
         m = pending.mapping
