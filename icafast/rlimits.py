@@ -88,3 +88,23 @@ def raise_nofile(sessions: int, handshakes: int = 0,
 
 def _show(n: int, infinite: int) -> str:
     return "unlimited" if n == infinite else str(n)
+
+
+def shortfall(sessions: int, handshakes: int = 0, resource_mod: Any | None = None) -> str | None:
+    """What is wrong, if the soft limit on open files has no room for ``sessions`` sessions
+    and ``handshakes`` handshakes (for a server's start-up log), else None. Changes nothing."""
+    r: Any = resource_mod
+    if r is None:
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - Windows: no such limit
+            return None
+        r = resource
+    soft = r.getrlimit(r.RLIMIT_NOFILE)[0]
+    wanted = fds_needed(sessions, handshakes)
+    if soft == r.RLIM_INFINITY or soft >= wanted:
+        return None
+    return (f"open files: this process may open {soft}, room for "
+            f"{sessions_within(soft, handshakes)} sessions, not max_sessions {sessions}: "
+            f"beyond that, connections fail (and under uvloop the listener closes for good); "
+            f"raise the limit to {wanted} (icafast.rlimits.raise_nofile) or lower max_sessions")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from icafast.rlimits import SPARE, fds_needed, raise_nofile, sessions_within
+from icafast.rlimits import SPARE, fds_needed, raise_nofile, sessions_within, shortfall
 
 INF = -1
 
@@ -83,3 +83,42 @@ def test_a_refused_raise_is_reported_not_raised():
     assert room == sessions_within(1024) and r.limits == (1024, 65_536) and len(r.calls) == 1
     assert line.startswith("open files: limit 1024 (raising it failed: not allowed), the hard "
                            f"limit 65536: room for {room} sessions")
+
+
+def test_shortfall_says_what_a_limit_leaves_room_for():
+    assert shortfall(100, resource_mod=FakeResource(fds_needed(100), fds_needed(100))) is None
+    assert shortfall(10**6, resource_mod=FakeResource(INF, INF)) is None
+    r = FakeResource(1024, 1 << 20)
+    text = shortfall(10_000, 64, resource_mod=r)
+    assert r.calls == [] and text == (
+        f"open files: this process may open 1024, room for {sessions_within(1024, 64)} "
+        "sessions, not max_sessions 10000: beyond that, connections fail (and under uvloop the "
+        f"listener closes for good); raise the limit to {fds_needed(10_000, 64)} "
+        "(icafast.rlimits.raise_nofile) or lower max_sessions")
+
+
+def test_a_server_warns_when_the_limit_has_no_room_for_its_sessions(caplog):
+    """The library changes no limit of the process that embeds it, but says so at start when
+    its max_sessions cannot be reached."""
+    import asyncio
+    import resource
+
+    from icafast.aio import Mapping, RelayServer
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        pytest.skip("no limit on open files here")
+
+    async def main(max_sessions: int) -> list[str]:
+        caplog.clear()
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 9)], max_sessions=max_sessions,
+                             max_handshakes=16)
+        await server.start()
+        await server.close()
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    with caplog.at_level("WARNING", logger="icafast"):
+        fits = sessions_within(soft, 16)
+        assert not [m for m in asyncio.run(main(fits)) if "open files" in m]
+        warned = [m for m in asyncio.run(main(fits + 1)) if "open files" in m]
+        assert warned == [shortfall(fits + 1, 16)]

@@ -35,6 +35,7 @@ from ..protocol import (
     State,
 )
 from ..proxyproto import ProxyHeaderParser
+from ..rlimits import shortfall
 from ..tlspipe import uses_pipe
 from ._relay import (
     Deadline,
@@ -333,6 +334,9 @@ class RelayServer:
             raise ValueError("--proxy-protocol needs the load balancer to terminate TLS "
                              "(use --no-tls behind it): the PROXY header precedes any TLS")
         self.loop = asyncio.get_running_loop()
+        short = shortfall(self.max_sessions, self.max_handshakes)
+        if short is not None:
+            log.warning("%s", short)
         # TLS run by each link over a plain transport (icafast.aio.tlslink), else by the loop
         own_tls = self.ssl is not None and uses_pipe()
         loop_ssl = None if own_tls else self.ssl
