@@ -1300,3 +1300,34 @@ def test_a_transport_left_open_fails_the_test_and_does_not_hang_it(loop):
             ls.setblocking(False)
             ls.accept()[0].close()
         ls.close()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_the_session_limit_holds_under_a_burst_of_new_sessions(loop):
+    """max_sessions: a burst of NEW, all in the handshake at once, gets exactly that many
+    sessions, the rest REJECT 5 (sessions still connecting to their backend count, and a
+    session counts once when it is made)."""
+    limit = 40
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), max_sessions=limit) as s:
+
+            async def one() -> str:
+                try:
+                    await asyncio.wait_for(s.client(direct=True), 20)
+                except ConnectionError as e:
+                    return str(e)
+                return "ok"
+
+            got = await asyncio.gather(*(one() for _ in range(limit)))
+            assert got == ["ok"] * limit  # exactly at the limit: all of them
+            assert len(s.server.sessions_by_id) == limit and not s.server._creating
+            for w in s.writers:
+                w.close()
+            s.writers.clear()
+            assert await wait_for(lambda: not s.server.sessions_by_id, 10)
+            got = await asyncio.gather(*(one() for _ in range(limit + 15)))
+            assert got.count("ok") == limit, set(got)
+            assert all("at its limit of 40 sessions" in g for g in got if g != "ok"), set(got)
+
+    run_async(loop, main(), timeout=60)

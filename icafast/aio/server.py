@@ -7,6 +7,7 @@ import asyncio
 import collections
 import contextlib
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -320,7 +321,7 @@ class RelayServer:
         self._tombstone_order: collections.deque[tuple[float, bytes]] = collections.deque()
         self._handshaking: set[_PendingLink] = set()
         #: NEW sessions connecting to their backend (not in sessions_by_id yet)
-        self._creating = 0
+        self._creating: set[_ServerRunner] = set()
         self._servers: list[asyncio.base_events.Server] = []
         self._control: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -399,7 +400,7 @@ class RelayServer:
     def _start_session(self, pending: _PendingLink) -> None:
         m = pending.mapping
         # (sessions still connecting to their backend count: a burst of NEW must not overshoot)
-        if len(self.sessions_by_id) + self._creating >= self.max_sessions:
+        if len(self.sessions_by_id) + len(self._creating) >= self.max_sessions:
             pending.reject(REJECT_BUSY, f"server is at its limit of {self.max_sessions} sessions")
             return
         if pending.hs.rtt is None and pending.proxy is None:
@@ -409,16 +410,22 @@ class RelayServer:
             # client's; the window then stays the replay limit.)
             pending.hs.rtt = tcp_rtt(pending.link.transport)
         runner = _ServerRunner(self, ServerSession(self.config, self.loop.time()), m)
-        self._creating += 1
+        self._creating.add(runner)
         t = self.loop.create_task(self._new_session(pending, runner))
         self._tasks.add(t)
-        t.add_done_callback(self._created)  # (also when cancelled before it ran)
+        t.add_done_callback(functools.partial(self._created, runner))
 
-    def _created(self, task: asyncio.Task[Any]) -> None:
+    def _created(self, runner: _ServerRunner, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        self._creating -= 1
+        self._creating.discard(runner)  # (also when cancelled before it ran)
 
     async def _new_session(self, pending: _PendingLink, runner: _ServerRunner) -> None:
+        try:
+            await self._create_session(pending, runner)
+        finally:
+            self._creating.discard(runner)  # (at once: a done callback runs a turn later)
+
+    async def _create_session(self, pending: _PendingLink, runner: _ServerRunner) -> None:
         m = pending.mapping
         try:
             # (connected as the deadline comes: the session goes on)
@@ -436,6 +443,7 @@ class RelayServer:
                 runner.endpoint.transport.close()
             pending.detach()
             return
+        self._creating.discard(runner)
         self.sessions_by_id[runner.engine.session_id] = runner
         if not runner.attach(pending):
             self.sessions_by_id.pop(runner.engine.session_id, None)
