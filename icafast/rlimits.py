@@ -53,13 +53,9 @@ def raise_nofile(sessions: int, handshakes: int = 0,
     log (a warning when ``room < sessions``). Never lowers a limit. ``resource_mod`` is for
     tests (default: the ``resource`` module, which only Unix has).
     """
-    r: Any = resource_mod
-    if r is None:
-        try:
-            import resource
-        except ImportError:  # pragma: no cover - Windows: no such limit
-            return sessions, "open files: no limit to raise on this platform"
-        r = resource
+    r = _resource(resource_mod)
+    if r is None:  # pragma: no cover - Windows: no such limit
+        return sessions, "open files: no limit to raise on this platform"
     wanted = fds_needed(sessions, handshakes)
     soft, hard = r.getrlimit(r.RLIMIT_NOFILE)
     infinite = r.RLIM_INFINITY
@@ -86,6 +82,17 @@ def raise_nofile(sessions: int, handshakes: int = 0,
                   f"{wanted} (systemd: LimitNOFILE=; a shell: ulimit -n)")
 
 
+def _resource(resource_mod: Any | None) -> Any | None:
+    """``resource_mod`` (a test's stand-in), else the ``resource`` module, else None (Windows)."""
+    if resource_mod is not None:
+        return resource_mod
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows: no such limit
+        return None
+    return resource
+
+
 def _show(n: int, infinite: int) -> str:
     return "unlimited" if n == infinite else str(n)
 
@@ -93,13 +100,9 @@ def _show(n: int, infinite: int) -> str:
 def shortfall(sessions: int, handshakes: int = 0, resource_mod: Any | None = None) -> str | None:
     """What is wrong, if the soft limit on open files has no room for ``sessions`` sessions
     and ``handshakes`` handshakes (for a server's start-up log), else None. Changes nothing."""
-    r: Any = resource_mod
-    if r is None:
-        try:
-            import resource
-        except ImportError:  # pragma: no cover - Windows: no such limit
-            return None
-        r = resource
+    r = _resource(resource_mod)
+    if r is None:  # pragma: no cover - Windows: no such limit
+        return None
     soft = r.getrlimit(r.RLIMIT_NOFILE)[0]
     wanted = fds_needed(sessions, handshakes)
     if soft == r.RLIM_INFINITY or soft >= wanted:

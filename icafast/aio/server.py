@@ -423,7 +423,9 @@ class RelayServer:
         try:
             await self._create_session(pending, runner)
         finally:
-            self._creating.discard(runner)  # (at once: a done callback runs a turn later)
+            # (at once, in the turn that registers the session: a done callback would
+            # run a turn later, and the session would count twice until then)
+            self._creating.discard(runner)
 
     async def _create_session(self, pending: _PendingLink, runner: _ServerRunner) -> None:
         m = pending.mapping
@@ -443,7 +445,6 @@ class RelayServer:
                 runner.endpoint.transport.close()
             pending.detach()
             return
-        self._creating.discard(runner)
         self.sessions_by_id[runner.engine.session_id] = runner
         if not runner.attach(pending):
             self.sessions_by_id.pop(runner.engine.session_id, None)
