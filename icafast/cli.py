@@ -369,7 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     room, line = raise_nofile(max_sessions, max_handshakes)
     if room < max_sessions:
         # (refused as busy beyond the room there is, rather than running out of descriptors,
-        # which under uvloop closes the listener for good: icafast.rlimits)
+        # which also closes connections waiting to be accepted: icafast.rlimits)
         max_sessions = max(room, 1)
         log.warning("%s; --max-sessions lowered to %d", line, max_sessions)
     else:

@@ -12,12 +12,15 @@ sessions the limit leaves room for when even the hard limit is too low. ``icafas
 ``icafast connect`` call it at start-up; a program that embeds icafast decides its own limits
 (the library never changes them).
 
-Running out matters more than the sessions refused: uvloop closes a listener for good the
-first time ``accept()`` fails with "Too many open files" (it treats every error of its listen
-callback as fatal, and says nothing), so from then on the server answers no connection, new
-session or resume, until it is restarted. So where the hard limit is too low, ``icafast serve``
-also lowers its ``--max-sessions`` to the room there is: new sessions beyond it are refused
-as busy (REJECT 5, with a reason the client reports), and the listener stays up for the rest.
+Running out costs more than the sessions refused. A new session whose backend connection
+cannot be opened is rejected with "Too many open files". When not even ``accept()`` gets a
+descriptor, uvloop (libuv) accepts and at once closes every connection waiting, the links of
+sessions coming back among them, and the standard loop stops accepting for a second at a time
+(logging an error for each failed ``accept()``). Either way the server takes connections again
+once descriptors are free (``tests/test_rlimits.py``), but until then a session whose link broke
+cannot come back. So where the hard limit is too low, ``icafast serve`` also lowers its
+``--max-sessions`` to the room there is: new sessions beyond it are refused as busy (REJECT 5,
+with a reason the client reports), and what the sessions it holds need stays free.
 """
 
 from __future__ import annotations
@@ -109,5 +112,5 @@ def shortfall(sessions: int, handshakes: int = 0, resource_mod: Any | None = Non
         return None
     return (f"open files: this process may open {soft}, room for "
             f"{sessions_within(soft, handshakes)} sessions, not max_sessions {sessions}: "
-            f"beyond that, connections fail (and under uvloop the listener closes for good); "
+            f"beyond that, sessions fail with 'Too many open files'; "
             f"raise the limit to {wanted} (icafast.rlimits.raise_nofile) or lower max_sessions")

@@ -391,8 +391,8 @@ def test_serve_raises_its_open_files_limit_for_its_sessions(tmp_path):
 
     # A hard limit below what --max-sessions needs: the server says how many sessions fit and
     # lowers --max-sessions to that, so that sessions beyond it are refused as busy rather than
-    # running it out of descriptors (under uvloop the first accept() that fails so closes the
-    # listener for good: nothing would connect after it).
+    # failing with "Too many open files" (and, once no descriptor is left for accept(), closing
+    # the connections waiting there: test_rlimits.py).
     room = sessions_within(512, 16)
     n = 260  # more than 512 descriptors hold (two per session): enough to run a server out
 

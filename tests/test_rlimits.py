@@ -3,6 +3,9 @@ for the ``resource`` module; the real processes are in test_cli.py."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import pytest
 
 from icafast.rlimits import SPARE, fds_needed, raise_nofile, sessions_within, shortfall
@@ -92,8 +95,8 @@ def test_shortfall_says_what_a_limit_leaves_room_for():
     text = shortfall(10_000, 64, resource_mod=r)
     assert r.calls == [] and text == (
         f"open files: this process may open 1024, room for {sessions_within(1024, 64)} "
-        "sessions, not max_sessions 10000: beyond that, connections fail (and under uvloop the "
-        f"listener closes for good); raise the limit to {fds_needed(10_000, 64)} "
+        "sessions, not max_sessions 10000: beyond that, sessions fail with 'Too many open "
+        f"files'; raise the limit to {fds_needed(10_000, 64)} "
         "(icafast.rlimits.raise_nofile) or lower max_sessions")
 
 
@@ -122,3 +125,136 @@ def test_a_server_warns_when_the_limit_has_no_room_for_its_sessions(caplog):
         assert not [m for m in asyncio.run(main(fits)) if "open files" in m]
         warned = [m for m in asyncio.run(main(fits + 1)) if "open files" in m]
         assert warned == [shortfall(fits + 1, 16)]
+
+
+_CROWDED_SERVER = """
+import asyncio, logging, resource, sys
+from icafast.aio import Mapping, RelayServer, run
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+
+async def main():
+    port, backend, limit = map(int, sys.argv[1:4])
+    resource.setrlimit(resource.RLIMIT_NOFILE,
+                       (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    server = RelayServer([Mapping("127.0.0.1", port, "127.0.0.1", backend)])
+    await server.start()
+    print("listening", flush=True)
+    await asyncio.Event().wait()
+
+run(main())
+"""
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_server_that_ran_out_of_descriptors_goes_on(tmp_path, loop):
+    """A server (the library, which leaves its limit alone) that runs out of descriptors:
+    connections that never start a handshake take every one it may open, so that accept()
+    fails. The sessions it holds go on, and once the connections are gone new sessions open,
+    on either event loop: under uvloop libuv then accepts and closes the connections waiting
+    (those clients see the connection closed and try again), and the standard loop stops
+    accepting for a second at a time. Neither closes the listener."""
+    import asyncio
+    import os
+    import resource
+    import subprocess
+    import sys
+    import time
+
+    from relay_helpers import free_port, stop_process
+
+    from icafast.aio import open_session
+
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    # (the interpreter, uvloop and the listener hold about 20 of the 64; each session 2)
+    limit, held, idle = 64, 8, 60
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < 2 * idle + 4 * held + 64:
+        pytest.skip(f"this process may open {soft} files, and needs {2 * idle + 4 * held + 64}")
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    echoes: set[asyncio.Task[None]] = set()
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        echoes.add(task)
+        with contextlib.suppress(ConnectionError):
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        w.close()
+
+    def logged(text: str) -> int:
+        return log_path.read_text().count(text)
+
+    async def until(cond: Any, what: str) -> None:
+        end = time.monotonic() + 20
+        while not cond() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        assert cond(), f"{what}: {log_path.read_text()[-3000:]}"
+
+    async def main() -> None:
+        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+        bport = backend.sockets[0].getsockname()[1]
+        # (the log goes to a file: a pipe that nobody reads would stop the server once full)
+        with open(log_path, "w") as log:
+            p = subprocess.Popen([sys.executable, "-c", _CROWDED_SERVER, str(port), str(bport),
+                                  str(limit)], stdout=log, stderr=subprocess.STDOUT,
+                                 env={**os.environ, "ICAFAST_LOOP": loop})
+        sessions: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        idlers: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+        async def session(i: int) -> None:
+            r, w = await asyncio.wait_for(open_session("127.0.0.1", port), 20)
+            sessions.append((r, w))
+            await exchange(r, w, b"session %d\n" % i)
+
+        async def exchange(r: asyncio.StreamReader, w: asyncio.StreamWriter, msg: bytes) -> None:
+            w.write(msg)
+            assert await asyncio.wait_for(r.readline(), 20) == msg
+
+        async def closed_at_once(r: asyncio.StreamReader) -> bool:
+            try:
+                return await asyncio.wait_for(r.read(1), 1) == b""
+            except ConnectionError:
+                return True
+            except asyncio.TimeoutError:
+                return False
+
+        try:
+            await until(lambda: logged("listening") or p.poll() is not None, "not listening")
+            for i in range(held):
+                await session(i)
+            # connections that say nothing: the server accepts them until it can open no more
+            for _ in range(idle):
+                idlers.append(await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", port), 20))
+            shed = sum(await asyncio.gather(*(closed_at_once(r) for r, _ in idlers)))
+            if loop == "uvloop":  # (libuv's answer to accept() failing so: close what waits)
+                assert shed > 0
+            else:
+                assert logged("socket.accept() out of system resource")
+            # the sessions it holds still carry data both ways
+            for i, (r, w) in enumerate(sessions):
+                await exchange(r, w, b"again %d\n" % i)
+            # the idle connections and the sessions end; then new sessions open
+            for _, w in idlers + sessions:
+                w.close()
+            sessions.clear()
+            await until(lambda: logged(": closed (both directions finished)") == held,
+                        "sessions not closed")
+            for i in range(5):
+                await session(held + i)
+            assert p.poll() is None
+        finally:
+            for _, w in idlers + sessions:
+                w.close()
+            stop_process(p)
+            backend.close()
+            # (each backend connection ends with the server: let its handler see the end)
+            if pending := [t for t in echoes if not t.done()]:
+                await asyncio.wait(pending, timeout=10)
+
+    asyncio.run(main())
