@@ -16,11 +16,13 @@ Running out costs more than the sessions refused. A new session whose backend co
 cannot be opened is rejected with "Too many open files". When not even ``accept()`` gets a
 descriptor, uvloop (libuv) accepts and at once closes every connection waiting, the links of
 sessions coming back among them, and the standard loop stops accepting for a second at a time
-(logging an error for each failed ``accept()``). Either way the server takes connections again
-once descriptors are free (``tests/test_rlimits.py``), but until then a session whose link broke
-cannot come back. So where the hard limit is too low, ``icafast serve`` also lowers its
-``--max-sessions`` to the room there is: new sessions beyond it are refused as busy (REJECT 5,
-with a reason the client reports), and what the sessions it holds need stays free.
+(logging an error with a traceback for each failed ``accept()``: up to its backlog of them a
+second, in the Pythons before CPython issue gh-151615 was fixed). Either way the server takes
+connections again once descriptors are free (``tests/test_rlimits.py``), but until then a
+session whose link broke cannot come back. So where the hard limit is too low, ``icafast
+serve`` also lowers its ``--max-sessions`` to the room there is: new sessions beyond it are
+refused as busy (REJECT 5, with a reason the client reports), and what the sessions it holds
+need stays free.
 """
 
 from __future__ import annotations
