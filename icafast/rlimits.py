@@ -64,7 +64,7 @@ def raise_nofile(sessions: int, handshakes: int = 0,
     wanted = fds_needed(sessions, handshakes)
     soft, hard = r.getrlimit(r.RLIMIT_NOFILE)
     infinite = r.RLIM_INFINITY
-    if soft == infinite or soft >= wanted:
+    if _enough(r, soft, wanted):
         return sessions, (f"open files: limit {_show(soft, infinite)}, enough for {sessions} "
                           "sessions")
     target = wanted if hard == infinite else min(wanted, hard)
@@ -98,6 +98,11 @@ def _resource(resource_mod: Any | None) -> Any | None:
     return resource
 
 
+def _enough(r: Any, soft: int, wanted: int) -> bool:
+    """Whether a soft limit of ``soft`` (of ``resource`` module ``r``) allows ``wanted``."""
+    return soft == r.RLIM_INFINITY or soft >= wanted
+
+
 def _show(n: int, infinite: int) -> str:
     return "unlimited" if n == infinite else str(n)
 
@@ -110,7 +115,7 @@ def shortfall(sessions: int, handshakes: int = 0, resource_mod: Any | None = Non
         return None
     soft = r.getrlimit(r.RLIMIT_NOFILE)[0]
     wanted = fds_needed(sessions, handshakes)
-    if soft == r.RLIM_INFINITY or soft >= wanted:
+    if _enough(r, soft, wanted):
         return None
     return (f"open files: this process may open {soft}, room for "
             f"{sessions_within(soft, handshakes)} sessions, not max_sessions {sessions}: "

@@ -16,6 +16,8 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
+import pytest
+
 from icafast import events as ev
 from icafast.aio import Mapping, RelayClient, RelayServer, open_session
 from icafast.faults import FaultProxy
@@ -157,6 +159,25 @@ def stop_process(p: subprocess.Popen, close_pipes: bool = True) -> None:
     for f in (p.stdin, p.stdout, p.stderr):
         if f is not None:
             f.close()
+
+
+@contextlib.contextmanager
+def open_files(want: int) -> Iterator[None]:
+    """Let this process open ``want`` files while the block runs: its soft limit raised as far
+    as the hard limit allows (the test is skipped where that is not enough), then put back."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        yield
+        return
+    if hard != resource.RLIM_INFINITY and hard < want:
+        pytest.skip(f"the hard limit on open files ({hard}) is below {want}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def free_port() -> int:

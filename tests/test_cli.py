@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from relay_helpers import free_port, stop_process
+from relay_helpers import Backend, free_port, open_files, stop_process
 
 import icafast
 
@@ -352,18 +352,10 @@ def test_serve_raises_its_open_files_limit_for_its_sessions(tmp_path):
     n = 150
     port = free_port()
 
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        w.close()
-
     async def main() -> None:
-        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
-        bport = backend.sockets[0].getsockname()[1]
+        backend = await Backend("echo").start()
         server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
-                        f"127.0.0.1:{bport}", "--control", str(tmp_path / "c.sock"),
+                        f"127.0.0.1:{backend.port}", "--control", str(tmp_path / "c.sock"),
                         "--max-sessions", "200", "--max-handshakes", "64"],
                        nofile=(128, 4096))
         writers: list[asyncio.StreamWriter] = []
@@ -383,11 +375,12 @@ def test_serve_raises_its_open_files_limit_for_its_sessions(tmp_path):
             for w in writers:
                 w.close()
             log = server.stop()
-            backend.close()
+            await backend.close()
         assert f"open files: limit raised from 128 to {fds_needed(200, 64)}" in log, log
         assert "Too many open files" not in log, log
 
-    asyncio.run(main())
+    with open_files(4 * n + 256):  # (this process holds four descriptors per session)
+        asyncio.run(main())
 
     # A hard limit below what --max-sessions needs: the server says how many sessions fit and
     # lowers --max-sessions to that, so that sessions beyond it are refused as busy rather than
@@ -397,10 +390,9 @@ def test_serve_raises_its_open_files_limit_for_its_sessions(tmp_path):
     n = 260  # more than 512 descriptors hold (two per session): enough to run a server out
 
     async def crowded() -> None:
-        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
-        bport = backend.sockets[0].getsockname()[1]
+        backend = await Backend("echo").start()
         server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
-                        f"127.0.0.1:{bport}", "--control", str(tmp_path / "c2.sock"),
+                        f"127.0.0.1:{backend.port}", "--control", str(tmp_path / "c2.sock"),
                         "--max-handshakes", "16"], nofile=(512, 512))
         writers: list[asyncio.StreamWriter] = []
 
@@ -431,26 +423,14 @@ def test_serve_raises_its_open_files_limit_for_its_sessions(tmp_path):
             for w in writers:
                 w.close()
             log = server.stop()
-            backend.close()
+            await backend.close()
         assert (f"WARNING open files: limit 512, the hard limit 512: room for {room} sessions, "
                 f"not 10000; raise the hard limit to {fds_needed(10_000, 16)} (systemd: "
                 f"LimitNOFILE=; a shell: ulimit -n); --max-sessions lowered to {room}") in log, log
         assert "Too many open files" not in log, log
 
-    import resource
-
-    # (this process holds four descriptors per session: make room, as far as the hard limit
-    # allows, and put the limit back after)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 4 * n + 256
-    if soft != resource.RLIM_INFINITY and soft < want:
-        if hard != resource.RLIM_INFINITY and hard < want:
-            pytest.skip(f"the hard limit on open files ({hard}) is below {want}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    try:
+    with open_files(4 * n + 256):  # (this process holds four descriptors per session)
         asyncio.run(crowded())
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_sessions_without_server_fails_clearly(tmp_path):

@@ -1,13 +1,18 @@
 """The open-files limit a relay process raises at start-up (icafast.rlimits), on a stand-in
-for the ``resource`` module; the real processes are in test_cli.py."""
+for the ``resource`` module (``icafast serve`` raising its own is in test_cli.py); and a
+server that runs out of descriptors, as a real process."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+import asyncio
+import os
+import subprocess
+import sys
 
 import pytest
+from relay_helpers import Backend, free_port, open_files, stop_process, wait_for
 
+from icafast.aio import open_session
 from icafast.rlimits import SPARE, fds_needed, raise_nofile, sessions_within, shortfall
 
 INF = -1
@@ -103,7 +108,6 @@ def test_shortfall_says_what_a_limit_leaves_room_for():
 def test_a_server_warns_when_the_limit_has_no_room_for_its_sessions(caplog):
     """The library changes no limit of the process that embeds it, but says so at start when
     its max_sessions cannot be reached."""
-    import asyncio
     import resource
 
     from icafast.aio import Mapping, RelayServer
@@ -154,54 +158,23 @@ def test_a_server_that_ran_out_of_descriptors_goes_on(tmp_path, loop):
     on either event loop: under uvloop libuv then accepts and closes the connections waiting
     (those clients see the connection closed and try again), and the standard loop stops
     accepting for a second at a time. Neither closes the listener."""
-    import asyncio
-    import os
-    import resource
-    import subprocess
-    import sys
-    import time
-
-    from relay_helpers import free_port, stop_process
-
-    from icafast.aio import open_session
-
     if loop == "uvloop":
         pytest.importorskip("uvloop")
     # (the interpreter, uvloop and the listener hold about 20 of the 64; each session 2)
     limit, held, idle = 64, 8, 60
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft != resource.RLIM_INFINITY and soft < 2 * idle + 4 * held + 64:
-        pytest.skip(f"this process may open {soft} files, and needs {2 * idle + 4 * held + 64}")
     port = free_port()
     log_path = tmp_path / "server.log"
-    echoes: set[asyncio.Task[None]] = set()
-
-    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        echoes.add(task)
-        with contextlib.suppress(ConnectionError):
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        w.close()
 
     def logged(text: str) -> int:
         return log_path.read_text().count(text)
 
-    async def until(cond: Any, what: str) -> None:
-        end = time.monotonic() + 20
-        while not cond() and time.monotonic() < end:
-            await asyncio.sleep(0.05)
-        assert cond(), f"{what}: {log_path.read_text()[-3000:]}"
-
     async def main() -> None:
-        backend = await asyncio.start_server(echo, "127.0.0.1", 0)
-        bport = backend.sockets[0].getsockname()[1]
+        backend = await Backend("echo").start()
         # (the log goes to a file: a pipe that nobody reads would stop the server once full)
         with open(log_path, "w") as log:
-            p = subprocess.Popen([sys.executable, "-c", _CROWDED_SERVER, str(port), str(bport),
-                                  str(limit)], stdout=log, stderr=subprocess.STDOUT,
+            p = subprocess.Popen([sys.executable, "-c", _CROWDED_SERVER, str(port),
+                                  str(backend.port), str(limit)],
+                                 stdout=log, stderr=subprocess.STDOUT,
                                  env={**os.environ, "ICAFAST_LOOP": loop})
         sessions: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         idlers: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
@@ -224,7 +197,8 @@ def test_a_server_that_ran_out_of_descriptors_goes_on(tmp_path, loop):
                 return False
 
         try:
-            await until(lambda: logged("listening") or p.poll() is not None, "not listening")
+            assert await wait_for(lambda: logged("listening") or p.poll() is not None, 20)
+            assert logged("listening"), log_path.read_text()
             for i in range(held):
                 await session(i)
             # connections that say nothing: the server accepts them until it can open no more
@@ -243,8 +217,9 @@ def test_a_server_that_ran_out_of_descriptors_goes_on(tmp_path, loop):
             for _, w in idlers + sessions:
                 w.close()
             sessions.clear()
-            await until(lambda: logged(": closed (both directions finished)") == held,
-                        "sessions not closed")
+            assert await wait_for(
+                lambda: logged(": closed (both directions finished)") == held, 20), (
+                log_path.read_text()[-3000:])
             for i in range(5):
                 await session(held + i)
             assert p.poll() is None
@@ -252,9 +227,7 @@ def test_a_server_that_ran_out_of_descriptors_goes_on(tmp_path, loop):
             for _, w in idlers + sessions:
                 w.close()
             stop_process(p)
-            backend.close()
-            # (each backend connection ends with the server: let its handler see the end)
-            if pending := [t for t in echoes if not t.done()]:
-                await asyncio.wait(pending, timeout=10)
+            await backend.close()
 
-    asyncio.run(main())
+    with open_files(2 * idle + 4 * held + 64):  # (this process: four per session, two per idle)
+        asyncio.run(main())
