@@ -210,8 +210,10 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
             cert, key, _ = tls.ensure_self_signed(tmp)
             server_ssl = tls.server_context(cert, key)
             client_tls = tls.client_context(fingerprint=tls.fingerprint_of_pem(cert))
+    # (one session, resumed again and again: the limits a demo needs, which any process's
+    # open-files limit has room for, not a production server's 10,000)
     server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], cfg,
-                         ssl=server_ssl)
+                         ssl=server_ssl, max_sessions=4, max_handshakes=16)
     await server.start()
     stack.push_async_callback(server.close)
     proxy = await FaultProxy("127.0.0.1", server.addresses[0][1]).start()
