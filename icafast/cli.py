@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "once (default 1024)")
     lim.add_argument("--max-failed-resumes", type=_count, metavar="N",
                      help="failed RESUME attempts (wrong proof, unknown session) allowed per "
-                          "source address per minute before it is refused (default 20)")
+                          "source address per minute; beyond, that address's unproven ones are "
+                          "refused, proven ones still resume (default 20)")
     s.add_argument("--proxy-protocol", action="store_true",
                    help="expect a HAProxy PROXY protocol v1/v2 header on every connection (when "
                         "behind a load balancer), so sessions and logs show the real client")

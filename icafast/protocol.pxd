@@ -122,7 +122,7 @@ cdef class SessionEngine:
 
 cdef class ClientSession(SessionEngine):
     cdef public object _secret, _rng, _attempt, _reconnect_at, _ever_established
-    cdef public object server_policy, _close_pending, _first_attempt_at
+    cdef public object server_policy, _close_pending, _first_attempt_at, _new_token
 
     cpdef _extra_timer(self)
     cpdef _handle_extra_timer(self, now)
@@ -137,6 +137,7 @@ cdef class ServerHandshake:
 
 cdef class ServerSession(SessionEngine):
     cdef public object _secret, _pending_secret, held, _expiry, client_address, attached_links
+    cdef public object new_token
 
     cpdef _check_done(self)
     cpdef _extra_timer(self)

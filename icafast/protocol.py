@@ -86,6 +86,9 @@ MAGIC = b"ICAFAST\x00"
 NONCE_SIZE = 32
 SESSION_ID_SIZE = 16
 SECRET_SIZE = 32
+#: NEW's payload: one random token per session-to-be, the same on every NEW the client sends
+#: for it, so that a repeated NEW (the ACCEPT was lost) gets the session already made
+NEW_TOKEN_SIZE = 16
 PROOF_SIZE = 32
 
 # REJECT reason codes (u16 at the start of a REJECT payload).
@@ -1137,6 +1140,8 @@ class ClientSession(SessionEngine):
         self.server_policy: Policy | None = None
         self._close_pending: tuple[int, str] | None = None
         self._first_attempt_at: float | None = None
+        #: sent with every NEW of this session (PROTOCOL.md 3.2)
+        self._new_token = secrets.token_bytes(NEW_TOKEN_SIZE)
 
     @property
     def has_session(self) -> bool:
@@ -1160,7 +1165,9 @@ class ClientSession(SessionEngine):
             # A new session needs nothing from the server's HELLO: NEW goes with ours, and
             # the session opens in one round trip instead of two (PROTOCOL.md 3.2). A RESUME
             # waits for the server's HELLO: its proof covers the server's nonce.
-            self._out.append(encode_frame(FrameType.NEW, 0, 0, 0))
+            # Every NEW of this session carries the same token: if an ACCEPT is lost, the
+            # server answers the repeated NEW with the session it made, not a second one.
+            self._out.append(encode_frame(FrameType.NEW, 0, 0, 0, self._new_token))
 
     def connect_failed(self, reason: str, now: float) -> None:
         """Opening the connection to the server failed (refused, unreachable, timeout)."""
@@ -1370,6 +1377,7 @@ class ServerHandshake:
         self.rtt: float | None = None
         self.version = 0
         self.received = 0  # client's received offset, from RESUME
+        self.new_token = b""  # from NEW: empty, or the client's token for this session
         self.resume = False
         self.done = False
         self._waiting_hello = True
@@ -1424,8 +1432,9 @@ class ServerHandshake:
             self._out.append(encode_frame(FrameType.HELLO, 0, 0, 0, hello))
             self._hello_at = now
         elif t == FrameType.NEW:
-            if len(f.payload):
-                raise ProtocolError("NEW carries no payload")
+            if len(f.payload) not in (0, NEW_TOKEN_SIZE):
+                raise ProtocolError(f"NEW payload must be empty or a {NEW_TOKEN_SIZE}-byte token")
+            self.new_token = bytes(f.payload)
             self.done = True
             # A NEW read with the HELLO was sent with it, before our HELLO could arrive: no
             # round trip to measure (the adapter may supply one, e.g. the TCP connection's)
@@ -1484,6 +1493,10 @@ class ServerSession(SessionEngine):
         self._expiry: float | None = None
         self.client_address = ""
         self.attached_links = 0
+        #: the token of the NEW that made the session, until the client is known to have its
+        #: ACCEPT (it spoke on a link after it, or proved a RESUME); a NEW carrying it until
+        #: then is a repeat, answered with this session (PROTOCOL.md 3.2)
+        self.new_token = b""
 
     def check_proof(self, hs: ServerHandshake, proof: bytes) -> bool:
         """Does ``proof`` (from RESUME on ``hs``) show knowledge of this session's secret?"""
@@ -1497,9 +1510,11 @@ class ServerSession(SessionEngine):
         return False
 
     def _confirm_secret(self) -> None:
-        # The client has spoken on the link after our ACCEPT: it has the rotated secret.
+        # The client has spoken on the link after our ACCEPT: it has the rotated secret, or,
+        # for a new session, the ACCEPT itself (its NEW cannot be repeated any more).
         if self._pending_secret is not None:
             self._secret, self._pending_secret = self._pending_secret, None
+        self.new_token = b""
 
     def accept(self, hs: ServerHandshake, now: float) -> int:
         """Attach the link of ``hs`` (after NEW, or RESUME with a checked proof); an older link,
@@ -1510,6 +1525,9 @@ class ServerSession(SessionEngine):
         resumed = hs.resume
         if resumed and not self.attached_links:
             raise ProtocolError("RESUME of a session that never had a link")
+        repeat = not resumed and self.attached_links > 0
+        if repeat and not (hs.new_token and hs.new_token == self.new_token):
+            raise ProtocolError("NEW for a session that exists")
         received = hs.received if resumed else 0
         self._check_received(received)  # before disturbing the live link
         if self._link is not None:
@@ -1534,8 +1552,17 @@ class ServerSession(SessionEngine):
             self.config.replay_limit,
         )
         if not resumed:
+            if repeat:
+                # The client never saw the first ACCEPT: a fresh secret, and the stream
+                # from 0 (the rewind above), as for a session just made
+                self._secret = secrets.token_bytes(SECRET_SIZE)
+                self._pending_secret = None
+            else:
+                self.new_token = hs.new_token
+            link.confirm_secret = bool(self.new_token)
             accept += self._secret
         else:
+            self.new_token = b""
             self._pending_secret = rotate_secret(self._secret, hs.client_nonce, hs.nonce)
             link.confirm_secret = True
             self.reconnects += 1

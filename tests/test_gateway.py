@@ -23,7 +23,13 @@ from relay_helpers import (
 
 from icafast import tls
 from icafast.errors import ProtocolError
-from icafast.protocol import REJECT_BAD_PROOF, REJECT_RATE_LIMITED, ClientSession, State
+from icafast.protocol import (
+    REJECT_BAD_PROOF,
+    REJECT_CLOSED,
+    REJECT_RATE_LIMITED,
+    ClientSession,
+    State,
+)
 from icafast.proxyproto import V2_SIGNATURE, ProxyHeaderParser
 
 # -- PROXY protocol parser ---------------------------------------------------------------------
@@ -102,6 +108,21 @@ def test_failed_resumes_are_rate_limited_per_source():
             assert live.engine.state is State.ACTIVE
             writer.write(b"y")
             assert await reader.readexactly(1) == b"y"
+            # the session's own client, from the same address, still resumes (its proof
+            # checks out): the cap does not lock it out
+            assert s.proxy.reset() == 1
+            assert await wait_for(lambda: live.engine.reconnects == 1
+                                  and live.engine.state is State.ACTIVE, 5)
+            writer.write(b"z")
+            assert await reader.readexactly(1) == b"z"
+            # and a RESUME of a session that ended is still told so (REJECT 4), not refused
+            ended = ClientSession(FAST, 0.0)
+            ended.session_id = live.engine.session_id
+            ended._secret = os.urandom(32)
+            ended._ever_established = True
+            writer.close()
+            assert await wait_for(lambda: not s.server.sessions_by_id, 5)
+            assert _reject_code(await _handshake(s.server_port, None, ended)) == REJECT_CLOSED
 
     run_async("uvloop", main())
 

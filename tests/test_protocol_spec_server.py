@@ -571,9 +571,14 @@ class ServerLink(asyncio.Protocol):
 
     async def _new(self, req: Frame, held: bytes) -> None:
         srv = self.server
-        if req.payload or req.seq or req.ack:
-            raise Violation("3.1/2.4: NEW with a payload or seq/ack != 0")
+        if len(req.payload) not in (0, 16) or req.seq or req.ack:
+            raise Violation("3.1/2.4: NEW payload neither empty nor 16 bytes, or seq/ack != 0")
+        srv.new_tokens.append(req.payload)
         await self._settled()
+        if srv.lose_accepts:  # as if the link broke with our ACCEPT on the way (3.2)
+            srv.lose_accepts -= 1
+            self.abort()
+            raise LinkGone
         if srv.reject_new is not None:
             self.reject(srv.reject_new, "refused by the test", before=held)
             raise LinkGone
@@ -733,7 +738,8 @@ class SpecServer:
                  reject_resume: list[int] | None = None, reject_version: bool = False,
                  hold_hello: bool = False, lose_close0: bool = False,
                  break_at: list[int] | None = None,
-                 after_resume_accept: list[str] | None = None) -> None:
+                 after_resume_accept: list[str] | None = None,
+                 lose_accepts: int = 0) -> None:
         self.policy = policy or Policy()
         self.reject_new = reject_new
         self.reject_resume = list(reject_resume or [])
@@ -742,6 +748,8 @@ class SpecServer:
         self.lose_close0 = lose_close0
         self.break_at = list(break_at or [])  # break the link once rx reaches each offset
         self.after_resume_accept = list(after_resume_accept or [])
+        self.lose_accepts = lose_accepts  # this many NEWs: ACCEPT written, then the link cut
+        self.new_tokens: list[bytes] = []  # the payload of every NEW, in order
         self.sessions: dict[bytes, Session] = {}
         self.all_sessions: list[Session] = []
         self.tombstones: set[bytes] = set()
@@ -1099,6 +1107,24 @@ def test_silent_server_declared_dead() -> None:
 # --------------------------------------------------------------------------------------------
 # 4. REJECT.
 # --------------------------------------------------------------------------------------------
+
+
+def test_new_repeated_with_its_token_after_a_lost_accept() -> None:
+    """3.1/3.2/6.3: a NEW whose link broke before its ACCEPT arrived is tried again on a new
+    link with the same 16-byte token, and the session then opens."""
+    async def main() -> None:
+        events: list[Any] = []
+        async with spec_server(lose_accepts=2) as server, \
+                real_client(server, events, connect_retry=5.0) as (reader, writer):
+            assert await exchange(reader, writer, b"after two lost ACCEPTs") == \
+                b"after two lost ACCEPTs"
+            tokens = server.new_tokens
+            assert len(tokens) == 3 and len(tokens[0]) == 16 and len(set(tokens)) == 1, tokens
+            assert len(server.all_sessions) == 1 and server.violations == []
+        # a second session asks with a token of its own
+        async with spec_server() as server, real_client(server, []) as _:
+            assert len(server.new_tokens) == 1 and server.new_tokens[0] not in tokens
+    run(main())
 
 
 @pytest.mark.parametrize("code", [1, 5, 6, 7, 8])

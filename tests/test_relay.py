@@ -25,6 +25,7 @@ from relay_helpers import (
     free_port,
     links_up,
     listening_client,
+    read_until_closed,
     recv_stream,
     run_async,
     send_stream,
@@ -223,6 +224,122 @@ def _reject_code(data: bytes) -> int:
             return int.from_bytes(data[pos + HEADER_SIZE : pos + HEADER_SIZE + 2], "big")
         pos += HEADER_SIZE + length
     return -1
+
+
+async def _send_new(port: int, c: ClientSession) -> tuple[asyncio.StreamReader,
+                                                          asyncio.StreamWriter]:
+    """A link on which ``c`` (a client engine) has sent its HELLO and NEW, and read nothing."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    c.connect(0.0)
+    while c.next_event() is not None:
+        pass  # (the link it replaces, if any)
+    writer.write(b"".join(bytes(x) for x in c.data_to_send()))
+    return reader, writer
+
+
+async def _until_accepted(c: ClientSession, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, want: int) -> bytes:
+    """Feed ``c`` what the server sends until the session is up and ``want`` stream bytes
+    have arrived; returns them."""
+    got = bytearray()
+    for _ in range(100):
+        if c.state is State.ACTIVE and len(got) >= want:
+            break
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, "the server closed the link"
+        c.receive_data(data, 0.0)
+        while (e := c.next_event()) is not None:
+            if isinstance(e, ev.DataReceived):
+                got += e.data
+            assert not isinstance(e, ev.HandshakeRejected), e
+        out = c.data_to_send()
+        if out:
+            writer.write(b"".join(bytes(x) for x in out))
+    return bytes(got)
+
+
+def _rst(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_new_repeated_after_a_lost_accept_gets_the_same_session(loop):
+    """PROTOCOL.md 3.2: the ACCEPT of a NEW is lost with its link (the server made the session
+    and connected its backend); the client's next NEW, with the same token, gets that session:
+    one backend connection, what the backend sent meanwhile replayed from offset 0, a fresh
+    secret. Once the client has spoken on a link, the token is spent: a NEW with it makes a
+    session of its own."""
+    async def main() -> None:
+        async with Setup(Backend("echo", banner=b"banner from the backend")) as s:
+            c = ClientSession(FAST, 0.0)
+            r1, w1 = await _send_new(s.server_port, c)
+            assert await wait_for(lambda: len(s.server.sessions_by_id) == 1, 3)
+            first = s.only_session()
+            secret1 = first.engine._secret
+            assert await wait_for(lambda: len(first.engine.tx) == 23, 3)  # the banner, unacked
+            _rst(w1)  # with the ACCEPT and the banner unread
+            assert await wait_for(lambda: first.link is None, 3)
+
+            r2, w2 = await _send_new(s.server_port, c)
+            assert await _until_accepted(c, r2, w2, 23) == b"banner from the backend"
+            assert c.session_id == first.engine.session_id
+            assert list(s.server.sessions_by_id.values()) == [first]
+            assert len(s.backend.conns) == 1
+            assert first.engine._secret != secret1 and c._secret == first.engine._secret
+            # the client speaks: the token is spent
+            c.send_data(b"x")
+            w2.write(b"".join(bytes(x) for x in c.data_to_send()))
+            assert await wait_for(lambda: not first.engine.new_token, 3)
+            w2.close()
+
+            # a NEW with the spent token is a new session
+            again = ClientSession(FAST, 0.0)
+            again._new_token = c._new_token
+            r3, w3 = await _send_new(s.server_port, again)
+            await _until_accepted(again, r3, w3, 23)
+            assert again.session_id != c.session_id and len(s.backend.conns) == 2
+            w3.close()
+
+    run_async(loop, main())
+
+
+def test_new_repeated_while_its_backend_connects_takes_the_earlier_links_place():
+    """PROTOCOL.md 3.2: the client gave up a link whose NEW is still connecting to the backend
+    (to the server that link looks alive) and repeats the NEW: the server closes the earlier
+    link and sends the ACCEPT on the new one; one backend connection."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        gate = asyncio.Event()
+        connect = loop.create_connection
+
+        async with Setup(Backend("echo")) as s:
+            async def slow(factory: Any, host: Any = None, port: Any = None, **kw: Any) -> Any:
+                if port == s.backend.port:
+                    await gate.wait()
+                return await connect(factory, host, port, **kw)
+
+            loop.create_connection = slow  # type: ignore[method-assign]
+            try:
+                c = ClientSession(FAST, 0.0)
+                r1, w1 = await _send_new(s.server_port, c)
+                assert await wait_for(lambda: len(s.server._creating) == 1, 3)
+                r2, w2 = await _send_new(s.server_port, c)
+                # the earlier link is closed
+                await read_until_closed(r1, 3)
+                gate.set()
+                await _until_accepted(c, r2, w2, 0)
+                assert len(s.server.sessions_by_id) == 1 and len(s.backend.conns) == 1
+                c.send_data(b"ping")
+                w2.write(b"".join(bytes(x) for x in c.data_to_send()))
+                assert await _until_accepted(c, r2, w2, 4) == b"ping"
+                w1.close()
+                w2.close()
+            finally:
+                del loop.create_connection
+
+    run_async("asyncio", main())
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -1068,7 +1185,8 @@ def test_tombstones_of_ended_sessions_expire_in_order():
     srv.loop = SimpleNamespace(time=lambda: clock.t)  # type: ignore[assignment]
 
     def end(sid: bytes) -> None:
-        srv._forget(SimpleNamespace(engine=SimpleNamespace(session_id=sid)))  # type: ignore
+        srv._forget(SimpleNamespace(engine=SimpleNamespace(session_id=sid),  # type: ignore
+                                    new_token=b""))
 
     for i in range(1000):  # 1,000 sessions end within 10 s
         end(b"a%03d" % i)

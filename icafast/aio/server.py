@@ -117,6 +117,10 @@ class _ServerRunner(Runner):
         self.server = server
         self.mapping = mapping
         self.engine: ServerSession = engine
+        #: the token of the NEW that made this session (PROTOCOL.md 3.2), and, while it
+        #: connects to its backend, the link its ACCEPT is for
+        self.new_token = b""
+        self.pending: _PendingLink | None = None
 
     def attach(self, pending: _PendingLink) -> bool:
         """Move ``pending``'s link into this session (NEW, or RESUME with a checked proof)."""
@@ -140,6 +144,12 @@ class _ServerRunner(Runner):
         return True
 
     def handle_event(self, e: ev.Event) -> None:
+        if isinstance(e, ev.LinkUp) and not e.resumed and self.engine.attached_links > 1:
+            log.info("session %s: NEW repeated from %s (the client did not get the ACCEPT): "
+                     "the same session, %d bytes replayed%s", self.sid,
+                     self.engine.client_address, e.replayed, window_note(self.engine))
+            self.status(e)
+            return
         if isinstance(e, ev.LinkUp) and not e.resumed:
             log.info("session %s: new from %s to backend %s%s", self.sid,
                      self.engine.client_address, self.mapping.backend, window_note(self.engine))
@@ -322,6 +332,9 @@ class RelayServer:
         self._handshaking: set[_PendingLink] = set()
         #: NEW sessions connecting to their backend (not in sessions_by_id yet)
         self._creating: set[_ServerRunner] = set()
+        #: NEW tokens -> the session made by the first NEW with it: a NEW that repeats it
+        #: (the client did not get the ACCEPT) gets that session (PROTOCOL.md 3.2)
+        self._new_tokens: dict[bytes, _ServerRunner] = {}
         self._servers: list[asyncio.base_events.Server] = []
         self._control: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -399,6 +412,11 @@ class RelayServer:
     # -- sessions ----------------------------------------------------------------------------
     def _start_session(self, pending: _PendingLink) -> None:
         m = pending.mapping
+        token = pending.hs.new_token
+        if token:
+            known = self._new_tokens.get(token)
+            if known is not None and known.mapping is m and self._repeated_new(known, pending):
+                return
         # (sessions still connecting to their backend count: a burst of NEW must not overshoot)
         if len(self.sessions_by_id) + len(self._creating) >= self.max_sessions:
             pending.reject(REJECT_BUSY, f"server is at its limit of {self.max_sessions} sessions")
@@ -410,6 +428,10 @@ class RelayServer:
             # client's; the window then stays the replay limit.)
             pending.hs.rtt = tcp_rtt(pending.link.transport)
         runner = _ServerRunner(self, ServerSession(self.config, self.loop.time()), m)
+        runner.pending = pending
+        if token:
+            runner.new_token = token
+            self._new_tokens[token] = runner
         self._creating.add(runner)
         t = self.loop.create_task(self._new_session(pending, runner))
         self._tasks.add(t)
@@ -418,6 +440,31 @@ class RelayServer:
     def _created(self, runner: _ServerRunner, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         self._creating.discard(runner)  # (also when cancelled before it ran)
+        runner.pending = None
+        if self.sessions_by_id.get(runner.engine.session_id) is not runner:
+            self._drop_token(runner)  # never made
+
+    def _repeated_new(self, runner: _ServerRunner, pending: _PendingLink) -> bool:
+        """A NEW with the token of ``runner``'s: if the client cannot have had its ACCEPT,
+        ``pending`` gets that session (True), instead of a second one and backend connection."""
+        if runner in self._creating:
+            # still connecting to its backend: the ACCEPT will go on this link, the one the
+            # client now waits on (it gave the earlier one up)
+            old, runner.pending = runner.pending, pending
+            if old is not None and old is not pending:
+                old.link.close(abort=True)
+                old.detach()
+            log.info("session %s: NEW repeated from %s while it connects to its backend",
+                     runner.sid, pending.link.peer)
+            return True
+        if runner.engine.state is State.CLOSED or runner.engine.new_token != pending.hs.new_token:
+            return False  # ended, or the client has had the ACCEPT: a NEW is a new session
+        runner.attach(pending)
+        return True
+
+    def _drop_token(self, runner: _ServerRunner) -> None:
+        if runner.new_token and self._new_tokens.get(runner.new_token) is runner:
+            del self._new_tokens[runner.new_token]
 
     async def _new_session(self, pending: _PendingLink, runner: _ServerRunner) -> None:
         try:
@@ -436,10 +483,12 @@ class RelayServer:
                 self.loop.create_connection(lambda: Endpoint(runner), m.backend_host,
                                             m.backend_port))
         except (OSError, asyncio.TimeoutError) as e:
+            pending = runner.pending or pending  # (a repeated NEW may have replaced it)
             # (a warning: the operator has something to fix, not the client)
             pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: "
                                            f"{e or type(e).__name__}", logging.WARNING)
             return
+        pending = runner.pending or pending
         if pending.link.closed:
             if runner.endpoint is not None and runner.endpoint.transport is not None:
                 runner.endpoint.transport.close()
@@ -485,28 +534,34 @@ class RelayServer:
         sid = short_id(e.session_id)
         now = self.loop.time()
         source = self._source(pending)
+        live = runner is not None and runner.engine.state is not State.CLOSED
+        # The cap on failed resumes per source only refuses what would fail anyway: a proven
+        # RESUME, and one for a session that has ended (REJECT 4 ends the client's attempts),
+        # are answered as always, so a guesser (or a crowd of clients whose sessions a
+        # restarted server no longer knows) cannot lock out the sessions of others at the
+        # same address, behind the same NAT.
+        if live and runner is not None and runner.engine.check_proof(pending.hs, e.proof):
+            if runner.link is not None:
+                log.info("session %s: takeover by %s (old link still looked alive)", sid,
+                         pending.link.peer)
+            runner.attach(pending)
+            return
+        if not live and self._tombstones.get(e.session_id, 0.0) > now:
+            pending.reject(REJECT_CLOSED, f"session {sid} is closed")
+            return
         if self._failed_recently(source, now) >= self.max_failed_resumes:
             pending.reject(REJECT_RATE_LIMITED, f"too many failed resumes from {source}; "
                            "try again later")
             return
-        if runner is None or runner.engine.state is State.CLOSED:
-            if self._tombstones.get(e.session_id, 0.0) > now:
-                pending.reject(REJECT_CLOSED, f"session {sid} is closed")
-            else:
-                self._record_failure(source, now)
-                pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid}")
+        self._record_failure(source, now)
+        if not live:
+            pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid}")
             return
-        if not runner.engine.check_proof(pending.hs, e.proof):
-            self._record_failure(source, now)
-            log.warning("session %s: RESUME with a wrong proof from %s", sid, pending.link.peer)
-            pending.reject(REJECT_BAD_PROOF, f"wrong proof for session {sid}")
-            return
-        if runner.link is not None:
-            log.info("session %s: takeover by %s (old link still looked alive)", sid,
-                     pending.link.peer)
-        runner.attach(pending)
+        log.warning("session %s: RESUME with a wrong proof from %s", sid, pending.link.peer)
+        pending.reject(REJECT_BAD_PROOF, f"wrong proof for session {sid}")
 
     def _forget(self, runner: _ServerRunner) -> None:
+        self._drop_token(runner)
         sid = runner.engine.session_id
         if self.sessions_by_id.get(sid) is runner:
             del self.sessions_by_id[sid]
