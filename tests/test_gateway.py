@@ -18,6 +18,7 @@ from relay_helpers import (
     read_until_closed,
     run_async,
     stop_process,
+    tls_for,
     wait_for,
 )
 
@@ -127,24 +128,33 @@ def test_failed_resumes_are_rate_limited_per_source():
     run_async("uvloop", main())
 
 
-def test_handshake_flood_is_capped_and_slowloris_dropped():
+@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
+def test_handshake_flood_is_capped_and_slowloris_dropped(use_tls, tmp_path):
+    """More connections than ``max_handshakes`` in their handshakes: the rest are closed at
+    once. With TLS that counts from the TCP connection, not from the end of the TLS
+    handshake (a connection that never starts its TLS handshake is the cheapest flood)."""
+    server_kw, client_tls = tls_for(tmp_path, use_tls)
+
     async def main() -> None:
         from icafast.protocol import Config
 
         cfg = Config(keepalive_interval=0.1, dead_timeout=0.4, handshake_timeout=0.5)
-        async with Setup(Backend("echo"), config=cfg, max_handshakes=10) as s:
+        async with Setup(Backend("echo"), config=cfg, max_handshakes=10, **server_kw) as s:
             silent = []
             for _ in range(30):  # connect and say nothing
                 silent.append(await asyncio.open_connection("127.0.0.1", s.server_port))
-            await asyncio.sleep(0.1)
-            assert len(s.server._handshaking) <= 10
+            assert await wait_for(lambda: len(s.server._handshaking) == 10, 2)
+            # the 20 beyond the limit are closed at once, long before the handshake timeout
+            await asyncio.wait_for(asyncio.gather(*(read_until_closed(r, 0.3)
+                                                    for r, _ in silent[10:])), 0.4)
+            assert len(s.server._handshaking) == 10
             # all of them are gone after the handshake timeout
             assert await wait_for(lambda: not s.server._handshaking, 3)
             for r, w in silent:  # each was closed (reset, or REJECT then close)
                 await read_until_closed(r, 3)
                 w.close()
             # and a real client still gets in
-            reader, writer = await s.client(config=cfg)
+            reader, writer = await s.client(config=cfg, tls=client_tls)
             writer.write(b"ok")
             assert await reader.readexactly(2) == b"ok"
 

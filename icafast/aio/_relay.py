@@ -467,6 +467,12 @@ class _LinkBase:
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = format_hostport(str(peer[0]), peer[1])
         if self.tls_setup is not None:
+            # An owner may turn the connection away before any TLS work (a server with too
+            # many connections in their handshakes already): it closes the link itself
+            opened = getattr(self.owner, "link_opened", None)
+            if opened is not None and not opened(self):
+                self.tls_setup = None
+                return
             self.tls_setup.start(self, transport)  # the owner hears of the link once secured
             return
         self.owner.link_made(self)

@@ -196,15 +196,32 @@ class _PendingLink:
         )
         self._timer: asyncio.TimerHandle | None = None
         self._attached = False
+        self._counted = False
+        if tls_setup is not None:
+            tls_setup.done.add_done_callback(self._tls_done)
 
-    def link_made(self, link: Link) -> None:
+    def link_opened(self, link: Link) -> bool:
+        """The connection is up, before any TLS handshake: it counts against the limit of
+        connections in their handshakes from now on, or is closed at once beyond it."""
+        if self._counted:
+            return True
         srv = self.server
         if len(srv._handshaking) >= srv.max_handshakes:
             srv._note_overload(link.peer)
             self._attached = True
             link.close(abort=True)
-            return
+            return False
         srv._handshaking.add(self)
+        self._counted = True
+        return True
+
+    def _tls_done(self, done: asyncio.Future[None]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            self.detach()  # the TLS handshake failed: the link is gone, unheard of
+
+    def link_made(self, link: Link) -> None:
+        if not self.link_opened(link):  # (a plain link; a TLS one was counted before)
+            return
         t = self.hs.get_timer()
         if t is not None:
             self._timer = self.server.loop.call_at(t, self._on_timer)
