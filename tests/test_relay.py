@@ -343,6 +343,39 @@ def test_new_repeated_while_its_backend_connects_takes_the_earlier_links_place()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_serve_forever_returns_once_closed(loop):
+    """The library's two ways to run: ``serve_forever()`` returns when ``close()`` is called,
+    on the server and on the client (under uvloop the listeners' own serve_forever never
+    returned)."""
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], FAST)
+        assert srv.sessions() == []  # (not started: none, and no error)
+        with pytest.raises(RuntimeError, match="start"):
+            await srv.serve_forever()
+        await srv.start()
+        client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", srv.addresses[0][1]), FAST)
+        await client.start()
+        serving = [asyncio.ensure_future(srv.serve_forever()),
+                   asyncio.ensure_future(client.serve_forever())]
+        try:
+            reader, writer = await asyncio.open_connection(*client.addresses[0])
+            writer.write(b"served")
+            assert await asyncio.wait_for(reader.readexactly(6), 5) == b"served"
+            assert not any(t.done() for t in serving)
+            await client.close()
+            await srv.close()
+            await asyncio.wait_for(asyncio.gather(*serving), 2)
+            writer.close()
+        finally:
+            for t in serving:
+                t.cancel()
+            await backend.close()
+
+    run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_bad_handshakes_are_rejected_and_disturb_no_session(loop):
     async def main() -> None:
         async with Setup(Backend("echo")) as s:

@@ -475,6 +475,7 @@ class RelayClient:
         self.on_status = on_status
         self.runners: set[_ClientRunner] = set()
         self._server: asyncio.base_events.Server | None = None
+        self._stopped: asyncio.Event | None = None  # set by close(): serve_forever returns
         self.addresses: list[tuple[str, int]] = []
         self._count = 0
         self._loop: asyncio.AbstractEventLoop | None = None  # (start() sets it)
@@ -491,6 +492,7 @@ class RelayClient:
     async def start(self) -> None:
         # (kept for the factory: asking for the running loop costs a getpid() call each time)
         self._loop = loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
         self._server = await loop.create_server(self._factory, self.listen[0] or None,
                                                 self.listen[1], reuse_address=True, backlog=1024)
         for sock in self._server.sockets:
@@ -499,14 +501,18 @@ class RelayClient:
             log.info("listening on %s:%d -> server %s:%d", addr[0], addr[1], *self.server)
 
     async def serve_forever(self) -> None:
-        assert self._server is not None
-        await self._server.serve_forever()
+        """Return once ``close()`` has been called (the listener serves from ``start()`` on)."""
+        if self._stopped is None:
+            raise RuntimeError("RelayClient.start() first")
+        await self._stopped.wait()
 
     async def close(self, timeout: float = SHUTDOWN_WAIT) -> None:
         """Stop listening and end every session: each is closed on the server too (CLOSE, on
         which the server closes its backend connection at once), and the application's
         connection is reset. Waits at most ``timeout`` seconds in all for the server to take
         the CLOSEs, then resets whatever is left."""
+        if self._stopped is not None:
+            self._stopped.set()
         if self._server is not None:
             self._server.close()
         loop = asyncio.get_running_loop()

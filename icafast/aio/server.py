@@ -358,6 +358,7 @@ class RelayServer:
         self.started_at = time.time()
         self.addresses: list[tuple[str, int]] = []
         self._listen_labels: dict[int, str] = {}
+        self._stopped: asyncio.Event | None = None  # set by close(): serve_forever returns
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -365,6 +366,7 @@ class RelayServer:
             raise ValueError("--proxy-protocol needs the load balancer to terminate TLS "
                              "(use --no-tls behind it): the PROXY header precedes any TLS")
         self.loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
         short = shortfall(self.max_sessions, self.max_handshakes)
         if short is not None:
             log.warning("%s", short)
@@ -405,9 +407,14 @@ class RelayServer:
                         timeout=self.config.handshake_timeout, loop=self.loop)
 
     async def serve_forever(self) -> None:
-        await asyncio.gather(*(s.serve_forever() for s in self._servers))
+        """Return once ``close()`` has been called (the listeners serve from ``start()`` on)."""
+        if self._stopped is None:
+            raise RuntimeError("RelayServer.start() first")
+        await self._stopped.wait()
 
     async def close(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
         for s in self._servers:
             s.close()
         if self._control is not None:
@@ -605,6 +612,8 @@ class RelayServer:
         return found[0]
 
     def sessions(self) -> list[dict[str, Any]]:
+        if self.loop is None:
+            return []  # not started
         now = self.loop.time()
         rows = []
         for r in self.sessions_by_id.values():
