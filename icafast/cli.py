@@ -92,14 +92,34 @@ _CONFIG_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 #: config-file names of settings whose command-line option is named otherwise
 _CONFIG_ALIASES = {"max_frame_size": "max_payload"}
-#: every other key a config file may hold (for serve, connect or sessions: one file can serve
-#: all three); anything else is a mistake worth an error rather than a silent default
-_FILE_KEYS = {
-    "listen", "backend", "mapping", "control", "server", "fallback", "max_sessions",
-    "max_handshakes", "max_failed_resumes", "proxy_protocol", "no_tls", "tls_cert", "tls_key",
-    "tls_client_ca", "state_dir", "tls_ca", "tls_fingerprint", "tls_insecure",
-    "tls_server_name", "tls_client_cert", "tls_client_key",
+
+# What a config file's value may be (its TOML types) and how to say so. Numbers never take
+# booleans: TOML's true is Python's True, an int, that would pass as 1 second.
+_SECONDS = ((int, float, str), "a number of seconds")
+_BYTES = ((int, str), 'a whole number of bytes, or a size in quotes such as "8M"')
+_COUNT = ((int, str), "a whole number")
+_TEXT = ((str,), "a string (in quotes)")
+_FLAG = ((bool,), "true or false")
+#: every key a config file may hold (for serve, connect or sessions: one file can serve all
+#: three); anything else is a mistake worth an error rather than a silent default
+_FILE_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    **{k: _SECONDS for k in ("keepalive_interval", "dead_timeout", "reliability_timeout",
+                             "hold", "handshake_timeout", "connect_retry")},
+    **{k: _BYTES for k in ("replay_limit", "max_payload", "frame_size")},
+    **{k: _COUNT for k in ("max_sessions", "max_handshakes", "max_failed_resumes")},
+    **{k: _FLAG for k in ("proxy_protocol", "no_tls", "tls_insecure")},
+    **{k: _TEXT for k in ("on_timeout", "listen", "backend", "control", "server", "fallback",
+                          "tls_cert", "tls_key", "tls_client_ca", "state_dir", "tls_ca",
+                          "tls_fingerprint", "tls_server_name", "tls_client_cert",
+                          "tls_client_key")},
+    "mapping": ((list,), '[[mapping]] tables, each with listen = "HOST:PORT" and optionally '
+                         'backend = "HOST:PORT"'),
 }
+
+
+def _toml(value: Any) -> str:
+    """``value`` as a config file spells it (true, not Python's True)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
 
 
 def _add_common(p: argparse.ArgumentParser, server: bool) -> None:
@@ -269,23 +289,37 @@ def load_toml(path: str | None) -> dict[str, Any]:
             data = tomllib.load(f)
     except OSError as e:
         raise UsageError(f"cannot read the config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:  # (TOML is UTF-8: a Latin-1 "é" in a comment is not)
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise UsageError(f"config file {path} is not valid TOML: line {line} is not UTF-8 "
+                         f"(byte 0x{e.object[e.start]:02x})") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
     cfg = {}
     for key, value in data.items():
         k = key.replace("-", "_")
         k = _CONFIG_ALIASES.get(k, k)
-        if k not in _CONFIG_KEYS and k not in _FILE_KEYS:
+        if k not in _FILE_TYPES:
             raise UsageError(f"config file {path}: unknown setting {key!r}")
         if k in cfg:
             raise UsageError(f"config file {path}: {key!r} given twice (under two names)")
+        types, what = _FILE_TYPES[k]
+        if type(value) not in types:  # (exact types: a bool is not an int here)
+            raise UsageError(f"config file {path}: {key} = {_toml(value)}: must be {what}")
         cfg[k] = value
-    for i, m in enumerate(cfg.get("mapping", [])):
-        if not isinstance(m, dict) or "listen" not in m:
-            raise UsageError(f"config file {path}: [[mapping]] number {i + 1} needs 'listen'")
+    for i, m in enumerate(cfg.get("mapping", []), 1):
+        where = f"config file {path}: [[mapping]] number {i}"
+        if type(m) is not dict:
+            raise UsageError(f"{where} = {_toml(m)}: must be a table with listen = "
+                             '"HOST:PORT" and optionally backend = "HOST:PORT"')
+        if "listen" not in m:
+            raise UsageError(f"{where} needs 'listen'")
         if set(m) - {"listen", "backend"}:
-            raise UsageError(f"config file {path}: [[mapping]] number {i + 1}: unknown "
-                             f"setting {sorted(set(m) - {'listen', 'backend'})[0]!r}")
+            raise UsageError(f"{where}: unknown setting "
+                             f"{sorted(set(m) - {'listen', 'backend'})[0]!r}")
+        for name, value in m.items():
+            if type(value) is not str:
+                raise UsageError(f"{where}: {name} = {_toml(value)}: must be {_TEXT[1]}")
     return cfg
 
 

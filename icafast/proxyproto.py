@@ -45,13 +45,17 @@ class ProxyHeaderParser:
 
     def _v1(self) -> bytes:
         b = self._buf
-        end = b.find(b"\r\n")
+        # (the line ends at its first LF, within the 107 bytes; a bare LF is not a line end the
+        # spec allows, and waiting for a CRLF after it would only report it as too long)
+        end = b.find(b"\n", 0, _V1_MAX)
         if end < 0:
             if len(b) >= _V1_MAX:
                 raise ProtocolError("PROXY v1 header longer than 107 bytes")
             return b""
-        line = bytes(b[:end]).decode("ascii", "replace")
-        rest = bytes(b[end + 2 :])
+        if b[end - 1] != 0x0D:  # (end >= 6: the buffer starts with "PROXY ")
+            raise ProtocolError("PROXY v1 header line ends in a bare LF: it must end in CRLF")
+        line = bytes(b[: end - 1]).decode("ascii", "replace")
+        rest = bytes(b[end + 1 :])
         parts = line.split(" ")
         if len(parts) >= 2 and parts[1] == "UNKNOWN":
             self.source = None
@@ -78,6 +82,12 @@ class ProxyHeaderParser:
         ver_cmd, fam, length = struct.unpack_from(">BBH", b, 12)
         if ver_cmd >> 4 != 2 or (ver_cmd & 0xF) not in (0, 1):
             raise ProtocolError(f"bad PROXY v2 version/command 0x{ver_cmd:02x}")
+        family, proto = fam >> 4, fam & 0xF
+        # (the spec defines families 0-3 and transports 0-2 and has receivers reject other
+        # values; LOCAL ignores the byte)
+        if ver_cmd & 0xF == 1 and (family > 3 or proto > 2):
+            what = "address family" if family > 3 else "transport protocol"
+            raise ProtocolError(f"PROXY v2 header with an unknown {what} (byte 0x{fam:02x})")
         if length > _V2_MAX_BODY:
             raise ProtocolError(f"PROXY v2 header too long ({length} bytes)")
         if len(b) < 16 + length:
@@ -86,7 +96,6 @@ class ProxyHeaderParser:
         rest = bytes(b[16 + length :])
         self.source = None
         if ver_cmd & 0xF == 1:  # PROXY (LOCAL: health checks etc. keep the real address)
-            family, proto = fam >> 4, fam & 0xF
             if proto in (1, 2) and family == 1:  # INET
                 if length < 12:
                     raise ProtocolError("PROXY v2 IPv4 address block too short")

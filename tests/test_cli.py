@@ -492,6 +492,17 @@ def test_bad_arguments_get_one_clear_line(args, message):
     ("max_sessions = 0", "max_sessions = 0: must be at least 1"),
     ("[[mapping]]\nbackend = '127.0.0.1:1494'", "[[mapping]] number 1 needs 'listen'"),
     ("[[mapping]]\nlisten = ':2598'\nbakend = 'x'", "unknown setting 'bakend'"),
+    # values of the wrong type (TOML's true would pass as the number 1)
+    ("hold = true", "hold = true: must be a number of seconds"),
+    ("keepalive_interval = true", "keepalive_interval = true: must be a number of seconds"),
+    ("max_sessions = true", "max_sessions = true: must be a whole number"),
+    ("replay_limit = 1.5", "replay_limit = 1.5: must be a whole number of bytes, or a size"),
+    ("control = 5", "control = 5: must be a string"),
+    ("no_tls = 'no'", "no_tls = 'no': must be true or false"),
+    ("mapping = 5", "mapping = 5: must be [[mapping]] tables, each with listen = "),
+    ("[mapping]\nlisten = ':2598'", "mapping = {'listen': ':2598'}: must be [[mapping]] tables"),
+    ("mapping = [5]", "[[mapping]] number 1 = 5: must be a table with listen = "),
+    ("[[mapping]]\nlisten = 2598", "[[mapping]] number 1: listen = 2598: must be a string"),
 ])
 def test_bad_config_files_get_one_clear_line(tmp_path, text, message):
     cfg = tmp_path / "icafast.toml"
@@ -499,6 +510,56 @@ def test_bad_config_files_get_one_clear_line(tmp_path, text, message):
     p = _icafast("serve", "--no-tls", "--listen", "127.0.0.1:0", "--config", str(cfg))
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--no-tls", "--listen", "127.0.0.1:0"],
+    ["connect", "--no-tls", "--server", "127.0.0.1:2598"],
+    ["sessions"],
+])
+def test_config_files_not_in_utf8_get_one_clear_line(tmp_path, args):
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_bytes(b"dead_timeout = 20\n# caf\xe9 (Latin-1)\n")
+    p = _icafast(*args, "--config", str(cfg))
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert (f"icafast {args[0]}: config file {cfg} is not valid TOML: line 2 is not UTF-8 "
+            "(byte 0xe9)") in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+#: the TOML types each config-file key takes: every key, so that a new one must say
+_FILE_VALUES = {
+    **dict.fromkeys(["keepalive_interval", "dead_timeout", "reliability_timeout", "hold",
+                     "handshake_timeout", "connect_retry"], {"integer", "float", "string"}),
+    **dict.fromkeys(["replay_limit", "max_payload", "frame_size", "max_sessions",
+                     "max_handshakes", "max_failed_resumes"], {"integer", "string"}),
+    **dict.fromkeys(["proxy_protocol", "no_tls", "tls_insecure"], {"boolean"}),
+    **dict.fromkeys(["on_timeout", "listen", "backend", "control", "server", "fallback",
+                     "tls_cert", "tls_key", "tls_client_ca", "state_dir", "tls_ca",
+                     "tls_fingerprint", "tls_server_name", "tls_client_cert", "tls_client_key"],
+                    {"string"}),
+    "mapping": {"array"},
+}
+
+
+def test_every_config_key_refuses_values_of_other_types(tmp_path):
+    """Any TOML value a key does not take is refused when the file is read, in one line naming
+    the key, the value and what it must be; none reaches a conversion or the server."""
+    from icafast import cli
+
+    assert set(cli._FILE_TYPES) == set(_FILE_VALUES)
+    cfg = tmp_path / "icafast.toml"
+    literals = {"true": "boolean", "5": "integer", "1.5": "float", "'5'": "string",
+                "[]": "array", "[{ listen = ':2598' }]": "array", "{ a = 1 }": "table",
+                "1979-05-27": "date"}
+    for key, takes in _FILE_VALUES.items():
+        for literal, kind in literals.items():
+            cfg.write_text(f"{key} = {literal}\n")
+            if kind in takes:
+                assert key in cli.load_toml(str(cfg))
+                continue
+            with pytest.raises(cli.UsageError) as e:
+                cli.load_toml(str(cfg))
+            assert f": {key} = " in str(e.value) and ": must be " in str(e.value), str(e.value)
 
 
 def test_config_file_takes_the_options_long_names(tmp_path):

@@ -53,6 +53,10 @@ V2_LOCAL = V2_SIGNATURE + bytes([0x20, 0x00, 0x00, 0x00])
     (V2_4, ("192.0.2.9", 4242), 2),
     (V2_6, ("2001:db8::9", 5555), 2),
     (V2_LOCAL, None, 2),
+    # LOCAL ignores the family byte; UNSPEC and UNIX leave the connection's own address
+    (V2_SIGNATURE + bytes([0x20, 0x99, 0, 0]), None, 2),
+    (V2_SIGNATURE + bytes([0x21, 0x00, 0, 0]), None, 2),
+    (V2_SIGNATURE + bytes([0x21, 0x31]) + (216).to_bytes(2, "big") + bytes(216), None, 2),
 ])
 def test_proxy_headers_whole_bytewise_and_with_trailing_data(header, source, version):
     for chunks in ([header + b"HELLO"], [bytes([c]) for c in header + b"HELLO"]):
@@ -75,6 +79,24 @@ def test_bad_proxy_headers_raise_protocol_error(junk):
     with pytest.raises(ProtocolError):
         p.feed(junk)
         p.feed(b"\r\n" * 60)
+
+
+@pytest.mark.parametrize("header,reason", [
+    (V1[:-2] + b"\n", "ends in a bare LF: it must end in CRLF"),
+    (b"PROXY UNKNOWN " + b"x" * 100 + b"\r\n", "longer than 107 bytes"),
+    (V2_SIGNATURE + bytes([0x21, 0x99, 0, 12]) + bytes(12),
+     r"unknown address family \(byte 0x99\)"),
+    (V2_SIGNATURE + bytes([0x21, 0x13, 0, 12]) + bytes(12),
+     r"unknown transport protocol \(byte 0x13\)"),
+])
+def test_bad_proxy_headers_say_why(header, reason):
+    """The spec's limits: a v1 line ends in CRLF within 107 bytes; a v2 PROXY header names one
+    of the address families and transports the spec defines."""
+    for chunks in ([header + b"HELLO"], [bytes([c]) for c in header + b"HELLO"]):
+        p = ProxyHeaderParser()
+        with pytest.raises(ProtocolError, match=reason):
+            for c in chunks:
+                p.feed(c)
 
 
 @given(st.binary(max_size=300))
