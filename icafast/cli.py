@@ -28,6 +28,11 @@ else:  # pragma: no cover
 
 
 def default_control_path() -> str:
+    """A directory no other user can write to: root's /run (another user could make
+    /tmp/icafast-0 first, and the server would refuse it), a user's runtime directory, else
+    /tmp/icafast-UID (which the server checks is the user's own)."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0 and os.path.isdir("/run"):
+        return "/run/icafast/control.sock"
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base:
         return os.path.join(base, "icafast", "control.sock")

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import json
 import logging
 import os
 import re
@@ -995,6 +996,88 @@ def test_control_socket_list_disconnect_reset(tmp_path):
             bad = await loop.run_in_executor(None, control_request, path,
                                              {"cmd": "reset", "id": "ffff"})
             assert not bad["ok"] and bad["error"] == "no session matches 'ffff'", bad
+
+    run_async("uvloop", main())
+
+
+def _raw_control(path: str, line: bytes) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(5)
+        c.connect(path)
+        c.sendall(line)
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = c.recv(65536)
+            assert chunk, f"no reply to {line[:40]!r}"
+            buf += chunk
+    return json.loads(buf)
+
+
+def test_control_socket_answers_junk_with_an_error(tmp_path, caplog):
+    """Requests that are not what ``icafast sessions`` sends get an error reply each, and
+    touch no session (they raised in the server's handler: no reply and a traceback); an
+    empty id is no prefix of every id."""
+    path = str(tmp_path / "control.sock")
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), control_path=path) as s:
+            reader, writer = await s.client()
+            loop = asyncio.get_running_loop()
+            cases = {
+                b"[1, 2]\n": "a request is a JSON object",
+                b"5\n": "a request is a JSON object",
+                b"null\n": "a request is a JSON object",
+                b"[" * 100_000 + b"\n": "request longer than 64 KiB",
+                b"[" * 5000 + b"\n": "nested too deeply",
+                b"not json\n": "Expecting value",
+                b'{"cmd": "reset", "id": ""}\n': "no session id given",
+                b'{"cmd": "disconnect"}\n': "id",
+                b'{"cmd": "halt"}\n': "unknown command 'halt'",
+            }
+            for line, why in cases.items():
+                reply = await loop.run_in_executor(None, _raw_control, path, line)
+                assert reply["ok"] is False and why in reply["error"], (line[:30], reply)
+            writer.write(b"still here")
+            assert await reader.readexactly(10) == b"still here"
+            assert s.only_session().engine.reconnects == 0
+
+    caplog.set_level(logging.INFO, logger="asyncio")
+    run_async("uvloop", main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_control_socket_refuses_a_directory_others_may_change(tmp_path):
+    """A control directory that other users can write to (not sticky), or that belongs to
+    another user, could have the socket replaced by theirs: the server refuses to start on
+    it. A sticky one such as /tmp is fine (no one may remove another's socket there)."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(theirs, 65534, 65534)
+
+    async def start(path: str) -> None:
+        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", free_port())], FAST,
+                          control_path=path)
+        try:
+            await srv.start()
+        finally:
+            await srv.close()
+
+    async def main() -> None:
+        with pytest.raises(OSError, match="shared is writable by other users .mode 0777."):
+            await start(str(shared / "control.sock"))
+        assert not os.path.exists(shared / "control.sock")
+        if os.geteuid() == 0:
+            for path in (theirs / "control.sock", theirs / "icafast" / "control.sock"):
+                with pytest.raises(OSError, match="theirs belongs to user 65534"):
+                    await start(str(path))
+        await start(str(sticky / "control.sock"))
 
     run_async("uvloop", main())
 

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import ssl
+import stat
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -605,6 +606,8 @@ class RelayServer:
     def find(self, sid_prefix: str) -> _ServerRunner:
         """The session whose hex id is or starts with ``sid_prefix`` (unique)."""
         sid_prefix = sid_prefix.lower()
+        if not sid_prefix:
+            raise KeyError("no session id given")
         found = [r for s, r in self.sessions_by_id.items() if s.hex().startswith(sid_prefix)]
         if len(found) != 1:
             raise KeyError(f"{'no' if not found else 'more than one'} session matches "
@@ -650,11 +653,10 @@ class RelayServer:
     async def _start_control(self, path: str) -> None:
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, mode=0o700, exist_ok=True)
+        _check_control_dir(d)
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)
-            import stat as _stat
-
-            if _stat.S_ISSOCK(st.st_mode):
+            if stat.S_ISSOCK(st.st_mode):
                 if _socket_answers(path):
                     raise OSError(errno.EADDRINUSE, f"control socket {path} is in use by "
                                   "another running server (give each server its own --control)")
@@ -669,14 +671,23 @@ class RelayServer:
     async def _control_client(self, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
         try:
-            line = await asyncio.wait_for(reader.readline(), 10)
             try:
-                req = json.loads(line)
-                reply = self.control(req)
-            except KeyError as e:  # (str() of a KeyError quotes its message)
-                reply = {"ok": False, "error": str(e.args[0]) if e.args else "missing key"}
-            except (ValueError, TypeError) as e:
-                reply = {"ok": False, "error": str(e)}
+                line = await asyncio.wait_for(reader.readline(), 10)
+            except ValueError:  # (over the reader's 64 KiB limit)
+                reply: dict[str, Any] = {"ok": False, "error": "request longer than 64 KiB"}
+            else:
+                try:
+                    req = json.loads(line)
+                    if not isinstance(req, dict):
+                        raise ValueError("a request is a JSON object, such as "
+                                         '{"cmd": "list"}')
+                    reply = self.control(req)
+                except KeyError as e:  # (str() of a KeyError quotes its message)
+                    reply = {"ok": False, "error": str(e.args[0]) if e.args else "missing key"}
+                except (ValueError, TypeError) as e:
+                    reply = {"ok": False, "error": str(e)}
+                except RecursionError:  # (JSON nested deeper than the parser goes)
+                    reply = {"ok": False, "error": "request nested too deeply"}
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()
         except (OSError, asyncio.TimeoutError):
@@ -694,6 +705,35 @@ class RelayServer:
         if cmd == "disconnect":
             return {"ok": True, "disconnected": self.disconnect_session(str(req["id"]))}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def _check_control_dir(d: str) -> None:
+    """Refuse a control socket directory that another user could change: they could put
+    their own socket in place of the server's (and answer ``icafast sessions`` with what they
+    like), or block it. The directory and each one above it must belong to this user or root
+    and be writable by their owner only, or be sticky (as /tmp is: no one may then remove or
+    rename what another user made there)."""
+    if not hasattr(os, "geteuid"):  # pragma: no cover - (no Unix sockets there)
+        return
+    me = os.geteuid()
+    link = os.lstat(d)  # (a symbolic link must be ours too, besides where it leads)
+    checks = [(d, link)] if stat.S_ISLNK(link.st_mode) else []
+    path = os.path.realpath(d)
+    while True:
+        checks.append((path, os.stat(path)))
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for where, st in checks:
+        if st.st_uid not in (me, 0):
+            raise OSError(errno.EPERM, f"control socket directory {d}: {where} belongs to user "
+                          f"{st.st_uid}, who could replace the socket: give --control a path "
+                          "in a directory of your own")
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise OSError(errno.EPERM, f"control socket directory {d}: {where} is writable by "
+                          f"other users (mode {stat.S_IMODE(st.st_mode):04o}), who could replace "
+                          "the socket: give --control a path in a directory of your own")
 
 
 def _socket_answers(path: str) -> bool:
