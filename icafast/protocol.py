@@ -1315,11 +1315,11 @@ class ClientSession(SessionEngine):
             delay = min(cap, delay * (0.5 + self._rng.random()))  # jitter 0.5x..1.5x, capped
         at = min(now + delay, deadline)  # one last try at the deadline
         if now >= deadline and self._attempt > 1:
-            self._closed(
-                CLOSE_TIMEOUT,
-                f"reliability timeout: no reconnect within {deadline - self._disconnected_at:g}s",
-                graceful=False,
-            )
+            lost = self._disconnected_at
+            reason = f"reliability timeout: no reconnect within {deadline - lost:g}s"
+            if now > deadline + 1.0:  # (an attempt under way at the deadline ran its course)
+                reason += f" (the last attempt ended {now - lost:.1f}s after the link was lost)"
+            self._closed(CLOSE_TIMEOUT, reason, graceful=False)
             return
         self._reconnect_at = at
 

@@ -228,6 +228,31 @@ def test_plain_client_against_tls_server_gets_a_hint(loop, tls_io, tmp_path, mon
     assert "without answering" in hints[0].getMessage()
 
 
+def test_one_link_reset_before_the_answer_gives_no_tls_hint(caplog):
+    """A network that resets the first link before the server's answer is not a server that
+    wants TLS: the hint on that needs a second such link."""
+    caplog.set_level(logging.INFO, logger="icafast")
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            s.proxy.refuse_new = True  # the first link is reset as it connects
+
+            def status(e: Any, _s: Any) -> None:
+                if isinstance(e, ev.HandshakeRejected):
+                    s.proxy.refuse_new = False
+
+            reader, writer = await open_session(
+                "127.0.0.1", s.proxy.port, config=dataclasses.replace(FAST, connect_retry=5.0),
+                on_status=status)
+            s.writers.append(writer)
+            writer.write(b"in")
+            assert await reader.readexactly(2) == b"in"
+
+    run_async("uvloop", main())
+    assert _records(caplog, "handshake failed: connection lost")
+    assert not _records(caplog, "drop --no-tls"), [r.getMessage() for r in caplog.records]
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_plain_client_told_when_the_server_answers_in_tls(loop, caplog):
     """A server that answers the plain-text HELLO with a TLS alert record: the bytes say

@@ -430,6 +430,35 @@ def test_client_gives_up_after_reliability_timeout():
     assert 3.1 + 5.0 <= h.now - 1000.0 < 3.1 + 5.0 + 1.0
 
 
+def test_client_says_when_it_gave_up_after_the_reliability_timeout():
+    """An attempt under way at the deadline runs its handshake timeout (into a blackhole,
+    nothing answers it): the session then ends later than the timeout, and says so."""
+    cfg = Config(keepalive_interval=1.0, dead_timeout=3.0, reliability_timeout=5.0,
+                 handshake_timeout=4.0)
+    h = Harness(cfg)
+    h.open_link()
+    h.pump()
+    h.blackhole()
+    h.auto_reconnect = False
+    h.advance(3.1)  # dead
+    lost = h.now
+    for _ in range(400):
+        for e in h.client_events:
+            if isinstance(e, ev.ReconnectDue) and not getattr(e, "_handled", False):
+                object.__setattr__(e, "_handled", True)
+                h.client.connect(h.now)  # a connection whose SYN nobody answers
+                h.client.data_to_send()
+        if h.client.state is State.CLOSED:
+            break
+        h.advance(0.25)
+    (closed,) = of(ev.SessionClosed, h.client_events)
+    assert closed.code == CLOSE_TIMEOUT
+    took = h.now - lost
+    assert 5.0 + 1.0 < took <= 5.0 + 4.0 + 0.25, took
+    assert closed.reason == (f"reliability timeout: no reconnect within 5s (the last attempt "
+                             f"ended {took:.1f}s after the link was lost)")
+
+
 def test_client_adopts_server_policy():
     h = Harness(Config(keepalive_interval=1.0, dead_timeout=2.0),
                 server_config=Config(keepalive_interval=4.0, dead_timeout=12.0,

@@ -108,6 +108,7 @@ class _ClientRunner(Runner):
         self._verify_logged = False  # ... and that was logged as an error (once per session)
         self._attempt: _Attempt | None = None  # the link attempt in progress
         self._hinted = False  # a hint on mismatched TLS settings was logged (once per session)
+        self._silent_closes = 0  # first links closed before any answer (see handle_event)
         self._hint = ""  # ... that hint (open_session's error repeats it)
         self._stopping = False  # the client stops: see stop()
         #: the link that carries the session's CLOSE as the client stops, until it is gone
@@ -237,7 +238,10 @@ class _ClientRunner(Runner):
                 if e.reason.startswith(_TLS_RECORD_STARTS):
                     self.hint(_HINT_TLS_SERVER)
                 elif e.reason.startswith(("connection closed by peer", "connection lost")):
-                    self.hint(_HINT_SILENT_SERVER)
+                    # (twice: one link a network broke before the answer came is not a sign)
+                    self._silent_closes += 1
+                    if self._silent_closes >= 2:
+                        self.hint(_HINT_SILENT_SERVER)
             if self.link is not None and self.engine.link_id != self.link.link_id:
                 self.link.close(abort=True)
                 self.link = None
