@@ -4,6 +4,7 @@ server, a certificate that does not verify is not retried, mismatched TLS settin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -226,6 +227,36 @@ def test_plain_client_against_tls_server_gets_a_hint(loop, tls_io, tmp_path, mon
     hints = _records(caplog, "drop --no-tls", logging.WARNING)
     assert len(hints) == 1, [r.getMessage() for r in hints]
     assert "without answering" in hints[0].getMessage()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_open_session_given_up_closes_its_link_at_once(loop):
+    """``open_session`` abandoned (cancelled, or a timeout around it) while the server has
+    not answered: its link is closed then, not at the handshake timeout (10 s here)."""
+    async def main() -> None:
+        closed = asyncio.Event()
+        writers: list[asyncio.StreamWriter] = []
+
+        async def silent(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            writers.append(w)
+            with contextlib.suppress(ConnectionError):
+                await r.read()  # until the client closes its link
+            closed.set()
+
+        srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+        try:
+            port = srv.sockets[0].getsockname()[1]
+            config = dataclasses.replace(FAST, handshake_timeout=10.0)
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(open_session("127.0.0.1", port, config=config), 0.3)
+            await asyncio.wait_for(closed.wait(), 2)
+        finally:
+            for w in writers:
+                w.close()
+            srv.close()
+            await srv.wait_closed()
+
+    run_async(loop, main())
 
 
 def test_one_link_reset_before_the_answer_gives_no_tls_hint(caplog):

@@ -586,6 +586,10 @@ async def open_session(
     try:
         await ready
     except BaseException:
+        # (cancelled, or a timeout around it: the link attempt and its socket go now, not
+        # at the handshake timeout)
+        runner.stop("open_session() abandoned")
+        runner.finish_stop("open_session() abandoned")
         writer.close()
         raise
     return reader, writer
