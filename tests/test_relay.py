@@ -376,6 +376,35 @@ def test_serve_forever_returns_once_closed(loop):
     run_async(loop, main())
 
 
+def test_a_connection_that_ends_in_the_handshake_is_logged(caplog):
+    """A client that sent part of its handshake and went away is logged (at INFO, with where
+    it stopped); one that only connected and closed (a health check) is not, but at DEBUG."""
+    caplog.set_level(logging.DEBUG, logger="icafast")
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            c = ClientSession(FAST, 0.0)
+            c.connect(0.0)
+            hello = b"".join(bytes(x) for x in c.data_to_send())
+            for part in (b"", hello[:10]):
+                _, w = await asyncio.open_connection("127.0.0.1", s.server_port)
+                w.write(part)
+                await w.drain()
+                w.close()
+            assert await wait_for(lambda: len(_records()) == 2, 3)
+
+    def _records() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "ended in the handshake" in r.getMessage()]
+
+    run_async("uvloop", main())
+    quiet, cut = sorted(_records(), key=lambda r: r.levelno)  # (DEBUG, INFO)
+    assert quiet.levelno == logging.DEBUG and "after 0 bytes)" in quiet.getMessage()
+    assert cut.levelno == logging.INFO
+    assert cut.getMessage().endswith(
+        "ended in the handshake: connection closed by peer (after 10 bytes, in the middle of a "
+        "frame)"), cut.getMessage()
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_bad_handshakes_are_rejected_and_disturb_no_session(loop):
     async def main() -> None:

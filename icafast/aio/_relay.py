@@ -466,6 +466,8 @@ class _LinkBase:
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             self.peer = format_hostport(str(peer[0]), peer[1])
+        else:  # (a connection reset as it was accepted has no peer address any more)
+            self.peer = "?"
         if self.tls_setup is not None:
             # An owner may turn the connection away before any TLS work (a server with too
             # many connections in their handshakes already): it closes the link itself

@@ -198,6 +198,7 @@ class _PendingLink:
         self._timer: asyncio.TimerHandle | None = None
         self._attached = False
         self._counted = False
+        self.received = 0  # bytes of the handshake read (after any PROXY header)
         if tls_setup is not None:
             tls_setup.done.add_done_callback(self._tls_done)
 
@@ -249,11 +250,20 @@ class _PendingLink:
             if not rest:
                 return
             data = memoryview(rest)
+        self.received += len(data)
         self.hs.receive_data(data, self.server.loop.time())
         self._process()
 
     def link_lost(self, link: Link, reason: str) -> None:
         link.closed = True
+        if not self._attached:
+            # (said when the client sent something: a connection that only opens and closes
+            # is a port scan or a load balancer's health check, and worth no line)
+            got = self.received
+            log.log(logging.INFO if got else logging.DEBUG,
+                    "connection from %s ended in the handshake: %s (after %d bytes%s)",
+                    link.peer, reason, got,
+                    ", in the middle of a frame" if self.hs.decoder.buffered else "")
         self.detach()
 
     def link_writable(self, link: Link) -> None:
