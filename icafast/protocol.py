@@ -957,8 +957,12 @@ class SessionEngine:
 
     def connection_lost(self, now: float, reason: str = "connection closed", link_id: int = 0):
         """The adapter's connection for ``link_id`` (0: the current one) closed or failed."""
-        if self._link is None or (link_id and link_id != self._link.id):
+        link = self._link
+        if link is None or (link_id and link_id != link.id):
             return
+        cut = link.decoder.buffered
+        if cut:  # (the peer, or the network, stopped within a frame: worth saying)
+            reason = f"{reason}, {cut} bytes into a frame"
         self._link_failed(reason, now)
 
     def _link_failed(self, reason: str, now: float) -> None:

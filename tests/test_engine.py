@@ -459,6 +459,21 @@ def test_client_says_when_it_gave_up_after_the_reliability_timeout():
                              f"ended {took:.1f}s after the link was lost)")
 
 
+def test_a_link_lost_within_a_frame_says_so():
+    """A link that ends with part of a frame read (a sender stopped, or a network cut it off
+    there): the LinkLost reason says how far into the frame, not just that it closed."""
+    h = Harness(Config(keepalive_interval=1.0, dead_timeout=3.0))
+    h.open_link()
+    h.pump()
+    h.client_send(b"x" * 100)
+    h.deliver_c2s(10)
+    h.reset()
+    (lost,) = of(ev.LinkLost, h.server_events)
+    assert lost.reason == "connection reset, 10 bytes into a frame"
+    (lost,) = of(ev.LinkLost, h.client_events)
+    assert lost.reason == "connection reset"
+
+
 def test_client_adopts_server_policy():
     h = Harness(Config(keepalive_interval=1.0, dead_timeout=2.0),
                 server_config=Config(keepalive_interval=4.0, dead_timeout=12.0,
