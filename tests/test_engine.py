@@ -408,33 +408,10 @@ def test_reliability_timeout_actions(action):
     assert h.server.state is State.CLOSED
 
 
-def test_client_gives_up_after_reliability_timeout():
-    cfg = Config(keepalive_interval=1.0, dead_timeout=3.0, reliability_timeout=5.0)
-    h = Harness(cfg)
-    h.open_link()
-    h.pump()
-    h.blackhole()
-    h.auto_reconnect = False
-    h.advance(3.1)  # dead
-    for _ in range(200):
-        for e in h.client_events:
-            if isinstance(e, ev.ReconnectDue) and not getattr(e, "_handled", False):
-                object.__setattr__(e, "_handled", True)
-                h.client.connect_failed("connection refused", h.now)
-                h.advance(0)
-        if h.client.state is State.CLOSED:
-            break
-        h.advance(0.25)
-    assert h.client.state is State.CLOSED
-    assert of(ev.SessionClosed, h.client_events)[-1].code == CLOSE_TIMEOUT
-    assert 3.1 + 5.0 <= h.now - 1000.0 < 3.1 + 5.0 + 1.0
-
-
-def test_client_says_when_it_gave_up_after_the_reliability_timeout():
-    """An attempt under way at the deadline runs its handshake timeout (into a blackhole,
-    nothing answers it): the session then ends later than the timeout, and says so."""
-    cfg = Config(keepalive_interval=1.0, dead_timeout=3.0, reliability_timeout=5.0,
-                 handshake_timeout=4.0)
+def _until_the_client_gives_up(cfg: Config, attempt: Any) -> tuple[Harness, float]:
+    """A session whose link went into a blackhole (dead after 3.1 s), each reconnect attempt
+    made by ``attempt(h)``, run until the client ends it; returns the harness and when the
+    link was found dead."""
     h = Harness(cfg)
     h.open_link()
     h.pump()
@@ -446,11 +423,35 @@ def test_client_says_when_it_gave_up_after_the_reliability_timeout():
         for e in h.client_events:
             if isinstance(e, ev.ReconnectDue) and not getattr(e, "_handled", False):
                 object.__setattr__(e, "_handled", True)
-                h.client.connect(h.now)  # a connection whose SYN nobody answers
-                h.client.data_to_send()
+                attempt(h)
         if h.client.state is State.CLOSED:
             break
         h.advance(0.25)
+    return h, lost
+
+
+def test_client_gives_up_after_reliability_timeout():
+    def refused(h: Harness) -> None:
+        h.client.connect_failed("connection refused", h.now)
+        h.advance(0)
+
+    cfg = Config(keepalive_interval=1.0, dead_timeout=3.0, reliability_timeout=5.0)
+    h, _ = _until_the_client_gives_up(cfg, refused)
+    assert h.client.state is State.CLOSED
+    assert of(ev.SessionClosed, h.client_events)[-1].code == CLOSE_TIMEOUT
+    assert 3.1 + 5.0 <= h.now - 1000.0 < 3.1 + 5.0 + 1.0
+
+
+def test_client_says_when_it_gave_up_after_the_reliability_timeout():
+    """An attempt under way at the deadline runs its handshake timeout (into a blackhole,
+    nothing answers it): the session then ends later than the timeout, and says so."""
+    def unanswered(h: Harness) -> None:
+        h.client.connect(h.now)  # a connection whose SYN nobody answers
+        h.client.data_to_send()
+
+    cfg = Config(keepalive_interval=1.0, dead_timeout=3.0, reliability_timeout=5.0,
+                 handshake_timeout=4.0)
+    h, lost = _until_the_client_gives_up(cfg, unanswered)
     (closed,) = of(ev.SessionClosed, h.client_events)
     assert closed.code == CLOSE_TIMEOUT
     took = h.now - lost
