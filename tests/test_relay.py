@@ -1057,7 +1057,8 @@ def test_control_socket_answers_junk_with_an_error(tmp_path, caplog):
                 b"5\n": "a request is a JSON object",
                 b"null\n": "a request is a JSON object",
                 b"[" * 100_000 + b"\n": "request longer than 64 KiB",
-                b"[" * 5000 + b"\n": "nested too deeply",
+                # (too deep for the parser's recursion, or, where it goes deeper, unended)
+                b"[" * 60_000 + b"\n": ("nested too deeply", "Expecting value"),
                 b"not json\n": "Expecting value",
                 b'{"cmd": "reset", "id": ""}\n': "no session id given",
                 b'{"cmd": "disconnect"}\n': "id",
@@ -1065,7 +1066,9 @@ def test_control_socket_answers_junk_with_an_error(tmp_path, caplog):
             }
             for line, why in cases.items():
                 reply = await loop.run_in_executor(None, _raw_control, path, line)
-                assert reply["ok"] is False and why in reply["error"], (line[:30], reply)
+                assert reply["ok"] is False, (line[:30], reply)
+                assert any(w in reply["error"] for w in (why if isinstance(why, tuple)
+                                                         else (why,))), (line[:30], reply)
             writer.write(b"still here")
             assert await reader.readexactly(10) == b"still here"
             assert s.only_session().engine.reconnects == 0
