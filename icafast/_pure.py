@@ -23,7 +23,14 @@ from .errors import (
     ReplayRangeError,
     frame_error,
 )
-from .wire import ALLOWED_FLAGS, DEFAULT_MAX_PAYLOAD, HEADER_SIZE, MAX_OFFSET, MAX_PAYLOAD_LIMIT
+from .wire import (
+    ALLOWED_FLAGS,
+    DEFAULT_MAX_PAYLOAD,
+    HEADER_SIZE,
+    MAX_OFFSET,
+    MAX_PAYLOAD_LIMIT,
+    REPLAY_LIMIT_MAX,
+)
 
 __all__ = [
     "IMPLEMENTATION",
@@ -334,7 +341,7 @@ class ReplayBuffer:
     """
 
     def __init__(self, limit: int, start: int = 0) -> None:
-        if not 0 < limit <= MAX_PAYLOAD_LIMIT * 256:
+        if not 0 < limit <= REPLAY_LIMIT_MAX:
             raise ValueError("limit must be positive and at most 2**40")
         if not 0 <= start <= MAX_OFFSET:
             raise ValueError("start must be in 0..2**64-1")

@@ -43,7 +43,7 @@ from .events import (
     SessionHeld,
     StreamEnded,
 )
-from .wire import DEFAULT_MAX_PAYLOAD, FLAG_FIN, MAX_OFFSET, FrameType
+from .wire import DEFAULT_MAX_PAYLOAD, FLAG_FIN, MAX_OFFSET, REPLAY_LIMIT_MAX, FrameType
 
 _core = _impl.core
 FrameDecoder = _core.FrameDecoder
@@ -196,8 +196,9 @@ class Config:
             raise ValueError("on_timeout must be 'reset' or 'disconnect'")
         if not self.hold >= 0:
             raise ValueError("hold must be >= 0")
-        if not self.replay_limit >= 1024:
-            raise ValueError("replay_limit must be at least 1024 bytes")
+        if not 1024 <= self.replay_limit <= REPLAY_LIMIT_MAX:
+            # (above, every session would fail as it is made: the replay buffer's limit)
+            raise ValueError(f"replay_limit must be in 1024..{REPLAY_LIMIT_MAX} bytes")
         if not self.connect_retry >= 0:
             raise ValueError("connect_retry must be >= 0")
         if not self.handshake_timeout > 0:

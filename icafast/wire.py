@@ -12,6 +12,7 @@ __all__ = [
     "HEADER_SIZE",
     "DEFAULT_MAX_PAYLOAD",
     "MAX_PAYLOAD_LIMIT",
+    "REPLAY_LIMIT_MAX",
     "MAX_OFFSET",
     "FrameType",
     "FLAG_FIN",
@@ -24,6 +25,8 @@ HEADER_SIZE = 28
 DEFAULT_MAX_PAYLOAD = 256 * 1024
 #: The length field is 32 bits wide.
 MAX_PAYLOAD_LIMIT = 0xFFFFFFFF
+#: the largest replay limit a replay buffer takes (just under 1 TiB)
+REPLAY_LIMIT_MAX = MAX_PAYLOAD_LIMIT * 256
 #: Sequence numbers are absolute 64-bit byte offsets and never wrap.
 MAX_OFFSET = 0xFFFFFFFFFFFFFFFF
 

@@ -466,6 +466,9 @@ def _icafast(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str
      "port 0 cannot be connected to"),
     (["connect", "--no-tls", "--server", "127.0.0.1:2598", "--replay-limit", "inf"],
      "invalid size"),
+    # (accepted, it made every session fail as it was made: the replay buffer's limit)
+    (["serve", "--no-tls", "--listen", "127.0.0.1:0", "--replay-limit", "2048G"],
+     "replay_limit must be in 1024..1099511627520 bytes"),
     (["serve", "--no-tls", "--max-sessions", "0"], "must be at least 1"),
     (["serve", "--no-tls", "--max-handshakes", "-1"], "must be at least 1"),
     (["serve", "--no-tls", "--config", "/nonexistent/icafast.toml"],
