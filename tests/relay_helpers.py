@@ -186,6 +186,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections while the block runs: bound, not listening.
+    (A port merely free, as ``free_port`` gives, may be taken meanwhile, and a connection to
+    it can even succeed by itself: when the kernel picks that very port as its source, TCP's
+    simultaneous open connects it to itself.)"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
 class Stats:
     def __init__(self) -> None:
         self.sent = 0

@@ -28,6 +28,7 @@ from relay_helpers import (
     listening_client,
     read_until_closed,
     recv_stream,
+    refusing_port,
     run_async,
     send_stream,
     tls_for,
@@ -502,9 +503,10 @@ def test_fallback_when_server_refuses():
     async def main() -> None:
         backend = await Backend("echo").start()
         cev: list[ev.Event] = []
-        reader, writer = await open_session("127.0.0.1", free_port(), config=FAST,
-                                            fallback=("127.0.0.1", backend.port),
-                                            on_status=lambda e, _s: cev.append(e))
+        with refusing_port() as port:
+            reader, writer = await open_session("127.0.0.1", port, config=FAST,
+                                                fallback=("127.0.0.1", backend.port),
+                                                on_status=lambda e, _s: cev.append(e))
         writer.write(b"plain")
         assert await reader.readexactly(5) == b"plain"
         assert any("fallback" in e.reason for e in of(ev.HandshakeRejected, cev))
@@ -534,8 +536,8 @@ def test_fallback_when_server_speaks_another_protocol(banner):
 
 def test_no_fallback_means_connection_error():
     async def main() -> None:
-        with pytest.raises(ConnectionError):
-            await open_session("127.0.0.1", free_port(), config=FAST)
+        with refusing_port() as port, pytest.raises(ConnectionError):
+            await open_session("127.0.0.1", port, config=FAST)
 
     run_async("uvloop", main())
 
@@ -865,12 +867,15 @@ def test_backend_reset_closes_the_application_connection():
 
 def test_backend_down_gives_reject_and_no_session():
     async def main() -> None:
-        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", free_port())], FAST)
-        await srv.start()
-        with pytest.raises(ConnectionError, match="backend"):
-            await open_session(*srv.addresses[0], config=FAST)
-        assert not srv.sessions_by_id
-        await srv.close()
+        with refusing_port() as backend:
+            srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend)], FAST)
+            await srv.start()
+            try:
+                with pytest.raises(ConnectionError, match="backend"):
+                    await open_session(*srv.addresses[0], config=FAST)
+                assert not srv.sessions_by_id
+            finally:
+                await srv.close()
 
     run_async("uvloop", main())
 
@@ -888,23 +893,24 @@ def test_a_rejected_session_of_the_listening_client_leaves_no_unretrieved_error(
     async def main() -> None:
         lp = asyncio.get_running_loop()
         lp.set_exception_handler(lambda _lp, ctx: errors.append(ctx))
-        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", free_port())], FAST)
-        await srv.start()
-        client = RelayClient(("127.0.0.1", 0), srv.addresses[0], FAST)
-        await client.start()
-        try:
-            for _ in range(3):
-                r, w = await asyncio.open_connection(*client.addresses[0])
-                with pytest.raises(ConnectionError):  # a reset, or the stream's end
-                    if await asyncio.wait_for(r.read(), 10) == b"":
-                        raise ConnectionError("closed")
-                w.close()
-            assert await wait_for(lambda: not client.runners, 5)
-            gc.collect()
-            await asyncio.sleep(0)
-        finally:
-            await client.close()
-            await srv.close()
+        with refusing_port() as backend:
+            srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend)], FAST)
+            await srv.start()
+            client = RelayClient(("127.0.0.1", 0), srv.addresses[0], FAST)
+            await client.start()
+            try:
+                for _ in range(3):
+                    r, w = await asyncio.open_connection(*client.addresses[0])
+                    with pytest.raises(ConnectionError):  # a reset, or the stream's end
+                        if await asyncio.wait_for(r.read(), 10) == b"":
+                            raise ConnectionError("closed")
+                    w.close()
+                assert await wait_for(lambda: not client.runners, 5)
+                gc.collect()
+                await asyncio.sleep(0)
+            finally:
+                await client.close()
+                await srv.close()
 
     run_async(loop, main())
     assert not errors, [e.get("message") for e in errors]
@@ -1148,13 +1154,14 @@ def test_control_socket_of_a_running_server_is_not_taken(tmp_path):
 def test_an_unreachable_backend_is_a_warning(caplog):
     """The client is refused, and the operator is told at WARNING (it is theirs to fix)."""
     async def main() -> None:
-        srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", free_port())], FAST)
-        await srv.start()
-        try:
-            with pytest.raises(ConnectionError):
-                await open_session(*srv.addresses[0], config=FAST)
-        finally:
-            await srv.close()
+        with refusing_port() as backend:
+            srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend)], FAST)
+            await srv.start()
+            try:
+                with pytest.raises(ConnectionError):
+                    await open_session(*srv.addresses[0], config=FAST)
+            finally:
+                await srv.close()
 
     with caplog.at_level(logging.INFO, logger="icafast"):
         run_async("uvloop", main())
