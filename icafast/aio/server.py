@@ -468,7 +468,7 @@ class RelayServer:
             runner.new_token = token
             self._new_tokens[token] = runner
         self._creating.add(runner)
-        t = self.loop.create_task(self._new_session(pending, runner))
+        t = self.loop.create_task(self._new_session(runner))
         self._tasks.add(t)
         t.add_done_callback(functools.partial(self._created, runner))
 
@@ -501,16 +501,19 @@ class RelayServer:
         if runner.new_token and self._new_tokens.get(runner.new_token) is runner:
             del self._new_tokens[runner.new_token]
 
-    async def _new_session(self, pending: _PendingLink, runner: _ServerRunner) -> None:
+    async def _new_session(self, runner: _ServerRunner) -> None:
         try:
-            await self._create_session(pending, runner)
+            await self._create_session(runner)
         finally:
             # (at once, in the turn that registers the session: a done callback would
             # run a turn later, and the session would count twice until then)
             self._creating.discard(runner)
 
-    async def _create_session(self, pending: _PendingLink, runner: _ServerRunner) -> None:
-        m = pending.mapping
+    async def _create_session(self, runner: _ServerRunner) -> None:
+        """Connect ``runner``'s backend, then attach the link its ACCEPT is for: its
+        ``pending``, which a repeated NEW may replace meanwhile."""
+        m = runner.mapping
+        error: BaseException | None = None
         try:
             # (connected as the deadline comes: the session goes on)
             await Deadline(self.loop, self.backend_connect_timeout,
@@ -518,12 +521,14 @@ class RelayServer:
                 self.loop.create_connection(lambda: Endpoint(runner), m.backend_host,
                                             m.backend_port))
         except (OSError, asyncio.TimeoutError) as e:
-            pending = runner.pending or pending  # (a repeated NEW may have replaced it)
+            error = e
+        pending = runner.pending
+        assert pending is not None
+        if error is not None:
             # (a warning: the operator has something to fix, not the client)
             pending.reject(REJECT_BACKEND, f"backend {m.backend} unavailable: "
-                                           f"{e or type(e).__name__}", logging.WARNING)
+                                           f"{error or type(error).__name__}", logging.WARNING)
             return
-        pending = runner.pending or pending
         if pending.link.closed:
             if runner.endpoint is not None and runner.endpoint.transport is not None:
                 runner.endpoint.transport.close()
@@ -569,19 +574,19 @@ class RelayServer:
         sid = short_id(e.session_id)
         now = self.loop.time()
         source = self._source(pending)
-        live = runner is not None and runner.engine.state is not State.CLOSED
+        live = runner if runner is not None and runner.engine.state is not State.CLOSED else None
         # The cap on failed resumes per source only refuses what would fail anyway: a proven
         # RESUME, and one for a session that has ended (REJECT 4 ends the client's attempts),
         # are answered as always, so a guesser (or a crowd of clients whose sessions a
         # restarted server no longer knows) cannot lock out the sessions of others at the
         # same address, behind the same NAT.
-        if live and runner is not None and runner.engine.check_proof(pending.hs, e.proof):
-            if runner.link is not None:
+        if live is not None and live.engine.check_proof(pending.hs, e.proof):
+            if live.link is not None:
                 log.info("session %s: takeover by %s (old link still looked alive)", sid,
                          pending.link.peer)
-            runner.attach(pending)
+            live.attach(pending)
             return
-        if not live and self._tombstones.get(e.session_id, 0.0) > now:
+        if live is None and self._tombstones.get(e.session_id, 0.0) > now:
             pending.reject(REJECT_CLOSED, f"session {sid} is closed")
             return
         if self._failed_recently(source, now) >= self.max_failed_resumes:
@@ -589,7 +594,7 @@ class RelayServer:
                            "try again later")
             return
         self._record_failure(source, now)
-        if not live:
+        if live is None:
             pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid}")
             return
         log.warning("session %s: RESUME with a wrong proof from %s", sid, pending.link.peer)
