@@ -51,6 +51,7 @@ from icafast.aio._relay import (
     Runner,
     _bulk_buffer,
     _ticks_of,
+    abort_with_rst,
     tcp_rtt,
     tune_socket,
 )
@@ -260,12 +261,6 @@ async def _until_accepted(c: ClientSession, reader: asyncio.StreamReader,
     return bytes(got)
 
 
-def _rst(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
 @pytest.mark.parametrize("loop", LOOPS)
 def test_new_repeated_after_a_lost_accept_gets_the_same_session(loop):
     """PROTOCOL.md 3.2: the ACCEPT of a NEW is lost with its link (the server made the session
@@ -281,7 +276,7 @@ def test_new_repeated_after_a_lost_accept_gets_the_same_session(loop):
             first = s.only_session()
             secret1 = first.engine._secret
             assert await wait_for(lambda: len(first.engine.tx) == 23, 3)  # the banner, unacked
-            _rst(w1)  # with the ACCEPT and the banner unread
+            abort_with_rst(w1.transport)  # with the ACCEPT and the banner unread
             assert await wait_for(lambda: first.link is None, 3)
 
             r2, w2 = await _send_new(s.server_port, c)
@@ -855,8 +850,6 @@ def test_backend_reset_closes_the_application_connection():
             reader, writer = await s.client()
             writer.write(b"x")
             assert await reader.readexactly(1) == b"x"
-            from icafast.aio._relay import abort_with_rst
-
             abort_with_rst(s.backend.writers[0].transport)  # the backend dies with a TCP reset
             with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
                 await asyncio.wait_for(reader.readexactly(1), 5)
