@@ -58,14 +58,24 @@ def _engine_built() -> bool:
     return True
 
 
+#: Why the pure-Python twin runs instead of the compiled core (None: the compiled core runs).
+WHY_PURE: str | None = None
+
+
 def load_core() -> ModuleType:
-    if not _want_pure() and _engine_built():
+    global WHY_PURE
+    if _want_pure():
+        impl = platform.python_implementation()
+        WHY_PURE = "ICAFAST_PURE_PYTHON is set" if impl == "CPython" else f"{impl}: not CPython"
+    elif not _engine_built():
+        WHY_PURE = "the extensions of " + " and ".join(COMPILED_MODULES) + " are not built"
+    else:
         try:
             from . import _core  # type: ignore[attr-defined]
 
             return _core
-        except ImportError:
-            pass
+        except ImportError as exc:
+            WHY_PURE = f"icafast._core cannot be imported: {exc}"
     if not any(isinstance(f, _SourceFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _SourceFinder())
     from . import _pure

@@ -23,11 +23,14 @@ def _rate(fn, nbytes: int, seconds: float) -> float:
 
 
 def selfcheck(seconds: float = 0.3) -> int:
-    try:
-        from . import _core  # type: ignore[attr-defined]
-    except ImportError as e:
-        print(f"compiled core: NOT AVAILABLE ({e}); using the pure-Python twin")
-        _core = None  # type: ignore[assignment]
+    # (the package's ``_core`` attribute is whichever core runs, the pure twin included: the
+    # loader says whether it is the compiled one)
+    from . import _impl
+
+    _core = None if _impl.WHY_PURE is not None else _impl.core
+    if _core is None:
+        print(f"compiled core: not in use ({_impl.WHY_PURE}); the pure-Python twin runs "
+              "(nothing to check it against)")
     rng = random.Random(1)
     ok = True
     if _core is not None:

@@ -202,9 +202,35 @@ def test_selfcheck_reports_what_runs(pure):
     if pure:  # (the pure twin of the pipe is for tests only: the loop's TLS runs)
         assert "TLS records: the event loop's TLS transport (ICAFAST_PURE_PYTHON is set)" \
             in p.stdout
+        # no compiled core runs: none is named, and the twin is not checked against itself
+        assert "compiled core: not in use (ICAFAST_PURE_PYTHON is set)" in p.stdout, p.stdout
+        assert "_pure.py" not in p.stdout and "differential check" not in p.stdout, p.stdout
     else:
         assert "differential check against the pure-Python twin: OK" in p.stdout
         assert f"TLS records: {tlspipe.describe()}" in p.stdout
+
+
+def test_selfcheck_says_when_nothing_is_built(tmp_path):
+    """The package's source with no extension built (a checkout, or an install that did not
+    compile): selfcheck says that the compiled core is not in use and why, rather than naming
+    the pure twin as the compiled core and checking it against itself."""
+    import importlib.machinery
+    import shutil
+
+    src = os.path.dirname(os.path.abspath(icafast.__file__))
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    shutil.copytree(src, tmp_path / "icafast", ignore=lambda d, names: [
+        n for n in names if n.endswith(suffixes) or n == "__pycache__"])
+    env = {k: v for k, v in os.environ.items() if k != "ICAFAST_PURE_PYTHON"}
+    env["PYTHONPATH"] = str(tmp_path)
+    p = subprocess.run([PY, "-m", "icafast", "selfcheck", "--seconds", "0.01"], env=env,
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.startswith(
+        "compiled core: not in use (the extensions of icafast.protocol and icafast.aio._relay "
+        "are not built)"), p.stdout
+    assert "_pure.py" not in p.stdout and "differential check" not in p.stdout, p.stdout
+    assert "icafast.protocol: Python source" in p.stdout
 
 
 def test_help_documents_shared_options():
