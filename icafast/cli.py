@@ -18,6 +18,7 @@ from .events import SessionClosed
 from .protocol import Config
 from .rlimits import CLIENT_SESSIONS, raise_nofile
 from .tlspipe import describe as tls_records
+from .tlspipe import tls_io_mode
 
 log = logging.getLogger("icafast")
 
@@ -691,6 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"serve": cmd_serve, "connect": cmd_connect, "sessions": cmd_sessions,
                "demo": cmd_demo, "selfcheck": cmd_selfcheck}[args.cmd]
     try:
+        if args.cmd != "sessions":  # (a bad setting: one line, not a traceback from a link)
+            try:
+                tls_io_mode()
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         return handler(args)
     except UsageError as e:
         print(f"icafast {args.cmd}: {e}", file=sys.stderr)

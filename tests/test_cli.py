@@ -233,6 +233,19 @@ def test_selfcheck_says_when_nothing_is_built(tmp_path):
     assert "icafast.protocol: Python source" in p.stdout
 
 
+@pytest.mark.parametrize("cmd", [["demo", "--size", "64k"], ["selfcheck", "--seconds", "0.01"]])
+def test_a_bad_tls_io_setting_is_one_line(cmd):
+    """ICAFAST_TLS_IO with a value it does not take stops the command (serve, connect, demo,
+    selfcheck) with one line and exit status 2, as a bad option does (it was a traceback from
+    the server's start, the first TLS link, or selfcheck's report)."""
+    p = subprocess.run([PY, "-m", "icafast", *cmd], env=_env(ICAFAST_TLS_IO="bogus"),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [line for line in p.stderr.splitlines() if " INFO " not in line]
+    assert errors == [f"icafast {cmd[0]}: ICAFAST_TLS_IO='bogus': expected auto, compiled, "
+                      "pure or loop"], p.stderr
+
+
 def test_help_documents_shared_options():
     for cmd in ("serve", "connect"):
         out = subprocess.run([PY, "-m", "icafast", cmd, "--help"], capture_output=True,
