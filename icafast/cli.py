@@ -18,7 +18,7 @@ from .events import SessionClosed
 from .protocol import Config
 from .rlimits import CLIENT_SESSIONS, raise_nofile
 from .tlspipe import describe as tls_records
-from .tlspipe import tls_io_mode
+from .tlspipe import uses_pipe
 
 log = logging.getLogger("icafast")
 
@@ -692,10 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"serve": cmd_serve, "connect": cmd_connect, "sessions": cmd_sessions,
                "demo": cmd_demo, "selfcheck": cmd_selfcheck}[args.cmd]
     try:
-        if args.cmd != "sessions":  # (a bad setting: one line, not a traceback from a link)
-            try:
-                tls_io_mode()
-            except ValueError as e:
+        if args.cmd != "sessions":  # (ICAFAST_TLS_IO with a value it does not take, or
+            try:  # "compiled" where that cannot run: one line, not a traceback from a link)
+                uses_pipe()
+            except (ValueError, RuntimeError) as e:
                 raise UsageError(str(e)) from None
         return handler(args)
     except UsageError as e:

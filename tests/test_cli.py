@@ -234,16 +234,21 @@ def test_selfcheck_says_when_nothing_is_built(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", [["demo", "--size", "64k"], ["selfcheck", "--seconds", "0.01"]])
-def test_a_bad_tls_io_setting_is_one_line(cmd):
-    """ICAFAST_TLS_IO with a value it does not take stops the command (serve, connect, demo,
+@pytest.mark.parametrize("setting", ["bogus", "compiled"])
+def test_a_bad_tls_io_setting_is_one_line(cmd, setting):
+    """ICAFAST_TLS_IO with a value it does not take, or "compiled" where the compiled pipe
+    cannot run (here: ICAFAST_PURE_PYTHON=1), stops the command (serve, connect, demo,
     selfcheck) with one line and exit status 2, as a bad option does (it was a traceback from
-    the server's start, the first TLS link, or selfcheck's report)."""
-    p = subprocess.run([PY, "-m", "icafast", *cmd], env=_env(ICAFAST_TLS_IO="bogus"),
-                       capture_output=True, text=True, timeout=60)
+    the server's start or the first TLS link; selfcheck named the loop's TLS, which would not
+    have run)."""
+    env = _env(ICAFAST_TLS_IO=setting, ICAFAST_PURE_PYTHON="1")
+    p = subprocess.run([PY, "-m", "icafast", *cmd], env=env, capture_output=True, text=True,
+                       timeout=60)
     assert p.returncode == 2, p.stdout + p.stderr
     errors = [line for line in p.stderr.splitlines() if " INFO " not in line]
-    assert errors == [f"icafast {cmd[0]}: ICAFAST_TLS_IO='bogus': expected auto, compiled, "
-                      "pure or loop"], p.stderr
+    why = ("ICAFAST_TLS_IO='bogus': expected auto, compiled, pure or loop" if setting == "bogus"
+           else "ICAFAST_TLS_IO=compiled: ICAFAST_PURE_PYTHON is set")
+    assert errors == [f"icafast {cmd[0]}: {why}"], p.stderr
 
 
 def test_help_documents_shared_options():
