@@ -703,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # (what reads the output stopped early: no traceback for that)
+        logs.drop_stdout()
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -134,3 +134,13 @@ def setup(level: int, stream: TextIO | None = None) -> None:
         root.addHandler(handler)
         root.setLevel(level)
     lean_records()
+
+
+def drop_stdout() -> None:
+    """The reader of the command's output has gone (``icafast sessions | head``): send the rest
+    of it nowhere, so that neither later lines nor the flush at exit raise BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

@@ -251,6 +251,23 @@ def test_a_bad_tls_io_setting_is_one_line(cmd, setting):
     assert errors == [f"icafast {cmd[0]}: {why}"], p.stderr
 
 
+@pytest.mark.parametrize("cmd", [["selfcheck", "--seconds", "0.01"],
+                                 ["demo", "--size", "256k", "--breaks", "2"]])
+def test_output_read_by_nothing_is_no_traceback(cmd):
+    """Output to a pipe that nothing reads any more (``icafast sessions | head``): no
+    BrokenPipeError traceback. selfcheck stops (status 1); the demo goes on, and its status
+    still says whether the session survived."""
+    r, w = os.pipe()
+    os.close(r)  # (the reader is gone before the first line: every write fails with EPIPE)
+    try:
+        p = subprocess.run([PY, "-m", "icafast", *cmd], stdout=w, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    finally:
+        os.close(w)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+    assert p.returncode == (1 if cmd[0] == "selfcheck" else 0), p.stderr
+
+
 def test_help_documents_shared_options():
     for cmd in ("serve", "connect"):
         out = subprocess.run([PY, "-m", "icafast", cmd, "--help"], capture_output=True,
