@@ -56,6 +56,7 @@ from icafast.aio._relay import (
     tune_socket,
 )
 from icafast.aio.server import control_request
+from icafast.faults import FaultProxy
 from icafast.protocol import (
     REJECT_BAD_PROOF,
     REJECT_PROTOCOL,
@@ -169,6 +170,52 @@ def test_silent_break_shows_disconnected_within_dead_timeout(loop):
             writer.close()
 
     run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_fault_proxy_closes_a_connection_ended_both_ways(loop):
+    """A proxied connection whose two ends each sent their EOF (a session's link after a
+    graceful end: the server half-closes after its CLOSE, the client closes) is closed by
+    the proxy: it held both sockets until the proxy closed, two descriptors per session."""
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            for _ in range(3):
+                reader, writer = await s.client()
+                writer.write(b"ping")
+                assert await reader.readexactly(4) == b"ping"
+                writer.close()
+                await read_until_closed(reader, 5)
+            assert await wait_for(lambda: not s.server.sessions_by_id, 5)
+            pairs = list(s.proxy.pairs)
+            assert await wait_for(lambda: not s.proxy.pairs, 5), (
+                f"{len(s.proxy.pairs)} proxied connections left of sessions that ended")
+            for p in pairs:
+                for side in (p.client, p.server):
+                    assert side is None or side.transport is None or side.transport.is_closing()
+
+        # (the same with a plain connection that half-closes each way)
+        srv = await asyncio.start_server(_half_close_echo, "127.0.0.1", 0)
+        proxy = await FaultProxy("127.0.0.1", srv.sockets[0].getsockname()[1]).start()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+            w.write(b"abc")
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 5) == b"abc"
+            assert await wait_for(lambda: not proxy.pairs, 5), "the proxy kept the pair"
+            w.close()
+        finally:
+            await proxy.close()
+            srv.close()
+
+    run_async(loop, main())
+
+
+async def _half_close_echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.write(await r.read())
+    w.write_eof()
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(r.read(), 5)
+    w.close()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
