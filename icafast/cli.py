@@ -16,7 +16,7 @@ from typing import Any
 from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend, logs
 from .events import SessionClosed
 from .protocol import Config
-from .rlimits import CLIENT_SESSIONS, raise_nofile
+from .rlimits import CLIENT_SESSIONS, handshakes_within, raise_nofile, soft_limit
 from .tlspipe import describe as tls_records
 
 log = logging.getLogger("icafast")
@@ -411,7 +411,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # (refused as busy beyond the room there is, rather than running out of descriptors,
         # which also closes connections waiting to be accepted: icafast.rlimits)
         max_sessions = max(room, 1)
-        log.warning("%s; --max-sessions lowered to %d", line, max_sessions)
+        line += f"; --max-sessions lowered to {max_sessions}"
+        limit = soft_limit()
+        if limit is not None and handshakes_within(limit, max_handshakes) < max_handshakes:
+            max_handshakes = handshakes_within(limit, max_handshakes)
+            line += f", --max-handshakes to {max_handshakes}"
+        log.warning("%s", line)
     else:
         log.info("%s", line)
     server = RelayServer(
