@@ -16,14 +16,15 @@ Running out costs more than the sessions refused. A new session whose backend co
 cannot be opened is rejected with "Too many open files". When not even ``accept()`` gets a
 descriptor, uvloop (libuv) accepts and at once closes every connection waiting, the links of
 sessions coming back among them, and the standard loop stops accepting for a second at a time
-(logging an error with a traceback for each failed ``accept()``: up to its backlog of them a
-second, in the Pythons before CPython issue gh-151615 was fixed). Either way the server takes
-connections again once descriptors are free (``tests/test_rlimits.py``), but until then a
-session whose link broke cannot come back. So where the hard limit is too low, ``icafast
-serve`` also lowers its ``--max-sessions`` to the room there is (and its ``--max-handshakes``
-to half of it at most, :func:`handshakes_within`): new sessions beyond it are refused as busy
-(REJECT 5, with a reason the client reports), connections beyond the handshakes are closed
-at once, and what the sessions it holds need stays free.
+(reporting each failed ``accept()``, hundreds to thousands a second, in the Pythons before
+CPython issue gh-151615 was fixed: the loops ``icafast.aio.run`` makes log that in one line
+at most every 10 s). Either way the server takes connections again once descriptors are
+free (``tests/test_rlimits.py``), but until then a session whose link broke cannot come back.
+So where the hard limit is too low, ``icafast serve`` also lowers its ``--max-sessions`` to
+the room there is (and its ``--max-handshakes`` to half of it at most,
+:func:`handshakes_within`): new sessions beyond it are refused as busy (REJECT 5, with a
+reason the client reports), connections beyond the handshakes are closed at once, and what
+the sessions it holds need stays free.
 """
 
 from __future__ import annotations
