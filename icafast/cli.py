@@ -15,6 +15,7 @@ from typing import Any
 
 from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend, logs
 from .events import SessionClosed
+from .heap import trim_now_and_then
 from .protocol import Config
 from .rlimits import CLIENT_SESSIONS, handshakes_within, raise_nofile, soft_limit
 from .tlspipe import describe as tls_records
@@ -366,7 +367,12 @@ async def _run_until_signal(start: Any, stop: Any) -> None:
         except (NotImplementedError, RuntimeError):
             pass
     await start()
-    await done.wait()
+    # (the heap's free memory goes back to the kernel now and then: icafast.heap)
+    trimmer = loop.create_task(trim_now_and_then())
+    try:
+        await done.wait()
+    finally:
+        trimmer.cancel()
     log.info("shutting down")
     await stop()
 
