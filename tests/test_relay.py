@@ -1644,3 +1644,33 @@ def test_the_session_limit_holds_under_a_burst_of_new_sessions(loop):
             assert all("at its limit of 40 sessions" in g for g in got if g != "ok"), set(got)
 
     run_async(loop, main(), timeout=60)
+
+
+def test_failed_resume_records_cost_little_and_expire():
+    """The count of failed resumes per source address: a new source's failure cost a scan of
+    the whole table once it held 100,000 sources that failed within the minute (3.6 ms each:
+    a CPU's worth at under 300 failed resumes a second from many addresses, as IPv6 gives
+    anyone). Now a few entries from the front of the table per failure; a source whose last
+    failure is a minute old is forgotten, and the table holds MAX_FAILURE_SOURCES at most."""
+    import time
+
+    from icafast.aio.server import MAX_FAILURE_SOURCES
+
+    srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 9)])
+    now = 1000.0
+    for i in range(MAX_FAILURE_SOURCES):
+        srv._record_failure(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", now + i * 1e-5)
+    assert len(srv._failures) == MAX_FAILURE_SOURCES
+    later = now + 2  # (all of them still within the minute)
+    t0 = time.perf_counter()
+    for i in range(2000):
+        srv._record_failure(f"2001:db8::{i:x}", later + i * 1e-5)
+    took = time.perf_counter() - t0
+    assert took < 0.5, f"{took / 2000 * 1e3:.3f} ms per failed resume from a new source"
+    assert len(srv._failures) == MAX_FAILURE_SOURCES  # the quietest went
+    assert "10.0.0.0" not in srv._failures and "2001:db8::0" in srv._failures
+    # a source keeps its count while it fails within the minute...
+    assert srv._failed_recently("2001:db8::0", later + 30) == 1
+    # ...and every count goes once its last failure is a minute old, at the next failure
+    srv._record_failure("192.0.2.1", later + 61)
+    assert list(srv._failures) == ["192.0.2.1"]
