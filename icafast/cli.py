@@ -15,8 +15,9 @@ from typing import Any
 
 from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend, logs
 from .events import SessionClosed
+from .heap import trim_now_and_then
 from .protocol import Config
-from .rlimits import CLIENT_SESSIONS, raise_nofile
+from .rlimits import CLIENT_SESSIONS, handshakes_within, raise_nofile, soft_limit
 from .tlspipe import describe as tls_records
 from .tlspipe import uses_pipe
 
@@ -367,7 +368,12 @@ async def _run_until_signal(start: Any, stop: Any) -> None:
         except (NotImplementedError, RuntimeError):
             pass
     await start()
-    await done.wait()
+    # (the heap's free memory goes back to the kernel now and then: icafast.heap)
+    trimmer = loop.create_task(trim_now_and_then())
+    try:
+        await done.wait()
+    finally:
+        trimmer.cancel()
     log.info("shutting down")
     await stop()
 
@@ -412,7 +418,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # (refused as busy beyond the room there is, rather than running out of descriptors,
         # which also closes connections waiting to be accepted: icafast.rlimits)
         max_sessions = max(room, 1)
-        log.warning("%s; --max-sessions lowered to %d", line, max_sessions)
+        line += f"; --max-sessions lowered to {max_sessions}"
+        limit = soft_limit()
+        if limit is not None and handshakes_within(limit, max_handshakes) < max_handshakes:
+            max_handshakes = handshakes_within(limit, max_handshakes)
+            line += f", --max-handshakes to {max_handshakes}"
+        log.warning("%s", line)
     else:
         log.info("%s", line)
     server = RelayServer(

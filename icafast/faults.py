@@ -65,6 +65,7 @@ class _Pair:
         self.closed = False
         self.bytes = 0
         self.corrupt_next = False  # flip a byte of the next client -> server chunk
+        self.ended: set[_Side] = set()  # the sides that sent their EOF (passed on to the other)
 
     def other(self, side: _Side) -> _Side | None:
         return self.server if side is self.client else self.client
@@ -124,6 +125,16 @@ class _Pair:
         other = self.other(side)
         if other is not None and other.transport is not None and not other.transport.is_closing():
             other.transport.write_eof()
+        self.ended.add(side)
+        if len(self.ended) == 2:
+            # Both directions ended (each side's EOF passed on): nothing more can flow and no
+            # transport reports anything else, so the pair closes here, or its two sockets
+            # would stay open until the proxy closes.
+            for s in (self.client, self.server):
+                if s is not None and s.transport is not None:
+                    s.transport.close()
+            self.closed = True
+            self.proxy.pairs.discard(self)
 
     def lost(self, side: _Side, exc: Exception | None) -> None:
         if self.dead:

@@ -16,13 +16,15 @@ Running out costs more than the sessions refused. A new session whose backend co
 cannot be opened is rejected with "Too many open files". When not even ``accept()`` gets a
 descriptor, uvloop (libuv) accepts and at once closes every connection waiting, the links of
 sessions coming back among them, and the standard loop stops accepting for a second at a time
-(logging an error with a traceback for each failed ``accept()``: up to its backlog of them a
-second, in the Pythons before CPython issue gh-151615 was fixed). Either way the server takes
-connections again once descriptors are free (``tests/test_rlimits.py``), but until then a
-session whose link broke cannot come back. So where the hard limit is too low, ``icafast
-serve`` also lowers its ``--max-sessions`` to the room there is: new sessions beyond it are
-refused as busy (REJECT 5, with a reason the client reports), and what the sessions it holds
-need stays free.
+(reporting each failed ``accept()``, hundreds to thousands a second, in the Pythons before
+CPython issue gh-151615 was fixed: the loops ``icafast.aio.run`` makes log that in one line
+at most every 10 s). Either way the server takes connections again once descriptors are
+free (``tests/test_rlimits.py``), but until then a session whose link broke cannot come back.
+So where the hard limit is too low, ``icafast serve`` also lowers its ``--max-sessions`` to
+the room there is (and its ``--max-handshakes`` to half of it at most,
+:func:`handshakes_within`): new sessions beyond it are refused as busy (REJECT 5, with a
+reason the client reports), connections beyond the handshakes are closed at once, and what
+the sessions it holds need stays free.
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ def fds_needed(sessions: int, handshakes: int = 0) -> int:
 def sessions_within(limit: int, handshakes: int = 0) -> int:
     """How many sessions fit in ``limit`` descriptors (the inverse of :func:`fds_needed`)."""
     return max(0, (limit - handshakes - SPARE) // 2)
+
+
+def handshakes_within(limit: int, handshakes: int) -> int:
+    """How many of ``handshakes`` connections in the handshake a limit of ``limit`` descriptors
+    leaves room for: at most half of what it has beyond :data:`SPARE` (at least one), so that
+    the other half holds sessions. A server at a hard limit of 1,024 with the default 1,024
+    handshakes otherwise had room for no session at all (and was lowered to one), and its
+    handshakes alone could take every descriptor."""
+    return max(1, min(handshakes, (limit - SPARE) // 2))
 
 
 def raise_nofile(sessions: int, handshakes: int = 0,
@@ -80,11 +91,20 @@ def raise_nofile(sessions: int, handshakes: int = 0,
             return sessions, f"open files: limit raised from {soft} to {target}{why}"
     else:
         why = ""
-    room = sessions_within(target, handshakes)
+    room = sessions_within(target, handshakes_within(target, handshakes) if handshakes else 0)
     verb = f"raised from {soft} to {target}" if target > soft else f"{target}"
     return room, (f"open files: limit {verb}{why}, the hard limit {_show(hard, infinite)}: "
                   f"room for {room} sessions, not {sessions}; raise the hard limit to "
                   f"{wanted} (systemd: LimitNOFILE=; a shell: ulimit -n)")
+
+
+def soft_limit(resource_mod: Any | None = None) -> int | None:
+    """The soft limit on open files (None: no limit, or no such limit on this platform)."""
+    r = _resource(resource_mod)
+    if r is None:  # pragma: no cover - Windows: no such limit
+        return None
+    soft = r.getrlimit(r.RLIMIT_NOFILE)[0]
+    return None if soft == r.RLIM_INFINITY else int(soft)
 
 
 def _resource(resource_mod: Any | None) -> Any | None:

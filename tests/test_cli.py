@@ -494,6 +494,28 @@ def test_serve_raises_its_open_files_limit_for_its_sessions(tmp_path):
         asyncio.run(crowded())
 
 
+def test_serve_at_a_hard_limit_of_1024_fits_sessions_and_handshakes_in_it(tmp_path):
+    """With the hard limit at 1,024 open files (and the default --max-handshakes of 1,024),
+    ``icafast serve`` said there was room for no session and lowered --max-sessions to 1,
+    leaving --max-handshakes at 1,024: one session, and more handshakes than descriptors. It
+    now lowers both, so that they fit the limit together."""
+    from icafast.rlimits import fds_needed, handshakes_within, sessions_within
+
+    hs = handshakes_within(1024, 1024)
+    room = sessions_within(1024, hs)
+    assert room > 100 and fds_needed(room, hs) <= 1024
+    server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{free_port()}", "--backend",
+                    "127.0.0.1:9", "--control", str(tmp_path / "c.sock")], nofile=(1024, 1024))
+    try:
+        server.wait_for("listening on")
+    finally:
+        log = server.stop()
+    assert (f"room for {room} sessions, not 10000; raise the hard limit to "
+            f"{fds_needed(10_000, 1024)} (systemd: LimitNOFILE=; a shell: ulimit -n); "
+            f"--max-sessions lowered to {room}, --max-handshakes to {hs}") in log, log
+    assert "room for 0 sessions" not in log, log
+
+
 def test_sessions_without_server_fails_clearly(tmp_path):
     p = subprocess.run([PY, "-m", "icafast", "sessions", "--control",
                         str(tmp_path / "nothing.sock")], capture_output=True, text=True,

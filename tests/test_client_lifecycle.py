@@ -284,6 +284,36 @@ def test_one_link_reset_before_the_answer_gives_no_tls_hint(caplog):
     assert not _records(caplog, "drop --no-tls"), [r.getMessage() for r in caplog.records]
 
 
+def test_a_reject_after_silent_closes_is_not_blamed_on_tls(caplog):
+    """Links closed without an answer (a server out of descriptors, or beyond its
+    --max-handshakes, closes them at once), then a REJECT from the same plain-text server:
+    the REJECT shows the server speaks plain text, so the error names the REJECT alone. It
+    said "server is at its limit of 0 sessions (the server closed the connection without
+    answering (if it runs TLS, the default, drop --no-tls))"."""
+    caplog.set_level(logging.INFO, logger="icafast")
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), max_sessions=0) as s:
+            s.proxy.refuse_new = True  # the first links are reset as they connect
+            rejected = []
+
+            def status(e: Any, _s: Any) -> None:
+                if isinstance(e, ev.HandshakeRejected):
+                    rejected.append(e)
+                    if len(rejected) == 2:
+                        s.proxy.refuse_new = False
+
+            with pytest.raises(ConnectionError) as exc:
+                await open_session("127.0.0.1", s.proxy.port,
+                                   config=dataclasses.replace(FAST, connect_retry=5.0),
+                                   on_status=status)
+            assert str(exc.value) == ("server rejected the session: server is at its limit of "
+                                      "0 sessions"), str(exc.value)
+            assert len(rejected) == 3 and rejected[-1].code != 0
+
+    run_async("uvloop", main())
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_plain_client_told_when_the_server_answers_in_tls(loop, caplog):
     """A server that answers the plain-text HELLO with a TLS alert record: the bytes say

@@ -56,6 +56,7 @@ from icafast.aio._relay import (
     tune_socket,
 )
 from icafast.aio.server import control_request
+from icafast.faults import FaultProxy
 from icafast.protocol import (
     REJECT_BAD_PROOF,
     REJECT_PROTOCOL,
@@ -169,6 +170,52 @@ def test_silent_break_shows_disconnected_within_dead_timeout(loop):
             writer.close()
 
     run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_fault_proxy_closes_a_connection_ended_both_ways(loop):
+    """A proxied connection whose two ends each sent their EOF (a session's link after a
+    graceful end: the server half-closes after its CLOSE, the client closes) is closed by
+    the proxy: it held both sockets until the proxy closed, two descriptors per session."""
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            for _ in range(3):
+                reader, writer = await s.client()
+                writer.write(b"ping")
+                assert await reader.readexactly(4) == b"ping"
+                writer.close()
+                await read_until_closed(reader, 5)
+            assert await wait_for(lambda: not s.server.sessions_by_id, 5)
+            pairs = list(s.proxy.pairs)
+            assert await wait_for(lambda: not s.proxy.pairs, 5), (
+                f"{len(s.proxy.pairs)} proxied connections left of sessions that ended")
+            for p in pairs:
+                for side in (p.client, p.server):
+                    assert side is None or side.transport is None or side.transport.is_closing()
+
+        # (the same with a plain connection that half-closes each way)
+        srv = await asyncio.start_server(_half_close_echo, "127.0.0.1", 0)
+        proxy = await FaultProxy("127.0.0.1", srv.sockets[0].getsockname()[1]).start()
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", proxy.port)
+            w.write(b"abc")
+            w.write_eof()
+            assert await asyncio.wait_for(r.read(), 5) == b"abc"
+            assert await wait_for(lambda: not proxy.pairs, 5), "the proxy kept the pair"
+            w.close()
+        finally:
+            await proxy.close()
+            srv.close()
+
+    run_async(loop, main())
+
+
+async def _half_close_echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    w.write(await r.read())
+    w.write_eof()
+    with contextlib.suppress(ConnectionError):
+        await asyncio.wait_for(r.read(), 5)
+    w.close()
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -1597,3 +1644,33 @@ def test_the_session_limit_holds_under_a_burst_of_new_sessions(loop):
             assert all("at its limit of 40 sessions" in g for g in got if g != "ok"), set(got)
 
     run_async(loop, main(), timeout=60)
+
+
+def test_failed_resume_records_cost_little_and_expire():
+    """The count of failed resumes per source address: a new source's failure cost a scan of
+    the whole table once it held 100,000 sources that failed within the minute (3.6 ms each:
+    a CPU's worth at under 300 failed resumes a second from many addresses, as IPv6 gives
+    anyone). Now a few entries from the front of the table per failure; a source whose last
+    failure is a minute old is forgotten, and the table holds MAX_FAILURE_SOURCES at most."""
+    import time
+
+    from icafast.aio.server import MAX_FAILURE_SOURCES
+
+    srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 9)])
+    now = 1000.0
+    for i in range(MAX_FAILURE_SOURCES):
+        srv._record_failure(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", now + i * 1e-5)
+    assert len(srv._failures) == MAX_FAILURE_SOURCES
+    later = now + 2  # (all of them still within the minute)
+    t0 = time.perf_counter()
+    for i in range(2000):
+        srv._record_failure(f"2001:db8::{i:x}", later + i * 1e-5)
+    took = time.perf_counter() - t0
+    assert took < 0.5, f"{took / 2000 * 1e3:.3f} ms per failed resume from a new source"
+    assert len(srv._failures) == MAX_FAILURE_SOURCES  # the quietest went
+    assert "10.0.0.0" not in srv._failures and "2001:db8::0" in srv._failures
+    # a source keeps its count while it fails within the minute...
+    assert srv._failed_recently("2001:db8::0", later + 30) == 1
+    # ...and every count goes once its last failure is a minute old, at the next failure
+    srv._record_failure("192.0.2.1", later + 61)
+    assert list(srv._failures) == ["192.0.2.1"]

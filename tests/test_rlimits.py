@@ -13,7 +13,14 @@ import pytest
 from relay_helpers import Backend, free_port, open_files, stop_process, wait_for
 
 from icafast.aio import open_session
-from icafast.rlimits import SPARE, fds_needed, raise_nofile, sessions_within, shortfall
+from icafast.rlimits import (
+    SPARE,
+    fds_needed,
+    handshakes_within,
+    raise_nofile,
+    sessions_within,
+    shortfall,
+)
 
 INF = -1
 
@@ -75,6 +82,21 @@ def test_a_hard_limit_too_low_raises_as_far_as_it_goes_and_says_how_far():
     assert line == (f"open files: limit raised from 1024 to 4096, the hard limit 4096: room "
                     f"for {room} sessions, not 10000; raise the hard limit to "
                     f"{fds_needed(10_000, 1024)} (systemd: LimitNOFILE=; a shell: ulimit -n)")
+
+
+def test_handshakes_take_at_most_half_of_a_low_limit():
+    """A hard limit of 1,024 (a common default) with the default 1,024 handshakes: the
+    handshakes alone took more than the limit, so the room for sessions came out as none (and
+    the server was lowered to one session, while its handshakes could still take every
+    descriptor). The handshakes now get half of what is left beyond SPARE at most."""
+    assert handshakes_within(1024, 1024) == (1024 - SPARE) // 2 == 384
+    assert handshakes_within(4096, 1024) == 1024  # (room enough: unchanged)
+    assert handshakes_within(100, 1024) == 1  # (at least one)
+    r = FakeResource(1024, 1024)
+    room, line = raise_nofile(10_000, 1024, resource_mod=r)
+    assert room == sessions_within(1024, 384) == 192, line
+    assert fds_needed(room, handshakes_within(1024, 1024)) <= 1024
+    assert f"room for {room} sessions" in line
 
 
 def test_soft_at_the_hard_limit_already():
@@ -210,6 +232,13 @@ def test_a_server_that_ran_out_of_descriptors_goes_on(tmp_path, loop):
                 assert shed > 0
             else:
                 assert logged("socket.accept() out of system resource")
+                # (said once, without a traceback: the standard loop reports each failed
+                # accept() of each try, hundreds a second with a traceback each, thousands
+                # once its retries pile up)
+                await asyncio.sleep(1.5)  # (a retry or two of the loop's)
+                assert logged("socket.accept() out of system resource") == 1, (
+                    log_path.read_text()[-3000:])
+                assert "Traceback" not in log_path.read_text()
             # the sessions it holds still carry data both ways
             for i, (r, w) in enumerate(sessions):
                 await exchange(r, w, b"again %d\n" % i)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Coroutine
@@ -32,11 +33,56 @@ def _want_uvloop() -> bool:
     return sys.platform != "win32"
 
 
+#: what the standard event loop reports for each accept() that fails for want of descriptors
+#: (or memory)
+ACCEPT_FAILED = "socket.accept() out of system resource"
+#: ... which the loops that ``run`` makes say at most once in this many seconds
+ACCEPT_FAILED_EVERY = 10.0
+
+
+def quiet_accept_failures(loop: asyncio.AbstractEventLoop) -> None:
+    """Have ``loop`` log an accept() that failed for want of descriptors in one line, at most
+    once every ``ACCEPT_FAILED_EVERY`` seconds; its other errors as before.
+
+    The standard loop reports each such failure with a traceback, and tries again up to its
+    listener's backlog of times (1,024 for icafast's) at once, each try scheduling another
+    retry a second later: a server out of descriptors logged hundreds of tracebacks a second,
+    then thousands once the retries piled up (680,000 lines in 15 s under a limit of 64).
+    uvloop does not report it (libuv closes the connections waiting instead)."""
+    last = [-ACCEPT_FAILED_EVERY]
+    previous = loop.get_exception_handler()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == ACCEPT_FAILED:
+            now = lp.time()
+            if now - last[0] >= ACCEPT_FAILED_EVERY:
+                last[0] = now
+                logging.getLogger("icafast").error(
+                    "%s: %s; new connections wait until descriptors are free (the event "
+                    "loop tries again every second; said at most once every %g s)",
+                    ACCEPT_FAILED, context.get("exception"), ACCEPT_FAILED_EVERY)
+            return
+        if previous is not None:
+            previous(lp, context)
+        else:
+            lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+
+
+async def _quietly(main: Coroutine[Any, Any, T]) -> T:
+    quiet_accept_failures(asyncio.get_running_loop())
+    return await main
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop when available (the default on Linux/macOS), else asyncio.
 
-    ``ICAFAST_LOOP=asyncio`` forces the standard loop.
+    ``ICAFAST_LOOP=asyncio`` forces the standard loop. Either way the loop logs an accept()
+    that fails for want of descriptors in one line at most every ``ACCEPT_FAILED_EVERY``
+    seconds (``quiet_accept_failures``).
     """
+    main = _quietly(main)
     if _want_uvloop():
         try:
             import uvloop

@@ -234,6 +234,11 @@ class _ClientRunner(Runner):
             return
         if isinstance(e, ev.HandshakeRejected):
             log.info("session %s: handshake failed: %s", self.sid, e.reason)
+            if e.code:
+                # a REJECT frame: the server answered in this client's mode (plain text or
+                # TLS), so a hint on mismatched TLS settings said before is wrong and goes no
+                # further (into open_session's error)
+                self._hint = ""
             if self.tls is None and not eng.has_session:  # plain text: a server wanting TLS?
                 if e.reason.startswith(_TLS_RECORD_STARTS):
                     self.hint(_HINT_TLS_SERVER)
