@@ -302,6 +302,53 @@ def test_new_repeated_after_a_lost_accept_gets_the_same_session(loop):
     run_async(loop, main())
 
 
+def test_new_repeated_on_another_listener_for_the_same_backend_gets_the_same_session():
+    """PROTOCOL.md 3.2: a repeated NEW gets its session when it "arrives on a listener for the
+    same backend", not only on the very listener of the first NEW. A dual-stack server
+    (``--listen 0.0.0.0:2598 --listen [::]:2598 --backend B``) has one listener per address
+    family, both for B; a client whose ACCEPT is lost may reach the other address on its next
+    try. That NEW made a second session (a second backend connection, the first one left
+    open until the reliability timeout)."""
+    async def main() -> None:
+        backend = await Backend("echo", banner=b"banner").start()
+        other = await Backend("echo").start()
+        mappings = [Mapping("127.0.0.1", 0, "127.0.0.1", backend.port),
+                    Mapping("127.0.0.1", 0, "127.0.0.1", backend.port),
+                    Mapping("127.0.0.1", 0, "127.0.0.1", other.port)]
+        server = RelayServer(mappings, FAST)
+        await server.start()
+        try:
+            (_, p1), (_, p2), (_, p3) = server.addresses
+            c = ClientSession(FAST, 0.0)
+            r1, w1 = await _send_new(p1, c)
+            assert await wait_for(lambda: len(server.sessions_by_id) == 1, 3)
+            (first,) = server.sessions_by_id.values()
+            abort_with_rst(w1.transport)  # the ACCEPT unread
+            assert await wait_for(lambda: first.link is None, 3)
+
+            r2, w2 = await _send_new(p2, c)  # the other listener for the same backend
+            assert await _until_accepted(c, r2, w2, 6) == b"banner"
+            assert c.session_id == first.engine.session_id
+            assert list(server.sessions_by_id.values()) == [first]
+            assert len(backend.conns) == 1
+            w2.close()
+
+            # a listener for another backend never gets the session of a token
+            again = ClientSession(FAST, 0.0)
+            again._new_token = c._new_token
+            first.engine.new_token = c._new_token  # (as if the client had not spoken yet)
+            r3, w3 = await _send_new(p3, again)
+            await _until_accepted(again, r3, w3, 0)
+            assert again.session_id != c.session_id and len(other.conns) == 1
+            w3.close()
+        finally:
+            await server.close()
+            await backend.close()
+            await other.close()
+
+    run_async("asyncio", main())
+
+
 def test_new_repeated_while_its_backend_connects_takes_the_earlier_links_place():
     """PROTOCOL.md 3.2: the client gave up a link whose NEW is still connecting to the backend
     (to the server that link looks alive) and repeats the NEW: the server closes the earlier
