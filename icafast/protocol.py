@@ -845,7 +845,8 @@ class SessionEngine:
                     heard = len(frames) != 1
             elif t == _TYPE_CLOSE:
                 code, reason = _parse_reason(f.payload)
-                self._closed(code, f"peer closed: {reason}", graceful=code == CLOSE_DONE)
+                self._closed(code, f"peer closed: {reason}", graceful=code == CLOSE_DONE
+                             and self._both_ended())
                 return
             else:
                 raise ProtocolError(f"unexpected frame type 0x{t:02x} on an established link")
@@ -854,6 +855,13 @@ class SessionEngine:
         if self._rx != self._rx_acked and self._ack_due == _NEVER:
             self._ack_due = now + self._ack_delay  # data_to_send may ack sooner
         self._check_done()
+
+    def _both_ended(self) -> bool:
+        """This side has the peer's FIN and has sent its own: what a CLOSE 0 says (PROTOCOL.md
+        6.4). A CLOSE 0 without them is an abortive end: an end of stream passed on to the
+        local endpoint would hide that bytes are missing."""
+        sent = self._tx_sent if self._tx_sent > self._tx_high else self._tx_high
+        return self._rx_fin and self._tx_fin and sent > self.tx._end
 
     def _tx_limit(self) -> int:
         """One past the last offset of our stream (the FIN counts as one)."""

@@ -926,3 +926,21 @@ def test_abortive_close() -> None:
             assert await wait_for(lambda: backend.ended == 1, 3.0)
             assert backend.eofs == 0  # reset, not half-closed
     run(main())
+
+
+def test_close_done_from_the_client_before_the_streams_ended_is_an_abort() -> None:
+    """6.4: only the server sends CLOSE 0 (DONE: both directions finished, every byte
+    delivered). One from a client whose stream has not ended must not end the backend
+    connection as if the application had finished (a clean end of stream after half a
+    request): the server resets it."""
+    async def main() -> None:
+        async with relay() as (server, backend), spec_client(server) as c:
+            await c.open_new()
+            c.send(b"half a request")
+            await c.pump(lambda: bytes(c.received) == b"half a request")
+            c.send_close(0, "done?")
+            await c.until_closed()
+            assert await wait_for(lambda: backend.ended == 1, 5.0)
+            assert backend.resets == 1 and backend.eofs == 0
+            assert server.sessions() == []  # type: ignore[attr-defined]
+    run(main())
