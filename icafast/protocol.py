@@ -1008,6 +1008,10 @@ class SessionEngine:
         if self.state is State.CLOSED:
             return
         if self.established:
+            if code == CLOSE_DONE:
+                # everything received, the peer's FIN included: when that FIN came last,
+                # nothing but this CLOSE acknowledges it (PROTOCOL.md 6.4)
+                self._rx_acked = self._rx
             self._send_control(FrameType.CLOSE, 0, _reason_payload(code, reason))
         self._closed(code, reason, graceful=code == CLOSE_DONE and self.finished)
 

@@ -913,6 +913,44 @@ def test_graceful_end() -> None:
     run(main())
 
 
+def test_graceful_end_backend_first_close_acks_our_fin() -> None:
+    """6.4: the backend ends first; our FIN (carrying the ack of the server's) completes the
+    session and the server ends it with CLOSE 0. Nothing but that CLOSE follows our FIN, so its
+    `ack` (4.2: the sender's received offset) must cover our FIN: it did not (it repeated the
+    last ack sent, before our FIN), and a client holding to "graceful once my FIN is
+    acknowledged" (3.6) could not tell this end from a lost FIN."""
+    async def main() -> None:
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"bye")
+            writer.write_eof()
+            with contextlib.suppress(ConnectionError):
+                await reader.read()
+            writer.close()
+
+        from icafast.aio import Mapping, RelayServer
+
+        bsrv = await asyncio.start_server(backend, "127.0.0.1", 0)
+        bport = bsrv.sockets[0].getsockname()[1]
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", bport)],
+                             server_config(keepalive_interval=3.0, dead_timeout=6.0))
+        await server.start()
+        try:
+            async with spec_client(server) as c:
+                await c.open_new()
+                await c.pump(lambda: c.rx_fin, timeout=2.0)
+                assert bytes(c.received) == b"bye" and c.rx == 4
+                c.send(b"last words")
+                c.send_fin()  # its frame carries ack 4: the server's FIN is acknowledged
+                await c.pump(lambda: c.close_code is not None, timeout=2.0)
+                assert c.close_code == 0
+                assert c.peer_ack == len(b"last words") + 1  # our FIN acknowledged
+                await c.until_closed(2.0)
+        finally:
+            await server.close()
+            bsrv.close()
+    run(main())
+
+
 def test_abortive_close() -> None:
     """6.4: CLOSE with a non-zero code ends the session at once; the backend is reset."""
     async def main() -> None:
