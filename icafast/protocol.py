@@ -1243,10 +1243,14 @@ class ClientSession(SessionEngine):
         if self.session_id:
             if not resumed or sid != self.session_id or len(p) != _ACCEPT.size:
                 raise ProtocolError("ACCEPT does not match the resumed session")
+        elif resumed or len(p) != _ACCEPT.size + SECRET_SIZE:
+            raise ProtocolError("ACCEPT for a new session must carry a secret")
+        # (all checked before anything of the ACCEPT is taken: after a NEW, the session id,
+        # or the next try would be a RESUME of a session never accepted, PROTOCOL.md 6.3)
+        self._check_received(f.ack)
+        if self.session_id:
             self._secret = rotate_secret(self._secret, link.nonce, link.peer_nonce)
         else:
-            if resumed or len(p) != _ACCEPT.size + SECRET_SIZE:
-                raise ProtocolError("ACCEPT for a new session must carry a secret")
             self.session_id = sid
             self._secret = p[_ACCEPT.size :]
         self.server_policy = Policy(

@@ -847,6 +847,37 @@ def test_frames_pipelined_after_the_request_void_it():
     assert [type(e) for e in iter(hs.next_event, None)] == [ev.HandshakeFailed]
 
 
+@pytest.mark.parametrize("ack", [5, MAX_OFFSET])
+def test_new_session_accept_with_an_invalid_ack_is_retried_as_a_new(ack):
+    """PROTOCOL.md 3.5/4.5: an ACCEPT of a NEW whose header `ack` is outside the valid range is
+    a protocol error (drop the link), and 6.3 retries the first link: with NEW and the same
+    token. The client took the session id, secret and policy of that ACCEPT before checking
+    its ack, so its next try sent a RESUME for a session it never accepted."""
+    hs = ServerHandshake(Config(), 0.0)
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    out = b"".join(bytes(x) for x in c.data_to_send())
+    token = [f for f in FrameDecoder().feed(out) if f.type == FrameType.NEW][0].payload
+    hs.receive_data(out, 0.001)
+    s = protocol.ServerSession(Config(), 0.001)
+    s.accept(hs, 0.001)
+    frames = FrameDecoder().feed(b"".join(bytes(x) for x in s.data_to_send()))
+    hello, accept = (bytes(protocol.encode_frame(f.type, f.flags, f.seq, f.ack, f.payload))
+                     for f in frames)
+    bad = protocol.encode_frame(FrameType.ACCEPT, 0, 0, ack, bytes(frames[1].payload))
+    c.receive_data(hello + bad, 0.002)
+    assert not c.established and c.link_id == 0
+    assert c.session_id == b"" and c.policy == SMALL.policy
+    c.handle_timer(c.get_timer())
+    assert any(isinstance(e, ev.ReconnectDue) for e in iter(c.next_event, None))
+    c.connect(c._now)
+    again = FrameDecoder().feed(b"".join(bytes(x) for x in c.data_to_send()))
+    assert [f.type for f in again] == [FrameType.HELLO, FrameType.NEW]
+    assert bytes(again[1].payload) == bytes(token)
+    c.receive_data(hello + accept, c._now)  # (the same server answer, valid this time)
+    assert c.established and c.session_id == s.session_id
+
+
 def test_new_session_request_goes_with_the_hello():
     """A new session's client sends NEW with its HELLO (one round trip to ACCEPT, not two);
     the server answers HELLO, then ACCEPT. It has no round trip of its own to size its window
