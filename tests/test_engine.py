@@ -878,6 +878,23 @@ def test_new_session_accept_with_an_invalid_ack_is_retried_as_a_new(ack):
     assert c.established and c.session_id == s.session_id
 
 
+def test_accept_with_reserved_bytes_set_is_a_protocol_error():
+    """PROTOCOL.md 3.1/3.5: ACCEPT's reserved bytes (18-19) are 0, and the client checks them:
+    an ACCEPT with either set is a protocol error (the link is dropped)."""
+    hs = ServerHandshake(Config(), 0.0)
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()), 0.001)
+    s = protocol.ServerSession(Config(), 0.001)
+    s.accept(hs, 0.001)
+    hello, accept = FrameDecoder().feed(b"".join(bytes(x) for x in s.data_to_send()))
+    p = bytearray(accept.payload)
+    p[19] = 1
+    c.receive_data(protocol.encode_frame(FrameType.HELLO, 0, 0, 0, bytes(hello.payload))
+                   + protocol.encode_frame(FrameType.ACCEPT, 0, 0, 0, bytes(p)), 0.002)
+    assert not c.established and c.link_id == 0 and c.session_id == b""
+
+
 def test_new_session_request_goes_with_the_hello():
     """A new session's client sends NEW with its HELLO (one round trip to ACCEPT, not two);
     the server answers HELLO, then ACCEPT. It has no round trip of its own to size its window

@@ -860,6 +860,49 @@ def test_handshake_rejects() -> None:
     run(main())
 
 
+@pytest.mark.parametrize("kind", ["hello", "new", "resume", "accept", "reject"])
+def test_handshake_frame_on_established_link_closes_link_not_session(kind: str) -> None:
+    """2.4: a payload on ACK, PING or PONG is ignored; a handshake frame on an established link
+    is a protocol error: the server closes the link, and the session resumes (2.6)."""
+    async def main() -> None:
+        async with relay() as (server, _backend), spec_client(server) as c:
+            await c.open_new()
+            assert c.link is not None
+            c.link.write(encode(ACK, b"ignored", ack=c.rx) + encode(PONG, b"x", ack=c.rx)
+                         + encode(PING, b"ignored", seq=77, ack=c.rx))
+            await c.pump(lambda: any(f.seq == 77 for f in c.pongs))
+            c.send(b"before")
+            await c.pump(lambda: c.rx >= 6)
+            payload = {"hello": hello_payload(os.urandom(32), 65536, 1 << 20), "new": b"",
+                       "resume": bytes(48), "accept": bytes(76), "reject": b"\x00\x07"}[kind]
+            ftype = {"hello": HELLO, "new": NEW, "resume": RESUME, "accept": ACCEPT,
+                     "reject": REJECT}[kind]
+            c.link.write(encode(ftype, payload, ack=c.rx))
+            await c.until_closed(3.0)
+            await c.resume()
+            c.send(b"after")
+            await c.pump(lambda: c.rx >= 11)
+            assert bytes(c.received) == b"beforeafter"
+            assert only_session(server)["state"] == "ACTIVE"
+    run(main())
+
+
+def test_resume_of_the_wrong_size_is_rejected() -> None:
+    """3.1: RESUME is exactly 48 bytes; any other length is a protocol error (REJECT 7)."""
+    async def main() -> None:
+        async with relay() as (server, _backend):
+            for size in (47, 49):
+                host, port = server.addresses[0]  # type: ignore[attr-defined]
+                link = await Link.connect(host, port, 65536)
+                link.write(encode(HELLO, hello_payload(os.urandom(32), 65536, 1 << 20)))
+                assert (await link.read_frame(2.0)).type == HELLO
+                link.write(encode(RESUME, bytes(size)))
+                f = await link.read_frame(2.0)
+                assert f.type == REJECT and decode_code_reason(f.payload)[0] == 7
+                await link.close()
+    run(main())
+
+
 def test_resume_takes_over_live_link() -> None:
     """3.5: a proven RESUME closes the session's current link, even a live one."""
     async def main() -> None:
