@@ -938,8 +938,13 @@ class SessionEngine:
             self.srtt = 0.875 * self.srtt + 0.125 * r
 
     def _check_received(self, received: int) -> None:
-        """A peer's received offset (RESUME/ACCEPT) must lie in [acked, end of our stream]."""
-        limit = self._tx_limit()
+        """A peer's received offset (RESUME/ACCEPT) must lie in [acked, what we sent]: as an
+        ack (_on_ack), it cannot cover what was never sent, on any link (PROTOCOL.md 4.5).
+        (Bytes queued while no link was up would otherwise be freed unseen.)"""
+        sent = self._tx_sent if self._tx_sent > self._peer_ack else self._peer_ack
+        if self._tx_high > sent:
+            sent = self._tx_high
+        limit = min(self._tx_limit(), sent)
         if not self._peer_ack <= received <= limit:
             raise ProtocolError(
                 f"peer's received offset {received} outside [{self._peer_ack}, {limit}]"

@@ -282,7 +282,8 @@ class SpecClient:
         if not (keep > 0 and dead > keep and on_timeout in (0, 1)):
             raise ProtocolError("ACCEPT policy")
         fin = 1 if self.fin_queued else 0
-        if not self.peer_ack <= accept.ack <= self.tx_end + fin:  # 4.5, last paragraph
+        high = min(self.tx_end + fin, max(self.tx_sent, self.peer_ack))  # 4.5, last paragraph
+        if not self.peer_ack <= accept.ack <= high:
             raise ProtocolError("ACCEPT ack out of range")
         return sid, Policy(on_timeout, keep, dead, rel, hold, limit)
 
@@ -705,6 +706,33 @@ def test_resume_with_ack_below_received_offset() -> None:
 # --------------------------------------------------------------------------------------------
 # 3. Frame errors close the link, never the session.
 # --------------------------------------------------------------------------------------------
+
+
+def test_resume_offset_past_what_was_sent_is_rejected() -> None:
+    """4.5: a received offset can no more cover what was never sent than an ack can. Bytes the
+    backend sent while the session had no link are queued, not sent; a RESUME whose offset
+    covers them gets REJECT 7 and leaves the session as it was (they were freed unseen, lost
+    without a trace); the right offset then resumes and they arrive."""
+    async def main() -> None:
+        async with relay() as (server, backend), spec_client(server) as c:
+            await c.open_new()
+            c.send(b"x" * 10)
+            await c.pump(lambda: c.rx >= 10)
+            c.send_ack()
+            await c.pump(lambda: c.acks_received > 0 or c.peer_ack == 10, timeout=2.0)
+            c.drop_link()
+            assert await wait_for(lambda: only_session(server)["state"] == "DISCONNECTED", 3.0)
+            backend.writers[0].write(b"sent while disconnected")  # 23 bytes, queued
+            assert await wait_for(lambda: only_session(server)["unacked"] == 23, 3.0)
+            with pytest.raises(Rejected) as exc:
+                await c.resume(ack=10 + 23)
+            assert exc.value.code == 7
+            row = only_session(server)
+            assert row["unacked"] == 23 and row["state"] == "DISCONNECTED"
+            await c.resume()
+            await c.pump(lambda: c.rx >= 33)
+            assert bytes(c.received) == b"x" * 10 + b"sent while disconnected"
+    run(main())
 
 
 def test_bad_checksum_closes_link_not_session() -> None:

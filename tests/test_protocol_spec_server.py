@@ -626,9 +626,10 @@ class ServerLink(asyncio.Protocol):
             self.reject(3, "bad proof")
             raise LinkGone
         fin = 1 if session.fin_queued else 0
-        if not session.peer_ack <= ack <= session.tx_end + fin:  # 3.1, 4.5
+        high = min(session.tx_end + fin, max(session.tx_sent, session.peer_ack))
+        if not session.peer_ack <= ack <= high:  # 3.1, 4.5
             srv.violations.append(f"link {self.index}: 4.5: RESUME ack {ack} outside "
-                                  f"[{session.peer_ack}, {session.tx_end + fin}]")
+                                  f"[{session.peer_ack}, {high}]")
             self.reject(7, "invalid offset")
             raise LinkGone
         old = session.link
