@@ -1494,7 +1494,10 @@ class ServerHandshake:
 
     def handle_timer(self, now: float) -> None:
         if not self.done and now >= self.started + self.config.handshake_timeout:
-            self.fail("handshake timed out")
+            # No REJECT: REJECT 7 ends the client's session (PROTOCOL.md 3.6), and a slow
+            # network is no reason for that; a closed link is a failed attempt, retried (3.5)
+            self.done = True
+            self._events.append(HandshakeFailed("handshake timed out"))
 
     def data_to_send(self) -> list[Any]:
         out, self._out = self._out, []

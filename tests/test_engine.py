@@ -372,10 +372,22 @@ def test_garbage_handshake_fails_cleanly():
 
 
 def test_silent_handshake_times_out():
+    """PROTOCOL.md 3.5: the server closes a link whose NEW/RESUME did not come in time, with
+    no REJECT (7 would end the client's session, 3.6; a timeout is a failed attempt)."""
     hs = ServerHandshake(SMALL, 0.0)
     assert hs.get_timer() == SMALL.handshake_timeout
     hs.handle_timer(SMALL.handshake_timeout)
     assert isinstance(hs.next_event(), ev.HandshakeFailed)
+    assert hs.data_to_send() == [] and hs.get_timer() is None
+    # (after the client's HELLO: our HELLO went, and nothing follows it)
+    hs = ServerHandshake(SMALL, 0.0)
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    hs.receive_data(bytes(c.data_to_send()[0]), 0.0)  # the HELLO alone
+    assert [f.type for f in FrameDecoder().feed(b"".join(hs.data_to_send()))] == [
+        FrameType.HELLO]
+    hs.handle_timer(SMALL.handshake_timeout)
+    assert isinstance(hs.next_event(), ev.HandshakeFailed) and hs.data_to_send() == []
 
 
 @pytest.mark.parametrize("action", ["reset", "disconnect"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import json
@@ -169,6 +170,80 @@ def test_silent_break_shows_disconnected_within_dead_timeout(loop):
             writer.close()
 
     run_async(loop, main())
+
+
+class _OneWayStall:
+    """A TCP proxy whose ``stall`` next connections carry nothing from client to server (the
+    server's bytes still reach the client): a handshake whose RESUME is held up on the way."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.stall = 0
+        self.conns: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target)
+        self.conns.append((cw, sw))
+        stalled = self.stall > 0
+        self.stall -= stalled
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, drop: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await r.read(65536):
+                    if not drop:
+                        w.write(data)
+            w.close()
+
+        await asyncio.gather(pipe(cr, sw, stalled), pipe(sr, cw, False))
+
+    def reset_all(self) -> None:
+        for cw, sw in self.conns:
+            abort_with_rst(cw.transport)
+            abort_with_rst(sw.transport)
+
+    async def close(self) -> None:
+        self.reset_all()
+        self.server.close()
+
+
+def test_server_handshake_timeout_is_not_the_end_of_a_resuming_session():
+    """The handshake timeout is local (PROTOCOL.md 5, 3.5), and the server's runs from TCP
+    accept, before any TLS handshake, the client's from when its link is up. A RESUME held up
+    on the way past the server's timeout got REJECT 7, which ends the client's session (3.6):
+    a slow network, not a broken protocol, ended a session that its next attempt would have
+    resumed. The server now closes the link without REJECT: a failed attempt, retried."""
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)],
+                             dataclasses.replace(FAST, handshake_timeout=0.3))
+        await server.start()
+        proxy = _OneWayStall(server.addresses[0][1])
+        port = await proxy.start()
+        events: list[Any] = []
+        try:
+            reader, writer = await open_session(
+                "127.0.0.1", port, config=dataclasses.replace(FAST, handshake_timeout=2.0),
+                on_status=lambda e, _s: events.append(e))
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            proxy.stall = 1
+            proxy.reset_all()  # the link breaks; the next one's RESUME never arrives
+            assert await wait_for(lambda: len(of(ev.LinkUp, events)) == 2, 5)
+            writer.write(b"pong")
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"pong"
+            assert not of(ev.SessionClosed, events)
+            assert [e.code for e in of(ev.HandshakeRejected, events)] == [0]
+            writer.close()
+        finally:
+            await proxy.close()
+            await server.close()
+            await backend.close()
+
+    run_async("asyncio", main())
 
 
 @pytest.mark.parametrize("loop", LOOPS)
