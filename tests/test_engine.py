@@ -890,6 +890,18 @@ def test_new_session_accept_with_an_invalid_ack_is_retried_as_a_new(ack):
     assert c.established and c.session_id == s.session_id
 
 
+def test_a_second_server_hello_is_a_protocol_error():
+    """PROTOCOL.md 3.5: the client accepts the server's HELLO first and once; another HELLO
+    in the handshake (before the ACCEPT) is a protocol error: the link is dropped."""
+    hs = ServerHandshake(Config(), 0.0)
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()), 0.001)
+    (hello,) = hs.data_to_send()
+    c.receive_data(bytes(hello) + bytes(hello), 0.002)
+    assert not c.established and c.link_id == 0
+
+
 def test_accept_with_reserved_bytes_set_is_a_protocol_error():
     """PROTOCOL.md 3.1/3.5: ACCEPT's reserved bytes (18-19) are 0, and the client checks them:
     an ACCEPT with either set is a protocol error (the link is dropped)."""
