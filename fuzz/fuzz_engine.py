@@ -18,9 +18,10 @@ engine runs on; the rest are its parameters:
    offsets, any payload) and timer ticks.
 
 Invariants (docs/FUZZING.md): receive_data/handle_timer never raise; the server handshake ends in
-a request or HandshakeFailed + REJECT, and writes at most a HELLO and a REJECT; a dropped link is
-reported; no corrupt byte is ever delivered, and a healed session delivers every byte exactly
-once; memory stays bounded. Any other exception or failed assertion is a crash.
+a request or HandshakeFailed (+ REJECT, but for a timeout), and writes at most a HELLO and a
+REJECT; a dropped link is reported; no corrupt byte is ever delivered, and a healed session
+delivers every byte exactly once; memory stays bounded. Any other exception or failed
+assertion is a crash.
 """
 
 from __future__ import annotations

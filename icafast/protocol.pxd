@@ -87,6 +87,8 @@ cdef class SessionEngine:
     cpdef bint has_unsent(self) except -1
     @cython.locals(rx=cython.ulonglong, backlog=cython.ulonglong, v=cython.ulonglong)
     cpdef unsigned long long _ack_value(self) except? 0xFFFFFFFFFFFFFFFF
+    @cython.locals(sent=cython.ulonglong)
+    cpdef bint _both_ended(self) except -1
     @cython.locals(end=cython.ulonglong)
     cpdef unsigned long long _tx_limit(self) except? 0xFFFFFFFFFFFFFFFF
     cpdef _sent_ack(self)

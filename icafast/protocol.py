@@ -845,7 +845,8 @@ class SessionEngine:
                     heard = len(frames) != 1
             elif t == _TYPE_CLOSE:
                 code, reason = _parse_reason(f.payload)
-                self._closed(code, f"peer closed: {reason}", graceful=code == CLOSE_DONE)
+                self._closed(code, f"peer closed: {reason}", graceful=code == CLOSE_DONE
+                             and self._both_ended())
                 return
             else:
                 raise ProtocolError(f"unexpected frame type 0x{t:02x} on an established link")
@@ -854,6 +855,13 @@ class SessionEngine:
         if self._rx != self._rx_acked and self._ack_due == _NEVER:
             self._ack_due = now + self._ack_delay  # data_to_send may ack sooner
         self._check_done()
+
+    def _both_ended(self) -> bool:
+        """This side has the peer's FIN and has sent its own: what a CLOSE 0 says (PROTOCOL.md
+        6.4). A CLOSE 0 without them is an abortive end: an end of stream passed on to the
+        local endpoint would hide that bytes are missing."""
+        sent = self._tx_sent if self._tx_sent > self._tx_high else self._tx_high
+        return self._rx_fin and self._tx_fin and sent > self.tx._end
 
     def _tx_limit(self) -> int:
         """One past the last offset of our stream (the FIN counts as one)."""
@@ -930,8 +938,13 @@ class SessionEngine:
             self.srtt = 0.875 * self.srtt + 0.125 * r
 
     def _check_received(self, received: int) -> None:
-        """A peer's received offset (RESUME/ACCEPT) must lie in [acked, end of our stream]."""
-        limit = self._tx_limit()
+        """A peer's received offset (RESUME/ACCEPT) must lie in [acked, what we sent]: as an
+        ack (_on_ack), it cannot cover what was never sent, on any link (PROTOCOL.md 4.5).
+        (Bytes queued while no link was up would otherwise be freed unseen.)"""
+        sent = self._tx_sent if self._tx_sent > self._peer_ack else self._peer_ack
+        if self._tx_high > sent:
+            sent = self._tx_high
+        limit = min(self._tx_limit(), sent)
         if not self._peer_ack <= received <= limit:
             raise ProtocolError(
                 f"peer's received offset {received} outside [{self._peer_ack}, {limit}]"
@@ -1000,6 +1013,10 @@ class SessionEngine:
         if self.state is State.CLOSED:
             return
         if self.established:
+            if code == CLOSE_DONE:
+                # everything received, the peer's FIN included: when that FIN came last,
+                # nothing but this CLOSE acknowledges it (PROTOCOL.md 6.4)
+                self._rx_acked = self._rx
             self._send_control(FrameType.CLOSE, 0, _reason_payload(code, reason))
         self._closed(code, reason, graceful=code == CLOSE_DONE and self.finished)
 
@@ -1231,10 +1248,14 @@ class ClientSession(SessionEngine):
         if self.session_id:
             if not resumed or sid != self.session_id or len(p) != _ACCEPT.size:
                 raise ProtocolError("ACCEPT does not match the resumed session")
+        elif resumed or len(p) != _ACCEPT.size + SECRET_SIZE:
+            raise ProtocolError("ACCEPT for a new session must carry a secret")
+        # (all checked before anything of the ACCEPT is taken: after a NEW, the session id,
+        # or the next try would be a RESUME of a session never accepted, PROTOCOL.md 6.3)
+        self._check_received(f.ack)
+        if self.session_id:
             self._secret = rotate_secret(self._secret, link.nonce, link.peer_nonce)
         else:
-            if resumed or len(p) != _ACCEPT.size + SECRET_SIZE:
-                raise ProtocolError("ACCEPT for a new session must carry a secret")
             self.session_id = sid
             self._secret = p[_ACCEPT.size :]
         self.server_policy = Policy(
@@ -1473,7 +1494,10 @@ class ServerHandshake:
 
     def handle_timer(self, now: float) -> None:
         if not self.done and now >= self.started + self.config.handshake_timeout:
-            self.fail("handshake timed out")
+            # No REJECT: REJECT 7 ends the client's session (PROTOCOL.md 3.6), and a slow
+            # network is no reason for that; a closed link is a failed attempt, retried (3.5)
+            self.done = True
+            self._events.append(HandshakeFailed("handshake timed out"))
 
     def data_to_send(self) -> list[Any]:
         out, self._out = self._out, []

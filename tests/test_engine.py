@@ -372,10 +372,22 @@ def test_garbage_handshake_fails_cleanly():
 
 
 def test_silent_handshake_times_out():
+    """PROTOCOL.md 3.5: the server closes a link whose NEW/RESUME did not come in time, with
+    no REJECT (7 would end the client's session, 3.6; a timeout is a failed attempt)."""
     hs = ServerHandshake(SMALL, 0.0)
     assert hs.get_timer() == SMALL.handshake_timeout
     hs.handle_timer(SMALL.handshake_timeout)
     assert isinstance(hs.next_event(), ev.HandshakeFailed)
+    assert hs.data_to_send() == [] and hs.get_timer() is None
+    # (after the client's HELLO: our HELLO went, and nothing follows it)
+    hs = ServerHandshake(SMALL, 0.0)
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    hs.receive_data(bytes(c.data_to_send()[0]), 0.0)  # the HELLO alone
+    assert [f.type for f in FrameDecoder().feed(b"".join(hs.data_to_send()))] == [
+        FrameType.HELLO]
+    hs.handle_timer(SMALL.handshake_timeout)
+    assert isinstance(hs.next_event(), ev.HandshakeFailed) and hs.data_to_send() == []
 
 
 @pytest.mark.parametrize("action", ["reset", "disconnect"])
@@ -847,6 +859,66 @@ def test_frames_pipelined_after_the_request_void_it():
     assert [type(e) for e in iter(hs.next_event, None)] == [ev.HandshakeFailed]
 
 
+@pytest.mark.parametrize("ack", [5, MAX_OFFSET])
+def test_new_session_accept_with_an_invalid_ack_is_retried_as_a_new(ack):
+    """PROTOCOL.md 3.5/4.5: an ACCEPT of a NEW whose header `ack` is outside the valid range is
+    a protocol error (drop the link), and 6.3 retries the first link: with NEW and the same
+    token. The client took the session id, secret and policy of that ACCEPT before checking
+    its ack, so its next try sent a RESUME for a session it never accepted."""
+    hs = ServerHandshake(Config(), 0.0)
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    out = b"".join(bytes(x) for x in c.data_to_send())
+    token = [f for f in FrameDecoder().feed(out) if f.type == FrameType.NEW][0].payload
+    hs.receive_data(out, 0.001)
+    s = protocol.ServerSession(Config(), 0.001)
+    s.accept(hs, 0.001)
+    frames = FrameDecoder().feed(b"".join(bytes(x) for x in s.data_to_send()))
+    hello, accept = (bytes(protocol.encode_frame(f.type, f.flags, f.seq, f.ack, f.payload))
+                     for f in frames)
+    bad = protocol.encode_frame(FrameType.ACCEPT, 0, 0, ack, bytes(frames[1].payload))
+    c.receive_data(hello + bad, 0.002)
+    assert not c.established and c.link_id == 0
+    assert c.session_id == b"" and c.policy == SMALL.policy
+    c.handle_timer(c.get_timer())
+    assert any(isinstance(e, ev.ReconnectDue) for e in iter(c.next_event, None))
+    c.connect(c._now)
+    again = FrameDecoder().feed(b"".join(bytes(x) for x in c.data_to_send()))
+    assert [f.type for f in again] == [FrameType.HELLO, FrameType.NEW]
+    assert bytes(again[1].payload) == bytes(token)
+    c.receive_data(hello + accept, c._now)  # (the same server answer, valid this time)
+    assert c.established and c.session_id == s.session_id
+
+
+def test_a_second_server_hello_is_a_protocol_error():
+    """PROTOCOL.md 3.5: the client accepts the server's HELLO first and once; another HELLO
+    in the handshake (before the ACCEPT) is a protocol error: the link is dropped."""
+    hs = ServerHandshake(Config(), 0.0)
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()), 0.001)
+    (hello,) = hs.data_to_send()
+    c.receive_data(bytes(hello) + bytes(hello), 0.002)
+    assert not c.established and c.link_id == 0
+
+
+def test_accept_with_reserved_bytes_set_is_a_protocol_error():
+    """PROTOCOL.md 3.1/3.5: ACCEPT's reserved bytes (18-19) are 0, and the client checks them:
+    an ACCEPT with either set is a protocol error (the link is dropped)."""
+    hs = ServerHandshake(Config(), 0.0)
+    c = ClientSession(SMALL, 0.0)
+    c.connect(0.0)
+    hs.receive_data(b"".join(bytes(x) for x in c.data_to_send()), 0.001)
+    s = protocol.ServerSession(Config(), 0.001)
+    s.accept(hs, 0.001)
+    hello, accept = FrameDecoder().feed(b"".join(bytes(x) for x in s.data_to_send()))
+    p = bytearray(accept.payload)
+    p[19] = 1
+    c.receive_data(protocol.encode_frame(FrameType.HELLO, 0, 0, 0, bytes(hello.payload))
+                   + protocol.encode_frame(FrameType.ACCEPT, 0, 0, 0, bytes(p)), 0.002)
+    assert not c.established and c.link_id == 0 and c.session_id == b""
+
+
 def test_new_session_request_goes_with_the_hello():
     """A new session's client sends NEW with its HELLO (one round trip to ACCEPT, not two);
     the server answers HELLO, then ACCEPT. It has no round trip of its own to size its window
@@ -942,6 +1014,7 @@ def test_the_last_fin_and_its_ack_fit_64_bits():
     assert e._tx_limit() == MAX_OFFSET - 1
     e.send_eof()
     assert e._tx_limit() == MAX_OFFSET
+    e._tx_high = MAX_OFFSET  # (all of it sent, the FIN too, on an earlier link)
     e._check_received(MAX_OFFSET)  # the peer has every byte and the FIN: within [acked, limit]
     with pytest.raises(ProtocolError):
         e._check_received(MAX_OFFSET + 1)

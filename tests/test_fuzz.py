@@ -6,8 +6,8 @@ The invariants, for any input:
   exception; a failed decoder stays failed; it holds less than ``HEADER_SIZE + max_payload``
   bytes and allocates in proportion to what it was fed, not to what a length field claims;
   valid streams round-trip under any split.
-* ``ServerHandshake`` never raises: bad input becomes ``HandshakeFailed`` plus a REJECT; its
-  output is bounded.
+* ``ServerHandshake`` never raises: bad input becomes ``HandshakeFailed`` plus a REJECT (a
+  timeout, ``HandshakeFailed`` alone); its output is bounded.
 * ``ClientSession``/``ServerSession`` never raise from ``receive_data``/``handle_timer``; a link
   they drop is reported (``LinkLost``, ``HandshakeRejected`` or ``SessionClosed``); what they
   deliver is always a prefix of what the peer sent (corruption is caught, never delivered); and

@@ -282,7 +282,8 @@ class SpecClient:
         if not (keep > 0 and dead > keep and on_timeout in (0, 1)):
             raise ProtocolError("ACCEPT policy")
         fin = 1 if self.fin_queued else 0
-        if not self.peer_ack <= accept.ack <= self.tx_end + fin:  # 4.5, last paragraph
+        high = min(self.tx_end + fin, max(self.tx_sent, self.peer_ack))  # 4.5, last paragraph
+        if not self.peer_ack <= accept.ack <= high:
             raise ProtocolError("ACCEPT ack out of range")
         return sid, Policy(on_timeout, keep, dead, rel, hold, limit)
 
@@ -707,6 +708,33 @@ def test_resume_with_ack_below_received_offset() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def test_resume_offset_past_what_was_sent_is_rejected() -> None:
+    """4.5: a received offset can no more cover what was never sent than an ack can. Bytes the
+    backend sent while the session had no link are queued, not sent; a RESUME whose offset
+    covers them gets REJECT 7 and leaves the session as it was (they were freed unseen, lost
+    without a trace); the right offset then resumes and they arrive."""
+    async def main() -> None:
+        async with relay() as (server, backend), spec_client(server) as c:
+            await c.open_new()
+            c.send(b"x" * 10)
+            await c.pump(lambda: c.rx >= 10)
+            c.send_ack()
+            await c.pump(lambda: c.acks_received > 0 or c.peer_ack == 10, timeout=2.0)
+            c.drop_link()
+            assert await wait_for(lambda: only_session(server)["state"] == "DISCONNECTED", 3.0)
+            backend.writers[0].write(b"sent while disconnected")  # 23 bytes, queued
+            assert await wait_for(lambda: only_session(server)["unacked"] == 23, 3.0)
+            with pytest.raises(Rejected) as exc:
+                await c.resume(ack=10 + 23)
+            assert exc.value.code == 7
+            row = only_session(server)
+            assert row["unacked"] == 23 and row["state"] == "DISCONNECTED"
+            await c.resume()
+            await c.pump(lambda: c.rx >= 33)
+            assert bytes(c.received) == b"x" * 10 + b"sent while disconnected"
+    run(main())
+
+
 def test_bad_checksum_closes_link_not_session() -> None:
     async def main() -> None:
         async with relay() as (server, _backend), spec_client(server) as c:
@@ -860,6 +888,49 @@ def test_handshake_rejects() -> None:
     run(main())
 
 
+@pytest.mark.parametrize("kind", ["hello", "new", "resume", "accept", "reject"])
+def test_handshake_frame_on_established_link_closes_link_not_session(kind: str) -> None:
+    """2.4: a payload on ACK, PING or PONG is ignored; a handshake frame on an established link
+    is a protocol error: the server closes the link, and the session resumes (2.6)."""
+    async def main() -> None:
+        async with relay() as (server, _backend), spec_client(server) as c:
+            await c.open_new()
+            assert c.link is not None
+            c.link.write(encode(ACK, b"ignored", ack=c.rx) + encode(PONG, b"x", ack=c.rx)
+                         + encode(PING, b"ignored", seq=77, ack=c.rx))
+            await c.pump(lambda: any(f.seq == 77 for f in c.pongs))
+            c.send(b"before")
+            await c.pump(lambda: c.rx >= 6)
+            payload = {"hello": hello_payload(os.urandom(32), 65536, 1 << 20), "new": b"",
+                       "resume": bytes(48), "accept": bytes(76), "reject": b"\x00\x07"}[kind]
+            ftype = {"hello": HELLO, "new": NEW, "resume": RESUME, "accept": ACCEPT,
+                     "reject": REJECT}[kind]
+            c.link.write(encode(ftype, payload, ack=c.rx))
+            await c.until_closed(3.0)
+            await c.resume()
+            c.send(b"after")
+            await c.pump(lambda: c.rx >= 11)
+            assert bytes(c.received) == b"beforeafter"
+            assert only_session(server)["state"] == "ACTIVE"
+    run(main())
+
+
+def test_resume_of_the_wrong_size_is_rejected() -> None:
+    """3.1: RESUME is exactly 48 bytes; any other length is a protocol error (REJECT 7)."""
+    async def main() -> None:
+        async with relay() as (server, _backend):
+            for size in (47, 49):
+                host, port = server.addresses[0]  # type: ignore[attr-defined]
+                link = await Link.connect(host, port, 65536)
+                link.write(encode(HELLO, hello_payload(os.urandom(32), 65536, 1 << 20)))
+                assert (await link.read_frame(2.0)).type == HELLO
+                link.write(encode(RESUME, bytes(size)))
+                f = await link.read_frame(2.0)
+                assert f.type == REJECT and decode_code_reason(f.payload)[0] == 7
+                await link.close()
+    run(main())
+
+
 def test_resume_takes_over_live_link() -> None:
     """3.5: a proven RESUME closes the session's current link, even a live one."""
     async def main() -> None:
@@ -913,6 +984,44 @@ def test_graceful_end() -> None:
     run(main())
 
 
+def test_graceful_end_backend_first_close_acks_our_fin() -> None:
+    """6.4: the backend ends first; our FIN (carrying the ack of the server's) completes the
+    session and the server ends it with CLOSE 0. Nothing but that CLOSE follows our FIN, so its
+    `ack` (4.2: the sender's received offset) must cover our FIN: it did not (it repeated the
+    last ack sent, before our FIN), and a client holding to "graceful once my FIN is
+    acknowledged" (3.6) could not tell this end from a lost FIN."""
+    async def main() -> None:
+        async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"bye")
+            writer.write_eof()
+            with contextlib.suppress(ConnectionError):
+                await reader.read()
+            writer.close()
+
+        from icafast.aio import Mapping, RelayServer
+
+        bsrv = await asyncio.start_server(backend, "127.0.0.1", 0)
+        bport = bsrv.sockets[0].getsockname()[1]
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", bport)],
+                             server_config(keepalive_interval=3.0, dead_timeout=6.0))
+        await server.start()
+        try:
+            async with spec_client(server) as c:
+                await c.open_new()
+                await c.pump(lambda: c.rx_fin, timeout=2.0)
+                assert bytes(c.received) == b"bye" and c.rx == 4
+                c.send(b"last words")
+                c.send_fin()  # its frame carries ack 4: the server's FIN is acknowledged
+                await c.pump(lambda: c.close_code is not None, timeout=2.0)
+                assert c.close_code == 0
+                assert c.peer_ack == len(b"last words") + 1  # our FIN acknowledged
+                await c.until_closed(2.0)
+        finally:
+            await server.close()
+            bsrv.close()
+    run(main())
+
+
 def test_abortive_close() -> None:
     """6.4: CLOSE with a non-zero code ends the session at once; the backend is reset."""
     async def main() -> None:
@@ -925,4 +1034,22 @@ def test_abortive_close() -> None:
             assert await wait_for(lambda: not server.sessions(), 3.0)
             assert await wait_for(lambda: backend.ended == 1, 3.0)
             assert backend.eofs == 0  # reset, not half-closed
+    run(main())
+
+
+def test_close_done_from_the_client_before_the_streams_ended_is_an_abort() -> None:
+    """6.4: only the server sends CLOSE 0 (DONE: both directions finished, every byte
+    delivered). One from a client whose stream has not ended must not end the backend
+    connection as if the application had finished (a clean end of stream after half a
+    request): the server resets it."""
+    async def main() -> None:
+        async with relay() as (server, backend), spec_client(server) as c:
+            await c.open_new()
+            c.send(b"half a request")
+            await c.pump(lambda: bytes(c.received) == b"half a request")
+            c.send_close(0, "done?")
+            await c.until_closed()
+            assert await wait_for(lambda: backend.ended == 1, 5.0)
+            assert backend.resets == 1 and backend.eofs == 0
+            assert server.sessions() == []  # type: ignore[attr-defined]
     run(main())

@@ -626,9 +626,10 @@ class ServerLink(asyncio.Protocol):
             self.reject(3, "bad proof")
             raise LinkGone
         fin = 1 if session.fin_queued else 0
-        if not session.peer_ack <= ack <= session.tx_end + fin:  # 3.1, 4.5
+        high = min(session.tx_end + fin, max(session.tx_sent, session.peer_ack))
+        if not session.peer_ack <= ack <= high:  # 3.1, 4.5
             srv.violations.append(f"link {self.index}: 4.5: RESUME ack {ack} outside "
-                                  f"[{session.peer_ack}, {session.tx_end + fin}]")
+                                  f"[{session.peer_ack}, {high}]")
             self.reject(7, "invalid offset")
             raise LinkGone
         old = session.link
@@ -1270,6 +1271,29 @@ def test_abortive_close_from_server(code: int, kind: str) -> None:
             assert len(server.links) == 1 and link.gone
             assert server.violations == []
             assert how == "reset", how
+    run(main())
+
+
+@pytest.mark.parametrize("kind", ["tcp", "stream"])
+def test_close_done_before_the_streams_ended_is_an_abort(kind: str) -> None:
+    """6.4: CLOSE 0 (DONE) says both directions finished, every byte delivered. One that comes
+    while neither stream has ended (a server that breaks that promise) ends the session
+    abortively: the application connection is reset, never ended as if the stream were
+    complete (which would hide that bytes are missing)."""
+    async def main() -> None:
+        events: list[Any] = []
+        async with spec_server() as server, \
+                app_connection(kind, server, events) as (reader, writer):
+            s = server.only_session()
+            assert await exchange(reader, writer, b"hello") == b"hello"
+            server.admin_close(s, 0, "done?")
+            got, how = await read_to_end(reader)
+            assert got == b""
+            assert await wait_for(lambda: bool(kinds(events, "SessionClosed")), 2.0)
+            closed = kinds(events, "SessionClosed")
+            assert len(closed) == 1 and closed[0].code == 0 and not closed[0].graceful
+            assert how == "reset", how
+            assert server.violations == []
     run(main())
 
 

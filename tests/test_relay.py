@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hashlib
 import json
@@ -170,6 +171,80 @@ def test_silent_break_shows_disconnected_within_dead_timeout(loop):
             writer.close()
 
     run_async(loop, main())
+
+
+class _OneWayStall:
+    """A TCP proxy whose ``stall`` next connections carry nothing from client to server (the
+    server's bytes still reach the client): a handshake whose RESUME is held up on the way."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.stall = 0
+        self.conns: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _conn(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        sr, sw = await asyncio.open_connection("127.0.0.1", self.target)
+        self.conns.append((cw, sw))
+        stalled = self.stall > 0
+        self.stall -= stalled
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, drop: bool) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await r.read(65536):
+                    if not drop:
+                        w.write(data)
+            w.close()
+
+        await asyncio.gather(pipe(cr, sw, stalled), pipe(sr, cw, False))
+
+    def reset_all(self) -> None:
+        for cw, sw in self.conns:
+            abort_with_rst(cw.transport)
+            abort_with_rst(sw.transport)
+
+    async def close(self) -> None:
+        self.reset_all()
+        self.server.close()
+
+
+def test_server_handshake_timeout_is_not_the_end_of_a_resuming_session():
+    """The handshake timeout is local (PROTOCOL.md 5, 3.5), and the server's runs from TCP
+    accept, before any TLS handshake, the client's from when its link is up. A RESUME held up
+    on the way past the server's timeout got REJECT 7, which ends the client's session (3.6):
+    a slow network, not a broken protocol, ended a session that its next attempt would have
+    resumed. The server now closes the link without REJECT: a failed attempt, retried."""
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)],
+                             dataclasses.replace(FAST, handshake_timeout=0.3))
+        await server.start()
+        proxy = _OneWayStall(server.addresses[0][1])
+        port = await proxy.start()
+        events: list[Any] = []
+        try:
+            reader, writer = await open_session(
+                "127.0.0.1", port, config=dataclasses.replace(FAST, handshake_timeout=2.0),
+                on_status=lambda e, _s: events.append(e))
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"ping"
+            proxy.stall = 1
+            proxy.reset_all()  # the link breaks; the next one's RESUME never arrives
+            assert await wait_for(lambda: len(of(ev.LinkUp, events)) == 2, 5)
+            writer.write(b"pong")
+            assert await asyncio.wait_for(reader.readexactly(4), 5) == b"pong"
+            assert not of(ev.SessionClosed, events)
+            assert [e.code for e in of(ev.HandshakeRejected, events)] == [0]
+            writer.close()
+        finally:
+            await proxy.close()
+            await server.close()
+            await backend.close()
+
+    run_async("asyncio", main())
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -347,6 +422,53 @@ def test_new_repeated_after_a_lost_accept_gets_the_same_session(loop):
             w3.close()
 
     run_async(loop, main())
+
+
+def test_new_repeated_on_another_listener_for_the_same_backend_gets_the_same_session():
+    """PROTOCOL.md 3.2: a repeated NEW gets its session when it "arrives on a listener for the
+    same backend", not only on the very listener of the first NEW. A dual-stack server
+    (``--listen 0.0.0.0:2598 --listen [::]:2598 --backend B``) has one listener per address
+    family, both for B; a client whose ACCEPT is lost may reach the other address on its next
+    try. That NEW made a second session (a second backend connection, the first one left
+    open until the reliability timeout)."""
+    async def main() -> None:
+        backend = await Backend("echo", banner=b"banner").start()
+        other = await Backend("echo").start()
+        mappings = [Mapping("127.0.0.1", 0, "127.0.0.1", backend.port),
+                    Mapping("127.0.0.1", 0, "127.0.0.1", backend.port),
+                    Mapping("127.0.0.1", 0, "127.0.0.1", other.port)]
+        server = RelayServer(mappings, FAST)
+        await server.start()
+        try:
+            (_, p1), (_, p2), (_, p3) = server.addresses
+            c = ClientSession(FAST, 0.0)
+            r1, w1 = await _send_new(p1, c)
+            assert await wait_for(lambda: len(server.sessions_by_id) == 1, 3)
+            (first,) = server.sessions_by_id.values()
+            abort_with_rst(w1.transport)  # the ACCEPT unread
+            assert await wait_for(lambda: first.link is None, 3)
+
+            r2, w2 = await _send_new(p2, c)  # the other listener for the same backend
+            assert await _until_accepted(c, r2, w2, 6) == b"banner"
+            assert c.session_id == first.engine.session_id
+            assert list(server.sessions_by_id.values()) == [first]
+            assert len(backend.conns) == 1
+            w2.close()
+
+            # a listener for another backend never gets the session of a token
+            again = ClientSession(FAST, 0.0)
+            again._new_token = c._new_token
+            first.engine.new_token = c._new_token  # (as if the client had not spoken yet)
+            r3, w3 = await _send_new(p3, again)
+            await _until_accepted(again, r3, w3, 0)
+            assert again.session_id != c.session_id and len(other.conns) == 1
+            w3.close()
+        finally:
+            await server.close()
+            await backend.close()
+            await other.close()
+
+    run_async("asyncio", main())
 
 
 def test_new_repeated_while_its_backend_connects_takes_the_earlier_links_place():

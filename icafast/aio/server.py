@@ -455,7 +455,11 @@ class RelayServer:
         token = pending.hs.new_token
         if token:
             known = self._new_tokens.get(token)
-            if known is not None and known.mapping is m and self._repeated_new(known, pending):
+            # (on any listener for the same backend: a dual-stack server has a listener per
+            # address family, and a client's next try may reach the other one)
+            if (known is not None and known.mapping.backend_host == m.backend_host
+                    and known.mapping.backend_port == m.backend_port
+                    and self._repeated_new(known, pending)):
                 return
         # (sessions still connecting to their backend count: a burst of NEW must not overshoot)
         if len(self.sessions_by_id) + len(self._creating) >= self.max_sessions:
