@@ -357,17 +357,31 @@ def setup_logging(args: argparse.Namespace) -> None:
     logs.setup(level)
 
 
+#: signals on which ``serve`` and ``connect`` stop as they do on Ctrl-C. SIGHUP too: the
+#: terminal that ran the command closed, or a ``kill -HUP``, would otherwise end the process at
+#: once, without closing its sessions (a client's then stay held on the server, backend
+#: connections open, until the reliability timeout).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
+
+
 async def _run_until_signal(start: Any, stop: Any) -> None:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    caught: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        caught.append(signum)
+        done.set()
+
+    for sig in STOP_SIGNALS:
         try:
-            loop.add_signal_handler(sig, done.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):
             pass
     await start()
     await done.wait()
-    log.info("shutting down")
+    log.info("shutting down (%s)", signal.Signals(caught[0]).name)
     await stop()
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -337,6 +338,52 @@ backend = "127.0.0.1:{b2.getsockname()[1]}"
     assert log.count("using the server's timeouts") == 1, log
     assert not os.path.exists(control)
     del log
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP")
+def test_sighup_stops_connect_and_serve_as_sigterm_does(tmp_path):
+    """SIGHUP (the terminal closed, a ``kill -HUP``) stops each command as SIGTERM does. It
+    used to kill them at once (status 129): a client's sessions stayed DISCONNECTED on the
+    server, their backend connections open, until the reliability timeout; a server left its
+    control socket behind."""
+    backend = _banner_backend(b"")
+    port, local = free_port(), free_port()
+    control = str(tmp_path / "control.sock")
+    server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
+                    f"127.0.0.1:{backend.getsockname()[1]}", "--control", control])
+    client = None
+    try:
+        server.wait_for("listening on")
+        client = _Proc(["connect", "--no-tls", "--listen", f"127.0.0.1:{local}", "--server",
+                        f"127.0.0.1:{port}"])
+        client.wait_for("listening on")
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as app:
+            backend.settimeout(10)
+            conn, _ = backend.accept()
+            with conn:
+                app.sendall(b"hello\n")
+                conn.settimeout(10)
+                assert conn.recv(100) == b"hello\n"
+                os.kill(client.p.pid, signal.SIGHUP)
+                assert client.p.wait(10) == 0, "".join(client.lines)
+                try:  # the server closed the session's backend connection at once
+                    assert conn.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+        listing = subprocess.run([PY, "-m", "icafast", "sessions", "--control", control,
+                                  "--json"], capture_output=True, text=True, timeout=30,
+                                 check=True).stdout
+        assert json.loads(listing)["sessions"] == [], listing
+        os.kill(server.p.pid, signal.SIGHUP)
+        assert server.p.wait(10) == 0, "".join(server.lines)
+    finally:
+        log = client.stop() if client is not None else ""
+        slog = server.stop()
+        backend.close()
+    assert "shutting down (SIGHUP)" in log and "closed (client shutting down)" in log, log
+    assert "closed (peer closed: client shutting down)" in slog, slog
+    assert "shutting down (SIGHUP)" in slog and "Traceback" not in slog + log, slog
+    assert not os.path.exists(control)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no open-files limit (resource module)")
