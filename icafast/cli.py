@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = s.add_argument_group("TLS (on by default)")
     t.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM, may hold the "
                    "chain); default: a self-signed one created on first start in --state-dir")
-    t.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
+    t.add_argument("--tls-key", metavar="FILE",
+                   help="private key for --tls-cert (PEM, not encrypted)")
     t.add_argument("--tls-client-ca", metavar="FILE",
                    help="require client certificates signed by this CA (PEM)")
     t.add_argument("--state-dir", metavar="DIR",
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tls-server-name", metavar="NAME",
                    help="name to check the certificate against (default: the --server host)")
     t.add_argument("--tls-client-cert", metavar="FILE", help="client certificate (PEM)")
-    t.add_argument("--tls-client-key", metavar="FILE", help="key for --tls-client-cert")
+    t.add_argument("--tls-client-key", metavar="FILE", help="key for --tls-client-cert (PEM, not "
+                   "encrypted)")
     t.add_argument("--no-tls", action="store_true",
                    help="plain text links (the server must use --no-tls too)")
     _add_common(c, server=False)
@@ -511,6 +513,8 @@ def _tls_problem(e: Exception, cert_opt: str, key_opt: str) -> str:
     if "PEM lib" in str(e):
         return (f"{cert_opt} and {key_opt} do not load as a certificate and its private key "
                 f"(PEM, the key unencrypted): {e}")
+    if "KEY_VALUES_MISMATCH" in str(e):
+        return f"{key_opt} is not the private key of the certificate in {cert_opt}: {e}"
     return str(e)
 
 
