@@ -351,3 +351,52 @@ def test_tls_client_against_plain_server_gets_a_hint(loop, tls_io, server, tmp_p
     run_async(loop, main(), timeout=60)
     hints = _records(caplog, "is the server running with --no-tls?", logging.WARNING)
     assert len(hints) == 1, [r.getMessage() for r in hints]
+
+
+# -- what the log says -------------------------------------------------------------------------
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+def test_client_log_writes_ipv6_addresses_in_brackets(caplog):
+    """The client's lines wrote IPv6 addresses without brackets ("listening on ::1:1494 ->
+    server ::1:2598", "connect to ::1:2598 failed"), which is ambiguous and which --listen and
+    --server refuse; the server's lines already bracket them ([::1]:2598)."""
+    import socket
+
+    caplog.set_level(logging.INFO, logger="icafast")
+    refusing = socket.socket(socket.AF_INET6)  # bound, not listening: connections refused
+    refusing.bind(("::1", 0))
+    port = refusing.getsockname()[1]
+    local: list[int] = []
+
+    async def main() -> None:
+        client = RelayClient(("::1", 0), ("::1", port), FAST, fallback=("::1", port))
+        await client.start()
+        try:
+            local.append(client.addresses[0][1])
+            r, w = await asyncio.open_connection("::1", local[0])
+            await _reset_or_eof(r, 10)  # (the fallback is refused too)
+            w.close()
+        finally:
+            await client.close()
+
+    try:
+        run_async("asyncio", main())
+    finally:
+        refusing.close()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"listening on [::1]:{local[0]} -> server [::1]:{port}" in text, text
+    assert f"connect to [::1]:{port} failed" in text, text
+    assert f"handshake with [::1]:{port} failed" in text, text
+    assert f"to fallback [::1]:{port} WITHOUT" in text, text
+    assert f"fallback [::1]:{port} failed too" in text, text
+    assert "::1:" not in text.replace("[::1]:", ""), text

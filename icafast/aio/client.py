@@ -26,6 +26,7 @@ from ._relay import (
     Runner,
     StatusCallback,
     abort_with_rst,
+    format_hostport,
     tune_socket,
 )
 from .tlslink import TLSSetup
@@ -154,11 +155,13 @@ class _ClientRunner(Runner):
                 self._verify_failed(f"server certificate rejected: {reason}")
                 return
             if self.engine.state is not State.CLOSED:
-                log.info("session %s: connect to %s:%d failed: %s", self.sid, host, port, reason)
+                log.info("session %s: connect to %s failed: %s", self.sid,
+                         format_hostport(host, port), reason)
                 if tls is not None:
                     hint = _tls_handshake_hint(e)
                     if hint is not None:
-                        self.hint(f"TLS handshake with {host}:{port} failed ({reason}): {hint}")
+                        self.hint(f"TLS handshake with {format_hostport(host, port)} failed "
+                                  f"({reason}): {hint}")
                 self.engine.connect_failed(reason, self.now())
                 self.pump()
 
@@ -319,11 +322,12 @@ class _ClientRunner(Runner):
     def _start_fallback(self, reason: str) -> None:
         assert self.fallback is not None
         host, port = self.fallback
-        log.warning("session-reliability handshake with %s:%d failed (%s); connecting straight "
-                    "to fallback %s:%d WITHOUT session reliability", *self.server, reason,
-                    host, port)
+        log.warning("session-reliability handshake with %s failed (%s); connecting straight "
+                    "to fallback %s WITHOUT session reliability", format_hostport(*self.server),
+                    reason, format_hostport(host, port))
         self._done = True
-        self.status(ev.HandshakeRejected(0, f"fallback to {host}:{port}: {reason}"))
+        self.status(ev.HandshakeRejected(0, f"fallback to {format_hostport(host, port)}: "
+                                            f"{reason}"))
         if self.link is not None:
             self.link.close(abort=True)
             self.link = None
@@ -340,7 +344,7 @@ class _ClientRunner(Runner):
                 self.engine.config.handshake_timeout,
             )
         except (OSError, asyncio.TimeoutError) as e:
-            log.warning("fallback %s:%d failed too: %s", host, port, e)
+            log.warning("fallback %s failed too: %s", format_hostport(host, port), e)
             self._settle(None, f"fallback failed: {e}")
             abort_with_rst(ep.transport)
             return
@@ -502,7 +506,8 @@ class RelayClient:
         for sock in self._server.sockets:
             addr = sock.getsockname()
             self.addresses.append((addr[0], addr[1]))
-            log.info("listening on %s:%d -> server %s:%d", addr[0], addr[1], *self.server)
+            log.info("listening on %s -> server %s", format_hostport(addr[0], addr[1]),
+                     format_hostport(*self.server))
 
     async def serve_forever(self) -> None:
         """Return once ``close()`` has been called (the listener serves from ``start()`` on)."""
