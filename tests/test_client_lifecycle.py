@@ -400,3 +400,26 @@ def test_client_log_writes_ipv6_addresses_in_brackets(caplog):
     assert f"to fallback [::1]:{port} WITHOUT" in text, text
     assert f"fallback [::1]:{port} failed too" in text, text
     assert "::1:" not in text.replace("[::1]:", ""), text
+
+
+def test_a_failed_connect_is_logged_once_per_attempt(caplog):
+    """Each refused attempt was logged twice at INFO, "connect to X failed: E" and then
+    "handshake failed: E" (the engine's HandshakeRejected for it): with the reconnecting line,
+    three lines per attempt through an outage."""
+    from relay_helpers import refusing_port
+
+    caplog.set_level(logging.INFO, logger="icafast")
+
+    async def main(port: int) -> None:
+        async with listening_client(("127.0.0.1", port)) as client:
+            r, w = await asyncio.open_connection(*client.addresses[0])
+            await _reset_or_eof(r, 10)  # (connect_retry, 1 s, runs out)
+            w.close()
+
+    with refusing_port() as port:
+        run_async("asyncio", main(port))
+    failed = _records(caplog, f"connect to 127.0.0.1:{port} failed")
+    assert len(failed) >= 2, caplog.text
+    assert len(_records(caplog, "reconnecting (attempt")) == len(failed) - 1, caplog.text
+    assert not _records(caplog, "handshake failed"), caplog.text
+    assert _records(caplog, "closed (could not connect: "), caplog.text

@@ -111,6 +111,7 @@ class _ClientRunner(Runner):
         self._hinted = False  # a hint on mismatched TLS settings was logged (once per session)
         self._silent_closes = 0  # first links closed before any answer (see handle_event)
         self._hint = ""  # ... that hint (open_session's error repeats it)
+        self._logged_failure: str | None = None  # a failed connect, logged by _connect
         self._stopping = False  # the client stops: see stop()
         #: the link that carries the session's CLOSE as the client stops, until it is gone
         self._last_link: Link | None = None
@@ -157,6 +158,7 @@ class _ClientRunner(Runner):
             if self.engine.state is not State.CLOSED:
                 log.info("session %s: connect to %s failed: %s", self.sid,
                          format_hostport(host, port), reason)
+                self._logged_failure = reason  # (the engine's HandshakeRejected repeats it)
                 if tls is not None:
                     hint = _tls_handshake_hint(e)
                     if hint is not None:
@@ -236,7 +238,9 @@ class _ClientRunner(Runner):
             self.start_connect()
             return
         if isinstance(e, ev.HandshakeRejected):
-            log.info("session %s: handshake failed: %s", self.sid, e.reason)
+            logged, self._logged_failure = self._logged_failure, None
+            if not (e.code == 0 and e.reason == logged):  # (said once per failed attempt)
+                log.info("session %s: handshake failed: %s", self.sid, e.reason)
             if self.tls is None and not eng.has_session:  # plain text: a server wanting TLS?
                 if e.reason.startswith(_TLS_RECORD_STARTS):
                     self.hint(_HINT_TLS_SERVER)
