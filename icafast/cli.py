@@ -456,9 +456,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         run(main())
     except (OSError, ValueError) as e:
-        print(f"icafast serve: {e}", file=sys.stderr)
+        print(f"icafast serve: {_error_text(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _error_text(e: Exception) -> str:
+    """An error as one line for an administrator: an OSError's message without the
+    "[Errno 98]" that str() puts before it."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return str(e)
 
 
 def _limit(args: argparse.Namespace, file_cfg: dict[str, Any], name: str, default: int) -> int:
@@ -599,7 +607,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     try:
         run(_run_until_signal(client.start, client.close))
     except OSError as e:
-        print(f"icafast connect: {e}", file=sys.stderr)
+        print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -534,6 +534,42 @@ def test_bad_arguments_get_one_clear_line(args, message):
     assert "Traceback" not in p.stderr, p.stderr
 
 
+def test_start_up_failures_get_one_line_saying_where_and_why(tmp_path):
+    """A port in use said '[Errno 98] cannot listen on 127.0.0.1:P: error while attempting to
+    bind on address ('127.0.0.1', P): address already in use' (connect: without saying it was
+    its --listen); an unknown --listen host of connect, '[Errno -2] Name or service not known';
+    a control socket path that could not be made named no control socket ('[Errno 2] No such
+    file or directory: ...'), and a file in its place gave 'Address ... is already in use'."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    regular = tmp_path / "not-a-socket"
+    regular.write_text("")
+    ctl = ["--control", str(tmp_path / "c.sock")]
+    cases = [
+        (["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", *ctl],
+         f"icafast serve: cannot listen on 127.0.0.1:{port}: Address already in use"),
+        (["connect", "--no-tls", "--listen", f"127.0.0.1:{port}", "--server", "127.0.0.1:9"],
+         f"icafast connect: cannot listen on 127.0.0.1:{port}: Address already in use"),
+        (["connect", "--no-tls", "--listen", "nosuchhost.invalid:0", "--server", "127.0.0.1:9"],
+         "icafast connect: cannot listen on nosuchhost.invalid:0: "),
+        (["serve", "--no-tls", "--listen", "127.0.0.1:0", "--control", str(regular / "c.sock")],
+         f"icafast serve: control socket {regular / 'c.sock'}: "),
+        (["serve", "--no-tls", "--listen", "127.0.0.1:0", "--control", str(regular)],
+         f"icafast serve: control socket {regular}: something that is not a socket is there"),
+    ]
+    try:
+        for args, message in cases:
+            p = _icafast(*args)
+            lines = [t for t in p.stderr.splitlines() if " INFO " not in t and " WARNING " not in t]
+            assert p.returncode == 1 and len(lines) == 1, (args, p.returncode, p.stderr)
+            assert lines[0].startswith(message) and "[Errno" not in lines[0], (args, lines)
+    finally:
+        taken.close()
+    assert regular.read_text() == ""  # (left alone)
+
+
 @pytest.mark.parametrize("text,message", [
     ("garbage [[[", "is not valid TOML"),
     ("dead_timout = 99", "unknown setting 'dead_timout'"),

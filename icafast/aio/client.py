@@ -29,6 +29,7 @@ from ._relay import (
     format_hostport,
     tune_socket,
 )
+from .server import listen_error
 from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
@@ -505,8 +506,12 @@ class RelayClient:
         # (kept for the factory: asking for the running loop costs a getpid() call each time)
         self._loop = loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._server = await loop.create_server(self._factory, self.listen[0] or None,
-                                                self.listen[1], reuse_address=True, backlog=1024)
+        try:
+            self._server = await loop.create_server(self._factory, self.listen[0] or None,
+                                                    self.listen[1], reuse_address=True,
+                                                    backlog=1024)
+        except OSError as e:
+            raise listen_error(e, *self.listen) from e
         for sock in self._server.sockets:
             addr = sock.getsockname()
             self.addresses.append((addr[0], addr[1]))

@@ -98,6 +98,15 @@ def parse_hostport(text: str, default_host: str = "", default_port: int | None =
     return host, port
 
 
+def listen_error(e: OSError, host: str, port: int) -> OSError:
+    """``e``, raised by binding ``host:port``, as one line that says where and why: "cannot
+    listen on 127.0.0.1:2598: Address already in use" (the event loops' own words repeat the
+    address, as a Python tuple: "error while attempting to bind on address ('127.0.0.1',
+    2598): address already in use")."""
+    why = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
+    return OSError(e.errno, f"cannot listen on {format_hostport(host or '*', port)}: {why}")
+
+
 @dataclass(frozen=True)
 class Mapping:
     """One listener and the backend its sessions are relayed to."""
@@ -396,9 +405,7 @@ class RelayServer:
                     ssl_handshake_timeout=self.config.handshake_timeout if loop_ssl else None,
                 )
             except OSError as e:
-                raise OSError(e.errno, f"cannot listen on "
-                                       f"{format_hostport(m.listen_host or '*', m.listen_port)}: "
-                                       f"{e.strerror or e}") from e
+                raise listen_error(e, m.listen_host, m.listen_port) from e
             self._servers.append(srv)
             # how its sessions are listed: the port bound (a mapping may ask for port 0)
             bound = {sock.getsockname()[1] for sock in srv.sockets}
@@ -410,7 +417,14 @@ class RelayServer:
                 log.info("listening on %s (%s) -> backend %s", format_hostport(addr[0], addr[1]),
                          "TLS" if self.ssl else "plain text", m.backend)
         if self.control_path:
-            await self._start_control(self.control_path)
+            try:
+                await self._start_control(self.control_path)
+            except OSError as e:
+                if e.strerror and e.strerror.startswith("control socket"):
+                    raise
+                why = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or e)
+                raise OSError(e.errno, f"control socket {self.control_path}: {why}"
+                                       + (f" ({e.filename})" if e.filename else "")) from e
 
     def _tls_setup(self) -> TLSSetup:
         assert self.ssl is not None
@@ -676,6 +690,9 @@ class RelayServer:
                     raise OSError(errno.EADDRINUSE, f"control socket {path} is in use by "
                                   "another running server (give each server its own --control)")
                 os.unlink(path)  # left behind by a server that is gone
+            else:
+                raise OSError(errno.EEXIST, f"control socket {path}: something that is not a "
+                              "socket is there (remove it, or give another --control)")
         old = os.umask(0o177)
         try:
             self._control = await asyncio.start_unix_server(self._control_client, path)
