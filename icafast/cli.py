@@ -588,8 +588,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
         mine = config.policy
         if pol is not None and pol != mine and sid not in policy_logged:
             policy_logged.add(sid)
-            log.info("session %s: using the server's timeouts %s (local settings %s)",
-                     sid.hex(), pol, mine)
+            log.info("session %s: using the server's timeouts: %s", sid.hex(),
+                     _policy_difference(pol, mine))
 
     try:
         tls_cfg = _client_tls(args, file_cfg)
@@ -610,6 +610,20 @@ def cmd_connect(args: argparse.Namespace) -> int:
         print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _policy_difference(server: Any, local: Any) -> str:
+    """What of the server's timeouts differs from the local settings, as the options are
+    named: "--dead-timeout 10 (here 1), --keepalive-interval 3 (here 0.5)" (rather than two
+    Python reprs of a Policy)."""
+    parts = []
+    for f in fields(server):
+        theirs, mine = getattr(server, f.name), getattr(local, f.name)
+        if theirs != mine:
+            parts.append(f"--{f.name.replace('_', '-')} {theirs:g} (here {mine:g})"
+                         if isinstance(theirs, float) else
+                         f"--{f.name.replace('_', '-')} {theirs} (here {mine})")
+    return ", ".join(parts)
 
 
 def _fmt_bytes(n: int) -> str:

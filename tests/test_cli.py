@@ -336,6 +336,9 @@ backend = "127.0.0.1:{b2.getsockname()[1]}"
     # the server's timeouts differ from the client's: said once, and no callback fails on it
     assert "status callback failed" not in log and "Traceback" not in log, log
     assert log.count("using the server's timeouts") == 1, log
+    # (as the options are named, not as Python writes a Policy)
+    assert ("using the server's timeouts: --keepalive-interval 0.5 (here 1), --dead-timeout 2 "
+            "(here 4), --reliability-timeout 30 (here 180)\n") in log, log
     assert not os.path.exists(control)
     del log
 
