@@ -523,7 +523,7 @@ def _tls_problem(e: Exception, cert_opt: str, key_opt: str) -> str:
                 f"(PEM, the key unencrypted): {e}")
     if "KEY_VALUES_MISMATCH" in str(e):
         return f"{key_opt} is not the private key of the certificate in {cert_opt}: {e}"
-    return str(e)
+    return _error_text(e)
 
 
 def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
@@ -537,7 +537,12 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     _readable(args, file_cfg, "tls_cert", "tls_key", "tls_client_ca")
     if not cert:
         state = _opt(args, file_cfg, "state_dir") or tls.default_state_dir()
-        cert, key, created = tls.ensure_self_signed(state)
+        try:
+            cert, key, created = tls.ensure_self_signed(state)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot keep the self-signed certificate in {state} "
+                                   f"(--state-dir): {e.strerror or e}"
+                                   + (f" ({e.filename})" if e.filename else "")) from None
         what = "created a self-signed" if created else "using the self-signed"
         log.info("TLS: %s certificate %s", what, cert)
     fp = tls.fingerprint_of_pem(cert)

@@ -137,6 +137,9 @@ def test_tls_files_that_do_not_load_get_one_line_naming_the_file(tmp_path):
         (serve + ["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", key],
          f"CA file {key}: NO_CERTIFICATE_OR_CRL_FOUND"),
         (connect + ["--tls-ca", key], f"CA file {key}: NO_CERTIFICATE_OR_CRL_FOUND"),
+        # (was "[Errno 20] Not a directory: ...", without saying what the path was for)
+        (serve + ["--state-dir", f"{key}/state"],
+         f"cannot keep the self-signed certificate in {key}/state (--state-dir): Not a "),
     ]
     for args, message in cases:
         p = _tls_start(*args)
