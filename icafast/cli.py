@@ -441,8 +441,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if ssl_ctx is not None:
         log.info("TLS records: %s", tls_records())
     for m in mappings:
-        loopback = m.listen_host in ("::1", "localhost") or m.listen_host.startswith("127.")
-        if ssl_ctx is None and not loopback:
+        if ssl_ctx is None and not _loopback(m.listen_host):
             log.warning("listening on %s WITHOUT TLS: session data and the first session "
                         "secret cross the network in plain text",
                         format_hostport(m.listen_host or "*", m.listen_port))
@@ -467,6 +466,11 @@ def _error_text(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror + (f": {e.filename}" if e.filename else "")
     return str(e)
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable from this machine only."""
+    return host in ("::1", "localhost") or host.startswith("127.")
 
 
 def _limit(args: argparse.Namespace, file_cfg: dict[str, Any], name: str, default: int) -> int:
@@ -605,6 +609,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if tls_cfg is not None and tls_cfg.fingerprint is None and tls_cfg.context.verify_mode == 0:
         log.warning("TLS without verifying the server (--tls-insecure): an active attacker can "
                     "read and change the session")
+    if not _loopback(listen[0]):
+        from .aio.server import format_hostport
+
+        log.warning("listening on %s, not on loopback: whoever can connect to it gets a session "
+                    "to the server's backend, with no check of who they are (docs/SECURITY.md)",
+                    format_hostport(listen[0] or "*", listen[1]))
     # (no session limit of its own: room for as many as a server's default, where allowed)
     log.info("%s", raise_nofile(CLIENT_SESSIONS)[1])
     client = RelayClient(listen, server, config, fallback=fallback, on_status=on_status,

@@ -537,6 +537,25 @@ def test_bad_arguments_get_one_clear_line(args, message):
     assert "Traceback" not in p.stderr, p.stderr
 
 
+def test_connect_warns_when_its_local_port_is_not_on_loopback():
+    """The client's local port gives whoever reaches it a session to the backend, unchecked
+    (docs/SECURITY.md: it should stay on 127.0.0.1); listening elsewhere went unremarked.
+    (192.0.2.1, a documentation address that is not this machine's: the warning comes before
+    the listener, which then fails, so nothing listens beyond loopback.)"""
+    p = _icafast("connect", "--no-tls", "--listen", "192.0.2.1:0", "--server", "127.0.0.1:9")
+    assert p.returncode == 1, p.stderr
+    assert ("WARNING listening on 192.0.2.1:0, not on loopback: whoever can connect to it gets "
+            "a session") in p.stderr, p.stderr
+    assert "icafast connect: cannot listen on 192.0.2.1:0: " in p.stderr, p.stderr
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    with taken:  # (in use: it fails at once, after any warning would have come)
+        p = _icafast("connect", "--no-tls", "--listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                     "--server", "127.0.0.1:9")
+    assert p.returncode == 1 and "not on loopback" not in p.stderr, p.stderr
+
+
 def test_start_up_failures_get_one_line_saying_where_and_why(tmp_path):
     """A port in use said '[Errno 98] cannot listen on 127.0.0.1:P: error while attempting to
     bind on address ('127.0.0.1', P): address already in use' (connect: without saying it was
