@@ -423,3 +423,36 @@ def test_a_failed_connect_is_logged_once_per_attempt(caplog):
     assert len(_records(caplog, "reconnecting (attempt")) == len(failed) - 1, caplog.text
     assert not _records(caplog, "handshake failed"), caplog.text
     assert _records(caplog, "closed (could not connect: "), caplog.text
+
+
+def test_reconnect_attempts_are_logged_at_info_the_first_few_then_every_tenth(caplog):
+    """Every reconnect attempt was logged at INFO (with its failure): an outage as long as the
+    reliability timeout wrote some eighty lines per session. The first three of an outage and
+    then every tenth are INFO now, the others DEBUG; the status events are all still there."""
+    from relay_helpers import refusing_port
+
+    caplog.set_level(logging.DEBUG, logger="icafast")
+    config = dataclasses.replace(FAST, connect_retry=1.5, reconnect_initial=0.005,
+                                 reconnect_max=0.01)
+    due: list[int] = []
+
+    def on_status(e: Any, engine: Any) -> None:
+        if isinstance(e, ev.ReconnectDue):
+            due.append(e.attempt)
+
+    async def main(port: int) -> None:
+        async with listening_client(("127.0.0.1", port), config, on_status=on_status) as client:
+            r, w = await asyncio.open_connection(*client.addresses[0])
+            await _reset_or_eof(r, 10)  # (connect_retry runs out)
+            w.close()
+
+    with refusing_port() as port:
+        run_async("asyncio", main(port))
+    assert len(due) >= 25 and due == list(range(1, len(due) + 1)), due
+    shown = [int(r.getMessage().split("attempt ")[1].split(")")[0])
+             for r in _records(caplog, "reconnecting (attempt", logging.INFO)]
+    assert shown == [n for n in due if n <= 3 or n % 10 == 0], shown
+    assert len(_records(caplog, "reconnecting (attempt", logging.DEBUG)) == len(due) - len(shown)
+    assert len(_records(caplog, "connect to 127.0.0.1", logging.INFO)) == len(shown) + 1
+    assert _records(caplog, "until one succeeds, every 10th is logged", logging.INFO)
+    assert _records(caplog, "closed (could not connect: ", logging.INFO), caplog.text

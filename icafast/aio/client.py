@@ -54,6 +54,21 @@ _HINT_SILENT_SERVER = ("the server closed the connection without answering "
                        "(if it runs TLS, the default, drop --no-tls)")
 
 
+#: A session's reconnect attempts are logged at INFO for the first few of each outage, then
+#: every tenth; the others at DEBUG (-vv). An outage of the reliability timeout (180 s) makes
+#: some forty attempts per session, two lines each: a client's log, with many sessions, would
+#: be mostly these.
+_ATTEMPTS_LOGGED = 3
+_ATTEMPTS_LOGGED_EVERY = 10
+
+
+def _attempt_level(attempt: int) -> int:
+    """The level of the lines about reconnect attempt ``attempt``."""
+    if attempt <= _ATTEMPTS_LOGGED or attempt % _ATTEMPTS_LOGGED_EVERY == 0:
+        return logging.INFO
+    return logging.DEBUG
+
+
 def _tls_handshake_hint(e: BaseException) -> str | None:
     """What to tell about a TLS link that failed with ``e``, when the peer closed the
     connection in the handshake or answered with bytes that are not TLS (None otherwise:
@@ -113,6 +128,7 @@ class _ClientRunner(Runner):
         self._silent_closes = 0  # first links closed before any answer (see handle_event)
         self._hint = ""  # ... that hint (open_session's error repeats it)
         self._logged_failure: str | None = None  # a failed connect, logged by _connect
+        self._attempt_level = logging.INFO  # of the lines about the current link attempt
         self._stopping = False  # the client stops: see stop()
         #: the link that carries the session's CLOSE as the client stops, until it is gone
         self._last_link: Link | None = None
@@ -157,8 +173,8 @@ class _ClientRunner(Runner):
                 self._verify_failed(f"server certificate rejected: {reason}")
                 return
             if self.engine.state is not State.CLOSED:
-                log.info("session %s: connect to %s failed: %s", self.sid,
-                         format_hostport(host, port), reason)
+                log.log(self._attempt_level, "session %s: connect to %s failed: %s", self.sid,
+                        format_hostport(host, port), reason)
                 self._logged_failure = reason  # (the engine's HandshakeRejected repeats it)
                 if tls is not None:
                     hint = _tls_handshake_hint(e)
@@ -234,14 +250,18 @@ class _ClientRunner(Runner):
     def handle_event(self, e: ev.Event) -> None:
         eng = self.engine
         if isinstance(e, ev.ReconnectDue):
-            log.info("session %s: reconnecting (attempt %d)", self.sid, e.attempt)
+            level = self._attempt_level = _attempt_level(e.attempt)
+            log.log(level, "session %s: reconnecting (attempt %d)%s", self.sid, e.attempt,
+                    f"; until one succeeds, every {_ATTEMPTS_LOGGED_EVERY}th is logged (-vv: "
+                    "each)" if e.attempt == _ATTEMPTS_LOGGED else "")
             self.status(e)
             self.start_connect()
             return
         if isinstance(e, ev.HandshakeRejected):
             logged, self._logged_failure = self._logged_failure, None
             if not (e.code == 0 and e.reason == logged):  # (said once per failed attempt)
-                log.info("session %s: handshake failed: %s", self.sid, e.reason)
+                log.log(self._attempt_level if e.code == 0 else logging.INFO,
+                        "session %s: handshake failed: %s", self.sid, e.reason)
             if self.tls is None and not eng.has_session:  # plain text: a server wanting TLS?
                 if e.reason.startswith(_TLS_RECORD_STARTS):
                     self.hint(_HINT_TLS_SERVER)
@@ -256,6 +276,7 @@ class _ClientRunner(Runner):
             self.status(e)
             return
         if isinstance(e, ev.LinkUp):
+            self._attempt_level = logging.INFO
             link = self.link
             # (a link whose TLS the loop runs cannot resume; and a TLS 1.2 resumption would
             # reuse the first handshake's keys, so only TLS 1.3 sessions are kept)
