@@ -396,6 +396,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listens = args.listen or []
     backends = args.backend or []
     mappings: list[Mapping] = []
+    if file_cfg.get("mapping"):
+        # (either alone was dropped without a word: --backend ignored for the file's
+        # mappings, or --listen put in their place with the default backend)
+        if bool(listens) != bool(backends):
+            raise UsageError("the config file's [[mapping]] tables pair each listener with "
+                             "its backend: to replace them on the command line, give both "
+                             "--listen and --backend")
+        if "listen" in file_cfg or "backend" in file_cfg:
+            raise UsageError("the config file has both [[mapping]] tables and a listen or "
+                             "backend key, which they would override: keep one of them")
     for m in file_cfg.get("mapping", []) if not listens else []:
         lh, lp = _address(m["listen"], "0.0.0.0", 2598)
         bh, bp = _address(m.get("backend", "127.0.0.1:1494"), "127.0.0.1", 1494, connect=True)

@@ -670,6 +670,23 @@ def test_every_config_key_refuses_values_of_other_types(tmp_path):
             assert f": {key} = " in str(e.value) and ": must be " in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("args,extra,message", [
+    (["--backend", "127.0.0.1:5555"], "", "give both --listen and --backend"),
+    (["--listen", "127.0.0.1:0"], "", "give both --listen and --backend"),
+    ([], 'backend = "127.0.0.1:5555"\n', "both [[mapping]] tables and a listen or backend key"),
+])
+def test_mappings_of_a_config_file_are_not_half_replaced(tmp_path, args, extra, message):
+    """With [[mapping]] tables in the config file, a --backend on the command line was ignored
+    (the sessions went to the file's backend), a --listen replaced them all with the default
+    backend 127.0.0.1:1494, and a top-level backend key was ignored: each without a word."""
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_text(f'no_tls = true\n{extra}[[mapping]]\nlisten = "127.0.0.1:0"\n'
+                   'backend = "127.0.0.1:4444"\n')
+    p = _icafast("serve", "--config", str(cfg), "--control", str(tmp_path / "c.sock"), *args)
+    assert p.returncode == 2 and message in p.stderr, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and "listening on" not in p.stderr, p.stderr
+
+
 def test_config_file_takes_the_options_long_names(tmp_path):
     from icafast import cli
 
