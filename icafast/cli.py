@@ -163,7 +163,9 @@ def _add_common(p: argparse.ArgumentParser, server: bool) -> None:
                        help="control socket for 'icafast sessions' (default "
                             f"{default_control_path()}); one per server")
     p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more logging (-vv for debug)")
+                   help="debug logging, which adds what is routine: every reconnect attempt "
+                        "(connect), connections that close before sending a byte, such as "
+                        "health checks (serve). The default level is INFO")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
@@ -354,7 +356,7 @@ def setup_logging(args: argparse.Namespace) -> None:
     level = logging.INFO
     if getattr(args, "quiet", False):
         level = logging.WARNING
-    elif getattr(args, "verbose", 0) >= 2:
+    elif getattr(args, "verbose", 0) >= 1:  # (-v: INFO is the default already; -vv too)
         level = logging.DEBUG
     logs.setup(level)
 

@@ -55,7 +55,7 @@ _HINT_SILENT_SERVER = ("the server closed the connection without answering "
 
 
 #: A session's reconnect attempts are logged at INFO for the first few of each outage, then
-#: every tenth; the others at DEBUG (-vv). An outage of the reliability timeout (180 s) makes
+#: every tenth; the others at DEBUG (-v). An outage of the reliability timeout (180 s) makes
 #: some forty attempts per session, two lines each: a client's log, with many sessions, would
 #: be mostly these.
 _ATTEMPTS_LOGGED = 3
@@ -252,7 +252,7 @@ class _ClientRunner(Runner):
         if isinstance(e, ev.ReconnectDue):
             level = self._attempt_level = _attempt_level(e.attempt)
             log.log(level, "session %s: reconnecting (attempt %d)%s", self.sid, e.attempt,
-                    f"; until one succeeds, every {_ATTEMPTS_LOGGED_EVERY}th is logged (-vv: "
+                    f"; until one succeeds, every {_ATTEMPTS_LOGGED_EVERY}th is logged (-v: "
                     "each)" if e.attempt == _ATTEMPTS_LOGGED else "")
             self.status(e)
             self.start_connect()
