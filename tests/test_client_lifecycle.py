@@ -456,3 +456,29 @@ def test_reconnect_attempts_are_logged_at_info_the_first_few_then_every_tenth(ca
     assert len(_records(caplog, "connect to 127.0.0.1", logging.INFO)) == len(shown) + 1
     assert _records(caplog, "until one succeeds, every 10th is logged", logging.INFO)
     assert _records(caplog, "closed (could not connect: ", logging.INFO), caplog.text
+
+
+def test_a_session_the_server_no_longer_knows_says_why(caplog):
+    """After a server restart, a client's resume was refused with "unknown session ID", and
+    its session ended with "server rejected the session: unknown session ID", which tells the
+    person reading the log nothing of why; it now says the server may have been restarted."""
+    caplog.set_level(logging.INFO, logger="icafast")
+    events: list[Any] = []
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            r, w = await s.client(events=events)
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            # the server forgets its sessions, as a restarted one has none, and the link breaks
+            (runner,) = s.server.sessions_by_id.values()
+            s.server.sessions_by_id.clear()
+            assert runner.link is not None
+            runner.link.close(abort=True)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(r.read(), 10)
+
+    run_async("asyncio", main())
+    (closed,) = [e for e in events if isinstance(e, ev.SessionClosed)]
+    assert "unknown session" in closed.reason and "restarted" in closed.reason, closed
+    assert _records(caplog, "this server does not know it: restarted since"), caplog.text

@@ -609,7 +609,11 @@ class RelayServer:
             return
         self._record_failure(source, now)
         if live is None:
-            pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid}")
+            # (what the client's log and its application's end will say: the session is
+            # gone for good, and most often because the server process was restarted)
+            pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid} (this server does "
+                           "not know it: restarted since, or the session ended over a minute "
+                           "ago)")
             return
         log.warning("session %s: RESUME with a wrong proof from %s", sid, pending.link.peer)
         pending.reject(REJECT_BAD_PROOF, f"wrong proof for session {sid}")
