@@ -699,7 +699,10 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         print(json.dumps(reply, indent=2))
         return 0
     if req["cmd"] != "list":
-        print(f"{req['cmd']}: {reply.get('reset') or reply.get('disconnected')}")
+        note = ""
+        if reply.get("had_link") is False:  # (nothing to drop: said, not left to guess)
+            note = " (it had no link: DISCONNECTED already, nothing done)"
+        print(f"{req['cmd']}: {reply.get('reset') or reply.get('disconnected')}{note}")
         return 0
     rows = reply["sessions"]
     head = ["ID", "STATE", "CLIENT", "BACKEND", "AGE", "IDLE", "IN", "OUT", "UNACKED", "BUFFER",

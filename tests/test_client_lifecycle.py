@@ -482,3 +482,36 @@ def test_a_session_the_server_no_longer_knows_says_why(caplog):
     (closed,) = [e for e in events if isinstance(e, ev.SessionClosed)]
     assert "unknown session" in closed.reason and "restarted" in closed.reason, closed
     assert _records(caplog, "this server does not know it: restarted since"), caplog.text
+
+
+def test_sessions_disconnect_says_when_there_was_no_link_to_drop(tmp_path):
+    """'icafast sessions --disconnect ID' of a session already DISCONNECTED printed the same
+    'disconnect: ID' as one whose link it dropped, though it did nothing."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "control.sock")
+
+    def disconnect(sid: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "icafast", "sessions", "--control", path,
+                            "--disconnect", sid[:8]], capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with Setup(Backend("echo"), control_path=path) as s:
+            r, w = await s.client()
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            (sid,) = [k.hex() for k in s.server.sessions_by_id]
+            assert await loop.run_in_executor(None, disconnect, sid) == f"disconnect: {sid}\n"
+            assert await wait_for(lambda: s.server.sessions()[0]["reconnects"] == 1, 10)
+            await s.proxy.close()  # the link breaks, and new ones are refused
+            assert await wait_for(lambda: s.server.sessions()[0]["state"] == "DISCONNECTED", 10)
+            out = await loop.run_in_executor(None, disconnect, sid)
+            assert out == (f"disconnect: {sid} (it had no link: DISCONNECTED already, nothing "
+                           "done)\n"), out
+
+    run_async("asyncio", main())

@@ -739,7 +739,9 @@ class RelayServer:
         if cmd == "reset":
             return {"ok": True, "reset": self.reset_session(str(req["id"]))}
         if cmd == "disconnect":
-            return {"ok": True, "disconnected": self.disconnect_session(str(req["id"]))}
+            had_link = self.find(str(req["id"])).link is not None
+            return {"ok": True, "disconnected": self.disconnect_session(str(req["id"])),
+                    "had_link": had_link}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
