@@ -395,6 +395,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     file_cfg = load_toml(args.config)
     config = make_config(args, file_cfg)
+    if config.on_timeout != "disconnect" and (args.hold is not None or "hold" in file_cfg):
+        log.warning("--hold %g has no effect: sessions are held only with --on-timeout "
+                    "disconnect (after the reliability timeout they are reset)", config.hold)
     listens = args.listen or []
     backends = args.backend or []
     mappings: list[Mapping] = []

@@ -592,6 +592,26 @@ def test_start_up_failures_get_one_line_saying_where_and_why(tmp_path):
     assert regular.read_text() == ""  # (left alone)
 
 
+@pytest.mark.parametrize("args,warned", [
+    (["--hold", "60"], True),
+    (["--hold", "60", "--on-timeout", "reset"], True),
+    (["--hold", "60", "--on-timeout", "disconnect"], False),
+    ([], False),
+])
+def test_hold_without_on_timeout_disconnect_is_said_to_do_nothing(tmp_path, args, warned):
+    """--hold alone was taken without a word, and sessions were reset at the reliability
+    timeout all the same (hold applies to --on-timeout disconnect only)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    with taken:  # (the server stops at once, port in use, after what it says of its settings)
+        p = _icafast("serve", "--no-tls", "--listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                     "--control", str(tmp_path / "c.sock"), *args)
+    assert p.returncode == 1 and "Address already in use" in p.stderr, p.stderr
+    assert ("WARNING --hold 60 has no effect: sessions are held only with --on-timeout "
+            "disconnect" in p.stderr) == warned, p.stderr
+
+
 @pytest.mark.parametrize("text,message", [
     ("garbage [[[", "is not valid TOML"),
     ("dead_timout = 99", "unknown setting 'dead_timout'"),
