@@ -165,7 +165,9 @@ def _add_common(p: argparse.ArgumentParser, server: bool) -> None:
                        help="control socket for 'icafast sessions' (default "
                             f"{default_control_path()}); one per server")
     p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more logging (-vv for debug)")
+                   help="debug logging, which adds what is routine: every reconnect attempt "
+                        "(connect), connections that close before sending a byte, such as "
+                        "health checks (serve). The default level is INFO")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
@@ -210,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = s.add_argument_group("TLS (on by default)")
     t.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM, may hold the "
                    "chain); default: a self-signed one created on first start in --state-dir")
-    t.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
+    t.add_argument("--tls-key", metavar="FILE",
+                   help="private key for --tls-cert (PEM, not encrypted)")
     t.add_argument("--tls-client-ca", metavar="FILE",
                    help="require client certificates signed by this CA (PEM)")
     t.add_argument("--state-dir", metavar="DIR",
@@ -246,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tls-server-name", metavar="NAME",
                    help="name to check the certificate against (default: the --server host)")
     t.add_argument("--tls-client-cert", metavar="FILE", help="client certificate (PEM)")
-    t.add_argument("--tls-client-key", metavar="FILE", help="key for --tls-client-cert")
+    t.add_argument("--tls-client-key", metavar="FILE", help="key for --tls-client-cert (PEM, not "
+                   "encrypted)")
     t.add_argument("--no-tls", action="store_true",
                    help="plain text links (the server must use --no-tls too)")
     _add_common(c, server=False)
@@ -354,17 +358,31 @@ def setup_logging(args: argparse.Namespace) -> None:
     level = logging.INFO
     if getattr(args, "quiet", False):
         level = logging.WARNING
-    elif getattr(args, "verbose", 0) >= 2:
+    elif getattr(args, "verbose", 0) >= 1:  # (-v: INFO is the default already; -vv too)
         level = logging.DEBUG
     logs.setup(level)
+
+
+#: signals on which ``serve`` and ``connect`` stop as they do on Ctrl-C. SIGHUP too: the
+#: terminal that ran the command closed, or a ``kill -HUP``, would otherwise end the process at
+#: once, without closing its sessions (a client's then stay held on the server, backend
+#: connections open, until the reliability timeout).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
+                     if hasattr(signal, n))
 
 
 async def _run_until_signal(start: Any, stop: Any) -> None:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    caught: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        caught.append(signum)
+        done.set()
+
+    for sig in STOP_SIGNALS:
         try:
-            loop.add_signal_handler(sig, done.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):
             pass
     await start()
@@ -374,7 +392,7 @@ async def _run_until_signal(start: Any, stop: Any) -> None:
         await done.wait()
     finally:
         trimmer.cancel()
-    log.info("shutting down")
+    log.info("shutting down (%s)", signal.Signals(caught[0]).name)
     await stop()
 
 
@@ -384,9 +402,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     file_cfg = load_toml(args.config)
     config = make_config(args, file_cfg)
+    if config.on_timeout != "disconnect" and (args.hold is not None or "hold" in file_cfg):
+        log.warning("--hold %g has no effect: sessions are held only with --on-timeout "
+                    "disconnect (after the reliability timeout they are reset)", config.hold)
     listens = args.listen or []
     backends = args.backend or []
     mappings: list[Mapping] = []
+    if file_cfg.get("mapping"):
+        # (either alone was dropped without a word: --backend ignored for the file's
+        # mappings, or --listen put in their place with the default backend)
+        if bool(listens) != bool(backends):
+            raise UsageError("the config file's [[mapping]] tables pair each listener with "
+                             "its backend: to replace them on the command line, give both "
+                             "--listen and --backend")
+        if "listen" in file_cfg or "backend" in file_cfg:
+            raise UsageError("the config file has both [[mapping]] tables and a listen or "
+                             "backend key, which they would override: keep one of them")
     for m in file_cfg.get("mapping", []) if not listens else []:
         lh, lp = _address(m["listen"], "0.0.0.0", 2598)
         bh, bp = _address(m.get("backend", "127.0.0.1:1494"), "127.0.0.1", 1494, connect=True)
@@ -437,8 +468,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if ssl_ctx is not None:
         log.info("TLS records: %s", tls_records())
     for m in mappings:
-        loopback = m.listen_host in ("::1", "localhost") or m.listen_host.startswith("127.")
-        if ssl_ctx is None and not loopback:
+        if ssl_ctx is None and not _loopback(m.listen_host):
             log.warning("listening on %s WITHOUT TLS: session data and the first session "
                         "secret cross the network in plain text",
                         format_hostport(m.listen_host or "*", m.listen_port))
@@ -452,9 +482,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         run(main())
     except (OSError, ValueError) as e:
-        print(f"icafast serve: {e}", file=sys.stderr)
+        print(f"icafast serve: {_error_text(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _error_text(e: Exception) -> str:
+    """An error as one line for an administrator: an OSError's message without the
+    "[Errno 98]" that str() puts before it."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return str(e)
+
+
+def _loopback(host: str) -> bool:
+    """Whether a listener on ``host`` is reachable from this machine only."""
+    return host in ("::1", "localhost") or host.startswith("127.")
 
 
 def _limit(args: argparse.Namespace, file_cfg: dict[str, Any], name: str, default: int) -> int:
@@ -509,7 +552,9 @@ def _tls_problem(e: Exception, cert_opt: str, key_opt: str) -> str:
     if "PEM lib" in str(e):
         return (f"{cert_opt} and {key_opt} do not load as a certificate and its private key "
                 f"(PEM, the key unencrypted): {e}")
-    return str(e)
+    if "KEY_VALUES_MISMATCH" in str(e):
+        return f"{key_opt} is not the private key of the certificate in {cert_opt}: {e}"
+    return _error_text(e)
 
 
 def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
@@ -523,7 +568,12 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     _readable(args, file_cfg, "tls_cert", "tls_key", "tls_client_ca")
     if not cert:
         state = _opt(args, file_cfg, "state_dir") or tls.default_state_dir()
-        cert, key, created = tls.ensure_self_signed(state)
+        try:
+            cert, key, created = tls.ensure_self_signed(state)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot keep the self-signed certificate in {state} "
+                                   f"(--state-dir): {e.strerror or e}"
+                                   + (f" ({e.filename})" if e.filename else "")) from None
         what = "created a self-signed" if created else "using the self-signed"
         log.info("TLS: %s certificate %s", what, cert)
     fp = tls.fingerprint_of_pem(cert)
@@ -574,8 +624,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
         mine = config.policy
         if pol is not None and pol != mine and sid not in policy_logged:
             policy_logged.add(sid)
-            log.info("session %s: using the server's timeouts %s (local settings %s)",
-                     sid.hex(), pol, mine)
+            log.info("session %s: using the server's timeouts: %s", sid.hex(),
+                     _policy_difference(pol, mine))
 
     try:
         tls_cfg = _client_tls(args, file_cfg)
@@ -586,6 +636,12 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if tls_cfg is not None and tls_cfg.fingerprint is None and tls_cfg.context.verify_mode == 0:
         log.warning("TLS without verifying the server (--tls-insecure): an active attacker can "
                     "read and change the session")
+    if not _loopback(listen[0]):
+        from .aio.server import format_hostport
+
+        log.warning("listening on %s, not on loopback: whoever can connect to it gets a session "
+                    "to the server's backend, with no check of who they are (docs/SECURITY.md)",
+                    format_hostport(listen[0] or "*", listen[1]))
     # (no session limit of its own: room for as many as a server's default, where allowed)
     log.info("%s", raise_nofile(CLIENT_SESSIONS)[1])
     client = RelayClient(listen, server, config, fallback=fallback, on_status=on_status,
@@ -593,9 +649,23 @@ def cmd_connect(args: argparse.Namespace) -> int:
     try:
         run(_run_until_signal(client.start, client.close))
     except OSError as e:
-        print(f"icafast connect: {e}", file=sys.stderr)
+        print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _policy_difference(server: Any, local: Any) -> str:
+    """What of the server's timeouts differs from the local settings, as the options are
+    named: "--dead-timeout 10 (here 1), --keepalive-interval 3 (here 0.5)" (rather than two
+    Python reprs of a Policy)."""
+    parts = []
+    for f in fields(server):
+        theirs, mine = getattr(server, f.name), getattr(local, f.name)
+        if theirs != mine:
+            parts.append(f"--{f.name.replace('_', '-')} {theirs:g} (here {mine:g})"
+                         if isinstance(theirs, float) else
+                         f"--{f.name.replace('_', '-')} {theirs} (here {mine})")
+    return ", ".join(parts)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -644,7 +714,10 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         print(json.dumps(reply, indent=2))
         return 0
     if req["cmd"] != "list":
-        print(f"{req['cmd']}: {reply.get('reset') or reply.get('disconnected')}")
+        note = ""
+        if reply.get("had_link") is False:  # (nothing to drop: said, not left to guess)
+            note = " (it had no link: DISCONNECTED already, nothing done)"
+        print(f"{req['cmd']}: {reply.get('reset') or reply.get('disconnected')}{note}")
         return 0
     rows = reply["sessions"]
     head = ["ID", "STATE", "CLIENT", "BACKEND", "AGE", "IDLE", "IN", "OUT", "UNACKED", "BUFFER",

@@ -22,6 +22,7 @@ from typing import Any
 from . import IMPLEMENTATION, logs, tls
 from . import events as ev
 from .aio import Mapping, RelayServer, loop_name, open_session
+from .cli import STOP_SIGNALS
 from .faults import FaultProxy
 from .protocol import Config
 
@@ -150,7 +151,7 @@ def _mib(n: int) -> str:
 async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1024 * 1024,
                verbose: int = 0, quiet: bool = False, use_tls: bool = True) -> int:
     """Run the demonstration; return 0 when both streams arrived intact over one session, 1
-    when not, and 128 + the signal number when SIGINT or SIGTERM ended it (after the same
+    when not, and 128 + the signal number when SIGINT, SIGTERM or SIGHUP ended it (after the same
     shutdown as at the end: every connection closed, the temporary directory removed).
 
     ``quiet`` keeps only the RESULT line (and, on failure, the lines that say why)."""
@@ -167,7 +168,7 @@ async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1
             task.cancel()  # (again on a second signal: that one cuts the shutdown short)
 
     installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         try:
             loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError, ValueError):  # (Windows; not main thread)

@@ -60,9 +60,42 @@ def fingerprint_of_der(der: bytes) -> str:
 
 
 def fingerprint_of_pem(path: str) -> str:
-    with open(path) as f:
-        der = ssl.PEM_cert_to_DER_cert(f.read())
+    """The fingerprint of the first certificate in the PEM file at ``path``: the one a TLS
+    context loads as its own (what precedes it, such as the "Bag Attributes" that
+    ``openssl pkcs12`` writes, or ``openssl x509 -text``'s dump, is skipped as OpenSSL skips
+    it; ``ssl.PEM_cert_to_DER_cert`` refuses a file that does not start with the certificate)."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        text = f.read()
+    start = text.find(ssl.PEM_HEADER)
+    end = text.find(ssl.PEM_FOOTER, start)
+    if start < 0 or end < 0:
+        raise ValueError(f"certificate file {path} holds no PEM certificate "
+                         f"({ssl.PEM_HEADER} ... {ssl.PEM_FOOTER})")
+    try:
+        der = ssl.PEM_cert_to_DER_cert(text[start : end + len(ssl.PEM_FOOTER)])
+    except ValueError as e:  # (not base64)
+        raise ValueError(f"certificate file {path}: {e}") from None
     return fingerprint_of_der(der)
+
+
+def _load_cert_chain(ctx: ssl.SSLContext, cert: str, key: str | None) -> None:
+    """``ctx.load_cert_chain`` without OpenSSL's passphrase prompt: for an encrypted key it
+    asks on the terminal, and a server or client started from one would wait there (or, with
+    none, fail with "Invalid argument")."""
+    def no_passphrase() -> bytes:
+        raise ValueError(f"the private key in {key or cert} is encrypted: give one without a "
+                         "passphrase (openssl pkey -in KEY -out NEWKEY writes one, mode 0600)")
+
+    ctx.load_cert_chain(cert, key, password=no_passphrase)
+
+
+def _load_verify_locations(ctx: ssl.SSLContext, ca: str) -> None:
+    """``ctx.load_verify_locations``, with an error that names the file."""
+    try:
+        ctx.load_verify_locations(ca)
+    except ssl.SSLError as e:
+        raise ssl.SSLError(e.errno, f"CA file {ca}: {e.reason or e}: it must hold PEM "
+                                    "certificates") from None
 
 
 def pretty_fingerprint(fp: str) -> str:
@@ -145,9 +178,9 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
     ctx = _base(ssl.PROTOCOL_TLS_SERVER)
     ctx.num_tickets = 1
     spare_tickets(ctx)
-    ctx.load_cert_chain(cert, key)
+    _load_cert_chain(ctx, cert, key)
     if client_ca:
-        ctx.load_verify_locations(client_ca)
+        _load_verify_locations(ctx, client_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
@@ -201,14 +234,14 @@ def client_context(*, ca: str | None = None, fingerprint: str | None = None,
     ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
     fp = normalize_fingerprint(fingerprint) if fingerprint else None
     if ca:  # only this CA file: not also the system's authorities
-        ctx.load_verify_locations(ca)
+        _load_verify_locations(ctx, ca)
         ctx.check_hostname = True
         ctx.verify_mode = ssl.CERT_REQUIRED
     else:  # pinned or insecure: no chain check (a pin is checked after the handshake)
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     if cert:
-        ctx.load_cert_chain(cert, key)
+        _load_cert_chain(ctx, cert, key)
     return ClientTLS(ctx, fp, server_hostname)
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -396,8 +397,57 @@ backend = "127.0.0.1:{b2.getsockname()[1]}"
     # the server's timeouts differ from the client's: said once, and no callback fails on it
     assert "status callback failed" not in log and "Traceback" not in log, log
     assert log.count("using the server's timeouts") == 1, log
+    # (as the options are named, not as Python writes a Policy)
+    assert ("using the server's timeouts: --keepalive-interval 0.5 (here 1), --dead-timeout 2 "
+            "(here 4), --reliability-timeout 30 (here 180)\n") in log, log
     assert not os.path.exists(control)
     del log
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP")
+def test_sighup_stops_connect_and_serve_as_sigterm_does(tmp_path):
+    """SIGHUP (the terminal closed, a ``kill -HUP``) stops each command as SIGTERM does. It
+    used to kill them at once (status 129): a client's sessions stayed DISCONNECTED on the
+    server, their backend connections open, until the reliability timeout; a server left its
+    control socket behind."""
+    backend = _banner_backend(b"")
+    port, local = free_port(), free_port()
+    control = str(tmp_path / "control.sock")
+    server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
+                    f"127.0.0.1:{backend.getsockname()[1]}", "--control", control])
+    client = None
+    try:
+        server.wait_for("listening on")
+        client = _Proc(["connect", "--no-tls", "--listen", f"127.0.0.1:{local}", "--server",
+                        f"127.0.0.1:{port}"])
+        client.wait_for("listening on")
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as app:
+            backend.settimeout(10)
+            conn, _ = backend.accept()
+            with conn:
+                app.sendall(b"hello\n")
+                conn.settimeout(10)
+                assert conn.recv(100) == b"hello\n"
+                os.kill(client.p.pid, signal.SIGHUP)
+                assert client.p.wait(10) == 0, "".join(client.lines)
+                try:  # the server closed the session's backend connection at once
+                    assert conn.recv(100) == b""
+                except ConnectionResetError:
+                    pass
+        listing = subprocess.run([PY, "-m", "icafast", "sessions", "--control", control,
+                                  "--json"], capture_output=True, text=True, timeout=30,
+                                 check=True).stdout
+        assert json.loads(listing)["sessions"] == [], listing
+        os.kill(server.p.pid, signal.SIGHUP)
+        assert server.p.wait(10) == 0, "".join(server.lines)
+    finally:
+        log = client.stop() if client is not None else ""
+        slog = server.stop()
+        backend.close()
+    assert "shutting down (SIGHUP)" in log and "closed (client shutting down)" in log, log
+    assert "closed (peer closed: client shutting down)" in slog, slog
+    assert "shutting down (SIGHUP)" in slog and "Traceback" not in slog + log, slog
+    assert not os.path.exists(control)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no open-files limit (resource module)")
@@ -570,6 +620,81 @@ def test_bad_arguments_get_one_clear_line(args, message):
     assert "Traceback" not in p.stderr, p.stderr
 
 
+def test_connect_warns_when_its_local_port_is_not_on_loopback():
+    """The client's local port gives whoever reaches it a session to the backend, unchecked
+    (docs/SECURITY.md: it should stay on 127.0.0.1); listening elsewhere went unremarked.
+    (192.0.2.1, a documentation address that is not this machine's: the warning comes before
+    the listener, which then fails, so nothing listens beyond loopback.)"""
+    p = _icafast("connect", "--no-tls", "--listen", "192.0.2.1:0", "--server", "127.0.0.1:9")
+    assert p.returncode == 1, p.stderr
+    assert ("WARNING listening on 192.0.2.1:0, not on loopback: whoever can connect to it gets "
+            "a session") in p.stderr, p.stderr
+    assert "icafast connect: cannot listen on 192.0.2.1:0: " in p.stderr, p.stderr
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    with taken:  # (in use: it fails at once, after any warning would have come)
+        p = _icafast("connect", "--no-tls", "--listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                     "--server", "127.0.0.1:9")
+    assert p.returncode == 1 and "not on loopback" not in p.stderr, p.stderr
+
+
+def test_start_up_failures_get_one_line_saying_where_and_why(tmp_path):
+    """A port in use said '[Errno 98] cannot listen on 127.0.0.1:P: error while attempting to
+    bind on address ('127.0.0.1', P): address already in use' (connect: without saying it was
+    its --listen); an unknown --listen host of connect, '[Errno -2] Name or service not known';
+    a control socket path that could not be made named no control socket ('[Errno 2] No such
+    file or directory: ...'), and a file in its place gave 'Address ... is already in use'."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    regular = tmp_path / "not-a-socket"
+    regular.write_text("")
+    ctl = ["--control", str(tmp_path / "c.sock")]
+    cases = [
+        (["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", *ctl],
+         f"icafast serve: cannot listen on 127.0.0.1:{port}: Address already in use"),
+        (["connect", "--no-tls", "--listen", f"127.0.0.1:{port}", "--server", "127.0.0.1:9"],
+         f"icafast connect: cannot listen on 127.0.0.1:{port}: Address already in use"),
+        (["connect", "--no-tls", "--listen", "nosuchhost.invalid:0", "--server", "127.0.0.1:9"],
+         "icafast connect: cannot listen on nosuchhost.invalid:0: "),
+        (["serve", "--no-tls", "--listen", "127.0.0.1:0", "--control", str(regular / "c.sock")],
+         f"icafast serve: control socket {regular / 'c.sock'}: "),
+        (["serve", "--no-tls", "--listen", "127.0.0.1:0", "--control", str(regular)],
+         f"icafast serve: control socket {regular}: something that is not a socket is there"),
+    ]
+    try:
+        for args, message in cases:
+            p = _icafast(*args)
+            lines = [t for t in p.stderr.splitlines() if " INFO " not in t and " WARNING " not in t]
+            assert p.returncode == 1 and len(lines) == 1, (args, p.returncode, p.stderr)
+            assert lines[0].startswith(message) and "[Errno" not in lines[0], (args, lines)
+    finally:
+        taken.close()
+    assert regular.read_text() == ""  # (left alone)
+
+
+@pytest.mark.parametrize("args,warned", [
+    (["--hold", "60"], True),
+    (["--hold", "60", "--on-timeout", "reset"], True),
+    (["--hold", "60", "--on-timeout", "disconnect"], False),
+    ([], False),
+])
+def test_hold_without_on_timeout_disconnect_is_said_to_do_nothing(tmp_path, args, warned):
+    """--hold alone was taken without a word, and sessions were reset at the reliability
+    timeout all the same (hold applies to --on-timeout disconnect only)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    with taken:  # (the server stops at once, port in use, after what it says of its settings)
+        p = _icafast("serve", "--no-tls", "--listen", f"127.0.0.1:{taken.getsockname()[1]}",
+                     "--control", str(tmp_path / "c.sock"), *args)
+    assert p.returncode == 1 and "Address already in use" in p.stderr, p.stderr
+    assert ("WARNING --hold 60 has no effect: sessions are held only with --on-timeout "
+            "disconnect" in p.stderr) == warned, p.stderr
+
+
 @pytest.mark.parametrize("text,message", [
     ("garbage [[[", "is not valid TOML"),
     ("dead_timout = 99", "unknown setting 'dead_timout'"),
@@ -646,6 +771,23 @@ def test_every_config_key_refuses_values_of_other_types(tmp_path):
             with pytest.raises(cli.UsageError) as e:
                 cli.load_toml(str(cfg))
             assert f": {key} = " in str(e.value) and ": must be " in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("args,extra,message", [
+    (["--backend", "127.0.0.1:5555"], "", "give both --listen and --backend"),
+    (["--listen", "127.0.0.1:0"], "", "give both --listen and --backend"),
+    ([], 'backend = "127.0.0.1:5555"\n', "both [[mapping]] tables and a listen or backend key"),
+])
+def test_mappings_of_a_config_file_are_not_half_replaced(tmp_path, args, extra, message):
+    """With [[mapping]] tables in the config file, a --backend on the command line was ignored
+    (the sessions went to the file's backend), a --listen replaced them all with the default
+    backend 127.0.0.1:1494, and a top-level backend key was ignored: each without a word."""
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_text(f'no_tls = true\n{extra}[[mapping]]\nlisten = "127.0.0.1:0"\n'
+                   'backend = "127.0.0.1:4444"\n')
+    p = _icafast("serve", "--config", str(cfg), "--control", str(tmp_path / "c.sock"), *args)
+    assert p.returncode == 2 and message in p.stderr, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr and "listening on" not in p.stderr, p.stderr
 
 
 def test_config_file_takes_the_options_long_names(tmp_path):

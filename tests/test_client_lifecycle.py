@@ -381,3 +381,167 @@ def test_tls_client_against_plain_server_gets_a_hint(loop, tls_io, server, tmp_p
     run_async(loop, main(), timeout=60)
     hints = _records(caplog, "is the server running with --no-tls?", logging.WARNING)
     assert len(hints) == 1, [r.getMessage() for r in hints]
+
+
+# -- what the log says -------------------------------------------------------------------------
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback")
+def test_client_log_writes_ipv6_addresses_in_brackets(caplog):
+    """The client's lines wrote IPv6 addresses without brackets ("listening on ::1:1494 ->
+    server ::1:2598", "connect to ::1:2598 failed"), which is ambiguous and which --listen and
+    --server refuse; the server's lines already bracket them ([::1]:2598)."""
+    import socket
+
+    caplog.set_level(logging.INFO, logger="icafast")
+    refusing = socket.socket(socket.AF_INET6)  # bound, not listening: connections refused
+    refusing.bind(("::1", 0))
+    port = refusing.getsockname()[1]
+    local: list[int] = []
+
+    async def main() -> None:
+        client = RelayClient(("::1", 0), ("::1", port), FAST, fallback=("::1", port))
+        await client.start()
+        try:
+            local.append(client.addresses[0][1])
+            r, w = await asyncio.open_connection("::1", local[0])
+            await _reset_or_eof(r, 10)  # (the fallback is refused too)
+            w.close()
+        finally:
+            await client.close()
+
+    try:
+        run_async("asyncio", main())
+    finally:
+        refusing.close()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"listening on [::1]:{local[0]} -> server [::1]:{port}" in text, text
+    assert f"connect to [::1]:{port} failed" in text, text
+    assert f"handshake with [::1]:{port} failed" in text, text
+    assert f"to fallback [::1]:{port} WITHOUT" in text, text
+    assert f"fallback [::1]:{port} failed too" in text, text
+    assert "::1:" not in text.replace("[::1]:", ""), text
+
+
+def test_a_failed_connect_is_logged_once_per_attempt(caplog):
+    """Each refused attempt was logged twice at INFO, "connect to X failed: E" and then
+    "handshake failed: E" (the engine's HandshakeRejected for it): with the reconnecting line,
+    three lines per attempt through an outage."""
+    from relay_helpers import refusing_port
+
+    caplog.set_level(logging.INFO, logger="icafast")
+
+    async def main(port: int) -> None:
+        async with listening_client(("127.0.0.1", port)) as client:
+            r, w = await asyncio.open_connection(*client.addresses[0])
+            await _reset_or_eof(r, 10)  # (connect_retry, 1 s, runs out)
+            w.close()
+
+    with refusing_port() as port:
+        run_async("asyncio", main(port))
+    failed = _records(caplog, f"connect to 127.0.0.1:{port} failed")
+    assert len(failed) >= 2, caplog.text
+    assert len(_records(caplog, "reconnecting (attempt")) == len(failed) - 1, caplog.text
+    assert not _records(caplog, "handshake failed"), caplog.text
+    assert _records(caplog, "closed (could not connect: "), caplog.text
+
+
+def test_reconnect_attempts_are_logged_at_info_the_first_few_then_every_tenth(caplog):
+    """Every reconnect attempt was logged at INFO (with its failure): an outage as long as the
+    reliability timeout wrote some eighty lines per session. The first three of an outage and
+    then every tenth are INFO now, the others DEBUG; the status events are all still there."""
+    from relay_helpers import refusing_port
+
+    caplog.set_level(logging.DEBUG, logger="icafast")
+    config = dataclasses.replace(FAST, connect_retry=1.5, reconnect_initial=0.005,
+                                 reconnect_max=0.01)
+    due: list[int] = []
+
+    def on_status(e: Any, engine: Any) -> None:
+        if isinstance(e, ev.ReconnectDue):
+            due.append(e.attempt)
+
+    async def main(port: int) -> None:
+        async with listening_client(("127.0.0.1", port), config, on_status=on_status) as client:
+            r, w = await asyncio.open_connection(*client.addresses[0])
+            await _reset_or_eof(r, 10)  # (connect_retry runs out)
+            w.close()
+
+    with refusing_port() as port:
+        run_async("asyncio", main(port))
+    assert len(due) >= 25 and due == list(range(1, len(due) + 1)), due
+    shown = [int(r.getMessage().split("attempt ")[1].split(")")[0])
+             for r in _records(caplog, "reconnecting (attempt", logging.INFO)]
+    assert shown == [n for n in due if n <= 3 or n % 10 == 0], shown
+    assert len(_records(caplog, "reconnecting (attempt", logging.DEBUG)) == len(due) - len(shown)
+    assert len(_records(caplog, "connect to 127.0.0.1", logging.INFO)) == len(shown) + 1
+    assert _records(caplog, "until one succeeds, every 10th is logged", logging.INFO)
+    assert _records(caplog, "closed (could not connect: ", logging.INFO), caplog.text
+
+
+def test_a_session_the_server_no_longer_knows_says_why(caplog):
+    """After a server restart, a client's resume was refused with "unknown session ID", and
+    its session ended with "server rejected the session: unknown session ID", which tells the
+    person reading the log nothing of why; it now says the server may have been restarted."""
+    caplog.set_level(logging.INFO, logger="icafast")
+    events: list[Any] = []
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            r, w = await s.client(events=events)
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            # the server forgets its sessions, as a restarted one has none, and the link breaks
+            (runner,) = s.server.sessions_by_id.values()
+            s.server.sessions_by_id.clear()
+            assert runner.link is not None
+            runner.link.close(abort=True)
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(r.read(), 10)
+
+    run_async("asyncio", main())
+    (closed,) = [e for e in events if isinstance(e, ev.SessionClosed)]
+    assert "unknown session" in closed.reason and "restarted" in closed.reason, closed
+    assert _records(caplog, "this server does not know it: restarted since"), caplog.text
+
+
+def test_sessions_disconnect_says_when_there_was_no_link_to_drop(tmp_path):
+    """'icafast sessions --disconnect ID' of a session already DISCONNECTED printed the same
+    'disconnect: ID' as one whose link it dropped, though it did nothing."""
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "control.sock")
+
+    def disconnect(sid: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "icafast", "sessions", "--control", path,
+                            "--disconnect", sid[:8]], capture_output=True, text=True,
+                           timeout=30)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        async with Setup(Backend("echo"), control_path=path) as s:
+            r, w = await s.client()
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            (sid,) = [k.hex() for k in s.server.sessions_by_id]
+            assert await loop.run_in_executor(None, disconnect, sid) == f"disconnect: {sid}\n"
+            assert await wait_for(lambda: s.server.sessions()[0]["reconnects"] == 1, 10)
+            await s.proxy.close()  # the link breaks, and new ones are refused
+            assert await wait_for(lambda: s.server.sessions()[0]["state"] == "DISCONNECTED", 10)
+            out = await loop.run_in_executor(None, disconnect, sid)
+            assert out == (f"disconnect: {sid} (it had no link: DISCONNECTED already, nothing "
+                           "done)\n"), out
+
+    run_async("asyncio", main())

@@ -69,9 +69,10 @@ def test_demo_quiet_prints_the_result_only():
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_demo_shuts_down_cleanly_on_a_signal(sig, loop, tmp_path, monkeypatch):
-    """SIGINT and SIGTERM mid-stream: the usual shutdown, its temporary directory (TLS
+    """SIGINT, SIGTERM and SIGHUP mid-stream: the usual shutdown, its temporary directory (TLS
     certificate and key) removed, no traceback, and the exit status 128 + the signal."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setenv("ICAFAST_LOOP", loop)

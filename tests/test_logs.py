@@ -101,3 +101,19 @@ def test_setup_writes_lines_at_the_level_and_keeps_an_existing_setup(restored_lo
     log.info("again")
     assert other.getvalue() == "" and out.getvalue().endswith(" INFO again\n")
     assert root.level == logging.INFO
+
+
+@pytest.mark.parametrize("argv,level", [
+    ([], logging.INFO), (["-v"], logging.DEBUG), (["-vv"], logging.DEBUG),
+    (["-q"], logging.WARNING),
+])
+@pytest.mark.parametrize("command", ["serve", "connect"])
+def test_verbose_gives_debug_lines(restored_logging, command, argv, level):
+    """serve's and connect's -v was documented as "more logging" and changed nothing (INFO is
+    their default level; only -vv gave DEBUG)."""
+    from icafast import cli
+
+    logging.getLogger().handlers[:] = []
+    args = cli.build_parser().parse_args([command, *argv])
+    cli.setup_logging(args)
+    assert logging.getLogger().level == level

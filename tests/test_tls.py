@@ -11,6 +11,7 @@ import re
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from relay_helpers import (
@@ -86,6 +87,67 @@ def test_self_signed_certificate_created_once(tmp_path):
     fp = tls.fingerprint_of_pem(cert)
     assert len(fp) == 64
     assert tls.normalize_fingerprint(tls.pretty_fingerprint(fp)) == fp
+
+
+def test_fingerprint_is_the_first_certificate_s_wherever_it_starts(tmp_path):
+    """A PEM file with text before its certificate ("Bag Attributes" from openssl pkcs12,
+    openssl x509 -text's dump) loads in OpenSSL as the server's certificate; its fingerprint
+    was refused ("Invalid PEM encoding"), and so was the server's start."""
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "state"))
+    pem = Path(cert).read_text()
+    prefixed = tmp_path / "bag.pem"
+    prefixed.write_text("Bag Attributes\n    localKeyID: 01 02\nsubject=CN = x\n\n" + pem
+                        + pem)
+    assert tls.fingerprint_of_pem(str(prefixed)) == tls.fingerprint_of_pem(cert)
+    tls.server_context(str(prefixed), key)
+    with pytest.raises(ValueError, match=f"certificate file {re.escape(key)} holds no PEM "):
+        tls.fingerprint_of_pem(key)
+
+
+def _tls_start(*args: str) -> subprocess.CompletedProcess[str]:
+    # (a new session: no controlling terminal, where OpenSSL would ask for a passphrase)
+    return subprocess.run([PY, "-m", "icafast", *args], capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_tls_files_that_do_not_load_get_one_line_naming_the_file(tmp_path):
+    """An encrypted key made OpenSSL ask for its passphrase on the terminal (a server started
+    from one waited there; without one it failed with "[Errno 22] Invalid argument"); a file
+    of the wrong kind got OpenSSL's message, which names no file."""
+    from cryptography.hazmat.primitives import serialization
+
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "a"))
+    other_cert, _, _ = tls.ensure_self_signed(str(tmp_path / "b"))
+    pkey = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+    enc = tmp_path / "encrypted.pem"
+    enc.write_bytes(pkey.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.BestAvailableEncryption(b"secret")))
+    serve = ["serve", "--listen", "127.0.0.1:0", "--control", str(tmp_path / "c.sock")]
+    connect = ["connect", "--server", "127.0.0.1:2598"]
+    cases = [
+        (serve + ["--tls-cert", cert, "--tls-key", str(enc)],
+         f"the private key in {enc} is encrypted: give one without a passphrase"),
+        (connect + ["--tls-insecure", "--tls-client-cert", cert, "--tls-client-key", str(enc)],
+         f"the private key in {enc} is encrypted: give one without a passphrase"),
+        (serve + ["--tls-cert", key, "--tls-key", cert],
+         f"certificate file {key} holds no PEM certificate"),
+        (serve + ["--tls-cert", other_cert, "--tls-key", key],
+         "--tls-key is not the private key of the certificate in --tls-cert"),
+        (serve + ["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", key],
+         f"CA file {key}: NO_CERTIFICATE_OR_CRL_FOUND"),
+        (connect + ["--tls-ca", key], f"CA file {key}: NO_CERTIFICATE_OR_CRL_FOUND"),
+        # (was "[Errno 20] Not a directory: ...", without saying what the path was for)
+        (serve + ["--state-dir", f"{key}/state"],
+         f"cannot keep the self-signed certificate in {key}/state (--state-dir): Not a "),
+    ]
+    for args, message in cases:
+        p = _tls_start(*args)
+        assert p.returncode == 1, (args, p.returncode, p.stderr)
+        (line,) = [t for t in p.stderr.splitlines() if " INFO " not in t
+                   and "fingerprint:" not in t]
+        assert message in line and line.startswith(f"icafast {args[0]}: TLS: "), (args, line)
+        assert "pass phrase" not in p.stderr + p.stdout, p.stderr
 
 
 def test_client_refuses_to_trust_nothing():

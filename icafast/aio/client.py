@@ -26,8 +26,10 @@ from ._relay import (
     Runner,
     StatusCallback,
     abort_with_rst,
+    format_hostport,
     tune_socket,
 )
+from .server import listen_error
 from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
@@ -50,6 +52,21 @@ _HINT_PLAIN_SERVER = "is the server running with --no-tls?"
 _HINT_TLS_SERVER = "the server speaks TLS: drop --no-tls"
 _HINT_SILENT_SERVER = ("the server closed the connection without answering "
                        "(if it runs TLS, the default, drop --no-tls)")
+
+
+#: A session's reconnect attempts are logged at INFO for the first few of each outage, then
+#: every tenth; the others at DEBUG (-v). An outage of the reliability timeout (180 s) makes
+#: some forty attempts per session, two lines each: a client's log, with many sessions, would
+#: be mostly these.
+_ATTEMPTS_LOGGED = 3
+_ATTEMPTS_LOGGED_EVERY = 10
+
+
+def _attempt_level(attempt: int) -> int:
+    """The level of the lines about reconnect attempt ``attempt``."""
+    if attempt <= _ATTEMPTS_LOGGED or attempt % _ATTEMPTS_LOGGED_EVERY == 0:
+        return logging.INFO
+    return logging.DEBUG
 
 
 def _tls_handshake_hint(e: BaseException) -> str | None:
@@ -110,6 +127,8 @@ class _ClientRunner(Runner):
         self._hinted = False  # a hint on mismatched TLS settings was logged (once per session)
         self._silent_closes = 0  # first links closed before any answer (see handle_event)
         self._hint = ""  # ... that hint (open_session's error repeats it)
+        self._logged_failure: str | None = None  # a failed connect, logged by _connect
+        self._attempt_level = logging.INFO  # of the lines about the current link attempt
         self._stopping = False  # the client stops: see stop()
         #: the link that carries the session's CLOSE as the client stops, until it is gone
         self._last_link: Link | None = None
@@ -154,11 +173,14 @@ class _ClientRunner(Runner):
                 self._verify_failed(f"server certificate rejected: {reason}")
                 return
             if self.engine.state is not State.CLOSED:
-                log.info("session %s: connect to %s:%d failed: %s", self.sid, host, port, reason)
+                log.log(self._attempt_level, "session %s: connect to %s failed: %s", self.sid,
+                        format_hostport(host, port), reason)
+                self._logged_failure = reason  # (the engine's HandshakeRejected repeats it)
                 if tls is not None:
                     hint = _tls_handshake_hint(e)
                     if hint is not None:
-                        self.hint(f"TLS handshake with {host}:{port} failed ({reason}): {hint}")
+                        self.hint(f"TLS handshake with {format_hostport(host, port)} failed "
+                                  f"({reason}): {hint}")
                 self.engine.connect_failed(reason, self.now())
                 self.pump()
 
@@ -228,12 +250,18 @@ class _ClientRunner(Runner):
     def handle_event(self, e: ev.Event) -> None:
         eng = self.engine
         if isinstance(e, ev.ReconnectDue):
-            log.info("session %s: reconnecting (attempt %d)", self.sid, e.attempt)
+            level = self._attempt_level = _attempt_level(e.attempt)
+            log.log(level, "session %s: reconnecting (attempt %d)%s", self.sid, e.attempt,
+                    f"; until one succeeds, every {_ATTEMPTS_LOGGED_EVERY}th is logged (-v: "
+                    "each)" if e.attempt == _ATTEMPTS_LOGGED else "")
             self.status(e)
             self.start_connect()
             return
         if isinstance(e, ev.HandshakeRejected):
-            log.info("session %s: handshake failed: %s", self.sid, e.reason)
+            logged, self._logged_failure = self._logged_failure, None
+            if not (e.code == 0 and e.reason == logged):  # (said once per failed attempt)
+                log.log(self._attempt_level if e.code == 0 else logging.INFO,
+                        "session %s: handshake failed: %s", self.sid, e.reason)
             if e.code:
                 # a REJECT frame: the server answered in this client's mode (plain text or
                 # TLS), so a hint on mismatched TLS settings said before is wrong and goes no
@@ -253,6 +281,7 @@ class _ClientRunner(Runner):
             self.status(e)
             return
         if isinstance(e, ev.LinkUp):
+            self._attempt_level = logging.INFO
             link = self.link
             # (a link whose TLS the loop runs cannot resume; and a TLS 1.2 resumption would
             # reuse the first handshake's keys, so only TLS 1.3 sessions are kept)
@@ -324,11 +353,12 @@ class _ClientRunner(Runner):
     def _start_fallback(self, reason: str) -> None:
         assert self.fallback is not None
         host, port = self.fallback
-        log.warning("session-reliability handshake with %s:%d failed (%s); connecting straight "
-                    "to fallback %s:%d WITHOUT session reliability", *self.server, reason,
-                    host, port)
+        log.warning("session-reliability handshake with %s failed (%s); connecting straight "
+                    "to fallback %s WITHOUT session reliability", format_hostport(*self.server),
+                    reason, format_hostport(host, port))
         self._done = True
-        self.status(ev.HandshakeRejected(0, f"fallback to {host}:{port}: {reason}"))
+        self.status(ev.HandshakeRejected(0, f"fallback to {format_hostport(host, port)}: "
+                                            f"{reason}"))
         if self.link is not None:
             self.link.close(abort=True)
             self.link = None
@@ -345,7 +375,7 @@ class _ClientRunner(Runner):
                 self.engine.config.handshake_timeout,
             )
         except (OSError, asyncio.TimeoutError) as e:
-            log.warning("fallback %s:%d failed too: %s", host, port, e)
+            log.warning("fallback %s failed too: %s", format_hostport(host, port), e)
             self._settle(None, f"fallback failed: {e}")
             abort_with_rst(ep.transport)
             return
@@ -502,12 +532,17 @@ class RelayClient:
         # (kept for the factory: asking for the running loop costs a getpid() call each time)
         self._loop = loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
-        self._server = await loop.create_server(self._factory, self.listen[0] or None,
-                                                self.listen[1], reuse_address=True, backlog=1024)
+        try:
+            self._server = await loop.create_server(self._factory, self.listen[0] or None,
+                                                    self.listen[1], reuse_address=True,
+                                                    backlog=1024)
+        except OSError as e:
+            raise listen_error(e, *self.listen) from e
         for sock in self._server.sockets:
             addr = sock.getsockname()
             self.addresses.append((addr[0], addr[1]))
-            log.info("listening on %s:%d -> server %s:%d", addr[0], addr[1], *self.server)
+            log.info("listening on %s -> server %s", format_hostport(addr[0], addr[1]),
+                     format_hostport(*self.server))
 
     async def serve_forever(self) -> None:
         """Return once ``close()`` has been called (the listener serves from ``start()`` on)."""

@@ -101,6 +101,15 @@ def parse_hostport(text: str, default_host: str = "", default_port: int | None =
     return host, port
 
 
+def listen_error(e: OSError, host: str, port: int) -> OSError:
+    """``e``, raised by binding ``host:port``, as one line that says where and why: "cannot
+    listen on 127.0.0.1:2598: Address already in use" (the event loops' own words repeat the
+    address, as a Python tuple: "error while attempting to bind on address ('127.0.0.1',
+    2598): address already in use")."""
+    why = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or str(e))
+    return OSError(e.errno, f"cannot listen on {format_hostport(host or '*', port)}: {why}")
+
+
 @dataclass(frozen=True)
 class Mapping:
     """One listener and the backend its sessions are relayed to."""
@@ -401,9 +410,7 @@ class RelayServer:
                     ssl_handshake_timeout=self.config.handshake_timeout if loop_ssl else None,
                 )
             except OSError as e:
-                raise OSError(e.errno, f"cannot listen on "
-                                       f"{format_hostport(m.listen_host or '*', m.listen_port)}: "
-                                       f"{e.strerror or e}") from e
+                raise listen_error(e, m.listen_host, m.listen_port) from e
             self._servers.append(srv)
             # how its sessions are listed: the port bound (a mapping may ask for port 0)
             bound = {sock.getsockname()[1] for sock in srv.sockets}
@@ -415,7 +422,14 @@ class RelayServer:
                 log.info("listening on %s (%s) -> backend %s", format_hostport(addr[0], addr[1]),
                          "TLS" if self.ssl else "plain text", m.backend)
         if self.control_path:
-            await self._start_control(self.control_path)
+            try:
+                await self._start_control(self.control_path)
+            except OSError as e:
+                if e.strerror and e.strerror.startswith("control socket"):
+                    raise
+                why = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or e)
+                raise OSError(e.errno, f"control socket {self.control_path}: {why}"
+                                       + (f" ({e.filename})" if e.filename else "")) from e
 
     def _tls_setup(self) -> TLSSetup:
         assert self.ssl is not None
@@ -614,7 +628,11 @@ class RelayServer:
             return
         self._record_failure(source, now)
         if live is None:
-            pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid}")
+            # (what the client's log and its application's end will say: the session is
+            # gone for good, and most often because the server process was restarted)
+            pending.reject(REJECT_UNKNOWN_SESSION, f"unknown session {sid} (this server does "
+                           "not know it: restarted since, or the session ended over a minute "
+                           "ago)")
             return
         log.warning("session %s: RESUME with a wrong proof from %s", sid, pending.link.peer)
         pending.reject(REJECT_BAD_PROOF, f"wrong proof for session {sid}")
@@ -695,6 +713,9 @@ class RelayServer:
                     raise OSError(errno.EADDRINUSE, f"control socket {path} is in use by "
                                   "another running server (give each server its own --control)")
                 os.unlink(path)  # left behind by a server that is gone
+            else:
+                raise OSError(errno.EEXIST, f"control socket {path}: something that is not a "
+                              "socket is there (remove it, or give another --control)")
         old = os.umask(0o177)
         try:
             self._control = await asyncio.start_unix_server(self._control_client, path)
@@ -737,7 +758,9 @@ class RelayServer:
         if cmd == "reset":
             return {"ok": True, "reset": self.reset_session(str(req["id"]))}
         if cmd == "disconnect":
-            return {"ok": True, "disconnected": self.disconnect_session(str(req["id"]))}
+            had_link = self.find(str(req["id"])).link is not None
+            return {"ok": True, "disconnected": self.disconnect_session(str(req["id"])),
+                    "had_link": had_link}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
