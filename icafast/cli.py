@@ -579,7 +579,11 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     fp = tls.fingerprint_of_pem(cert)
     log.warning("TLS certificate SHA-256 fingerprint: %s  (clients: --tls-fingerprint %s)",
                 tls.pretty_fingerprint(fp), fp)
-    return tls.server_context(cert, key, _opt(args, file_cfg, "tls_client_ca"))
+    ctx = tls.server_context(cert, key, _opt(args, file_cfg, "tls_client_ca"))
+    if tls.key_readable_by_everyone(key):
+        log.warning("TLS: the private key %s can be read by every user of this machine "
+                    "(chmod o-r %s)", key, key)
+    return ctx
 
 
 def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:

@@ -9,6 +9,7 @@ fingerprint (``--tls-fingerprint``) and refuses an unverified server unless told
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -17,6 +18,8 @@ import ssl
 import sys
 from dataclasses import dataclass, field
 from typing import Any
+
+from .paths import check_private_dir
 
 __all__ = [
     "ClientTLS",
@@ -107,6 +110,12 @@ def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     creating an ECDSA P-256 key and a 10-year certificate on first use."""
     cert = os.path.join(state_dir, "server-cert.pem")
     key = os.path.join(state_dir, "server-key.pem")
+    # (the directory, or the nearest one above it that exists, and those above that)
+    existing = os.path.abspath(state_dir)
+    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if os.path.isdir(existing):
+        _check_state_dir(existing)
     if os.path.exists(cert) and os.path.exists(key):
         return cert, key, False
     from cryptography import x509
@@ -142,14 +151,41 @@ def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     key_pem = pkey.private_bytes(serialization.Encoding.PEM,
                                  serialization.PrivateFormat.PKCS8,
                                  serialization.NoEncryption())
-    fd = os.open(key + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_pem)
-    with open(cert + ".tmp", "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    os.replace(key + ".tmp", key)
-    os.replace(cert + ".tmp", cert)
+    # Each file is written whole and synced before it takes its name, and the directory is
+    # synced after: a crash or a power cut leaves the old pair, none, or the new pair whole,
+    # never an empty or a half-written key under the right name
+    _write_synced(key, key_pem)
+    _write_synced(cert, certificate.public_bytes(serialization.Encoding.PEM))
+    dfd = os.open(state_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
     return cert, key, True
+
+
+def _check_state_dir(state_dir: str) -> None:
+    check_private_dir(state_dir, "state directory", "the server's key and certificate",
+                      "--state-dir")
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    """Write ``path`` (mode 0600) through a temporary file, synced, then renamed over it."""
+    tmp = path + ".tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)  # (one left by a crash, or made by someone else: O_EXCL below)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def key_readable_by_everyone(key: str) -> bool:
+    """Whether every user of the machine may read the private key file ``key`` (a group that
+    may, such as Debian's ``ssl-cert``, is the administrator's choice)."""
+    return bool(os.stat(key).st_mode & 0o004)
 
 
 def _base(protocol: ssl._SSLMethod) -> ssl.SSLContext:

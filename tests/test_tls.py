@@ -607,3 +607,82 @@ def test_server_warns_without_tls_on_non_loopback():
         assert "WITHOUT TLS" in "".join(server.lines)
     finally:
         server.stop()
+
+
+def test_state_dir_that_others_could_change_is_refused(tmp_path):
+    """The self-signed key and certificate are kept only in a directory no other user can
+    write to (or that belongs to another user): there, anyone could put a key and certificate
+    of their own in place of the server's, which every client that pinned its fingerprint
+    would then refuse. Nothing is written to such a directory."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(OSError, match=r"state directory .*shared is writable by other users "
+                                      r"\(mode 0777\).*--state-dir"):
+        tls.ensure_self_signed(str(shared / "icafast"))
+    assert not (shared / "icafast").exists()
+    with pytest.raises(OSError, match="shared is writable by other users"):
+        tls.ensure_self_signed(str(shared))
+    assert list(shared.iterdir()) == []
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir(mode=0o700)
+        os.chown(theirs, 65534, 65534)
+        with pytest.raises(OSError, match="theirs belongs to user 65534"):
+            tls.ensure_self_signed(str(theirs))
+        assert list(theirs.iterdir()) == []
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    cert, key, created = tls.ensure_self_signed(str(sticky / "icafast"))
+    assert created and os.stat(key).st_mode & 0o777 == 0o600
+    # ... and from the command line: one line naming the option
+    p = _tls_start("serve", "--listen", "127.0.0.1:0", "--control", str(tmp_path / "c.sock"),
+                   "--state-dir", str(shared))
+    assert p.returncode == 1, p.stderr
+    assert "writable by other users" in p.stderr and "--state-dir" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_self_signed_pair_is_written_whole_past_a_leftover_temporary_file(tmp_path):
+    """A temporary file left by a crash, or put there by someone else (a link to elsewhere, a
+    file anyone may read), is not written through: the key is written to a file of its own,
+    mode 0600, synced, and only then given its name."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"")
+    os.symlink(elsewhere, state / "server-key.pem.tmp")
+    (state / "server-cert.pem.tmp").write_bytes(b"half a certificate")
+    (state / "server-cert.pem.tmp").chmod(0o666)
+    cert, key, created = tls.ensure_self_signed(str(state))
+    assert created
+    assert elsewhere.read_bytes() == b""  # (not written through the link)
+    assert sorted(p.name for p in state.iterdir()) == ["server-cert.pem", "server-key.pem"]
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    assert b"PRIVATE KEY" in Path(key).read_bytes()
+    tls.server_context(cert, key)  # (a pair that loads)
+    assert tls.ensure_self_signed(str(state)) == (cert, key, False)
+
+
+def test_a_private_key_every_user_can_read_is_warned_of(tmp_path):
+    import socket as socket_
+
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "pair"))
+    busy = socket_.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:  # (the server stops at its listen, after its TLS settings are read)
+        args = ["serve", "--listen", f"127.0.0.1:{busy.getsockname()[1]}", "--control",
+                str(tmp_path / "c.sock"), "--tls-cert", cert, "--tls-key", key]
+        p = _tls_start(*args)
+        assert p.returncode == 1 and "private key" not in p.stderr, p.stderr
+        os.chmod(key, 0o640)  # (a group that may read it: the administrator's choice)
+        p = _tls_start(*args)
+        assert p.returncode == 1 and "private key" not in p.stderr, p.stderr
+        os.chmod(key, 0o644)
+        p = _tls_start(*args)
+        assert p.returncode == 1, p.stderr
+        assert f"the private key {key} can be read by every user" in p.stderr, p.stderr
+    finally:
+        busy.close()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import events as ev
+from ..paths import check_private_dir
 from ..protocol import (
     CLOSE_ADMIN,
     CLOSE_SHUTDOWN,
@@ -767,30 +768,8 @@ class RelayServer:
 def _check_control_dir(d: str) -> None:
     """Refuse a control socket directory that another user could change: they could put
     their own socket in place of the server's (and answer ``icafast sessions`` with what they
-    like), or block it. The directory and each one above it must belong to this user or root
-    and be writable by their owner only, or be sticky (as /tmp is: no one may then remove or
-    rename what another user made there)."""
-    if not hasattr(os, "geteuid"):  # pragma: no cover - (no Unix sockets there)
-        return
-    me = os.geteuid()
-    link = os.lstat(d)  # (a symbolic link must be ours too, besides where it leads)
-    checks = [(d, link)] if stat.S_ISLNK(link.st_mode) else []
-    path = os.path.realpath(d)
-    while True:
-        checks.append((path, os.stat(path)))
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    for where, st in checks:
-        if st.st_uid not in (me, 0):
-            raise OSError(errno.EPERM, f"control socket directory {d}: {where} belongs to user "
-                          f"{st.st_uid}, who could replace the socket: give --control a path "
-                          "in a directory of your own")
-        if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-            raise OSError(errno.EPERM, f"control socket directory {d}: {where} is writable by "
-                          f"other users (mode {stat.S_IMODE(st.st_mode):04o}), who could replace "
-                          "the socket: give --control a path in a directory of your own")
+    like), or block it (:func:`icafast.paths.check_private_dir`)."""
+    check_private_dir(d, "control socket directory", "the socket", "--control")
 
 
 def _socket_answers(path: str) -> bool:
