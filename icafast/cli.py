@@ -780,9 +780,12 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"serve": cmd_serve, "connect": cmd_connect, "sessions": cmd_sessions,
                "demo": cmd_demo, "selfcheck": cmd_selfcheck}[args.cmd]
     try:
-        if args.cmd != "sessions":  # (ICAFAST_TLS_IO with a value it does not take, or
-            try:  # "compiled" where that cannot run: one line, not a traceback from a link)
+        if args.cmd != "sessions":  # (ICAFAST_TLS_IO or ICAFAST_LOOP with a value it does
+            try:  # not take, or one that cannot run here: one line, not a traceback)
                 uses_pipe()
+                from .aio import loop_choice
+
+                loop_choice()
             except (ValueError, RuntimeError) as e:
                 raise UsageError(str(e)) from None
         return handler(args)

@@ -252,6 +252,51 @@ def test_a_bad_tls_io_setting_is_one_line(cmd, setting):
     assert errors == [f"icafast {cmd[0]}: {why}"], p.stderr
 
 
+@pytest.mark.parametrize("cmd", [["demo", "--size", "64k"],
+                                 ["serve", "--listen", "127.0.0.1:0", "--no-tls"]])
+def test_a_bad_loop_setting_is_one_line(cmd, tmp_path):
+    """ICAFAST_LOOP with a value it does not take ran uvloop without a word (a mistyped
+    ``asycnio`` ran the other loop than the one asked for); ``uvloop`` where uvloop cannot be
+    imported ran the standard loop. Each now stops the command with one line and status 2."""
+    env = _env(ICAFAST_LOOP="asycnio")
+    args = [PY, "-m", "icafast", *cmd]
+    if cmd[0] == "serve":
+        args += ["--control", str(tmp_path / "c.sock")]
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [line for line in p.stderr.splitlines() if " INFO " not in line]
+    assert errors == [f"icafast {cmd[0]}: ICAFAST_LOOP='asycnio': expected auto, uvloop or "
+                      "asyncio"], p.stderr
+    # uvloop asked for where it cannot be imported (a directory named first on the path
+    # holds a uvloop that fails to import)
+    fake = tmp_path / "nouv" / "uvloop"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('no uvloop here')\n")
+    env = _env(ICAFAST_LOOP="uvloop",
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "nouv"),
+                                           os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [line for line in p.stderr.splitlines() if " INFO " not in line]
+    assert errors == [f"icafast {cmd[0]}: ICAFAST_LOOP=uvloop: uvloop cannot be imported (no "
+                      "uvloop here)"], p.stderr
+
+
+def test_loop_setting_chooses_the_loop(monkeypatch):
+    from icafast.aio import loop_name, run
+
+    async def which() -> str:
+        return loop_name()
+
+    for setting, expected in [("", "uvloop"), ("auto", "uvloop"), ("uvloop", "uvloop"),
+                              (" AsyncIO ", "asyncio")]:
+        monkeypatch.setenv("ICAFAST_LOOP", setting)
+        assert run(which()) == expected, setting
+    monkeypatch.setenv("ICAFAST_LOOP", "bogus")
+    with pytest.raises(ValueError, match="ICAFAST_LOOP='bogus'"):
+        run(which())
+
+
 @pytest.mark.parametrize("cmd", [["selfcheck", "--seconds", "0.01"],
                                  ["demo", "--size", "256k", "--breaks", "2"]])
 def test_output_read_by_nothing_is_no_traceback(cmd):

@@ -21,16 +21,34 @@ __all__ = [
     "parse_hostport",
     "run",
     "loop_name",
+    "loop_choice",
 ]
 
 T = TypeVar("T")
 
 
+def loop_choice() -> str:
+    """``ICAFAST_LOOP``: ``auto`` (the default: uvloop where it is installed, else the
+    standard loop), ``uvloop`` (uvloop, or an error where it cannot be imported) or
+    ``asyncio`` (the standard loop). Any other value is a ``ValueError``, and ``uvloop``
+    without uvloop a ``RuntimeError``: a setting mistyped or missing its package would
+    otherwise run the other loop without a word."""
+    v = os.environ.get("ICAFAST_LOOP", "").strip().lower() or "auto"
+    if v not in ("auto", "uvloop", "asyncio"):
+        raise ValueError(f"ICAFAST_LOOP={v!r}: expected auto, uvloop or asyncio")
+    if v == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"ICAFAST_LOOP=uvloop: uvloop cannot be imported ({e})") from None
+    return v
+
+
 def _want_uvloop() -> bool:
-    v = os.environ.get("ICAFAST_LOOP", "").lower()
+    v = loop_choice()
     if v == "asyncio":
         return False
-    return sys.platform != "win32"
+    return v == "uvloop" or sys.platform != "win32"
 
 
 #: what the standard event loop reports for each accept() that fails for want of descriptors
@@ -78,12 +96,17 @@ async def _quietly(main: Coroutine[Any, Any, T]) -> T:
 def run(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop when available (the default on Linux/macOS), else asyncio.
 
-    ``ICAFAST_LOOP=asyncio`` forces the standard loop. Either way the loop logs an accept()
-    that fails for want of descriptors in one line at most every ``ACCEPT_FAILED_EVERY``
-    seconds (``quiet_accept_failures``).
+    ``ICAFAST_LOOP=asyncio`` forces the standard loop (:func:`loop_choice`). Either way the
+    loop logs an accept() that fails for want of descriptors in one line at most every
+    ``ACCEPT_FAILED_EVERY`` seconds (``quiet_accept_failures``).
     """
+    try:
+        uv = _want_uvloop()
+    except BaseException:
+        main.close()  # (never to run: no "coroutine was never awaited" warning)
+        raise
     main = _quietly(main)
-    if _want_uvloop():
+    if uv:
         try:
             import uvloop
         except ImportError:
