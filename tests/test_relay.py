@@ -424,6 +424,60 @@ def test_new_repeated_after_a_lost_accept_gets_the_same_session(loop):
     run_async(loop, main())
 
 
+async def _resume_ready(c: ClientSession, port: int) -> tuple[asyncio.StreamReader,
+                                                                asyncio.StreamWriter, bytes]:
+    """A link on which ``c`` has sent its HELLO and read the server's; returns it with the
+    RESUME ``c`` made for it, not sent yet."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    c.connect(0.0)
+    while c.next_event() is not None:
+        pass  # (the link it replaces)
+    writer.write(b"".join(bytes(x) for x in c.data_to_send()))
+    c.receive_data(await asyncio.wait_for(reader.read(65536), 5), 0.0)
+    while c.next_event() is not None:
+        pass
+    return reader, writer, b"".join(bytes(x) for x in c.data_to_send())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_stale_resume_does_not_take_over_from_a_newer_link(loop):
+    """The client gave up a link after sending RESUME on it and resumed on a newer one; the
+    old RESUME reaches the server late (a stalled path), after the newer one was accepted and
+    before the client spoke on it. It must not take the session over: that dropped the client's
+    current link and rotated the secret from the old one, so the client's next RESUME was
+    refused as a wrong proof and the session was lost."""
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            c = ClientSession(FAST, 0.0)
+            r1, w1 = await _send_new(s.server_port, c)
+            s.writers.append(w1)
+            c.send_data(b"first")
+            await _until_accepted(c, r1, w1, 0)
+            w1.write(b"".join(bytes(x) for x in c.data_to_send()))
+            assert await _until_accepted(c, r1, w1, 5) == b"first"
+            sess = s.only_session()
+            abort_with_rst(w1.transport)
+            assert await wait_for(lambda: sess.link is None, 3)
+
+            ra, wa, resume_a = await _resume_ready(c, s.server_port)  # given up by the client
+            rb, wb, resume_b = await _resume_ready(c, s.server_port)  # its current link
+            s.writers += [wa, wb]
+            wb.write(resume_b)
+            assert await _until_accepted(c, rb, wb, 0) == b""
+            assert c.session_id == sess.engine.session_id and sess.link is not None
+            current = sess.link
+            wa.write(resume_a)  # the stale RESUME, proven with the secret before B's
+            with contextlib.suppress(ConnectionError):
+                assert await asyncio.wait_for(ra.read(65536), 5) == b""  # closed, no ACCEPT
+            assert sess.link is current and not current.closed
+            c.send_data(b"second")
+            wb.write(b"".join(bytes(x) for x in c.data_to_send()))
+            assert await _until_accepted(c, rb, wb, 6) == b"second"
+            assert len(s.backend.conns) == 1
+
+    run_async(loop, main())
+
+
 def test_new_repeated_on_another_listener_for_the_same_backend_gets_the_same_session():
     """PROTOCOL.md 3.2: a repeated NEW gets its session when it "arrives on a listener for the
     same backend", not only on the very listener of the first NEW. A dual-stack server

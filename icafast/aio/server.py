@@ -135,6 +135,8 @@ class _ServerRunner(Runner):
         #: connects to its backend, the link its ACCEPT is for
         self.new_token = b""
         self.pending: _PendingLink | None = None
+        #: the order number of the connection attached last (_PendingLink.order)
+        self.link_order = 0
 
     def attach(self, pending: _PendingLink) -> bool:
         """Move ``pending``'s link into this session (NEW, or RESUME with a checked proof)."""
@@ -152,6 +154,7 @@ class _ServerRunner(Runner):
         link.owner = self
         link.link_id = self.engine.link_id
         self.link = link
+        self.link_order = pending.order
         if link.transport is not None:
             link.transport.resume_reading()
         self.pump()
@@ -203,6 +206,10 @@ class _PendingLink:
                  tls_setup: TLSSetup | None = None) -> None:
         self.server = server
         self.mapping = mapping
+        #: the order in which the server accepted the connections (a client has one link at a
+        #: time and opens the next only after giving up the last): see RelayServer._resume
+        server._links_accepted += 1
+        self.order = server._links_accepted
         self.link: Link = Link(self, tls_setup)
         self.hs: ServerHandshake = ServerHandshake(server.config, server.loop.time())
         self.proxy: ProxyHeaderParser | None = (
@@ -373,6 +380,7 @@ class RelayServer:
         self._tombstones: dict[bytes, float] = {}
         self._tombstone_order: collections.deque[tuple[float, bytes]] = collections.deque()
         self._handshaking: set[_PendingLink] = set()
+        self._links_accepted = 0
         #: NEW sessions connecting to their backend (not in sessions_by_id yet)
         self._creating: set[_ServerRunner] = set()
         #: NEW tokens -> the session made by the first NEW with it: a NEW that repeats it
@@ -615,6 +623,18 @@ class RelayServer:
         # restarted server no longer knows) cannot lock out the sessions of others at the
         # same address, behind the same NAT.
         if live is not None and live.engine.check_proof(pending.hs, e.proof):
+            if pending.order < live.link_order:
+                # A RESUME from a connection older than the one the session was resumed on
+                # last: the client gave that link up (its RESUME was delayed on the way) and
+                # has resumed since. Proven with the secret from before that resume, it would
+                # take the session over from the client's current link and rotate the secret
+                # from the old one, and the client's next RESUME would be refused as a wrong
+                # proof: the link is closed as lost, leaving the session as it is.
+                log.info("session %s: RESUME from %s on a connection older than its current "
+                         "one: the client has resumed since; closed", sid, pending.link.peer)
+                pending.link.close(abort=True)
+                pending.detach()
+                return
             if live.link is not None:
                 log.info("session %s: takeover by %s (old link still looked alive)", sid,
                          pending.link.peer)
