@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,60 @@ def test_a_second_timed_run_can_refuse_to_wait(tmp_path):
             holder.kill()  # (by its pid)
             holder.wait(10)
         holder.stdout.close()  # type: ignore[union-attr]
+
+
+def _relay_module():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import relay
+    finally:
+        sys.path.remove(str(ROOT))
+    return relay
+
+
+def test_a_chain_whose_runs_failed_fails_the_run(tmp_path, monkeypatch, capsys):
+    """A run that fails (its client crashed or timed out) leaves its chain without figures:
+    the run must say so in the table and end with status 1, and a chain none of whose round
+    trips came back is not "verified". (Each failed run used to be dropped in silence: the
+    chain left the table, its bytes showed as checked, and the benchmark exited 0.)"""
+    relay = _relay_module()
+    real = relay.Bench.worker
+
+    def worker(self, name, args, timeout, env=None):
+        if name == "rr":
+            raise RuntimeError("worker gave no result (exit 1)")
+        return real(self, name, args, timeout, env)
+
+    monkeypatch.setattr(relay.Bench, "worker", worker)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the run's logs)
+    out = tmp_path / "rr.json"
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        rc = relay.main(["--quick", "--only", "rr", "--chains", "direct", "--repeats", "2",
+                         "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    printed = capsys.readouterr()
+    assert rc == 1, printed.out + printed.err
+    assert "| rr | direct | FAILED: 2 of 2 runs" in printed.out, printed.out
+    assert "rr/direct: 2 failed run(s)" in printed.err, printed.err
+    res = json.loads(out.read_text())
+    assert res["workloads"]["rr"]["verified"] == {}
+    assert "rr/direct: bytes not checked" in relay.problems(res)
+    # the side-by-side report names them too
+    assert "| rr: runs that failed | direct | 2 of 2 |" in relay.report([str(out)])
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--rr-count", "0"],
+                                  ["--redis-requests", "-5"], ["--resets", "0"],
+                                  ["--resume-sessions", "0"], ["--sessions", "0"],
+                                  ["--duration", "0.5"], ["--duration", "0"],
+                                  ["--window", "0"], ["--window", "nan"]])
+def test_relay_refuses_settings_that_measure_nothing(argv, capsys):
+    """No runs, no round trips or an iperf3 run of ``-t 0`` (iperf3 reads it, and any
+    fraction of a second, as no time limit) measure nothing or hang: refused at once."""
+    relay = _relay_module()
+    with pytest.raises(SystemExit) as e:
+        relay.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert f"argument {argv[0]}: " in capsys.readouterr().err
