@@ -75,6 +75,19 @@ def exclusive_run(wait: bool = True, say: Callable[[str], None] = print) -> IO[s
     return f
 
 
+def _unwind(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM (``kill``, a CI timeout) and SIGHUP (the terminal closed) unwind like
+    Ctrl-C: ``finally`` blocks run, so that every process a benchmark started is stopped
+    (:meth:`Procs.stop_all`) and its temporary directory removed, instead of the default
+    action's exit on the spot that left them running."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _unwind)
+
+
 class Procs:
     """Started processes, each stopped by its own pid (SIGTERM, then SIGKILL)."""
 

@@ -31,6 +31,7 @@ from ._chains import (
     git_commit,
     missing,
     start_echo,
+    stop_on_signals,
 )
 
 CHAINS = ("icafast", "icafast-tls", "uvloop-min", "haproxy", "haproxy-tls", "icafast-ref",
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.ref is not None:
         REF_ROOT.append(a.ref.resolve())
+    stop_on_signals()  # (SIGTERM, SIGHUP: the chains stopped, the directory removed)
     runs: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="icafast-cpu-") as t:
         procs = Procs(Path(t), a.pin)

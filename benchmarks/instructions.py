@@ -46,6 +46,7 @@ from ._chains import (
     free_port,
     icafast_argv,
     start_echo,
+    stop_on_signals,
     tls_files,
     wait_listening,
     which,
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if any(c.endswith("-ref") for c in a.chains) and a.ref is None:
         p.error("the -ref chains need --ref DIR")
+    stop_on_signals()  # (SIGTERM, SIGHUP: the chains stopped, the directory removed)
     unit = "session" if a.sessions else "round trip"
     per_unit = "per_" + unit.replace(" ", "_")  # the JSON keys: per_session, per_round_trip
     results = []

@@ -25,7 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._chains import PY, Chain, Procs, free_port, wait_listening, wait_ready, which
+from ._chains import (
+    PY,
+    Chain,
+    Procs,
+    free_port,
+    stop_on_signals,
+    wait_listening,
+    wait_ready,
+    which,
+)
 
 
 def summarise(raw: Path, top: int) -> str:
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.pin:
         os.sched_setaffinity(0, {0})
+    stop_on_signals()  # (SIGTERM, SIGHUP: every process started is stopped)
     tmp = Path(tempfile.mkdtemp(prefix="icafast-profile-"))
     procs = Procs(tmp, a.pin)
     try:

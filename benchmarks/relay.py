@@ -37,7 +37,6 @@ import os
 import platform
 import resource
 import selectors
-import signal
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,7 @@ from ._chains import (
     missing,
     negotiated_from_logs,
     peers_of,
+    stop_on_signals,
     tls_files,
     tls_probe,
     tool_version,
@@ -1003,8 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is None:
         mode = ("pinned" if a.pin else "unpinned") + ("-quick" if a.quick else "")
         a.out = str(ROOT / "benchmarks" / "results" / f"relay-{mode}.json")
-    # SIGTERM (a CI timeout, ``kill``) unwinds like Ctrl-C, so every process started is stopped
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    stop_on_signals()  # (SIGTERM, SIGHUP: every process started is stopped)
     bench = Bench(a)
     out = bench.run()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -261,12 +262,13 @@ def test_a_chain_whose_runs_failed_fails_the_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(relay.Bench, "worker", worker)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the run's logs)
     out = tmp_path / "rr.json"
-    handler = signal.getsignal(signal.SIGTERM)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         rc = relay.main(["--quick", "--only", "rr", "--chains", "direct", "--repeats", "2",
                          "--out", str(out)])
     finally:
-        signal.signal(signal.SIGTERM, handler)
+        for s, h in handlers.items():
+            signal.signal(s, h)
     printed = capsys.readouterr()
     assert rc == 1, printed.out + printed.err
     assert "| rr | direct | FAILED: 2 of 2 runs" in printed.out, printed.out
@@ -291,3 +293,50 @@ def test_relay_refuses_settings_that_measure_nothing(argv, capsys):
         relay.build_parser().parse_args(argv)
     assert e.value.code == 2
     assert f"argument {argv[0]}: " in capsys.readouterr().err
+
+
+def _group(pgid: int) -> list[str]:
+    """The command lines of the live processes in process group ``pgid`` (from /proc)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(f"{d.name} {cmd}")
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_cpu_split_stopped_mid_run_stops_what_it_started(sig, tmp_path):
+    """``kill`` (or a closed terminal) in the middle of a run: the benchmark's chain, echo
+    backend and load client are stopped and its temporary directory removed. (The signal's
+    default action used to end the benchmark alone: the relays and the echo server ran on.)"""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    p = subprocess.Popen([sys.executable, "-m", "benchmarks.cpu_split", "--chains", "icafast",
+                          "--repeats", "1", "--count", "10000000"], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        # the echo server, both relays and the load client
+        while not any("rr-client" in c for c in _group(p.pid)):
+            assert p.poll() is None and time.monotonic() < deadline, _group(p.pid)
+            time.sleep(0.1)
+        os.kill(p.pid, sig)
+        p.wait(30)
+        time.sleep(0.5)
+        left = _group(p.pid)
+    finally:
+        if p.poll() is None or _group(p.pid):
+            os.killpg(p.pid, signal.SIGKILL)  # (the group of the benchmark started here)
+            p.wait(30)
+        p.stderr.close()  # type: ignore[union-attr]
+    assert p.returncode == 128 + sig, p.returncode
+    assert left == [], left
+    assert not list(tmp_path.glob("icafast-cpu-*"))
