@@ -340,3 +340,21 @@ def test_cpu_split_stopped_mid_run_stops_what_it_started(sig, tmp_path):
     assert p.returncode == 128 + sig, p.returncode
     assert left == [], left
     assert not list(tmp_path.glob("icafast-cpu-*"))
+
+
+@pytest.mark.parametrize("n, q, rank", [(10_000, 50, 5000), (10_000, 99, 9900),
+                                        (10_000, 99.9, 9990), (2000, 99.9, 1998),
+                                        (300, 50, 150), (300, 99, 297), (300, 99.9, 300),
+                                        (10, 50, 5), (200, 99, 198), (7, 50, 4), (1, 99.9, 1),
+                                        (10, 0, 1), (10, 100, 10)])
+def test_percentiles_are_nearest_rank(n, q, rank):
+    """The p50 / p99 / p99.9 of round trips and resumes are the value of rank ceil(q/100 * n).
+    (Rounding half to even made it one rank higher wherever q/100 * n was an odd whole
+    number, and floating-point error did where q/100 * n came out a hair above a whole
+    number: the p99.9 of the 10,000 round trips of a timed run was the 9,991st.)"""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks._workers import percentile
+    finally:
+        sys.path.remove(str(ROOT))
+    assert percentile([float(i) for i in range(1, n + 1)], q) == rank
