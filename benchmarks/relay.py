@@ -58,6 +58,7 @@ from ._chains import (
     Busy,
     Chain,
     Procs,
+    at_least,
     exclusive_run,
     free_port,
     git_commit,
@@ -919,24 +920,6 @@ def report(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _at_least(minimum: float) -> Callable[[str], float]:
-    """An argparse type: a number (whole when ``minimum`` is an int) of at least ``minimum``.
-    Less would measure nothing (no run, no round trip) or hang (iperf3 reads ``-t 0`` as no
-    limit), and a run that measured nothing must not look like one that passed."""
-    kind = int if isinstance(minimum, int) else float
-
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
-        if not value >= minimum:  # (not: also refuses nan)
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text!r}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.relay", description=__doc__.split(
         "\n\n")[0])
@@ -945,30 +928,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "right bytes, not speed)")
     p.add_argument("--pin", action="store_true", help="run every process on CPU 0 "
                    "(taskset -c 0), as the pinned figures in benchmarks/README.md")
-    p.add_argument("--repeats", type=_at_least(1), default=None, help="runs per chain "
+    p.add_argument("--repeats", type=at_least(1), default=None, help="runs per chain "
                    "(default 5; --quick: 1)")
     p.add_argument("--only", nargs="+", choices=WORKLOADS, help="run only these workloads")
     p.add_argument("--chains", nargs="+", choices=list(CHAINS), help="run only these chains")
-    p.add_argument("--duration", type=_at_least(1), default=3, help="iperf3 seconds per "
+    p.add_argument("--duration", type=at_least(1), default=3, help="iperf3 seconds per "
                    "bulk run, whole (plus 1 s omitted warm-up; default 3)")
     p.add_argument("--no-iperf", action="store_true", help="use the built-in sender/sink even "
                    "if iperf3 is installed")
-    p.add_argument("--rr-count", type=_at_least(1), default=10_000,
+    p.add_argument("--rr-count", type=at_least(1), default=10_000,
                    help="round trips per run")
-    p.add_argument("--redis-requests", type=_at_least(1), default=100_000,
+    p.add_argument("--redis-requests", type=at_least(1), default=100_000,
                    help="requests per test")
-    p.add_argument("--resets", type=_at_least(1), default=200,
+    p.add_argument("--resets", type=at_least(1), default=200,
                    help="resets of the one-session test")
-    p.add_argument("--resume-sessions", type=_at_least(1), default=1000,
+    p.add_argument("--resume-sessions", type=at_least(1), default=1000,
                    help="sessions resuming at once")
-    p.add_argument("--sessions", type=_at_least(1), default=10_000, help="idle sessions at "
+    p.add_argument("--sessions", type=at_least(1), default=10_000, help="idle sessions at "
                    "most (the server needs 2 descriptors per session; capped by the open-files "
                    "limit)")
     p.add_argument("--resume-tls", action="store_true", help="resume: the links over TLS "
                    "(the run's certificate, pinned by the clients)")
     p.add_argument("--scale-tls", action="store_true", help="scale: the sessions' links over "
                    "TLS (how TLS runs follows ICAFAST_TLS_IO; default: the compiled pipe)")
-    p.add_argument("--window", type=_at_least(0.1), default=20.0, help="seconds of idle CPU "
+    p.add_argument("--window", type=at_least(0.1), default=20.0, help="seconds of idle CPU "
                    "measured per scale level")
     p.add_argument("--ref", metavar="DIR", help="also run the icafast chain from another "
                    "checkout (built in place), as chains icafast-ref and icafast-tls-ref: an "

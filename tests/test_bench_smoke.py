@@ -358,3 +358,22 @@ def test_percentiles_are_nearest_rank(n, q, rank):
     finally:
         sys.path.remove(str(ROOT))
     assert percentile([float(i) for i in range(1, n + 1)], q) == rank
+
+
+@pytest.mark.parametrize("argv", [
+    ["cpu_split", "--chains", "uvloop-min", "--repeats", "0"],
+    ["cpu_split", "--chains", "uvloop-min", "--count", "0"],
+    ["cpu_split", "--chains", "uvloop-min", "--warmup", "-1"],
+    ["instructions", "--chains", "uvloop-min", "--count", "0"],
+    ["instructions", "--chains", "uvloop-min", "--warmup", "0"],
+    ["profile_relay", "rr", "--seconds", "0.5"],
+    ["profile_relay", "idle", "--sessions", "0"],
+], ids=lambda a: " ".join(a))
+def test_helpers_refuse_settings_that_measure_nothing(argv):
+    """No run or no round trip: a usage error at once, not a traceback (median of nothing,
+    division by zero) after the chains ran, under valgrind for the instruction count."""
+    p = subprocess.run([sys.executable, "-m", f"benchmarks.{argv[0]}", *argv[1:]], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"argument {argv[-2]}: must be at least" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
