@@ -21,6 +21,9 @@ from icafast.cli import build_parser
     (["--breaks", "-1"], "the number of breaks must not be negative"),
     (["--breaks", "two"], "invalid value 'two'"),
     (["--rate=-1M"], "invalid size '-1M': must not be negative"),
+    # (a fraction of a byte per second used to round down to 0, which runs unlimited)
+    (["--rate", "0.5"], "the rate must be 0 (unlimited) or at least 1 byte per second"),
+    (["--rate", "0.0001k"], "the rate must be 0 (unlimited) or at least 1 byte per second"),
 ])
 def test_demo_refuses_impossible_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -33,6 +36,8 @@ def test_demo_refuses_impossible_arguments(argv, message, capsys):
 def test_demo_accepts_the_smallest_arguments():
     args = build_parser().parse_args(["demo", "--size", "1", "--breaks", "0", "--rate", "0"])
     assert (args.size, args.breaks, args.rate) == (1, 0, 0)
+    for text, rate in [("0.0", 0), ("0k", 0), ("0MiB", 0), ("1", 1), ("0.5k", 512)]:
+        assert build_parser().parse_args(["demo", "--rate", text]).rate == rate, text
 
 
 @pytest.mark.parametrize("size, breaks", [("1", "0"), ("1", "3"), ("5", "7")])
