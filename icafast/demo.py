@@ -246,11 +246,17 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
     resumes = 0
     replayed = 0
     ups = 0  # links established or resumed
+    session_closed = asyncio.Event()
+    reported = False  # the summary is out: what the shutdown does is not news
 
     def on_status(e: ev.Event, engine: Any) -> None:
         nonlocal resumes, replayed, ups
+        if isinstance(e, ev.SessionClosed):
+            session_closed.set()
         if isinstance(e, ev.LinkUp):
             ups += 1
+        if reported:
+            return
         if isinstance(e, ev.LinkLost):
             say(f"{stamp()} client: link lost ({e.reason})")
         elif isinstance(e, ev.LinkUp) and e.resumed:
@@ -304,6 +310,11 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
         await _all_within(timeout, pump_stream(writer, size, 1, rate, app, gate),
                           drain_stream(reader, app), breaker())
         await _all_within(30.0, backend.done.wait())
+        # Both streams are in; the session ends once each side knows the other has its end
+        # of stream, a round trip later. Torn down before that, the server would abort it
+        # and the client would see its link lost and start reconnecting.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(session_closed.wait(), 5.0)
     except (asyncio.TimeoutError, OSError) as e:
         tell(f"  client: sent {app.sent} of {size} bytes, received {app.received}")
         tell(f"  RESULT: FAILED ({type(e).__name__}: {e})")
@@ -313,6 +324,7 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
     up_ok = app.sent == be.received and app.sent_hash.digest() == be.recv_hash.digest()
     down_ok = be.sent == app.received and be.sent_hash.digest() == app.recv_hash.digest()
     ok = up_ok and down_ok and n_sessions == 1
+    reported = True
     summary = say if ok else tell  # (with --quiet, what failed is still shown)
     say("")
     summary(f"  client -> backend: sent {app.sent} bytes sha256 "

@@ -114,3 +114,18 @@ def test_demo_counts_what_each_side_replayed():
     assert server > 0, p.stderr
     assert (f"resumes: 2; bytes replayed: {client} by the client, {server} by the server"
             in p.stdout), p.stdout + p.stderr
+
+
+def test_demo_ends_its_session_before_shutting_down():
+    """The session ends gracefully (both sides have the other's end of stream) before the demo
+    tears down its server and proxy, and nothing is printed after the RESULT line. (Over TLS
+    with no breaks the summary came a round trip before the session's end: the server then
+    aborted the session at shutdown, and "client: link lost" followed the RESULT.)"""
+    for _ in range(2):
+        p = subprocess.run([PY, "-m", "icafast", "demo", "-v", "--size", "1M", "--rate", "0",
+                            "--breaks", "0"], env=_env(), capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stdout.splitlines()[-1].startswith("  RESULT: the session survived"), p.stdout
+        assert "both directions finished" in p.stderr, p.stderr
+        assert "server shutting down" not in p.stderr and "link lost" not in p.stderr, p.stderr
