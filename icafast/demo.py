@@ -144,8 +144,14 @@ async def _all_within(timeout: float, *aws: Awaitable[Any]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 1048576:.1f} MiB"
+def _amount(n: int) -> str:
+    """Bytes for people: MiB from 1 MiB, KiB from 1 KiB, else bytes (a small --size is not
+    "0.0 MiB")."""
+    if n >= 1048576:
+        return f"{n / 1048576:.1f} MiB"
+    if n >= 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n} byte" + ("" if n == 1 else "s")
 
 
 async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1024 * 1024,
@@ -239,8 +245,8 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
         f"{'TLS, server certificate pinned by fingerprint' if use_tls else 'plain text'})")
     say(f"  app -> client -> fault proxy 127.0.0.1:{proxy.port} -> server "
         f"127.0.0.1:{server.addresses[0][1]} -> sample backend 127.0.0.1:{backend.port}")
-    say(f"  streaming {_mib(size)} each way"
-        + (f" at {_mib(rate)}/s" if rate else "") + f", {breaks} link breaks; keepalive "
+    say(f"  streaming {_amount(size)} each way"
+        + (f" at {_amount(rate)}/s" if rate else "") + f", {breaks} link breaks; keepalive "
         f"{cfg.keepalive_interval}s, dead timeout {cfg.dead_timeout}s")
 
     resumes = 0
@@ -295,7 +301,7 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
                 n = {"reset": proxy.reset, "blackhole": proxy.blackhole,
                      "half-open": proxy.half_open}[kind]()
                 counts[kind] += 1
-                say(f"{stamp()} proxy: {kind} of {n} connection(s) at {_mib(app.received)} "
+                say(f"{stamp()} proxy: {kind} of {n} connection(s) at {_amount(app.received)} "
                     f"received")
         finally:
             breaks_done.set()

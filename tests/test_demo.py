@@ -51,6 +51,9 @@ def test_demo_with_fewer_bytes_than_breaks_still_breaks_a_live_session(size, bre
     assert "no byte lost" in p.stdout
     assert f"resumes: {breaks};" in p.stdout, p.stdout
     assert "of 0 connection(s)" not in p.stdout, p.stdout
+    # (the amounts in bytes, not "0.0 MiB")
+    assert f"streaming {size} byte{'' if size == '1' else 's'} each way" in p.stdout, p.stdout
+    assert "0.0 MiB" not in p.stdout, p.stdout
 
 
 def test_demo_quiet_prints_the_result_only():
