@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,28 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the benchmark reads /proc and uses Linux tools")
 
 
-def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+@pytest.fixture
+def bench_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """TMPDIR for a benchmark run: a relay run keeps its logs (tens of MB, the run's TLS key
+    among them) in a directory of its own there, which would otherwise stay in /tmp, one per
+    test run. Removed after the test unless it failed (its logs then tell why). Short, not
+    under tmp_path: the run's control sockets live in it, and a Unix socket's path has room
+    for 107 bytes."""
+    tmp = Path(tempfile.mkdtemp(prefix="icafast-test-"))
+    failed = request.session.testsfailed
+    yield tmp
+    if request.session.testsfailed == failed:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(argv: list[str], timeout: float, tmp: Path) -> subprocess.CompletedProcess[str]:
     """Run a benchmark in a process group of its own. If it overruns ``timeout``, stop the
     whole group by its id (the group is the benchmark's pid): the benchmark and every relay and
-    peer it started, which would otherwise outlive it and load the machine."""
+    peer it started, which would otherwise outlive it and load the machine. Its temporary
+    files go under ``tmp`` (TMPDIR; see ``bench_tmp``)."""
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True, env={**os.environ,
+                                                                 "TMPDIR": str(tmp)})
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -43,11 +60,11 @@ def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
-def test_scale_over_tls_quick(tmp_path: Path) -> None:
+def test_scale_over_tls_quick(tmp_path: Path, bench_tmp: Path) -> None:
     """``--scale-tls``: the idle sessions' links over TLS (the compiled pipe by default)."""
     out = tmp_path / "scale-tls.json"
     proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--only", "scale",
-                 "--scale-tls", "--out", str(out)], 120)
+                 "--scale-tls", "--out", str(out)], 120, bench_tmp)
     assert proc.returncode == 0 and out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())["workloads"]["scale"]
     assert r["verified"] == {"icafast": True}
@@ -56,12 +73,14 @@ def test_scale_over_tls_quick(tmp_path: Path) -> None:
     assert r["links_lost"] == 0
 
 
-def test_relay_benchmark_quick(tmp_path: Path) -> None:
+def test_relay_benchmark_quick(tmp_path: Path, bench_tmp: Path) -> None:
     out = tmp_path / "relay.json"
-    proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--out", str(out)], 280)
+    proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--out", str(out)], 280,
+                bench_tmp)
     assert out.exists(), proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"logs: {bench_tmp}{os.sep}icafast-bench-" in proc.stdout, proc.stdout[-300:]
     w = res["workloads"]
     assert set(w) == {"bulk", "rr", "redis", "resume", "scale"}
     for name, r in w.items():
@@ -94,14 +113,14 @@ def test_relay_benchmark_quick(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("valgrind") is None,
                     reason="valgrind is not installed (Debian package valgrind)")
-def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
+def test_instruction_count_benchmark_quick(tmp_path: Path, bench_tmp: Path) -> None:
     """``python -m benchmarks.instructions`` counts a relay hop's instructions per round trip:
     it runs, checks the echoed bytes, and gives a positive count for each chain (and, with
     ``--cache-sim``, the simulated cache misses)."""
     out = tmp_path / "instructions.json"
     proc = _run([sys.executable, "-m", "benchmarks.instructions", "--chains", "uvloop-min",
                  "icafast", "--hop", "server", "--warmup", "20", "--count", "400",
-                 "--cache-sim", "--out", str(out)], 280)
+                 "--cache-sim", "--out", str(out)], 280, bench_tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert [(r["chain"], r["hop"]) for r in res] == [("uvloop-min", "server"),
@@ -116,14 +135,15 @@ def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("valgrind") is None,
                     reason="valgrind is not installed (Debian package valgrind)")
-def test_instruction_count_benchmark_per_session_quick(tmp_path: Path) -> None:
+def test_instruction_count_benchmark_per_session_quick(tmp_path: Path,
+                                                       bench_tmp: Path) -> None:
     """With ``--sessions`` each round trip runs through a new connection, and the figure is
     instructions per whole session: larger than per round trip by the session's set-up and
     teardown, and the echoed bytes and the chain's end of stream are checked."""
     out = tmp_path / "sessions.json"
     proc = _run([sys.executable, "-m", "benchmarks.instructions", "--chains", "icafast",
                  "--hop", "server", "--warmup", "5", "--count", "40", "--sessions",
-                 "--out", str(out)], 280)
+                 "--out", str(out)], 280, bench_tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["workload"].startswith("new sessions")
@@ -313,11 +333,11 @@ def _group(pgid: int) -> list[str]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_cpu_split_stopped_mid_run_stops_what_it_started(sig, tmp_path):
+def test_cpu_split_stopped_mid_run_stops_what_it_started(sig, bench_tmp):
     """``kill`` (or a closed terminal) in the middle of a run: the benchmark's chain, echo
     backend and load client are stopped and its temporary directory removed. (The signal's
     default action used to end the benchmark alone: the relays and the echo server ran on.)"""
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env = {**os.environ, "TMPDIR": str(bench_tmp)}
     p = subprocess.Popen([sys.executable, "-m", "benchmarks.cpu_split", "--chains", "icafast",
                           "--repeats", "1", "--count", "10000000"], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -339,7 +359,7 @@ def test_cpu_split_stopped_mid_run_stops_what_it_started(sig, tmp_path):
         p.stderr.close()  # type: ignore[union-attr]
     assert p.returncode == 128 + sig, p.returncode
     assert left == [], left
-    assert not list(tmp_path.glob("icafast-cpu-*"))
+    assert not list(bench_tmp.glob("icafast-cpu-*"))
 
 
 @pytest.mark.parametrize("n, q, rank", [(10_000, 50, 5000), (10_000, 99, 9900),
