@@ -82,6 +82,16 @@ NEW_CONN_ROUNDS = 30
 #: the encrypted chains, in every workload that runs them (bulk, rr, redis)
 TLS_CHAINS = ["socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast-tls",
               "icafast-tls-loop", "icafast-tls-asyncio"]
+#: the chains each workload runs (--chains picks among them; with --ref, the REF_TWINS of
+#: icafast and icafast-tls too). resume and scale measure icafast alone.
+WORKLOAD_CHAINS = {
+    "bulk": ("direct", "socat", "socat-b131072", "haproxy", "uvloop-min", "icafast",
+             "icafast-pure", *TLS_CHAINS),
+    "rr": ("direct", "socat", "socat-b131072", "haproxy", "uvloop-min", "icafast",
+           "icafast-pure", *TLS_CHAINS),
+    "redis": ("direct", "socat", "socat-b65536", "haproxy", "uvloop-min", "icafast",
+              "icafast-pure", *TLS_CHAINS),
+}
 
 
 def log(msg: str) -> None:
@@ -193,9 +203,7 @@ class Bench:
 
     # -- 1. bulk -----------------------------------------------------------------------------
     def bulk(self) -> dict[str, Any]:
-        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "uvloop-min",
-                                 "icafast",
-                                 "icafast-pure", *TLS_CHAINS])
+        names = self.chains_for(list(WORKLOAD_CHAINS["bulk"]))
         bport = free_port()
         procs = [self.server("bulk-server", ["bulk-server", "--port", str(bport)])]
         iperf = which("iperf3") if not self.a.no_iperf else None
@@ -273,9 +281,7 @@ class Bench:
 
     # -- 2. round trips ----------------------------------------------------------------------
     def rr(self) -> dict[str, Any]:
-        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "uvloop-min",
-                                 "icafast",
-                                 "icafast-pure", *TLS_CHAINS])
+        names = self.chains_for(list(WORKLOAD_CHAINS["rr"]))
         eport = free_port()
         echo = self.server("echo-server", ["echo-server", "--port", str(eport)])
         chains = self.start_chains(names, eport)
@@ -312,9 +318,7 @@ class Bench:
             self.skipped["redis"] = "redis-server / redis-benchmark not installed " \
                                     "(apt-get install redis-server redis-tools)"
             return {"skipped": self.skipped["redis"]}
-        names = self.chains_for(["direct", "socat", "socat-b65536", "haproxy", "uvloop-min",
-                                 "icafast",
-                                 "icafast-pure", *TLS_CHAINS])
+        names = self.chains_for(list(WORKLOAD_CHAINS["redis"]))
         rport = free_port()
         rs = self.procs.start("redis-server", [server, "--port", str(rport), "--bind",
                                                "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -966,11 +970,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def chains_not_run(chains: list[str], only: list[str] | None, ref: bool) -> list[str]:
+    """Why each of ``chains`` (``--chains``) would run in none of the workloads asked for
+    (``--only``; None: all): a run that measures nothing it was asked to must not pass."""
+    todo = [w for w in WORKLOADS if not only or w in only]
+    why = []
+    for c in chains:
+        base = next((a for a, b in REF_TWINS.items() if b == c), None)
+        if base is not None and not ref:
+            why.append(f"{c} runs only with --ref DIR (icafast from that checkout)")
+            continue
+        runs_in = [w for w, cs in {**WORKLOAD_CHAINS, "resume": ("icafast", "icafast-tls"),
+                                   "scale": ("icafast", "icafast-tls")}.items()
+                   if (base or c) in cs]  # (resume and scale: icafast, plain or TLS links)
+        if not any(w in todo for w in runs_in):
+            why.append(f"{c} is measured in {', '.join(runs_in)} only, not in "
+                       f"{', '.join(todo)}")
+    return why
+
+
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
     if a.report:
         print(report(a.report))
         return 0
+    if a.chains:
+        why = chains_not_run(a.chains, a.only, bool(a.ref))
+        if why:
+            parser.error("; ".join(why))
     if a.repeats is None:
         a.repeats = 1 if a.quick else 5
     if not a.quick:

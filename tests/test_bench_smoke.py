@@ -397,3 +397,32 @@ def test_helpers_refuse_settings_that_measure_nothing(argv):
     assert p.returncode == 2, p.stdout + p.stderr
     assert f"argument {argv[-2]}: must be at least" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "rr", "--chains", "icafast-ref"], "icafast-ref runs only with --ref DIR"),
+    (["--only", "bulk", "rr", "--chains", "direct", "socat-b65536"],
+     "socat-b65536 is measured in redis only, not in bulk, rr"),
+    (["--only", "scale", "--chains", "haproxy"], "haproxy is measured in bulk, rr, redis only"),
+])
+def test_relay_refuses_chains_that_no_workload_asked_for_runs(argv, message, capsys):
+    """A chain asked for that none of the workloads asked for runs (or an A/B twin without
+    --ref): a usage error, not an empty table and exit status 0."""
+    relay = _relay_module()
+    with pytest.raises(SystemExit) as e:
+        relay.main(["--quick", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_documented_chain_selections_are_accepted():
+    relay = _relay_module()
+    for only, chains, ref in [
+        (["bulk", "rr", "redis"], ["socat", "socat-b65536", "socat-b131072", "haproxy"], False),
+        (["bulk"], ["icafast", "icafast-ref"], True),
+        (["bulk"], ["socat-tls", "haproxy-tls", "icafast-tls", "icafast-tls-ref"], True),
+        (["rr"], ["socat", "socat-b131072", "haproxy", "uvloop-min", "icafast"], False),
+        (["resume", "scale"], ["icafast"], False),
+        (None, ["socat-b65536"], False),
+    ]:
+        assert relay.chains_not_run(chains, only, ref) == [], (only, chains)
