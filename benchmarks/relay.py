@@ -907,6 +907,12 @@ def report(paths: list[str]) -> str:
                              f"{row['server_rss_kib'] / 1024:.0f}, "
                              f"{'–' if per is None else f'{per:.1f}'}, "
                              f"{row['server_cpu_pct']:.1f}" if x is r else "" for x in runs) + " |")
+    for i, r in enumerate(runs):  # (a workload that failed has no figure above)
+        for wl, res in r["workloads"].items():
+            if "error" in res:
+                lines.append(f"| {wl}: FAILED | | " + " | ".join(
+                    res["error"][:100].replace("|", "/").replace("\n", " ") if j == i else ""
+                    for j in range(len(runs))) + " |")
     for i, r in enumerate(runs):  # (the medians above are from the other runs)
         for wl, n, k in failed_runs(r):
             lines.append(f"| {wl}: runs that failed | {n} | " + " | ".join(

@@ -296,8 +296,12 @@ def test_a_chain_whose_runs_failed_fails_the_run(tmp_path, monkeypatch, capsys):
     res = json.loads(out.read_text())
     assert res["workloads"]["rr"]["verified"] == {}
     assert "rr/direct: bytes not checked" in relay.problems(res)
-    # the side-by-side report names them too
+    # the side-by-side report names them too, and a workload that failed
     assert "| rr: runs that failed | direct | 2 of 2 |" in relay.report([str(out)])
+    res["workloads"]["bulk"] = {"error": "nothing listening on 4242 after 20.0s"}
+    out.write_text(json.dumps(res))
+    assert ("| bulk: FAILED | | nothing listening on 4242 after 20.0s |"
+            in relay.report([str(out)]))
 
 
 @pytest.mark.parametrize("argv", [["--repeats", "0"], ["--rr-count", "0"],
