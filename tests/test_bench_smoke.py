@@ -392,6 +392,8 @@ def test_percentiles_are_nearest_rank(n, q, rank):
     ["instructions", "--chains", "uvloop-min", "--warmup", "0"],
     ["profile_relay", "rr", "--seconds", "0.5"],
     ["profile_relay", "idle", "--sessions", "0"],
+    ["engine_exchange", "--count", "0"],
+    ["engine_exchange", "--repeats", "0"],
 ], ids=lambda a: " ".join(a))
 def test_helpers_refuse_settings_that_measure_nothing(argv):
     """No run or no round trip: a usage error at once, not a traceback (median of nothing,
