@@ -9,6 +9,7 @@ pid.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import fcntl
 import hashlib
@@ -73,6 +74,38 @@ def exclusive_run(wait: bool = True, say: Callable[[str], None] = print) -> IO[s
     f.write(f"{os.getpid()}\n")
     f.flush()
     return f
+
+
+def at_least(minimum: float) -> Callable[[str], float]:
+    """An argparse type for the benchmarks' counts and durations: a number (whole when
+    ``minimum`` is an int) of at least ``minimum``. Less would measure nothing (no run, no
+    round trip), divide by zero, or hang (iperf3 reads ``-t 0`` as no limit), and a run that
+    measured nothing must not look like one that passed."""
+    kind = int if isinstance(minimum, int) else float
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}") from None
+        if not value >= minimum:  # (not: also refuses nan)
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _unwind(signum: int, frame: object) -> None:
+    sys.exit(128 + signum)
+
+
+def stop_on_signals() -> None:
+    """Make SIGTERM (``kill``, a CI timeout) and SIGHUP (the terminal closed) unwind like
+    Ctrl-C: ``finally`` blocks run, so that every process a benchmark started is stopped
+    (:meth:`Procs.stop_all`) and its temporary directory removed, instead of the default
+    action's exit on the spot that left them running."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _unwind)
 
 
 class Procs:

@@ -78,11 +78,14 @@ def _recv_exact(s: socket.socket, n: int) -> bytes:
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (q in 0..100)."""
-    if not sorted_values:
+    """Nearest-rank percentile of an already sorted list (q in 0..100, in steps of 0.001):
+    the value of rank ceil(q / 100 * n), counted from 1. Computed in integers: in floating
+    point 99.9 / 100 * 10000 is 9990.000000000002, whose ceiling is one rank too high."""
+    n = len(sorted_values)
+    if not n:
         return float("nan")
-    k = max(0, min(len(sorted_values) - 1, int(round(q / 100 * len(sorted_values) + 0.5)) - 1))
-    return sorted_values[k]
+    rank = -(-round(q * 1000) * n // 100_000)  # ceil(q * n / 100), exactly
+    return sorted_values[max(0, min(n - 1, rank - 1))]
 
 
 # -- bulk ----------------------------------------------------------------------------------------

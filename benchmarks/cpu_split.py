@@ -27,10 +27,12 @@ from ._chains import (
     ROOT,
     Chain,
     Procs,
+    at_least,
     checked_round_trips,
     git_commit,
     missing,
     start_echo,
+    stop_on_signals,
 )
 
 CHAINS = ("icafast", "icafast-tls", "uvloop-min", "haproxy", "haproxy-tls", "icafast-ref",
@@ -50,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--chains", nargs="+", choices=CHAINS, default=["uvloop-min", "icafast"])
     p.add_argument("--pin", action="store_true", help="run every process on CPU 0 (taskset)")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--count", type=int, default=20000, help="round trips per run")
-    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--repeats", type=at_least(1), default=5)
+    p.add_argument("--count", type=at_least(1), default=20000, help="round trips per run")
+    p.add_argument("--warmup", type=at_least(1), default=500)
     p.add_argument("--ref", type=Path, help="checkout for the -ref chains (built in place)")
     p.add_argument("--out", type=Path, help="JSON results file")
     a = p.parse_args(argv)
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.ref is not None:
         REF_ROOT.append(a.ref.resolve())
+    stop_on_signals()  # (SIGTERM, SIGHUP: the chains stopped, the directory removed)
     runs: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(prefix="icafast-cpu-") as t:
         procs = Procs(Path(t), a.pin)

@@ -27,6 +27,8 @@ import icafast  # noqa: E402
 from icafast import events as ev  # noqa: E402
 from icafast.protocol import Config  # noqa: E402
 
+from ._chains import at_least  # noqa: E402
+
 
 def run(request: int, reply: int, count: int) -> float:
     """Seconds per exchange over ``count`` exchanges (after 2,000 of warm-up)."""
@@ -74,8 +76,8 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["64/64", "16900/80"],
                    help="request/reply sizes in bytes (default: 64/64 16900/80)")
-    p.add_argument("--count", type=int, default=50_000, help="exchanges per run")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--count", type=at_least(1), default=50_000, help="exchanges per run")
+    p.add_argument("--repeats", type=at_least(1), default=5)
     a = p.parse_args()
     print(f"compiled: {icafast.compiled_modules()}")
     for sizes in a.sizes:

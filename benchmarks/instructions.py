@@ -42,10 +42,12 @@ from ._chains import (
     PY,
     ROOT,
     Procs,
+    at_least,
     checked_round_trips,
     free_port,
     icafast_argv,
     start_echo,
+    stop_on_signals,
     tls_files,
     wait_listening,
     which,
@@ -118,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chains", nargs="+", choices=CHAINS, default=["uvloop-min", "icafast"])
     p.add_argument("--hop", nargs="+", choices=("server", "client"),
                    default=["server", "client"])
-    p.add_argument("--warmup", type=int, default=300, help="round trips of the shorter run")
-    p.add_argument("--count", type=int, default=2000,
+    p.add_argument("--warmup", type=at_least(1), default=300, help="round trips of the shorter run")
+    p.add_argument("--count", type=at_least(1), default=2000,
                    help="extra round trips of the longer run (the divisor)")
     p.add_argument("--ref", type=Path, help="checkout for the -ref chains (built in place)")
     p.add_argument("--cache-sim", action="store_true",
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if any(c.endswith("-ref") for c in a.chains) and a.ref is None:
         p.error("the -ref chains need --ref DIR")
+    stop_on_signals()  # (SIGTERM, SIGHUP: the chains stopped, the directory removed)
     unit = "session" if a.sessions else "round trip"
     per_unit = "per_" + unit.replace(" ", "_")  # the JSON keys: per_session, per_round_trip
     results = []

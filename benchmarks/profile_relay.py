@@ -25,7 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._chains import PY, Chain, Procs, free_port, wait_listening, wait_ready, which
+from ._chains import (
+    PY,
+    Chain,
+    Procs,
+    at_least,
+    free_port,
+    stop_on_signals,
+    wait_listening,
+    wait_ready,
+    which,
+)
 
 
 def summarise(raw: Path, top: int) -> str:
@@ -73,8 +83,8 @@ def _short(frame: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_relay")
     p.add_argument("workload", choices=["bulk-up", "bulk-down", "rr", "redis", "idle"])
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--sessions", type=int, default=5000, help="idle: sessions")
+    p.add_argument("--seconds", type=at_least(1.0), default=10.0)
+    p.add_argument("--sessions", type=at_least(1), default=5000, help="idle: sessions")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     p.add_argument("--pin", action="store_true")
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.pin:
         os.sched_setaffinity(0, {0})
+    stop_on_signals()  # (SIGTERM, SIGHUP: every process started is stopped)
     tmp = Path(tempfile.mkdtemp(prefix="icafast-profile-"))
     procs = Procs(tmp, a.pin)
     try:

@@ -37,7 +37,6 @@ import os
 import platform
 import resource
 import selectors
-import signal
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ from ._chains import (
     Busy,
     Chain,
     Procs,
+    at_least,
     exclusive_run,
     free_port,
     git_commit,
@@ -66,6 +66,7 @@ from ._chains import (
     missing,
     negotiated_from_logs,
     peers_of,
+    stop_on_signals,
     tls_files,
     tls_probe,
     tool_version,
@@ -81,6 +82,16 @@ NEW_CONN_ROUNDS = 30
 #: the encrypted chains, in every workload that runs them (bulk, rr, redis)
 TLS_CHAINS = ["socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast-tls",
               "icafast-tls-loop", "icafast-tls-asyncio"]
+#: the chains each workload runs (--chains picks among them; with --ref, the REF_TWINS of
+#: icafast and icafast-tls too). resume and scale measure icafast alone.
+WORKLOAD_CHAINS = {
+    "bulk": ("direct", "socat", "socat-b131072", "haproxy", "uvloop-min", "icafast",
+             "icafast-pure", *TLS_CHAINS),
+    "rr": ("direct", "socat", "socat-b131072", "haproxy", "uvloop-min", "icafast",
+           "icafast-pure", *TLS_CHAINS),
+    "redis": ("direct", "socat", "socat-b65536", "haproxy", "uvloop-min", "icafast",
+              "icafast-pure", *TLS_CHAINS),
+}
 
 
 def log(msg: str) -> None:
@@ -192,9 +203,7 @@ class Bench:
 
     # -- 1. bulk -----------------------------------------------------------------------------
     def bulk(self) -> dict[str, Any]:
-        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "uvloop-min",
-                                 "icafast",
-                                 "icafast-pure", *TLS_CHAINS])
+        names = self.chains_for(list(WORKLOAD_CHAINS["bulk"]))
         bport = free_port()
         procs = [self.server("bulk-server", ["bulk-server", "--port", str(bport)])]
         iperf = which("iperf3") if not self.a.no_iperf else None
@@ -272,14 +281,14 @@ class Bench:
 
     # -- 2. round trips ----------------------------------------------------------------------
     def rr(self) -> dict[str, Any]:
-        names = self.chains_for(["direct", "socat", "socat-b131072", "haproxy", "uvloop-min",
-                                 "icafast",
-                                 "icafast-pure", *TLS_CHAINS])
+        names = self.chains_for(list(WORKLOAD_CHAINS["rr"]))
         eport = free_port()
         echo = self.server("echo-server", ["echo-server", "--port", str(eport)])
         chains = self.start_chains(names, eport)
         res: dict[str, Any] = {"size": 64, "verified": {}}
-        ok_all: dict[str, bool] = {n: True for n in chains}
+        # (a chain is verified by the runs that completed: one whose every run failed echoed
+        # nothing that was checked, and gets no entry)
+        ok_all: dict[str, bool] = {}
         try:
             def run(n: str, c: Chain) -> dict[str, float]:
                 count = 300 if self.quick else (2000 if n == "icafast-pure" else self.a.rr_count)
@@ -287,7 +296,7 @@ class Bench:
                 cpu0 = _chain_counts(c.pids())[0]
                 j = self.worker("rr", ["rr-client", "--port", str(c.listen_port), "--count",
                                        str(count), "--warmup", str(warmup)], 120)
-                ok_all[n] = ok_all[n] and j["ok"]
+                ok_all[n] = ok_all.get(n, True) and j["ok"]
                 out = {"p50_us": j["p50_us"], "p99_us": j["p99_us"], "p999_us": j["p999_us"]}
                 if c.pids():
                     cpu = _chain_counts(c.pids())[0] - cpu0
@@ -309,9 +318,7 @@ class Bench:
             self.skipped["redis"] = "redis-server / redis-benchmark not installed " \
                                     "(apt-get install redis-server redis-tools)"
             return {"skipped": self.skipped["redis"]}
-        names = self.chains_for(["direct", "socat", "socat-b65536", "haproxy", "uvloop-min",
-                                 "icafast",
-                                 "icafast-pure", *TLS_CHAINS])
+        names = self.chains_for(list(WORKLOAD_CHAINS["redis"]))
         rport = free_port()
         rs = self.procs.start("redis-server", [server, "--port", str(rport), "--bind",
                                                "127.0.0.1", "--save", "", "--appendonly", "no",
@@ -798,7 +805,31 @@ def table(out: dict[str, Any]) -> str:
     for name, res in w.items():
         if "error" in res:
             lines.append(f"| {name} | FAILED | {res['error'][:100]} | | | |")
+    for name, chain, failed in failed_runs(out):
+        lines.append(f"| {name} | {chain} | FAILED: {failed} of {meta['repeats']} runs (the "
+                     f"figures above, if any, are from the others; the log says why) | | | |")
     return "\n".join(lines)
+
+
+def failed_runs(out: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(workload, chain, number of its runs that failed) for every chain with a failed run
+    (``Bench.measure`` keeps its figures from the other runs)."""
+    return [(name, chain, len(m["error"]["runs"]))
+            for name, res in out["workloads"].items()
+            for chain, m in (res.get("chains") or {}).items() if "error" in m]
+
+
+def problems(out: dict[str, Any]) -> list[str]:
+    """What makes a run fail (exit status 1): a workload that failed, a chain that delivered
+    wrong bytes, a chain with a failed run, a chain measured whose bytes were never checked."""
+    said = [f"{n}: FAILED ({r['error'][:100]})" for n, r in out["workloads"].items()
+            if "error" in r]
+    said += [f"{n}/{c}: BAD BYTES" for n, r in out["workloads"].items()
+             for c, ok in r.get("verified", {}).items() if not ok]
+    said += [f"{n}/{c}: {k} failed run(s)" for n, c, k in failed_runs(out)]
+    said += [f"{n}/{c}: bytes not checked" for n, r in out["workloads"].items()
+             if "verified" in r for c in r.get("chains") or {} if c not in r["verified"]]
+    return said
 
 
 _METRICS: list[tuple[str, str, str, str, bool]] = [
@@ -876,6 +907,17 @@ def report(paths: list[str]) -> str:
                              f"{row['server_rss_kib'] / 1024:.0f}, "
                              f"{'–' if per is None else f'{per:.1f}'}, "
                              f"{row['server_cpu_pct']:.1f}" if x is r else "" for x in runs) + " |")
+    for i, r in enumerate(runs):  # (a workload that failed has no figure above)
+        for wl, res in r["workloads"].items():
+            if "error" in res:
+                lines.append(f"| {wl}: FAILED | | " + " | ".join(
+                    res["error"][:100].replace("|", "/").replace("\n", " ") if j == i else ""
+                    for j in range(len(runs))) + " |")
+    for i, r in enumerate(runs):  # (the medians above are from the other runs)
+        for wl, n, k in failed_runs(r):
+            lines.append(f"| {wl}: runs that failed | {n} | " + " | ".join(
+                f"{k} of {r['meta']['repeats']}" if j == i else "" for j in range(len(runs)))
+                + " |")
     tls_chains: list[str] = []
     for r in runs:
         for n in r["meta"].get("tls", {}).get("negotiated", {}):
@@ -888,7 +930,7 @@ def report(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.relay", description=__doc__.split(
         "\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a few seconds: the CI smoke test "
@@ -896,27 +938,31 @@ def main(argv: list[str] | None = None) -> int:
                    "right bytes, not speed)")
     p.add_argument("--pin", action="store_true", help="run every process on CPU 0 "
                    "(taskset -c 0), as the pinned figures in benchmarks/README.md")
-    p.add_argument("--repeats", type=int, default=None, help="runs per chain (default 5; "
-                   "--quick: 1)")
+    p.add_argument("--repeats", type=at_least(1), default=None, help="runs per chain "
+                   "(default 5; --quick: 1)")
     p.add_argument("--only", nargs="+", choices=WORKLOADS, help="run only these workloads")
     p.add_argument("--chains", nargs="+", choices=list(CHAINS), help="run only these chains")
-    p.add_argument("--duration", type=float, default=3.0, help="iperf3 seconds per bulk run "
-                   "(plus 1 s omitted warm-up; default 3)")
+    p.add_argument("--duration", type=at_least(1), default=3, help="iperf3 seconds per "
+                   "bulk run, whole (plus 1 s omitted warm-up; default 3)")
     p.add_argument("--no-iperf", action="store_true", help="use the built-in sender/sink even "
                    "if iperf3 is installed")
-    p.add_argument("--rr-count", type=int, default=10_000, help="round trips per run")
-    p.add_argument("--redis-requests", type=int, default=100_000, help="requests per test")
-    p.add_argument("--resets", type=int, default=200, help="resets of the one-session test")
-    p.add_argument("--resume-sessions", type=int, default=1000, help="sessions resuming at "
-                   "once")
-    p.add_argument("--sessions", type=int, default=10_000, help="idle sessions at most (the "
-                   "server needs 2 descriptors per session; capped by the open-files limit)")
+    p.add_argument("--rr-count", type=at_least(1), default=10_000,
+                   help="round trips per run")
+    p.add_argument("--redis-requests", type=at_least(1), default=100_000,
+                   help="requests per test")
+    p.add_argument("--resets", type=at_least(1), default=200,
+                   help="resets of the one-session test")
+    p.add_argument("--resume-sessions", type=at_least(1), default=1000,
+                   help="sessions resuming at once")
+    p.add_argument("--sessions", type=at_least(1), default=10_000, help="idle sessions at "
+                   "most (the server needs 2 descriptors per session; capped by the open-files "
+                   "limit)")
     p.add_argument("--resume-tls", action="store_true", help="resume: the links over TLS "
                    "(the run's certificate, pinned by the clients)")
     p.add_argument("--scale-tls", action="store_true", help="scale: the sessions' links over "
                    "TLS (how TLS runs follows ICAFAST_TLS_IO; default: the compiled pipe)")
-    p.add_argument("--window", type=float, default=20.0, help="seconds of idle CPU measured "
-                   "per scale level")
+    p.add_argument("--window", type=at_least(0.1), default=20.0, help="seconds of idle CPU "
+                   "measured per scale level")
     p.add_argument("--ref", metavar="DIR", help="also run the icafast chain from another "
                    "checkout (built in place), as chains icafast-ref and icafast-tls-ref: an "
                    "A/B comparison")
@@ -927,10 +973,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-wait", action="store_true", help="exit (status 2) instead of waiting "
                    "when another timed run holds the machine (timed runs never overlap; "
                    "--quick runs do not take part)")
-    a = p.parse_args(argv)
+    return p
+
+
+def chains_not_run(chains: list[str], only: list[str] | None, ref: bool) -> list[str]:
+    """Why each of ``chains`` (``--chains``) would run in none of the workloads asked for
+    (``--only``; None: all): a run that measures nothing it was asked to must not pass."""
+    todo = [w for w in WORKLOADS if not only or w in only]
+    why = []
+    for c in chains:
+        base = next((a for a, b in REF_TWINS.items() if b == c), None)
+        if base is not None and not ref:
+            why.append(f"{c} runs only with --ref DIR (icafast from that checkout)")
+            continue
+        runs_in = [w for w, cs in {**WORKLOAD_CHAINS, "resume": ("icafast", "icafast-tls"),
+                                   "scale": ("icafast", "icafast-tls")}.items()
+                   if (base or c) in cs]  # (resume and scale: icafast, plain or TLS links)
+        if not any(w in todo for w in runs_in):
+            why.append(f"{c} is measured in {', '.join(runs_in)} only, not in "
+                       f"{', '.join(todo)}")
+    return why
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
     if a.report:
         print(report(a.report))
         return 0
+    if a.chains:
+        why = chains_not_run(a.chains, a.only, bool(a.ref))
+        if why:
+            parser.error("; ".join(why))
     if a.repeats is None:
         a.repeats = 1 if a.quick else 5
     if not a.quick:
@@ -946,19 +1020,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.out is None:
         mode = ("pinned" if a.pin else "unpinned") + ("-quick" if a.quick else "")
         a.out = str(ROOT / "benchmarks" / "results" / f"relay-{mode}.json")
-    # SIGTERM (a CI timeout, ``kill``) unwinds like Ctrl-C, so every process started is stopped
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    stop_on_signals()  # (SIGTERM, SIGHUP: every process started is stopped)
     bench = Bench(a)
     out = bench.run()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(table(out))
     print(f"\nJSON: {a.out}; logs: {bench.tmp}")
-    failed = [n for n, r in out["workloads"].items() if "error" in r]
-    bad = [f"{n}/{c}" for n, r in out["workloads"].items()
-           for c, ok in r.get("verified", {}).items() if not ok]
-    if failed or bad:
-        print(f"FAILED: {failed} BAD BYTES: {bad}", file=sys.stderr)
+    wrong = problems(out)
+    if wrong:
+        print("FAILED: " + "; ".join(wrong), file=sys.stderr)
         return 1
     return 0
 

@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--breaks", type=_demo_breaks, default=6, metavar="N",
                    help="link breaks to inflict, cycling reset / blackhole / half-open "
                         "(default 6)")
-    d.add_argument("--rate", type=parse_size, default=16 * 1024 * 1024, metavar="BYTES",
+    d.add_argument("--rate", type=_demo_rate, default=16 * 1024 * 1024, metavar="BYTES",
                    help="stream rate per direction, bytes/s (default 16M; 0: unlimited)")
     d.add_argument("--no-tls", action="store_true", help="plain text links (default: TLS "
                    "with a throw-away self-signed certificate, pinned by the client)")
@@ -744,6 +744,17 @@ def cmd_sessions(args: argparse.Namespace) -> int:
 
 def _demo_size(text: str) -> int:
     return _number(parse_size, text, 1, "the size must be at least 1 byte")
+
+
+def _demo_rate(text: str) -> int:
+    """0 (unlimited) or at least 1 byte/s: a fraction of a byte would round down to 0, and a
+    crawl asked for would run unlimited."""
+    value = parse_size(text)
+    number = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if value == 0 and float(number[:-1] if number[-1:] in ("k", "m", "g") else number):
+        raise argparse.ArgumentTypeError(f"the rate must be 0 (unlimited) or at least 1 byte "
+                                         f"per second, not {text!r}")
+    return value
 
 
 def _demo_breaks(text: str) -> int:

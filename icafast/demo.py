@@ -144,8 +144,14 @@ async def _all_within(timeout: float, *aws: Awaitable[Any]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 1048576:.1f} MiB"
+def _amount(n: int) -> str:
+    """Bytes for people: MiB from 1 MiB, KiB from 1 KiB, else bytes (a small --size is not
+    "0.0 MiB")."""
+    if n >= 1048576:
+        return f"{n / 1048576:.1f} MiB"
+    if n >= 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n} byte" + ("" if n == 1 else "s")
 
 
 async def demo(size: int = 32 * 1024 * 1024, breaks: int = 6, rate: int = 16 * 1024 * 1024,
@@ -214,10 +220,18 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
             cert, key, _ = tls.ensure_self_signed(tmp)
             server_ssl = tls.server_context(cert, key)
             client_tls = tls.client_context(fingerprint=tls.fingerprint_of_pem(cert))
+    server_replayed = 0  # what the server re-sent of the backend's stream on resumes
+
+    def on_server_status(e: ev.Event, engine: Any) -> None:
+        nonlocal server_replayed
+        if isinstance(e, ev.LinkUp) and e.resumed:
+            server_replayed += e.replayed
+
     # (one session, resumed again and again: the limits a demo needs, which any process's
     # open-files limit has room for, not a production server's 10,000)
     server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], cfg,
-                         ssl=server_ssl, max_sessions=4, max_handshakes=16)
+                         ssl=server_ssl, max_sessions=4, max_handshakes=16,
+                         on_status=on_server_status)
     await server.start()
     stack.push_async_callback(server.close)
     proxy = await FaultProxy("127.0.0.1", server.addresses[0][1]).start()
@@ -231,18 +245,24 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
         f"{'TLS, server certificate pinned by fingerprint' if use_tls else 'plain text'})")
     say(f"  app -> client -> fault proxy 127.0.0.1:{proxy.port} -> server "
         f"127.0.0.1:{server.addresses[0][1]} -> sample backend 127.0.0.1:{backend.port}")
-    say(f"  streaming {_mib(size)} each way"
-        + (f" at {_mib(rate)}/s" if rate else "") + f", {breaks} link breaks; keepalive "
+    say(f"  streaming {_amount(size)} each way"
+        + (f" at {_amount(rate)}/s" if rate else "") + f", {breaks} link breaks; keepalive "
         f"{cfg.keepalive_interval}s, dead timeout {cfg.dead_timeout}s")
 
     resumes = 0
     replayed = 0
     ups = 0  # links established or resumed
+    session_closed = asyncio.Event()
+    reported = False  # the summary is out: what the shutdown does is not news
 
     def on_status(e: ev.Event, engine: Any) -> None:
         nonlocal resumes, replayed, ups
+        if isinstance(e, ev.SessionClosed):
+            session_closed.set()
         if isinstance(e, ev.LinkUp):
             ups += 1
+        if reported:
+            return
         if isinstance(e, ev.LinkLost):
             say(f"{stamp()} client: link lost ({e.reason})")
         elif isinstance(e, ev.LinkUp) and e.resumed:
@@ -281,7 +301,7 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
                 n = {"reset": proxy.reset, "blackhole": proxy.blackhole,
                      "half-open": proxy.half_open}[kind]()
                 counts[kind] += 1
-                say(f"{stamp()} proxy: {kind} of {n} connection(s) at {_mib(app.received)} "
+                say(f"{stamp()} proxy: {kind} of {n} connection(s) at {_amount(app.received)} "
                     f"received")
         finally:
             breaks_done.set()
@@ -296,6 +316,11 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
         await _all_within(timeout, pump_stream(writer, size, 1, rate, app, gate),
                           drain_stream(reader, app), breaker())
         await _all_within(30.0, backend.done.wait())
+        # Both streams are in; the session ends once each side knows the other has its end
+        # of stream, a round trip later. Torn down before that, the server would abort it
+        # and the client would see its link lost and start reconnecting.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(session_closed.wait(), 5.0)
     except (asyncio.TimeoutError, OSError) as e:
         tell(f"  client: sent {app.sent} of {size} bytes, received {app.received}")
         tell(f"  RESULT: FAILED ({type(e).__name__}: {e})")
@@ -305,6 +330,7 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
     up_ok = app.sent == be.received and app.sent_hash.digest() == be.recv_hash.digest()
     down_ok = be.sent == app.received and be.sent_hash.digest() == app.recv_hash.digest()
     ok = up_ok and down_ok and n_sessions == 1
+    reported = True
     summary = say if ok else tell  # (with --quiet, what failed is still shown)
     say("")
     summary(f"  client -> backend: sent {app.sent} bytes sha256 "
@@ -314,8 +340,11 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
             f"{be.sent_hash.hexdigest()[:16]}..  received {app.received} sha256 "
             f"{app.recv_hash.hexdigest()[:16]}..  " + ("OK" if down_ok else "MISMATCH"))
     summary(f"  link breaks: {counts['reset']} reset, {counts['blackhole']} blackhole, "
-            f"{counts['half-open']} half-open; resumes: {resumes}; bytes replayed: {replayed}")
-    summary(f"  backend connections: {n_sessions} (one session, never a new one)")
+            f"{counts['half-open']} half-open; resumes: {resumes}; bytes replayed: "
+            f"{replayed} by the client, {server_replayed} by the server")
+    summary(f"  backend connections: {n_sessions}"
+            + (" (one session, never a new one)" if n_sessions == 1 else
+               " (the session was not kept: the server made new ones)"))
     tell("  RESULT: " + ("the session survived every break, no byte lost, duplicated or "
                          "reordered" if ok else "FAILED"))
     return 0 if ok else 1

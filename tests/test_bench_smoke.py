@@ -16,6 +16,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,12 +29,28 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the benchmark reads /proc and uses Linux tools")
 
 
-def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+@pytest.fixture
+def bench_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """TMPDIR for a benchmark run: a relay run keeps its logs (tens of MB, the run's TLS key
+    among them) in a directory of its own there, which would otherwise stay in /tmp, one per
+    test run. Removed after the test unless it failed (its logs then tell why). Short, not
+    under tmp_path: the run's control sockets live in it, and a Unix socket's path has room
+    for 107 bytes."""
+    tmp = Path(tempfile.mkdtemp(prefix="icafast-test-"))
+    failed = request.session.testsfailed
+    yield tmp
+    if request.session.testsfailed == failed:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(argv: list[str], timeout: float, tmp: Path) -> subprocess.CompletedProcess[str]:
     """Run a benchmark in a process group of its own. If it overruns ``timeout``, stop the
     whole group by its id (the group is the benchmark's pid): the benchmark and every relay and
-    peer it started, which would otherwise outlive it and load the machine."""
+    peer it started, which would otherwise outlive it and load the machine. Its temporary
+    files go under ``tmp`` (TMPDIR; see ``bench_tmp``)."""
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+                         text=True, start_new_session=True, env={**os.environ,
+                                                                 "TMPDIR": str(tmp)})
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -41,11 +60,11 @@ def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
-def test_scale_over_tls_quick(tmp_path: Path) -> None:
+def test_scale_over_tls_quick(tmp_path: Path, bench_tmp: Path) -> None:
     """``--scale-tls``: the idle sessions' links over TLS (the compiled pipe by default)."""
     out = tmp_path / "scale-tls.json"
     proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--only", "scale",
-                 "--scale-tls", "--out", str(out)], 120)
+                 "--scale-tls", "--out", str(out)], 120, bench_tmp)
     assert proc.returncode == 0 and out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
     r = json.loads(out.read_text())["workloads"]["scale"]
     assert r["verified"] == {"icafast": True}
@@ -54,12 +73,14 @@ def test_scale_over_tls_quick(tmp_path: Path) -> None:
     assert r["links_lost"] == 0
 
 
-def test_relay_benchmark_quick(tmp_path: Path) -> None:
+def test_relay_benchmark_quick(tmp_path: Path, bench_tmp: Path) -> None:
     out = tmp_path / "relay.json"
-    proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--out", str(out)], 280)
+    proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--out", str(out)], 280,
+                bench_tmp)
     assert out.exists(), proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert f"logs: {bench_tmp}{os.sep}icafast-bench-" in proc.stdout, proc.stdout[-300:]
     w = res["workloads"]
     assert set(w) == {"bulk", "rr", "redis", "resume", "scale"}
     for name, r in w.items():
@@ -92,14 +113,14 @@ def test_relay_benchmark_quick(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("valgrind") is None,
                     reason="valgrind is not installed (Debian package valgrind)")
-def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
+def test_instruction_count_benchmark_quick(tmp_path: Path, bench_tmp: Path) -> None:
     """``python -m benchmarks.instructions`` counts a relay hop's instructions per round trip:
     it runs, checks the echoed bytes, and gives a positive count for each chain (and, with
     ``--cache-sim``, the simulated cache misses)."""
     out = tmp_path / "instructions.json"
     proc = _run([sys.executable, "-m", "benchmarks.instructions", "--chains", "uvloop-min",
                  "icafast", "--hop", "server", "--warmup", "20", "--count", "400",
-                 "--cache-sim", "--out", str(out)], 280)
+                 "--cache-sim", "--out", str(out)], 280, bench_tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())["results"]
     assert [(r["chain"], r["hop"]) for r in res] == [("uvloop-min", "server"),
@@ -114,14 +135,15 @@ def test_instruction_count_benchmark_quick(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("valgrind") is None,
                     reason="valgrind is not installed (Debian package valgrind)")
-def test_instruction_count_benchmark_per_session_quick(tmp_path: Path) -> None:
+def test_instruction_count_benchmark_per_session_quick(tmp_path: Path,
+                                                       bench_tmp: Path) -> None:
     """With ``--sessions`` each round trip runs through a new connection, and the figure is
     instructions per whole session: larger than per round trip by the session's set-up and
     teardown, and the echoed bytes and the chain's end of stream are checked."""
     out = tmp_path / "sessions.json"
     proc = _run([sys.executable, "-m", "benchmarks.instructions", "--chains", "icafast",
                  "--hop", "server", "--warmup", "5", "--count", "40", "--sessions",
-                 "--out", str(out)], 280)
+                 "--out", str(out)], 280, bench_tmp)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["workload"].startswith("new sessions")
@@ -233,3 +255,180 @@ def test_a_second_timed_run_can_refuse_to_wait(tmp_path):
             holder.kill()  # (by its pid)
             holder.wait(10)
         holder.stdout.close()  # type: ignore[union-attr]
+
+
+def _relay_module():
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import relay
+    finally:
+        sys.path.remove(str(ROOT))
+    return relay
+
+
+def test_a_chain_whose_runs_failed_fails_the_run(tmp_path, monkeypatch, capsys):
+    """A run that fails (its client crashed or timed out) leaves its chain without figures:
+    the run must say so in the table and end with status 1, and a chain none of whose round
+    trips came back is not "verified". (Each failed run used to be dropped in silence: the
+    chain left the table, its bytes showed as checked, and the benchmark exited 0.)"""
+    relay = _relay_module()
+    real = relay.Bench.worker
+
+    def worker(self, name, args, timeout, env=None):
+        if name == "rr":
+            raise RuntimeError("worker gave no result (exit 1)")
+        return real(self, name, args, timeout, env)
+
+    monkeypatch.setattr(relay.Bench, "worker", worker)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the run's logs)
+    out = tmp_path / "rr.json"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rc = relay.main(["--quick", "--only", "rr", "--chains", "direct", "--repeats", "2",
+                         "--out", str(out)])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    printed = capsys.readouterr()
+    assert rc == 1, printed.out + printed.err
+    assert "| rr | direct | FAILED: 2 of 2 runs" in printed.out, printed.out
+    assert "rr/direct: 2 failed run(s)" in printed.err, printed.err
+    res = json.loads(out.read_text())
+    assert res["workloads"]["rr"]["verified"] == {}
+    assert "rr/direct: bytes not checked" in relay.problems(res)
+    # the side-by-side report names them too, and a workload that failed
+    assert "| rr: runs that failed | direct | 2 of 2 |" in relay.report([str(out)])
+    res["workloads"]["bulk"] = {"error": "nothing listening on 4242 after 20.0s"}
+    out.write_text(json.dumps(res))
+    assert ("| bulk: FAILED | | nothing listening on 4242 after 20.0s |"
+            in relay.report([str(out)]))
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--rr-count", "0"],
+                                  ["--redis-requests", "-5"], ["--resets", "0"],
+                                  ["--resume-sessions", "0"], ["--sessions", "0"],
+                                  ["--duration", "0.5"], ["--duration", "0"],
+                                  ["--window", "0"], ["--window", "nan"]])
+def test_relay_refuses_settings_that_measure_nothing(argv, capsys):
+    """No runs, no round trips or an iperf3 run of ``-t 0`` (iperf3 reads it, and any
+    fraction of a second, as no time limit) measure nothing or hang: refused at once."""
+    relay = _relay_module()
+    with pytest.raises(SystemExit) as e:
+        relay.build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert f"argument {argv[0]}: " in capsys.readouterr().err
+
+
+def _group(pgid: int) -> list[str]:
+    """The command lines of the live processes in process group ``pgid`` (from /proc)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(f"{d.name} {cmd}")
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_cpu_split_stopped_mid_run_stops_what_it_started(sig, bench_tmp):
+    """``kill`` (or a closed terminal) in the middle of a run: the benchmark's chain, echo
+    backend and load client are stopped and its temporary directory removed. (The signal's
+    default action used to end the benchmark alone: the relays and the echo server ran on.)"""
+    env = {**os.environ, "TMPDIR": str(bench_tmp)}
+    p = subprocess.Popen([sys.executable, "-m", "benchmarks.cpu_split", "--chains", "icafast",
+                          "--repeats", "1", "--count", "10000000"], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        # the echo server, both relays and the load client
+        while not any("rr-client" in c for c in _group(p.pid)):
+            assert p.poll() is None and time.monotonic() < deadline, _group(p.pid)
+            time.sleep(0.1)
+        os.kill(p.pid, sig)
+        p.wait(30)
+        time.sleep(0.5)
+        left = _group(p.pid)
+    finally:
+        if p.poll() is None or _group(p.pid):
+            os.killpg(p.pid, signal.SIGKILL)  # (the group of the benchmark started here)
+            p.wait(30)
+        p.stderr.close()  # type: ignore[union-attr]
+    assert p.returncode == 128 + sig, p.returncode
+    assert left == [], left
+    assert not list(bench_tmp.glob("icafast-cpu-*"))
+
+
+@pytest.mark.parametrize("n, q, rank", [(10_000, 50, 5000), (10_000, 99, 9900),
+                                        (10_000, 99.9, 9990), (2000, 99.9, 1998),
+                                        (300, 50, 150), (300, 99, 297), (300, 99.9, 300),
+                                        (10, 50, 5), (200, 99, 198), (7, 50, 4), (1, 99.9, 1),
+                                        (10, 0, 1), (10, 100, 10)])
+def test_percentiles_are_nearest_rank(n, q, rank):
+    """The p50 / p99 / p99.9 of round trips and resumes are the value of rank ceil(q/100 * n).
+    (Rounding half to even made it one rank higher wherever q/100 * n was an odd whole
+    number, and floating-point error did where q/100 * n came out a hair above a whole
+    number: the p99.9 of the 10,000 round trips of a timed run was the 9,991st.)"""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks._workers import percentile
+    finally:
+        sys.path.remove(str(ROOT))
+    assert percentile([float(i) for i in range(1, n + 1)], q) == rank
+
+
+@pytest.mark.parametrize("argv", [
+    ["cpu_split", "--chains", "uvloop-min", "--repeats", "0"],
+    ["cpu_split", "--chains", "uvloop-min", "--count", "0"],
+    ["cpu_split", "--chains", "uvloop-min", "--warmup", "-1"],
+    ["instructions", "--chains", "uvloop-min", "--count", "0"],
+    ["instructions", "--chains", "uvloop-min", "--warmup", "0"],
+    ["profile_relay", "rr", "--seconds", "0.5"],
+    ["profile_relay", "idle", "--sessions", "0"],
+    ["engine_exchange", "--count", "0"],
+    ["engine_exchange", "--repeats", "0"],
+], ids=lambda a: " ".join(a))
+def test_helpers_refuse_settings_that_measure_nothing(argv):
+    """No run or no round trip: a usage error at once, not a traceback (median of nothing,
+    division by zero) after the chains ran, under valgrind for the instruction count."""
+    p = subprocess.run([sys.executable, "-m", f"benchmarks.{argv[0]}", *argv[1:]], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"argument {argv[-2]}: must be at least" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "rr", "--chains", "icafast-ref"], "icafast-ref runs only with --ref DIR"),
+    (["--only", "bulk", "rr", "--chains", "direct", "socat-b65536"],
+     "socat-b65536 is measured in redis only, not in bulk, rr"),
+    (["--only", "scale", "--chains", "haproxy"], "haproxy is measured in bulk, rr, redis only"),
+])
+def test_relay_refuses_chains_that_no_workload_asked_for_runs(argv, message, capsys):
+    """A chain asked for that none of the workloads asked for runs (or an A/B twin without
+    --ref): a usage error, not an empty table and exit status 0."""
+    relay = _relay_module()
+    with pytest.raises(SystemExit) as e:
+        relay.main(["--quick", *argv])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_documented_chain_selections_are_accepted():
+    relay = _relay_module()
+    for only, chains, ref in [
+        (["bulk", "rr", "redis"], ["socat", "socat-b65536", "socat-b131072", "haproxy"], False),
+        (["bulk"], ["icafast", "icafast-ref"], True),
+        (["bulk"], ["socat-tls", "haproxy-tls", "icafast-tls", "icafast-tls-ref"], True),
+        (["rr"], ["socat", "socat-b131072", "haproxy", "uvloop-min", "icafast"], False),
+        (["resume", "scale"], ["icafast"], False),
+        (None, ["socat-b65536"], False),
+    ]:
+        assert relay.chains_not_run(chains, only, ref) == [], (only, chains)

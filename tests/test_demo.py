@@ -21,6 +21,9 @@ from icafast.cli import build_parser
     (["--breaks", "-1"], "the number of breaks must not be negative"),
     (["--breaks", "two"], "invalid value 'two'"),
     (["--rate=-1M"], "invalid size '-1M': must not be negative"),
+    # (a fraction of a byte per second used to round down to 0, which runs unlimited)
+    (["--rate", "0.5"], "the rate must be 0 (unlimited) or at least 1 byte per second"),
+    (["--rate", "0.0001k"], "the rate must be 0 (unlimited) or at least 1 byte per second"),
 ])
 def test_demo_refuses_impossible_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -33,6 +36,8 @@ def test_demo_refuses_impossible_arguments(argv, message, capsys):
 def test_demo_accepts_the_smallest_arguments():
     args = build_parser().parse_args(["demo", "--size", "1", "--breaks", "0", "--rate", "0"])
     assert (args.size, args.breaks, args.rate) == (1, 0, 0)
+    for text, rate in [("0.0", 0), ("0k", 0), ("0MiB", 0), ("1", 1), ("0.5k", 512)]:
+        assert build_parser().parse_args(["demo", "--rate", text]).rate == rate, text
 
 
 @pytest.mark.parametrize("size, breaks", [("1", "0"), ("1", "3"), ("5", "7")])
@@ -46,6 +51,9 @@ def test_demo_with_fewer_bytes_than_breaks_still_breaks_a_live_session(size, bre
     assert "no byte lost" in p.stdout
     assert f"resumes: {breaks};" in p.stdout, p.stdout
     assert "of 0 connection(s)" not in p.stdout, p.stdout
+    # (the amounts in bytes, not "0.0 MiB")
+    assert f"streaming {size} byte{'' if size == '1' else 's'} each way" in p.stdout, p.stdout
+    assert "0.0 MiB" not in p.stdout, p.stdout
 
 
 def test_demo_quiet_prints_the_result_only():
@@ -89,3 +97,38 @@ def test_demo_shuts_down_cleanly_on_a_signal(sig, loop, tmp_path, monkeypatch):
     assert "Traceback" not in out and "never retrieved" not in out, out
     assert f"RESULT: interrupted by {sig.name}" in out, out
     assert not list(tmp_path.glob("icafast-demo-*")), out
+
+
+def test_demo_counts_what_each_side_replayed():
+    """The summary's bytes replayed are both sides' (each side's log says what it re-sent on
+    each resume), and a blackhole while the backend streams leaves the server something to
+    replay. (Only the client's were counted: what the server re-sent of the download was
+    missing from "bytes replayed".)"""
+    import re
+
+    # (2 MiB at 4 MiB/s: still streaming both ways at the blackhole, the second break)
+    p = subprocess.run([PY, "-m", "icafast", "demo", "-v", "--size", "2M", "--rate", "4M",
+                        "--breaks", "2", "--no-tls"], env=_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    server = sum(int(n) for n in re.findall(r"resumed from \S+, (\d+) bytes replayed", p.stderr))
+    client = sum(int(n) for n in re.findall(r"resumed on link \d+, (\d+) bytes replayed",
+                                            p.stderr))
+    assert server > 0, p.stderr
+    assert (f"resumes: 2; bytes replayed: {client} by the client, {server} by the server"
+            in p.stdout), p.stdout + p.stderr
+
+
+def test_demo_ends_its_session_before_shutting_down():
+    """The session ends gracefully (both sides have the other's end of stream) before the demo
+    tears down its server and proxy, and nothing is printed after the RESULT line. (Over TLS
+    with no breaks the summary came a round trip before the session's end: the server then
+    aborted the session at shutdown, and "client: link lost" followed the RESULT.)"""
+    for _ in range(2):
+        p = subprocess.run([PY, "-m", "icafast", "demo", "-v", "--size", "1M", "--rate", "0",
+                            "--breaks", "0"], env=_env(), capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stdout.splitlines()[-1].startswith("  RESULT: the session survived"), p.stdout
+        assert "both directions finished" in p.stderr, p.stderr
+        assert "server shutting down" not in p.stderr and "link lost" not in p.stderr, p.stderr
