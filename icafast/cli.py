@@ -546,9 +546,15 @@ def _readable(args: argparse.Namespace, file_cfg: dict[str, Any], *names: str) -
                 raise ValueError(f"--{name.replace('_', '-')} {path}: {e.strerror or e}") from None
 
 
+class _SelfSignedError(ValueError):
+    """The server's own self-signed certificate (not --tls-cert/--tls-key) does not load."""
+
+
 def _tls_problem(e: Exception, cert_opt: str, key_opt: str) -> str:
     """OpenSSL's "PEM lib" error, raised when a certificate and key do not load as a pair, says
     nothing about which file is wrong: name the options instead."""
+    if isinstance(e, _SelfSignedError):
+        return str(e)
     if "PEM lib" in str(e):
         return (f"{cert_opt} and {key_opt} do not load as a certificate and its private key "
                 f"(PEM, the key unencrypted): {e}")
@@ -576,6 +582,14 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
                                    + (f" ({e.filename})" if e.filename else "")) from None
         what = "created a self-signed" if created else "using the self-signed"
         log.info("TLS: %s certificate %s", what, cert)
+        try:  # (not "--tls-cert and --tls-key", which were not given)
+            fp = tls.fingerprint_of_pem(cert)
+            tls.server_context(cert, key)
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise _SelfSignedError(f"the self-signed certificate {cert} and its key {key} do not "
+                                   f"load ({reason}): restore them, or remove both to create a "
+                                   "new certificate (a new fingerprint for the clients)") from None
     fp = tls.fingerprint_of_pem(cert)
     log.warning("TLS certificate SHA-256 fingerprint: %s  (clients: --tls-fingerprint %s)",
                 tls.pretty_fingerprint(fp), fp)

@@ -9,12 +9,17 @@ fingerprint (``--tls-fingerprint``) and refuses an unverified server unless told
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import hashlib
+import logging
 import os
 import socket
 import ssl
+import stat
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,19 +107,89 @@ def pretty_fingerprint(fp: str) -> str:
     return ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper()
 
 
+def _check_state_dir(state_dir: str) -> None:
+    """Refuse a state directory that another user could write to: they could put a key of
+    their own (with its certificate) in place of the server's, or one beside it before the
+    server's first start, and impersonate the server to every client that pins its
+    fingerprint. The directory must belong to this user or root and be writable by its owner
+    only; each one above it too, or be sticky (as /tmp is: no one may then rename what another
+    user made there)."""
+    if not hasattr(os, "geteuid"):  # pragma: no cover - (not Unix)
+        return
+    me = os.geteuid()
+    path = os.path.realpath(state_dir)
+    first = True
+    while True:
+        st = os.stat(path)
+        if st.st_uid not in (me, 0):
+            raise PermissionError(errno.EPERM, f"{path} belongs to user {st.st_uid}, who "
+                                  "could replace the server's key: keep it in a directory of "
+                                  "your own")
+        if st.st_mode & 0o022 and (first or not st.st_mode & stat.S_ISVTX):
+            raise PermissionError(errno.EPERM, f"{path} is writable by other users (mode "
+                                  f"{stat.S_IMODE(st.st_mode):04o}), who could replace the "
+                                  "server's key: keep it in a directory of your own")
+        parent = os.path.dirname(path)
+        if parent == path:
+            return
+        path, first = parent, False
+
+
+def _write_new(path: str, data: bytes, mode: int) -> str:
+    """Write ``data`` to a new file beside ``path`` (created with ``mode``, never an existing
+    file or link followed) and flush it to disk; return its name, for :func:`os.replace`."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path),
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
 def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     """Return (cert path, key path, created) for the server's self-signed certificate,
-    creating an ECDSA P-256 key and a 10-year certificate on first use."""
+    creating an ECDSA P-256 key and a 10-year certificate on first use.
+
+    Clients pin the certificate's fingerprint, so a new one is made only where neither file
+    is there: one without the other (a file lost or removed) is an error that says so, rather
+    than a new certificate that every pinned client would refuse. The key is written to a new
+    file of mode 0600 (never through one already there, whatever its mode or owner), both are
+    flushed to disk before they take their names, and a key that others may read is made
+    private again with a warning. The directory must not be writable by other users
+    (:func:`_check_state_dir`)."""
     cert = os.path.join(state_dir, "server-cert.pem")
     key = os.path.join(state_dir, "server-key.pem")
-    if os.path.exists(cert) and os.path.exists(key):
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    _check_state_dir(state_dir)
+    have_cert, have_key = os.path.lexists(cert), os.path.lexists(key)
+    if have_cert and have_key:
+        st = os.stat(key)
+        if st.st_mode & 0o077:
+            logging.getLogger("icafast").warning(
+                "TLS: the private key %s was readable by others (mode %04o): made private "
+                "(0600); if someone may have read it, remove %s and %s to create a new "
+                "certificate (a new fingerprint for the clients)", key,
+                stat.S_IMODE(st.st_mode), key, cert)
+            os.chmod(key, 0o600)
         return cert, key, False
+    if have_cert or have_key:
+        there, missing = (cert, key) if have_cert else (key, cert)
+        raise FileNotFoundError(
+            errno.ENOENT, f"{there} is there without {missing}: a new self-signed certificate "
+            "would have a new fingerprint, which clients pinned to the old one refuse. "
+            f"Restore {missing}, or remove {there} to create a new certificate")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     pkey = ec.generate_private_key(ec.SECP256R1())
     host = socket.gethostname() or "localhost"
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"icafast server {host}")])
@@ -142,13 +217,19 @@ def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     key_pem = pkey.private_bytes(serialization.Encoding.PEM,
                                  serialization.PrivateFormat.PKCS8,
                                  serialization.NoEncryption())
-    fd = os.open(key + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_pem)
-    with open(cert + ".tmp", "wb") as f:
-        f.write(certificate.public_bytes(serialization.Encoding.PEM))
-    os.replace(key + ".tmp", key)
-    os.replace(cert + ".tmp", cert)
+    key_tmp = _write_new(key, key_pem, 0o600)
+    try:
+        cert_tmp = _write_new(cert, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    except BaseException:
+        os.unlink(key_tmp)
+        raise
+    os.replace(key_tmp, key)
+    os.replace(cert_tmp, cert)
+    dfd = os.open(state_dir, os.O_RDONLY)
+    try:  # (the names too, before the fingerprint is printed and pinned)
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
     return cert, key, True
 
 

@@ -89,6 +89,64 @@ def test_self_signed_certificate_created_once(tmp_path):
     assert tls.normalize_fingerprint(tls.pretty_fingerprint(fp)) == fp
 
 
+def test_self_signed_key_is_private_whatever_was_there(tmp_path, caplog):
+    """The key was written through a fixed "server-key.pem.tmp", opened without O_EXCL: one
+    left there (by a crash, or made by another user in a shared directory) kept its mode, and
+    the server's new private key was readable by everyone (0644), or written where a link
+    there led. A key made readable by others since is made private again, with a warning."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    for name in ("server-key.pem.tmp", "server-cert.pem.tmp"):
+        (state / name).write_text("")
+        os.chmod(state / name, 0o644)
+    outside = tmp_path / "outside"
+    outside.write_text("")
+    os.chmod(outside, 0o644)
+    (state / ".server-key.pem.x.tmp").symlink_to(outside)
+    cert, key, created = tls.ensure_self_signed(str(state))
+    assert created and os.stat(key).st_mode & 0o777 == 0o600
+    assert outside.read_text() == ""
+    assert sorted(p.name for p in state.iterdir() if not p.name.endswith(".tmp")) == [
+        "server-cert.pem", "server-key.pem"]
+    os.chmod(key, 0o644)
+    with caplog.at_level("WARNING", logger="icafast"):
+        assert tls.ensure_self_signed(str(state)) == (cert, key, False)
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    assert "readable by others (mode 0644)" in caplog.text
+
+
+@pytest.mark.parametrize("lost", ["server-key.pem", "server-cert.pem"])
+def test_self_signed_half_pair_is_refused_not_replaced(tmp_path, lost):
+    """With one of its two files gone (removed, or a crash between the two renames), a new
+    certificate was made without a word above INFO: a new fingerprint, which every client
+    pinned to the old one refuses. The server now says which file is missing and does not
+    touch the other."""
+    state = tmp_path / "state"
+    cert, key, _ = tls.ensure_self_signed(str(state))
+    kept = {p.name: p.read_bytes() for p in state.iterdir()}
+    (state / lost).unlink()
+    with pytest.raises(FileNotFoundError, match=f"is there without {re.escape(str(state / lost))}"
+                                                ": a new self-signed certificate would have"):
+        tls.ensure_self_signed(str(state))
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == {
+        k: v for k, v in kept.items() if k != lost}
+
+
+def test_self_signed_state_dir_others_can_write_is_refused(tmp_path):
+    """Another user who can write the state directory can put a key of theirs (and its
+    certificate) there, before the first start or in place of the server's, and impersonate
+    the server to clients pinned to it; such a directory was used as it was."""
+    state = tmp_path / "state"
+    state.mkdir()
+    for mode in (0o777, 0o1777, 0o770):
+        os.chmod(state, mode)
+        with pytest.raises(PermissionError, match=f"is writable by other users \\(mode {mode:04o}"):
+            tls.ensure_self_signed(str(state))
+        assert not list(state.iterdir())
+    os.chmod(state, 0o755)
+    assert tls.ensure_self_signed(str(state))[2]
+
+
 def test_fingerprint_is_the_first_certificate_s_wherever_it_starts(tmp_path):
     """A PEM file with text before its certificate ("Bag Attributes" from openssl pkcs12,
     openssl x509 -text's dump) loads in OpenSSL as the server's certificate; its fingerprint
@@ -140,7 +198,13 @@ def test_tls_files_that_do_not_load_get_one_line_naming_the_file(tmp_path):
         # (was "[Errno 20] Not a directory: ...", without saying what the path was for)
         (serve + ["--state-dir", f"{key}/state"],
          f"cannot keep the self-signed certificate in {key}/state (--state-dir): Not a "),
+        # (the self-signed pair, damaged: named as what it is, not as --tls-cert/--tls-key)
+        (serve + ["--state-dir", str(tmp_path / "damaged")],
+         f"the self-signed certificate {tmp_path}/damaged/server-cert.pem and its key "
+         f"{tmp_path}/damaged/server-key.pem do not load ("),
     ]
+    _, damaged, _ = tls.ensure_self_signed(str(tmp_path / "damaged"))
+    Path(damaged).write_text(Path(damaged).read_text()[:50])
     for args, message in cases:
         p = _tls_start(*args)
         assert p.returncode == 1, (args, p.returncode, p.stderr)
