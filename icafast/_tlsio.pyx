@@ -429,16 +429,30 @@ cdef Session _session_of(icafast_SSL *conn):
     return out
 
 
+cdef unsigned long _first_error = 0  # (the code of the error _pop_errors took out last)
+
+
 cdef str _pop_errors():
     # The first error of OpenSSL's queue as text, the queue left empty.
+    global _first_error
     cdef char buf[256]
     cdef unsigned long code = p_err_get()
+    _first_error = code
     text = ""
     if code:
         p_err_string(code, buf, sizeof(buf))
         text = buf.decode("utf-8", "replace")
     p_err_clear()
     return text
+
+
+cdef bint _is_received_alert(unsigned long code):
+    # Whether an error code is OpenSSL's "the peer sent this fatal alert": the SSL library's
+    # (20; in the top bits from bit 23 in OpenSSL 3, bit 24 in 1.1) with a reason of 1000 plus
+    # the alert's number (SSL_AD_REASON_OFFSET).
+    cdef unsigned long reason = code & 0xFFF
+    return (1000 <= reason < 1256
+            and (((code >> 23) & 0xFF) == 20 or ((code >> 24) & 0xFF) == 20))
 
 
 cdef int _failure(icafast_SSL *conn, int r, str what) except -1:
@@ -454,8 +468,12 @@ cdef int _failure(icafast_SSL *conn, int r, str what) except -1:
         return err
     text = _pop_errors()
     err = p_get_error(conn, r)
-    if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE or err == SSL_ERROR_ZERO_RETURN:
+    if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
         return err  # (the error was not this call's)
+    # A fatal alert from the peer marks the connection shut as a close_notify does, so that,
+    # its error taken out, OpenSSL says SSL_ERROR_ZERO_RETURN for it too: it is an error
+    if err == SSL_ERROR_ZERO_RETURN and not _is_received_alert(_first_error):
+        return err
     raise ssl.SSLError(1, f"{what}: {text}" if text else f"{what} (error {err})")
 
 

@@ -358,3 +358,36 @@ def test_ticket_decisions():
     for status in (empty, no_decrypt):  # a full handshake, with a ticket after it
         assert _tlsio.ticket_decision(status, -1, 0) == ignore_renew
     assert not _tlsio.spare_tickets(object())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fatal_alert_from_the_peer_is_an_error_not_a_close_notify(tmp_path, kind):
+    """A TLS 1.3 client ends its handshake before the server has checked its certificate:
+    the server's refusal (a certificate_required alert, when the client gave none) arrives as
+    the first record the pipe opens. The compiled pipe took that alert, whose error it takes
+    out of OpenSSL's queue before asking again what the read came to, for a close_notify
+    (OpenSSL marks the connection shut either way), and the client logged "connection closed
+    by peer (TLS close_notify)" instead of why the server refused it."""
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+    sctx = tls.server_context(cert, key, client_ca=cert)
+    cctx = tls.client_context(insecure=True).context
+    si, so, ci, co = (ssl.MemoryBIO() for _ in range(4))
+    s = sctx.wrap_bio(si, so, server_side=True)
+    c = cctx.wrap_bio(ci, co, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        c.do_handshake()
+    si.write(co.read())
+    with pytest.raises(ssl.SSLWantReadError):
+        s.do_handshake()
+    ci.write(so.read())
+    c.do_handshake()  # (done: TLS 1.3)
+    assert c.version() == "TLSv1.3"
+    si.write(co.read())
+    with pytest.raises(ssl.SSLError, match="PEER_DID_NOT_RETURN_A_CERTIFICATE"):
+        s.do_handshake()
+    alert = so.read()
+    assert alert
+    pipe = KINDS[kind](c, ci, co)
+    with pytest.raises(ssl.SSLError, match="alert certificate required"):
+        pipe.open(alert)
+    assert not pipe.peer_closed
