@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -163,11 +164,24 @@ def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     file of mode 0600 (never through one already there, whatever its mode or owner), both are
     flushed to disk before they take their names, and a key that others may read is made
     private again with a warning. The directory must not be writable by other users
-    (:func:`_check_state_dir`)."""
-    cert = os.path.join(state_dir, "server-cert.pem")
-    key = os.path.join(state_dir, "server-key.pem")
+    (:func:`_check_state_dir`); servers that share it make one pair between them."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     _check_state_dir(state_dir)
+    # Servers that share the directory (the default one, as root) and start together: one
+    # makes the pair while the others wait, then use it. (Each made its own, and the files
+    # each renamed last made a pair that did not match, or not the one it had printed.)
+    lock = os.open(os.path.join(state_dir, ".lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_self_signed(state_dir)
+    finally:
+        os.close(lock)
+
+
+def _ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
+    cert = os.path.join(state_dir, "server-cert.pem")
+    key = os.path.join(state_dir, "server-key.pem")
     have_cert, have_key = os.path.lexists(cert), os.path.lexists(key)
     if have_cert and have_key:
         st = os.stat(key)

@@ -106,7 +106,7 @@ def test_self_signed_key_is_private_whatever_was_there(tmp_path, caplog):
     cert, key, created = tls.ensure_self_signed(str(state))
     assert created and os.stat(key).st_mode & 0o777 == 0o600
     assert outside.read_text() == ""
-    assert sorted(p.name for p in state.iterdir() if not p.name.endswith(".tmp")) == [
+    assert sorted(p.name for p in state.iterdir() if p.suffix == ".pem") == [
         "server-cert.pem", "server-key.pem"]
     os.chmod(key, 0o644)
     with caplog.at_level("WARNING", logger="icafast"):
@@ -145,6 +145,37 @@ def test_self_signed_state_dir_others_can_write_is_refused(tmp_path):
         assert not list(state.iterdir())
     os.chmod(state, 0o755)
     assert tls.ensure_self_signed(str(state))[2]
+
+
+def _start_sharing(state: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        cert, key, _ = tls.ensure_self_signed(state)
+        tls.server_context(cert, key)
+        results.put(tls.fingerprint_of_pem(cert))
+    except Exception as e:  # (reported to the test)
+        results.put(repr(e))
+
+
+def test_servers_sharing_a_state_dir_make_one_pair(tmp_path):
+    """Servers that share the state directory (the default one, /var/lib/icafast as root) and
+    start together each made a pair: each printed a fingerprint of its own, the files renamed
+    last made a pair that did not match (KEY_VALUES_MISMATCH at the next start), and clients
+    pinned to what a server printed were refused after its restart."""
+    import multiprocessing
+
+    mp = multiprocessing.get_context("fork")
+    for trial in range(2):
+        state = str(tmp_path / f"state{trial}")
+        barrier, results = mp.Barrier(6), mp.Queue()
+        procs = [mp.Process(target=_start_sharing, args=(state, barrier, results))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert set(got) == {tls.fingerprint_of_pem(os.path.join(state, "server-cert.pem"))}
 
 
 def test_fingerprint_is_the_first_certificate_s_wherever_it_starts(tmp_path):
