@@ -257,6 +257,11 @@ def _base(protocol: ssl._SSLMethod) -> ssl.SSLContext:
     keylog = os.environ.get("SSLKEYLOGFILE")  # (as create_default_context: for debugging)
     if keylog and not sys.flags.ignore_environment:
         ctx.keylog_filename = keylog
+        # (an environment variable set for debugging, in a profile, is easily inherited by a
+        # server: its every link would then be readable by whoever reads that file)
+        logging.getLogger("icafast").warning(
+            "TLS: the keys of every link are written to %s (SSLKEYLOGFILE is set): whoever "
+            "can read that file can decrypt the traffic", keylog)
     return ctx
 
 

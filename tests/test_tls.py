@@ -178,6 +178,23 @@ def test_servers_sharing_a_state_dir_make_one_pair(tmp_path):
         assert set(got) == {tls.fingerprint_of_pem(os.path.join(state, "server-cert.pem"))}
 
 
+def test_a_key_log_file_is_said(tmp_path, monkeypatch, caplog):
+    """SSLKEYLOGFILE (a debugging aid, honoured as Python's default contexts do) makes every
+    link's keys go to that file; a server or client that inherited it said nothing."""
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "state"))
+    log = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(log))
+    with caplog.at_level("WARNING", logger="icafast"):
+        assert tls.server_context(cert, key).keylog_filename == str(log)
+        tls.client_context(insecure=True)
+    assert caplog.text.count(f"the keys of every link are written to {log}") == 2
+    monkeypatch.delenv("SSLKEYLOGFILE")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="icafast"):
+        assert tls.server_context(cert, key).keylog_filename is None
+    assert not caplog.text
+
+
 def test_fingerprint_is_the_first_certificate_s_wherever_it_starts(tmp_path):
     """A PEM file with text before its certificate ("Bag Attributes" from openssl pkcs12,
     openssl x509 -text's dump) loads in OpenSSL as the server's certificate; its fingerprint
