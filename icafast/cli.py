@@ -583,8 +583,8 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
         what = "created a self-signed" if created else "using the self-signed"
         log.info("TLS: %s certificate %s", what, cert)
         try:  # (not "--tls-cert and --tls-key", which were not given)
-            fp = tls.fingerprint_of_pem(cert)
-            tls.server_context(cert, key)
+            tls.fingerprint_of_pem(cert)
+            tls.check_pair(cert, key)
         except (OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             raise _SelfSignedError(f"the self-signed certificate {cert} and its key {key} do not "

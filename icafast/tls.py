@@ -104,6 +104,12 @@ def _load_verify_locations(ctx: ssl.SSLContext, ca: str) -> None:
                                     "certificates") from None
 
 
+def check_pair(cert: str, key: str) -> None:
+    """Raise (ssl.SSLError, ValueError, OSError) unless ``cert`` and ``key`` load as a server's
+    certificate and its private key."""
+    _load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
+
+
 def pretty_fingerprint(fp: str) -> str:
     return ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper()
 
