@@ -593,6 +593,12 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     fp = tls.fingerprint_of_pem(cert)
     log.warning("TLS certificate SHA-256 fingerprint: %s  (clients: --tls-fingerprint %s)",
                 tls.pretty_fingerprint(fp), fp)
+    try:
+        problem = tls.validity_problem(cert)
+    except ValueError:  # (what cryptography cannot read, OpenSSL loads below or refuses)
+        problem = None
+    if problem:
+        log.warning("TLS: %s", problem)
     return tls.server_context(cert, key, _opt(args, file_cfg, "tls_client_ca"))
 
 

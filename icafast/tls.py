@@ -110,6 +110,27 @@ def check_pair(cert: str, key: str) -> None:
     _load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
 
 
+def validity_problem(cert: str, now: datetime.datetime | None = None) -> str | None:
+    """What is wrong with the dates of the first certificate in the PEM file ``cert`` (the
+    server's own), or None: expired, or not valid yet. Clients that verify it with a CA
+    refuse such a certificate on every link; a pinned fingerprint does not look at dates."""
+    from cryptography import x509
+
+    with open(cert, "rb") as f:
+        c = x509.load_pem_x509_certificate(f.read())
+    utc = datetime.timezone.utc
+    start = getattr(c, "not_valid_before_utc", None) or c.not_valid_before.replace(tzinfo=utc)
+    end = getattr(c, "not_valid_after_utc", None) or c.not_valid_after.replace(tzinfo=utc)
+    now = now or datetime.datetime.now(utc)
+    if now > end:
+        return (f"the certificate in {cert} expired on {end:%Y-%m-%d %H:%M} UTC: clients that "
+                "verify it (--tls-ca) refuse it")
+    if now < start:
+        return (f"the certificate in {cert} is not valid before {start:%Y-%m-%d %H:%M} UTC "
+                "(is this machine's clock right?): clients that verify it (--tls-ca) refuse it")
+    return None
+
+
 def pretty_fingerprint(fp: str) -> str:
     return ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper()
 

@@ -262,6 +262,53 @@ def test_tls_files_that_do_not_load_get_one_line_naming_the_file(tmp_path):
         assert "pass phrase" not in p.stderr + p.stdout, p.stderr
 
 
+def test_server_warns_of_a_certificate_out_of_its_dates(tmp_path):
+    """An expired (or not yet valid) --tls-cert started without a word: every client that
+    verifies it with --tls-ca was refused ("certificate has expired"), and only the clients'
+    logs said why."""
+    import socket
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    key = tmp_path / "k.pem"
+    key.write_bytes(pkey.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "server")])
+    busy = socket.socket()  # (the server stops at its listen, after its TLS set-up)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        for label, start, end, said in (
+                ("expired", -10, -2, f"expired on {now - datetime.timedelta(days=2):%Y-%m-%d}"),
+                ("future", 2, 10, "is not valid before "
+                                  f"{now + datetime.timedelta(days=2):%Y-%m-%d}"),
+                ("valid", -1, 1, None)):
+            cert = tmp_path / f"{label}.pem"
+            cert.write_bytes(
+                x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(pkey.public_key()).serial_number(1)
+                .not_valid_before(now + datetime.timedelta(days=start))
+                .not_valid_after(now + datetime.timedelta(days=end))
+                .sign(pkey, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+            p = _tls_start("serve", "--listen", f"127.0.0.1:{busy.getsockname()[1]}",
+                           "--tls-cert", str(cert), "--tls-key", str(key),
+                           "--control", str(tmp_path / "c.sock"))
+            assert "cannot listen" in p.stderr, p.stderr
+            if said is None:
+                assert f"certificate in {cert}" not in p.stderr, p.stderr
+            else:
+                assert (f"WARNING TLS: the certificate in {cert} {said}" in p.stderr
+                        and "clients that verify it (--tls-ca) refuse it" in p.stderr), p.stderr
+    finally:
+        busy.close()
+
+
 def test_client_refuses_to_trust_nothing():
     with pytest.raises(ValueError, match="unverified"):
         tls.client_context()
