@@ -716,6 +716,33 @@ def test_plain_client_cannot_talk_to_tls_server(tmp_path):
     run_async("uvloop", main())
 
 
+def test_server_log_names_a_tls_mismatch(tmp_path, caplog):
+    """The server's log of a client whose TLS setting is not its own said only "wrong version
+    number" (a plain-text client on a TLS server) or "not an icafast client (first byte
+    0x16)" (a TLS client on a --no-tls server); the client's log had a hint, the server's none."""
+    cert, key, fp = _pair(tmp_path)
+
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        for server_tls, client_tls in ((tls.server_context(cert, key), None),
+                                       (None, tls.client_context(fingerprint=fp))):
+            srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], FAST,
+                              ssl=server_tls)
+            await srv.start()
+            with pytest.raises(ConnectionError):
+                await open_session(*srv.addresses[0], config=FAST, tls=client_tls)
+            await srv.close()
+        await backend.close()
+
+    with caplog.at_level("INFO", logger="icafast"):
+        run_async("uvloop", main())
+    assert ("a TLS handshake: the client runs with TLS, the default, this server with --no-tls"
+            in caplog.text), caplog.text
+    if uses_pipe():  # (the event loop's TLS transport logs its handshakes itself)
+        assert ("an icafast client without TLS: it runs with --no-tls, this server with TLS"
+                in caplog.text), caplog.text
+
+
 def test_cli_tls_by_default(tmp_path):
     from test_cli import _Proc
 
