@@ -699,6 +699,36 @@ def test_client_certificates(tmp_path):
     run_async("uvloop", main())
 
 
+@pytest.mark.skipif(not uses_pipe(), reason="the event loop's TLS transport does not say "
+                    "which alert ended a connection after its handshake")
+def test_a_refused_client_certificate_is_said_so(tmp_path):
+    """A client the server refused for its certificate (none given, or one its
+    --tls-client-ca did not sign) logged "connection closed by peer (TLS close_notify)" on
+    every attempt (TLS 1.3: the server's alert comes after the client's handshake), and its
+    session ended without a word on certificates."""
+    ca, issue = _make_ca(tmp_path)
+    other_ca, other_issue = _make_ca(tmp_path, "other CA")
+    bad_cert, bad_key = other_issue("client", [], "badclient")
+    cert, key, fp = _pair(tmp_path / "srv")
+    config = dataclasses.replace(FAST, connect_retry=0.5)
+
+    async def main() -> None:
+        async with Setup(Backend("echo"),
+                         ssl=tls.server_context(cert, key, client_ca=ca)) as s:
+            for ctls, said in (
+                    (tls.client_context(fingerprint=fp), "the server requires a client "
+                     "certificate: give --tls-client-cert and --tls-client-key"),
+                    (tls.client_context(fingerprint=fp, cert=bad_cert, key=bad_key),
+                     "the server refused this client's certificate")):
+                with pytest.raises(ConnectionError) as err:
+                    await open_session("127.0.0.1", s.server_port, config=config, tls=ctls)
+                assert said in str(err.value), str(err.value)
+                assert "close_notify" not in str(err.value)
+            assert not s.backend.conns
+
+    run_async("uvloop", main())
+
+
 def test_plain_client_cannot_talk_to_tls_server(tmp_path):
     cert, key, _ = _pair(tmp_path)
 
