@@ -194,6 +194,11 @@ def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     (:func:`_check_state_dir`); servers that share it make one pair between them."""
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     _check_state_dir(state_dir)
+    cert = os.path.join(state_dir, "server-cert.pem")
+    key = os.path.join(state_dir, "server-key.pem")
+    if os.path.lexists(cert) and os.path.lexists(key):
+        # (no lock to take: the directory may be read-only, or another user's, as root's)
+        return _existing(cert, key)
     # Servers that share the directory (the default one, as root) and start together: one
     # makes the pair while the others wait, then use it. (Each made its own, and the files
     # each renamed last made a pair that did not match, or not the one it had printed.)
@@ -206,20 +211,28 @@ def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
         os.close(lock)
 
 
+def _existing(cert: str, key: str) -> tuple[str, str, bool]:
+    # The pair is there: a key others may read is made private again, with a warning.
+    st = os.stat(key)
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(key, 0o600)
+            done = "made private (0600)"
+        except OSError as e:
+            done = f"it could not be made private ({e.strerror or e})"
+        logging.getLogger("icafast").warning(
+            "TLS: the private key %s was readable by others (mode %04o): %s; if someone may "
+            "have read it, remove %s and %s to create a new certificate (a new fingerprint "
+            "for the clients)", key, stat.S_IMODE(st.st_mode), done, key, cert)
+    return cert, key, False
+
+
 def _ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     cert = os.path.join(state_dir, "server-cert.pem")
     key = os.path.join(state_dir, "server-key.pem")
     have_cert, have_key = os.path.lexists(cert), os.path.lexists(key)
-    if have_cert and have_key:
-        st = os.stat(key)
-        if st.st_mode & 0o077:
-            logging.getLogger("icafast").warning(
-                "TLS: the private key %s was readable by others (mode %04o): made private "
-                "(0600); if someone may have read it, remove %s and %s to create a new "
-                "certificate (a new fingerprint for the clients)", key,
-                stat.S_IMODE(st.st_mode), key, cert)
-            os.chmod(key, 0o600)
-        return cert, key, False
+    if have_cert and have_key:  # (made by a server that held the lock before)
+        return _existing(cert, key)
     if have_cert or have_key:
         there, missing = (cert, key) if have_cert else (key, cert)
         raise FileNotFoundError(

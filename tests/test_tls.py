@@ -195,6 +195,22 @@ def test_a_key_log_file_is_said(tmp_path, monkeypatch, caplog):
     assert not caplog.text
 
 
+def test_an_existing_pair_needs_no_write_to_its_directory(tmp_path, monkeypatch):
+    """A pair kept where the server may only read (a read-only volume, root's directory read
+    by a server run as another user) is used without creating anything there."""
+    state = tmp_path / "state"
+    made = tls.ensure_self_signed(str(state))
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kw):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Read-only file system", path)
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert tls.ensure_self_signed(str(state)) == (made[0], made[1], False)
+
+
 def test_fingerprint_is_the_first_certificate_s_wherever_it_starts(tmp_path):
     """A PEM file with text before its certificate ("Bag Attributes" from openssl pkcs12,
     openssl x509 -text's dump) loads in OpenSSL as the server's certificate; its fingerprint
