@@ -563,10 +563,21 @@ def _tls_problem(e: Exception, cert_opt: str, key_opt: str) -> str:
     return _error_text(e)
 
 
+def _no_tls_alone(args: argparse.Namespace, file_cfg: dict[str, Any], *names: str) -> None:
+    """--no-tls with an option that secures the links (a certificate, a client CA, a pinned
+    fingerprint) is refused: the option was dropped without a word, and the links ran in plain
+    text, unchecked, where the administrator had asked for a check."""
+    given = [f"--{n.replace('_', '-')}" for n in names if _opt(args, file_cfg, n)]
+    if given:
+        raise ValueError(f"--no-tls (plain-text links) leaves no use for {', '.join(given)}: "
+                         "give one or the other")
+
+
 def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     from . import tls
 
     if _opt(args, file_cfg, "no_tls"):
+        _no_tls_alone(args, file_cfg, "tls_cert", "tls_key", "tls_client_ca")
         return None
     cert, key = _opt(args, file_cfg, "tls_cert"), _opt(args, file_cfg, "tls_key")
     if bool(cert) != bool(key):
@@ -606,6 +617,8 @@ def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     from . import tls
 
     if _opt(args, file_cfg, "no_tls"):
+        _no_tls_alone(args, file_cfg, "tls_ca", "tls_fingerprint", "tls_client_cert",
+                      "tls_client_key")
         return None
     if _opt(args, file_cfg, "tls_client_key") and not _opt(args, file_cfg, "tls_client_cert"):
         raise ValueError("--tls-client-key needs --tls-client-cert")

@@ -325,6 +325,31 @@ def test_server_warns_of_a_certificate_out_of_its_dates(tmp_path):
         busy.close()
 
 
+def test_no_tls_with_an_option_that_secures_the_links_is_refused(tmp_path):
+    """``--no-tls`` dropped a --tls-client-ca, --tls-cert or --tls-fingerprint given with it
+    (on the command line or in the config file) without a word: a server an administrator
+    meant to admit only clients with a certificate admitted anyone, in plain text."""
+    cert, key, fp = _pair(tmp_path / "pki")
+    serve = ["serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", "--control",
+             str(tmp_path / "c.sock"), "--no-tls"]
+    connect = ["connect", "--listen", "127.0.0.1:0", "--server", "127.0.0.1:9", "--no-tls"]
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_text(f'tls_client_ca = "{cert}"\n')
+    for args, named in (
+            (serve + ["--tls-client-ca", cert], "--tls-client-ca"),
+            (serve + ["--tls-cert", cert, "--tls-key", key], "--tls-cert, --tls-key"),
+            (serve + ["--config", str(cfg)], "--tls-client-ca"),
+            (connect + ["--tls-fingerprint", fp], "--tls-fingerprint"),
+            (connect + ["--tls-ca", cert], "--tls-ca"),
+            (connect + ["--tls-client-cert", cert, "--tls-client-key", key],
+             "--tls-client-cert, --tls-client-key")):
+        p = _tls_start(*args)
+        assert p.returncode == 1, (args, p.returncode, p.stderr)
+        assert (f"icafast {args[0]}: TLS: --no-tls (plain-text links) leaves no use for "
+                f"{named}: give one or the other") in p.stderr, (args, p.stderr)
+        assert "listening on" not in p.stderr
+
+
 def test_client_refuses_to_trust_nothing():
     with pytest.raises(ValueError, match="unverified"):
         tls.client_context()
