@@ -51,10 +51,12 @@ def default_state_dir() -> str:
 
 
 def normalize_fingerprint(text: str) -> str:
-    """'AB:CD:...', 'abcd...' or 'sha256:ABCD...' -> 64 lower-case hex digits."""
+    """'AB:CD:...', 'abcd...', 'sha256:ABCD...' or what ``openssl x509 -fingerprint -sha256``
+    prints ('sha256 Fingerprint=AB:CD:...') -> 64 lower-case hex digits."""
     t = text.strip().lower()
-    if t.startswith("sha256:"):
-        t = t[7:]
+    for prefix in ("sha256:", "sha256 fingerprint="):
+        if t.startswith(prefix):
+            t = t[len(prefix):]
     t = t.replace(":", "").replace(" ", "")
     if len(t) != 64 or any(c not in "0123456789abcdef" for c in t):
         raise ValueError(f"not a SHA-256 fingerprint (64 hex digits): {text!r}")

@@ -87,6 +87,11 @@ def test_self_signed_certificate_created_once(tmp_path):
     fp = tls.fingerprint_of_pem(cert)
     assert len(fp) == 64
     assert tls.normalize_fingerprint(tls.pretty_fingerprint(fp)) == fp
+    for text in (fp.upper(), f"SHA256:{fp}", f"sha256:{tls.pretty_fingerprint(fp)}",
+                 f"sha256 Fingerprint={tls.pretty_fingerprint(fp)}\n"):  # (openssl x509's)
+        assert tls.normalize_fingerprint(text) == fp, text
+    with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+        tls.normalize_fingerprint(f"sha1 Fingerprint={tls.pretty_fingerprint(fp)[:59]}")
 
 
 def test_self_signed_key_is_private_whatever_was_there(tmp_path, caplog):
