@@ -391,3 +391,47 @@ def test_a_fatal_alert_from_the_peer_is_an_error_not_a_close_notify(tmp_path, ki
     with pytest.raises(ssl.SSLError, match="alert certificate required"):
         pipe.open(alert)
     assert not pipe.peer_closed
+
+
+@pytest.mark.skipif(tlspipe.compiled_unavailable() is not None,
+                    reason="the ticket callback needs the compiled module")
+def test_a_client_certificate_that_expired_cannot_resume(tmp_path):
+    """A TLS 1.3 resumption shows no certificate: a client whose certificate had expired
+    since its full handshake resumed with its ticket and was let in (a new connection
+    without the ticket was refused "certificate has expired"), and every resumption past half
+    the ticket's lifetime renewed it, so that it could go on. The server now makes a full
+    handshake of such a resumption, which checks the certificate and refuses it."""
+    import datetime
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "srv"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")])
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    ends = now + datetime.timedelta(seconds=2)
+    ccert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+             .public_key(pkey.public_key()).serial_number(1)
+             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(ends)
+             .sign(pkey, hashes.SHA256()))
+    cpath, kpath = tmp_path / "c.pem", tmp_path / "k.pem"
+    cpath.write_bytes(ccert.public_bytes(serialization.Encoding.PEM))
+    kpath.write_bytes(pkey.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+    ctxs = (tls.server_context(cert, key, client_ca=str(cpath)),
+            tls.client_context(ca=cert, cert=str(cpath), key=str(kpath)).context)
+    srv, cli = handshake(ctxs)
+    sp, cp = KINDS["compiled"](*srv), KINDS["compiled"](*cli)
+    assert cp.open(sp.seal(b"x")) == b"x"
+    sess = cp.session()
+    srv, cli = handshake(ctxs, session=sess)  # (still valid: resumed)
+    assert srv[0].session_reused
+    time.sleep(max(0.0, (ends - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+               + 1.1)
+    with pytest.raises(ssl.SSLError, match="certificate has expired"):
+        handshake(ctxs, session=sess)  # a full handshake, which refuses it
