@@ -73,6 +73,10 @@ ctypedef int (*f_session_int)(const icafast_SSL_SESSION *) noexcept nogil
 ctypedef icafast_SSL_SESSION *(*f_session_dup)(const icafast_SSL_SESSION *) noexcept nogil
 ctypedef void (*f_void)() noexcept nogil
 ctypedef long (*f_session_long)(const icafast_SSL_SESSION *) noexcept nogil
+# SSL_SESSION_get0_peer, X509_get0_notAfter, X509_cmp_current_time (X509 and ASN1_TIME as
+# untyped pointers)
+ctypedef void *(*f_get0_ptr)(const void *) noexcept nogil
+ctypedef int (*f_cmp_time)(const void *) noexcept nogil
 # SSL_CTX_set_session_ticket_cb (the SSL_CTX and the callbacks as untyped pointers)
 ctypedef int (*f_ctx_ticket_cb)(void *, void *, void *, void *) noexcept nogil
 ctypedef unsigned long (*f_ulong)() noexcept nogil
@@ -146,6 +150,9 @@ cdef f_session_dup p_session_dup = NULL
 cdef f_session_long p_session_time = NULL
 cdef f_session_long p_session_timeout = NULL
 cdef f_ctx_ticket_cb p_ctx_ticket_cb = NULL  # (NULL where the library has none: 1.1.0)
+cdef f_get0_ptr p_session_peer = NULL  # (these three: NULL where not found)
+cdef f_get0_ptr p_not_after = NULL
+cdef f_cmp_time p_cmp_now = NULL
 cdef icafast_BIO_METHOD *_method = NULL
 cdef object _bind_error = "not bound yet"
 
@@ -224,6 +231,7 @@ def bind():
     global p_bio_set_flags, p_bio_clear_flags, _method, p_ssl_ctrl, p_free_buffers
     global p_get1_session, p_set_session, p_session_free, p_session_resumable, p_session_dup
     global p_session_time, p_session_timeout, p_ctx_ticket_cb
+    global p_session_peer, p_not_after, p_cmp_now
     if _bind_error is None:
         return None
     cdef void *h
@@ -267,6 +275,9 @@ def bind():
         p_session_time = <f_session_long>_sym(h, b"SSL_SESSION_get_time")
         p_session_timeout = <f_session_long>_sym(h, b"SSL_SESSION_get_timeout")
         p_ctx_ticket_cb = <f_ctx_ticket_cb>dlsym(h, b"SSL_CTX_set_session_ticket_cb")
+        p_session_peer = <f_get0_ptr>dlsym(h, b"SSL_SESSION_get0_peer")
+        p_not_after = <f_get0_ptr>dlsym(h, b"X509_get0_notAfter")
+        p_cmp_now = <f_cmp_time>dlsym(h, b"X509_cmp_current_time")
         p_err_clear = <f_void>_sym(h, b"ERR_clear_error")
         p_err_get = <f_ulong>_sym(h, b"ERR_get_error")
         p_err_string = <f_err_string>_sym(h, b"ERR_error_string_n")
@@ -331,11 +342,31 @@ def ticket_decision(int status, long age, long lifetime):
     return _ticket_decision(status, age, lifetime)
 
 
+cdef bint _peer_expired(icafast_SSL_SESSION *ss) noexcept nogil:
+    # Whether the session holds a peer certificate (a server's session: the client's) whose
+    # validity has ended since the full handshake that checked it (or cannot be told).
+    cdef const void *peer
+    cdef const void *end
+    if p_session_peer == NULL or p_not_after == NULL or p_cmp_now == NULL:
+        return False
+    peer = p_session_peer(ss)
+    if peer == NULL:
+        return False
+    end = p_not_after(peer)
+    return end == NULL or p_cmp_now(end) <= 0  # (-1: before now; 0: an error)
+
+
 cdef int _on_ticket(icafast_SSL *s, icafast_SSL_SESSION *ss, const unsigned char *keyname,
                     size_t keyname_len, int status, void *arg) noexcept nogil:
     cdef long age = -1
     cdef long lifetime = 0
     if ss != NULL and (status == SSL_TICKET_SUCCESS or status == SSL_TICKET_SUCCESS_RENEW):
+        if _peer_expired(ss):
+            # The client's certificate has expired since it was checked: a full handshake,
+            # which checks it again (and refuses it), rather than a resumption that would let
+            # it in without showing it (and renew its ticket, over and over)
+            p_err_clear()
+            return SSL_TICKET_RETURN_IGNORE_RENEW
         age = <long>time(NULL) - p_session_time(ss)
         lifetime = p_session_timeout(ss)
     return _ticket_decision(status, age, lifetime)
@@ -429,16 +460,30 @@ cdef Session _session_of(icafast_SSL *conn):
     return out
 
 
+cdef unsigned long _first_error = 0  # (the code of the error _pop_errors took out last)
+
+
 cdef str _pop_errors():
     # The first error of OpenSSL's queue as text, the queue left empty.
+    global _first_error
     cdef char buf[256]
     cdef unsigned long code = p_err_get()
+    _first_error = code
     text = ""
     if code:
         p_err_string(code, buf, sizeof(buf))
         text = buf.decode("utf-8", "replace")
     p_err_clear()
     return text
+
+
+cdef bint _is_received_alert(unsigned long code):
+    # Whether an error code is OpenSSL's "the peer sent this fatal alert": the SSL library's
+    # (20; in the top bits from bit 23 in OpenSSL 3, bit 24 in 1.1) with a reason of 1000 plus
+    # the alert's number (SSL_AD_REASON_OFFSET).
+    cdef unsigned long reason = code & 0xFFF
+    return (1000 <= reason < 1256
+            and (((code >> 23) & 0xFF) == 20 or ((code >> 24) & 0xFF) == 20))
 
 
 cdef int _failure(icafast_SSL *conn, int r, str what) except -1:
@@ -454,8 +499,12 @@ cdef int _failure(icafast_SSL *conn, int r, str what) except -1:
         return err
     text = _pop_errors()
     err = p_get_error(conn, r)
-    if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE or err == SSL_ERROR_ZERO_RETURN:
+    if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
         return err  # (the error was not this call's)
+    # A fatal alert from the peer marks the connection shut as a close_notify does, so that,
+    # its error taken out, OpenSSL says SSL_ERROR_ZERO_RETURN for it too: it is an error
+    if err == SSL_ERROR_ZERO_RETURN and not _is_received_alert(_first_error):
+        return err
     raise ssl.SSLError(1, f"{what}: {text}" if text else f"{what} (error {err})")
 
 

@@ -546,9 +546,15 @@ def _readable(args: argparse.Namespace, file_cfg: dict[str, Any], *names: str) -
                 raise ValueError(f"--{name.replace('_', '-')} {path}: {e.strerror or e}") from None
 
 
+class _SelfSignedError(ValueError):
+    """The server's own self-signed certificate (not --tls-cert/--tls-key) does not load."""
+
+
 def _tls_problem(e: Exception, cert_opt: str, key_opt: str) -> str:
     """OpenSSL's "PEM lib" error, raised when a certificate and key do not load as a pair, says
     nothing about which file is wrong: name the options instead."""
+    if isinstance(e, _SelfSignedError):
+        return str(e)
     if "PEM lib" in str(e):
         return (f"{cert_opt} and {key_opt} do not load as a certificate and its private key "
                 f"(PEM, the key unencrypted): {e}")
@@ -557,10 +563,21 @@ def _tls_problem(e: Exception, cert_opt: str, key_opt: str) -> str:
     return _error_text(e)
 
 
+def _no_tls_alone(args: argparse.Namespace, file_cfg: dict[str, Any], *names: str) -> None:
+    """--no-tls with an option that secures the links (a certificate, a client CA, a pinned
+    fingerprint) is refused: the option was dropped without a word, and the links ran in plain
+    text, unchecked, where the administrator had asked for a check."""
+    given = [f"--{n.replace('_', '-')}" for n in names if _opt(args, file_cfg, n)]
+    if given:
+        raise ValueError(f"--no-tls (plain-text links) leaves no use for {', '.join(given)}: "
+                         "give one or the other")
+
+
 def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     from . import tls
 
     if _opt(args, file_cfg, "no_tls"):
+        _no_tls_alone(args, file_cfg, "tls_cert", "tls_key", "tls_client_ca")
         return None
     cert, key = _opt(args, file_cfg, "tls_cert"), _opt(args, file_cfg, "tls_key")
     if bool(cert) != bool(key):
@@ -576,9 +593,23 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
                                    + (f" ({e.filename})" if e.filename else "")) from None
         what = "created a self-signed" if created else "using the self-signed"
         log.info("TLS: %s certificate %s", what, cert)
+        try:  # (not "--tls-cert and --tls-key", which were not given)
+            tls.fingerprint_of_pem(cert)
+            tls.check_pair(cert, key)
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", None) or e
+            raise _SelfSignedError(f"the self-signed certificate {cert} and its key {key} do not "
+                                   f"load ({reason}): restore them, or remove both to create a "
+                                   "new certificate (a new fingerprint for the clients)") from None
     fp = tls.fingerprint_of_pem(cert)
     log.warning("TLS certificate SHA-256 fingerprint: %s  (clients: --tls-fingerprint %s)",
                 tls.pretty_fingerprint(fp), fp)
+    try:
+        problem = tls.validity_problem(cert)
+    except ValueError:  # (what cryptography cannot read, OpenSSL loads below or refuses)
+        problem = None
+    if problem:
+        log.warning("TLS: %s", problem)
     ctx = tls.server_context(cert, key, _opt(args, file_cfg, "tls_client_ca"))
     if tls.key_readable_by_everyone(key):
         log.warning("TLS: the private key %s can be read by every user of this machine "
@@ -590,6 +621,8 @@ def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     from . import tls
 
     if _opt(args, file_cfg, "no_tls"):
+        _no_tls_alone(args, file_cfg, "tls_ca", "tls_fingerprint", "tls_client_cert",
+                      "tls_client_key")
         return None
     if _opt(args, file_cfg, "tls_client_key") and not _opt(args, file_cfg, "tls_client_cert"):
         raise ValueError("--tls-client-key needs --tls-client-cert")

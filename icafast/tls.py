@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
+import fcntl
 import hashlib
+import logging
 import os
 import socket
 import ssl
+import stat
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,10 +53,12 @@ def default_state_dir() -> str:
 
 
 def normalize_fingerprint(text: str) -> str:
-    """'AB:CD:...', 'abcd...' or 'sha256:ABCD...' -> 64 lower-case hex digits."""
+    """'AB:CD:...', 'abcd...', 'sha256:ABCD...' or what ``openssl x509 -fingerprint -sha256``
+    prints ('sha256 Fingerprint=AB:CD:...') -> 64 lower-case hex digits."""
     t = text.strip().lower()
-    if t.startswith("sha256:"):
-        t = t[7:]
+    for prefix in ("sha256:", "sha256 fingerprint="):
+        if t.startswith(prefix):
+            t = t[len(prefix):]
     t = t.replace(":", "").replace(" ", "")
     if len(t) != 64 or any(c not in "0123456789abcdef" for c in t):
         raise ValueError(f"not a SHA-256 fingerprint (64 hex digits): {text!r}")
@@ -101,29 +108,134 @@ def _load_verify_locations(ctx: ssl.SSLContext, ca: str) -> None:
                                     "certificates") from None
 
 
+def check_pair(cert: str, key: str) -> None:
+    """Raise (ssl.SSLError, ValueError, OSError) unless ``cert`` and ``key`` load as a server's
+    certificate and its private key."""
+    _load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
+
+
+def validity_problem(cert: str, now: datetime.datetime | None = None) -> str | None:
+    """What is wrong with the dates of the first certificate in the PEM file ``cert`` (the
+    server's own), or None: expired, or not valid yet. Clients that verify it with a CA
+    refuse such a certificate on every link; a pinned fingerprint does not look at dates."""
+    from cryptography import x509
+
+    with open(cert, "rb") as f:
+        c = x509.load_pem_x509_certificate(f.read())
+    utc = datetime.timezone.utc
+    start = getattr(c, "not_valid_before_utc", None) or c.not_valid_before.replace(tzinfo=utc)
+    end = getattr(c, "not_valid_after_utc", None) or c.not_valid_after.replace(tzinfo=utc)
+    now = now or datetime.datetime.now(utc)
+    if now > end:
+        return (f"the certificate in {cert} expired on {end:%Y-%m-%d %H:%M} UTC: clients that "
+                "verify it (--tls-ca) refuse it")
+    if now < start:
+        return (f"the certificate in {cert} is not valid before {start:%Y-%m-%d %H:%M} UTC "
+                "(is this machine's clock right?): clients that verify it (--tls-ca) refuse it")
+    return None
+
+
 def pretty_fingerprint(fp: str) -> str:
     return ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)).upper()
 
 
+def _check_state_dir(state_dir: str) -> None:
+    """Refuse a state directory that another user could write to: they could put a key of
+    their own (with its certificate) in place of the server's, or one beside it before the
+    server's first start, and impersonate the server to every client that pins its
+    fingerprint (:func:`icafast.paths.check_private_dir`; the directory itself not even
+    sticky)."""
+    check_private_dir(state_dir, "state directory", "the server's key", "--state-dir",
+                      sticky_ok=False)
+
+
+def key_readable_by_everyone(key: str) -> bool:
+    """Whether every user of the machine may read the private key file ``key`` (a group that
+    may, such as Debian's ``ssl-cert``, is the administrator's choice)."""
+    return bool(os.stat(key).st_mode & 0o004)
+
+
+def _write_new(path: str, data: bytes, mode: int) -> str:
+    """Write ``data`` to a new file beside ``path`` (created with ``mode``, never an existing
+    file or link followed) and flush it to disk; return its name, for :func:`os.replace`."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path),
+                               prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
 def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     """Return (cert path, key path, created) for the server's self-signed certificate,
-    creating an ECDSA P-256 key and a 10-year certificate on first use."""
+    creating an ECDSA P-256 key and a 10-year certificate on first use.
+
+    Clients pin the certificate's fingerprint, so a new one is made only where neither file
+    is there: one without the other (a file lost or removed) is an error that says so, rather
+    than a new certificate that every pinned client would refuse. The key is written to a new
+    file of mode 0600 (never through one already there, whatever its mode or owner), both are
+    flushed to disk before they take their names, and a key that others may read is made
+    private again with a warning. The directory must not be writable by other users
+    (:func:`_check_state_dir`); servers that share it make one pair between them."""
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    _check_state_dir(state_dir)
     cert = os.path.join(state_dir, "server-cert.pem")
     key = os.path.join(state_dir, "server-key.pem")
-    # (the directory, or the nearest one above it that exists, and those above that)
-    existing = os.path.abspath(state_dir)
-    while not os.path.lexists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
-    if os.path.isdir(existing):
-        _check_state_dir(existing)
-    if os.path.exists(cert) and os.path.exists(key):
-        return cert, key, False
+    if os.path.lexists(cert) and os.path.lexists(key):
+        # (no lock to take: the directory may be read-only, or another user's, as root's)
+        return _existing(cert, key)
+    # Servers that share the directory (the default one, as root) and start together: one
+    # makes the pair while the others wait, then use it. (Each made its own, and the files
+    # each renamed last made a pair that did not match, or not the one it had printed.)
+    lock = os.open(os.path.join(state_dir, ".lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_self_signed(state_dir)
+    finally:
+        os.close(lock)
+
+
+def _existing(cert: str, key: str) -> tuple[str, str, bool]:
+    # The pair is there: a key others may read is made private again, with a warning.
+    st = os.stat(key)
+    if st.st_mode & 0o077:
+        try:
+            os.chmod(key, 0o600)
+            done = "made private (0600)"
+        except OSError as e:
+            done = f"it could not be made private ({e.strerror or e})"
+        logging.getLogger("icafast").warning(
+            "TLS: the private key %s was readable by others (mode %04o): %s; if someone may "
+            "have read it, remove %s and %s to create a new certificate (a new fingerprint "
+            "for the clients)", key, stat.S_IMODE(st.st_mode), done, key, cert)
+    return cert, key, False
+
+
+def _ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
+    cert = os.path.join(state_dir, "server-cert.pem")
+    key = os.path.join(state_dir, "server-key.pem")
+    have_cert, have_key = os.path.lexists(cert), os.path.lexists(key)
+    if have_cert and have_key:  # (made by a server that held the lock before)
+        return _existing(cert, key)
+    if have_cert or have_key:
+        there, missing = (cert, key) if have_cert else (key, cert)
+        raise FileNotFoundError(
+            errno.ENOENT, f"{there} is there without {missing}: a new self-signed certificate "
+            "would have a new fingerprint, which clients pinned to the old one refuse. "
+            f"Restore {missing}, or remove {there} to create a new certificate")
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
     pkey = ec.generate_private_key(ec.SECP256R1())
     host = socket.gethostname() or "localhost"
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"icafast server {host}")])
@@ -151,41 +263,20 @@ def ensure_self_signed(state_dir: str) -> tuple[str, str, bool]:
     key_pem = pkey.private_bytes(serialization.Encoding.PEM,
                                  serialization.PrivateFormat.PKCS8,
                                  serialization.NoEncryption())
-    # Each file is written whole and synced before it takes its name, and the directory is
-    # synced after: a crash or a power cut leaves the old pair, none, or the new pair whole,
-    # never an empty or a half-written key under the right name
-    _write_synced(key, key_pem)
-    _write_synced(cert, certificate.public_bytes(serialization.Encoding.PEM))
-    dfd = os.open(state_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    key_tmp = _write_new(key, key_pem, 0o600)
     try:
+        cert_tmp = _write_new(cert, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    except BaseException:
+        os.unlink(key_tmp)
+        raise
+    os.replace(key_tmp, key)
+    os.replace(cert_tmp, cert)
+    dfd = os.open(state_dir, os.O_RDONLY)
+    try:  # (the names too, before the fingerprint is printed and pinned)
         os.fsync(dfd)
     finally:
         os.close(dfd)
     return cert, key, True
-
-
-def _check_state_dir(state_dir: str) -> None:
-    check_private_dir(state_dir, "state directory", "the server's key and certificate",
-                      "--state-dir")
-
-
-def _write_synced(path: str, data: bytes) -> None:
-    """Write ``path`` (mode 0600) through a temporary file, synced, then renamed over it."""
-    tmp = path + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)  # (one left by a crash, or made by someone else: O_EXCL below)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def key_readable_by_everyone(key: str) -> bool:
-    """Whether every user of the machine may read the private key file ``key`` (a group that
-    may, such as Debian's ``ssl-cert``, is the administrator's choice)."""
-    return bool(os.stat(key).st_mode & 0o004)
 
 
 def _base(protocol: ssl._SSLMethod) -> ssl.SSLContext:
@@ -198,6 +289,11 @@ def _base(protocol: ssl._SSLMethod) -> ssl.SSLContext:
     keylog = os.environ.get("SSLKEYLOGFILE")  # (as create_default_context: for debugging)
     if keylog and not sys.flags.ignore_environment:
         ctx.keylog_filename = keylog
+        # (an environment variable set for debugging, in a profile, is easily inherited by a
+        # server: its every link would then be readable by whoever reads that file)
+        logging.getLogger("icafast").warning(
+            "TLS: the keys of every link are written to %s (SSLKEYLOGFILE is set): whoever "
+            "can read that file can decrypt the traffic", keylog)
     return ctx
 
 

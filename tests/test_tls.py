@@ -87,6 +87,133 @@ def test_self_signed_certificate_created_once(tmp_path):
     fp = tls.fingerprint_of_pem(cert)
     assert len(fp) == 64
     assert tls.normalize_fingerprint(tls.pretty_fingerprint(fp)) == fp
+    for text in (fp.upper(), f"SHA256:{fp}", f"sha256:{tls.pretty_fingerprint(fp)}",
+                 f"sha256 Fingerprint={tls.pretty_fingerprint(fp)}\n"):  # (openssl x509's)
+        assert tls.normalize_fingerprint(text) == fp, text
+    with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+        tls.normalize_fingerprint(f"sha1 Fingerprint={tls.pretty_fingerprint(fp)[:59]}")
+
+
+def test_self_signed_key_is_private_whatever_was_there(tmp_path, caplog):
+    """The key was written through a fixed "server-key.pem.tmp", opened without O_EXCL: one
+    left there (by a crash, or made by another user in a shared directory) kept its mode, and
+    the server's new private key was readable by everyone (0644), or written where a link
+    there led. A key made readable by others since is made private again, with a warning."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    for name in ("server-key.pem.tmp", "server-cert.pem.tmp"):
+        (state / name).write_text("")
+        os.chmod(state / name, 0o644)
+    outside = tmp_path / "outside"
+    outside.write_text("")
+    os.chmod(outside, 0o644)
+    (state / ".server-key.pem.x.tmp").symlink_to(outside)
+    cert, key, created = tls.ensure_self_signed(str(state))
+    assert created and os.stat(key).st_mode & 0o777 == 0o600
+    assert outside.read_text() == ""
+    assert sorted(p.name for p in state.iterdir() if p.suffix == ".pem") == [
+        "server-cert.pem", "server-key.pem"]
+    os.chmod(key, 0o644)
+    with caplog.at_level("WARNING", logger="icafast"):
+        assert tls.ensure_self_signed(str(state)) == (cert, key, False)
+    assert os.stat(key).st_mode & 0o777 == 0o600
+    assert "readable by others (mode 0644)" in caplog.text
+
+
+@pytest.mark.parametrize("lost", ["server-key.pem", "server-cert.pem"])
+def test_self_signed_half_pair_is_refused_not_replaced(tmp_path, lost):
+    """With one of its two files gone (removed, or a crash between the two renames), a new
+    certificate was made without a word above INFO: a new fingerprint, which every client
+    pinned to the old one refuses. The server now says which file is missing and does not
+    touch the other."""
+    state = tmp_path / "state"
+    cert, key, _ = tls.ensure_self_signed(str(state))
+    kept = {p.name: p.read_bytes() for p in state.iterdir()}
+    (state / lost).unlink()
+    with pytest.raises(FileNotFoundError, match=f"is there without {re.escape(str(state / lost))}"
+                                                ": a new self-signed certificate would have"):
+        tls.ensure_self_signed(str(state))
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == {
+        k: v for k, v in kept.items() if k != lost}
+
+
+def test_self_signed_state_dir_others_can_write_is_refused(tmp_path):
+    """Another user who can write the state directory can put a key of theirs (and its
+    certificate) there, before the first start or in place of the server's, and impersonate
+    the server to clients pinned to it; such a directory was used as it was."""
+    state = tmp_path / "state"
+    state.mkdir()
+    for mode in (0o777, 0o1777, 0o770):
+        os.chmod(state, mode)
+        with pytest.raises(PermissionError, match=f"is writable by other users \\(mode {mode:04o}"):
+            tls.ensure_self_signed(str(state))
+        assert not list(state.iterdir())
+    os.chmod(state, 0o755)
+    assert tls.ensure_self_signed(str(state))[2]
+
+
+def _start_sharing(state: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        cert, key, _ = tls.ensure_self_signed(state)
+        tls.server_context(cert, key)
+        results.put(tls.fingerprint_of_pem(cert))
+    except Exception as e:  # (reported to the test)
+        results.put(repr(e))
+
+
+def test_servers_sharing_a_state_dir_make_one_pair(tmp_path):
+    """Servers that share the state directory (the default one, /var/lib/icafast as root) and
+    start together each made a pair: each printed a fingerprint of its own, the files renamed
+    last made a pair that did not match (KEY_VALUES_MISMATCH at the next start), and clients
+    pinned to what a server printed were refused after its restart."""
+    import multiprocessing
+
+    mp = multiprocessing.get_context("fork")
+    for trial in range(2):
+        state = str(tmp_path / f"state{trial}")
+        barrier, results = mp.Barrier(6), mp.Queue()
+        procs = [mp.Process(target=_start_sharing, args=(state, barrier, results))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        got = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert set(got) == {tls.fingerprint_of_pem(os.path.join(state, "server-cert.pem"))}
+
+
+def test_a_key_log_file_is_said(tmp_path, monkeypatch, caplog):
+    """SSLKEYLOGFILE (a debugging aid, honoured as Python's default contexts do) makes every
+    link's keys go to that file; a server or client that inherited it said nothing."""
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "state"))
+    log = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(log))
+    with caplog.at_level("WARNING", logger="icafast"):
+        assert tls.server_context(cert, key).keylog_filename == str(log)
+        tls.client_context(insecure=True)
+    assert caplog.text.count(f"the keys of every link are written to {log}") == 2
+    monkeypatch.delenv("SSLKEYLOGFILE")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="icafast"):
+        assert tls.server_context(cert, key).keylog_filename is None
+    assert not caplog.text
+
+
+def test_an_existing_pair_needs_no_write_to_its_directory(tmp_path, monkeypatch):
+    """A pair kept where the server may only read (a read-only volume, root's directory read
+    by a server run as another user) is used without creating anything there."""
+    state = tmp_path / "state"
+    made = tls.ensure_self_signed(str(state))
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kw):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(13, "Read-only file system", path)
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(os, "open", read_only)
+    assert tls.ensure_self_signed(str(state)) == (made[0], made[1], False)
 
 
 def test_fingerprint_is_the_first_certificate_s_wherever_it_starts(tmp_path):
@@ -140,7 +267,13 @@ def test_tls_files_that_do_not_load_get_one_line_naming_the_file(tmp_path):
         # (was "[Errno 20] Not a directory: ...", without saying what the path was for)
         (serve + ["--state-dir", f"{key}/state"],
          f"cannot keep the self-signed certificate in {key}/state (--state-dir): Not a "),
+        # (the self-signed pair, damaged: named as what it is, not as --tls-cert/--tls-key)
+        (serve + ["--state-dir", str(tmp_path / "damaged")],
+         f"the self-signed certificate {tmp_path}/damaged/server-cert.pem and its key "
+         f"{tmp_path}/damaged/server-key.pem do not load ("),
     ]
+    _, damaged, _ = tls.ensure_self_signed(str(tmp_path / "damaged"))
+    Path(damaged).write_text(Path(damaged).read_text()[:50])
     for args, message in cases:
         p = _tls_start(*args)
         assert p.returncode == 1, (args, p.returncode, p.stderr)
@@ -148,6 +281,78 @@ def test_tls_files_that_do_not_load_get_one_line_naming_the_file(tmp_path):
                    and "fingerprint:" not in t]
         assert message in line and line.startswith(f"icafast {args[0]}: TLS: "), (args, line)
         assert "pass phrase" not in p.stderr + p.stdout, p.stderr
+
+
+def test_server_warns_of_a_certificate_out_of_its_dates(tmp_path):
+    """An expired (or not yet valid) --tls-cert started without a word: every client that
+    verifies it with --tls-ca was refused ("certificate has expired"), and only the clients'
+    logs said why."""
+    import socket
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    key = tmp_path / "k.pem"
+    key.write_bytes(pkey.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "server")])
+    busy = socket.socket()  # (the server stops at its listen, after its TLS set-up)
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        for label, start, end, said in (
+                ("expired", -10, -2, f"expired on {now - datetime.timedelta(days=2):%Y-%m-%d}"),
+                ("future", 2, 10, "is not valid before "
+                                  f"{now + datetime.timedelta(days=2):%Y-%m-%d}"),
+                ("valid", -1, 1, None)):
+            cert = tmp_path / f"{label}.pem"
+            cert.write_bytes(
+                x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                .public_key(pkey.public_key()).serial_number(1)
+                .not_valid_before(now + datetime.timedelta(days=start))
+                .not_valid_after(now + datetime.timedelta(days=end))
+                .sign(pkey, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+            p = _tls_start("serve", "--listen", f"127.0.0.1:{busy.getsockname()[1]}",
+                           "--tls-cert", str(cert), "--tls-key", str(key),
+                           "--control", str(tmp_path / "c.sock"))
+            assert "cannot listen" in p.stderr, p.stderr
+            if said is None:
+                assert f"certificate in {cert}" not in p.stderr, p.stderr
+            else:
+                assert (f"WARNING TLS: the certificate in {cert} {said}" in p.stderr
+                        and "clients that verify it (--tls-ca) refuse it" in p.stderr), p.stderr
+    finally:
+        busy.close()
+
+
+def test_no_tls_with_an_option_that_secures_the_links_is_refused(tmp_path):
+    """``--no-tls`` dropped a --tls-client-ca, --tls-cert or --tls-fingerprint given with it
+    (on the command line or in the config file) without a word: a server an administrator
+    meant to admit only clients with a certificate admitted anyone, in plain text."""
+    cert, key, fp = _pair(tmp_path / "pki")
+    serve = ["serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", "--control",
+             str(tmp_path / "c.sock"), "--no-tls"]
+    connect = ["connect", "--listen", "127.0.0.1:0", "--server", "127.0.0.1:9", "--no-tls"]
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_text(f'tls_client_ca = "{cert}"\n')
+    for args, named in (
+            (serve + ["--tls-client-ca", cert], "--tls-client-ca"),
+            (serve + ["--tls-cert", cert, "--tls-key", key], "--tls-cert, --tls-key"),
+            (serve + ["--config", str(cfg)], "--tls-client-ca"),
+            (connect + ["--tls-fingerprint", fp], "--tls-fingerprint"),
+            (connect + ["--tls-ca", cert], "--tls-ca"),
+            (connect + ["--tls-client-cert", cert, "--tls-client-key", key],
+             "--tls-client-cert, --tls-client-key")):
+        p = _tls_start(*args)
+        assert p.returncode == 1, (args, p.returncode, p.stderr)
+        assert (f"icafast {args[0]}: TLS: --no-tls (plain-text links) leaves no use for "
+                f"{named}: give one or the other") in p.stderr, (args, p.stderr)
+        assert "listening on" not in p.stderr
 
 
 def test_client_refuses_to_trust_nothing():
@@ -540,6 +745,36 @@ def test_client_certificates(tmp_path):
     run_async("uvloop", main())
 
 
+@pytest.mark.skipif(not uses_pipe(), reason="the event loop's TLS transport does not say "
+                    "which alert ended a connection after its handshake")
+def test_a_refused_client_certificate_is_said_so(tmp_path):
+    """A client the server refused for its certificate (none given, or one its
+    --tls-client-ca did not sign) logged "connection closed by peer (TLS close_notify)" on
+    every attempt (TLS 1.3: the server's alert comes after the client's handshake), and its
+    session ended without a word on certificates."""
+    ca, issue = _make_ca(tmp_path)
+    other_ca, other_issue = _make_ca(tmp_path, "other CA")
+    bad_cert, bad_key = other_issue("client", [], "badclient")
+    cert, key, fp = _pair(tmp_path / "srv")
+    config = dataclasses.replace(FAST, connect_retry=0.5)
+
+    async def main() -> None:
+        async with Setup(Backend("echo"),
+                         ssl=tls.server_context(cert, key, client_ca=ca)) as s:
+            for ctls, said in (
+                    (tls.client_context(fingerprint=fp), "the server requires a client "
+                     "certificate: give --tls-client-cert and --tls-client-key"),
+                    (tls.client_context(fingerprint=fp, cert=bad_cert, key=bad_key),
+                     "the server refused this client's certificate")):
+                with pytest.raises(ConnectionError) as err:
+                    await open_session("127.0.0.1", s.server_port, config=config, tls=ctls)
+                assert said in str(err.value), str(err.value)
+                assert "close_notify" not in str(err.value)
+            assert not s.backend.conns
+
+    run_async("uvloop", main())
+
+
 def test_plain_client_cannot_talk_to_tls_server(tmp_path):
     cert, key, _ = _pair(tmp_path)
 
@@ -555,6 +790,33 @@ def test_plain_client_cannot_talk_to_tls_server(tmp_path):
         await backend.close()
 
     run_async("uvloop", main())
+
+
+def test_server_log_names_a_tls_mismatch(tmp_path, caplog):
+    """The server's log of a client whose TLS setting is not its own said only "wrong version
+    number" (a plain-text client on a TLS server) or "not an icafast client (first byte
+    0x16)" (a TLS client on a --no-tls server); the client's log had a hint, the server's none."""
+    cert, key, fp = _pair(tmp_path)
+
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        for server_tls, client_tls in ((tls.server_context(cert, key), None),
+                                       (None, tls.client_context(fingerprint=fp))):
+            srv = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], FAST,
+                              ssl=server_tls)
+            await srv.start()
+            with pytest.raises(ConnectionError):
+                await open_session(*srv.addresses[0], config=FAST, tls=client_tls)
+            await srv.close()
+        await backend.close()
+
+    with caplog.at_level("INFO", logger="icafast"):
+        run_async("uvloop", main())
+    assert ("a TLS handshake: the client runs with TLS, the default, this server with --no-tls"
+            in caplog.text), caplog.text
+    if uses_pipe():  # (the event loop's TLS transport logs its handshakes itself)
+        assert ("an icafast client without TLS: it runs with --no-tls, this server with TLS"
+                in caplog.text), caplog.text
 
 
 def test_cli_tls_by_default(tmp_path):
@@ -607,62 +869,6 @@ def test_server_warns_without_tls_on_non_loopback():
         assert "WITHOUT TLS" in "".join(server.lines)
     finally:
         server.stop()
-
-
-def test_state_dir_that_others_could_change_is_refused(tmp_path):
-    """The self-signed key and certificate are kept only in a directory no other user can
-    write to (or that belongs to another user): there, anyone could put a key and certificate
-    of their own in place of the server's, which every client that pinned its fingerprint
-    would then refuse. Nothing is written to such a directory."""
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    with pytest.raises(OSError, match=r"state directory .*shared is writable by other users "
-                                      r"\(mode 0777\).*--state-dir"):
-        tls.ensure_self_signed(str(shared / "icafast"))
-    assert not (shared / "icafast").exists()
-    with pytest.raises(OSError, match="shared is writable by other users"):
-        tls.ensure_self_signed(str(shared))
-    assert list(shared.iterdir()) == []
-    if os.geteuid() == 0:
-        theirs = tmp_path / "theirs"
-        theirs.mkdir(mode=0o700)
-        os.chown(theirs, 65534, 65534)
-        with pytest.raises(OSError, match="theirs belongs to user 65534"):
-            tls.ensure_self_signed(str(theirs))
-        assert list(theirs.iterdir()) == []
-    sticky = tmp_path / "sticky"
-    sticky.mkdir()
-    sticky.chmod(0o1777)
-    cert, key, created = tls.ensure_self_signed(str(sticky / "icafast"))
-    assert created and os.stat(key).st_mode & 0o777 == 0o600
-    # ... and from the command line: one line naming the option
-    p = _tls_start("serve", "--listen", "127.0.0.1:0", "--control", str(tmp_path / "c.sock"),
-                   "--state-dir", str(shared))
-    assert p.returncode == 1, p.stderr
-    assert "writable by other users" in p.stderr and "--state-dir" in p.stderr, p.stderr
-    assert "Traceback" not in p.stderr
-
-
-def test_self_signed_pair_is_written_whole_past_a_leftover_temporary_file(tmp_path):
-    """A temporary file left by a crash, or put there by someone else (a link to elsewhere, a
-    file anyone may read), is not written through: the key is written to a file of its own,
-    mode 0600, synced, and only then given its name."""
-    state = tmp_path / "state"
-    state.mkdir(mode=0o700)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.write_bytes(b"")
-    os.symlink(elsewhere, state / "server-key.pem.tmp")
-    (state / "server-cert.pem.tmp").write_bytes(b"half a certificate")
-    (state / "server-cert.pem.tmp").chmod(0o666)
-    cert, key, created = tls.ensure_self_signed(str(state))
-    assert created
-    assert elsewhere.read_bytes() == b""  # (not written through the link)
-    assert sorted(p.name for p in state.iterdir()) == ["server-cert.pem", "server-key.pem"]
-    assert os.stat(key).st_mode & 0o777 == 0o600
-    assert b"PRIVATE KEY" in Path(key).read_bytes()
-    tls.server_context(cert, key)  # (a pair that loads)
-    assert tls.ensure_self_signed(str(state)) == (cert, key, False)
 
 
 def test_a_private_key_every_user_can_read_is_warned_of(tmp_path):

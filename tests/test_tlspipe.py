@@ -358,3 +358,80 @@ def test_ticket_decisions():
     for status in (empty, no_decrypt):  # a full handshake, with a ticket after it
         assert _tlsio.ticket_decision(status, -1, 0) == ignore_renew
     assert not _tlsio.spare_tickets(object())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fatal_alert_from_the_peer_is_an_error_not_a_close_notify(tmp_path, kind):
+    """A TLS 1.3 client ends its handshake before the server has checked its certificate:
+    the server's refusal (a certificate_required alert, when the client gave none) arrives as
+    the first record the pipe opens. The compiled pipe took that alert, whose error it takes
+    out of OpenSSL's queue before asking again what the read came to, for a close_notify
+    (OpenSSL marks the connection shut either way), and the client logged "connection closed
+    by peer (TLS close_notify)" instead of why the server refused it."""
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+    sctx = tls.server_context(cert, key, client_ca=cert)
+    cctx = tls.client_context(insecure=True).context
+    si, so, ci, co = (ssl.MemoryBIO() for _ in range(4))
+    s = sctx.wrap_bio(si, so, server_side=True)
+    c = cctx.wrap_bio(ci, co, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        c.do_handshake()
+    si.write(co.read())
+    with pytest.raises(ssl.SSLWantReadError):
+        s.do_handshake()
+    ci.write(so.read())
+    c.do_handshake()  # (done: TLS 1.3)
+    assert c.version() == "TLSv1.3"
+    si.write(co.read())
+    with pytest.raises(ssl.SSLError, match="PEER_DID_NOT_RETURN_A_CERTIFICATE"):
+        s.do_handshake()
+    alert = so.read()
+    assert alert
+    pipe = KINDS[kind](c, ci, co)
+    with pytest.raises(ssl.SSLError, match="alert certificate required"):
+        pipe.open(alert)
+    assert not pipe.peer_closed
+
+
+@pytest.mark.skipif(tlspipe.compiled_unavailable() is not None,
+                    reason="the ticket callback needs the compiled module")
+def test_a_client_certificate_that_expired_cannot_resume(tmp_path):
+    """A TLS 1.3 resumption shows no certificate: a client whose certificate had expired
+    since its full handshake resumed with its ticket and was let in (a new connection
+    without the ticket was refused "certificate has expired"), and every resumption past half
+    the ticket's lifetime renewed it, so that it could go on. The server now makes a full
+    handshake of such a resumption, which checks the certificate and refuses it."""
+    import datetime
+    import time
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "srv"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")])
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    ends = now + datetime.timedelta(seconds=2)
+    ccert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+             .public_key(pkey.public_key()).serial_number(1)
+             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(ends)
+             .sign(pkey, hashes.SHA256()))
+    cpath, kpath = tmp_path / "c.pem", tmp_path / "k.pem"
+    cpath.write_bytes(ccert.public_bytes(serialization.Encoding.PEM))
+    kpath.write_bytes(pkey.private_bytes(serialization.Encoding.PEM,
+                                         serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+    ctxs = (tls.server_context(cert, key, client_ca=str(cpath)),
+            tls.client_context(ca=cert, cert=str(cpath), key=str(kpath)).context)
+    srv, cli = handshake(ctxs)
+    sp, cp = KINDS["compiled"](*srv), KINDS["compiled"](*cli)
+    assert cp.open(sp.seal(b"x")) == b"x"
+    sess = cp.session()
+    srv, cli = handshake(ctxs, session=sess)  # (still valid: resumed)
+    assert srv[0].session_reused
+    time.sleep(max(0.0, (ends - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+               + 1.1)
+    with pytest.raises(ssl.SSLError, match="certificate has expired"):
+        handshake(ctxs, session=sess)  # a full handshake, which refuses it

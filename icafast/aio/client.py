@@ -52,6 +52,26 @@ _HINT_PLAIN_SERVER = "is the server running with --no-tls?"
 _HINT_TLS_SERVER = "the server speaks TLS: drop --no-tls"
 _HINT_SILENT_SERVER = ("the server closed the connection without answering "
                        "(if it runs TLS, the default, drop --no-tls)")
+_HINT_CERT_REQUIRED = ("the server requires a client certificate: give --tls-client-cert and "
+                       "--tls-client-key")
+_HINT_CERT_REFUSED = ("the server refused this client's certificate (signed by another CA "
+                      "than its --tls-client-ca, expired...: its log says why)")
+#: the TLS alerts a server sends about the client's certificate (OpenSSL's texts)
+_CERT_ALERTS = ("alert unknown ca", "alert bad certificate", "alert certificate expired",
+                "alert certificate unknown", "alert certificate revoked",
+                "alert unsupported certificate", "alert access denied")
+
+
+def _client_cert_hint(reason: str) -> str | None:
+    """What to tell when a link failed with ``reason`` (a TLS error's text) because the
+    server did not take the client's certificate (or the lack of one), else None. (In TLS 1.3
+    the server's verdict comes after the client's handshake is done: as the link's first
+    record, not as a failed handshake.)"""
+    if "alert certificate required" in reason:
+        return _HINT_CERT_REQUIRED
+    if any(a in reason for a in _CERT_ALERTS):
+        return _HINT_CERT_REFUSED
+    return None
 
 
 #: A session's reconnect attempts are logged at INFO for the first few of each outage, then
@@ -72,9 +92,12 @@ def _attempt_level(attempt: int) -> int:
 def _tls_handshake_hint(e: BaseException) -> str | None:
     """What to tell about a TLS link that failed with ``e``, when the peer closed the
     connection in the handshake or answered with bytes that are not TLS (None otherwise:
-    refused, timed out, a certificate that did not verify)."""
+    refused, timed out, a certificate that did not verify), or the server refused the
+    client's certificate (or its lack of one)."""
     if isinstance(e, ssl.SSLCertVerificationError):
         return None
+    if isinstance(e, ssl.SSLError) and _client_cert_hint(str(e)):
+        return _client_cert_hint(str(e))
     if isinstance(e, ssl.SSLError):
         if isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)) or (
                 getattr(e, "reason", None) in _NOT_TLS_REASONS):
@@ -267,6 +290,10 @@ class _ClientRunner(Runner):
                 # TLS), so a hint on mismatched TLS settings said before is wrong and goes no
                 # further (into open_session's error)
                 self._hint = ""
+            if self.tls is not None and not eng.has_session and not e.code:
+                cert_hint = _client_cert_hint(e.reason)
+                if cert_hint is not None:
+                    self.hint(cert_hint)
             if self.tls is None and not eng.has_session:  # plain text: a server wanting TLS?
                 if e.reason.startswith(_TLS_RECORD_STARTS):
                     self.hint(_HINT_TLS_SERVER)

@@ -55,6 +55,11 @@ from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
 
+#: how a handshake that met a TLS ClientHello fails on a server without TLS, and what to say
+_TLS_HANDSHAKE_START = "not an icafast client (first byte 0x16)"
+_HINT_TLS_CLIENT = (" (a TLS handshake: the client runs with TLS, the default, this server "
+                    "with --no-tls)")
+
 __all__ = ["Mapping", "RelayServer", "parse_hostport"]
 
 #: the most source addresses whose failed resumes a server keeps count of (each for a minute)
@@ -323,8 +328,9 @@ class _PendingLink:
                 self.server._resume(self, e)
             elif isinstance(e, ev.HandshakeFailed):
                 self._flush()
-                log.info("connection from %s closed: handshake failed: %s", self.link.peer,
-                         e.reason)
+                log.info("connection from %s closed: handshake failed: %s%s", self.link.peer,
+                         e.reason, _HINT_TLS_CLIENT if self.server.ssl is None
+                         and e.reason.startswith(_TLS_HANDSHAKE_START) else "")
                 self.link.close()
                 self.detach()
             e = self.hs.next_event()

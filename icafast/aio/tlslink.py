@@ -15,9 +15,13 @@ import logging
 import ssl
 from typing import Any
 
+from ..protocol import MAGIC
 from ..tlspipe import offer_session, pipe_for
 
 log = logging.getLogger("icafast")
+
+#: said when an icafast HELLO in plain text came where the TLS handshake was expected
+_HINT_PLAIN_CLIENT = " (an icafast client without TLS: it runs with --no-tls, this server with TLS)"
 
 __all__ = ["TLSSetup"]
 
@@ -47,6 +51,7 @@ class TLSSetup:
         self._out = ssl.MemoryBIO()
         self.sslobj: ssl.SSLObject | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._first = b""  # (server: the start of what the client sent, for the log)
 
     def start(self, link: Any, transport: asyncio.Transport) -> None:
         """Called by the link's ``connection_made``: send the first flight (client), or wait
@@ -68,6 +73,8 @@ class TLSSetup:
         """Handshake records from the peer."""
         if self.sslobj is None or self.done.done():
             return
+        if self.server_side and len(self._first) < 64:
+            self._first += bytes(data[: 64 - len(self._first)])
         self._in.write(data)
         self._step()
 
@@ -135,8 +142,9 @@ class TLSSetup:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
         if self.server_side:
-            log.info("TLS handshake from %s failed: %s",
-                     self.link.peer if self.link is not None else "?", e)
+            log.info("TLS handshake from %s failed: %s%s",
+                     self.link.peer if self.link is not None else "?", e,
+                     _HINT_PLAIN_CLIENT if MAGIC in self._first else "")
         if not self.done.done():
             self.done.set_exception(e)
             self.done.exception()  # (marked retrieved: a server link's is never awaited)
