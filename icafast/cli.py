@@ -627,6 +627,14 @@ def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     if _opt(args, file_cfg, "tls_client_key") and not _opt(args, file_cfg, "tls_client_cert"):
         raise ValueError("--tls-client-key needs --tls-client-cert")
     _readable(args, file_cfg, "tls_ca", "tls_client_cert", "tls_client_key")
+    client_cert = _opt(args, file_cfg, "tls_client_cert")
+    if client_cert:
+        try:
+            problem = tls.validity_problem(client_cert, who="servers (--tls-client-ca)")
+        except ValueError:  # (what cryptography cannot read, OpenSSL loads below or refuses)
+            problem = None
+        if problem:
+            log.warning("TLS: %s", problem)
     return tls.client_context(
         ca=_opt(args, file_cfg, "tls_ca"),
         fingerprint=_opt(args, file_cfg, "tls_fingerprint"),

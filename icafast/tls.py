@@ -114,10 +114,12 @@ def check_pair(cert: str, key: str) -> None:
     _load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
 
 
-def validity_problem(cert: str, now: datetime.datetime | None = None) -> str | None:
-    """What is wrong with the dates of the first certificate in the PEM file ``cert`` (the
-    server's own), or None: expired, or not valid yet. Clients that verify it with a CA
-    refuse such a certificate on every link; a pinned fingerprint does not look at dates."""
+def validity_problem(cert: str, now: datetime.datetime | None = None,
+                     who: str = "clients that verify it (--tls-ca)") -> str | None:
+    """What is wrong with the dates of the first certificate in the PEM file ``cert`` (this
+    end's own), or None: expired, or not valid yet. ``who`` refuses such a certificate on
+    every link (a server's: clients that verify it with a CA; a pinned fingerprint does not
+    look at dates)."""
     from cryptography import x509
 
     with open(cert, "rb") as f:
@@ -127,11 +129,10 @@ def validity_problem(cert: str, now: datetime.datetime | None = None) -> str | N
     end = getattr(c, "not_valid_after_utc", None) or c.not_valid_after.replace(tzinfo=utc)
     now = now or datetime.datetime.now(utc)
     if now > end:
-        return (f"the certificate in {cert} expired on {end:%Y-%m-%d %H:%M} UTC: clients that "
-                "verify it (--tls-ca) refuse it")
+        return f"the certificate in {cert} expired on {end:%Y-%m-%d %H:%M} UTC: {who} refuse it"
     if now < start:
         return (f"the certificate in {cert} is not valid before {start:%Y-%m-%d %H:%M} UTC "
-                "(is this machine's clock right?): clients that verify it (--tls-ca) refuse it")
+                f"(is this machine's clock right?): {who} refuse it")
     return None
 
 

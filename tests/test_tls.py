@@ -321,11 +321,18 @@ def test_server_warns_of_a_certificate_out_of_its_dates(tmp_path):
                            "--tls-cert", str(cert), "--tls-key", str(key),
                            "--control", str(tmp_path / "c.sock"))
             assert "cannot listen" in p.stderr, p.stderr
+            # (and a client's own certificate, for servers with --tls-client-ca)
+            c = _tls_start("connect", "--listen", f"127.0.0.1:{busy.getsockname()[1]}",
+                           "--server", "127.0.0.1:9", "--tls-insecure", "--tls-client-cert",
+                           str(cert), "--tls-client-key", str(key))
+            assert "address already in use" in c.stderr.lower(), c.stderr
             if said is None:
-                assert f"certificate in {cert}" not in p.stderr, p.stderr
+                assert f"certificate in {cert}" not in p.stderr + c.stderr, p.stderr + c.stderr
             else:
                 assert (f"WARNING TLS: the certificate in {cert} {said}" in p.stderr
                         and "clients that verify it (--tls-ca) refuse it" in p.stderr), p.stderr
+                assert (f"WARNING TLS: the certificate in {cert} {said}" in c.stderr
+                        and "servers (--tls-client-ca) refuse it" in c.stderr), c.stderr
     finally:
         busy.close()
 
