@@ -941,6 +941,38 @@ def test_a_client_that_ignores_acks_is_not_read_past_the_replay_limit(loop):
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_that_pings_and_reads_nothing_loses_its_link(loop):
+    """Each PING is answered with a PONG; a client that sent PINGs and read nothing made the
+    server queue PONGs without bound (1.5 GB in 20 s). Beyond a few MiB unsent to a peer
+    that reads nothing the link is now closed as lost, and other sessions go on."""
+    from icafast.aio._relay import LINK_UNSENT_MAX
+    from icafast.protocol import encode_frame
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            reader, writer = await s.client(direct=True)
+            r, w = await _raw_new_session(s.server_port)
+            w.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET,
+                                                             socket.SO_RCVBUF, 4096)
+            pings = encode_frame(FrameType.PING, 0, 1, 0) * 4096
+            sent = 0
+            # (uvloop's transport raises RuntimeError once the reset closed it)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                for _ in range(10_000):  # (at most 1.1 GB: what the old server took)
+                    w.write(pings)
+                    sent += len(pings)
+                    await asyncio.wait_for(w.drain(), 10)
+            lost = [e for e in of(ev.LinkLost, s.events) if "reads nothing" in e.reason]
+            assert lost, (sent, s.events)
+            assert sent < 40 * LINK_UNSENT_MAX
+            writer.write(b"still here")
+            assert await asyncio.wait_for(reader.readexactly(10), 10) == b"still here"
+            w.close()
+
+    run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_a_stalled_client_holds_the_server_to_its_send_window(loop):
     """The server sizes its send window from the link's handshake round trip: with the client
     application reading nothing, what the server keeps unacknowledged stops at that window

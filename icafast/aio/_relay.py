@@ -50,6 +50,11 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: (up to its 4 MiB send buffer), so less is unacknowledged and an interactive write is not
 #: queued behind megabytes (benchmarks/HISTORY.md, "little left unsent in link sockets").
 LINK_NOTSENT_LOWAT = 256 * 1024
+#: A link whose transport holds more than this unsent while it is paused for writing has a
+#: peer that reads nothing yet keeps sending (PINGs, say, each answered with a PONG): it is
+#: closed as lost. What a live peer can leave there is the high water mark plus one burst of
+#: stream bytes (protocol.MAX_BURST) and a few control frames: about 2 MiB.
+LINK_UNSENT_MAX = 4 * WRITE_HIGH_WATER
 #: Reading a link pauses while more than the larger of this and the replay limit waits for
 #: the sink (application or backend), and resumes when the sink has taken it: a peer that
 #: keeps its sends within the acks (its replay limit) never gets there, one that ignores them
@@ -931,6 +936,16 @@ class Runner:
                     # a burst was framed (protocol.MAX_BURST): the rest after the loop's turn
                     self._more_due = True
                     self.loop.call_soon(self._more)
+                elif link.write_paused and link.transport.get_write_buffer_size() > \
+                        LINK_UNSENT_MAX:
+                    # only control frames go out now: the peer sends and reads nothing
+                    self.link = None
+                    link.close(abort=True)
+                    eng.connection_lost(self._time(), "the peer reads nothing: more than "
+                                        f"{LINK_UNSENT_MAX} bytes unsent to it",
+                                        link.link_id)
+                    self._pump()
+                    return
             if self._close_link_after_flush:
                 self._close_link_after_flush = False
                 self.link = None
