@@ -29,7 +29,7 @@ cdef class _Link:
     cdef public double started, last_rx, last_heard, last_ping
     cdef public object ping_ts
     cdef public unsigned long long peer_max_payload
-    cdef public bint confirm_secret
+    cdef public bint confirm_secret, reading_paused
 
 
 cdef class SessionEngine:

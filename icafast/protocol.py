@@ -324,6 +324,7 @@ class _Link:
         "ping_ts",
         "peer_max_payload",
         "confirm_secret",
+        "reading_paused",
     )
 
     def __init__(self, link_id: int, decoder: Any, phase: int, now: float) -> None:
@@ -339,6 +340,9 @@ class _Link:
         self.ping_ts: int | None = None
         self.peer_max_payload = DEFAULT_MAX_PAYLOAD
         self.confirm_secret = False
+        #: the adapter stopped reading the link (too much waits for the local sink): nothing
+        #: can be heard from it meanwhile, so it cannot be declared dead (``pause_reading``)
+        self.reading_paused = False
 
 
 class SessionEngine:
@@ -744,6 +748,18 @@ class SessionEngine:
             self._ack_hold = None
             self._ack_now = True
 
+    def pause_reading(self, paused: bool, now: float) -> None:
+        """The adapter stopped (``paused``) or resumed reading the current link: it does so
+        while more than it will hold waits for the local sink, from a peer that sends beyond
+        the acks (PROTOCOL.md 4.7). Nothing is read from the link meanwhile, so its dead
+        timeout does not apply; it runs again from the time reading resumes."""
+        link = self._link
+        if link is None:
+            return
+        link.reading_paused = paused
+        if not paused:
+            link.last_rx = now
+
     # -- input -------------------------------------------------------------------------------
     def receive_data(self, data: Any, now: float) -> None:
         """Bytes received on the current link."""
@@ -1036,7 +1052,7 @@ class SessionEngine:
             if link.phase == _ESTABLISHED:
                 t = max(link.last_heard, link.last_ping) + self._ping_after
                 dead = link.last_rx + self._dead_timeout
-                if dead < t:
+                if dead < t and not link.reading_paused:
                     t = dead
                 if self._ack_due < t:
                     t = self._ack_due
@@ -1061,7 +1077,7 @@ class SessionEngine:
         link = self._link
         if link is not None:
             if link.phase == _ESTABLISHED:
-                if now >= link.last_rx + self._dead_timeout:
+                if now >= link.last_rx + self._dead_timeout and not link.reading_paused:
                     self._link_failed(
                         f"dead: nothing received for {now - link.last_rx:.1f}s", now
                     )

@@ -863,6 +863,115 @@ def test_back_pressure_is_bounded_by_the_replay_limit(loop):
     run_async(loop, main(), timeout=240)
 
 
+async def _raw_new_session(port: int, replay_limit: int = 1 << 40
+                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A hand-made client link: HELLO (announcing ``replay_limit``) and NEW, then the
+    server's HELLO and ACCEPT read; the stream is then the established link's."""
+    from icafast.protocol import MAGIC, encode_frame
+    from icafast.wire import FLAG_FIN  # noqa: F401 - (the frame flags a test may need)
+
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    hello = struct.pack(">8sHHIQ32s", MAGIC, 1, 1, 256 * 1024, replay_limit, os.urandom(32))
+    w.write(encode_frame(FrameType.HELLO, 0, 0, 0, hello)
+            + encode_frame(FrameType.NEW, 0, 0, 0, os.urandom(16)))
+    for want in (FrameType.HELLO, FrameType.ACCEPT):
+        head = await asyncio.wait_for(r.readexactly(HEADER_SIZE), 10)
+        assert head[0] == want, head
+        await r.readexactly(struct.unpack_from(">I", head, 4)[0])
+    return r, w
+
+
+async def _drain_reader(r: asyncio.StreamReader) -> None:
+    with contextlib.suppress(ConnectionError):
+        while await r.read(1 << 20):
+            pass
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_that_ignores_acks_is_not_read_past_the_replay_limit(loop):
+    """A client that keeps sending to a backend that reads nothing, whatever the acks say
+    (and announcing a replay limit that would allow it), made the server buffer all of it
+    for the backend: gigabytes in seconds. Reading its link now pauses once more than the
+    replay limit waits for the backend, without the link counting as dead meanwhile, and
+    resumes, losing nothing, when the backend reads again."""
+    from icafast.protocol import encode_frame
+
+    limit = 1024 * 1024
+    size = 96 * 1024 * 1024
+
+    async def main() -> None:
+        cfg = Config(keepalive_interval=0.1, dead_timeout=0.5, replay_limit=limit)
+        async with Setup(Backend("stall"), config=cfg) as s:
+            r, w = await _raw_new_session(s.server_port)
+            drain = asyncio.create_task(_drain_reader(r))
+            block = os.urandom(64 * 1024)
+            sent = 0
+            sent_hash = hashlib.sha256()
+
+            async def sender() -> None:
+                nonlocal sent
+                while sent < size:  # acks always 0: nothing of the server's is acknowledged
+                    w.write(encode_frame(FrameType.DATA, 0, sent, 0, block))
+                    sent_hash.update(block)
+                    sent += len(block)
+                    await w.drain()
+
+            task = asyncio.create_task(sender())
+            last = -1
+            for _ in range(40):
+                await asyncio.sleep(0.25)
+                if sent == last:
+                    break
+                last = sent
+            assert sent == last and sent < size // 2, (sent, last)
+            runner = s.only_session()
+            assert runner.endpoint.transport.get_write_buffer_size() <= limit + 2 * READ_SIZE
+            await asyncio.sleep(3 * cfg.dead_timeout)  # not read: not dead either
+            assert not of(ev.LinkLost, s.events)
+            s.backend.release.set()
+            await asyncio.wait_for(task, 120)
+            be = s.backend.conns[0]
+            assert await wait_for(lambda: be.received == sent, 60), (be.received, sent)
+            assert be.recv_hash.digest() == sent_hash.digest()
+            assert not of(ev.LinkLost, s.events)
+            drain.cancel()
+            w.close()
+
+    run_async(loop, main(), timeout=240)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_client_that_pings_and_reads_nothing_loses_its_link(loop):
+    """Each PING is answered with a PONG; a client that sent PINGs and read nothing made the
+    server queue PONGs without bound (1.5 GB in 20 s). Beyond a few MiB unsent to a peer
+    that reads nothing the link is now closed as lost, and other sessions go on."""
+    from icafast.aio._relay import LINK_UNSENT_MAX
+    from icafast.protocol import encode_frame
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            reader, writer = await s.client(direct=True)
+            r, w = await _raw_new_session(s.server_port)
+            w.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET,
+                                                             socket.SO_RCVBUF, 4096)
+            pings = encode_frame(FrameType.PING, 0, 1, 0) * 4096
+            sent = 0
+            # (uvloop's transport raises RuntimeError once the reset closed it)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                for _ in range(10_000):  # (at most 1.1 GB: what the old server took)
+                    w.write(pings)
+                    sent += len(pings)
+                    await asyncio.wait_for(w.drain(), 10)
+            lost = [e for e in of(ev.LinkLost, s.events) if "reads nothing" in e.reason]
+            assert lost, (sent, s.events)
+            assert sent < 40 * LINK_UNSENT_MAX
+            writer.write(b"still here")
+            assert await asyncio.wait_for(reader.readexactly(10), 10) == b"still here"
+            w.close()
+
+    run_async(loop, main())
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_stalled_client_holds_the_server_to_its_send_window(loop):
     """The server sizes its send window from the link's handshake round trip: with the client

@@ -33,7 +33,7 @@ cdef class _EndpointBase:
 cdef class _LinkBase:
     cdef public object owner, transport, link_id, peer, tls_setup, tls, ssl_object, on_lost
     cdef public object _write, _writelines  # the transport's (bound once: no lookup per call)
-    cdef public bint write_paused, closed, join_writes
+    cdef public bint write_paused, reading_held, closed, join_writes
     cdef public _BulkReaderBase _bulk
     cdef public Py_ssize_t bulk_starts, bulk_reads
 
@@ -74,6 +74,7 @@ cdef class Runner:
     cdef public _TickSlot _slot
     cdef public long long _tick
     cdef public bint _done, _close_link_after_flush, _sink_written, _more_due
+    cdef public unsigned long long _sink_cap
     cdef public SessionEngine engine
     cdef public _EndpointBase endpoint
     cdef public _LinkBase link

@@ -50,6 +50,16 @@ ENDPOINT_LOW_WATER = 16 * 1024
 #: (up to its 4 MiB send buffer), so less is unacknowledged and an interactive write is not
 #: queued behind megabytes (benchmarks/HISTORY.md, "little left unsent in link sockets").
 LINK_NOTSENT_LOWAT = 256 * 1024
+#: A link whose transport holds more than this unsent while it is paused for writing has a
+#: peer that reads nothing yet keeps sending (PINGs, say, each answered with a PONG): it is
+#: closed as lost. What a live peer can leave there is the high water mark plus one burst of
+#: stream bytes (protocol.MAX_BURST) and a few control frames: about 2 MiB.
+LINK_UNSENT_MAX = 4 * WRITE_HIGH_WATER
+#: Reading a link pauses while more than the larger of this and the replay limit waits for
+#: the sink (application or backend), and resumes when the sink has taken it: a peer that
+#: keeps its sends within the acks (its replay limit) never gets there, one that ignores them
+#: cannot make the relay buffer without bound (PROTOCOL.md 4.7).
+SINK_BACKLOG_MIN = 1024 * 1024
 #: A link whose read brings at least BULK_READ bytes is streaming: it then reads straight into a
 #: buffer shared by the thread's links (a BufferedProtocol, _BulkReader) instead of getting each
 #: read as a new bytes object that the event loop copies out of its own buffer. After
@@ -444,6 +454,8 @@ class _LinkBase:
         #: will (a client that stops waits for this after its CLOSE)
         self.on_lost: Callable[[], Any] | None = None
         self.write_paused = False
+        #: reading paused by the runner: too much waits for the sink (SINK_BACKLOG_MIN)
+        self.reading_held = False
         self.closed = False
         self.peer = ""
         #: TLS: each buffer given to ``writelines`` becomes its own TLS record (header and
@@ -754,6 +766,9 @@ class Runner:
         self._close_link_after_flush = False
         self._sink_written = False  # bytes written to the endpoint since its backlog was read
         self._more_due = False  # a pump is scheduled for the rest of a framed burst
+        #: the most that may wait for the sink before the link is no longer read
+        self._sink_cap = max(engine.config.replay_limit, SINK_BACKLOG_MIN)
+        self._said_held = False  # _hold_link logged it (at INFO once a session)
         self.closed_future: asyncio.Future[ev.SessionClosed] = loop.create_future()
         self._time = loop.time  # (bound once: the per-message path calls it)
         RUNNERS.add(self)
@@ -799,7 +814,31 @@ class Runner:
         pass
 
     def sink_resumed(self) -> None:
+        link = self.link
+        if link is not None and link.reading_held:
+            link.reading_held = False
+            if link.transport is not None and not link.closed:
+                link.transport.resume_reading()
+            self.engine.pause_reading(False, self.now())
         self._pump()  # the backlog shrank: acknowledge
+
+    def _hold_link(self) -> None:
+        """More than ``_sink_cap`` waits for the sink: the peer sends beyond what was
+        acknowledged (a correct one stops at its replay limit). Stop reading the link until
+        the sink has taken it (``sink_resumed``)."""
+        link = self.link
+        if link is None or link.reading_held or link.closed or link.transport is None:
+            return
+        link.reading_held = True
+        link.transport.pause_reading()
+        self.engine.pause_reading(True, self.now())
+        # (said once a session: such a peer has the link paused each time the sink drains)
+        level = logging.DEBUG if self._said_held else logging.INFO
+        self._said_held = True
+        log.log(level, "session %s: %d bytes wait for the %s, more than %d: the link is not "
+                "read until it takes them (the peer sends beyond its acknowledgements)",
+                self.sid, self.engine.sink_backlog,
+                "application" if self.engine.role == "client" else "backend", self._sink_cap)
 
     def _drain_pending(self) -> None:
         ep = self.endpoint
@@ -835,6 +874,7 @@ class Runner:
             self._sink_written = False
             link = self.link
             if (not ep.paused and not ep.pending and not self._close_link_after_flush
+                    and eng.sink_backlog <= self._sink_cap
                     and link is not None and not link.closed and eng._output_idle()):
                 return  # nothing to write, nothing to resume, the timer is armed
         self._pump()
@@ -880,6 +920,8 @@ class Runner:
             # not yet taken by the sink: not acknowledged (bounds what piles up there)
             eng.sink_backlog = ep._buffered()
             self._sink_written = False
+            if eng.sink_backlog > self._sink_cap:
+                self._hold_link()
         link = self.link
         if link is not None and link.transport is not None and not link.closed:
             bufs = eng.data_to_send(not link.write_paused)
@@ -894,6 +936,16 @@ class Runner:
                     # a burst was framed (protocol.MAX_BURST): the rest after the loop's turn
                     self._more_due = True
                     self.loop.call_soon(self._more)
+                elif link.write_paused and link.transport.get_write_buffer_size() > \
+                        LINK_UNSENT_MAX:
+                    # only control frames go out now: the peer sends and reads nothing
+                    self.link = None
+                    link.close(abort=True)
+                    eng.connection_lost(self._time(), "the peer reads nothing: more than "
+                                        f"{LINK_UNSENT_MAX} bytes unsent to it",
+                                        link.link_id)
+                    self._pump()
+                    return
             if self._close_link_after_flush:
                 self._close_link_after_flush = False
                 self.link = None
