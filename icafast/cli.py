@@ -133,7 +133,8 @@ def _add_common(p: argparse.ArgumentParser, server: bool) -> None:
     g = p.add_argument_group("session reliability (also settable in --config)")
     g.add_argument("--keepalive-interval", type=_seconds, metavar="SECONDS",
                    help="the server sends PING when nothing was received for this long, the "
-                        "client after half the dead timeout (default 3; ICA's own "
+                        "client only after (keepalive interval + dead timeout) / 2 (default "
+                        "3, the client's 6.5 s with the default dead timeout; ICA's own "
                         "ICA-keepalive default is 60)")
     g.add_argument("--dead-timeout", type=_seconds, metavar="SECONDS",
                    help="declare the link broken when nothing was received for this long "
