@@ -329,6 +329,21 @@ def test_help_documents_shared_options():
     assert "--on-timeout" in out and "--hold" in out
 
 
+def test_the_servers_hold_is_named_only_where_it_holds_sessions():
+    """A client logged "using the server's timeouts: --hold 4 (here 3600)" for a server that
+    runs with --on-timeout reset, whose hold is without effect (the server itself warns so):
+    it read as if the server held sessions for 4 s."""
+    from icafast.cli import _policy_difference
+    from icafast.protocol import Policy
+
+    mine = Policy()
+    assert _policy_difference(Policy(hold=4.0), mine) == ""
+    assert _policy_difference(Policy(hold=4.0, dead_timeout=5.0), mine) == \
+        "--dead-timeout 5 (here 10)"
+    assert _policy_difference(Policy(on_timeout="disconnect", hold=4.0), mine) == \
+        "--on-timeout disconnect (here reset), --hold 4 (here 3600)"
+
+
 def test_help_and_readme_say_when_the_client_pings():
     """The client PINGs after (keepalive + dead) / 2 of silence (PROTOCOL.md 5, the engine:
     tests/test_engine.py::test_client_pings_when_the_server_is_silent), 6.5 s with the
