@@ -133,7 +133,8 @@ def _add_common(p: argparse.ArgumentParser, server: bool) -> None:
     g = p.add_argument_group("session reliability (also settable in --config)")
     g.add_argument("--keepalive-interval", type=_seconds, metavar="SECONDS",
                    help="the server sends PING when nothing was received for this long, the "
-                        "client after half the dead timeout (default 3; ICA's own "
+                        "client only after (keepalive interval + dead timeout) / 2 (default "
+                        "3, the client's 6.5 s with the default dead timeout; ICA's own "
                         "ICA-keepalive default is 60)")
     g.add_argument("--dead-timeout", type=_seconds, metavar="SECONDS",
                    help="declare the link broken when nothing was received for this long "
@@ -669,8 +670,9 @@ def cmd_connect(args: argparse.Namespace) -> int:
         mine = config.policy
         if pol is not None and pol != mine and sid not in policy_logged:
             policy_logged.add(sid)
-            log.info("session %s: using the server's timeouts: %s", sid.hex(),
-                     _policy_difference(pol, mine))
+            diff = _policy_difference(pol, mine)
+            if diff:
+                log.info("session %s: using the server's timeouts: %s", sid.hex(), diff)
 
     try:
         tls_cfg = _client_tls(args, file_cfg)
@@ -705,6 +707,8 @@ def _policy_difference(server: Any, local: Any) -> str:
     Python reprs of a Policy)."""
     parts = []
     for f in fields(server):
+        if f.name == "hold" and server.on_timeout != "disconnect":
+            continue  # (a server that resets its sessions at the timeout holds none)
         theirs, mine = getattr(server, f.name), getattr(local, f.name)
         if theirs != mine:
             parts.append(f"--{f.name.replace('_', '-')} {theirs:g} (here {mine:g})"

@@ -13,6 +13,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from relay_helpers import Backend, free_port, open_files, stop_process
@@ -326,6 +327,36 @@ def test_help_documents_shared_options():
     out = subprocess.run([PY, "-m", "icafast", "serve", "--help"], capture_output=True,
                          text=True, timeout=60, check=True).stdout
     assert "--on-timeout" in out and "--hold" in out
+
+
+def test_the_servers_hold_is_named_only_where_it_holds_sessions():
+    """A client logged "using the server's timeouts: --hold 4 (here 3600)" for a server that
+    runs with --on-timeout reset, whose hold is without effect (the server itself warns so):
+    it read as if the server held sessions for 4 s."""
+    from icafast.cli import _policy_difference
+    from icafast.protocol import Policy
+
+    mine = Policy()
+    assert _policy_difference(Policy(hold=4.0), mine) == ""
+    assert _policy_difference(Policy(hold=4.0, dead_timeout=5.0), mine) == \
+        "--dead-timeout 5 (here 10)"
+    assert _policy_difference(Policy(on_timeout="disconnect", hold=4.0), mine) == \
+        "--on-timeout disconnect (here reset), --hold 4 (here 3600)"
+
+
+def test_help_and_readme_say_when_the_client_pings():
+    """The client PINGs after (keepalive + dead) / 2 of silence (PROTOCOL.md 5, the engine:
+    tests/test_engine.py::test_client_pings_when_the_server_is_silent), 6.5 s with the
+    defaults; --help and the README said "after half the dead timeout" (5 s)."""
+    rule = "(keepalive interval + dead timeout) / 2"
+    for cmd in ("serve", "connect"):
+        out = subprocess.run([PY, "-m", "icafast", cmd, "--help"], capture_output=True,
+                             text=True, timeout=60, check=True, env={**os.environ,
+                                                                     "COLUMNS": "1000"}).stdout
+        assert rule in out and "half the dead timeout" not in out, (cmd, out)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `--keepalive-interval"))
+    assert rule in row and "half the dead timeout" not in row, row
 
 
 class _Proc:
