@@ -1959,3 +1959,53 @@ def test_failed_resume_records_cost_little_and_expire():
     # ...and every count goes once its last failure is a minute old, at the next failure
     srv._record_failure("192.0.2.1", later + 61)
     assert list(srv._failures) == ["192.0.2.1"]
+
+
+def _dual_stack_free_port() -> int:
+    # (a dual-stack socket on port 0 gets a port free in both families)
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this platform")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_listen_address_without_host_takes_both_families_and_brackets_one(loop):
+    """README, "Running it for real": ``--listen :PORT`` (no host) takes clients of both
+    families; ``[::]:PORT`` only IPv6 ones, and ``0.0.0.0:PORT`` only IPv4 ones."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+
+    async def echoes(host: str, port: int) -> bool:
+        try:
+            r, w = await asyncio.wait_for(open_session(host, port, config=FAST), 3)
+        except (OSError, ConnectionError, asyncio.TimeoutError):
+            return False
+        try:
+            w.write(b"both")
+            return await asyncio.wait_for(r.readexactly(4), 5) == b"both"
+        finally:
+            w.close()
+
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        try:
+            for host, want in (("", {"127.0.0.1": True, "::1": True}),
+                               ("::", {"127.0.0.1": False, "::1": True}),
+                               ("0.0.0.0", {"127.0.0.1": True, "::1": False})):
+                port = _dual_stack_free_port()
+                srv = RelayServer([Mapping(host, port, "127.0.0.1", backend.port)], FAST)
+                await srv.start()
+                try:
+                    got = {a: await echoes(a, port) for a in want}
+                finally:
+                    await srv.close()
+                assert got == want, (host, got)
+        finally:
+            await backend.close()
+
+    run_async(loop, main())
