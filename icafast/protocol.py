@@ -243,7 +243,16 @@ def _parse_reason(payload: Any) -> tuple[int, str]:
     if len(p) < 2:
         raise ProtocolError("REJECT/CLOSE payload shorter than 2 bytes")
     (code,) = _CODE.unpack_from(p, 0)
-    return code, p[2 : 2 + _MAX_REASON].decode("utf-8", "replace")
+    return code, printable(p[2 : 2 + _MAX_REASON].decode("utf-8", "replace"))
+
+
+def printable(text: str) -> str:
+    """``text`` from the wire, fit for a log line: each character that is not printable (a
+    line break, an escape sequence's ESC, ...) written as its Python escape, so that a peer's
+    reason cannot forge or hide log lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 #: The send window: how much of its stream a side keeps in flight, unacknowledged. A path whose
@@ -861,6 +870,8 @@ class SessionEngine:
                     heard = len(frames) != 1
             elif t == _TYPE_CLOSE:
                 code, reason = _parse_reason(f.payload)
+                if code > CLOSE_SHUTDOWN:  # (not one a peer sends: 6.4)
+                    reason = f"code {code}, {reason}" if reason else f"code {code}"
                 self._closed(code, f"peer closed: {reason}", graceful=code == CLOSE_DONE
                              and self._both_ended())
                 return

@@ -253,6 +253,24 @@ def test_frames_after_resume_never_ack_below_the_resume():
     assert "application went away" in closed.reason
 
 
+@pytest.mark.parametrize("code, reason, logged", [
+    (CLOSE_ABORTED, "app gone\nINFO session 1 closed", "peer closed: app gone\\nINFO session 1 closed"),
+    (9, "\x1b[2Jx", "peer closed: code 9, \\x1b[2Jx"),
+    (65535, "", "peer closed: code 65535"),
+])
+def test_a_peers_close_reason_is_fit_for_a_log_line(code, reason, logged):
+    """A CLOSE's reason comes from the peer: a line break or an escape sequence in it is
+    written as its escape, so that it cannot forge or hide log lines; a code no peer sends
+    (above 5, PROTOCOL.md 6.4) is named, since the reason alone may say nothing."""
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.client.close(code, reason, h.now)
+    h.pump()
+    (closed,) = of(ev.SessionClosed, h.server_events)
+    assert closed.code == code and closed.reason == logged
+
+
 def test_takeover_of_half_open_link():
     h = Harness(SMALL)
     h.open_link()
