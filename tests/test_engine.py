@@ -254,7 +254,7 @@ def test_frames_after_resume_never_ack_below_the_resume():
 
 
 @pytest.mark.parametrize("code, reason, logged", [
-    (CLOSE_ABORTED, "app gone\nINFO session 1 closed", "peer closed: app gone\\nINFO session 1 closed"),
+    (CLOSE_ABORTED, "gone\nINFO session 1 closed", "peer closed: gone\\nINFO session 1 closed"),
     (9, "\x1b[2Jx", "peer closed: code 9, \\x1b[2Jx"),
     (65535, "", "peer closed: code 65535"),
 ])
