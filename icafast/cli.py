@@ -17,7 +17,13 @@ from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend, log
 from .events import SessionClosed
 from .heap import trim_now_and_then
 from .protocol import Config
-from .rlimits import CLIENT_SESSIONS, handshakes_within, raise_nofile, soft_limit
+from .rlimits import (
+    CLIENT_SESSIONS,
+    beyond_any_process,
+    handshakes_within,
+    raise_nofile,
+    soft_limit,
+)
 from .tlspipe import describe as tls_records
 from .tlspipe import uses_pipe
 
@@ -437,13 +443,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             mappings.append(Mapping(lh, lp, bh, bp))
     control = args.control or file_cfg.get("control") or default_control_path()
     max_sessions = _limit(args, file_cfg, "max_sessions", 10_000)
+    max_handshakes = _limit(args, file_cfg, "max_handshakes", 1024)
+    impossible = beyond_any_process(max_sessions, max_handshakes)
+    if impossible:
+        # (lowered to the room there was, with a warning, as a setting merely above the
+        # hard limit is: a typing error, or 10**26, ran a server of a few thousand sessions)
+        raise UsageError(f"--max-sessions {max_sessions} with --max-handshakes "
+                         f"{max_handshakes}: {impossible}")
     try:
         ssl_ctx = _server_tls(args, file_cfg)
     except (OSError, ValueError) as e:
         print(f"icafast serve: TLS: {_tls_problem(e, '--tls-cert', '--tls-key')}",
               file=sys.stderr)
         return 1
-    max_handshakes = _limit(args, file_cfg, "max_handshakes", 1024)
     room, line = raise_nofile(max_sessions, max_handshakes)
     if room < max_sessions:
         # (refused as busy beyond the room there is, rather than running out of descriptors,
