@@ -595,6 +595,7 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     if bool(cert) != bool(key):
         raise ValueError("give both --tls-cert and --tls-key")
     _readable(args, file_cfg, "tls_cert", "tls_key", "tls_client_ca")
+    client_ca = _opt(args, file_cfg, "tls_client_ca")
     if not cert:
         state = _opt(args, file_cfg, "state_dir") or tls.default_state_dir()
         try:
@@ -605,27 +606,36 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
                                    + (f" ({e.filename})" if e.filename else "")) from None
         what = "created a self-signed" if created else "using the self-signed"
         log.info("TLS: %s certificate %s", what, cert)
-        try:  # (not "--tls-cert and --tls-key", which were not given)
-            tls.fingerprint_of_pem(cert)
-            tls.check_pair(cert, key)
-        except (OSError, ValueError) as e:
+
+        def damaged(e: Exception) -> Exception:
+            # (named as what they are: not "--tls-cert and --tls-key", which were not given)
             reason = getattr(e, "reason", None) or e
-            raise _SelfSignedError(f"the self-signed certificate {cert} and its key {key} do not "
-                                   f"load ({reason}): restore them, or remove both to create a "
-                                   "new certificate (a new fingerprint for the clients)") from None
-    fp = tls.fingerprint_of_pem(cert)
+            return _SelfSignedError(f"the self-signed certificate {cert} and its key {key} do "
+                                    f"not load ({reason}): restore them, or remove both to "
+                                    "create a new certificate (a new fingerprint for the "
+                                    "clients)")
+
+        try:
+            fp = tls.fingerprint_of_pem(cert)
+        except (OSError, ValueError) as e:
+            raise damaged(e) from None
+        ctx = tls.server_context(cert, key, client_ca, pair_error=damaged)
+        # (a self-signed key that others may read was said by tls.ensure_self_signed, which
+        # makes it private again or says why it could not)
+    else:
+        fp = tls.fingerprint_of_pem(cert)
+        ctx = tls.server_context(cert, key, client_ca)
+        if tls.key_readable_by_everyone(key):
+            log.warning("TLS: the private key %s can be read by every user of this machine "
+                        "(chmod o-r %s)", key, key)
     log.warning("TLS certificate SHA-256 fingerprint: %s  (clients: --tls-fingerprint %s)",
                 tls.pretty_fingerprint(fp), fp)
     try:
         problem = tls.validity_problem(cert)
-    except ValueError:  # (what cryptography cannot read, OpenSSL loads below or refuses)
+    except ValueError:  # (what cryptography cannot read, OpenSSL loaded above)
         problem = None
     if problem:
         log.warning("TLS: %s", problem)
-    ctx = tls.server_context(cert, key, _opt(args, file_cfg, "tls_client_ca"))
-    if tls.key_readable_by_everyone(key):
-        log.warning("TLS: the private key %s can be read by every user of this machine "
-                    "(chmod o-r %s)", key, key)
     return ctx
 
 

@@ -21,6 +21,7 @@ import ssl
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,12 +107,6 @@ def _load_verify_locations(ctx: ssl.SSLContext, ca: str) -> None:
     except ssl.SSLError as e:
         raise ssl.SSLError(e.errno, f"CA file {ca}: {e.reason or e}: it must hold PEM "
                                     "certificates") from None
-
-
-def check_pair(cert: str, key: str) -> None:
-    """Raise (ssl.SSLError, ValueError, OSError) unless ``cert`` and ``key`` load as a server's
-    certificate and its private key."""
-    _load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
 
 
 def validity_problem(cert: str, now: datetime.datetime | None = None,
@@ -298,8 +293,13 @@ def _base(protocol: ssl._SSLMethod) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
+def server_context(cert: str, key: str, client_ca: str | None = None, *,
+                   pair_error: Callable[[Exception], Exception] | None = None
+                   ) -> ssl.SSLContext:
     """Server context; with ``client_ca`` clients must present a certificate it signed.
+    Where ``cert`` and ``key`` do not load as a certificate and its key (ssl.SSLError,
+    ValueError, OSError), ``pair_error`` (if given) makes the exception raised instead, one
+    that can say what the files are.
 
     It issues one TLS session ticket per full handshake (encrypted with a key that lives as
     long as the context), with which a client may resume: an abbreviated handshake, with new
@@ -311,7 +311,12 @@ def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSL
     ctx = _base(ssl.PROTOCOL_TLS_SERVER)
     ctx.num_tickets = 1
     spare_tickets(ctx)
-    _load_cert_chain(ctx, cert, key)
+    try:
+        _load_cert_chain(ctx, cert, key)
+    except (OSError, ValueError) as e:
+        if pair_error is None:
+            raise
+        raise pair_error(e) from None
     if client_ca:
         _load_verify_locations(ctx, client_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
