@@ -305,12 +305,13 @@ def server_context(cert: str, key: str, client_ca: str | None = None, *,
     long as the context), with which a client may resume: an abbreviated handshake, with new
     keys (ECDHE) but without the certificate and its signature. A resumption gets a new ticket
     only once the one it used is past half its lifetime (OpenSSL's default is one after every
-    resumption; see :func:`icafast.tlspipe.spare_tickets`)."""
+    resumption; see :func:`icafast.tlspipe.spare_tickets`). With ``client_ca`` where that
+    callback cannot be set (no compiled module), it issues none (see below)."""
     from .tlspipe import spare_tickets
 
     ctx = _base(ssl.PROTOCOL_TLS_SERVER)
     ctx.num_tickets = 1
-    spare_tickets(ctx)
+    tickets_checked = spare_tickets(ctx)
     try:
         _load_cert_chain(ctx, cert, key)
     except (OSError, ValueError) as e:
@@ -320,6 +321,13 @@ def server_context(cert: str, key: str, client_ca: str | None = None, *,
     if client_ca:
         _load_verify_locations(ctx, client_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
+        if not tickets_checked:
+            # A TLS 1.3 resumption shows no certificate, and OpenSSL does not look at the one
+            # the session keeps: without the ticket callback that makes a full handshake of a
+            # ticket whose client certificate has expired (the compiled module), such a client
+            # would come back in with its ticket, renewed on each resumption. No tickets: every
+            # link makes a full handshake, which checks the certificate.
+            ctx.num_tickets = 0
     return ctx
 
 
