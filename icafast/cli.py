@@ -17,7 +17,13 @@ from . import IMPLEMENTATION, __version__, compiled_modules, crc32c_backend, log
 from .events import SessionClosed
 from .heap import trim_now_and_then
 from .protocol import Config
-from .rlimits import CLIENT_SESSIONS, handshakes_within, raise_nofile, soft_limit
+from .rlimits import (
+    CLIENT_SESSIONS,
+    beyond_any_process,
+    handshakes_within,
+    raise_nofile,
+    soft_limit,
+)
 from .tlspipe import describe as tls_records
 from .tlspipe import uses_pipe
 
@@ -438,13 +444,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
             mappings.append(Mapping(lh, lp, bh, bp))
     control = args.control or file_cfg.get("control") or default_control_path()
     max_sessions = _limit(args, file_cfg, "max_sessions", 10_000)
+    max_handshakes = _limit(args, file_cfg, "max_handshakes", 1024)
+    impossible = beyond_any_process(max_sessions, max_handshakes)
+    if impossible:
+        # (lowered to the room there was, with a warning, as a setting merely above the
+        # hard limit is: a typing error, or 10**26, ran a server of a few thousand sessions)
+        raise UsageError(f"--max-sessions {max_sessions} with --max-handshakes "
+                         f"{max_handshakes}: {impossible}")
     try:
         ssl_ctx = _server_tls(args, file_cfg)
     except (OSError, ValueError) as e:
         print(f"icafast serve: TLS: {_tls_problem(e, '--tls-cert', '--tls-key')}",
               file=sys.stderr)
         return 1
-    max_handshakes = _limit(args, file_cfg, "max_handshakes", 1024)
     room, line = raise_nofile(max_sessions, max_handshakes)
     if room < max_sessions:
         # (refused as busy beyond the room there is, rather than running out of descriptors,
@@ -584,6 +596,7 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     if bool(cert) != bool(key):
         raise ValueError("give both --tls-cert and --tls-key")
     _readable(args, file_cfg, "tls_cert", "tls_key", "tls_client_ca")
+    client_ca = _opt(args, file_cfg, "tls_client_ca")
     if not cert:
         state = _opt(args, file_cfg, "state_dir") or tls.default_state_dir()
         try:
@@ -594,27 +607,36 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
                                    + (f" ({e.filename})" if e.filename else "")) from None
         what = "created a self-signed" if created else "using the self-signed"
         log.info("TLS: %s certificate %s", what, cert)
-        try:  # (not "--tls-cert and --tls-key", which were not given)
-            tls.fingerprint_of_pem(cert)
-            tls.check_pair(cert, key)
-        except (OSError, ValueError) as e:
+
+        def damaged(e: Exception) -> Exception:
+            # (named as what they are: not "--tls-cert and --tls-key", which were not given)
             reason = getattr(e, "reason", None) or e
-            raise _SelfSignedError(f"the self-signed certificate {cert} and its key {key} do not "
-                                   f"load ({reason}): restore them, or remove both to create a "
-                                   "new certificate (a new fingerprint for the clients)") from None
-    fp = tls.fingerprint_of_pem(cert)
+            return _SelfSignedError(f"the self-signed certificate {cert} and its key {key} do "
+                                    f"not load ({reason}): restore them, or remove both to "
+                                    "create a new certificate (a new fingerprint for the "
+                                    "clients)")
+
+        try:
+            fp = tls.fingerprint_of_pem(cert)
+        except (OSError, ValueError) as e:
+            raise damaged(e) from None
+        ctx = tls.server_context(cert, key, client_ca, pair_error=damaged)
+        # (a self-signed key that others may read was said by tls.ensure_self_signed, which
+        # makes it private again or says why it could not)
+    else:
+        fp = tls.fingerprint_of_pem(cert)
+        ctx = tls.server_context(cert, key, client_ca)
+        if tls.key_readable_by_everyone(key):
+            log.warning("TLS: the private key %s can be read by every user of this machine "
+                        "(chmod o-r %s)", key, key)
     log.warning("TLS certificate SHA-256 fingerprint: %s  (clients: --tls-fingerprint %s)",
                 tls.pretty_fingerprint(fp), fp)
     try:
         problem = tls.validity_problem(cert)
-    except ValueError:  # (what cryptography cannot read, OpenSSL loads below or refuses)
+    except ValueError:  # (what cryptography cannot read, OpenSSL loaded above)
         problem = None
     if problem:
         log.warning("TLS: %s", problem)
-    ctx = tls.server_context(cert, key, _opt(args, file_cfg, "tls_client_ca"))
-    if tls.key_readable_by_everyone(key):
-        log.warning("TLS: the private key %s can be read by every user of this machine "
-                    "(chmod o-r %s)", key, key)
     return ctx
 
 

@@ -35,6 +35,12 @@ from typing import Any
 #: event loop's own, log files, the TLS library's, and connections being accepted or closed
 SPARE = 256
 
+#: the most descriptors a process can ever have open: a descriptor is a C ``int`` (Linux's
+#: ``fs.nr_open``, which bounds every limit, cannot be set higher either). Settings that need
+#: more can never be met, whatever the limits: ``icafast serve`` refuses them, where it lowers
+#: settings that the current hard limit alone has no room for
+FD_MAX = 2**31 - 1
+
 #: the sessions ``icafast connect`` makes room for (it has no session limit of its own): as many
 #: as a server allows by default
 CLIENT_SESSIONS = 10_000
@@ -44,6 +50,16 @@ def fds_needed(sessions: int, handshakes: int = 0) -> int:
     """Descriptors for ``sessions`` sessions (two each) and ``handshakes`` connections in the
     handshake at once, plus :data:`SPARE`."""
     return 2 * sessions + handshakes + SPARE
+
+
+def beyond_any_process(sessions: int, handshakes: int = 0) -> str | None:
+    """Why ``sessions`` sessions and ``handshakes`` handshakes can never fit in one process
+    (they need more than :data:`FD_MAX` descriptors), else None."""
+    wanted = fds_needed(sessions, handshakes)
+    if wanted <= FD_MAX:
+        return None
+    return (f"need {wanted} open files (two per session, one per handshake, {SPARE} spare), "
+            f"more than any process can have ({FD_MAX})")
 
 
 def sessions_within(limit: int, handshakes: int = 0) -> int:

@@ -21,6 +21,7 @@ import ssl
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,12 +107,6 @@ def _load_verify_locations(ctx: ssl.SSLContext, ca: str) -> None:
     except ssl.SSLError as e:
         raise ssl.SSLError(e.errno, f"CA file {ca}: {e.reason or e}: it must hold PEM "
                                     "certificates") from None
-
-
-def check_pair(cert: str, key: str) -> None:
-    """Raise (ssl.SSLError, ValueError, OSError) unless ``cert`` and ``key`` load as a server's
-    certificate and its private key."""
-    _load_cert_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
 
 
 def validity_problem(cert: str, now: datetime.datetime | None = None,
@@ -298,23 +293,41 @@ def _base(protocol: ssl._SSLMethod) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(cert: str, key: str, client_ca: str | None = None) -> ssl.SSLContext:
+def server_context(cert: str, key: str, client_ca: str | None = None, *,
+                   pair_error: Callable[[Exception], Exception] | None = None
+                   ) -> ssl.SSLContext:
     """Server context; with ``client_ca`` clients must present a certificate it signed.
+    Where ``cert`` and ``key`` do not load as a certificate and its key (ssl.SSLError,
+    ValueError, OSError), ``pair_error`` (if given) makes the exception raised instead, one
+    that can say what the files are.
 
     It issues one TLS session ticket per full handshake (encrypted with a key that lives as
     long as the context), with which a client may resume: an abbreviated handshake, with new
     keys (ECDHE) but without the certificate and its signature. A resumption gets a new ticket
     only once the one it used is past half its lifetime (OpenSSL's default is one after every
-    resumption; see :func:`icafast.tlspipe.spare_tickets`)."""
+    resumption; see :func:`icafast.tlspipe.spare_tickets`). With ``client_ca`` where that
+    callback cannot be set (no compiled module), it issues none (see below)."""
     from .tlspipe import spare_tickets
 
     ctx = _base(ssl.PROTOCOL_TLS_SERVER)
     ctx.num_tickets = 1
-    spare_tickets(ctx)
-    _load_cert_chain(ctx, cert, key)
+    tickets_checked = spare_tickets(ctx)
+    try:
+        _load_cert_chain(ctx, cert, key)
+    except (OSError, ValueError) as e:
+        if pair_error is None:
+            raise
+        raise pair_error(e) from None
     if client_ca:
         _load_verify_locations(ctx, client_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
+        if not tickets_checked:
+            # A TLS 1.3 resumption shows no certificate, and OpenSSL does not look at the one
+            # the session keeps: without the ticket callback that makes a full handshake of a
+            # ticket whose client certificate has expired (the compiled module), such a client
+            # would come back in with its ticket, renewed on each resumption. No tickets: every
+            # link makes a full handshake, which checks the certificate.
+            ctx.num_tickets = 0
     return ctx
 
 

@@ -696,6 +696,25 @@ def test_bad_arguments_get_one_clear_line(args, message):
     assert "Traceback" not in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize("args,needs", [
+    (["--max-sessions", "10" + "0" * 26], "need 2" + "0" * 23 + "1280 open files"),
+    (["--max-handshakes", "3000000000"], "need 3000020256 open files"),
+    (["--max-sessions", "1073741696"], "need 2147484672 open files"),
+])
+def test_settings_no_process_can_honour_are_usage_errors(tmp_path, args, needs):
+    """A --max-sessions (or --max-handshakes) that needs more descriptors than any process can
+    have (a descriptor is a C int) was lowered to the room there was with a warning, as one
+    merely above the hard limit is, and the server ran with a few thousand sessions: 10**26
+    is a typing error, said in one line (status 2) before anything starts."""
+    p = _icafast("serve", "--no-tls", "--listen", "127.0.0.1:0", "--control",
+                 str(tmp_path / "c.sock"), *args)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    line = [t for t in p.stderr.splitlines() if t.startswith("icafast serve:")]
+    assert len(line) == 1 and needs in line[0], p.stderr
+    assert "more than any process can have (2147483647)" in line[0], p.stderr
+    assert "lowered" not in p.stderr and "listening" not in p.stderr, p.stderr
+
+
 def test_connect_warns_when_its_local_port_is_not_on_loopback():
     """The client's local port gives whoever reaches it a session to the backend, unchecked
     (docs/SECURITY.md: it should stay on 127.0.0.1); listening elsewhere went unremarked.

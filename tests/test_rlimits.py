@@ -14,7 +14,9 @@ from relay_helpers import Backend, free_port, open_files, stop_process, wait_for
 
 from icafast.aio import open_session
 from icafast.rlimits import (
+    FD_MAX,
     SPARE,
+    beyond_any_process,
     fds_needed,
     handshakes_within,
     raise_nofile,
@@ -47,6 +49,15 @@ class FakeResource:
         assert hard == self.limits[1], "the hard limit is never changed"
         assert hard == INF or soft <= hard
         self.limits = limits
+
+
+def test_what_no_process_can_have():
+    """A descriptor is a C int: settings that need more are beyond any limit."""
+    assert beyond_any_process(10_000, 1024) is None
+    assert beyond_any_process((FD_MAX - SPARE) // 2) is None
+    assert "more than any process can have (2147483647)" in beyond_any_process(
+        (FD_MAX - SPARE) // 2 + 1)
+    assert beyond_any_process(1, FD_MAX) is not None
 
 
 def test_what_sessions_need():

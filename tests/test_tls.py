@@ -120,6 +120,70 @@ def test_self_signed_key_is_private_whatever_was_there(tmp_path, caplog):
     assert "readable by others (mode 0644)" in caplog.text
 
 
+def _serve_args(*argv: str):
+    from icafast import cli
+
+    return cli.build_parser().parse_args(["serve", *argv])
+
+
+def test_the_self_signed_pair_is_loaded_once(tmp_path, monkeypatch):
+    """serve loaded the self-signed pair twice at start: once alone (so that its error named
+    the self-signed files, not --tls-cert/--tls-key) and again for the server's context. It is
+    loaded once, and its error still names the files; an error that is not the pair's (an
+    SSLKEYLOGFILE that cannot be written) is not blamed on them."""
+    from icafast import cli
+
+    state = tmp_path / "state"
+    tls.ensure_self_signed(str(state))
+    loads: list[tuple[str, str | None]] = []
+    real = tls._load_cert_chain
+
+    def counted(ctx, cert, key):
+        loads.append((cert, key))
+        real(ctx, cert, key)
+
+    monkeypatch.setattr(tls, "_load_cert_chain", counted)
+    ctx = cli._server_tls(_serve_args("--state-dir", str(state)), {})
+    assert ctx is not None and loads == [(str(state / "server-cert.pem"),
+                                          str(state / "server-key.pem"))]
+    monkeypatch.setenv("SSLKEYLOGFILE", str(tmp_path / "nowhere" / "keys.log"))
+    with pytest.raises(FileNotFoundError):
+        cli._server_tls(_serve_args("--state-dir", str(state)), {})
+    monkeypatch.delenv("SSLKEYLOGFILE")
+    key = state / "server-key.pem"
+    key.write_text(key.read_text()[:50])
+    with pytest.raises(ValueError, match=f"the self-signed certificate {state}/server-cert.pem "
+                       f"and its key {key} do not load"):
+        cli._server_tls(_serve_args("--state-dir", str(state)), {})
+
+
+def test_a_self_signed_key_readable_by_others_is_said_once(tmp_path, monkeypatch, caplog):
+    """A self-signed key that others may read, and that could not be made private (a key the
+    server does not own), was warned of twice: by the state directory's check ("could not be
+    made private") and again as if it were a --tls-key ("can be read by every user ... chmod
+    o-r"). The second applies to a --tls-key only."""
+    from icafast import cli
+
+    state = tmp_path / "state"
+    cert, key, _ = tls.ensure_self_signed(str(state))
+    os.chmod(key, 0o644)
+
+    def refused(path, mode, *args, **kw):
+        raise PermissionError(1, "Operation not permitted", path)
+
+    with monkeypatch.context() as m, caplog.at_level("WARNING", logger="icafast"):
+        m.setattr(os, "chmod", refused)
+        cli._server_tls(_serve_args("--state-dir", str(state)), {})
+    said = [r.getMessage() for r in caplog.records if key in r.getMessage()]
+    assert len(said) == 1 and "it could not be made private" in said[0], said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="icafast"):  # (a --tls-key: said as such)
+        cli._server_tls(_serve_args("--tls-cert", cert, "--tls-key", key), {})
+    said = [r.getMessage() for r in caplog.records if key in r.getMessage()]
+    assert said == [f"TLS: the private key {key} can be read by every user of this machine "
+                    f"(chmod o-r {key})"], said
+
+
 @pytest.mark.parametrize("lost", ["server-key.pem", "server-cert.pem"])
 def test_self_signed_half_pair_is_refused_not_replaced(tmp_path, lost):
     """With one of its two files gone (removed, or a crash between the two renames), a new
@@ -730,8 +794,8 @@ def test_client_certificates(tmp_path):
     cert, key, fp = _pair(tmp_path / "srv")
 
     async def main() -> None:
-        async with Setup(Backend("echo"),
-                         ssl=tls.server_context(cert, key, client_ca=ca)) as s:
+        sctx = tls.server_context(cert, key, client_ca=ca)
+        async with Setup(Backend("echo"), ssl=sctx) as s:
             ctls = tls.client_context(fingerprint=fp, cert=ccert, key=ckey)
             writers = []
             for _ in range(2):  # (the second resumes the first's TLS session)
@@ -739,9 +803,10 @@ def test_client_certificates(tmp_path):
                 w.write(b"mtls")
                 assert await r.readexactly(4) == b"mtls"
                 writers.append(w)
-            if uses_pipe():
+            if uses_pipe():  # (no tickets where the compiled module cannot check them)
                 assert sorted(ru.link.ssl_object.session_reused
-                              for ru in s.server.sessions_by_id.values()) == [False, True]
+                              for ru in s.server.sessions_by_id.values()) == [
+                                  False, bool(sctx.num_tickets)]
             for w in writers:
                 w.close()
             with pytest.raises(ConnectionError):
@@ -752,8 +817,8 @@ def test_client_certificates(tmp_path):
     run_async("uvloop", main())
 
 
-@pytest.mark.skipif(not uses_pipe(), reason="the event loop's TLS transport does not say "
-                    "which alert ended a connection after its handshake")
+@pytest.mark.skipif(not uses_pipe(), reason="a server on the event loop's TLS transport sends "
+                    "no alert when it refuses a certificate (the loop drops it)")
 def test_a_refused_client_certificate_is_said_so(tmp_path):
     """A client the server refused for its certificate (none given, or one its
     --tls-client-ca did not sign) logged "connection closed by peer (TLS close_notify)" on

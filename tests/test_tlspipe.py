@@ -393,27 +393,19 @@ def test_a_fatal_alert_from_the_peer_is_an_error_not_a_close_notify(tmp_path, ki
     assert not pipe.peer_closed
 
 
-@pytest.mark.skipif(tlspipe.compiled_unavailable() is not None,
-                    reason="the ticket callback needs the compiled module")
-def test_a_client_certificate_that_expired_cannot_resume(tmp_path):
-    """A TLS 1.3 resumption shows no certificate: a client whose certificate had expired
-    since its full handshake resumed with its ticket and was let in (a new connection
-    without the ticket was refused "certificate has expired"), and every resumption past half
-    the ticket's lifetime renewed it, so that it could go on. The server now makes a full
-    handshake of such a resumption, which checks the certificate and refuses it."""
+def _expiring_client(tmp_path, seconds: float):
+    """A client certificate (and its key) that expires in ``seconds``: (cert, key, end)."""
     import datetime
-    import time
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "srv"))
     now = datetime.datetime.now(datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client")])
     pkey = ec.generate_private_key(ec.SECP256R1())
-    ends = now + datetime.timedelta(seconds=2)
+    ends = now + datetime.timedelta(seconds=seconds)
     ccert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
              .public_key(pkey.public_key()).serial_number(1)
              .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(ends)
@@ -423,15 +415,62 @@ def test_a_client_certificate_that_expired_cannot_resume(tmp_path):
     kpath.write_bytes(pkey.private_bytes(serialization.Encoding.PEM,
                                          serialization.PrivateFormat.PKCS8,
                                          serialization.NoEncryption()))
-    ctxs = (tls.server_context(cert, key, client_ca=str(cpath)),
-            tls.client_context(ca=cert, cert=str(cpath), key=str(kpath)).context)
+    return str(cpath), str(kpath), ends
+
+
+def _until(end) -> None:
+    """Sleep until just past the datetime ``end`` (a certificate's end: whole seconds)."""
+    import datetime
+    import time
+
+    time.sleep(max(0.0, (end - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+               + 1.1)
+
+
+@pytest.mark.skipif(tlspipe.compiled_unavailable() is not None,
+                    reason="the ticket callback needs the compiled module")
+def test_a_client_certificate_that_expired_cannot_resume(tmp_path):
+    """A TLS 1.3 resumption shows no certificate: a client whose certificate had expired
+    since its full handshake resumed with its ticket and was let in (a new connection
+    without the ticket was refused "certificate has expired"), and every resumption past half
+    the ticket's lifetime renewed it, so that it could go on. The server now makes a full
+    handshake of such a resumption, which checks the certificate and refuses it."""
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "srv"))
+    cpath, kpath, ends = _expiring_client(tmp_path, 2)
+    ctxs = (tls.server_context(cert, key, client_ca=cpath),
+            tls.client_context(ca=cert, cert=cpath, key=kpath).context)
     srv, cli = handshake(ctxs)
     sp, cp = KINDS["compiled"](*srv), KINDS["compiled"](*cli)
     assert cp.open(sp.seal(b"x")) == b"x"
     sess = cp.session()
     srv, cli = handshake(ctxs, session=sess)  # (still valid: resumed)
     assert srv[0].session_reused
-    time.sleep(max(0.0, (ends - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
-               + 1.1)
+    _until(ends)
     with pytest.raises(ssl.SSLError, match="certificate has expired"):
         handshake(ctxs, session=sess)  # a full handshake, which refuses it
+
+
+def test_without_the_ticket_callback_client_certificates_get_no_tickets(tmp_path,
+                                                                       monkeypatch):
+    """Where the compiled module cannot run (so neither the ticket callback that refuses to
+    resume an expired client certificate's session), a server that requires client
+    certificates issued TLS 1.3 tickets all the same: a client whose certificate had expired
+    since its full handshake resumed with its ticket, and OpenSSL renewed the ticket on each
+    resumption, so it could go on for good. Such a server now issues no ticket: every link
+    makes a full handshake, which checks the certificate. A server without client
+    certificates still issues them."""
+    monkeypatch.setattr(tlspipe, "compiled_unavailable", lambda: "not here (test)")
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "srv"))
+    assert tls.server_context(cert, key).num_tickets == 1
+    cpath, kpath, ends = _expiring_client(tmp_path, 2)
+    ctxs = (tls.server_context(cert, key, client_ca=cpath),
+            tls.client_context(ca=cert, cert=cpath, key=kpath).context)
+    assert ctxs[0].num_tickets == 0
+    srv, cli = handshake(ctxs)
+    sp, cp = KINDS["pure"](*srv), KINDS["pure"](*cli)
+    assert cp.open(sp.seal(b"x")) == b"x"
+    assert cli[0].version() == "TLSv1.3" and cp.session() is None  # (no ticket to offer)
+    sess = cli[0].session  # (a session without a ticket: offered, it cannot resume)
+    _until(ends)
+    with pytest.raises(ssl.SSLError, match="certificate has expired"):
+        handshake(ctxs, session=sess)
