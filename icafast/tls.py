@@ -321,6 +321,10 @@ def server_context(cert: str, key: str, client_ca: str | None = None, *,
     if client_ca:
         _load_verify_locations(ctx, client_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
+        # TLS 1.2 also resumes by session ID, from the server's session cache: no ticket
+        # callback sees that, so a client certificate that expired would go unchecked for the
+        # rest of its session's lifetime. icafast's own client negotiates TLS 1.3 anyway.
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         if not tickets_checked:
             # A TLS 1.3 resumption shows no certificate, and OpenSSL does not look at the one
             # the session keeps: without the ticket callback that makes a full handshake of a

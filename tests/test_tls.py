@@ -817,6 +817,45 @@ def test_client_certificates(tmp_path):
     run_async("uvloop", main())
 
 
+def test_a_server_that_requires_client_certificates_takes_tls13_only(tmp_path):
+    """TLS 1.2 resumes by session ID from the server's cache, where no check sees that the
+    client's certificate has expired: a server with client certificates refuses TLS 1.2 (one
+    without them still takes it), and icafast's own client gets TLS 1.3 from it."""
+    ca, issue = _make_ca(tmp_path)
+    ccert, ckey = issue("client", [], "client")
+    cert, key, fp = _pair(tmp_path / "srv")
+
+    def handshake(sctx: ssl.SSLContext, cctx: ssl.SSLContext) -> str:
+        cin, cout, sin, sout = (ssl.MemoryBIO() for _ in range(4))
+        c = cctx.wrap_bio(cin, cout, server_hostname=None)
+        srv = sctx.wrap_bio(sin, sout, server_side=True)
+        for _ in range(10):
+            for side in (c, srv):
+                try:
+                    side.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+            sin.write(cout.read())
+            cin.write(sout.read())
+            if c.version() and srv.version():
+                break
+        return str(c.version())
+
+    def client(maximum: ssl.TLSVersion) -> ssl.SSLContext:
+        cctx = tls.client_context(fingerprint=fp, cert=ccert, key=ckey).context
+        cctx.check_hostname = False
+        cctx.verify_mode = ssl.CERT_NONE  # (the pin is checked by the link; here: versions)
+        cctx.maximum_version = maximum
+        return cctx
+
+    assert handshake(tls.server_context(cert, key, client_ca=ca),
+                     client(ssl.TLSVersion.MAXIMUM_SUPPORTED)) == "TLSv1.3"
+    with pytest.raises(ssl.SSLError):
+        handshake(tls.server_context(cert, key, client_ca=ca), client(ssl.TLSVersion.TLSv1_2))
+    assert handshake(tls.server_context(cert, key),
+                     client(ssl.TLSVersion.TLSv1_2)) == "TLSv1.2"
+
+
 @pytest.mark.skipif(not uses_pipe(), reason="a server on the event loop's TLS transport sends "
                     "no alert when it refuses a certificate (the loop drops it)")
 def test_a_refused_client_certificate_is_said_so(tmp_path):
