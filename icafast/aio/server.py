@@ -64,6 +64,10 @@ __all__ = ["Mapping", "RelayServer", "parse_hostport"]
 
 #: the most source addresses whose failed resumes a server keeps count of (each for a minute)
 MAX_FAILURE_SOURCES = 100_000
+#: How long a server that stops (``RelayServer.close``) waits in all for its clients to take
+#: the CLOSE of each session; the links left then are reset (a silent client must not hold up
+#: the exit).
+SHUTDOWN_WAIT = 1.0
 
 
 def parse_hostport(text: str, default_host: str = "", default_port: int | None = None
@@ -194,6 +198,11 @@ class _ServerRunner(Runner):
         super().handle_event(e)
 
     def session_closed(self, e: ev.SessionClosed) -> None:
+        link = self.link
+        if link is not None and not link.closed:
+            # the CLOSE goes on this link, which then lingers until the client closes it
+            # (RelayServer.close waits for that, and closes what is left)
+            self.server._lingering_link(link)
         self.server._forget(self)
 
     def endpoint_lost(self, exc: Exception | None) -> None:
@@ -399,6 +408,10 @@ class RelayServer:
         self.addresses: list[tuple[str, int]] = []
         self._listen_labels: dict[int, str] = {}
         self._stopped: asyncio.Event | None = None  # set by close(): serve_forever returns
+        #: links of ended sessions that linger for the client to read their CLOSE (at most
+        #: LINGER seconds each), until their connection is gone; and what close() waits on
+        self._closing_links: set[Link] = set()
+        self._links_gone: asyncio.Future[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -457,7 +470,13 @@ class RelayServer:
             raise RuntimeError("RelayServer.start() first")
         await self._stopped.wait()
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = SHUTDOWN_WAIT) -> None:
+        """Stop listening and end every session (CLOSE to its client, the backend connection
+        reset). Waits at most ``timeout`` seconds in all for the clients to take the CLOSEs
+        (each closes its link once it has read it), then closes whatever link is left: when
+        this returns, nothing of the server is open, and the event loop may end."""
+        loop = self.loop
+        end = (loop.time() if loop is not None else 0.0) + timeout
         if self._stopped is not None:
             self._stopped.set()
         for s in self._servers:
@@ -476,7 +495,27 @@ class RelayServer:
         for s in self._servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
+        if self._closing_links:
+            gone = self._links_gone = loop.create_future()
+            try:
+                await asyncio.wait({gone}, timeout=max(0.0, end - loop.time()))
+            finally:
+                self._links_gone = None
+        for link in list(self._closing_links):  # (a client that went silent: reset)
+            self._closing_links.discard(link)
+            if link.transport is not None:
+                link.transport.abort()
         await asyncio.sleep(0)
+
+    def _lingering_link(self, link: Link) -> None:
+        self._closing_links.add(link)
+        link.on_lost = functools.partial(self._link_gone, link)
+
+    def _link_gone(self, link: Link) -> None:
+        self._closing_links.discard(link)
+        gone = self._links_gone
+        if not self._closing_links and gone is not None and not gone.done():
+            gone.set_result(None)
 
     # -- sessions ----------------------------------------------------------------------------
     def _start_session(self, pending: _PendingLink) -> None:

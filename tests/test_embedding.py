@@ -1,0 +1,165 @@
+"""The library API as a program that embeds icafast uses it: a ``RelayServer`` hosted in the
+program's own event loop, started and closed by it, the loop ended right after."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import threading
+import warnings
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+from relay_helpers import FAST
+
+from icafast.aio import Mapping, RelayServer, open_session
+from icafast.aio._relay import RUNNERS
+from icafast.faults import FaultProxy
+from icafast.protocol import Config
+
+LOOPS = ["uvloop", "asyncio"]
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+class _RemoteClient:
+    """A session's client and a fault proxy in front of it, on an event loop of their own in a
+    thread: a peer in another process, as far as the server's loop can tell (its sockets are not
+    the server loop's to close)."""
+
+    def __init__(self, server_port: int) -> None:
+        self.server_port = server_port
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.proxy: FaultProxy | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
+
+    async def open(self) -> None:
+        self.proxy = await FaultProxy("127.0.0.1", self.server_port).start()
+        # (a link that goes silent is not declared dead while the test runs)
+        r, self.writer = await open_session("127.0.0.1", self.proxy.port,
+                                            config=Config(dead_timeout=60.0))
+        self.writer.write(b"ping")
+        assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+
+    async def blackhole(self) -> None:
+        assert self.proxy is not None
+        self.proxy.blackhole()
+
+    async def _close(self) -> None:
+        for r in list(RUNNERS):
+            if r.loop is self.loop:
+                r.abort("test finished")
+        if self.writer is not None:
+            self.writer.close()
+        if self.proxy is not None:
+            await self.proxy.close()
+        await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        try:
+            self.call(self._close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+def _left_open(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """Close ``loop``: what it still had open, as the ResourceWarnings that says so."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        loop.close()
+        gc.collect()
+    return [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_server_close_leaves_no_link_open_when_the_loop_ends(kind):
+    """A program that ends its loop right after ``await server.close()`` has nothing left
+    open: close() used to return while the links of the sessions it closed lingered for the
+    peers to read the CLOSE (up to 2 s, or until each peer closes): a peer that had gone
+    silent left its link open when the loop closed (ResourceWarning, and uvloop's close()
+    failing with EBUSY where warnings are errors)."""
+    loop = _new_loop(kind)
+    peer: _RemoteClient | None = None
+
+    async def main() -> float:
+        nonlocal peer
+        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1",
+                                      backend.sockets[0].getsockname()[1])], FAST)
+        await server.start()
+        peer = _RemoteClient(server.addresses[0][1])
+        await loop.run_in_executor(None, peer.call, peer.open())
+        await loop.run_in_executor(None, peer.call, peer.blackhole())
+        t0 = loop.time()
+        await server.close()
+        took = loop.time() - t0
+        backend.close()
+        await backend.wait_closed()
+        await asyncio.sleep(0.05)  # (the backend's reset connection ends)
+        return took
+
+    try:
+        took = loop.run_until_complete(main())
+    finally:
+        if peer is not None:  # (first: warnings are process-wide, and its loop runs)
+            peer.stop()
+        leaks = _left_open(loop)
+    assert not leaks, leaks
+    assert took < 1.8  # (bounded: a silent peer does not hold the close for the whole LINGER)
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_server_close_waits_for_a_live_peer_to_take_the_close(kind):
+    """A peer that is there gets the CLOSE before close() returns: its session ends with the
+    server's reason, not as a link lost."""
+    loop = _new_loop(kind)
+    peer: _RemoteClient | None = None
+    events: list[Any] = []
+
+    async def main() -> None:
+        nonlocal peer
+        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1",
+                                      backend.sockets[0].getsockname()[1])], FAST)
+        await server.start()
+        peer = _RemoteClient(server.addresses[0][1])
+        await loop.run_in_executor(None, peer.call, peer.open())
+        (runner,) = [r for r in RUNNERS if r.loop is peer.loop]
+        runner.on_status = lambda e, _s: events.append(e)
+        await server.close()
+        backend.close()
+        await backend.wait_closed()
+        await asyncio.sleep(0.05)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        if peer is not None:  # (first: warnings are process-wide, and its loop runs)
+            peer.stop()
+        leaks = _left_open(loop)
+    assert not leaks, leaks
+    assert any("server shutting down" in getattr(e, "reason", "") for e in events), events
+
