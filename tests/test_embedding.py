@@ -12,9 +12,9 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from relay_helpers import FAST
+from relay_helpers import FAST, free_port
 
-from icafast.aio import Mapping, RelayServer, open_session
+from icafast.aio import Mapping, RelayClient, RelayServer, open_session
 from icafast.aio._relay import RUNNERS
 from icafast.faults import FaultProxy
 from icafast.protocol import Config
@@ -162,4 +162,108 @@ def test_server_close_waits_for_a_live_peer_to_take_the_close(kind):
         leaks = _left_open(loop)
     assert not leaks, leaks
     assert any("server shutting down" in getattr(e, "reason", "") for e in events), events
+
+
+async def _refused(port: int) -> bool:
+    try:
+        _r, w = await asyncio.open_connection("127.0.0.1", port)
+    except ConnectionRefusedError:
+        return True
+    w.close()
+    return False
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_a_failed_start_leaves_no_listener_open(kind):
+    """A start() that fails on its second mapping (the address is in use) closes the first
+    mapping's listener before it raises: it was left listening, with no way to learn it but
+    a close() the program had no reason to call."""
+    loop = _new_loop(kind)
+
+    async def main() -> None:
+        taken = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        taken_port = taken.sockets[0].getsockname()[1]
+        first_port = free_port()
+        server = RelayServer([Mapping("127.0.0.1", first_port, "127.0.0.1", 1494),
+                              Mapping("127.0.0.1", taken_port, "127.0.0.1", 1494)], FAST)
+        with pytest.raises(OSError, match="cannot listen on"):
+            await server.start()
+        assert await _refused(first_port)
+        assert server.addresses == []
+        with pytest.raises(RuntimeError, match="start"):
+            await server.serve_forever()  # (not started)
+        taken.close()
+        await taken.wait_closed()
+        await server.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        leaks = _left_open(loop)
+    assert not leaks, leaks
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_start_twice_is_refused_and_a_restart_lists_only_its_own_addresses(kind):
+    """start() on a server that listens raises, instead of binding every mapping a second
+    time (a port 0 mapping got a second port, and ``addresses`` listed both); after close()
+    it may start again, and ``addresses`` lists only what it listens on then (it kept the
+    closed ports first, where a program looks for the one to give its clients)."""
+    loop = _new_loop(kind)
+
+    async def main() -> None:
+        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1",
+                                      backend.sockets[0].getsockname()[1])], FAST)
+        await server.start()
+        first = list(server.addresses)
+        with pytest.raises(RuntimeError, match="already started"):
+            await server.start()
+        assert server.addresses == first
+        await server.close()
+        await server.close()  # (twice: nothing more to do)
+        assert await _refused(first[0][1])
+        await server.start()
+        assert len(server.addresses) == 1
+        r, w = await open_session(*server.addresses[0], config=FAST)
+        w.write(b"ping")
+        assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+        w.write_eof()
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        w.close()
+        await server.close()
+        backend.close()
+        await backend.wait_closed()
+        await asyncio.sleep(0.05)
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        leaks = _left_open(loop)
+    assert not leaks, leaks
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_relay_client_start_twice_is_refused(kind):
+    """As the server's: a second start() of a listening RelayClient raises instead of opening a
+    second listener (and listing both); after close() it starts again, on its new address."""
+    loop = _new_loop(kind)
+
+    async def main() -> None:
+        client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", 2598), FAST)
+        await client.start()
+        first = list(client.addresses)
+        with pytest.raises(RuntimeError, match="already started"):
+            await client.start()
+        assert client.addresses == first
+        await client.close()
+        await client.start()
+        assert len(client.addresses) == 1
+        await client.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        leaks = _left_open(loop)
+    assert not leaks, leaks
 

@@ -556,9 +556,14 @@ class RelayClient:
         return Endpoint(r)
 
     async def start(self) -> None:
+        """Listen (``addresses`` then lists the addresses bound). A client that listens
+        cannot be started again (RuntimeError) until ``close()``."""
+        if self._server is not None and self._server.is_serving():
+            raise RuntimeError("RelayClient.start(): already started (close() it first)")
         # (kept for the factory: asking for the running loop costs a getpid() call each time)
         self._loop = loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        self.addresses = []
         try:
             self._server = await loop.create_server(self._factory, self.listen[0] or None,
                                                     self.listen[1], reuse_address=True,

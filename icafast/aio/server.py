@@ -415,11 +415,29 @@ class RelayServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        """Listen on every mapping (``addresses`` then lists the addresses bound, the port
+        a mapping with port 0 got included) and open the control socket, if any. A start
+        that fails (OSError: an address in use...) closes what it had opened before it
+        raises. A server is started once: again only after ``close()`` (RuntimeError
+        otherwise)."""
         if self.proxy_protocol and self.ssl is not None:
             raise ValueError("--proxy-protocol needs the load balancer to terminate TLS "
                              "(use --no-tls behind it): the PROXY header precedes any TLS")
+        if self._servers or self._control is not None:
+            raise RuntimeError("RelayServer.start(): already started (close() it first)")
         self.loop = asyncio.get_running_loop()
+        self.addresses = []
+        self._listen_labels = {}
+        try:
+            await self._listen()
+        except BaseException:
+            self.addresses = []
+            await self._close_listeners()
+            raise
         self._stopped = asyncio.Event()
+
+    async def _listen(self) -> None:
+        assert self.loop is not None
         short = shortfall(self.max_sessions, self.max_handshakes)
         if short is not None:
             log.warning("%s", short)
@@ -479,10 +497,12 @@ class RelayServer:
         end = (loop.time() if loop is not None else 0.0) + timeout
         if self._stopped is not None:
             self._stopped.set()
-        for s in self._servers:
+        servers = self._servers
+        for s in servers:
             s.close()
         if self._control is not None:
             self._control.close()
+            self._control = None
             with contextlib.suppress(OSError):
                 os.unlink(self.control_path or "")
         for r in list(self.sessions_by_id.values()):
@@ -492,9 +512,11 @@ class RelayServer:
             p.link.close(abort=True)
         for t in list(self._tasks):
             t.cancel()
-        for s in self._servers:
+        for s in servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
+        if self._servers is servers:
+            self._servers = []  # (closed: start() may listen again)
         if self._closing_links:
             gone = self._links_gone = loop.create_future()
             try:
@@ -506,6 +528,20 @@ class RelayServer:
             if link.transport is not None:
                 link.transport.abort()
         await asyncio.sleep(0)
+
+    async def _close_listeners(self) -> None:
+        """Close the listeners and the control socket that a failed start() opened."""
+        servers, self._servers = self._servers, []
+        for s in servers:
+            s.close()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.control_path or "")
+        for s in servers:
+            with contextlib.suppress(Exception):
+                await s.wait_closed()
 
     def _lingering_link(self, link: Link) -> None:
         self._closing_links.add(link)
