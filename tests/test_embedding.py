@@ -267,3 +267,52 @@ def test_relay_client_start_twice_is_refused(kind):
         leaks = _left_open(loop)
     assert not leaks, leaks
 
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_open_session_cancelled_before_its_stream_is_made_leaves_nothing(kind, monkeypatch):
+    """``open_session`` cancelled after it made the session's side of the stream but before
+    the application's side (its two steps): the session it had started went on, alone, to the
+    server (a session and a backend connection there, held until the reliability timeout),
+    and its handshake's outcome was logged as a future's exception never retrieved."""
+    loop = _new_loop(kind)
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _lp, ctx: errors.append(ctx))
+    real_open_connection = asyncio.open_connection
+    between = asyncio.Event()
+
+    async def slow_open_connection(*args: Any, **kw: Any) -> Any:
+        between.set()
+        await asyncio.sleep(0.5)  # (the session's handshake with the server runs meanwhile)
+        return await real_open_connection(*args, **kw)
+
+    async def main() -> None:
+        backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1",
+                                      backend.sockets[0].getsockname()[1])], FAST)
+        await server.start()
+        monkeypatch.setattr(asyncio, "open_connection", slow_open_connection)
+        task = asyncio.ensure_future(open_session(*server.addresses[0], config=FAST))
+        await between.wait()
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        monkeypatch.setattr(asyncio, "open_connection", real_open_connection)
+        for _ in range(100):  # (bounded)
+            if not server.sessions_by_id:
+                break
+            await asyncio.sleep(0.02)
+        assert not server.sessions_by_id
+        assert not [r for r in RUNNERS if r.loop is loop and not r.closed_future.done()]
+        await server.close()
+        backend.close()
+        await backend.wait_closed()
+        await asyncio.sleep(0.05)
+
+    try:
+        loop.run_until_complete(main())
+        gc.collect()
+    finally:
+        leaks = _left_open(loop)
+    assert not leaks, leaks
+    assert not errors, errors

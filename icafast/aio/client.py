@@ -619,8 +619,10 @@ async def open_session(
     """Open a reliable session to the relay server at ``host:port``.
 
     Returns once the first handshake completed (or the fallback connection is up); raises
-    ConnectionError if neither works. The returned stream carries exactly the bytes of the
-    backend connection, across any number of link breaks; ``writer.write_eof()`` half-closes.
+    ConnectionError if neither works. Cancelled (or timed out by a ``wait_for`` around it),
+    it ends the session it had begun, on the server too. The returned stream carries exactly
+    the bytes of the backend connection, across any number of link breaks;
+    ``writer.write_eof()`` half-closes.
     ``on_status(event, engine)`` receives LinkUp / LinkLost / ReconnectDue / SessionClosed / ...
     ``tls`` (from :func:`icafast.tls.client_context`) encrypts and verifies every link.
 
@@ -647,21 +649,32 @@ async def open_session(
 
     runner = _ClientRunner(loop, (host, port), config or Config(), fallback, status, tls=tls)
     ready = runner.ready = loop.create_future()
+
+    def abandon() -> None:
+        # (cancelled, or a timeout around it: the session ends now, on the server too, and
+        # the link attempt and its socket go now, not at the handshake timeout)
+        runner.stop("open_session() abandoned")
+        runner.finish_stop("open_session() abandoned")
+        if not ready.done():
+            ready.cancel()
+        elif not ready.cancelled():
+            ready.exception()  # (retrieved: not logged as an exception no one awaited)
+
     try:
+        # (the session starts as the first step returns: it connects to the server while
+        # the second makes the application's side)
         await loop.connect_accepted_socket(lambda: Endpoint(runner), relay_sock)
         reader, writer = await asyncio.open_connection(sock=app_sock, limit=limit)
         readers.append(reader)
     except BaseException:
+        abandon()
         app_sock.close()
         relay_sock.close()
         raise
     try:
         await ready
     except BaseException:
-        # (cancelled, or a timeout around it: the link attempt and its socket go now, not
-        # at the handshake timeout)
-        runner.stop("open_session() abandoned")
-        runner.finish_stop("open_session() abandoned")
+        abandon()
         writer.close()
         raise
     return reader, writer
