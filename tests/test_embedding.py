@@ -46,17 +46,24 @@ class _RemoteClient:
     def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
 
-    async def open(self) -> None:
+    async def open(self, echo: bool = True) -> None:
         self.proxy = await FaultProxy("127.0.0.1", self.server_port).start()
         # (a link that goes silent is not declared dead while the test runs)
         r, self.writer = await open_session("127.0.0.1", self.proxy.port,
                                             config=Config(dead_timeout=60.0))
-        self.writer.write(b"ping")
-        assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+        if echo:
+            self.writer.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
 
-    async def blackhole(self) -> None:
+    async def blackhole(self, stop_reading: bool = False) -> None:
+        """The link goes silent; with ``stop_reading`` the server's bytes are not even read
+        any more: what the server writes to it piles up in its send buffers."""
         assert self.proxy is not None
         self.proxy.blackhole()
+        if stop_reading:
+            for pair in self.proxy.pairs:
+                if pair.server is not None and pair.server.transport is not None:
+                    pair.server.transport.pause_reading()
 
     async def _close(self) -> None:
         for r in list(RUNNERS):
@@ -129,6 +136,53 @@ def test_server_close_leaves_no_link_open_when_the_loop_ends(kind):
         leaks = _left_open(loop)
     assert not leaks, leaks
     assert took < 1.8  # (bounded: a silent peer does not hold the close for the whole LINGER)
+
+
+async def _flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while True:
+            writer.write(bytes(65536))
+            await writer.drain()
+    writer.close()
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_server_close_is_bounded_when_a_peer_stopped_reading(kind):
+    """A client that stopped reading while its backend sent: the server's link has bytes
+    it cannot send, before the CLOSE. close() returns within its timeout, that link reset:
+    it was left open, waiting to flush, when close() returned (and from Python 3.12 on, whose
+    listeners' wait_closed() waits for every connection they accepted, close() never
+    returned)."""
+    loop = _new_loop(kind)
+    peer: _RemoteClient | None = None
+
+    async def main() -> float:
+        nonlocal peer
+        backend = await asyncio.start_server(_flood, "127.0.0.1", 0)
+        # (the silent link is not declared dead either: it is the session's at close())
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1",
+                                      backend.sockets[0].getsockname()[1])], Config())
+        await server.start()
+        peer = _RemoteClient(server.addresses[0][1])
+        await loop.run_in_executor(None, peer.call, peer.open(echo=False))
+        await loop.run_in_executor(None, peer.call, peer.blackhole(True))
+        await asyncio.sleep(1.0)  # (the link's buffers fill)
+        t0 = loop.time()
+        await asyncio.wait_for(server.close(timeout=0.5), 10)
+        took = loop.time() - t0
+        backend.close()
+        await backend.wait_closed()
+        await asyncio.sleep(0.05)
+        return took
+
+    try:
+        took = loop.run_until_complete(main())
+    finally:
+        if peer is not None:
+            peer.stop()
+        leaks = _left_open(loop)
+    assert not leaks, leaks
+    assert took < 1.5
 
 
 @pytest.mark.parametrize("kind", LOOPS)

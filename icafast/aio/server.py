@@ -512,21 +512,22 @@ class RelayServer:
             p.link.close(abort=True)
         for t in list(self._tasks):
             t.cancel()
-        for s in servers:
-            with contextlib.suppress(Exception):
-                await s.wait_closed()
-        if self._servers is servers:
-            self._servers = []  # (closed: start() may listen again)
         if self._closing_links:
-            gone = self._links_gone = loop.create_future()
-            try:
-                await asyncio.wait({gone}, timeout=max(0.0, end - loop.time()))
-            finally:
-                self._links_gone = None
+            gone = self._links_gone
+            if gone is None or gone.done():  # (or a close() that runs already waits on it)
+                gone = self._links_gone = loop.create_future()
+            await asyncio.wait({gone}, timeout=max(0.0, end - loop.time()))
         for link in list(self._closing_links):  # (a client that went silent: reset)
             self._closing_links.discard(link)
             if link.transport is not None:
                 link.transport.abort()
+        for s in servers:
+            # (from Python 3.12 on, until every connection the listener accepted is gone:
+            # bounded too, for one still flushing to a peer that went silent)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), max(0.1, end - loop.time()))
+        if self._servers is servers:
+            self._servers = []  # (closed: start() may listen again)
         await asyncio.sleep(0)
 
     async def _close_listeners(self) -> None:
