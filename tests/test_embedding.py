@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from relay_helpers import FAST, free_port
 
+from icafast import events as ev
 from icafast.aio import Mapping, RelayClient, RelayServer, open_session
 from icafast.aio._relay import RUNNERS
 from icafast.faults import FaultProxy
@@ -370,3 +371,90 @@ def test_open_session_cancelled_before_its_stream_is_made_leaves_nothing(kind, m
         leaks = _left_open(loop)
     assert not leaks, leaks
     assert not errors, errors
+
+
+class _RemoteServer:
+    """A relay server and its echo backend on an event loop of their own, in a thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server: RelayServer | None = None
+        self.backend: asyncio.base_events.Server | None = None
+        self.events: list[Any] = []
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
+
+    async def start(self) -> int:
+        self.backend = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        self.server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1",
+                                           self.backend.sockets[0].getsockname()[1])],
+                                  Config(), on_status=lambda e, _s: self.events.append(e))
+        await self.server.start()
+        return self.server.addresses[0][1]
+
+    async def states(self) -> list[str]:
+        assert self.server is not None
+        return [row["state"] for row in self.server.sessions()]
+
+    async def _close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+        if self.backend is not None:
+            self.backend.close()
+            await self.backend.wait_closed()
+        await asyncio.sleep(0.05)
+
+    def stop(self) -> None:
+        try:
+            self.call(self._close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+@pytest.mark.parametrize("kind", LOOPS)
+def test_close_sessions_ends_open_sessions_on_the_server_before_the_loop_ends(kind):
+    """``close_sessions()``: what a program that opened sessions with ``open_session`` calls
+    before it ends its loop. Without it a program had no way to end them there: a stream
+    closed (``writer.close()``) is a half-close, so the session went on, and when the loop
+    ended its link was dropped unannounced: the server held the session, DISCONNECTED, and its
+    backend connection for the reliability timeout (180 s)."""
+    from icafast.aio import close_sessions
+
+    remote = _RemoteServer()
+    loop = _new_loop(kind)
+    events: list[Any] = []
+
+    async def main() -> list[str]:
+        port = await loop.run_in_executor(None, remote.call, remote.start())
+        streams = []
+        for _ in range(3):
+            r, w = await open_session("127.0.0.1", port, config=FAST,
+                                      on_status=lambda e, _s: events.append(e))
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            streams.append((r, w))
+        _r, w = streams[0]
+        w.close()  # (half-closed: the session goes on)
+        await w.wait_closed()
+        await close_sessions()
+        for r, w in streams[1:]:
+            with pytest.raises(ConnectionResetError, match="client shutting down"):
+                await asyncio.wait_for(r.read(), 5)
+            w.close()
+        await asyncio.sleep(0.05)
+        return await loop.run_in_executor(None, remote.call, remote.states())
+
+    try:
+        states = loop.run_until_complete(main())
+    finally:
+        leaks = _left_open(loop)
+        remote.stop()
+    assert not leaks, leaks
+    assert states == []  # (each ended there by its CLOSE, not held DISCONNECTED)
+    assert [e.reason for e in events if isinstance(e, ev.SessionClosed)] == [
+        "client shutting down"] * 3
