@@ -9,7 +9,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from .client import RelayClient, open_session
+from .client import RelayClient, close_sessions, open_session
 from .server import Mapping, RelayServer, control_request, parse_hostport
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "RelayClient",
     "Mapping",
     "open_session",
+    "close_sessions",
     "control_request",
     "parse_hostport",
     "run",

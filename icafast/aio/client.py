@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import socket
 import ssl
+import weakref
 from typing import Any, cast
 
 from .. import events as ev
@@ -34,7 +35,7 @@ from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
 
-__all__ = ["RelayClient", "open_session", "SHUTDOWN_WAIT"]
+__all__ = ["RelayClient", "open_session", "close_sessions", "SHUTDOWN_WAIT"]
 
 #: How long a client that stops (``RelayClient.close``) waits in all for the server to take the
 #: CLOSE of each session; what is left then is reset (a dead link must not hold up the exit).
@@ -556,9 +557,14 @@ class RelayClient:
         return Endpoint(r)
 
     async def start(self) -> None:
+        """Listen (``addresses`` then lists the addresses bound). A client that listens
+        cannot be started again (RuntimeError) until ``close()``."""
+        if self._server is not None and self._server.is_serving():
+            raise RuntimeError("RelayClient.start(): already started (close() it first)")
         # (kept for the factory: asking for the running loop costs a getpid() call each time)
         self._loop = loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
+        self.addresses = []
         try:
             self._server = await loop.create_server(self._factory, self.listen[0] or None,
                                                     self.listen[1], reuse_address=True,
@@ -586,19 +592,47 @@ class RelayClient:
             self._stopped.set()
         if self._server is not None:
             self._server.close()
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        runners = list(self.runners)
-        ending = {r.closed_future for r in runners if r.stop(SHUTDOWN_REASON)}
-        if ending:  # (a disconnected session's CLOSE waits for its new link)
-            await asyncio.wait(ending, timeout=max(0.0, end - loop.time()))
-        gone = {f for r in runners if (f := r.last_link_gone) is not None and not f.done()}
-        if gone:  # the server closes each link once it has the CLOSE
-            await asyncio.wait(gone, timeout=max(0.0, end - loop.time()))
-        for r in runners:
-            r.finish_stop(SHUTDOWN_REASON)
+        await _stop_sessions(list(self.runners), timeout)
         if self._server is not None:
             await self._server.wait_closed()
+
+
+async def _stop_sessions(runners: list[_ClientRunner], timeout: float) -> None:
+    """End ``runners``' sessions as the client stops: CLOSE to the server (on a new link for
+    a session that is disconnected), at most ``timeout`` seconds in all for the server to take
+    them, then reset whatever is left."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    ending = {r.closed_future for r in runners if r.stop(SHUTDOWN_REASON)}
+    if ending:  # (a disconnected session's CLOSE waits for its new link)
+        await asyncio.wait(ending, timeout=max(0.0, end - loop.time()))
+    gone = {f for r in runners if (f := r.last_link_gone) is not None and not f.done()}
+    if gone:  # the server closes each link once it has the CLOSE
+        await asyncio.wait(gone, timeout=max(0.0, end - loop.time()))
+    for r in runners:
+        r.finish_stop(SHUTDOWN_REASON)
+    await asyncio.sleep(0)  # (the connections reset above are gone after this turn)
+
+
+#: the sessions that open_session made (weakly held: each until it ends and is freed)
+_OPENED: weakref.WeakSet[_ClientRunner] = weakref.WeakSet()
+
+
+async def close_sessions(timeout: float = SHUTDOWN_WAIT) -> None:
+    """End every session that :func:`open_session` made on the running event loop and that
+    has not ended, as a program that stops must: each is closed on the server too (CLOSE, on
+    which the server closes its backend connection at once; a session that is disconnected
+    tries a new link to deliver it), and its stream's reads raise ConnectionResetError. Waits
+    at most ``timeout`` seconds in all for the server to take the CLOSEs, then resets whatever
+    is left: when it returns, nothing of those sessions is open.
+
+    (A stream merely closed, ``writer.close()``, is a half-close: its session goes on until the
+    backend closes its side too. A program that ends its event loop while sessions go on
+    drops their links unannounced, and the server holds each session and its backend
+    connection for the reliability timeout, 180 s by default.)"""
+    loop = asyncio.get_running_loop()
+    await _stop_sessions([r for r in _OPENED if r.loop is loop and not r.closed_future.done()],
+                         timeout)
 
 
 async def open_session(
@@ -614,8 +648,10 @@ async def open_session(
     """Open a reliable session to the relay server at ``host:port``.
 
     Returns once the first handshake completed (or the fallback connection is up); raises
-    ConnectionError if neither works. The returned stream carries exactly the bytes of the
-    backend connection, across any number of link breaks; ``writer.write_eof()`` half-closes.
+    ConnectionError if neither works. Cancelled (or timed out by a ``wait_for`` around it),
+    it ends the session it had begun, on the server too. The returned stream carries exactly
+    the bytes of the backend connection, across any number of link breaks;
+    ``writer.write_eof()`` half-closes.
     ``on_status(event, engine)`` receives LinkUp / LinkLost / ReconnectDue / SessionClosed / ...
     ``tls`` (from :func:`icafast.tls.client_context`) encrypts and verifies every link.
 
@@ -642,21 +678,33 @@ async def open_session(
 
     runner = _ClientRunner(loop, (host, port), config or Config(), fallback, status, tls=tls)
     ready = runner.ready = loop.create_future()
+    _OPENED.add(runner)
+
+    def abandon() -> None:
+        # (cancelled, or a timeout around it: the session ends now, on the server too, and
+        # the link attempt and its socket go now, not at the handshake timeout)
+        runner.stop("open_session() abandoned")
+        runner.finish_stop("open_session() abandoned")
+        if not ready.done():
+            ready.cancel()
+        elif not ready.cancelled():
+            ready.exception()  # (retrieved: not logged as an exception no one awaited)
+
     try:
+        # (the session starts as the first step returns: it connects to the server while
+        # the second makes the application's side)
         await loop.connect_accepted_socket(lambda: Endpoint(runner), relay_sock)
         reader, writer = await asyncio.open_connection(sock=app_sock, limit=limit)
         readers.append(reader)
     except BaseException:
+        abandon()
         app_sock.close()
         relay_sock.close()
         raise
     try:
         await ready
     except BaseException:
-        # (cancelled, or a timeout around it: the link attempt and its socket go now, not
-        # at the handshake timeout)
-        runner.stop("open_session() abandoned")
-        runner.finish_stop("open_session() abandoned")
+        abandon()
         writer.close()
         raise
     return reader, writer

@@ -64,6 +64,10 @@ __all__ = ["Mapping", "RelayServer", "parse_hostport"]
 
 #: the most source addresses whose failed resumes a server keeps count of (each for a minute)
 MAX_FAILURE_SOURCES = 100_000
+#: How long a server that stops (``RelayServer.close``) waits in all for its clients to take
+#: the CLOSE of each session; the links left then are reset (a silent client must not hold up
+#: the exit).
+SHUTDOWN_WAIT = 1.0
 
 
 def parse_hostport(text: str, default_host: str = "", default_port: int | None = None
@@ -194,6 +198,11 @@ class _ServerRunner(Runner):
         super().handle_event(e)
 
     def session_closed(self, e: ev.SessionClosed) -> None:
+        link = self.link
+        if link is not None and not link.closed:
+            # the CLOSE goes on this link, which then lingers until the client closes it
+            # (RelayServer.close waits for that, and closes what is left)
+            self.server._lingering_link(link)
         self.server._forget(self)
 
     def endpoint_lost(self, exc: Exception | None) -> None:
@@ -399,14 +408,36 @@ class RelayServer:
         self.addresses: list[tuple[str, int]] = []
         self._listen_labels: dict[int, str] = {}
         self._stopped: asyncio.Event | None = None  # set by close(): serve_forever returns
+        #: links of ended sessions that linger for the client to read their CLOSE (at most
+        #: LINGER seconds each), until their connection is gone; and what close() waits on
+        self._closing_links: set[Link] = set()
+        self._links_gone: asyncio.Future[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        """Listen on every mapping (``addresses`` then lists the addresses bound, the port
+        a mapping with port 0 got included) and open the control socket, if any. A start
+        that fails (OSError: an address in use...) closes what it had opened before it
+        raises. A server is started once: again only after ``close()`` (RuntimeError
+        otherwise)."""
         if self.proxy_protocol and self.ssl is not None:
             raise ValueError("--proxy-protocol needs the load balancer to terminate TLS "
                              "(use --no-tls behind it): the PROXY header precedes any TLS")
+        if self._servers or self._control is not None:
+            raise RuntimeError("RelayServer.start(): already started (close() it first)")
         self.loop = asyncio.get_running_loop()
+        self.addresses = []
+        self._listen_labels = {}
+        try:
+            await self._listen()
+        except BaseException:
+            self.addresses = []
+            await self._close_listeners()
+            raise
         self._stopped = asyncio.Event()
+
+    async def _listen(self) -> None:
+        assert self.loop is not None
         short = shortfall(self.max_sessions, self.max_handshakes)
         if short is not None:
             log.warning("%s", short)
@@ -457,13 +488,21 @@ class RelayServer:
             raise RuntimeError("RelayServer.start() first")
         await self._stopped.wait()
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = SHUTDOWN_WAIT) -> None:
+        """Stop listening and end every session (CLOSE to its client, the backend connection
+        reset). Waits at most ``timeout`` seconds in all for the clients to take the CLOSEs
+        (each closes its link once it has read it), then closes whatever link is left: when
+        this returns, nothing of the server is open, and the event loop may end."""
+        loop = self.loop
+        end = (loop.time() if loop is not None else 0.0) + timeout
         if self._stopped is not None:
             self._stopped.set()
-        for s in self._servers:
+        servers = self._servers
+        for s in servers:
             s.close()
         if self._control is not None:
             self._control.close()
+            self._control = None
             with contextlib.suppress(OSError):
                 os.unlink(self.control_path or "")
         for r in list(self.sessions_by_id.values()):
@@ -473,10 +512,47 @@ class RelayServer:
             p.link.close(abort=True)
         for t in list(self._tasks):
             t.cancel()
-        for s in self._servers:
+        if self._closing_links:
+            gone = self._links_gone
+            if gone is None or gone.done():  # (or a close() that runs already waits on it)
+                gone = self._links_gone = loop.create_future()
+            await asyncio.wait({gone}, timeout=max(0.0, end - loop.time()))
+        for link in list(self._closing_links):  # (a client that went silent: reset)
+            self._closing_links.discard(link)
+            if link.transport is not None:
+                link.transport.abort()
+        for s in servers:
+            # (from Python 3.12 on, until every connection the listener accepted is gone:
+            # bounded too, for one still flushing to a peer that went silent)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), max(0.1, end - loop.time()))
+        if self._servers is servers:
+            self._servers = []  # (closed: start() may listen again)
+        await asyncio.sleep(0)
+
+    async def _close_listeners(self) -> None:
+        """Close the listeners and the control socket that a failed start() opened."""
+        servers, self._servers = self._servers, []
+        for s in servers:
+            s.close()
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.control_path or "")
+        for s in servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
-        await asyncio.sleep(0)
+
+    def _lingering_link(self, link: Link) -> None:
+        self._closing_links.add(link)
+        link.on_lost = functools.partial(self._link_gone, link)
+
+    def _link_gone(self, link: Link) -> None:
+        self._closing_links.discard(link)
+        gone = self._links_gone
+        if not self._closing_links and gone is not None and not gone.done():
+            gone.set_result(None)
 
     # -- sessions ----------------------------------------------------------------------------
     def _start_session(self, pending: _PendingLink) -> None:
