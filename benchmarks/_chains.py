@@ -261,6 +261,29 @@ def git_commit(root: Path) -> str | None:
         return None
 
 
+def unbuilt(root: Path) -> str | None:
+    """Why the checkout at ``root`` would not run icafast compiled (None: it would). A
+    checkout whose extensions are not built runs icafast from Python source, some thirty times
+    the instructions per message: an A/B comparison against it would measure that."""
+    code = ("import icafast, json; print(json.dumps([icafast.IMPLEMENTATION, "
+            "getattr(icafast, 'compiled_modules', dict)()]))")
+    env = {k: v for k, v in os.environ.items() if k != "ICAFAST_PURE_PYTHON"}
+    env["PYTHONPATH"] = str(root)
+    build = f"build it first: cd {root} && python setup.py build_ext --inplace"
+    try:
+        out = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env,
+                             cwd=str(root), timeout=120)
+        impl, modules = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        tail = (locals().get("out") and out.stderr.strip().splitlines()[-1:]) or ["?"]
+        return f"icafast from {root} does not import ({tail[0]})"
+    source = ([] if impl == "cython" else ["icafast._core"]) + sorted(
+        m for m, built in modules.items() if not built)
+    if source:
+        return f"{root} is not built ({', '.join(source)} would run from Python source): {build}"
+    return None
+
+
 def which(tool: str) -> str | None:
     return shutil.which(tool) or next((p for p in (f"/usr/sbin/{tool}", f"/usr/bin/{tool}")
                                        if os.access(p, os.X_OK)), None)

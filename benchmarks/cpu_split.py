@@ -33,6 +33,7 @@ from ._chains import (
     missing,
     start_echo,
     stop_on_signals,
+    unbuilt,
 )
 
 CHAINS = ("icafast", "icafast-tls", "uvloop-min", "haproxy", "haproxy-tls", "icafast-ref",
@@ -55,13 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=at_least(1), default=5)
     p.add_argument("--count", type=at_least(1), default=20000, help="round trips per run")
     p.add_argument("--warmup", type=at_least(1), default=500)
-    p.add_argument("--ref", type=Path, help="checkout for the -ref chains (built in place)")
+    p.add_argument("--ref", type=Path, help="checkout for the -ref chains (build it "
+                   "first: python setup.py build_ext --inplace in it)")
     p.add_argument("--out", type=Path, help="JSON results file")
     a = p.parse_args(argv)
     if not Path("/proc/self/stat").exists():
         print("needs Linux /proc: nothing measured")
         return 0
     if a.ref is not None:
+        if why := unbuilt(a.ref.resolve()):
+            p.error(f"--ref: {why}")
         REF_ROOT.append(a.ref.resolve())
     stop_on_signals()  # (SIGTERM, SIGHUP: the chains stopped, the directory removed)
     runs: dict[str, dict[str, list[float]]] = {}

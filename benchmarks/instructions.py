@@ -49,6 +49,7 @@ from ._chains import (
     start_echo,
     stop_on_signals,
     tls_files,
+    unbuilt,
     wait_listening,
     which,
 )
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=at_least(1), default=300, help="round trips of the shorter run")
     p.add_argument("--count", type=at_least(1), default=2000,
                    help="extra round trips of the longer run (the divisor)")
-    p.add_argument("--ref", type=Path, help="checkout for the -ref chains (built in place)")
+    p.add_argument("--ref", type=Path, help="checkout for the -ref chains (build it "
+                   "first: python setup.py build_ext --inplace in it)")
     p.add_argument("--cache-sim", action="store_true",
                    help="also simulate the caches (valgrind's model of this CPU's first-level "
                         "and last-level caches, one process alone): misses per round trip")
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if any(c.endswith("-ref") for c in a.chains) and a.ref is None:
         p.error("the -ref chains need --ref DIR")
+    if a.ref is not None and (why := unbuilt(a.ref.resolve())):
+        p.error(f"--ref: {why}")
     stop_on_signals()  # (SIGTERM, SIGHUP: the chains stopped, the directory removed)
     unit = "session" if a.sessions else "round trip"
     per_unit = "per_" + unit.replace(" ", "_")  # the JSON keys: per_session, per_round_trip

@@ -70,6 +70,7 @@ from ._chains import (
     tls_files,
     tls_probe,
     tool_version,
+    unbuilt,
     wait_listening,
     wait_ready,
     which,
@@ -964,8 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=at_least(0.1), default=20.0, help="seconds of idle CPU "
                    "measured per scale level")
     p.add_argument("--ref", metavar="DIR", help="also run the icafast chain from another "
-                   "checkout (built in place), as chains icafast-ref and icafast-tls-ref: an "
-                   "A/B comparison")
+                   "checkout, as chains icafast-ref and icafast-tls-ref: an A/B comparison "
+                   "(build it first: python setup.py build_ext --inplace in DIR)")
     p.add_argument("--out", help="JSON results file (default benchmarks/results/"
                    "relay-<mode>.json)")
     p.add_argument("--report", nargs="+", metavar="JSON", help="print one markdown table of "
@@ -1005,6 +1006,8 @@ def main(argv: list[str] | None = None) -> int:
         why = chains_not_run(a.chains, a.only, bool(a.ref))
         if why:
             parser.error("; ".join(why))
+    if a.ref and (unready := unbuilt(Path(a.ref).resolve())):
+        parser.error(f"--ref: {unready}")
     if a.repeats is None:
         a.repeats = 1 if a.quick else 5
     if not a.quick:

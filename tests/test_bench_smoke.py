@@ -432,3 +432,27 @@ def test_the_documented_chain_selections_are_accepted():
         (None, ["socat-b65536"], False),
     ]:
         assert relay.chains_not_run(chains, only, ref) == [], (only, chains)
+
+
+@pytest.mark.parametrize("tool, argv", [
+    ("relay", ["--only", "rr", "--chains", "icafast", "--repeats", "1"]),
+    ("instructions", ["--chains", "icafast-ref"]),
+    ("cpu_split", ["--chains", "icafast-ref"]),
+])
+def test_an_a_b_run_refuses_a_reference_checkout_that_is_not_built(tmp_path, tool, argv):
+    """A reference checkout whose extensions were never built runs icafast from Python
+    source, thirty times the instructions per message: its A/B figures would compare that,
+    not the two commits. Each tool that takes --ref says so and how to build it, measuring
+    nothing; a built checkout (this one) passes the check."""
+    from benchmarks._chains import unbuilt
+
+    ref = tmp_path / "ref"
+    shutil.copytree(Path(ROOT) / "icafast", ref / "icafast",
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    p = subprocess.run([sys.executable, "-m", f"benchmarks.{tool}", *argv, "--ref", str(ref)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert f"--ref: {ref} is not built (icafast._core" in p.stderr, p.stderr
+    assert "python setup.py build_ext --inplace" in p.stderr and "Traceback" not in p.stderr
+    if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":  # (CI: this checkout is built)
+        assert unbuilt(Path(ROOT)) is None
