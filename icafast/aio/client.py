@@ -156,6 +156,9 @@ class _ClientRunner(Runner):
         #: the link that carries the session's CLOSE as the client stops, until it is gone
         self._last_link: Link | None = None
         self.last_link_gone: asyncio.Future[None] | None = None
+        #: set by whoever needs to know how a fallback connection ended (``icafast connect
+        #: --stdio``): resolved with None when it closed, else with its error
+        self.fallback_done: asyncio.Future[BaseException | None] | None = None
 
     @property
     def sid(self) -> str:
@@ -404,9 +407,16 @@ class _ClientRunner(Runner):
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("fallback %s failed too: %s", format_hostport(host, port), e)
             self._settle(None, f"fallback failed: {e}")
+            self.fallback_ended(e)
             abort_with_rst(ep.transport)
             return
         self._settle("fallback")
+
+    def fallback_ended(self, exc: BaseException | None) -> None:
+        """The fallback connection ended (``exc``: how, None when it closed)."""
+        done = self.fallback_done
+        if done is not None and not done.done():
+            done.set_result(exc)
 
 
 class _PlainBridge:
@@ -505,6 +515,7 @@ class _FallbackProtocol(asyncio.Protocol):
                 t.close()
             else:
                 abort_with_rst(t)
+        self.bridge.runner.fallback_ended(exc)
 
     def pause_writing(self) -> None:
         self.bridge.out_paused = True
