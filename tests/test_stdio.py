@@ -376,6 +376,54 @@ def test_stdio_backend_reset_exits_1_with_one_line(tmp_path):
         log.count("\n") == 1 and "backend connection reset" in log, log
 
 
+def test_stdio_reliability_timeout_and_server_shutdown_exit_1(tmp_path):
+    """A link that stays down past the server's reliability timeout, and a server that shuts
+    down, end the session abortively: exit status 1 and one line saying so (-q)."""
+    def serve(conn: socket.socket) -> None:
+        conn.sendall(b"hi\n")
+        with contextlib.suppress(OSError):
+            while conn.recv(65536):
+                pass
+
+    backend = _Backend(serve)
+    server = _Server(tmp_path, backend.port, "--no-tls", "--reliability-timeout", "1")
+    lt = _LoopThread()
+    proxy = lt.call(FaultProxy("127.0.0.1", server.port).start())
+    p = _connect(proxy.port, "--no-tls", "-q")
+    try:
+        err = _Drain(p.stderr, keep=True)
+        assert p.stdout.read(3) == b"hi\n"
+        def cut() -> None:
+            proxy.refuse_new = True
+            proxy.reset()
+        lt.run(cut)
+        rc, log = _finish(p, err, timeout=30)
+    finally:
+        stop_process(p)
+        lt.call(proxy.close())
+        lt.close()
+        server.stop()
+        backend.close()
+    assert rc == 1 and log.count("\n") == 1, log
+    assert log.startswith("icafast connect: session ended abortively: ") and "timeout" in log, log
+
+    backend = _Backend(serve)
+    server = _Server(tmp_path, backend.port, "--no-tls")
+    p = _connect(server.port, "--no-tls", "-q")
+    try:
+        err = _Drain(p.stderr, keep=True)
+        assert p.stdout.read(3) == b"hi\n"
+        server.stop()
+        rc, log = _finish(p, err, timeout=30)
+    finally:
+        stop_process(p)
+        server.stop()
+        backend.close()
+    assert rc == 1 and log.count("\n") == 1, log
+    assert log.startswith("icafast connect: session ended abortively: ") and \
+        "server shutting down" in log, log
+
+
 def test_stdio_unreachable_server_exits_1(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))  # (refuses: bound, not listening)
