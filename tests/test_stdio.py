@@ -351,6 +351,54 @@ def test_stdio_over_files_and_a_socket(tmp_path):
         backend.close()
 
 
+def test_stdio_descriptors_left_non_blocking(tmp_path):
+    """Pipes that another process sharing them made non-blocking (O_NONBLOCK belongs to the
+    open file, not to the descriptor): reads and writes wait for them instead of failing with
+    EAGAIN."""
+    def echo(conn: socket.socket) -> None:
+        while b := conn.recv(65536):
+            conn.sendall(b)
+        conn.shutdown(socket.SHUT_WR)
+
+    backend = _Backend(echo)
+    server = _Server(tmp_path, backend.port, "--no-tls")
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    os.set_blocking(in_r, False)
+    os.set_blocking(out_w, False)
+    data = random.Random(5).randbytes(4 * 1024 * 1024)
+    p = subprocess.Popen([PY, "-m", "icafast", "connect", "--stdio", "--no-tls", "-q",
+                          "--server", f"127.0.0.1:{server.port}"], stdin=in_r, stdout=out_w,
+                         stderr=subprocess.PIPE)
+    os.close(in_r)
+    os.close(out_w)
+    try:
+        err = _Drain(p.stderr, keep=True)
+
+        def feed() -> None:
+            with open(in_w, "wb") as f:
+                time.sleep(0.3)  # (nothing to read at first: EAGAIN)
+                for i in range(0, len(data), 65536):
+                    f.write(data[i:i + 65536])
+                    f.flush()
+
+        t = threading.Thread(target=feed, daemon=True)
+        t.start()
+        got = bytearray()
+        with open(out_r, "rb") as f:
+            time.sleep(1.0)  # (the pipe fills: EAGAIN on writes)
+            while b := f.read(65536):
+                got += b
+        t.join(10)
+        rc, log = _finish(p, err)
+    finally:
+        stop_process(p)
+        server.stop()
+        backend.close()
+    assert rc == 0, log
+    assert bytes(got) == data
+
+
 def test_stdio_backend_reset_exits_1_with_one_line(tmp_path):
     def serve(conn: socket.socket) -> None:
         conn.sendall(b"bye\n")

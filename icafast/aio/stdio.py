@@ -49,17 +49,25 @@ def _error_text(e: OSError) -> str:
 def _wait_ready(fd: int, write: bool) -> None:
     """Block until ``fd`` is ready: for a descriptor that another process sharing it made
     non-blocking."""
-    p = select.poll()
-    p.register(fd, select.POLLOUT if write else select.POLLIN)
-    p.poll()
+    if write:
+        select.select([], [fd], [])
+    else:
+        select.select([fd], [], [])
 
 
 def _read_into(fd: int, buf: bytearray) -> int:
     while True:
         try:
-            return os.readv(fd, [buf])
+            if _readv is not None:
+                return _readv(fd, [buf])
+            data = os.read(fd, len(buf))  # (no readv: a copy more)
+            buf[:len(data)] = data
+            return len(data)
         except BlockingIOError:
             _wait_ready(fd, write=False)
+
+
+_readv = getattr(os, "readv", None)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
