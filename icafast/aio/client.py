@@ -16,7 +16,7 @@ import ssl
 from typing import Any, cast
 
 from .. import events as ev
-from ..protocol import CLOSE_ABORTED, ClientSession, Config, State
+from ..protocol import CLOSE_ABORTED, CLOSE_DONE, ClientSession, Config, State
 from ..tls import ClientTLS, TLSVerifyError, check_peer
 from ..tlspipe import uses_pipe
 from ._relay import (
@@ -156,9 +156,6 @@ class _ClientRunner(Runner):
         #: the link that carries the session's CLOSE as the client stops, until it is gone
         self._last_link: Link | None = None
         self.last_link_gone: asyncio.Future[None] | None = None
-        #: set by whoever needs to know how a fallback connection ended (``icafast connect
-        #: --stdio``): resolved with None when it closed, else with its error
-        self.fallback_done: asyncio.Future[BaseException | None] | None = None
 
     @property
     def sid(self) -> str:
@@ -413,10 +410,13 @@ class _ClientRunner(Runner):
         self._settle("fallback")
 
     def fallback_ended(self, exc: BaseException | None) -> None:
-        """The fallback connection ended (``exc``: how, None when it closed)."""
-        done = self.fallback_done
-        if done is not None and not done.done():
-            done.set_result(exc)
+        """The fallback connection is over (``exc``: how, None when it closed): so is what
+        stands for the session, ``closed_future`` (a client forgets it then)."""
+        if not self.closed_future.done():
+            reason = (f"fallback connection: {exc or type(exc).__name__}" if exc is not None
+                      else "fallback connection closed")
+            self.closed_future.set_result(ev.SessionClosed(
+                CLOSE_ABORTED if exc is not None else CLOSE_DONE, reason, exc is None))
 
 
 class _PlainBridge:
@@ -431,6 +431,8 @@ class _PlainBridge:
         self._buf = bytearray(256 * 1024)
         self._mv = memoryview(self._buf)
         self.engine = self  # Endpoint asks runner.engine for buffers
+        self.app_eof = False  # the application's end of file went to the fallback connection
+        self.out_eof = False  # ... and the fallback connection's to the application
 
     # engine-like
     @property
@@ -460,6 +462,18 @@ class _PlainBridge:
     def endpoint_eof(self) -> None:
         if self.out is not None and self.out.can_write_eof():
             self.out.write_eof()
+            self.app_eof = True
+            self.both_ended()
+
+    def both_ended(self) -> None:
+        """Once both streams have ended (end of file each way), both connections are closed:
+        neither side tells it otherwise (a half-closed socket whose peer then closes gets no
+        further event), and they, the runner and its buffers stayed for good."""
+        if self.app_eof and self.out_eof:
+            if self.out is not None:
+                self.out.close()
+            if self.ep.transport is not None and not self.ep.closed:
+                self.ep.transport.close()
 
     def endpoint_lost(self, exc: Exception | None) -> None:
         if self.out is not None:
@@ -506,6 +520,8 @@ class _FallbackProtocol(asyncio.Protocol):
         t = self.bridge.ep.transport
         if t is not None and not self.bridge.ep.closed and t.can_write_eof():
             t.write_eof()
+            self.bridge.out_eof = True
+            self.bridge.both_ended()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -118,18 +118,14 @@ class StdioSession:
         self._failure: str | None = None  # standard input or output failed
         self._threads_left = 2
         self._link_gone: asyncio.Future[None] | None = None  # the last link has closed
-        self._ended = 0  # directions whose stream has ended (end of file) at the descriptors
-        self._both_ended: asyncio.Future[None] | None = None
         self._lock = threading.Lock()
 
     async def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
         self._out_done = loop.create_future()
-        self._both_ended = loop.create_future()
         app, relay = socket.socketpair()
         runner = self.runner = _ClientRunner(loop, self.server, self.config, self.fallback,
                                              self._status, tls=self.tls)
-        runner.fallback_done = loop.create_future()
         try:
             await loop.connect_accepted_socket(lambda: Endpoint(runner), relay)
         except BaseException:
@@ -195,7 +191,6 @@ class StdioSession:
                     log.debug("standard input: end of file")
                     with contextlib.suppress(OSError):
                         app.shutdown(socket.SHUT_WR)
-                    self._call(self._direction_ended)
                     return
                 try:
                     app.sendall(view[:n])
@@ -259,20 +254,10 @@ class StdioSession:
                 self._loop.call_later(SHUTDOWN_WAIT, runner.finish_stop, reason)
             return
         runner.finish_stop(reason)  # (the fallback connection ends with this one)
-        fb = runner.fallback_done
-        if fb is not None and not fb.done():
-            fb.set_result(OSError(reason))
-
-    def _direction_ended(self) -> None:
-        self._ended += 1
-        if self._ended == 2 and self._both_ended is not None and not self._both_ended.done():
-            self._both_ended.set_result(None)
 
     def _output_ended(self, failure: str | None) -> None:
         if failure is not None:
             self._stdio_failed(failure)
-        else:
-            self._direction_ended()
         if self._out_done is not None and not self._out_done.done():
             self._out_done.set_result(None)
 
@@ -282,29 +267,12 @@ class StdioSession:
         runner = self.runner
         if runner is None or self._out_done is None:
             raise RuntimeError("StdioSession.start() first")
-        fallback = runner.fallback_done
-        assert fallback is not None and self._both_ended is not None
-        ends: set[asyncio.Future[Any]] = {runner.closed_future, fallback, self._both_ended}
-        while True:
-            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
-            if runner.closed_future.done() or fallback.done():
-                break
-            # both streams have ended at the descriptors
-            if runner._done:  # noqa: SLF001
-                # relaying to the fallback address: the plain connection is closed now (it
-                # would stay open, half-closed both ways; a session ends by itself)
-                runner.finish_stop("both directions finished")
-                if not fallback.done():
-                    fallback.set_result(None)
-                break
-            ends.discard(self._both_ended)
-        if runner.closed_future.done():
-            closed: ev.SessionClosed = runner.closed_future.result()
-            error = None if closed.graceful else closed.reason
-        else:
-            assert runner.fallback_done is not None
-            exc = runner.fallback_done.result()
-            error = None if exc is None else f"fallback connection: {exc or type(exc).__name__}"
+        # (relaying to the fallback address instead, the runner gives the end of that
+        # connection as the session's)
+        # (not awaited itself: a cancelled wait() must not cancel it, close() waits on it)
+        await asyncio.wait({runner.closed_future})
+        closed: ev.SessionClosed = runner.closed_future.result()
+        error = None if closed.graceful else closed.reason
         gone = self._link_gone
         if gone is not None and not gone.done():
             await asyncio.wait({gone}, timeout=SHUTDOWN_WAIT)
