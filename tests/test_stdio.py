@@ -302,6 +302,29 @@ def test_stdio_output_is_the_stream_only_and_end_of_file_half_closes(tmp_path):
     assert "new session active" in log and "DEBUG" in log, log
 
 
+def test_stdio_takes_its_settings_from_a_config_file(tmp_path):
+    """--config works with --stdio as with --listen; the file's listen key (there for other
+    uses of the file) is not used."""
+    def echo(conn: socket.socket) -> None:
+        while b := conn.recv(65536):
+            conn.sendall(b)
+        conn.shutdown(socket.SHUT_WR)
+
+    backend = _Backend(echo)
+    server = _Server(tmp_path, backend.port, "--no-tls")
+    cfg = tmp_path / "client.toml"
+    cfg.write_text(f'server = "127.0.0.1:{server.port}"\nno_tls = true\n'
+                   'listen = "127.0.0.1:1"\ndead_timeout = 5\n')
+    try:
+        r = subprocess.run([PY, "-m", "icafast", "connect", "--stdio", "-q", "--config",
+                            str(cfg)], input=b"configured\n", capture_output=True, timeout=30)
+    finally:
+        server.stop()
+        backend.close()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"configured\n" and r.stderr == b""
+
+
 def test_stdio_over_files_and_a_socket(tmp_path):
     """Standard input and output may be regular files, or one socket (as inetd or socat
     give): its end of file toward the application is a half-close."""
