@@ -9,8 +9,8 @@ may be given (pipes, sockets, terminals, regular files) and are left in the mode
 (no ``O_NONBLOCK`` put on a pipe or terminal that others share), and back-pressure is the
 kernel's: a thread blocked on a slow standard output stops reading the socket pair, whose
 buffer fills, and the session stops acknowledging, as for a slow application connection; a
-session whose link is down stops reading the socket pair, and the thread stops reading
-standard input.
+session whose replay buffer is full (its link down, or slow) stops reading the socket pair,
+and the thread stops reading standard input.
 """
 
 from __future__ import annotations
