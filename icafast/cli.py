@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -233,9 +234,26 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("connect", help="run the client: a local port whose connections "
                                        "become reliable sessions",
                        description="Listen locally; every application connection becomes one "
-                                   "session to the server.")
-    c.add_argument("--listen", metavar="HOST:PORT", required=False,
-                   help="local address applications connect to (default 127.0.0.1:1494)")
+                                   "session to the server. With --stdio, one session instead, "
+                                   "carried over standard input and output, as an ssh "
+                                   "ProxyCommand: ssh -o ProxyCommand='icafast connect --stdio "
+                                   "-q --server HOST:2598 --tls-fingerprint SHA256' user@host",
+                       epilog="With --stdio, standard output carries the backend's stream and "
+                              "nothing else (the log goes to standard error), and the exit "
+                              "status is 0 after a graceful end (end of file both ways) or a "
+                              "stop by SIGTERM, SIGINT or SIGHUP, 1 after an abortive one "
+                              "(reset, reliability timeout, refused resume, standard output "
+                              "closed by its reader), with one line on standard error saying "
+                              "why, and 2 for a usage error.")
+    where = c.add_mutually_exclusive_group()
+    where.add_argument("--listen", metavar="HOST:PORT", required=False,
+                       help="local address applications connect to (default 127.0.0.1:1494)")
+    where.add_argument("--stdio", action="store_true",
+                       help="no local port: make one session, reading what goes to the backend "
+                            "from standard input and writing what comes back to standard "
+                            "output (end of file on standard input half-closes toward the "
+                            "backend); the command ends with the session. For ssh's "
+                            "ProxyCommand, as 'ssh -W' or 'nc' are used")
     c.add_argument("--server", metavar="HOST:PORT", required=False,
                    help="the icafast server (port defaults to 2598)")
     c.add_argument("--fallback", metavar="HOST:PORT",
@@ -673,7 +691,11 @@ def cmd_connect(args: argparse.Namespace) -> int:
 
     file_cfg = load_toml(args.config)
     config = make_config(args, file_cfg)
-    listen = _address(args.listen or file_cfg.get("listen", "127.0.0.1:1494"), "127.0.0.1", 1494)
+    stdio = bool(getattr(args, "stdio", False))
+    # (with --stdio a config file's listen, there for other uses of the file, means nothing)
+    listen = ("", 0) if stdio else _address(args.listen or file_cfg.get("listen",
+                                                                        "127.0.0.1:1494"),
+                                            "127.0.0.1", 1494)
     server_text = args.server or file_cfg.get("server")
     if not server_text:
         raise UsageError("--server HOST:PORT is required")
@@ -705,6 +727,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if tls_cfg is not None and tls_cfg.fingerprint is None and tls_cfg.context.verify_mode == 0:
         log.warning("TLS without verifying the server (--tls-insecure): an active attacker can "
                     "read and change the session")
+    if stdio:
+        return _connect_stdio(server, config, fallback, on_status, tls_cfg)
     if not _loopback(listen[0]):
         from .aio.server import format_hostport
 
@@ -720,6 +744,90 @@ def cmd_connect(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _take_stdio() -> tuple[int, int]:
+    """Standard input and output for the session's stream: descriptors of its own on them,
+    and /dev/null on 0 and standard error on 1 in their place, so that nothing else in the
+    process (a stray print, a library's warning) can read from the stream or write into it."""
+    # (one closed when the process started is None in sys; its number may be another file's
+    # by now, which the stream must not go to)
+    for std, what in ((sys.__stdin__, "standard input"), (sys.__stdout__, "standard output")):
+        if std is None:
+            raise UsageError(f"--stdio: {what} is not open")
+    fds = []
+    for fd, what in ((0, "standard input"), (1, "standard output")):
+        try:
+            fds.append(os.dup(fd))
+        except OSError as e:
+            for taken in fds:
+                os.close(taken)
+            raise UsageError(f"--stdio: {what} is not open ({_error_text(e)})") from None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, 0)
+        try:
+            os.dup2(2, 1)
+        except OSError:  # (no standard error either)
+            os.dup2(devnull, 1)
+    finally:
+        os.close(devnull)
+    return fds[0], fds[1]
+
+
+def _connect_stdio(server: tuple[str, int], config: Config, fallback: tuple[str, int] | None,
+                   on_status: Callable[[Any, Any], None], tls_cfg: Any) -> int:
+    """``icafast connect --stdio``: one session over standard input and output."""
+    from .aio import run
+    from .aio.stdio import StdioSession
+
+    # (one session, two sockets and the descriptors: no room to make for more)
+    in_fd, out_fd = _take_stdio()
+    session = StdioSession(server, config, stdin_fd=in_fd, stdout_fd=out_fd, fallback=fallback,
+                           on_status=on_status, tls=tls_cfg)
+    try:
+        status = run(_run_stdio(session))
+    except OSError as e:
+        print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
+        return 1
+    if status:
+        print(f"icafast connect: session ended abortively: {session.error}", file=sys.stderr)
+    return status
+
+
+async def _run_stdio(session: Any) -> int:
+    """Run the session until it is over (its exit status) or a signal stops it (0, as
+    ``icafast connect`` stops on one)."""
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    caught: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        caught.append(signum)
+        stopped.set()
+
+    for sig in STOP_SIGNALS:
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError):
+            pass
+    await session.start()
+    trimmer = loop.create_task(trim_now_and_then())
+    over = loop.create_task(session.wait())
+    signalled = loop.create_task(stopped.wait())
+    try:
+        await asyncio.wait({over, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        trimmer.cancel()
+        signalled.cancel()
+    if over.done():
+        return over.result()
+    over.cancel()
+    log.info("shutting down (%s)", signal.Signals(caught[0]).name)
+    await session.close()
     return 0
 
 

@@ -736,6 +736,34 @@ def test_fallback_when_server_refuses():
     run_async("uvloop", main())
 
 
+def test_fallback_connections_end_when_both_streams_have():
+    """A fallback relay whose streams both ended (end of file each way) closes both of its
+    connections and is forgotten. Neither connection says more once half-closed both ways
+    (the peers' full close gives a relay that reads and writes nothing no event), so both
+    stayed open, and the runner with its 256 KiB buffer stayed in the client: two sockets and
+    some 300 KiB per fallback session, for as long as the client ran."""
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        with refusing_port() as port:
+            client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", port), FAST,
+                                 fallback=("127.0.0.1", backend.port))
+            await client.start()
+            try:
+                for i in range(3):
+                    reader, writer = await asyncio.open_connection(*client.addresses[0])
+                    writer.write(b"plain %d" % i)
+                    writer.write_eof()
+                    assert await asyncio.wait_for(reader.read(), 10) == b"plain %d" % i
+                    writer.close()
+                assert await wait_for(lambda: not client.runners, 5), client.runners
+                assert await wait_for(lambda: backend.closed == 3, 5)
+            finally:
+                await client.close()
+        await backend.close()
+
+    run_async("uvloop", main())
+
+
 @pytest.mark.parametrize("banner", [b"SSH-2.0-OpenSSH_9.2\r\n", b""])
 def test_fallback_when_server_speaks_another_protocol(banner):
     async def main() -> None:

@@ -17,7 +17,7 @@ import weakref
 from typing import Any, cast
 
 from .. import events as ev
-from ..protocol import CLOSE_ABORTED, ClientSession, Config, State
+from ..protocol import CLOSE_ABORTED, CLOSE_DONE, ClientSession, Config, State
 from ..tls import ClientTLS, TLSVerifyError, check_peer
 from ..tlspipe import uses_pipe
 from ._relay import (
@@ -405,9 +405,19 @@ class _ClientRunner(Runner):
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("fallback %s failed too: %s", format_hostport(host, port), e)
             self._settle(None, f"fallback failed: {e}")
+            self.fallback_ended(e)
             abort_with_rst(ep.transport)
             return
         self._settle("fallback")
+
+    def fallback_ended(self, exc: BaseException | None) -> None:
+        """The fallback connection is over (``exc``: how, None when it closed): so is what
+        stands for the session, ``closed_future`` (a client forgets it then)."""
+        if not self.closed_future.done():
+            reason = (f"fallback connection: {exc or type(exc).__name__}" if exc is not None
+                      else "fallback connection closed")
+            self.closed_future.set_result(ev.SessionClosed(
+                CLOSE_ABORTED if exc is not None else CLOSE_DONE, reason, exc is None))
 
 
 class _PlainBridge:
@@ -422,6 +432,8 @@ class _PlainBridge:
         self._buf = bytearray(256 * 1024)
         self._mv = memoryview(self._buf)
         self.engine = self  # Endpoint asks runner.engine for buffers
+        self.app_eof = False  # the application's end of file went to the fallback connection
+        self.out_eof = False  # ... and the fallback connection's to the application
 
     # engine-like
     @property
@@ -451,6 +463,18 @@ class _PlainBridge:
     def endpoint_eof(self) -> None:
         if self.out is not None and self.out.can_write_eof():
             self.out.write_eof()
+            self.app_eof = True
+            self.both_ended()
+
+    def both_ended(self) -> None:
+        """Once both streams have ended (end of file each way), both connections are closed:
+        neither side tells it otherwise (a half-closed socket whose peer then closes gets no
+        further event), and they, the runner and its buffers stayed for good."""
+        if self.app_eof and self.out_eof:
+            if self.out is not None:
+                self.out.close()
+            if self.ep.transport is not None and not self.ep.closed:
+                self.ep.transport.close()
 
     def endpoint_lost(self, exc: Exception | None) -> None:
         if self.out is not None:
@@ -497,6 +521,8 @@ class _FallbackProtocol(asyncio.Protocol):
         t = self.bridge.ep.transport
         if t is not None and not self.bridge.ep.closed and t.can_write_eof():
             t.write_eof()
+            self.bridge.out_eof = True
+            self.bridge.both_ended()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -506,6 +532,7 @@ class _FallbackProtocol(asyncio.Protocol):
                 t.close()
             else:
                 abort_with_rst(t)
+        self.bridge.runner.fallback_ended(exc)
 
     def pause_writing(self) -> None:
         self.bridge.out_paused = True

@@ -92,6 +92,11 @@ def icafast_connect_cmd(listen: str, server: str) -> list[str]:
             *tls_flags()]
 
 
+def icafast_connect_stdio_cmd(server: str) -> list[str]:
+    """One session over standard input and output (as an ssh ProxyCommand)."""
+    return [PY, "-m", "icafast", "connect", "--stdio", "--server", server, *FAST, *tls_flags()]
+
+
 def child_env() -> dict[str, str]:
     """The environment for every process: the same icafast as this test process imports."""
     env = dict(os.environ)
@@ -471,15 +476,20 @@ class Rig:
         raise AssertionError(f"{proc.name} is not listening on port {port} (exit "
                              f"{proc.p.poll()}); log:\n{proc.tail()}")
 
-    def start_relay(self, backend_port: int) -> int:
-        """icafast serve (server side) -> backend; icafast connect (client side). Returns the
-        client's local port, on the client side's 127.0.0.1."""
+    def start_server(self, backend_port: int) -> str:
+        """icafast serve (server side) -> backend. Returns the address the client side
+        reaches it at."""
         self.server_port = self.port()
         control = os.path.join(self._ctl_dir, "control.sock")
         self.server = self.spawn("server", "icafast-serve", icafast_serve_cmd(
             self.net.server_listen(self.server_port), f"127.0.0.1:{backend_port}", control))
         self.server.wait_for("listening on")
-        target = self.net.link_target(self.server_port)
+        return self.net.link_target(self.server_port)
+
+    def start_relay(self, backend_port: int) -> int:
+        """icafast serve (server side) -> backend; icafast connect (client side). Returns the
+        client's local port, on the client side's 127.0.0.1."""
+        target = self.start_server(backend_port)
         local = self.port()
         self.client = self.spawn("client", "icafast-connect",
                                  icafast_connect_cmd(f"127.0.0.1:{local}", target))

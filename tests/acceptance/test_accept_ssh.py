@@ -9,6 +9,8 @@ import hashlib
 import os
 import random
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -16,15 +18,17 @@ import time
 from pathlib import Path
 
 import pytest
-from acceptance_rig import Rig, need, run_bounded
+from acceptance_rig import Rig, icafast_connect_stdio_cmd, need, run_bounded
 
 pytestmark = pytest.mark.acceptance
 
 PAD = "the-quick-brown-fox-jumps-over-the-lazy-dog-0123456789"
 
 
-def start_sshd(rig: Rig) -> tuple[int, list[str]]:
-    """sshd on the server side's 127.0.0.1 with fresh keys; returns (port, ssh argv prefix)."""
+def start_sshd(rig: Rig, proxy_command: str | None = None) -> tuple[int, list[str]]:
+    """sshd on the server side's 127.0.0.1 with fresh keys; returns (port, ssh argv prefix).
+    Through icafast connect --listen, or, with ``proxy_command``, a format string of the
+    ProxyCommand given the server's address (``{server}``): no local port (0)."""
     progs = need("sshd", "ssh", "ssh-keygen")
     d: Path = rig.tmp / "ssh"
     d.mkdir()
@@ -42,8 +46,14 @@ def start_sshd(rig: Rig) -> tuple[int, list[str]]:
         "ClientAliveInterval 0\nMaxStartups 10:30:60\n")
     sshd = rig.spawn("server", "sshd", [progs["sshd"], "-D", "-e", "-f", str(d / "sshd_config")])
     rig.wait_listening("server", port, sshd)
-    local = rig.start_relay(port)
-    ssh = [progs["ssh"], "-F", "/dev/null", "-T", "-p", str(local), "-i", str(d / "userkey"),
+    proxy: list[str] = []
+    if proxy_command is None:
+        local = rig.start_relay(port)
+    else:
+        local = 0
+        proxy = ["-o", "ProxyCommand=" + proxy_command.format(server=rig.start_server(port))]
+    ssh = [progs["ssh"], "-F", "/dev/null", "-T", *proxy, "-p", str(local or port),
+           "-i", str(d / "userkey"),
            "-l", getpass.getuser(), "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20", "127.0.0.1"]
@@ -263,4 +273,105 @@ def test_ssh_20mb_each_way_sha256_through_link_kills(rig: Rig) -> None:
     assert up > 0 and down_replayed > 0, \
         f"no data in flight at a break: replayed {up}/{down_replayed}"
     assert rig.new_sessions() == 1
+    rig.check_icafast_logs()
+
+
+def test_ssh_proxycommand_stdio_survives_link_resets(rig: Rig) -> None:
+    """ssh with ``ProxyCommand=icafast connect --stdio ...`` (no local port): paced output and
+    echoed input through three ``ss -K`` resets of the link (kernel resets in the network
+    namespaces, else through the loopback fault proxy); both streams are byte-identical, ssh
+    exits 0, and the ProxyCommand then ends the session on the server (ssh stops it with
+    SIGHUP) without a traceback."""
+    log = rig.tmp / "icafast-stdio.log"
+    pidfile = rig.tmp / "icafast-stdio.pid"
+    # (its log to a file of its own: ssh gives its ProxyCommand its own standard error, which
+    # here carries the echoed input)
+    # (ssh runs "exec COMMAND" in a shell: the pid is written by a shell of its own)
+    inner = (f"echo $$ > {shlex.quote(str(pidfile))}; exec "
+             f"{shlex.join(icafast_connect_stdio_cmd('SERVER'))} -v "
+             f"2>>{shlex.quote(str(log))}")
+    proxy = "sh -c " + shlex.quote(inner).replace("SERVER", "{server}")
+    _port, ssh = start_sshd(rig, proxy_command=proxy)
+    remote = ("exec 3<&0; cat <&3 >&2 & c=$!; i=0; "
+              "while kill -0 $c 2>/dev/null; do "
+              f"printf 'out %06d {PAD}\\n' $i; i=$((i+1)); sleep 0.02; done; "
+              "wait $c; printf 'END %d\\n' $i")
+    p = rig.spawn("client", "ssh", [*ssh, remote], log=False, stdin=subprocess.PIPE,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = Collector(p.p.stdout, keep=True)
+    err = Collector(p.p.stderr, keep=True)
+    out.start()
+    err.start()
+    sent = bytearray()
+    stop = threading.Event()
+    rng = random.Random(22)
+
+    def writer() -> None:
+        assert p.p.stdin is not None
+        try:
+            for _ in range(20_000):  # bounded
+                if stop.is_set():
+                    break
+                data = rng.randbytes(rng.randint(1, 3000))
+                p.p.stdin.write(data)
+                p.p.stdin.flush()
+                sent.extend(data)
+                time.sleep(0.01)
+        except OSError:
+            pass  # ssh is gone: the test reports it
+        finally:
+            with contextlib.suppress(OSError):
+                p.p.stdin.close()
+
+    def stdio_log() -> str:
+        return log.read_text(errors="replace") if log.exists() else ""
+
+    w = threading.Thread(target=writer, daemon=True)
+    w.start()
+    try:
+        end = time.monotonic() + 30
+        while out.count == 0 and time.monotonic() < end and p.alive():
+            time.sleep(0.05)
+        assert out.count > 0, f"no output from ssh: {bytes(err.data)!r}\n{stdio_log()}"
+        for i in range(3):
+            before_out, before_in = out.count, len(sent)
+            assert rig.fault("reset") >= 1, f"reset {i}: no link to reset\n{rig.logs()}"
+            rig.wait_resumes(i + 1)
+            end = time.monotonic() + 20
+            while time.monotonic() < end and not (out.count > before_out and
+                                                  err.count > before_in):
+                time.sleep(0.02)
+            assert out.count > before_out and err.count > before_in, \
+                f"stream stalled after reset {i}\n{rig.logs()}\n{stdio_log()}"
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        w.join(30)
+        rc = p.p.wait(60)
+        out.join(30)
+        err.join(30)
+        # the ProxyCommand ends once ssh is gone (by SIGHUP from ssh): wait, then make sure
+        end = time.monotonic() + 10
+        text = pidfile.read_text().strip() if pidfile.exists() else ""
+        pid = int(text) if text.isdigit() else 0
+        while pid and time.monotonic() < end and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+        lingering = bool(pid) and os.path.exists(f"/proc/{pid}")
+        if lingering:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    text = bytes(out.data).decode()
+    m = re.search(r"END (\d+)\n\Z", text)
+    assert rc == 0, f"ssh exit {rc}; stderr tail {bytes(err.data)[-300:]!r}\n{stdio_log()}"
+    assert m, f"no END line; stdout tail {text[-300:]!r}"
+    n = int(m.group(1))
+    assert text == "".join(f"out {i:06d} {PAD}\n" for i in range(n)) + f"END {n}\n"
+    assert bytes(err.data) == bytes(sent), "echoed input lost, duplicated or reordered"
+    assert not lingering, f"the ProxyCommand did not end after ssh\n{stdio_log()}"
+    stdio = stdio_log()
+    assert stdio.count("resumed on link") >= 3 and "Traceback" not in stdio, stdio
+    assert rig.new_sessions() == 1
+    # the session ended on the server too, not left DISCONNECTED until the timeout
+    assert rig.server is not None
+    rig.server.wait_for("closed (", timeout=10)
     rig.check_icafast_logs()
