@@ -237,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "session to the server. With --stdio, one session instead, "
                                    "carried over standard input and output, as an ssh "
                                    "ProxyCommand: ssh -o ProxyCommand='icafast connect --stdio "
-                                   "-q --server HOST:2598 --tls-fingerprint SHA256' user@host",
+                                   "--server HOST:2598 --tls-fingerprint SHA256' user@host",
                        epilog="With --stdio, standard output carries the backend's stream and "
-                              "nothing else (the log goes to standard error), and the exit "
+                              "nothing else (the log goes to standard error: only warnings and "
+                              "errors, -v adds INFO, -vv DEBUG), and the exit "
                               "status is 0 after a graceful end (end of file both ways) or a "
                               "stop by SIGTERM, SIGINT or SIGHUP, 1 after an abortive one "
                               "(reset, reliability timeout, refused resume, standard output "
@@ -381,9 +382,15 @@ def make_config(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Config:
 
 def setup_logging(args: argparse.Namespace) -> None:
     level = logging.INFO
+    verbose = getattr(args, "verbose", 0)
     if getattr(args, "quiet", False):
         level = logging.WARNING
-    elif getattr(args, "verbose", 0) >= 1:  # (-v: INFO is the default already; -vv too)
+    elif getattr(args, "stdio", False):
+        # connect --stdio: its standard error is, as ssh's ProxyCommand, the user's terminal,
+        # where lines about link breaks would land in the middle of a full-screen program:
+        # warnings and errors only, -v the usual INFO, -vv DEBUG
+        level = (logging.WARNING, logging.INFO)[verbose] if verbose < 2 else logging.DEBUG
+    elif verbose >= 1:  # (-v: INFO is the default already; -vv too)
         level = logging.DEBUG
     logs.setup(level)
 

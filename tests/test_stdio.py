@@ -244,7 +244,7 @@ def test_stdio_carries_a_checked_stream_both_ways_across_link_breaks(tmp_path):
         if len(resets) < 2 and count >= (3 + 6 * len(resets)) * 1024 * 1024:
             resets.append(lt.run(proxy.reset))
 
-    p = _connect(proxy.port, *server.tls())
+    p = _connect(proxy.port, *server.tls(), "-v")
     try:
         err = _Drain(p.stderr, keep=True)
         out = _Drain(p.stdout, on_count=maybe_break)
@@ -284,7 +284,7 @@ def test_stdio_output_is_the_stream_only_and_end_of_file_half_closes(tmp_path):
 
     backend = _Backend(serve)
     server = _Server(tmp_path, backend.port, "--no-tls")
-    p = _connect(server.port, "--no-tls", "-v")
+    p = _connect(server.port, "--no-tls", "-vv")
     try:
         err = _Drain(p.stderr, keep=True)
         out = _Drain(p.stdout, keep=True)
@@ -422,7 +422,10 @@ def test_stdio_descriptors_left_non_blocking(tmp_path):
     assert bytes(got) == data
 
 
-def test_stdio_backend_reset_exits_1_with_one_line(tmp_path):
+@pytest.mark.parametrize("quiet", [(), ("-q",)], ids=["default", "-q"])
+def test_stdio_backend_reset_exits_1_with_one_line(tmp_path, quiet):
+    """Standard error is the terminal of ssh's user: without -q too, only warnings and errors
+    reach it (not the INFO lines of the start and of each link), here the one line."""
     def serve(conn: socket.socket) -> None:
         conn.sendall(b"bye\n")
         time.sleep(0.5)
@@ -430,7 +433,7 @@ def test_stdio_backend_reset_exits_1_with_one_line(tmp_path):
 
     backend = _Backend(serve)
     server = _Server(tmp_path, backend.port, "--no-tls")
-    p = _connect(server.port, "--no-tls", "-q")
+    p = _connect(server.port, "--no-tls", *quiet)
     try:
         err = _Drain(p.stderr, keep=True)
         out = _Drain(p.stdout, keep=True)
@@ -442,7 +445,7 @@ def test_stdio_backend_reset_exits_1_with_one_line(tmp_path):
         backend.close()
     assert rc == 1, log
     assert bytes(out.data) == b"bye\n"
-    # (-q: the one line, and nothing else)
+    # (the one line, and nothing else)
     assert log.startswith("icafast connect: session ended abortively: ") and \
         log.count("\n") == 1 and "backend connection reset" in log, log
 
@@ -552,7 +555,7 @@ def test_stdio_stops_on_a_signal_closing_the_session_on_the_server(tmp_path, sig
 
     backend = _Backend(serve)
     server = _Server(tmp_path, backend.port, "--no-tls")
-    p = _connect(server.port, "--no-tls")
+    p = _connect(server.port, "--no-tls", "-v")
     try:
         err = _Drain(p.stderr, keep=True)
         assert p.stdout.read(6) == b"ready\n"
