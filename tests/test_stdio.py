@@ -664,3 +664,56 @@ def test_stdio_is_in_the_help():
                          text=True, timeout=30, check=True, env={**os.environ,
                                                                  "COLUMNS": "1000"}).stdout
     assert "--stdio" in out and "ProxyCommand" in out
+
+
+def test_stdio_session_as_a_library_leaves_no_thread_or_descriptor(tmp_path):
+    """StdioSession run many times in one process, each ended by close() (or by the backend's
+    reset) while its standard input stays open (a producer that keeps writing or just holds
+    it): the thread copying standard input ends with the session, and with it the descriptor
+    and the socket pair; it used to wait in its read until the producer wrote or closed."""
+    from relay_helpers import FAST, Backend, Setup, run_async
+
+    from icafast.aio._relay import abort_with_rst
+    from icafast.aio.stdio import StdioSession
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def scenario() -> None:
+        async with Setup(Backend("echo")) as s:
+            server = ("127.0.0.1", s.server_port)
+            threads, fds = threading.active_count(), open_fds()
+            held = []
+            for i in range(12):
+                in_r, in_w = os.pipe()
+                out_r, out_w = os.pipe()
+                held += [in_w, out_r]
+                session = StdioSession(server, FAST, stdin_fd=in_r, stdout_fd=out_w)
+                await session.start()
+                os.set_blocking(out_r, False)
+                os.write(in_w, b"ping")  # echoed: the session is up, both ways
+                echo = b""
+                for _ in range(500):  # bounded: 5 s
+                    with contextlib.suppress(BlockingIOError):
+                        echo += os.read(out_r, 4)
+                    if echo == b"ping":
+                        break
+                    await asyncio.sleep(0.01)
+                assert echo == b"ping"
+                if i % 2:
+                    await session.close()
+                else:  # the backend resets: an abortive end
+                    for w in s.backend.writers:
+                        abort_with_rst(w.transport)
+                    assert await asyncio.wait_for(session.wait(), 5) == 1
+            end = time.monotonic() + 5
+            while time.monotonic() < end and (threading.active_count() > threads
+                                              or open_fds() > fds + len(held)):
+                await asyncio.sleep(0.05)
+            left = [t.name for t in threading.enumerate() if t.name.startswith("icafast std")]
+            assert not left, f"copying threads left: {left}"
+            assert open_fds() == fds + len(held), "descriptors left open"
+            for fd in held:
+                os.close(fd)
+
+    run_async("asyncio", scenario(), timeout=30)

@@ -48,23 +48,25 @@ def _error_text(e: OSError) -> str:
 
 def _wait_ready(fd: int, write: bool) -> None:
     """Block until ``fd`` is ready: for a descriptor that another process sharing it made
-    non-blocking."""
-    if write:
-        select.select([], [fd], [])
-    else:
-        select.select([fd], [], [])
+    non-blocking. (poll, not select: select fails on a descriptor numbered FD_SETSIZE (1024)
+    or more, as a process holding many sockets gives.)"""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    poller.poll()
+
+
+#: what ``poll`` reports, asked for nothing, on a socket whose peer has closed
+_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 
 def _read_into(fd: int, buf: bytearray) -> int:
-    while True:
-        try:
-            if _readv is not None:
-                return _readv(fd, [buf])
-            data = os.read(fd, len(buf))  # (no readv: a copy more)
-            buf[:len(data)] = data
-            return len(data)
-        except BlockingIOError:
-            _wait_ready(fd, write=False)
+    """One read (BlockingIOError from a descriptor that another process sharing it made
+    non-blocking, when it has nothing: the caller polls again)."""
+    if _readv is not None:
+        return _readv(fd, [buf])
+    data = os.read(fd, len(buf))  # (no readv: a copy more)
+    buf[:len(data)] = data
+    return len(data)
 
 
 _readv = getattr(os, "readv", None)
@@ -174,15 +176,29 @@ class StdioSession:
             self._app.close()
 
     def _copy_in(self) -> None:
-        """Standard input to the session, until end of file (then a half-close)."""
+        """Standard input to the session, until end of file (then a half-close), or until the
+        session is over: the event loop has closed its end of the socket pair (an abortive end,
+        ``close()``), which no read of standard input waits for (a producer that keeps it open
+        would otherwise hold this thread, the descriptor and the socket for good)."""
         app = self._app
         assert app is not None
         buf = bytearray(CHUNK)
         view = memoryview(buf)
+        poller = select.poll()
+        poller.register(self.in_fd, select.POLLIN)
+        poller.register(app.fileno(), 0)  # (only its end: POLLHUP)
         try:
             while True:
+                ready = dict(poller.poll())
+                if ready.get(app.fileno(), 0) & _GONE:
+                    log.debug("standard input: the session is over, no more read")
+                    return
+                if self.in_fd not in ready:
+                    continue
                 try:
                     n = _read_into(self.in_fd, buf)
+                except BlockingIOError:  # (another reader of a shared descriptor was first)
+                    continue
                 except OSError as e:
                     self._call(self._stdio_failed, f"cannot read standard input: "
                                                    f"{_error_text(e)}")
