@@ -717,3 +717,37 @@ def test_stdio_session_as_a_library_leaves_no_thread_or_descriptor(tmp_path):
                 os.close(fd)
 
     run_async("asyncio", scenario(), timeout=30)
+
+
+def test_stdio_session_on_one_socket_for_both_directions(tmp_path):
+    """One descriptor given as both standard input and output (a connected socket, as a
+    program serving connections hands each to a session): end of file on the input used to
+    close the descriptor under the thread still writing the backend's answer to it (EBADF, an
+    abortive end; or the write went to whatever file next took the number)."""
+    from relay_helpers import FAST, Backend, Setup, run_async
+
+    from icafast.aio.stdio import StdioSession
+
+    async def scenario() -> None:
+        async with Setup(Backend("echo")) as s:
+            for _ in range(3):
+                ours, theirs = socket.socketpair()
+                fd = ours.detach()  # the session's from start() on
+                session = StdioSession(("127.0.0.1", s.server_port), FAST, stdin_fd=fd,
+                                       stdout_fd=fd)
+                await session.start()
+                theirs.setblocking(False)
+                data = os.urandom(300_000)
+                await asyncio.get_running_loop().sock_sendall(theirs, data)
+                theirs.shutdown(socket.SHUT_WR)  # end of file on the session's input at once
+                got = bytearray()
+                while True:  # the echo, then end of file (the run is bounded)
+                    b = await asyncio.get_running_loop().sock_recv(theirs, 65536)
+                    if not b:
+                        break
+                    got += b
+                theirs.close()
+                assert await asyncio.wait_for(session.wait(), 5) == 0, session.error
+                assert bytes(got) == data
+
+    run_async("asyncio", scenario(), timeout=30)

@@ -134,6 +134,11 @@ class StdioSession:
             app.close()
             relay.close()
             raise
+        if self.in_fd == self.out_fd:
+            # one descriptor both ways (a connected socket): each thread closes the one it
+            # uses when done, so the output gets a copy of its own; the input's end of file
+            # would otherwise close it under the thread still writing to it
+            self.out_fd = os.dup(self.out_fd)
         self._app = app
         log.info("standard input and output -> server %s", format_hostport(*self.server))
         for name, target in (("stdin", self._copy_in), ("stdout", self._copy_out)):
