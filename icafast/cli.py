@@ -805,6 +805,11 @@ def _connect_stdio(server: tuple[str, int], config: Config, fallback: tuple[str,
     return status
 
 
+#: connect --stdio stopped by a signal after its standard input ended: how long the session
+#: may take to end by itself before it is closed
+STDIO_STOP_GRACE = 1.0
+
+
 async def _run_stdio(session: Any) -> int:
     """Run the session until it is over (its exit status) or a signal stops it (0, as
     ``icafast connect`` stops on one)."""
@@ -832,8 +837,18 @@ async def _run_stdio(session: Any) -> int:
         signalled.cancel()
     if over.done():
         return over.result()
-    over.cancel()
     log.info("shutting down (%s)", signal.Signals(caught[0]).name)
+    if session.input_at_end():
+        # ssh, as it exits, closes its ProxyCommand's standard input and sends SIGHUP at
+        # once: what it wrote last (its disconnect message) may not have gone out yet. The
+        # input has ended, so the session may end gracefully on its own (the backend answers
+        # the end of its input by closing, as sshd does): a moment for it, and for that last
+        # input to reach the backend, before closing the session as for any stop.
+        await asyncio.wait({over}, timeout=STDIO_STOP_GRACE)
+        if over.done():
+            over.result()
+            return 0
+    over.cancel()
     await session.close()
     return 0
 

@@ -571,6 +571,53 @@ def test_stdio_stops_on_a_signal_closing_the_session_on_the_server(tmp_path, sig
     assert "closed (peer closed: client shutting down)" in slog, slog
 
 
+def test_stdio_sighup_after_end_of_input_lets_the_last_input_through(tmp_path):
+    """As ssh exits: it closes its ProxyCommand's standard input, then sends SIGHUP at once.
+    What it wrote last (its disconnect message) reaches the backend, and the session ends
+    gracefully when the backend answers the end of its input by closing, as sshd does; the
+    session used to be closed abortively at once, what was still on its way to the server
+    lost (sshd logged a reset instead of the disconnect)."""
+    size = 1024 * 1024
+    got = hashlib.sha256()
+    count = 0
+    signalled = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        # sends nothing; not reading at first (the input is still on its way at SIGHUP), then
+        # everything until end of file (or a reset), and closes, as sshd after a disconnect
+        nonlocal count
+        signalled.wait(20)
+        time.sleep(0.4)  # (the old way, the session had been closed by then)
+        with contextlib.suppress(OSError):
+            while b := conn.recv(256 * 1024):
+                count += len(b)
+                got.update(b)
+
+    backend = _Backend(serve)
+    server = _Server(tmp_path, backend.port, "--no-tls")
+    p = _connect(server.port, "--no-tls", "-v")
+    try:
+        err = _Drain(p.stderr, keep=True)
+        out = _Drain(p.stdout)
+        assert p.stdin is not None
+        for b in _stream(8, size):
+            p.stdin.write(b)
+        p.stdin.close()  # (the last bytes are still on their way: in the pipe, the relay)
+        os.kill(p.pid, signal.SIGHUP)
+        signalled.set()
+        rc, log = _finish(p, err, timeout=20)
+        out.join(5)
+        assert backend.done.wait(10), server.text()
+    finally:
+        stop_process(p)
+        slog = server.stop()
+        backend.close()
+    assert rc == 0 and "Traceback" not in log, log
+    assert count == size and got.hexdigest() == _digest(8, size), \
+        f"the backend got {count} of {size} bytes\n{log}\n{slog}"
+    assert "closed (both directions finished)" in slog, slog
+
+
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:

@@ -57,6 +57,8 @@ def _wait_ready(fd: int, write: bool) -> None:
 
 #: what ``poll`` reports, asked for nothing, on a socket whose peer has closed
 _GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+#: a socket's peer has shut down its writing (Linux)
+_RDHUP = getattr(select, "POLLRDHUP", 0)
 
 
 def _read_into(fd: int, buf: bytearray) -> int:
@@ -119,6 +121,7 @@ class StdioSession:
         self._out_done: asyncio.Future[None] | None = None  # the output thread has ended
         self._failure: str | None = None  # standard input or output failed
         self._threads_left = 2
+        self._input_closed = False  # the input thread is done with stdin_fd (under _lock)
         self._link_gone: asyncio.Future[None] | None = None  # the last link has closed
         self._lock = threading.Lock()
 
@@ -218,8 +221,10 @@ class StdioSession:
                 except OSError:  # the session ended (the event loop tells how)
                     return
         finally:
-            with contextlib.suppress(OSError):
-                os.close(self.in_fd)
+            with self._lock:  # (input_at_end() polls the descriptor under the lock)
+                self._input_closed = True
+                with contextlib.suppress(OSError):
+                    os.close(self.in_fd)
             self._thread_ended()
 
     def _copy_out(self) -> None:
@@ -256,6 +261,18 @@ class StdioSession:
                 os.close(self.out_fd)
             self._thread_ended()
             self._call(self._output_ended, failure)
+
+    def input_at_end(self) -> bool:
+        """Whether standard input has ended: read to its end, or its writer gone (a pipe or
+        socket whose every writer has closed it, with what they wrote perhaps still unread).
+        As ssh ends: it closes its ProxyCommand's standard input, then sends SIGHUP at once."""
+        with self._lock:
+            if self._input_closed:
+                return True
+            poller = select.poll()
+            poller.register(self.in_fd, select.POLLIN | _RDHUP)
+            ready = poller.poll(0)
+        return any(mask & (_GONE | _RDHUP) for _fd, mask in ready)
 
     # -- in the event loop -------------------------------------------------------------------
     def _stdio_failed(self, reason: str) -> None:
