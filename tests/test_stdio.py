@@ -798,3 +798,43 @@ def test_stdio_session_on_one_socket_for_both_directions(tmp_path):
                 assert bytes(got) == data
 
     run_async("asyncio", scenario(), timeout=30)
+
+
+@pytest.mark.parametrize("case", ["unreachable", "backend reset"])
+def test_stdio_says_why_even_when_ssh_sends_sighup_at_end_of_output(tmp_path, case):
+    """As ssh does: at end of file on the ProxyCommand's output (the session ended
+    abortively), it exits, closing the ProxyCommand's input and sending it SIGHUP at once.
+    The one line saying why, and exit status 1, must survive that SIGHUP: the signal used to
+    arrive before the line was written (the process was killed by it, the loop's handler gone,
+    or it stopped with status 0 as on any signal), and ssh's user saw only ssh's
+    "Connection closed by remote host"."""
+    results = []
+    for _ in range(12):  # (a race each time: several rounds)
+        with contextlib.ExitStack() as stack:
+            if case == "unreachable":
+                s = stack.enter_context(socket.socket())
+                s.bind(("127.0.0.1", 0))  # (refuses: bound, not listening)
+                port = s.getsockname()[1]
+            else:
+                def serve(conn: socket.socket) -> None:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+                backend = _Backend(serve)
+                stack.callback(backend.close)
+                server = _Server(tmp_path, backend.port, "--no-tls")
+                stack.callback(server.stop)
+                port = server.port
+            p = _connect(port, "--no-tls", "--connect-retry", "0.3")
+            stack.callback(stop_process, p)
+            err = _Drain(p.stderr, keep=True)
+            assert p.stdout is not None and p.stdin is not None
+            while p.stdout.read1(65536):  # (bounded: the session ends within seconds)
+                pass
+            p.stdin.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGHUP)
+            results.append(_finish(p, err, timeout=20))
+    for rc, log in results:
+        assert rc == 1 and "Traceback" not in log, (rc, log)
+        assert log.startswith("icafast connect: session ended abortively: ") and \
+            log.count("\n") == 1, log
