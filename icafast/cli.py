@@ -795,19 +795,35 @@ def _connect_stdio(server: tuple[str, int], config: Config, fallback: tuple[str,
     in_fd, out_fd = _take_stdio()
     session = StdioSession(server, config, stdin_fd=in_fd, stdout_fd=out_fd, fallback=fallback,
                            on_status=on_status, tls=tls_cfg)
+    held: dict[int, Any] = {}
     try:
-        status = run(_run_stdio(session))
+        status = run(_run_stdio(session, held))
     except OSError as e:
         print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1
+    finally:
+        # (stop signals ignored from the session's end until its line is written: see below)
+        for sig, handler in held.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, handler)
+        held.clear()
     if status:
         print(f"icafast connect: session ended abortively: {session.error}", file=sys.stderr)
     return status
 
 
-async def _run_stdio(session: Any) -> int:
+#: connect --stdio stopped by a signal after its standard input ended: how long the session
+#: may take to end by itself before it is closed
+STDIO_STOP_GRACE = 1.0
+
+
+async def _run_stdio(session: Any, held: dict[int, Any] | None = None) -> int:
     """Run the session until it is over (its exit status) or a signal stops it (0, as
-    ``icafast connect`` stops on one)."""
+    ``icafast connect`` stops on one). Once it is over, the stop signals are ignored (their
+    previous handlers kept in ``held``, for the caller to put back once it has said why the
+    session ended): ssh exits at the end of its ProxyCommand's output, which an abortive end
+    brings at once, and sends it SIGHUP, which must neither kill the process before its line
+    nor pass for a stop (status 0, no line)."""
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     caught: list[int] = []
@@ -821,6 +837,18 @@ async def _run_stdio(session: Any) -> int:
             loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):
             pass
+    try:
+        return await _stdio_until_over(session, stopped, caught)
+    finally:
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, OSError):
+                loop.remove_signal_handler(sig)
+                if held is not None:
+                    held[sig] = signal.signal(sig, signal.SIG_IGN)
+
+
+async def _stdio_until_over(session: Any, stopped: asyncio.Event, caught: list[int]) -> int:
+    loop = asyncio.get_running_loop()
     await session.start()
     trimmer = loop.create_task(trim_now_and_then())
     over = loop.create_task(session.wait())
@@ -832,8 +860,22 @@ async def _run_stdio(session: Any) -> int:
         signalled.cancel()
     if over.done():
         return over.result()
-    over.cancel()
+    runner = session.runner
+    if runner is not None and runner.closed_future.done():
+        # the session had ended by itself (an abortive end ends standard output at once, and
+        # ssh answers that by exiting, with SIGHUP to its ProxyCommand): its status stands
+        return await over
     log.info("shutting down (%s)", signal.Signals(caught[0]).name)
+    if session.input_at_end():
+        # ssh, as it exits, closes its ProxyCommand's standard input and sends SIGHUP at
+        # once: what it wrote last (its disconnect message) may not have gone out yet. The
+        # input has ended, so the session may end gracefully on its own (the backend answers
+        # the end of its input by closing, as sshd does): a moment for it, and for that last
+        # input to reach the backend, before closing the session as for any stop.
+        await asyncio.wait({over}, timeout=STDIO_STOP_GRACE)
+        if over.done():
+            return over.result()
+    over.cancel()
     await session.close()
     return 0
 

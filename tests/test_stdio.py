@@ -571,6 +571,53 @@ def test_stdio_stops_on_a_signal_closing_the_session_on_the_server(tmp_path, sig
     assert "closed (peer closed: client shutting down)" in slog, slog
 
 
+def test_stdio_sighup_after_end_of_input_lets_the_last_input_through(tmp_path):
+    """As ssh exits: it closes its ProxyCommand's standard input, then sends SIGHUP at once.
+    What it wrote last (its disconnect message) reaches the backend, and the session ends
+    gracefully when the backend answers the end of its input by closing, as sshd does; the
+    session used to be closed abortively at once, what was still on its way to the server
+    lost (sshd logged a reset instead of the disconnect)."""
+    size = 1024 * 1024
+    got = hashlib.sha256()
+    count = 0
+    signalled = threading.Event()
+
+    def serve(conn: socket.socket) -> None:
+        # sends nothing; not reading at first (the input is still on its way at SIGHUP), then
+        # everything until end of file (or a reset), and closes, as sshd after a disconnect
+        nonlocal count
+        signalled.wait(20)
+        time.sleep(0.4)  # (the old way, the session had been closed by then)
+        with contextlib.suppress(OSError):
+            while b := conn.recv(256 * 1024):
+                count += len(b)
+                got.update(b)
+
+    backend = _Backend(serve)
+    server = _Server(tmp_path, backend.port, "--no-tls")
+    p = _connect(server.port, "--no-tls", "-v")
+    try:
+        err = _Drain(p.stderr, keep=True)
+        out = _Drain(p.stdout)
+        assert p.stdin is not None
+        for b in _stream(8, size):
+            p.stdin.write(b)
+        p.stdin.close()  # (the last bytes are still on their way: in the pipe, the relay)
+        os.kill(p.pid, signal.SIGHUP)
+        signalled.set()
+        rc, log = _finish(p, err, timeout=20)
+        out.join(5)
+        assert backend.done.wait(10), server.text()
+    finally:
+        stop_process(p)
+        slog = server.stop()
+        backend.close()
+    assert rc == 0 and "Traceback" not in log, log
+    assert count == size and got.hexdigest() == _digest(8, size), \
+        f"the backend got {count} of {size} bytes\n{log}\n{slog}"
+    assert "closed (both directions finished)" in slog, slog
+
+
 def _rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -664,3 +711,130 @@ def test_stdio_is_in_the_help():
                          text=True, timeout=30, check=True, env={**os.environ,
                                                                  "COLUMNS": "1000"}).stdout
     assert "--stdio" in out and "ProxyCommand" in out
+
+
+def test_stdio_session_as_a_library_leaves_no_thread_or_descriptor(tmp_path):
+    """StdioSession run many times in one process, each ended by close() (or by the backend's
+    reset) while its standard input stays open (a producer that keeps writing or just holds
+    it): the thread copying standard input ends with the session, and with it the descriptor
+    and the socket pair; it used to wait in its read until the producer wrote or closed."""
+    from relay_helpers import FAST, Backend, Setup, run_async
+
+    from icafast.aio._relay import abort_with_rst
+    from icafast.aio.stdio import StdioSession
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def scenario() -> None:
+        async with Setup(Backend("echo")) as s:
+            server = ("127.0.0.1", s.server_port)
+            threads, fds = threading.active_count(), open_fds()
+            held = []
+            for i in range(12):
+                in_r, in_w = os.pipe()
+                out_r, out_w = os.pipe()
+                held += [in_w, out_r]
+                session = StdioSession(server, FAST, stdin_fd=in_r, stdout_fd=out_w)
+                await session.start()
+                os.set_blocking(out_r, False)
+                os.write(in_w, b"ping")  # echoed: the session is up, both ways
+                echo = b""
+                for _ in range(500):  # bounded: 5 s
+                    with contextlib.suppress(BlockingIOError):
+                        echo += os.read(out_r, 4)
+                    if echo == b"ping":
+                        break
+                    await asyncio.sleep(0.01)
+                assert echo == b"ping"
+                if i % 2:
+                    await session.close()
+                else:  # the backend resets: an abortive end
+                    for w in s.backend.writers:
+                        abort_with_rst(w.transport)
+                    assert await asyncio.wait_for(session.wait(), 5) == 1
+            end = time.monotonic() + 5
+            while time.monotonic() < end and (threading.active_count() > threads
+                                              or open_fds() > fds + len(held)):
+                await asyncio.sleep(0.05)
+            left = [t.name for t in threading.enumerate() if t.name.startswith("icafast std")]
+            assert not left, f"copying threads left: {left}"
+            assert open_fds() == fds + len(held), "descriptors left open"
+            for fd in held:
+                os.close(fd)
+
+    run_async("asyncio", scenario(), timeout=30)
+
+
+def test_stdio_session_on_one_socket_for_both_directions(tmp_path):
+    """One descriptor given as both standard input and output (a connected socket, as a
+    program serving connections hands each to a session): end of file on the input used to
+    close the descriptor under the thread still writing the backend's answer to it (EBADF, an
+    abortive end; or the write went to whatever file next took the number)."""
+    from relay_helpers import FAST, Backend, Setup, run_async
+
+    from icafast.aio.stdio import StdioSession
+
+    async def scenario() -> None:
+        async with Setup(Backend("echo")) as s:
+            for _ in range(3):
+                ours, theirs = socket.socketpair()
+                fd = ours.detach()  # the session's from start() on
+                session = StdioSession(("127.0.0.1", s.server_port), FAST, stdin_fd=fd,
+                                       stdout_fd=fd)
+                await session.start()
+                theirs.setblocking(False)
+                data = os.urandom(300_000)
+                await asyncio.get_running_loop().sock_sendall(theirs, data)
+                theirs.shutdown(socket.SHUT_WR)  # end of file on the session's input at once
+                got = bytearray()
+                while True:  # the echo, then end of file (the run is bounded)
+                    b = await asyncio.get_running_loop().sock_recv(theirs, 65536)
+                    if not b:
+                        break
+                    got += b
+                theirs.close()
+                assert await asyncio.wait_for(session.wait(), 5) == 0, session.error
+                assert bytes(got) == data
+
+    run_async("asyncio", scenario(), timeout=30)
+
+
+@pytest.mark.parametrize("case", ["unreachable", "backend reset"])
+def test_stdio_says_why_even_when_ssh_sends_sighup_at_end_of_output(tmp_path, case):
+    """As ssh does: at end of file on the ProxyCommand's output (the session ended
+    abortively), it exits, closing the ProxyCommand's input and sending it SIGHUP at once.
+    The one line saying why, and exit status 1, must survive that SIGHUP: the signal used to
+    arrive before the line was written (the process was killed by it, the loop's handler gone,
+    or it stopped with status 0 as on any signal), and ssh's user saw only ssh's
+    "Connection closed by remote host"."""
+    results = []
+    for _ in range(12):  # (a race each time: several rounds)
+        with contextlib.ExitStack() as stack:
+            if case == "unreachable":
+                s = stack.enter_context(socket.socket())
+                s.bind(("127.0.0.1", 0))  # (refuses: bound, not listening)
+                port = s.getsockname()[1]
+            else:
+                def serve(conn: socket.socket) -> None:
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+                backend = _Backend(serve)
+                stack.callback(backend.close)
+                server = _Server(tmp_path, backend.port, "--no-tls")
+                stack.callback(server.stop)
+                port = server.port
+            p = _connect(port, "--no-tls", "--connect-retry", "0.3")
+            stack.callback(stop_process, p)
+            err = _Drain(p.stderr, keep=True)
+            assert p.stdout is not None and p.stdin is not None
+            while p.stdout.read1(65536):  # (bounded: the session ends within seconds)
+                pass
+            p.stdin.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGHUP)
+            results.append(_finish(p, err, timeout=20))
+    for rc, log in results:
+        assert rc == 1 and "Traceback" not in log, (rc, log)
+        assert log.startswith("icafast connect: session ended abortively: ") and \
+            log.count("\n") == 1, log

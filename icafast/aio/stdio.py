@@ -48,23 +48,27 @@ def _error_text(e: OSError) -> str:
 
 def _wait_ready(fd: int, write: bool) -> None:
     """Block until ``fd`` is ready: for a descriptor that another process sharing it made
-    non-blocking."""
-    if write:
-        select.select([], [fd], [])
-    else:
-        select.select([fd], [], [])
+    non-blocking. (poll, not select: select fails on a descriptor numbered FD_SETSIZE (1024)
+    or more, as a process holding many sockets gives.)"""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    poller.poll()
+
+
+#: what ``poll`` reports, asked for nothing, on a socket whose peer has closed
+_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
+#: a socket's peer has shut down its writing (Linux)
+_RDHUP = getattr(select, "POLLRDHUP", 0)
 
 
 def _read_into(fd: int, buf: bytearray) -> int:
-    while True:
-        try:
-            if _readv is not None:
-                return _readv(fd, [buf])
-            data = os.read(fd, len(buf))  # (no readv: a copy more)
-            buf[:len(data)] = data
-            return len(data)
-        except BlockingIOError:
-            _wait_ready(fd, write=False)
+    """One read (BlockingIOError from a descriptor that another process sharing it made
+    non-blocking, when it has nothing: the caller polls again)."""
+    if _readv is not None:
+        return _readv(fd, [buf])
+    data = os.read(fd, len(buf))  # (no readv: a copy more)
+    buf[:len(data)] = data
+    return len(data)
 
 
 _readv = getattr(os, "readv", None)
@@ -117,6 +121,7 @@ class StdioSession:
         self._out_done: asyncio.Future[None] | None = None  # the output thread has ended
         self._failure: str | None = None  # standard input or output failed
         self._threads_left = 2
+        self._input_closed = False  # the input thread is done with stdin_fd (under _lock)
         self._link_gone: asyncio.Future[None] | None = None  # the last link has closed
         self._lock = threading.Lock()
 
@@ -132,6 +137,11 @@ class StdioSession:
             app.close()
             relay.close()
             raise
+        if self.in_fd == self.out_fd:
+            # one descriptor both ways (a connected socket): each thread closes the one it
+            # uses when done, so the output gets a copy of its own; the input's end of file
+            # would otherwise close it under the thread still writing to it
+            self.out_fd = os.dup(self.out_fd)
         self._app = app
         log.info("standard input and output -> server %s", format_hostport(*self.server))
         for name, target in (("stdin", self._copy_in), ("stdout", self._copy_out)):
@@ -174,15 +184,29 @@ class StdioSession:
             self._app.close()
 
     def _copy_in(self) -> None:
-        """Standard input to the session, until end of file (then a half-close)."""
+        """Standard input to the session, until end of file (then a half-close), or until the
+        session is over: the event loop has closed its end of the socket pair (an abortive end,
+        ``close()``), which no read of standard input waits for (a producer that keeps it open
+        would otherwise hold this thread, the descriptor and the socket for good)."""
         app = self._app
         assert app is not None
         buf = bytearray(CHUNK)
         view = memoryview(buf)
+        poller = select.poll()
+        poller.register(self.in_fd, select.POLLIN)
+        poller.register(app.fileno(), 0)  # (only its end: POLLHUP)
         try:
             while True:
+                ready = dict(poller.poll())
+                if ready.get(app.fileno(), 0) & _GONE:
+                    log.debug("standard input: the session is over, no more read")
+                    return
+                if self.in_fd not in ready:
+                    continue
                 try:
                     n = _read_into(self.in_fd, buf)
+                except BlockingIOError:  # (another reader of a shared descriptor was first)
+                    continue
                 except OSError as e:
                     self._call(self._stdio_failed, f"cannot read standard input: "
                                                    f"{_error_text(e)}")
@@ -197,8 +221,10 @@ class StdioSession:
                 except OSError:  # the session ended (the event loop tells how)
                     return
         finally:
-            with contextlib.suppress(OSError):
-                os.close(self.in_fd)
+            with self._lock:  # (input_at_end() polls the descriptor under the lock)
+                self._input_closed = True
+                with contextlib.suppress(OSError):
+                    os.close(self.in_fd)
             self._thread_ended()
 
     def _copy_out(self) -> None:
@@ -235,6 +261,18 @@ class StdioSession:
                 os.close(self.out_fd)
             self._thread_ended()
             self._call(self._output_ended, failure)
+
+    def input_at_end(self) -> bool:
+        """Whether standard input has ended: read to its end, or its writer gone (a pipe or
+        socket whose every writer has closed it, with what they wrote perhaps still unread).
+        As ssh ends: it closes its ProxyCommand's standard input, then sends SIGHUP at once."""
+        with self._lock:
+            if self._input_closed:
+                return True
+            poller = select.poll()
+            poller.register(self.in_fd, select.POLLIN | _RDHUP)
+            ready = poller.poll(0)
+        return any(mask & (_GONE | _RDHUP) for _fd, mask in ready)
 
     # -- in the event loop -------------------------------------------------------------------
     def _stdio_failed(self, reason: str) -> None:

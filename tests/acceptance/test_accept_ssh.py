@@ -375,3 +375,31 @@ def test_ssh_proxycommand_stdio_survives_link_resets(rig: Rig) -> None:
     assert rig.server is not None
     rig.server.wait_for("closed (", timeout=10)
     rig.check_icafast_logs()
+
+
+def test_ssh_proxycommand_stdio_ends_each_session_as_ssh_does(rig: Rig) -> None:
+    """ssh through ``ProxyCommand=icafast connect --stdio ...``, run to its end several times:
+    as it exits, ssh closes the ProxyCommand's input and sends it SIGHUP at once; its last
+    message (the disconnect) still reaches sshd, and each session ends gracefully on the
+    server. Then a server that refuses: ssh's user sees the ProxyCommand's line saying why."""
+    # (--connect-retry: the refused ssh at the end gives up within a second)
+    proxy = shlex.join([*icafast_connect_stdio_cmd("SERVER"), "--connect-retry", "1"])
+    _port, ssh = start_sshd(rig, proxy_command=proxy.replace("SERVER", "{server}"))
+    ssh = [*rig.net.prefix("client"), *ssh]
+    sshd = next(p for p in rig.procs if p.name == "sshd")
+    runs = 5
+    for i in range(runs):
+        r = run_bounded([*ssh, f"echo run {i}"], check=False)
+        assert r.returncode == 0 and r.stdout == f"run {i}\n", (r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+    assert rig.server is not None
+    rig.server.wait_for("closed (", count=runs, timeout=10)
+    sshd.wait_for("Received disconnect", count=runs, timeout=10)
+    assert rig.server.count("closed (both directions finished)") == runs, rig.server.text()
+    # the server goes away: the next ssh gets the reason on its standard error
+    rig.server.stop()
+    r = run_bounded([*ssh, "true"], check=False, timeout=60)
+    assert r.returncode == 255, (r.returncode, r.stderr)
+    assert "icafast connect: session ended abortively: could not connect" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    rig.check_icafast_logs()
