@@ -935,6 +935,9 @@ def test_sessions_against_something_else_fails_clearly(tmp_path):
     ("[::1]", ("::1", 1494)),
     ("::1", ("::1", 1494)),
     ("fe80::a:b", ("fe80::a:b", 1494)),
+    # (README: ssh's ProxyCommand with --server [%h]:2598, whatever the host is)
+    ("[server.example]:2598", ("server.example", 2598)),
+    ("[10.0.0.1]:2598", ("10.0.0.1", 2598)),
 ])
 def test_addresses(text, expected):
     from icafast.aio import parse_hostport
