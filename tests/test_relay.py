@@ -2037,3 +2037,36 @@ def test_a_listen_address_without_host_takes_both_families_and_brackets_one(loop
             await backend.close()
 
     run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_links_and_endpoints_writelines_pause_their_protocol(loop):
+    """What a link or an endpoint writes with ``writelines`` past the transport's high water
+    mark pauses its protocol, as ``write`` does. asyncio's own ``writelines`` (Python 3.12 on)
+    did not, up to CPython 3.12.8 and 3.13.1 (gh-127655): a peer that read nothing then let
+    the write buffer grow without bound, and a sink held for back-pressure never resumed."""
+    from icafast.aio._relay import writelines_of
+
+    class Proto(asyncio.Protocol):
+        paused = 0
+
+        def pause_writing(self) -> None:
+            self.paused += 1
+
+    async def main() -> None:
+        lp = asyncio.get_running_loop()
+        a, b = socket.socketpair()
+        try:
+            transport, proto = await lp.connect_accepted_socket(Proto, a)
+            transport.set_write_buffer_limits(high=64 * 1024, low=16 * 1024)
+            write = writelines_of(transport)
+            for _ in range(64):  # (the peer reads nothing: 4 MiB, far past the socket buffers)
+                write([b"x" * 32 * 1024, b"y" * 32 * 1024])
+                if proto.paused:
+                    break
+            assert proto.paused == 1, transport.get_write_buffer_size()
+            transport.abort()
+        finally:
+            b.close()
+
+    run_async(loop, main())

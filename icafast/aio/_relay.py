@@ -174,6 +174,32 @@ def _loop_sets_nodelay(transport: asyncio.BaseTransport) -> bool:
     return known
 
 
+#: asyncio's own TCP transport, where its ``writelines`` is its own (Python 3.12 on): up to
+#: CPython 3.12.8 and 3.13.1 that ``writelines`` buffered without ever pausing the protocol
+#: (python/cpython gh-127655), so that a link or endpoint written that way got no
+#: ``pause_writing``, whatever piled up: no back-pressure, and a sink that never resumes
+_SELECTOR_TCP = getattr(getattr(asyncio, "selector_events", None), "_SelectorSocketTransport",
+                        None)
+_OWN_WRITELINES = _SELECTOR_TCP is not None and "writelines" in vars(_SELECTOR_TCP)
+
+
+def writelines_of(transport: Any) -> Callable[[Any], None]:
+    """``transport.writelines``; on asyncio's TCP transport where its ``writelines`` may not
+    pause the protocol (gh-127655), one that checks the high water mark after it, as its
+    ``write`` does (``_maybe_pause_protocol``: nothing when below it or already paused)."""
+    wl = transport.writelines
+    check = getattr(transport, "_maybe_pause_protocol", None)
+    if not _OWN_WRITELINES or check is None or not isinstance(transport, cast(type,
+                                                                               _SELECTOR_TCP)):
+        return cast(Callable[[Any], None], wl)
+
+    def writelines(bufs: Any) -> None:
+        wl(bufs)
+        check()
+
+    return writelines
+
+
 def tune_socket(transport: asyncio.BaseTransport, high: int = WRITE_HIGH_WATER,
                 low: int = WRITE_LOW_WATER, notsent_lowat: int = 0) -> None:
     """TCP_NODELAY on every socket (small writes must not wait for Nagle; set here unless the
@@ -338,7 +364,7 @@ class _EndpointBase:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self._write = transport.write
-        self._writelines = transport.writelines
+        self._writelines = writelines_of(transport)
         self._buffered = transport.get_write_buffer_size
         # what waits for a slow sink is bounded by the peer's replay limit plus this
         tune_socket(transport, high=ENDPOINT_HIGH_WATER, low=ENDPOINT_LOW_WATER)
@@ -471,7 +497,7 @@ class _LinkBase:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
         self._write = transport.write
-        self._writelines = transport.writelines
+        self._writelines = writelines_of(transport)
         self.join_writes = transport.get_extra_info("sslcontext") is not None
         self.ssl_object = transport.get_extra_info("ssl_object")
         tune_socket(transport, notsent_lowat=LINK_NOTSENT_LOWAT)
