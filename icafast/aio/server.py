@@ -500,11 +500,7 @@ class RelayServer:
         servers = self._servers
         for s in servers:
             s.close()
-        if self._control is not None:
-            self._control.close()
-            self._control = None
-            with contextlib.suppress(OSError):
-                os.unlink(self.control_path or "")
+        self._close_control()
         for r in list(self.sessions_by_id.values()):
             r.engine.close(CLOSE_SHUTDOWN, "server shutting down", self.loop.time())
             r.pump()
@@ -530,16 +526,20 @@ class RelayServer:
             self._servers = []  # (closed: start() may listen again)
         await asyncio.sleep(0)
 
-    async def _close_listeners(self) -> None:
-        """Close the listeners and the control socket that a failed start() opened."""
-        servers, self._servers = self._servers, []
-        for s in servers:
-            s.close()
+    def _close_control(self) -> None:
+        """Close the control socket (if one listens) and remove its file."""
         if self._control is not None:
             self._control.close()
             self._control = None
             with contextlib.suppress(OSError):
                 os.unlink(self.control_path or "")
+
+    async def _close_listeners(self) -> None:
+        """Close the listeners and the control socket that a failed start() opened."""
+        servers, self._servers = self._servers, []
+        for s in servers:
+            s.close()
+        self._close_control()
         for s in servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()

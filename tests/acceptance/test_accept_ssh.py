@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from acceptance_rig import Rig, icafast_connect_stdio_cmd, need, run_bounded
@@ -91,6 +92,17 @@ class Collector(threading.Thread):
             self.error = e
 
 
+def _both_directions_move(out: Collector, err: Collector, before_out: int, before_in: int,
+                          why: Any) -> None:
+    """After a break, both directions move again within 20 s (``why()``: the failure's text):
+    ``out`` beyond ``before_out`` bytes, and ``err`` (what came back of the input) beyond
+    ``before_in``."""
+    end = time.monotonic() + 20
+    while time.monotonic() < end and not (out.count > before_out and err.count > before_in):
+        time.sleep(0.02)
+    assert out.count > before_out and err.count > before_in, why()
+
+
 def test_ssh_interactive_session_survives_link_kills(rig: Rig) -> None:
     """Paced output and paced echoed input through 12 breaks (6 RST, 4 blackholes, 2 outages):
     ssh exits 0 and both streams are byte-identical."""
@@ -146,13 +158,9 @@ def test_ssh_interactive_session_survives_link_kills(rig: Rig) -> None:
             if kind == "reset":
                 assert killed >= 1, f"fault {i}: no link to reset\n{rig.logs()}"
             rig.wait_resumes(i + 1)
-            # both directions move again after each break
-            end = time.monotonic() + 20
-            while time.monotonic() < end and not (out.count > before_out and
-                                                  err.count > before_in):
-                time.sleep(0.02)
-            assert out.count > before_out and err.count > before_in, \
-                f"stream stalled after fault {i} ({kind})\n{rig.logs()}"
+            _both_directions_move(
+                out, err, before_out, before_in,
+                lambda i=i, kind=kind: f"stream stalled after fault {i} ({kind})\n{rig.logs()}")
             time.sleep(0.2)
     finally:
         stop.set()
@@ -337,12 +345,9 @@ def test_ssh_proxycommand_stdio_survives_link_resets(rig: Rig) -> None:
             before_out, before_in = out.count, len(sent)
             assert rig.fault("reset") >= 1, f"reset {i}: no link to reset\n{rig.logs()}"
             rig.wait_resumes(i + 1)
-            end = time.monotonic() + 20
-            while time.monotonic() < end and not (out.count > before_out and
-                                                  err.count > before_in):
-                time.sleep(0.02)
-            assert out.count > before_out and err.count > before_in, \
-                f"stream stalled after reset {i}\n{rig.logs()}\n{stdio_log()}"
+            _both_directions_move(
+                out, err, before_out, before_in,
+                lambda i=i: f"stream stalled after reset {i}\n{rig.logs()}\n{stdio_log()}")
             time.sleep(0.3)
     finally:
         stop.set()
