@@ -403,6 +403,14 @@ STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
                      if hasattr(signal, n))
 
 
+def _on_stop_signals(loop: asyncio.AbstractEventLoop, on_signal: Any) -> None:
+    """Have ``loop`` call ``on_signal(signum)`` on each of STOP_SIGNALS, where it can (not on
+    Windows, where the loop has no signal handlers, nor outside the main thread)."""
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal, sig)
+
+
 async def _run_until_signal(start: Any, stop: Any) -> None:
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -412,11 +420,7 @@ async def _run_until_signal(start: Any, stop: Any) -> None:
         caught.append(signum)
         done.set()
 
-    for sig in STOP_SIGNALS:
-        try:
-            loop.add_signal_handler(sig, on_signal, sig)
-        except (NotImplementedError, RuntimeError):
-            pass
+    _on_stop_signals(loop, on_signal)
     await start()
     # (the heap's free memory goes back to the kernel now and then: icafast.heap)
     trimmer = loop.create_task(trim_now_and_then())
@@ -832,11 +836,7 @@ async def _run_stdio(session: Any, held: dict[int, Any] | None = None) -> int:
         caught.append(signum)
         stopped.set()
 
-    for sig in STOP_SIGNALS:
-        try:
-            loop.add_signal_handler(sig, on_signal, sig)
-        except (NotImplementedError, RuntimeError):
-            pass
+    _on_stop_signals(loop, on_signal)
     try:
         return await _stdio_until_over(session, stopped, caught)
     finally:
