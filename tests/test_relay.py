@@ -2070,3 +2070,42 @@ def test_links_and_endpoints_writelines_pause_their_protocol(loop):
             b.close()
 
     run_async(loop, main())
+
+
+@pytest.mark.parametrize("exc", [RuntimeError, asyncio.CancelledError])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_status_callback_that_raises_leaves_the_session_as_it_was(loop, exc, caplog):
+    """A status callback that raises is logged and the relay goes on. One that raised a
+    ``CancelledError`` (or any other ``BaseException``) on LinkUp killed the link it was
+    called for: the session reconnected, called back, lost that link too, and so on, some
+    3,000 times a second on both ends. Now such an exception is taken as asyncio takes one
+    from a callback: logged, except KeyboardInterrupt and SystemExit."""
+    caplog.set_level(logging.ERROR, logger="icafast")
+
+    def raising(sink: list[Any]) -> Any:
+        def on_status(e: Any, _engine: Any) -> None:
+            sink.append(e)
+            if isinstance(e, ev.LinkUp):
+                raise exc("from the status callback")
+        return on_status
+
+    async def main() -> None:
+        cev: list[Any] = []
+        s = Setup(Backend("echo"))
+        async with s:
+            s.server.on_status = raising(s.events)
+            r, w = await open_session("127.0.0.1", s.proxy.port, config=s.config,
+                                      on_status=raising(cev))
+            s.writers.append(w)
+            w.write(b"hello")
+            assert await asyncio.wait_for(r.readexactly(5), 10) == b"hello"
+            await asyncio.sleep(0.3)  # (a loop of reconnects would show by now)
+            assert links_up(cev) == 1 and links_up(s.events) == 1, (cev, s.events)
+            s.proxy.reset()  # (a break is still resumed, with the callback raising again)
+            w.write(b"again")
+            assert await asyncio.wait_for(r.readexactly(5), 10) == b"again"
+            assert await wait_for(lambda: links_up(cev) == 2 and links_up(s.events) == 2)
+
+    run_async(loop, main())
+    failed = [r for r in caplog.records if r.getMessage() == "status callback failed"]
+    assert len(failed) == 4 and all(r.exc_info and r.exc_info[0] is exc for r in failed)

@@ -1130,7 +1130,12 @@ class Runner:
         if self.on_status is not None:
             try:
                 self.on_status(e, self.engine)
-            except Exception:  # an embedder's callback must not break the relay
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException:  # an embedder's callback must not break the relay
+                # (asyncio's rule for a callback: a CancelledError or any other BaseException
+                # raised here would otherwise kill the link, and the session would reconnect,
+                # call back, and lose the link again, in a loop)
                 log.exception("status callback failed")
 
     def _on_closed(self, e: ev.SessionClosed) -> None:
