@@ -379,7 +379,8 @@ def test_tls_client_against_plain_server_gets_a_hint(loop, tls_io, server, tmp_p
             await plain.wait_closed()
 
     run_async(loop, main(), timeout=60)
-    hints = _records(caplog, "is the server running with --no-tls?", logging.WARNING)
+    hints = _records(caplog, "is the server running with --no-tls (in a program: a RelayServer "
+                               "without ssl=)?", logging.WARNING)
     assert len(hints) == 1, [r.getMessage() for r in hints]
 
 

@@ -49,10 +49,11 @@ _NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL",
 #: (what a TLS server answers to a plain-text HELLO)
 _TLS_RECORD_STARTS = ("not an icafast server (first byte 0x15)",
                       "not an icafast server (first byte 0x16)")
-_HINT_PLAIN_SERVER = "is the server running with --no-tls?"
-_HINT_TLS_SERVER = "the server speaks TLS: drop --no-tls"
+_HINT_PLAIN_SERVER = ("is the server running with --no-tls (in a program: a RelayServer "
+                      "without ssl=)?")
+_HINT_TLS_SERVER = "the server speaks TLS: drop --no-tls (in a program: give tls=)"
 _HINT_SILENT_SERVER = ("the server closed the connection without answering "
-                       "(if it runs TLS, the default, drop --no-tls)")
+                       "(if it runs TLS, the default, drop --no-tls; in a program, give tls=)")
 _HINT_CERT_REQUIRED = ("the server requires a client certificate: give --tls-client-cert and "
                        "--tls-client-key")
 _HINT_CERT_REFUSED = ("the server refused this client's certificate (signed by another CA "

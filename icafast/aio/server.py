@@ -58,7 +58,7 @@ log = logging.getLogger("icafast")
 #: how a handshake that met a TLS ClientHello fails on a server without TLS, and what to say
 _TLS_HANDSHAKE_START = "not an icafast client (first byte 0x16)"
 _HINT_TLS_CLIENT = (" (a TLS handshake: the client runs with TLS, the default, this server "
-                    "with --no-tls)")
+                    "with --no-tls, or in a program without ssl=)")
 
 __all__ = ["Mapping", "RelayServer", "parse_hostport"]
 

@@ -21,7 +21,8 @@ from ..tlspipe import offer_session, pipe_for
 log = logging.getLogger("icafast")
 
 #: said when an icafast HELLO in plain text came where the TLS handshake was expected
-_HINT_PLAIN_CLIENT = " (an icafast client without TLS: it runs with --no-tls, this server with TLS)"
+_HINT_PLAIN_CLIENT = (" (an icafast client without TLS: it runs with --no-tls, or in a program "
+                      "without tls=, this server with TLS)")
 
 __all__ = ["TLSSetup"]
 
