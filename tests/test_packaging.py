@@ -1,4 +1,5 @@
-"""The source distribution holds what building and testing icafast from it need.
+"""The source distribution holds what building and testing icafast from it need, and the
+compiled modules of a build can go into a wheel for any Linux of its C library's age.
 
 An sdist is built from MANIFEST.in, not from the repository: a file that the build or a test
 reads and that no line of MANIFEST.in takes is missing only there (a packager who builds from
@@ -7,7 +8,9 @@ the sdist and runs its tests sees a failure that no run from the repository show
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +71,42 @@ def test_sdist_holds_no_build_products(tmp_path):
     bad = sorted(p for p in sdist if p.endswith(suffixes) or p in generated
                  or p.startswith(("build/", "dist/")) or "__pycache__" in p.split("/"))
     assert not bad, bad
+
+
+#: What a compiled module may need on Linux: the C library, in one piece (glibc 2.34 and later)
+#: or split in parts (older ones, as in the manylinux_2_28 images that release wheels are built
+#: in). A wheel carries copies of anything else it links, and a wheel of icafast must not:
+#: ``_tlsio`` drives TLS records with the functions of the OpenSSL that Python's ``_ssl`` module
+#: loaded (found at run time with dlopen), and a second OpenSSL would not know its objects.
+LINUX_LIBC = {"libc.so.6", "libdl.so.2", "libpthread.so.0", "libm.so.6"}
+COMPILED = ("icafast._core", "icafast.protocol", "icafast.aio._relay", "icafast._tlsio")
+
+
+def _needed(path: str) -> set[str]:
+    """The shared libraries an ELF file names as needed (its DT_NEEDED entries)."""
+    out = subprocess.run(["readelf", "--dynamic", "--wide", path], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    return {line.split("[", 1)[1].split("]", 1)[0]
+            for line in out.splitlines() if "(NEEDED)" in line}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects: Linux")
+def test_compiled_modules_need_nothing_but_the_c_library():
+    """A wheel is built for any Linux whose C library is as new as the build's: each compiled
+    module may link the C library and nothing else (not OpenSSL, not libpython), so that the
+    tool that makes a wheel portable (auditwheel) has nothing to copy into it."""
+    import icafast
+
+    if icafast.IMPLEMENTATION != "cython":
+        pytest.skip("icafast runs from its Python source here (no compiled modules)")
+    if shutil.which("readelf") is None:
+        pytest.skip("no readelf (binutils) to read the modules' dynamic sections")
+    found = {}
+    for name in COMPILED:
+        path = importlib.import_module(name).__file__
+        assert path is not None and path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), (
+            f"{name} is not compiled here: {path}")
+        found[name] = _needed(path)
+    extra = {name: sorted(libs - LINUX_LIBC) for name, libs in found.items() if libs - LINUX_LIBC}
+    assert not extra, f"compiled modules that link more than the C library: {extra}"
+    assert all(found.values()), found  # (readelf read them: each needs the C library at least)
