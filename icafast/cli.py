@@ -25,6 +25,7 @@ from .rlimits import (
     raise_nofile,
     soft_limit,
 )
+from .sdnotify import notify
 from .tlspipe import describe as tls_records
 from .tlspipe import uses_pipe
 
@@ -411,7 +412,10 @@ def _on_stop_signals(loop: asyncio.AbstractEventLoop, on_signal: Any) -> None:
             loop.add_signal_handler(sig, on_signal, sig)
 
 
-async def _run_until_signal(start: Any, stop: Any) -> None:
+async def _run_until_signal(start: Any, stop: Any, addresses: Any = None) -> None:
+    """``start()``, tell a service manager that the process is ready (with the addresses it
+    then listens on, ``addresses()``, as the status line ``systemctl status`` shows), then on
+    a stop signal ``stop()``."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     caught: list[int] = []
@@ -422,13 +426,21 @@ async def _run_until_signal(start: Any, stop: Any) -> None:
 
     _on_stop_signals(loop, on_signal)
     await start()
+    # (a service manager waiting for readiness, systemd's Type=notify: the listeners take
+    # connections from now on)
+    from .aio.server import format_hostport
+
+    listening = ", ".join(format_hostport(*a[:2]) for a in addresses()) if addresses else ""
+    notify("READY=1", f"STATUS=listening on {listening}" if listening else "STATUS=running")
     # (the heap's free memory goes back to the kernel now and then: icafast.heap)
     trimmer = loop.create_task(trim_now_and_then())
     try:
         await done.wait()
     finally:
         trimmer.cancel()
-    log.info("shutting down (%s)", signal.Signals(caught[0]).name)
+    name = signal.Signals(caught[0]).name
+    log.info("shutting down (%s)", name)
+    notify("STOPPING=1", f"STATUS=shutting down ({name})")
     await stop()
 
 
@@ -519,7 +531,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .aio import loop_name
 
         log.info("event loop: %s", loop_name())
-        await _run_until_signal(server.start, server.close)
+        await _run_until_signal(server.start, server.close, lambda: server.addresses)
 
     try:
         run(main())
@@ -751,7 +763,7 @@ def cmd_connect(args: argparse.Namespace) -> int:
     client = RelayClient(listen, server, config, fallback=fallback, on_status=on_status,
                          tls=tls_cfg)
     try:
-        run(_run_until_signal(client.start, client.close))
+        run(_run_until_signal(client.start, client.close, lambda: client.addresses))
     except OSError as e:
         print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1

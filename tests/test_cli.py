@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -362,7 +364,8 @@ def test_help_and_readme_say_when_the_client_pings():
 class _Proc:
     """An icafast process whose output is collected by a thread; stopped by its pid."""
 
-    def __init__(self, args: list[str], nofile: tuple[int, int] | None = None) -> None:
+    def __init__(self, args: list[str], nofile: tuple[int, int] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         def limit() -> None:  # (in the child, before it runs: its open-files limit)
             if nofile is not None:
                 import resource
@@ -370,7 +373,7 @@ class _Proc:
                 resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
 
         self.p = subprocess.Popen([PY, "-m", "icafast", *args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True,
+                                  stderr=subprocess.STDOUT, text=True, env=env,
                                   preexec_fn=limit if nofile is not None else None)
         self.lines: list[str] = []
         self._t = threading.Thread(target=self._read, daemon=True)
@@ -524,6 +527,77 @@ def test_sighup_stops_connect_and_serve_as_sigterm_does(tmp_path):
     assert "closed (peer closed: client shutting down)" in slog, slog
     assert "shutting down (SIGHUP)" in slog and "Traceback" not in slog + log, slog
     assert not os.path.exists(control)
+
+
+@pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no AF_UNIX sockets")
+@pytest.mark.parametrize("cmd", ["serve", "connect"])
+@pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
+def test_a_service_manager_is_told_when_the_listeners_are_ready_and_when_they_stop(
+        tmp_path, cmd, abstract):
+    """Under systemd's ``Type=notify`` (docs/icafast.service) a process says READY=1 on the
+    socket named by ``NOTIFY_SOCKET`` once it takes connections (before, units ordered after
+    it would start against a port that refuses them), and STOPPING=1 when it shuts down."""
+    name = f"icafast-test-{os.getpid()}-{cmd}" if abstract else str(tmp_path / "notify")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind("\0" + name if abstract else name)
+    manager.settimeout(20)
+    port = free_port()
+    args = (["serve", "--control", str(tmp_path / "control.sock"), "--backend"] if cmd == "serve"
+            else ["connect", "--server"])
+    proc = _Proc([*args, "127.0.0.1:9", "--no-tls", "--listen", f"127.0.0.1:{port}"],
+                 env={**os.environ, "NOTIFY_SOCKET": "@" + name if abstract else name})
+    try:
+        ready = manager.recv(4096).decode()
+        assert ready == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", ready
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # (taken at once)
+        os.kill(proc.p.pid, signal.SIGTERM)
+        stopping = manager.recv(4096).decode()
+        assert stopping == "STOPPING=1\nSTATUS=shutting down (SIGTERM)", stopping
+        assert proc.p.wait(10) == 0
+    finally:
+        log = proc.stop()
+        manager.close()
+    assert "Traceback" not in log and "service manager" not in log, log
+
+
+def test_a_notify_socket_that_cannot_be_reached_is_a_warning_only(tmp_path):
+    """An unusable ``NOTIFY_SOCKET`` (an address kind not supported, or nobody there) is
+    logged as a warning, and the server serves on."""
+    for value, said in (("vsock:2:1234", "not a path or an abstract socket name"),
+                        (str(tmp_path / "nobody"), "could not tell the service manager")):
+        port = free_port()
+        proc = _Proc(["serve", "--control", str(tmp_path / "control.sock"), "--no-tls",
+                      "--backend", "127.0.0.1:9", "--listen", f"127.0.0.1:{port}"],
+                     env={**os.environ, "NOTIFY_SOCKET": value})
+        try:
+            proc.wait_for(said)
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        finally:
+            log = proc.stop()
+        assert "Traceback" not in log, log
+
+
+def test_the_systemd_unit_is_valid_and_its_command_runs(tmp_path):
+    """docs/icafast.service: its options are icafast's (checked by the command's own parser)
+    and, where systemd-analyze exists, the unit passes ``systemd-analyze verify``."""
+    unit = (Path(__file__).resolve().parent.parent / "docs" / "icafast.service").read_text()
+    assert "\nType=notify\n" in unit
+    line = unit.split("\nExecStart=", 1)[1].split("\n# ", 1)[0].replace("\\\n", " ")
+    exe, *argv = shlex.split(line)
+    assert exe.endswith("/icafast"), exe
+    from icafast.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.state_dir == "/var/lib/icafast" and args.control == "/run/icafast/control.sock"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("no systemd-analyze here: the unit's options were checked, not the unit")
+    found = shutil.which("icafast") or str(Path(sys.executable).with_name("icafast"))
+    copy = tmp_path / "icafast.service"
+    copy.write_text(unit.replace(exe, found, 1))
+    done = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="no open-files limit (resource module)")
