@@ -13,6 +13,8 @@ embedder adds work as before); what the command line installs for its own output
   with that format, but makes the date and time part once per second instead of once per line;
 - :class:`LineHandler` writes and flushes each line at once (as ``StreamHandler`` does),
   without taking the handler's lock a second time to flush;
+- under systemd, whose journal records the time itself, :class:`JournalFormatter` writes
+  ``<priority>levelname message`` instead, the priority as sd-daemon(3) reads it;
 - :class:`LeanRecord` (``logging.setLogRecordFactory``) fills a record without the work for
   what no line of the command line shows (thread, process and asyncio task names, the caller's
   file name taken apart), as the logging HOWTO's "Optimization" section suggests.
@@ -124,13 +126,49 @@ def lean_records() -> None:
     logging.setLogRecordFactory(LeanRecord)
 
 
+#: syslog priorities (sd-daemon(3)) from logging's levels, for the journal: a record gets the
+#: priority of the highest of these levels that it reaches (DEBUG's below them all)
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+               (logging.INFO, 6))
+
+
+class JournalFormatter(logging.Formatter):
+    """Lines for systemd's journal: each starts with its syslog priority (``<4>`` for a
+    warning, sd-daemon(3)), so that ``journalctl -p warning`` finds them, and has no date and
+    time, which the journal records itself. The lines of a traceback each get the priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in _PRIORITIES if record.levelno >= level), 7)
+        prefix = f"<{priority}>"
+        text = f"{record.levelname} {super().format(record)}"
+        return prefix + text.replace("\n", "\n" + prefix)
+
+
+def to_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is connected to systemd's journal: a service's standard error is,
+    under systemd's default ``StandardError=journal``, which says so in ``JOURNAL_STREAM``
+    (the device and inode of that stream, ``DEV:INO``). A stream redirected elsewhere by the
+    service's own command is not."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    if not value:
+        return False
+    try:
+        dev, ino = (int(part) for part in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 def setup(level: int, stream: TextIO | None = None) -> None:
     """The command line's logging: ``FORMAT`` lines at ``level`` and above to ``stream``
-    (standard error), as ``logging.basicConfig(level=level, format=FORMAT)`` would."""
+    (standard error), as ``logging.basicConfig(level=level, format=FORMAT)`` would; to
+    systemd's journal, lines with their priority and without the time (JournalFormatter)."""
     root = logging.getLogger()
     if not root.handlers:  # (as basicConfig: a process that set up logging keeps it)
-        handler = LineHandler(stream if stream is not None else sys.stderr)
-        handler.setFormatter(LineFormatter())
+        out = stream if stream is not None else sys.stderr
+        handler = LineHandler(out)
+        handler.setFormatter(JournalFormatter() if to_journal(out) else LineFormatter())
         root.addHandler(handler)
         root.setLevel(level)
     lean_records()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import re
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
 from hypothesis import given
@@ -117,3 +123,80 @@ def test_verbose_gives_debug_lines(restored_logging, command, argv, level):
     args = cli.build_parser().parse_args([command, *argv])
     cli.setup_logging(args)
     assert logging.getLogger().level == level
+
+
+def _journal_stream(f) -> str:
+    st = os.fstat(f.fileno())
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def test_lines_to_the_journal_have_a_priority_and_no_time(restored_logging, tmp_path,
+                                                          monkeypatch):
+    """Under systemd (standard error is the journal, as ``JOURNAL_STREAM`` says) each line
+    starts with its syslog priority, which ``journalctl -p`` filters on, and has no date and
+    time (the journal has its own). Every line of a traceback gets the priority."""
+    with open(tmp_path / "journal", "w+") as out, open(tmp_path / "other", "w+") as other:
+        monkeypatch.setenv("JOURNAL_STREAM", _journal_stream(out))
+        assert logs.to_journal(out) and not logs.to_journal(other)
+        logging.getLogger().handlers[:] = []
+        logs.setup(logging.DEBUG, out)
+        log = logging.getLogger("icafast.test")
+        log.debug("d %d", 1)
+        log.info("i")
+        log.warning("w")
+        log.log(logging.WARNING + 5, "between warning and error")
+        log.error("e")
+        log.critical("c")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+        out.seek(0)
+        lines = out.read().splitlines()
+    assert lines[:6] == ["<7>DEBUG d 1", "<6>INFO i", "<4>WARNING w",
+                         "<4>Level 35 between warning and error", "<3>ERROR e", "<2>CRITICAL c"]
+    assert lines[6] == "<3>ERROR failed" and lines[-1] == "<3>ValueError: boom", lines
+    assert len(lines) > 8 and all(line.startswith("<3>") for line in lines[6:]), lines
+
+
+@pytest.mark.parametrize("value", ["", "nonsense", "1:2", "12"])
+def test_lines_elsewhere_keep_their_time(restored_logging, tmp_path, monkeypatch, value):
+    """``JOURNAL_STREAM`` unset, unreadable, or naming another file (the service's command
+    redirected its standard error): the usual lines, with the time."""
+    with open(tmp_path / "log", "w+") as out:
+        monkeypatch.setenv("JOURNAL_STREAM", value)
+        logging.getLogger().handlers[:] = []
+        logs.setup(logging.INFO, out)
+        logging.getLogger("icafast.test").info("hello")
+        out.seek(0)
+        text = out.read()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO hello\n", text), text
+
+
+def test_serve_under_systemd_writes_journal_lines(tmp_path):
+    """The command as a service runs it: standard error is the journal's stream."""
+    port = socket.socket()
+    port.bind(("127.0.0.1", 0))
+    free = port.getsockname()[1]
+    port.close()
+    with open(tmp_path / "journal", "w+") as err:
+        p = subprocess.Popen([sys.executable, "-m", "icafast", "serve", "--no-tls", "--listen",
+                              f"127.0.0.1:{free}", "--backend", "127.0.0.1:9", "--control",
+                              str(tmp_path / "control.sock")],
+                             stdout=subprocess.DEVNULL, stderr=err,
+                             env={**os.environ, "JOURNAL_STREAM": _journal_stream(err)})
+        try:
+            end = time.monotonic() + 20
+            while time.monotonic() < end and "listening on" not in (
+                    tmp_path / "journal").read_text():
+                time.sleep(0.05)
+            os.kill(p.pid, signal.SIGTERM)
+            assert p.wait(10) == 0
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        err.seek(0)
+        lines = err.read().splitlines()
+    assert any(line.startswith("<6>INFO ") and "listening on" in line for line in lines), lines
+    assert all(re.match(r"<[2-7]>[A-Z]+ ", line) for line in lines), lines
