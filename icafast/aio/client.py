@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -30,6 +31,7 @@ from ._relay import (
     format_hostport,
     tune_socket,
 )
+from .dial import connect_on, dial
 from .server import listen_error
 from .tlslink import TLSSetup
 
@@ -149,6 +151,7 @@ class _ClientRunner(Runner):
         self._tls_failed = False  # a certificate did not verify: never fall back to plain text
         self._verify_logged = False  # ... and that was logged as an error (once per session)
         self._attempt: _Attempt | None = None  # the link attempt in progress
+        self._dialed: Any = None  # the server's address that a link last connected to
         self._hinted = False  # a hint on mismatched TLS settings was logged (once per session)
         self._silent_closes = 0  # first links closed before any answer (see handle_event)
         self._hint = ""  # ... that hint (open_session's error repeats it)
@@ -245,7 +248,11 @@ class _ClientRunner(Runner):
             return attempt.link
 
         try:
-            await self.loop.create_connection(link, host, port, **kw)
+            # (every address of a name that has several, not only its first: icafast.aio.dial)
+            sock = await dial(self.loop, host, port, first=self._dialed)
+            with contextlib.suppress(OSError):
+                self._dialed = sock.getpeername()  # (tried first next time: the same server)
+            await connect_on(self.loop, link, sock, **kw)
             if setup is not None:
                 await setup.done
         except BaseException:
@@ -394,15 +401,17 @@ class _ClientRunner(Runner):
         # (kept: the loop holds only weak references to its tasks)
         self.connect_task = self.loop.create_task(self._fallback(host, port))
 
+    async def _fallback_connect(self, bridge: _PlainBridge, host: str, port: int) -> None:
+        await connect_on(self.loop, lambda: _FallbackProtocol(bridge),
+                         await dial(self.loop, host, port))
+
     async def _fallback(self, host: str, port: int) -> None:
         ep = self.endpoint
         assert ep is not None
         bridge = _PlainBridge(self, ep)
         try:
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: _FallbackProtocol(bridge), host, port),
-                self.engine.config.handshake_timeout,
-            )
+            await asyncio.wait_for(self._fallback_connect(bridge, host, port),
+                                   self.engine.config.handshake_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("fallback %s failed too: %s", format_hostport(host, port), e)
             self._settle(None, f"fallback failed: {e}")
