@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import socket
@@ -31,7 +30,7 @@ from ._relay import (
     format_hostport,
     tune_socket,
 )
-from .dial import connect_on, dial
+from .dial import connect
 from .server import listen_error
 from .tlslink import TLSSetup
 
@@ -249,10 +248,9 @@ class _ClientRunner(Runner):
 
         try:
             # (every address of a name that has several, not only its first: icafast.aio.dial)
-            sock = await dial(self.loop, host, port, first=self._dialed)
-            with contextlib.suppress(OSError):
-                self._dialed = sock.getpeername()  # (tried first next time: the same server)
-            await connect_on(self.loop, link, sock, **kw)
+            transport, _ = await connect(self.loop, link, host, port, first=self._dialed, **kw)
+            # (tried first next time: the same server)
+            self._dialed = transport.get_extra_info("peername") or self._dialed
             if setup is not None:
                 await setup.done
         except BaseException:
@@ -402,8 +400,7 @@ class _ClientRunner(Runner):
         self.connect_task = self.loop.create_task(self._fallback(host, port))
 
     async def _fallback_connect(self, bridge: _PlainBridge, host: str, port: int) -> None:
-        await connect_on(self.loop, lambda: _FallbackProtocol(bridge),
-                         await dial(self.loop, host, port))
+        await connect(self.loop, lambda: _FallbackProtocol(bridge), host, port)
 
     async def _fallback(self, host: str, port: int) -> None:
         ep = self.endpoint
