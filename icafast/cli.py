@@ -811,18 +811,15 @@ def _connect_stdio(server: tuple[str, int], config: Config, fallback: tuple[str,
     in_fd, out_fd = _take_stdio()
     session = StdioSession(server, config, stdin_fd=in_fd, stdout_fd=out_fd, fallback=fallback,
                            on_status=on_status, tls=tls_cfg)
-    held: dict[int, Any] = {}
+    # From the session's end on, the stop signals stay ignored until the process exits, which
+    # it is about to do with the session's status (see _run_stdio). Their handlers were put
+    # back here once, before the line below was written: a SIGHUP from ssh that came after
+    # that killed the process, and the exit status was the signal's, not 1.
     try:
-        status = run(_run_stdio(session, held))
+        status = run(_run_stdio(session, {}))
     except OSError as e:
         print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1
-    finally:
-        # (stop signals ignored from the session's end until its line is written: see below)
-        for sig, handler in held.items():
-            with contextlib.suppress(ValueError, OSError, TypeError):
-                signal.signal(sig, handler)
-        held.clear()
     if status:
         print(f"icafast connect: session ended abortively: {session.error}", file=sys.stderr)
     return status
@@ -836,10 +833,10 @@ STDIO_STOP_GRACE = 1.0
 async def _run_stdio(session: Any, held: dict[int, Any] | None = None) -> int:
     """Run the session until it is over (its exit status) or a signal stops it (0, as
     ``icafast connect`` stops on one). Once it is over, the stop signals are ignored (their
-    previous handlers kept in ``held``, for the caller to put back once it has said why the
-    session ended): ssh exits at the end of its ProxyCommand's output, which an abortive end
-    brings at once, and sends it SIGHUP, which must neither kill the process before its line
-    nor pass for a stop (status 0, no line)."""
+    previous handlers kept in ``held``, for a caller that goes on after the session; the
+    command line exits with them ignored): ssh exits at the end of its ProxyCommand's output,
+    which an abortive end brings at once, and sends it SIGHUP, which must neither kill the
+    process before or after its line nor pass for a stop (status 0, no line)."""
     loop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     caught: list[int] = []
@@ -848,15 +845,25 @@ async def _run_stdio(session: Any, held: dict[int, Any] | None = None) -> int:
         caught.append(signum)
         stopped.set()
 
-    _on_stop_signals(loop, on_signal)
+    def handler(signum: int, _frame: Any) -> None:  # (in the main thread, between bytecodes)
+        loop.call_soon_threadsafe(on_signal, signum)
+
+    # Python-level handlers, not the loop's (add_signal_handler): removing one of those puts
+    # the default action back before anything else can be set, and a SIGHUP that came in
+    # that moment killed the process (about one ssh-like end in forty on a slow host). Here
+    # each handler gives way to SIG_IGN in one step.
+    before: dict[int, Any] = {}
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):  # (not the main thread: no signals)
+            before[sig] = signal.signal(sig, handler)
     try:
         return await _stdio_until_over(session, stopped, caught)
     finally:
-        for sig in STOP_SIGNALS:
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, OSError):
-                loop.remove_signal_handler(sig)
+        for sig, previous in before.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, signal.SIG_IGN)
                 if held is not None:
-                    held[sig] = signal.signal(sig, signal.SIG_IGN)
+                    held[sig] = previous
 
 
 async def _stdio_until_over(session: Any, stopped: asyncio.Event, caught: list[int]) -> int:
