@@ -816,7 +816,7 @@ def _connect_stdio(server: tuple[str, int], config: Config, fallback: tuple[str,
     # back here once, before the line below was written: a SIGHUP from ssh that came after
     # that killed the process, and the exit status was the signal's, not 1.
     try:
-        status = run(_run_stdio(session, {}))
+        status = run(_run_stdio(session))
     except OSError as e:
         print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1
@@ -830,11 +830,10 @@ def _connect_stdio(server: tuple[str, int], config: Config, fallback: tuple[str,
 STDIO_STOP_GRACE = 1.0
 
 
-async def _run_stdio(session: Any, held: dict[int, Any] | None = None) -> int:
+async def _run_stdio(session: Any) -> int:
     """Run the session until it is over (its exit status) or a signal stops it (0, as
-    ``icafast connect`` stops on one). Once it is over, the stop signals are ignored (their
-    previous handlers kept in ``held``, for a caller that goes on after the session; the
-    command line exits with them ignored): ssh exits at the end of its ProxyCommand's output,
+    ``icafast connect`` stops on one). Once it is over, the stop signals are ignored until
+    the process exits: ssh exits at the end of its ProxyCommand's output,
     which an abortive end brings at once, and sends it SIGHUP, which must neither kill the
     process before or after its line nor pass for a stop (status 0, no line)."""
     loop = asyncio.get_running_loop()
@@ -852,18 +851,17 @@ async def _run_stdio(session: Any, held: dict[int, Any] | None = None) -> int:
     # the default action back before anything else can be set, and a SIGHUP that came in
     # that moment killed the process (about one ssh-like end in forty on a slow host). Here
     # each handler gives way to SIG_IGN in one step.
-    before: dict[int, Any] = {}
+    handled = []
     for sig in STOP_SIGNALS:
         with contextlib.suppress(ValueError, OSError):  # (not the main thread: no signals)
-            before[sig] = signal.signal(sig, handler)
+            signal.signal(sig, handler)
+            handled.append(sig)
     try:
         return await _stdio_until_over(session, stopped, caught)
     finally:
-        for sig, previous in before.items():
+        for sig in handled:
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(sig, signal.SIG_IGN)
-                if held is not None:
-                    held[sig] = previous
 
 
 async def _stdio_until_over(session: Any, stopped: asyncio.Event, caught: list[int]) -> int:

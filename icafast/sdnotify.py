@@ -41,7 +41,7 @@ def notify(*lines: str) -> bool:
         return False
     message = "\n".join(lines).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
             s.sendto(message, address)
     except OSError as e:
         log.warning("could not tell the service manager (NOTIFY_SOCKET=%s): %s", value,

@@ -180,6 +180,11 @@ def open_files(want: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def open_fd_count() -> int:
+    """How many file descriptors this process has open (Linux: /proc/self/fd)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -299,17 +304,18 @@ class Backend:
 
 
 @contextlib.contextmanager
-def unanswering_backend() -> Iterator[tuple[str, int]]:
-    """The address of a listener whose connections never complete: its accept queue is full
-    (it accepts nothing), so the kernel drops further SYNs and a connect to it waits until
-    its deadline."""
-    full = socket.socket()
-    full.bind(("127.0.0.1", 0))
+def unanswering_backend(host: str = "127.0.0.1", port: int = 0) -> Iterator[tuple[str, int]]:
+    """The address of a listener whose connections never complete (on ``host``:``port``, an
+    IPv4 or IPv6 address; port 0: any): its accept queue is full (it accepts nothing), so the
+    kernel drops further SYNs, as for an address whose route is broken, and a connect to it
+    waits until its deadline."""
+    full = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    full.bind((host, port))
     full.listen(0)
     fillers = []
     try:
         for _ in range(4):  # more than the accept queue takes: the rest hang in SYN_SENT
-            c = socket.socket()
+            c = socket.socket(full.family)
             c.setblocking(False)
             c.connect_ex(full.getsockname())
             fillers.append(c)

@@ -10,18 +10,24 @@ their addresses by replacing the resolver; the connections are real, on loopback
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import gc
-import os
 import socket
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from relay_helpers import FAST, Backend, Setup, links_up, run_async, wait_for
+from relay_helpers import (
+    FAST,
+    Backend,
+    Setup,
+    links_up,
+    open_fd_count,
+    run_async,
+    unanswering_backend,
+    wait_for,
+)
 
 from icafast import events as ev
 from icafast.aio import dial as dial_module
@@ -50,31 +56,6 @@ def name_with(monkeypatch):
 
         monkeypatch.setattr(dial_module, "resolve", resolve)
     return give
-
-
-@contextlib.contextmanager
-def dropping(host: str, port: int) -> Iterator[None]:
-    """``host``:``port`` drops every SYN, as an address whose route is broken: a listener
-    there that accepts nothing, its queue full."""
-    full = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    full.bind((host, port))
-    full.listen(0)
-    fillers = []
-    try:
-        for _ in range(4):
-            c = socket.socket(full.family)
-            c.setblocking(False)
-            c.connect_ex((host, port))
-            fillers.append(c)
-        yield
-    finally:
-        for c in fillers:
-            c.close()
-        full.close()
-
-
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @given(st.lists(st.tuples(st.sampled_from([socket.AF_INET, socket.AF_INET6]),
@@ -109,7 +90,7 @@ def test_a_name_whose_first_address_drops_packets_still_connects_and_resumes(loo
             port = s.server_port
             name_with(dead, "127.0.0.1")
             events: list[Any] = []
-            with dropping(dead, port):
+            with unanswering_backend(dead, port):
                 r, w = await open_session("server.test", port, config=CONFIG,
                                           on_status=lambda e, _s: events.append(e))
                 s.writers.append(w)
@@ -151,22 +132,22 @@ def test_dial_cancelled_or_lost_leaves_no_socket_open(loop, name_with):
             listener.bind(("127.0.0.1", 0))
             listener.listen(8)
             port = listener.getsockname()[1]
-            with dropping("127.0.0.2", port), dropping("127.0.0.3", port):
+            with unanswering_backend("127.0.0.2", port), unanswering_backend("127.0.0.3", port):
                 gc.collect()
-                before = _open_fds()
+                before = open_fd_count()
                 name_with("127.0.0.2", "127.0.0.3")
                 for _ in range(3):
                     with pytest.raises(asyncio.TimeoutError):
                         await asyncio.wait_for(dial(asyncio.get_running_loop(), "x", port,
                                                     delay=0.05), 0.3)
-                assert _open_fds() == before
+                assert open_fd_count() == before
                 name_with("127.0.0.2", "127.0.0.3", "127.0.0.1")
                 sock = await asyncio.wait_for(
                     dial(asyncio.get_running_loop(), "x", port, delay=0.05), 5)
                 assert sock.getpeername() == ("127.0.0.1", port)
                 sock.close()
                 await asyncio.sleep(0.05)  # (the cancelled attempts close their sockets)
-                assert _open_fds() == before
+                assert open_fd_count() == before
 
     run_async(loop, main())
 
@@ -191,14 +172,14 @@ def test_a_link_closed_as_it_is_made_leaves_no_socket_object_behind(loop):
             await connect_on(running, Closing, await dial(running, "127.0.0.1", port))
             await asyncio.sleep(0.05)
             gc.collect()
-            before = _open_fds()
+            before = open_fd_count()
             socks = []
             for _ in range(20):
                 sock = await dial(running, "127.0.0.1", port)
                 await connect_on(running, Closing, sock)
                 socks.append(sock)
             await asyncio.sleep(0.1)  # (the transports close)
-            assert _open_fds() == before
+            assert open_fd_count() == before
             assert all(s.fileno() == -1 for s in socks)  # (nothing left to close again)
 
     run_async(loop, main())

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from relay_helpers import free_port
 
 from icafast import logs
 
@@ -175,10 +175,7 @@ def test_lines_elsewhere_keep_their_time(restored_logging, tmp_path, monkeypatch
 
 def test_serve_under_systemd_writes_journal_lines(tmp_path):
     """The command as a service runs it: standard error is the journal's stream."""
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    free = port.getsockname()[1]
-    port.close()
+    free = free_port()
     with open(tmp_path / "journal", "w+") as err:
         p = subprocess.Popen([sys.executable, "-m", "icafast", "serve", "--no-tls", "--listen",
                               f"127.0.0.1:{free}", "--backend", "127.0.0.1:9", "--control",

@@ -718,18 +718,15 @@ def test_stdio_session_as_a_library_leaves_no_thread_or_descriptor(tmp_path):
     reset) while its standard input stays open (a producer that keeps writing or just holds
     it): the thread copying standard input ends with the session, and with it the descriptor
     and the socket pair; it used to wait in its read until the producer wrote or closed."""
-    from relay_helpers import FAST, Backend, Setup, run_async
+    from relay_helpers import FAST, Backend, Setup, open_fd_count, run_async
 
     from icafast.aio._relay import abort_with_rst
     from icafast.aio.stdio import StdioSession
 
-    def open_fds() -> int:
-        return len(os.listdir("/proc/self/fd"))
-
     async def scenario() -> None:
         async with Setup(Backend("echo")) as s:
             server = ("127.0.0.1", s.server_port)
-            threads, fds = threading.active_count(), open_fds()
+            threads, fds = threading.active_count(), open_fd_count()
             held = []
             for i in range(12):
                 in_r, in_w = os.pipe()
@@ -755,11 +752,11 @@ def test_stdio_session_as_a_library_leaves_no_thread_or_descriptor(tmp_path):
                     assert await asyncio.wait_for(session.wait(), 5) == 1
             end = time.monotonic() + 5
             while time.monotonic() < end and (threading.active_count() > threads
-                                              or open_fds() > fds + len(held)):
+                                              or open_fd_count() > fds + len(held)):
                 await asyncio.sleep(0.05)
             left = [t.name for t in threading.enumerate() if t.name.startswith("icafast std")]
             assert not left, f"copying threads left: {left}"
-            assert open_fds() == fds + len(held), "descriptors left open"
+            assert open_fd_count() == fds + len(held), "descriptors left open"
             for fd in held:
                 os.close(fd)
 

@@ -399,16 +399,15 @@ class _ClientRunner(Runner):
         # (kept: the loop holds only weak references to its tasks)
         self.connect_task = self.loop.create_task(self._fallback(host, port))
 
-    async def _fallback_connect(self, bridge: _PlainBridge, host: str, port: int) -> None:
-        await connect(self.loop, lambda: _FallbackProtocol(bridge), host, port)
-
     async def _fallback(self, host: str, port: int) -> None:
         ep = self.endpoint
         assert ep is not None
         bridge = _PlainBridge(self, ep)
         try:
-            await asyncio.wait_for(self._fallback_connect(bridge, host, port),
-                                   self.engine.config.handshake_timeout)
+            await asyncio.wait_for(
+                connect(self.loop, lambda: _FallbackProtocol(bridge), host, port),
+                self.engine.config.handshake_timeout,
+            )
         except (OSError, asyncio.TimeoutError) as e:
             log.warning("fallback %s failed too: %s", format_hostport(host, port), e)
             self._settle(None, f"fallback failed: {e}")

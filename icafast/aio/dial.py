@@ -22,6 +22,8 @@ import asyncio
 import socket
 from typing import Any
 
+from ._relay import format_hostport
+
 __all__ = ["ATTEMPT_DELAY", "connect", "connect_on", "dial", "interleave"]
 
 #: RFC 8305's Connection Attempt Delay: how long one connect has alone before the next starts
@@ -81,12 +83,7 @@ def _failure(errors: list[tuple[AddrInfo, BaseException]]) -> BaseException:
     texts = {str(e) for _info, e in errors}
     if len(errors) == 1 or len(texts) == 1:
         return errors[0][1]
-    return OSError("; ".join(f"{_text(info[4])}: {e}" for info, e in errors))
-
-
-def _text(address: Any) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return OSError("; ".join(f"{format_hostport(*info[4][:2])}: {e}" for info, e in errors))
 
 
 async def connect(loop: asyncio.AbstractEventLoop, factory: Any, host: str, port: int, *,
