@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -200,7 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the relay server (2598 -> backend 1494)",
                        description="Accept session-reliability links and relay each session "
                                    "to its backend. Repeat --listen/--backend (paired in "
-                                   "order) for several mappings.")
+                                   "order) for several mappings. SIGTERM or SIGINT stops "
+                                   "it (every session closed); SIGHUP reads the TLS "
+                                   "certificate, key and client CA again for new links, "
+                                   "and every session goes on.")
     s.add_argument("--listen", action="append", metavar="HOST:PORT",
                    help="address to listen on (default 0.0.0.0:2598); repeatable")
     s.add_argument("--backend", action="append", metavar="HOST:PORT",
@@ -399,7 +403,8 @@ def setup_logging(args: argparse.Namespace) -> None:
 #: signals on which ``serve`` and ``connect`` stop as they do on Ctrl-C. SIGHUP too: the
 #: terminal that ran the command closed, or a ``kill -HUP``, would otherwise end the process at
 #: once, without closing its sessions (a client's then stay held on the server, backend
-#: connections open, until the reliability timeout).
+#: connections open, until the reliability timeout). ``serve`` takes SIGHUP as a daemon does,
+#: as the order to read its certificate again (a restart would end every session).
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP")
                      if hasattr(signal, n))
 
@@ -412,15 +417,33 @@ def _on_stop_signals(loop: asyncio.AbstractEventLoop, on_signal: Any) -> None:
             loop.add_signal_handler(sig, on_signal, sig)
 
 
-async def _run_until_signal(start: Any, stop: Any, addresses: Any = None) -> None:
+def _monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, as systemd reads a reload's MONOTONIC_USEC."""
+    clock = getattr(time, "CLOCK_MONOTONIC", None)
+    ns = time.clock_gettime_ns(clock) if clock is not None else time.monotonic_ns()
+    return ns // 1000
+
+
+async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
+                            reload: Any = None) -> None:
     """``start()``, tell a service manager that the process is ready (with the addresses it
     then listens on, ``addresses()``, as the status line ``systemctl status`` shows), then on
-    a stop signal ``stop()``."""
+    a stop signal ``stop()``. With ``reload``, SIGHUP calls ``reload()`` instead of stopping
+    (told to the service manager as RELOADING=1, then READY=1 again)."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     caught: list[int] = []
+    status = "STATUS=running"
 
     def on_signal(signum: int) -> None:
+        if reload is not None and signum == getattr(signal, "SIGHUP", None):
+            notify("RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}",
+                   "STATUS=reloading (SIGHUP)")
+            try:
+                reload()
+            finally:
+                notify("READY=1", status)
+            return
         caught.append(signum)
         done.set()
 
@@ -431,7 +454,9 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None) -> Non
     from .aio.server import format_hostport
 
     listening = ", ".join(format_hostport(*a[:2]) for a in addresses()) if addresses else ""
-    notify("READY=1", f"STATUS=listening on {listening}" if listening else "STATUS=running")
+    if listening:
+        status = f"STATUS=listening on {listening}"
+    notify("READY=1", status)
     # (the heap's free memory goes back to the kernel now and then: icafast.heap)
     trimmer = loop.create_task(trim_now_and_then())
     try:
@@ -527,11 +552,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         "secret cross the network in plain text",
                         format_hostport(m.listen_host or "*", m.listen_port))
 
+    def reload_tls() -> None:
+        """SIGHUP: the certificate, its key and the client CA, read again from the same files
+        (a renewed certificate); new links are secured with them, and every session goes on.
+        Files that do not load leave the links with what was loaded before."""
+        if ssl_ctx is None:
+            log.info("SIGHUP: nothing to reload (plain-text links, --no-tls)")
+            return
+        log.info("SIGHUP: reading the TLS certificate, key and client CA again")
+        try:
+            ctx = _server_tls(args, file_cfg)
+        except (OSError, ValueError) as e:
+            cert, key = _opt(args, file_cfg, "tls_cert"), _opt(args, file_cfg, "tls_key")
+            log.error("TLS: %s; new links keep the certificate loaded before",
+                      _tls_problem(e, f"--tls-cert {cert}", f"--tls-key {key}"))
+            return
+        server.set_ssl(ctx)
+        log.info("TLS: reloaded; new links are secured with it, and every session goes on")
+
     async def main() -> None:
         from .aio import loop_name
 
         log.info("event loop: %s", loop_name())
-        await _run_until_signal(server.start, server.close, lambda: server.addresses)
+        await _run_until_signal(server.start, server.close, lambda: server.addresses,
+                                reload_tls)
 
     try:
         run(main())

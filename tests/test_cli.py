@@ -484,11 +484,12 @@ backend = "127.0.0.1:{b2.getsockname()[1]}"
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP")
-def test_sighup_stops_connect_and_serve_as_sigterm_does(tmp_path):
-    """SIGHUP (the terminal closed, a ``kill -HUP``) stops each command as SIGTERM does. It
-    used to kill them at once (status 129): a client's sessions stayed DISCONNECTED on the
-    server, their backend connections open, until the reliability timeout; a server left its
-    control socket behind."""
+def test_sighup_stops_connect_as_sigterm_does_and_serve_reloads(tmp_path):
+    """SIGHUP (the terminal closed, a ``kill -HUP``) stops ``connect`` as SIGTERM does. It
+    used to kill it at once (status 129): its sessions stayed DISCONNECTED on the server, their
+    backend connections open, until the reliability timeout. ``serve`` takes it as a daemon
+    does, as the order to reload (with plain-text links: nothing to reload), and goes on
+    until SIGTERM."""
     backend = _banner_backend(b"")
     port, local = free_port(), free_port()
     control = str(tmp_path / "control.sock")
@@ -518,6 +519,10 @@ def test_sighup_stops_connect_and_serve_as_sigterm_does(tmp_path):
                                  check=True).stdout
         assert json.loads(listing)["sessions"] == [], listing
         os.kill(server.p.pid, signal.SIGHUP)
+        server.wait_for("SIGHUP: nothing to reload (plain-text links, --no-tls)")
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # (it listens on)
+        assert server.p.poll() is None
+        os.kill(server.p.pid, signal.SIGTERM)
         assert server.p.wait(10) == 0, "".join(server.lines)
     finally:
         log = client.stop() if client is not None else ""
@@ -525,8 +530,101 @@ def test_sighup_stops_connect_and_serve_as_sigterm_does(tmp_path):
         backend.close()
     assert "shutting down (SIGHUP)" in log and "closed (client shutting down)" in log, log
     assert "closed (peer closed: client shutting down)" in slog, slog
-    assert "shutting down (SIGHUP)" in slog and "Traceback" not in slog + log, slog
+    assert "shutting down (SIGTERM)" in slog and "Traceback" not in slog + log, slog
     assert not os.path.exists(control)
+
+
+def _presented(port: int) -> str:
+    """The SHA-256 fingerprint of the certificate a TLS server on ``port`` presents."""
+    import ssl
+
+    from icafast import tls
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # (only looked at)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw) as conn:
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return tls.fingerprint_of_der(der)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP") or not hasattr(socket, "AF_UNIX"),
+                    reason="no SIGHUP or no AF_UNIX sockets")
+def test_sighup_reloads_the_certificate_and_sessions_go_on(tmp_path):
+    """A renewed certificate (new files at the same paths, as an ACME client writes them) is
+    taken on SIGHUP: new links present it, the session open before goes on, and the service
+    manager hears RELOADING=1, then READY=1. Files that do not load are an error in the log;
+    new links keep the certificate loaded before, and the server serves on."""
+    from icafast import tls
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    pairs = [tls.ensure_self_signed(str(certs / f"{i}"))[:2] for i in range(3)]
+    cert, key = str(tmp_path / "server.crt"), str(tmp_path / "server.key")
+
+    def install(i: int) -> str:
+        for src, dst in zip(pairs[i], (cert, key), strict=True):
+            shutil.copyfile(src, dst)
+        os.chmod(key, 0o600)
+        return tls.fingerprint_of_pem(pairs[i][0])
+
+    fp0 = install(0)
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(20)
+    backend = _banner_backend(b"")
+    port, local = free_port(), free_port()
+    server = _Proc(["serve", "--tls-cert", cert, "--tls-key", key, "--listen",
+                    f"127.0.0.1:{port}", "--backend", f"127.0.0.1:{backend.getsockname()[1]}",
+                    "--control", str(tmp_path / "control.sock")],
+                   env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    client = None
+    try:
+        assert manager.recv(4096).decode().startswith("READY=1\n")
+        client = _Proc(["connect", "--tls-fingerprint", fp0, "--listen", f"127.0.0.1:{local}",
+                        "--server", f"127.0.0.1:{port}"])
+        client.wait_for("listening on")
+        assert _presented(port) == fp0
+        with socket.create_connection(("127.0.0.1", local), timeout=10) as app:
+            backend.settimeout(10)
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(10)
+                app.sendall(b"before\n")
+                assert conn.recv(100) == b"before\n"
+
+                fp1 = install(1)
+                os.kill(server.p.pid, signal.SIGHUP)
+                reloading = manager.recv(4096).decode().split("\n")
+                assert reloading[0] == "RELOADING=1" and reloading[1].startswith(
+                    "MONOTONIC_USEC="), reloading
+                assert int(reloading[1].split("=")[1]) > 0
+                ready = manager.recv(4096).decode()
+                assert ready == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", ready
+                server.wait_for("TLS: reloaded")
+                assert _presented(port) == fp1
+                app.sendall(b"after\n")  # the session's link, made before, goes on
+                assert conn.recv(100) == b"after\n"
+
+                shutil.copyfile(pairs[2][1], key)  # a key that is not the certificate's
+                os.kill(server.p.pid, signal.SIGHUP)
+                server.wait_for("new links keep the certificate loaded before")
+                assert _presented(port) == fp1
+                app.sendall(b"still\n")
+                assert conn.recv(100) == b"still\n"
+        os.kill(server.p.pid, signal.SIGTERM)
+        assert server.p.wait(10) == 0, "".join(server.lines)
+    finally:
+        log = client.stop() if client is not None else ""
+        slog = server.stop()
+        backend.close()
+        manager.close()
+    said = f"--tls-key {key} is not the private key of the certificate in --tls-cert {cert}"
+    assert said in slog, slog
+    assert slog.count("TLS: reloaded") == 1 and "Traceback" not in slog + log, slog
+    assert "new from" in slog and slog.count("new from") == 1, slog
 
 
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no AF_UNIX sockets")
@@ -582,6 +680,7 @@ def test_the_systemd_unit_is_valid_and_its_command_runs(tmp_path):
     and, where systemd-analyze exists, the unit passes ``systemd-analyze verify``."""
     unit = (Path(__file__).resolve().parent.parent / "docs" / "icafast.service").read_text()
     assert "\nType=notify\n" in unit
+    assert "\nExecReload=/bin/kill -HUP $MAINPID\n" in unit  # (serve's reload)
     line = unit.split("\nExecStart=", 1)[1].split("\n# ", 1)[0].replace("\\\n", " ")
     exe, *argv = shlex.split(line)
     assert exe.endswith("/icafast"), exe

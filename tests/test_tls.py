@@ -701,6 +701,144 @@ def test_silent_and_garbage_tls_clients_are_dropped(tmp_path, tls_io, monkeypatc
     run_async("uvloop", main())
 
 
+async def _presented(port: int, cert: str, key: str) -> str:
+    """The fingerprint of the certificate the server at ``port`` presents to a new connection
+    (which shows ``cert`` when asked for one)."""
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.check_hostname = False
+    cctx.verify_mode = ssl.CERT_NONE  # (only looked at)
+    cctx.load_cert_chain(cert, key)
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=cctx)
+    try:
+        der = w.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return tls.fingerprint_of_der(der)
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize("tls_io", ["auto", "loop"])
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_renewed_certificate_serves_new_links_and_sessions_go_on(tmp_path, loop, tls_io,
+                                                                    monkeypatch):
+    """``set_ssl``: what ``icafast serve`` does on SIGHUP. New links get the new context
+    (certificate and client CA); the links already made keep theirs, and a session resumes
+    over a link secured by the new one, its stream intact. Both ways of running TLS: on the
+    event loop's transport the listener's context hands each new link to the current one."""
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    from cryptography import x509
+
+    here = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    server_ca, issue = _make_ca(tmp_path, "server CA")
+    old, new = issue("server", here, "old"), issue("server", here, "renewed")
+    ca1, issue1 = _make_ca(tmp_path, "client CA one")
+    ca2, issue2 = _make_ca(tmp_path, "client CA two")
+    c1, c2 = issue1("client", [], "client1"), issue2("client", [], "client2")
+    fp_old, fp_new = tls.fingerprint_of_pem(old[0]), tls.fingerprint_of_pem(new[0])
+
+    async def main() -> None:
+        first = tls.server_context(*old, client_ca=ca1)
+        async with Setup(Backend("echo"), ssl=first) as s:
+            assert await _presented(s.server_port, *c1) == fp_old
+            cev: list = []
+            r, w = await s.client(events=cev, tls=tls.client_context(ca=server_ca, cert=c1[0],
+                                                                     key=c1[1]))
+            w.write(b"before")
+            assert await r.readexactly(6) == b"before"
+
+            s.server.set_ssl(tls.server_context(*new, client_ca=ca1))  # a renewed certificate
+            assert await _presented(s.server_port, *c1) == fp_new
+            w.write(b"same link")  # (the link made before goes on)
+            assert await r.readexactly(9) == b"same link"
+            assert links_up(cev) == 1
+            s.proxy.reset()  # the session resumes, over a link with the new certificate
+            assert await wait_for(lambda: links_up(cev) == 2, 10)
+            w.write(b"resumed")
+            assert await r.readexactly(7) == b"resumed"
+            assert len(s.backend.conns) == 1
+
+            s.server.set_ssl(tls.server_context(*new, client_ca=ca2))  # another client CA
+            config = dataclasses.replace(FAST, connect_retry=0.5)
+            with pytest.raises(ConnectionError):  # (a client the old CA signed: refused)
+                await open_session("127.0.0.1", s.server_port, config=config,
+                                   tls=tls.client_context(ca=server_ca, cert=c1[0], key=c1[1]))
+            r2, w2 = await open_session("127.0.0.1", s.server_port, config=FAST,
+                                        tls=tls.client_context(ca=server_ca, cert=c2[0],
+                                                               key=c2[1]))
+            w2.write(b"second CA")
+            assert await r2.readexactly(9) == b"second CA"
+            w.write(b"still")  # the first session's link, made before, still carries it
+            assert await r.readexactly(5) == b"still"
+            assert len(s.backend.conns) == 2
+            w2.close()
+            # Its next link is refused, TLS session ticket or not (a resumed TLS session
+            # shows no certificate: a ticket sealed before the change must not let it in).
+            s.proxy.reset()
+            await asyncio.sleep(1.0)  # (FAST: an attempt every 0.2 s at most)
+            assert links_up(cev) == 2, cev
+            s.server.set_ssl(first)  # and back
+            assert await _presented(s.server_port, *c1) == fp_old
+
+            with pytest.raises(ValueError):  # TLS stays TLS
+                s.server.set_ssl(None)  # type: ignore[arg-type]
+
+    run_async(loop, main())
+
+
+def _ticket_client(port: int, cctx: ssl.SSLContext, session: ssl.SSLSession | None = None
+                   ) -> tuple[ssl.SSLSession | None, bool, bool]:
+    """A TLS 1.3 client, as any program could be, that may offer a ``session`` (a ticket):
+    (its session, whether it was resumed, whether the server refused it after the handshake)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            cctx.wrap_socket(raw, session=session) as conn:
+        conn.settimeout(0.5)
+        try:  # (the server sends nothing of its own: its ticket, or its alert; the event
+            # loop's TLS transport closes without an alert)
+            refused = conn.recv(1) == b""
+        except TimeoutError:
+            refused = False
+        except (ssl.SSLError, ConnectionError):
+            refused = True
+        return conn.session, conn.session_reused, refused
+
+
+@pytest.mark.parametrize("tls_io", ["auto", "loop"])
+def test_a_ticket_sealed_before_another_client_ca_lets_no_one_in(tmp_path, tls_io,
+                                                                 monkeypatch):
+    """A resumed TLS session shows no certificate: after ``set_ssl`` with another client CA,
+    a ticket the server sealed before must not let a client the old CA signed back in."""
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    cert, key, _ = _pair(tmp_path / "srv")
+    ca1, issue1 = _make_ca(tmp_path, "client CA one")
+    ca2, _ = _make_ca(tmp_path, "client CA two")
+    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    cctx.check_hostname = False
+    cctx.verify_mode = ssl.CERT_NONE  # (the server's certificate is not the point here)
+    cctx.load_cert_chain(*issue1("client", [], "client1"))
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), ssl=tls.server_context(cert, key, client_ca=ca1)) as s:
+            port = s.server_port
+            session, reused, refused = await asyncio.to_thread(_ticket_client, port, cctx)
+            assert session is not None and not reused and not refused
+            again = await asyncio.to_thread(_ticket_client, port, cctx, session)
+            assert again[1] and not again[2]  # (the ticket resumes while CA one is trusted)
+            s.server.set_ssl(tls.server_context(cert, key, client_ca=ca2))
+            _, reused, refused = await asyncio.to_thread(_ticket_client, port, cctx, session)
+            assert not reused and refused
+
+    run_async("uvloop", main())
+
+
+def test_a_server_without_tls_takes_no_context(tmp_path):
+    cert, key, _ = _pair(tmp_path)
+    server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 1)])
+    with pytest.raises(ValueError, match="without TLS"):
+        server.set_ssl(tls.server_context(cert, key))
+    assert server.ssl is None
+
+
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_wrong_fingerprint_is_refused_and_never_falls_back(tmp_path, loop):
     cert, key, fp = _pair(tmp_path)

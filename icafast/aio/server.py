@@ -17,6 +17,7 @@ import ssl
 import stat
 import time
 from dataclasses import dataclass
+from ssl import OP_NO_TICKET
 from typing import Any
 
 from .. import events as ev
@@ -377,6 +378,9 @@ class RelayServer:
         self.on_status = on_status
         self.max_sessions = max_sessions
         self.ssl = ssl
+        #: the context the event loop's listeners hold (ICAFAST_TLS_IO=loop; see set_ssl)
+        self._loop_ssl: Any = None
+        self._front_sni: Any = None  # (its own sni_callback, which set_ssl replaces)
         #: connections still in the handshake beyond this are closed at once (slowloris)
         self.max_handshakes = max_handshakes
         #: failed RESUME proofs/unknown ids per source address per minute before REJECT 8
@@ -444,6 +448,11 @@ class RelayServer:
         # TLS run by each link over a plain transport (icafast.aio.tlslink), else by the loop
         own_tls = self.ssl is not None and uses_pipe()
         loop_ssl = None if own_tls else self.ssl
+        # (the context the loop's listeners hold: set_ssl switches new links from it)
+        self._loop_ssl = loop_ssl
+        own = loop_ssl.sni_callback if loop_ssl is not None else None
+        if own != self._switch_context:  # (not this server's, from a start before)
+            self._front_sni = own
         for m in self.mappings:
             try:
                 srv = await self.loop.create_server(
@@ -476,6 +485,47 @@ class RelayServer:
                 why = os.strerror(e.errno) if e.errno and e.errno > 0 else (e.strerror or e)
                 raise OSError(e.errno, f"control socket {self.control_path}: {why}"
                                        + (f" ({e.filename})" if e.filename else "")) from e
+
+    def set_ssl(self, ssl: ssl.SSLContext) -> None:
+        """Serve the links accepted from now on with ``ssl``, a new server context (a renewed
+        certificate, another client CA): the links already secured keep the context they were
+        made with, and every session goes on; a session whose link breaks resumes on a link
+        secured by the new one. A server started without TLS cannot take one (nor the other
+        way round): ValueError.
+
+        Where links run TLS through the event loop's transport (``ICAFAST_TLS_IO=loop``), the
+        listeners keep the context they were started with, and each new link switches to the
+        current one as OpenSSL reads its ClientHello (the first context's ``sni_callback``,
+        which this sets; a ``sni_callback`` of ``ssl`` is then called as OpenSSL would). The
+        first context's TLS session tickets cannot be renewed with it: from then on, links
+        there make full handshakes."""
+        if (ssl is None) != (self.ssl is None):
+            raise ValueError("set_ssl: a server started with TLS takes another context, one "
+                             "started without TLS none (the clients would not connect)")
+        self.ssl = ssl
+        front = self._loop_ssl
+        if front is None:
+            return
+        front.sni_callback = self._switch_context
+        # A TLS session resumed from a ticket shows no certificate, and the listener's context
+        # (which seals and opens the tickets, whatever context a link switches to) cannot
+        # change its ticket key: from the first change on, no tickets, and none taken.
+        front.options |= OP_NO_TICKET
+        front.num_tickets = 0
+
+    def _switch_context(self, sslobj: Any, server_name: str | None,
+                        _front: ssl.SSLContext) -> int | None:
+        current = self.ssl
+        if current is None:  # (not reached: set_ssl keeps a TLS server TLS)
+            return None
+        if current is _front:  # (back to the first: its own callback, replaced by this one)
+            callback = self._front_sni
+        else:
+            sslobj.context = current
+            callback = current.sni_callback
+        if callback is None:
+            return None
+        return callback(sslobj, server_name, current)  # type: ignore[arg-type]  # (None: no SNI)
 
     def _tls_setup(self) -> TLSSetup:
         assert self.ssl is not None
