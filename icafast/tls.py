@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -350,6 +351,38 @@ class ClientTLS:
     resume: bool = True
     _sessions: dict[tuple[str, int, str], Any] = field(default_factory=dict, init=False,
                                                        repr=False, compare=False)
+    #: the files the context was loaded from (CA, certificate, key), what they were then,
+    #: and how to load them again (client_context sets them: see current_context)
+    _files: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    _stamp: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+    _reload: Callable[[], ssl.SSLContext] | None = field(default=None, repr=False,
+                                                        compare=False)
+
+    def current_context(self) -> ssl.SSLContext:
+        """The context for a new link. When a file it was loaded from has changed since (a
+        renewed client certificate, written over the old as an ACME client does, or a new CA
+        file), it is loaded again first, so that a long-running client needs no restart, which
+        would end its sessions. Files that do not load are a warning, once per change, and
+        the context loaded before stays. The links already up keep theirs."""
+        if not self._files or self._reload is None:
+            return self.context
+        stamp = file_stamp(self._files)
+        if stamp == self._stamp:
+            return self.context
+        self._stamp = stamp  # (tried once per change: a file still being written changes again)
+        try:
+            ctx = self._reload()
+        except (OSError, ValueError) as e:
+            logging.getLogger("icafast").warning(
+                "TLS: %s changed but does not load (%s); new links keep what was loaded before",
+                ", ".join(self._files), getattr(e, "reason", None) or e)
+            return self.context
+        self.context = ctx
+        self._sessions.clear()  # (a new certificate must be shown: full handshakes)
+        logging.getLogger("icafast").info("TLS: %s changed: loaded again for new links",
+                                          ", ".join(self._files))
+        return ctx
+
 
     def session_for(self, host: str, port: int) -> Any:
         """The session to offer a new link to ``host:port`` (None: a full handshake).
@@ -373,6 +406,20 @@ class ClientTLS:
         self._sessions[(host, port, self.server_hostname or host)] = session
 
 
+def file_stamp(paths: tuple[str, ...]) -> tuple[Any, ...]:
+    """What tells whether files have changed: each one's device, inode, size and modification
+    time (a file written over, or renamed into place; None for one that cannot be read)."""
+    out: list[Any] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def client_context(*, ca: str | None = None, fingerprint: str | None = None,
                    insecure: bool = False, cert: str | None = None, key: str | None = None,
                    server_hostname: str | None = None) -> ClientTLS:
@@ -381,8 +428,18 @@ def client_context(*, ca: str | None = None, fingerprint: str | None = None,
     if not (ca or fingerprint or insecure):
         raise ValueError("refusing an unverified server: give a CA file (--tls-ca), a pinned "
                          "certificate fingerprint (--tls-fingerprint) or --tls-insecure")
-    ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
+    files = tuple(f for f in (ca, cert, key) if f)
+    stamp = file_stamp(files)  # (before they are read: a change after that is seen later)
     fp = normalize_fingerprint(fingerprint) if fingerprint else None
+    out = ClientTLS(_client_ssl(ca, cert, key), fp, server_hostname)
+    if files:
+        out._files, out._stamp = files, stamp
+        out._reload = functools.partial(_client_ssl, ca, cert, key)
+    return out
+
+
+def _client_ssl(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
+    ctx = _base(ssl.PROTOCOL_TLS_CLIENT)
     if ca:  # only this CA file: not also the system's authorities
         _load_verify_locations(ctx, ca)
         ctx.check_hostname = True
@@ -392,7 +449,7 @@ def client_context(*, ca: str | None = None, fingerprint: str | None = None,
         ctx.verify_mode = ssl.CERT_NONE
     if cert:
         _load_cert_chain(ctx, cert, key)
-    return ClientTLS(ctx, fp, server_hostname)
+    return ctx
 
 
 def check_peer(tls: ClientTLS | None, ssl_object: ssl.SSLObject | None) -> None:

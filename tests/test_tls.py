@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import datetime
 import ipaddress
+import logging
 import os
 import re
 import ssl
@@ -829,6 +830,70 @@ def test_a_ticket_sealed_before_another_client_ca_lets_no_one_in(tmp_path, tls_i
             assert not reused and refused
 
     run_async("uvloop", main())
+
+
+def _replace(src: str, dst: str) -> None:
+    """Put a copy of ``src`` at ``dst`` as a certificate renewal does: written beside it, then
+    renamed over it."""
+    tmp = dst + ".new"
+    Path(tmp).write_bytes(Path(src).read_bytes())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, dst)
+
+
+@pytest.mark.parametrize("tls_io", ["auto", "loop"])
+def test_a_client_takes_its_renewed_certificate_at_its_next_link(tmp_path, tls_io,
+                                                                 monkeypatch, caplog):
+    """A client certificate renewed on disk (a short-lived one, say) is loaded again for the
+    next link, with no restart, which would end the sessions: the session resumes with it.
+    Files that do not load leave the one loaded before, with one warning."""
+    monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    caplog.set_level(logging.INFO, logger="icafast")
+    ca, issue = _make_ca(tmp_path)
+    old, new = issue("client", [], "old"), issue("client", [], "new")
+    _, other_key = issue("client", [], "other")
+    cert, key = str(tmp_path / "client.crt"), str(tmp_path / "client.key")
+    _replace(old[0], cert)
+    _replace(old[1], key)
+    scert, skey, fp = _pair(tmp_path / "srv")
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), ssl=tls.server_context(scert, skey,
+                                                                 client_ca=ca)) as s:
+            def shown() -> str:  # the client certificate the session's current link showed
+                link = s.only_session().link
+                return tls.fingerprint_of_der(link.ssl_object.getpeercert(binary_form=True))
+
+            cev: list = []
+            ctls = tls.client_context(fingerprint=fp, cert=cert, key=key)
+            r, w = await s.client(events=cev, tls=ctls)
+            w.write(b"old")
+            assert await r.readexactly(3) == b"old"
+            assert shown() == tls.fingerprint_of_pem(old[0])
+            assert ctls.current_context() is ctls.context  # (nothing changed: the same)
+
+            _replace(new[0], cert)
+            _replace(new[1], key)
+            s.proxy.reset()
+            assert await wait_for(lambda: links_up(cev) == 2, 10)
+            w.write(b"new")
+            assert await r.readexactly(3) == b"new"
+            assert shown() == tls.fingerprint_of_pem(new[0])
+
+            _replace(other_key, key)  # not the certificate's key: kept what was loaded
+            for k in (3, 4):
+                s.proxy.reset()
+                assert await wait_for(lambda k=k: links_up(cev) == k, 10)
+            w.write(b"kept")
+            assert await r.readexactly(4) == b"kept"
+            assert shown() == tls.fingerprint_of_pem(new[0])
+            assert len(s.backend.conns) == 1
+
+    run_async("uvloop", main())
+    said = [r.getMessage() for r in caplog.records if "changed" in r.getMessage()]
+    assert said == [f"TLS: {cert}, {key} changed: loaded again for new links",
+                    f"TLS: {cert}, {key} changed but does not load (KEY_VALUES_MISMATCH); new "
+                    "links keep what was loaded before"], said
 
 
 def test_a_server_without_tls_takes_no_context(tmp_path):
