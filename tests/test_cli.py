@@ -394,6 +394,11 @@ class _Proc:
             time.sleep(0.05)
         raise TimeoutError(f"{text!r} not seen; output:\n{''.join(self.lines)}")
 
+    def ends_on(self, sig: int) -> None:
+        """Send ``sig``: the process must exit with status 0 within 10 s."""
+        os.kill(self.p.pid, sig)
+        assert self.p.wait(10) == 0, "".join(self.lines)
+
     def stop(self) -> str:
         stop_process(self.p, close_pipes=False)
         self._t.join(5)  # the reader thread has read everything: now the pipe can close
@@ -508,8 +513,7 @@ def test_sighup_stops_connect_as_sigterm_does_and_serve_reloads(tmp_path):
                 app.sendall(b"hello\n")
                 conn.settimeout(10)
                 assert conn.recv(100) == b"hello\n"
-                os.kill(client.p.pid, signal.SIGHUP)
-                assert client.p.wait(10) == 0, "".join(client.lines)
+                client.ends_on(signal.SIGHUP)
                 try:  # the server closed the session's backend connection at once
                     assert conn.recv(100) == b""
                 except ConnectionResetError:
@@ -522,8 +526,7 @@ def test_sighup_stops_connect_as_sigterm_does_and_serve_reloads(tmp_path):
         server.wait_for("SIGHUP: nothing to reload (plain-text links, --no-tls)")
         socket.create_connection(("127.0.0.1", port), timeout=5).close()  # (it listens on)
         assert server.p.poll() is None
-        os.kill(server.p.pid, signal.SIGTERM)
-        assert server.p.wait(10) == 0, "".join(server.lines)
+        server.ends_on(signal.SIGTERM)
     finally:
         log = client.stop() if client is not None else ""
         slog = server.stop()
@@ -614,8 +617,7 @@ def test_sighup_reloads_the_certificate_and_sessions_go_on(tmp_path):
                 assert _presented(port) == fp1
                 app.sendall(b"still\n")
                 assert conn.recv(100) == b"still\n"
-        os.kill(server.p.pid, signal.SIGTERM)
-        assert server.p.wait(10) == 0, "".join(server.lines)
+        server.ends_on(signal.SIGTERM)
     finally:
         log = client.stop() if client is not None else ""
         slog = server.stop()
