@@ -425,11 +425,13 @@ def _monotonic_usec() -> int:
 
 
 async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
-                            reload: Any = None) -> None:
+                            reload: Any = None, cert: Any = None, server: bool = False
+                            ) -> None:
     """``start()``, tell a service manager that the process is ready (with the addresses it
     then listens on, ``addresses()``, as the status line ``systemctl status`` shows), then on
     a stop signal ``stop()``. With ``reload``, SIGHUP calls ``reload()`` instead of stopping
-    (told to the service manager as RELOADING=1, then READY=1 again)."""
+    (told to the service manager as RELOADING=1, then READY=1 again). With ``cert``, the
+    dates of the certificate file ``cert()`` names are looked at again every day."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     caught: list[int] = []
@@ -458,11 +460,14 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
         status = f"STATUS=listening on {listening}"
     notify("READY=1", status)
     # (the heap's free memory goes back to the kernel now and then: icafast.heap)
-    trimmer = loop.create_task(trim_now_and_then())
+    background = [loop.create_task(trim_now_and_then())]
+    if cert is not None:
+        background.append(loop.create_task(_dates_now_and_then(cert, server)))
     try:
         await done.wait()
     finally:
-        trimmer.cancel()
+        for task in background:
+            task.cancel()
     name = signal.Signals(caught[0]).name
     log.info("shutting down (%s)", name)
     notify("STOPPING=1", f"STATUS=shutting down ({name})")
@@ -518,7 +523,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-sessions {max_sessions} with --max-handshakes "
                          f"{max_handshakes}: {impossible}")
     try:
-        ssl_ctx = _server_tls(args, file_cfg)
+        ssl_ctx, cert_file = _server_tls(args, file_cfg)
     except (OSError, ValueError) as e:
         print(f"icafast serve: TLS: {_tls_problem(e, '--tls-cert', '--tls-key')}",
               file=sys.stderr)
@@ -560,14 +565,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log.info("SIGHUP: nothing to reload (plain-text links, --no-tls)")
             return
         log.info("SIGHUP: reading the TLS certificate, key and client CA again")
+        nonlocal cert_file
         try:
-            ctx = _server_tls(args, file_cfg)
+            ctx, cert = _server_tls(args, file_cfg)
         except (OSError, ValueError) as e:
-            cert, key = _opt(args, file_cfg, "tls_cert"), _opt(args, file_cfg, "tls_key")
+            given = _opt(args, file_cfg, "tls_cert"), _opt(args, file_cfg, "tls_key")
             log.error("TLS: %s; new links keep the certificate loaded before",
-                      _tls_problem(e, f"--tls-cert {cert}", f"--tls-key {key}"))
+                      _tls_problem(e, f"--tls-cert {given[0]}", f"--tls-key {given[1]}"))
             return
         server.set_ssl(ctx)
+        cert_file = cert
         log.info("TLS: reloaded; new links are secured with it, and every session goes on")
 
     async def main() -> None:
@@ -575,7 +582,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         log.info("event loop: %s", loop_name())
         await _run_until_signal(server.start, server.close, lambda: server.addresses,
-                                reload_tls)
+                                reload_tls, (lambda: cert_file) if ssl_ctx else None,
+                                server=True)
 
     try:
         run(main())
@@ -671,12 +679,13 @@ def _no_tls_alone(args: argparse.Namespace, file_cfg: dict[str, Any], *names: st
                          "give one or the other")
 
 
-def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
+def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> tuple[Any, str | None]:
+    """The server's TLS context (None: --no-tls) and the file of its certificate."""
     from . import tls
 
     if _opt(args, file_cfg, "no_tls"):
         _no_tls_alone(args, file_cfg, "tls_cert", "tls_key", "tls_client_ca")
-        return None
+        return None, None
     cert, key = _opt(args, file_cfg, "tls_cert"), _opt(args, file_cfg, "tls_key")
     if bool(cert) != bool(key):
         raise ValueError("give both --tls-cert and --tls-key")
@@ -716,13 +725,42 @@ def _server_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
                         "(chmod o-r %s)", key, key)
     log.warning("TLS certificate SHA-256 fingerprint: %s  (clients: --tls-fingerprint %s)",
                 tls.pretty_fingerprint(fp), fp)
+    _say_dates(cert, server=True)
+    return ctx, cert
+
+
+#: how often a running ``serve`` or ``connect`` looks at its certificate's dates again
+DATES_CHECKED_EVERY = 24 * 3600.0
+
+
+def _say_dates(cert: str | None, server: bool) -> None:
+    """Log what is wrong with the dates of this end's own certificate, in ``cert``: expired,
+    not valid yet, or expiring soon (and then how a renewed one is taken)."""
+    from . import tls
+
+    if not cert:
+        return
+    if server:
+        who = "clients that verify it (--tls-ca)"
+        renew = ("renew it, then send icafast serve SIGHUP (systemctl reload icafast): the "
+                 "sessions go on")
+    else:
+        who = "servers (--tls-client-ca)"
+        renew = "renew it: new links load the renewed one, with no restart"
     try:
-        problem = tls.validity_problem(cert)
-    except ValueError:  # (what cryptography cannot read, OpenSSL loaded above)
+        problem = tls.validity_problem(cert, who=who, renew=renew)
+    except (OSError, ValueError):  # (what cryptography cannot read: OpenSSL loads or refuses)
         problem = None
     if problem:
         log.warning("TLS: %s", problem)
-    return ctx
+
+
+async def _dates_now_and_then(cert: Callable[[], str | None], server: bool) -> None:
+    """Every DATES_CHECKED_EVERY, :func:`_say_dates` of the certificate file ``cert()``
+    names (a server that runs for months sees its certificate's end come)."""
+    while True:
+        await asyncio.sleep(DATES_CHECKED_EVERY)
+        _say_dates(cert(), server)
 
 
 def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
@@ -735,14 +773,7 @@ def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
     if _opt(args, file_cfg, "tls_client_key") and not _opt(args, file_cfg, "tls_client_cert"):
         raise ValueError("--tls-client-key needs --tls-client-cert")
     _readable(args, file_cfg, "tls_ca", "tls_client_cert", "tls_client_key")
-    client_cert = _opt(args, file_cfg, "tls_client_cert")
-    if client_cert:
-        try:
-            problem = tls.validity_problem(client_cert, who="servers (--tls-client-ca)")
-        except ValueError:  # (what cryptography cannot read, OpenSSL loads below or refuses)
-            problem = None
-        if problem:
-            log.warning("TLS: %s", problem)
+    _say_dates(_opt(args, file_cfg, "tls_client_cert"), server=False)
     return tls.client_context(
         ca=_opt(args, file_cfg, "tls_ca"),
         fingerprint=_opt(args, file_cfg, "tls_fingerprint"),
@@ -807,7 +838,9 @@ def cmd_connect(args: argparse.Namespace) -> int:
     client = RelayClient(listen, server, config, fallback=fallback, on_status=on_status,
                          tls=tls_cfg)
     try:
-        run(_run_until_signal(client.start, client.close, lambda: client.addresses))
+        client_cert = _opt(args, file_cfg, "tls_client_cert") if tls_cfg is not None else None
+        run(_run_until_signal(client.start, client.close, lambda: client.addresses,
+                              cert=(lambda: client_cert) if client_cert else None))
     except OSError as e:
         print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1

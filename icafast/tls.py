@@ -110,12 +110,18 @@ def _load_verify_locations(ctx: ssl.SSLContext, ca: str) -> None:
                                     "certificates") from None
 
 
+#: a certificate that expires within this is said to (icafast.tls.validity_problem)
+EXPIRES_SOON = datetime.timedelta(days=14)
+
+
 def validity_problem(cert: str, now: datetime.datetime | None = None,
-                     who: str = "clients that verify it (--tls-ca)") -> str | None:
+                     who: str = "clients that verify it (--tls-ca)",
+                     renew: str = "") -> str | None:
     """What is wrong with the dates of the first certificate in the PEM file ``cert`` (this
-    end's own), or None: expired, or not valid yet. ``who`` refuses such a certificate on
-    every link (a server's: clients that verify it with a CA; a pinned fingerprint does not
-    look at dates)."""
+    end's own), or None: expired, not valid yet, or expiring within EXPIRES_SOON (then
+    followed by ``renew``: how a renewed one is taken). ``who`` refuses such a certificate
+    on every link (a server's: clients that verify it with a CA; a pinned fingerprint does
+    not look at dates)."""
     from cryptography import x509
 
     with open(cert, "rb") as f:
@@ -129,6 +135,13 @@ def validity_problem(cert: str, now: datetime.datetime | None = None,
     if now < start:
         return (f"the certificate in {cert} is not valid before {start:%Y-%m-%d %H:%M} UTC "
                 f"(is this machine's clock right?): {who} refuse it")
+    if end - now < EXPIRES_SOON:
+        left = end - now
+        days = left.days
+        when = (f"in {days} day{'s' if days != 1 else ''}" if days
+                else f"in {left.seconds // 3600} h {left.seconds % 3600 // 60} min")
+        return (f"the certificate in {cert} expires on {end:%Y-%m-%d %H:%M} UTC, {when}: "
+                f"{who} will refuse it then" + (f"; {renew}" if renew else ""))
     return None
 
 

@@ -374,7 +374,8 @@ def test_server_warns_of_a_certificate_out_of_its_dates(tmp_path):
                 ("expired", -10, -2, f"expired on {now - datetime.timedelta(days=2):%Y-%m-%d}"),
                 ("future", 2, 10, "is not valid before "
                                   f"{now + datetime.timedelta(days=2):%Y-%m-%d}"),
-                ("valid", -1, 1, None)):
+                ("soon", -30, 3, f"expires on {now + datetime.timedelta(days=3):%Y-%m-%d}"),
+                ("valid", -1, 15, None)):
             cert = tmp_path / f"{label}.pem"
             cert.write_bytes(
                 x509.CertificateBuilder().subject_name(name).issuer_name(name)
@@ -391,15 +392,71 @@ def test_server_warns_of_a_certificate_out_of_its_dates(tmp_path):
                            "--server", "127.0.0.1:9", "--tls-insecure", "--tls-client-cert",
                            str(cert), "--tls-client-key", str(key))
             assert "address already in use" in c.stderr.lower(), c.stderr
+            refuse = "will refuse it then" if label == "soon" else "refuse it"
             if said is None:
                 assert f"certificate in {cert}" not in p.stderr + c.stderr, p.stderr + c.stderr
             else:
                 assert (f"WARNING TLS: the certificate in {cert} {said}" in p.stderr
-                        and "clients that verify it (--tls-ca) refuse it" in p.stderr), p.stderr
+                        and f"clients that verify it (--tls-ca) {refuse}" in p.stderr), p.stderr
                 assert (f"WARNING TLS: the certificate in {cert} {said}" in c.stderr
-                        and "servers (--tls-client-ca) refuse it" in c.stderr), c.stderr
+                        and f"servers (--tls-client-ca) {refuse}" in c.stderr), c.stderr
+            if label == "soon":  # (and how a renewed one is taken, with no restart)
+                assert "UTC, in 2 days:" in p.stderr or "UTC, in 3 days:" in p.stderr, p.stderr
+                assert "then send icafast serve SIGHUP" in p.stderr, p.stderr
+                assert "new links load the renewed one, with no restart" in c.stderr, c.stderr
     finally:
         busy.close()
+
+
+def test_how_soon_a_certificate_expires_is_said_in_days_then_hours(tmp_path):
+    cert, _, _ = _pair(tmp_path)  # (valid for ten years from now)
+    from cryptography import x509
+
+    end = x509.load_pem_x509_certificate(Path(cert).read_bytes()).not_valid_after_utc
+    assert tls.validity_problem(cert) is None
+    for before, when in ((datetime.timedelta(days=13, hours=1), "in 13 days"),
+                         (datetime.timedelta(days=1, hours=2), "in 1 day:"),
+                         (datetime.timedelta(hours=5, minutes=7), "in 5 h 7 min")):
+        said = tls.validity_problem(cert, now=end - before, renew="do this")
+        assert said is not None and when in said and said.endswith("; do this"), said
+    assert tls.validity_problem(cert, now=end - datetime.timedelta(days=15)) is None
+
+
+def test_a_running_command_looks_at_its_certificate_s_dates_every_day(tmp_path,
+                                                                      monkeypatch, caplog):
+    """A server (or client) that runs for months is told that its certificate comes to its
+    end, not only at start."""
+    from icafast import cli
+
+    cert, _, _ = _pair(tmp_path)
+    from cryptography import x509
+
+    end = x509.load_pem_x509_certificate(Path(cert).read_bytes()).not_valid_after_utc
+    real = tls.validity_problem
+    days_on = [0]
+
+    def later(path, now=None, **kw):  # (each look: another ten days on towards the end)
+        days_on[0] += 10
+        return real(path, now=end - datetime.timedelta(days=25 - days_on[0]), **kw)
+
+    monkeypatch.setattr(tls, "validity_problem", later)
+    monkeypatch.setattr(cli, "DATES_CHECKED_EVERY", 0.01)
+
+    async def main() -> None:
+        task = asyncio.create_task(cli._dates_now_and_then(lambda: cert, True))
+        for _ in range(500):  # (bounded: at most 5 s)
+            if days_on[0] >= 30:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    run_async("asyncio", main(), timeout=10)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    # the first look, 15 days before the end, says nothing; the next, 5 days before, and
+    # the third, 5 days after, do
+    assert len(said) >= 2, said
+    assert "expires on" in said[0] and ("in 4 days" in said[0] or "in 5 days" in said[0]), said
+    assert "expired on" in said[1], said
 
 
 def test_no_tls_with_an_option_that_secures_the_links_is_refused(tmp_path):
