@@ -436,15 +436,18 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
     done = asyncio.Event()
     caught: list[int] = []
     status = "STATUS=running"
+    ready = False  # (READY=1 said: a reload before then must not say it early)
 
     def on_signal(signum: int) -> None:
         if reload is not None and signum == getattr(signal, "SIGHUP", None):
-            notify("RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}",
-                   "STATUS=reloading (SIGHUP)")
+            if ready:
+                notify("RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}",
+                       "STATUS=reloading (SIGHUP)")
             try:
                 reload()
             finally:
-                notify("READY=1", status)
+                if ready:
+                    notify("READY=1", status)
             return
         caught.append(signum)
         done.set()
@@ -459,6 +462,7 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
     if listening:
         status = f"STATUS=listening on {listening}"
     notify("READY=1", status)
+    ready = True
     # (the heap's free memory goes back to the kernel now and then: icafast.heap)
     background = [loop.create_task(trim_now_and_then())]
     if cert is not None:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from relay_helpers import Backend, free_port, open_files, stop_process
+from relay_helpers import Backend, free_port, open_files, run_async, stop_process
 
 import icafast
 
@@ -658,6 +658,61 @@ def test_a_service_manager_is_told_when_the_listeners_are_ready_and_when_they_st
         log = proc.stop()
         manager.close()
     assert "Traceback" not in log and "service manager" not in log, log
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP") or not hasattr(socket, "AF_UNIX"),
+                    reason="no SIGHUP or no AF_UNIX sockets")
+def test_a_reload_before_the_listeners_take_connections_tells_no_readiness(tmp_path,
+                                                                          monkeypatch):
+    """A SIGHUP that comes while the server starts (at boot, say) reloads, but says neither
+    RELOADING=1 nor READY=1: the service manager's first READY=1 must mean the listeners take
+    connections. Once started, a reload says both."""
+    from icafast import cli
+
+    path = str(tmp_path / "notify")
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(path)
+    manager.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    reloads: list[bool] = []
+    started = [False]
+
+    async def start() -> None:
+        os.kill(os.getpid(), signal.SIGHUP)
+        for _ in range(200):  # (bounded: 2 s)
+            if reloads:
+                break
+            await asyncio.sleep(0.01)
+        started[0] = True
+
+    async def stop() -> None:
+        pass
+
+    async def main() -> None:
+        async def signals() -> None:
+            for _ in range(200):
+                if started[0]:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(200):
+                if len(reloads) == 2:
+                    break
+                await asyncio.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        task = asyncio.create_task(signals())
+        await cli._run_until_signal(start, stop, reload=lambda: reloads.append(started[0]))
+        await task
+
+    try:
+        run_async("asyncio", main(), timeout=20)
+        said = [manager.recv(4096).decode().split("\n")[0] for _ in range(4)]
+    finally:
+        manager.close()
+    assert reloads == [False, True]
+    assert said == ["READY=1", "RELOADING=1", "READY=1", "STOPPING=1"], said
 
 
 def test_a_notify_socket_that_cannot_be_reached_is_a_warning_only(tmp_path):
