@@ -214,11 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "many sessions (default 10000)")
     lim.add_argument("--max-handshakes", type=_count, metavar="N",
                      help="connections allowed in the handshake at once; more are closed at "
-                          "once (default 1024)")
+                          "once, unless another source holds more of them: then its oldest "
+                          "makes room (default 1024)")
     lim.add_argument("--max-failed-resumes", type=_count, metavar="N",
                      help="failed RESUME attempts (wrong proof, unknown session) allowed per "
-                          "source address per minute; beyond, that address's unproven ones are "
-                          "refused, proven ones still resume (default 20)")
+                          "source (IPv4 address, IPv6 /64) per minute; beyond, that source's "
+                          "unproven ones are refused, proven ones still resume (default 20)")
     s.add_argument("--proxy-protocol", action="store_true",
                    help="expect a HAProxy PROXY protocol v1/v2 header on every connection (when "
                         "behind a load balancer), so sessions and logs show the real client")

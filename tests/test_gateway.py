@@ -183,6 +183,91 @@ def test_handshake_flood_is_capped_and_slowloris_dropped(use_tls, tmp_path):
     run_async("uvloop", main())
 
 
+@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
+def test_a_flood_from_one_source_leaves_room_for_others(use_tls, tmp_path, caplog):
+    """One host that fills every handshake slot with connections that say nothing (and opens
+    a new one as each is closed) locked every other client out, resumes too: a session whose
+    link broke could not come back until the flood stopped. Now a connection from another
+    source takes the slot of the flood's oldest handshake; the flood's own are closed at once,
+    as before. (The flood comes from 127.0.0.2, the client from 127.0.0.1.)"""
+    server_kw, client_tls = tls_for(tmp_path, use_tls)
+
+    async def main() -> None:
+        from icafast.protocol import Config
+
+        cfg = Config(keepalive_interval=0.1, dead_timeout=0.4, handshake_timeout=5.0)
+        async with Setup(Backend("echo"), config=cfg, max_handshakes=10, **server_kw) as s:
+            port = s.server_port
+            flood = [await asyncio.open_connection("127.0.0.1", port,
+                                                   local_addr=("127.0.0.2", 0))
+                     for _ in range(10)]
+            assert await wait_for(lambda: len(s.server._handshaking) == 10, 2)
+            r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            flood.append((r, w))
+            await asyncio.wait_for(read_until_closed(r, 0.5), 1)  # (its own: closed at once)
+            # another source gets in, long before the flood's handshake timeout
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            reader, writer = await s.client(config=cfg, tls=client_tls, direct=True)
+            writer.write(b"in")
+            assert await reader.readexactly(2) == b"in"
+            assert loop.time() - t0 < 2.0
+            await asyncio.wait_for(read_until_closed(flood[0][0], 0.5), 1)  # the oldest went
+            assert len(s.server._handshaking) == 9  # (the client's is a session now)
+            assert set(s.server._by_source) == {"127.0.0.2"}
+            for _, fw in flood:
+                fw.close()
+            assert await wait_for(lambda: not s.server._handshaking, 3)
+            assert not s.server._by_source
+
+    run_async("uvloop", main())
+    said = [r.getMessage() for r in caplog.records if "handshake slot" in r.getMessage()]
+    assert len(said) == 1 and "10 of them by 127.0.0.2" in said[0], said
+
+
+def test_behind_a_load_balancer_handshakes_count_from_their_proxy_header():
+    """With --proxy-protocol every connection comes from the load balancer: each handshake
+    counts as its PROXY header's client from that header on."""
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), proxy_protocol=True, max_handshakes=4) as s:
+            port = s.server_port
+            conns = []
+            for client in ("192.0.2.7", "192.0.2.7", "192.0.2.7", "192.0.2.8"):
+                r, w = await asyncio.open_connection("127.0.0.1", port)
+                w.write(f"PROXY TCP4 {client} 198.51.100.1 4000 2598\r\n".encode())
+                conns.append((r, w))
+
+            def by_source() -> dict[str, int]:
+                return {k: len(v) for k, v in s.server._by_source.items()}
+
+            assert await wait_for(lambda: by_source() == {"192.0.2.7": 3, "192.0.2.8": 1}, 3)
+            # a fifth: the load balancer's address holds none, so 192.0.2.7's oldest goes
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"PROXY TCP4 192.0.2.9 198.51.100.1 4000 2598\r\n")
+            conns.append((r, w))
+            await asyncio.wait_for(read_until_closed(conns[0][0], 0.5), 1)
+            assert await wait_for(lambda: by_source() == {"192.0.2.7": 2, "192.0.2.8": 1,
+                                                           "192.0.2.9": 1}, 3), by_source()
+            for _, w in conns:
+                w.close()
+            assert await wait_for(lambda: not s.server._by_source, 3)
+
+    run_async("uvloop", main())
+
+
+def test_per_source_limits_count_an_ipv6_site_as_one_source():
+    from icafast.aio.server import source_block
+
+    assert source_block("192.0.2.7:4000") == "192.0.2.7"
+    assert source_block("[2001:db8:1:2:3:4:5:6]:4000") == "2001:db8:1:2::/64"
+    assert source_block("[2001:db8:1:2:ffff::1]:1") == source_block("[2001:db8:1:2::9]:2")
+    assert source_block("[2001:db8:1:3::9]:2") != source_block("[2001:db8:1:2::9]:2")
+    assert source_block("[::ffff:192.0.2.7]:4000") == "192.0.2.7"
+    assert source_block("[fe80::1%eth0]:22") == "fe80::/64"
+    assert source_block("?") == "?" and source_block("") == "?"
+
+
 # -- a real HAProxy in front, terminating TLS and sending PROXY v2 -------------------------------
 
 HAPROXY = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy")

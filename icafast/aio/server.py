@@ -65,6 +65,25 @@ __all__ = ["Mapping", "RelayServer", "parse_hostport"]
 
 #: the most source addresses whose failed resumes a server keeps count of (each for a minute)
 MAX_FAILURE_SOURCES = 100_000
+
+
+def source_block(peer: str) -> str:
+    """The source that per-source limits count a connection from ``peer`` ("host:port"):
+    its IPv4 address, or its IPv6 address's /64, the least a site is given (one host can
+    use all of its addresses). "?" for a connection whose address is gone."""
+    host = peer.rsplit(":", 1)[0] if peer else "?"
+    if host.startswith("["):
+        host = host[1:-1]
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped  # type: ignore[union-attr]
+        if mapped is not None:
+            return str(mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 #: How long a server that stops (``RelayServer.close``) waits in all for its clients to take
 #: the CLOSE of each session; the links left then are reset (a silent client must not hold up
 #: the exit).
@@ -233,6 +252,7 @@ class _PendingLink:
         self._timer: asyncio.TimerHandle | None = None
         self._attached = False
         self._counted = False
+        self.source = "?"  # (source_block of the peer: see link_opened)
         self.received = 0  # bytes of the handshake read (after any PROXY header)
         if tls_setup is not None:
             tls_setup.done.add_done_callback(self._tls_done)
@@ -243,12 +263,14 @@ class _PendingLink:
         if self._counted:
             return True
         srv = self.server
-        if len(srv._handshaking) >= srv.max_handshakes:
+        self.source = source_block(link.peer)
+        if len(srv._handshaking) >= srv.max_handshakes and not srv._make_room(self.source):
             srv._note_overload(link.peer)
             self._attached = True
             link.close(abort=True)
             return False
         srv._handshaking.add(self)
+        srv._by_source.setdefault(self.source, {})[self] = None
         self._counted = True
         return True
 
@@ -282,6 +304,10 @@ class _PendingLink:
             if self.proxy.source is not None:
                 host, port = self.proxy.source
                 link.peer = format_hostport(host, port)
+                if self._counted and not self._attached:  # (counted from now on as the client's)
+                    self.server._forget_slot(self)
+                    self.source = source_block(link.peer)
+                    self.server._by_source.setdefault(self.source, {})[self] = None
             if not rest:
                 return
             data = memoryview(rest)
@@ -310,6 +336,7 @@ class _PendingLink:
             self._timer.cancel()
             self._timer = None
         self.server._handshaking.discard(self)
+        self.server._forget_slot(self)
 
     def _flush(self) -> None:
         out = self.hs.data_to_send()
@@ -399,7 +426,10 @@ class RelayServer:
         self._tombstones: dict[bytes, float] = {}
         self._tombstone_order: collections.deque[tuple[float, bytes]] = collections.deque()
         self._handshaking: set[_PendingLink] = set()
+        #: the same, by source (source_block): each source's in the order they came
+        self._by_source: dict[str, dict[_PendingLink, None]] = {}
         self._links_accepted = 0
+        self._evict_logged = -1e9  # (when _make_room last logged)
         #: NEW sessions connecting to their backend (not in sessions_by_id yet)
         self._creating: set[_ServerRunner] = set()
         #: NEW tokens -> the session made by the first NEW with it: a NEW that repeats it
@@ -705,8 +735,36 @@ class RelayServer:
                 runner.endpoint.transport.close()
 
     def _source(self, pending: _PendingLink) -> str:
-        peer = pending.link.peer
-        return peer.rsplit(":", 1)[0] if peer else "?"
+        return source_block(pending.link.peer)
+
+    def _forget_slot(self, pending: _PendingLink) -> None:
+        mine = self._by_source.get(pending.source)
+        if mine is not None:
+            mine.pop(pending, None)
+            if not mine:
+                del self._by_source[pending.source]
+
+    def _make_room(self, source: str) -> bool:
+        """Every handshake slot is taken, and a connection from ``source`` comes: when another
+        source holds more slots than this one would with it, that source's oldest handshake is
+        closed to make room (whether the table was filled by one flood or by a crowd behind
+        one address, other sources still get in; a lone crowd still has every slot). Whether
+        it made room."""
+        mine = len(self._by_source.get(source, ()))
+        top, held = max(self._by_source.items(), key=lambda kv: len(kv[1]),
+                        default=(None, None))
+        if top is None or held is None or len(held) <= mine + 1:
+            return False
+        oldest = next(iter(held))
+        now = self.loop.time()
+        if now - self._evict_logged > 10.0:
+            self._evict_logged = now
+            log.warning("every handshake slot is taken (%d), %d of them by %s: closing its "
+                        "oldest handshakes to make room for others (a connection from %s)",
+                        self.max_handshakes, len(held), top, source)
+        oldest.detach()
+        oldest.link.close(abort=True)
+        return True
 
     def _failed_recently(self, source: str, now: float) -> int:
         times = self._failures.get(source)
