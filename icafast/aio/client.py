@@ -52,6 +52,9 @@ _TLS_RECORD_STARTS = ("not an icafast server (first byte 0x15)",
                       "not an icafast server (first byte 0x16)")
 _HINT_PLAIN_SERVER = ("is the server running with --no-tls (in a program: a RelayServer "
                       "without ssl=)?")
+#: a reset in the TLS handshake: a plain-text server, or one with every handshake slot taken
+_HINT_RESET_IN_TLS = _HINT_PLAIN_SERVER + (" (or one with all of its --max-handshakes "
+                                           "connections in the handshake: its log says so)")
 _HINT_TLS_SERVER = "the server speaks TLS: drop --no-tls (in a program: give tls=)"
 _HINT_SILENT_SERVER = ("the server closed the connection without answering "
                        "(if it runs TLS, the default, drop --no-tls; in a program, give tls=)")
@@ -107,7 +110,7 @@ def _tls_handshake_hint(e: BaseException) -> str | None:
             return _HINT_PLAIN_SERVER
         return None
     if isinstance(e, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
-        return _HINT_PLAIN_SERVER
+        return _HINT_RESET_IN_TLS
     return None
 
 
