@@ -205,13 +205,11 @@ def test_a_flood_from_one_source_leaves_room_for_others(use_tls, tmp_path, caplo
             r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
             flood.append((r, w))
             await asyncio.wait_for(read_until_closed(r, 0.5), 1)  # (its own: closed at once)
-            # another source gets in, long before the flood's handshake timeout
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
+            # another source gets in, while the flood's handshakes are still open (their
+            # timeout is 5 s)
             reader, writer = await s.client(config=cfg, tls=client_tls, direct=True)
             writer.write(b"in")
             assert await reader.readexactly(2) == b"in"
-            assert loop.time() - t0 < 2.0
             await asyncio.wait_for(read_until_closed(flood[0][0], 0.5), 1)  # the oldest went
             assert len(s.server._handshaking) == 9  # (the client's is a session now)
             assert set(s.server._by_source) == {"127.0.0.2"}

@@ -842,15 +842,16 @@ def test_a_renewed_certificate_serves_new_links_and_sessions_go_on(tmp_path, loo
     run_async(loop, main())
 
 
-def _ticket_client(port: int, cctx: ssl.SSLContext, session: ssl.SSLSession | None = None
-                   ) -> tuple[ssl.SSLSession | None, bool, bool]:
+def _ticket_client(port: int, cctx: ssl.SSLContext, session: ssl.SSLSession | None = None,
+                   wait: float = 0.5) -> tuple[ssl.SSLSession | None, bool, bool]:
     """A TLS 1.3 client, as any program could be, that may offer a ``session`` (a ticket):
-    (its session, whether it was resumed, whether the server refused it after the handshake)."""
+    (its session, whether it was resumed, whether the server refused it after the handshake,
+    which it waits ``wait`` seconds for)."""
     import socket
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
             cctx.wrap_socket(raw, session=session) as conn:
-        conn.settimeout(0.5)
+        conn.settimeout(wait)
         try:  # (the server sends nothing of its own: its ticket, or its alert; the event
             # loop's TLS transport closes without an alert)
             refused = conn.recv(1) == b""
@@ -883,7 +884,8 @@ def test_a_ticket_sealed_before_another_client_ca_lets_no_one_in(tmp_path, tls_i
             again = await asyncio.to_thread(_ticket_client, port, cctx, session)
             assert again[1] and not again[2]  # (the ticket resumes while CA one is trusted)
             s.server.set_ssl(tls.server_context(cert, key, client_ca=ca2))
-            _, reused, refused = await asyncio.to_thread(_ticket_client, port, cctx, session)
+            _, reused, refused = await asyncio.to_thread(_ticket_client, port, cctx, session,
+                                                         10.0)
             assert not reused and refused
 
     run_async("uvloop", main())
