@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verify the server's certificate chain and name against this CA")
     t.add_argument("--tls-fingerprint", metavar="SHA256",
                    help="accept only the server certificate with this SHA-256 fingerprint "
-                        "(as printed by 'icafast serve')")
+                        "(as printed by 'icafast serve'); several, separated by commas, "
+                        "while the server's certificate is replaced")
     t.add_argument("--tls-insecure", action="store_true",
                    help="encrypt but do not verify the server (open to active attackers)")
     t.add_argument("--tls-server-name", metavar="NAME",

@@ -22,7 +22,7 @@ import ssl
 import stat
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +65,18 @@ def normalize_fingerprint(text: str) -> str:
     if len(t) != 64 or any(c not in "0123456789abcdef" for c in t):
         raise ValueError(f"not a SHA-256 fingerprint (64 hex digits): {text!r}")
     return t
+
+
+def pinned(fingerprints: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Fingerprints as ``--tls-fingerprint`` takes them: one, several separated by commas, or
+    an iterable of them -> normalized, each once, in order."""
+    if not fingerprints:
+        return ()
+    items = fingerprints.split(",") if isinstance(fingerprints, str) else list(fingerprints)
+    out: dict[str, None] = {}
+    for item in items:
+        out[normalize_fingerprint(item)] = None
+    return tuple(out)
 
 
 def fingerprint_of_der(der: bytes) -> str:
@@ -354,7 +366,8 @@ class ClientTLS:
     """How the client secures and verifies its links."""
 
     context: ssl.SSLContext
-    #: SHA-256 fingerprint the server certificate must have (None: the context verifies).
+    #: SHA-256 fingerprint the server certificate must have (None: the context verifies);
+    #: the first of ``fingerprints`` when several are pinned
     fingerprint: str | None = None
     #: Name to check the certificate against (None: the server host given).
     server_hostname: str | None = None
@@ -362,6 +375,9 @@ class ClientTLS:
     #: (same address and name), an abbreviated handshake if the server still takes it. Only
     #: TLS 1.3 sessions: their resumption makes new keys (ECDHE); TLS 1.2's reuses the old.
     resume: bool = True
+    #: every fingerprint pinned, any of which the server certificate may have (a certificate
+    #: being replaced: the old one's and the new one's); empty: ``fingerprint`` alone
+    fingerprints: tuple[str, ...] = ()
     _sessions: dict[tuple[str, int, str], Any] = field(default_factory=dict, init=False,
                                                        repr=False, compare=False)
     #: the files the context was loaded from (CA, certificate, key), what they were then,
@@ -433,18 +449,20 @@ def file_stamp(paths: tuple[str, ...]) -> tuple[Any, ...]:
     return tuple(out)
 
 
-def client_context(*, ca: str | None = None, fingerprint: str | None = None,
+def client_context(*, ca: str | None = None, fingerprint: str | Iterable[str] | None = None,
                    insecure: bool = False, cert: str | None = None, key: str | None = None,
                    server_hostname: str | None = None) -> ClientTLS:
     """Build the client's TLS settings. Exactly one way of trusting the server is needed:
-    ``ca`` (chain + host name), ``fingerprint`` (pinned certificate) or ``insecure``."""
+    ``ca`` (chain + host name), ``fingerprint`` (pinned certificate; several, in a list or
+    separated by commas, while the server's certificate is replaced) or ``insecure``."""
     if not (ca or fingerprint or insecure):
         raise ValueError("refusing an unverified server: give a CA file (--tls-ca), a pinned "
                          "certificate fingerprint (--tls-fingerprint) or --tls-insecure")
     files = tuple(f for f in (ca, cert, key) if f)
     stamp = file_stamp(files)  # (before they are read: a change after that is seen later)
-    fp = normalize_fingerprint(fingerprint) if fingerprint else None
-    out = ClientTLS(_client_ssl(ca, cert, key), fp, server_hostname)
+    pins = pinned(fingerprint)
+    out = ClientTLS(_client_ssl(ca, cert, key), pins[0] if pins else None, server_hostname,
+                    fingerprints=pins)
     if files:
         out._files, out._stamp = files, stamp
         out._reload = functools.partial(_client_ssl, ca, cert, key)
@@ -466,13 +484,16 @@ def _client_ssl(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLCon
 
 
 def check_peer(tls: ClientTLS | None, ssl_object: ssl.SSLObject | None) -> None:
-    """After the handshake: raise TLSVerifyError if a pinned fingerprint does not match."""
+    """After the handshake: raise TLSVerifyError unless the server certificate has a pinned
+    fingerprint (any of them, when several are pinned)."""
     if tls is None or tls.fingerprint is None:
         return
+    pins = tls.fingerprints or (tls.fingerprint,)
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
     if not der:
         raise TLSVerifyError("server presented no certificate")
     got = fingerprint_of_der(der)
-    if got != tls.fingerprint:
+    if got not in pins:
         raise TLSVerifyError(f"server certificate fingerprint {pretty_fingerprint(got)} does not "
-                             f"match the pinned {pretty_fingerprint(tls.fingerprint)}")
+                             "match the pinned "
+                             + " or ".join(pretty_fingerprint(p) for p in pins))

@@ -955,6 +955,48 @@ def test_a_client_takes_its_renewed_certificate_at_its_next_link(tmp_path, tls_i
                     "links keep what was loaded before"], said
 
 
+def test_a_certificate_replaced_under_pinned_clients(tmp_path):
+    """A server whose pinned certificate is replaced (a new key: a new fingerprint): clients
+    that pin both the old and the new one (``--tls-fingerprint OLD,NEW``) resume across the
+    change; a client that pins only the old one is refused, and the error names every pin."""
+    old_cert, old_key, old_fp = _pair(tmp_path / "old")
+    new_cert, new_key, new_fp = _pair(tmp_path / "new")
+    assert old_fp != new_fp
+    assert tls.pinned(f" {old_fp.upper()} ,{tls.pretty_fingerprint(new_fp)},{old_fp}") == (
+        old_fp, new_fp)
+    assert tls.pinned([new_fp]) == (new_fp,) and tls.pinned(None) == ()
+    with pytest.raises(ValueError, match="not a SHA-256 fingerprint"):
+        tls.pinned(f"{old_fp},,{new_fp}")
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), ssl=tls.server_context(old_cert, old_key)) as s:
+            cev: list = []
+            both = tls.client_context(fingerprint=f"{old_fp},{new_fp}")
+            assert both.fingerprint == old_fp and both.fingerprints == (old_fp, new_fp)
+            r, w = await s.client(events=cev, tls=both)
+            w.write(b"old")
+            assert await r.readexactly(3) == b"old"
+            s.server.set_ssl(tls.server_context(new_cert, new_key))
+            s.proxy.reset()
+            assert await wait_for(lambda: links_up(cev) == 2, 10)
+            w.write(b"new")
+            assert await r.readexactly(3) == b"new"
+            config = dataclasses.replace(FAST, connect_retry=0.5)
+            with pytest.raises(ConnectionError) as err:
+                await open_session("127.0.0.1", s.server_port, config=config,
+                                   tls=tls.client_context(fingerprint=old_fp))
+            assert tls.pretty_fingerprint(old_fp) in str(err.value), str(err.value)
+            other = _pair(tmp_path / "other")[2]
+            with pytest.raises(ConnectionError) as err:
+                await open_session("127.0.0.1", s.server_port, config=config,
+                                   tls=tls.client_context(fingerprint=[old_fp, other]))
+            assert (f"pinned {tls.pretty_fingerprint(old_fp)} or "
+                    f"{tls.pretty_fingerprint(other)}") in str(err.value), str(err.value)
+            assert len(s.backend.conns) == 1
+
+    run_async("uvloop", main())
+
+
 def test_a_server_without_tls_takes_no_context(tmp_path):
     cert, key, _ = _pair(tmp_path)
     server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 1)])
