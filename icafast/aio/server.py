@@ -72,8 +72,9 @@ def source_block(peer: str) -> str:
     its IPv4 address, or its IPv6 address's /64, the least a site is given (one host can
     use all of its addresses). "?" for a connection whose address is gone."""
     host = peer.rsplit(":", 1)[0] if peer else "?"
-    if host.startswith("["):
-        host = host[1:-1]
+    if not host.startswith("["):  # (an IPv4 address: as it is, without a parse per connection)
+        return host
+    host = host[1:-1]
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
