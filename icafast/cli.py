@@ -296,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "its backend connection")
     act.add_argument("--disconnect", metavar="ID",
                      help="drop session ID's current link; it stays resumable")
+    act.add_argument("--metrics", action="store_true",
+                     help="print the server's counters and gauges in Prometheus' text format "
+                          "(sessions by state, opened, resumed, ended, rejected, failed "
+                          "handshakes, bytes each way), e.g. for node_exporter's textfile "
+                          "collector")
     q.add_argument("--control", metavar="PATH",
                    help=f"server's control socket (default {default_control_path()})")
     q.add_argument("--config", metavar="FILE", help="read 'control' from this TOML file")
@@ -1013,6 +1018,59 @@ def _fmt_secs(s: float) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
+#: Prometheus names of the server's counters (RelayServer.metrics), with their help lines
+_COUNTER_HELP = {
+    "sessions_opened": "Sessions opened (NEW accepted and the backend connected).",
+    "resumes": "Links on which a session resumed.",
+    "handshakes_failed": "Connections whose handshake failed (not icafast, malformed, too "
+                         "slow): closed, after a REJECT where one could be sent.",
+    "tls_handshakes_failed": "Connections whose TLS handshake failed.",
+}
+
+
+def prometheus_text(m: dict[str, Any]) -> str:
+    """``RelayServer.metrics()`` in Prometheus' text exposition format (version 0.0.4)."""
+    from .aio.server import CLOSE_NAMES, REJECT_NAMES
+
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, Any]]) -> None:
+        out.append(f"# HELP icafast_{name} {help_}")
+        out.append(f"# TYPE icafast_{name} {kind}")
+        out.extend(f"icafast_{name}{labels} {value}" for labels, value in samples)
+
+    metric("start_time_seconds", "gauge", "When the server started (Unix time).",
+           [("", m["started"])])
+    metric("sessions", "gauge", "Sessions by state (DISCONNECTED: waiting for a resume).",
+           [(f'{{state="{k}"}}', v) for k, v in sorted(m["sessions"].items())])
+    metric("sessions_held", "gauge", "Sessions held DISCONNECTED past the reliability "
+           "timeout (--on-timeout disconnect).", [("", m["held"])])
+    metric("handshakes", "gauge", "Connections in their handshake.", [("", m["handshakes"])])
+    metric("unacked_bytes", "gauge", "Stream bytes sent to clients and not yet acknowledged "
+           "(kept for replay).", [("", m["unacked_bytes"])])
+    metric("stream_bytes_total", "counter", "Stream bytes carried: received from clients, "
+           "and sent to clients and acknowledged by them.",
+           [('{direction="from_clients"}', m["bytes_from_clients"]),
+            ('{direction="to_clients"}', m["bytes_to_clients"])])
+    counters = m["counters"]
+    for key, help_ in _COUNTER_HELP.items():
+        metric(f"{key}_total", "counter", help_, [("", counters.get(key, 0))])
+    groups = (("ended_", "sessions_ended_total", "reason", "Sessions ended, by reason.",
+               CLOSE_NAMES.values()),
+              ("rejected_", "rejected_total", "reason",
+               "NEW and RESUME requests refused (REJECT), by reason.",
+               REJECT_NAMES.values()),
+              ("turned_away_", "turned_away_total", "why", "Connections closed at once: every "
+               "handshake slot taken (full), or the oldest of a source that held more "
+               "(evicted).", ("full", "evicted")))
+    for prefix, name, label, help_, names in groups:
+        seen = [k[len(prefix):] for k in counters if k.startswith(prefix)]
+        every = list(names) + sorted(set(seen) - set(names))
+        metric(name, "counter", help_,
+               [(f'{{{label}="{n}"}}', counters.get(prefix + n, 0)) for n in every])
+    return "\n".join(out) + "\n"
+
+
 def cmd_sessions(args: argparse.Namespace) -> int:
     from .aio.server import control_request
 
@@ -1022,6 +1080,8 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         req = {"cmd": "reset", "id": args.reset}
     elif args.disconnect is not None:
         req = {"cmd": "disconnect", "id": args.disconnect}
+    elif args.metrics:
+        req = {"cmd": "metrics"}
     else:
         req = {"cmd": "list"}
     if "id" in req and not req["id"].strip():
@@ -1040,6 +1100,9 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         return 1
     if args.json:
         print(json.dumps(reply, indent=2))
+        return 0
+    if req["cmd"] == "metrics":
+        sys.stdout.write(prometheus_text(reply["metrics"]))
         return 0
     if req["cmd"] != "list":
         note = ""

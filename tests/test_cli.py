@@ -537,6 +537,55 @@ def test_sighup_stops_connect_as_sigterm_does_and_serve_reloads(tmp_path):
     assert not os.path.exists(control)
 
 
+def test_sessions_metrics_prints_prometheus_text(tmp_path):
+    """``icafast sessions --metrics``: the server's gauges and counters in Prometheus' text
+    format (each sample after its HELP and TYPE lines), e.g. for node_exporter's textfile
+    collector; a counter moves with what it counts."""
+    import re
+
+    port = free_port()
+    control = str(tmp_path / "control.sock")
+    server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
+                    "127.0.0.1:9", "--control", control])
+
+    def metrics() -> dict[str, float]:
+        out = subprocess.run([PY, "-m", "icafast", "sessions", "--metrics", "--control",
+                              control], capture_output=True, text=True, timeout=30, check=True)
+        samples: dict[str, float] = {}
+        declared: set[str] = set()
+        for line in out.stdout.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                name = line.split()[2]
+                assert re.fullmatch(r"icafast_[a-z_]+", name), line
+                if line.startswith("# TYPE "):
+                    assert line.split()[3] in ("gauge", "counter"), line
+                    declared.add(name)
+                continue
+            m = re.fullmatch(r'(icafast_[a-z_]+)(\{[a-z_]+="[A-Za-z_]+"\})? (\S+)', line)
+            assert m is not None and m.group(1) in declared, line
+            samples[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+        return samples
+
+    try:
+        server.wait_for("listening on")
+        m = metrics()
+        assert m['icafast_sessions{state="ACTIVE"}'] == 0 and m["icafast_handshakes"] == 0, m
+        assert m["icafast_handshakes_failed_total"] == 0, m
+        assert m['icafast_rejected_total{reason="busy"}'] == 0, m
+        assert m['icafast_sessions_ended_total{reason="timeout"}'] == 0, m
+        assert abs(m["icafast_start_time_seconds"] - time.time()) < 600, m
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.settimeout(10)
+            for _ in range(100):  # (until the server closes it)
+                if not c.recv(4096):
+                    break
+        assert metrics()["icafast_handshakes_failed_total"] == 1
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log, log
+
+
 def _presented(port: int) -> str:
     """The SHA-256 fingerprint of the certificate a TLS server on ``port`` presents."""
     import ssl

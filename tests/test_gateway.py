@@ -213,6 +213,8 @@ def test_a_flood_from_one_source_leaves_room_for_others(use_tls, tmp_path, caplo
             await asyncio.wait_for(read_until_closed(flood[0][0], 0.5), 1)  # the oldest went
             assert len(s.server._handshaking) == 9  # (the client's is a session now)
             assert set(s.server._by_source) == {"127.0.0.2"}
+            counters = s.server.metrics()["counters"]
+            assert counters["turned_away_full"] == 1 and counters["turned_away_evicted"] == 1
             for _, fw in flood:
                 fw.close()
             assert await wait_for(lambda: not s.server._handshaking, 3)

@@ -625,6 +625,55 @@ def test_a_connection_that_ends_in_the_handshake_is_logged(caplog):
 
 
 @pytest.mark.parametrize("loop", LOOPS)
+def test_the_server_counts_what_happens_to_its_sessions(loop):
+    """``RelayServer.metrics()`` (``icafast sessions --metrics``): sessions by state, and
+    counters of what happened since the start, each moved by the event it counts."""
+    from icafast.aio import close_sessions
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            m = s.server.metrics()
+            assert m["sessions"] == {"ACTIVE": 0, "DISCONNECTED": 0} and m["counters"] == {}
+            cev: list = []
+            r, w = await s.client(events=cev)
+            w.write(b"x" * 1000)
+            assert await r.readexactly(1000) == b"x" * 1000
+            s.proxy.reset()
+            assert await wait_for(lambda: links_up(cev) == 2, 10)
+            w.write(b"y" * 24)
+            assert await r.readexactly(24) == b"y" * 24
+            # a connection that is not icafast, one cut in its handshake, and a RESUME of a
+            # session nobody knows
+            r2, w2 = await asyncio.open_connection("127.0.0.1", s.server_port)
+            w2.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _reject_code(await asyncio.wait_for(r2.read(), 5)) == REJECT_PROTOCOL
+            w2.close()
+            fake = ClientSession(FAST, 0.0)
+            fake.session_id = b"\x01" * 16
+            fake._secret = b"\x02" * 32
+            fake._ever_established = True
+            assert _reject_code(await _handshake(s.server_port, None, fake)) == (
+                REJECT_UNKNOWN_SESSION)
+            # (to clients: what they acknowledged, which the last echo's ack brings)
+            assert await wait_for(lambda: s.server.metrics()["bytes_to_clients"] == 1024, 5)
+            m = s.server.metrics()
+            assert m["sessions"] == {"ACTIVE": 1, "DISCONNECTED": 0}, m
+            assert m["bytes_from_clients"] == 1024, m
+            assert m["counters"] == {"sessions_opened": 1, "resumes": 1,
+                                     "handshakes_failed": 1,
+                                     "rejected_unknown_session": 1}, m
+            await close_sessions()
+            assert await wait_for(lambda: not s.server.sessions_by_id, 5)
+            m = s.server.metrics()
+            assert m["sessions"] == {"ACTIVE": 0, "DISCONNECTED": 0}, m
+            assert m["bytes_from_clients"] == 1024 and m["bytes_to_clients"] == 1024, m
+            ended = {k: v for k, v in m["counters"].items() if k.startswith("ended_")}
+            assert ended == {"ended_aborted": 1}, m  # (a client that stops: CLOSE 1)
+
+    run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
 def test_bad_handshakes_are_rejected_and_disturb_no_session(loop):
     async def main() -> None:
         async with Setup(Backend("echo")) as s:

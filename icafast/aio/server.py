@@ -23,8 +23,12 @@ from typing import Any
 from .. import events as ev
 from ..paths import check_private_dir
 from ..protocol import (
+    CLOSE_ABORTED,
     CLOSE_ADMIN,
+    CLOSE_DONE,
+    CLOSE_PROTOCOL,
     CLOSE_SHUTDOWN,
+    CLOSE_TIMEOUT,
     REJECT_BACKEND,
     REJECT_BAD_PROOF,
     REJECT_BUSY,
@@ -32,6 +36,7 @@ from ..protocol import (
     REJECT_PROTOCOL,
     REJECT_RATE_LIMITED,
     REJECT_UNKNOWN_SESSION,
+    REJECT_VERSION,
     Config,
     ProtocolError,
     ServerHandshake,
@@ -65,6 +70,14 @@ __all__ = ["Mapping", "RelayServer", "parse_hostport"]
 
 #: the most source addresses whose failed resumes a server keeps count of (each for a minute)
 MAX_FAILURE_SOURCES = 100_000
+
+#: how the counters (RelayServer.metrics) name the REJECT and CLOSE codes
+REJECT_NAMES = {REJECT_VERSION: "version", REJECT_UNKNOWN_SESSION: "unknown_session",
+                REJECT_BAD_PROOF: "bad_proof", REJECT_CLOSED: "closed", REJECT_BUSY: "busy",
+                REJECT_BACKEND: "backend", REJECT_PROTOCOL: "protocol",
+                REJECT_RATE_LIMITED: "rate_limited"}
+CLOSE_NAMES = {CLOSE_DONE: "done", CLOSE_ABORTED: "aborted", CLOSE_ADMIN: "admin",
+               CLOSE_TIMEOUT: "timeout", CLOSE_PROTOCOL: "protocol", CLOSE_SHUTDOWN: "shutdown"}
 
 
 def source_block(peer: str) -> str:
@@ -167,6 +180,7 @@ class _ServerRunner(Runner):
         self.pending: _PendingLink | None = None
         #: the order number of the connection attached last (_PendingLink.order)
         self.link_order = 0
+        self.opened = False  # (its first link came up: counted as opened, and then as ended)
 
     def attach(self, pending: _PendingLink) -> bool:
         """Move ``pending``'s link into this session (NEW, or RESUME with a checked proof)."""
@@ -198,11 +212,14 @@ class _ServerRunner(Runner):
             self.status(e)
             return
         if isinstance(e, ev.LinkUp) and not e.resumed:
+            self.server.counters["sessions_opened"] += 1
+            self.opened = True
             log.info("session %s: new from %s to backend %s%s", self.sid,
                      self.engine.client_address, self.mapping.backend, window_note(self.engine))
             self.status(e)
             return
         if isinstance(e, ev.LinkUp):
+            self.server.counters["resumes"] += 1
             log.info("session %s: resumed from %s, %d bytes replayed (reconnect %d)%s", self.sid,
                      self.engine.client_address, e.replayed, self.engine.reconnects,
                      window_note(self.engine))
@@ -219,6 +236,8 @@ class _ServerRunner(Runner):
         super().handle_event(e)
 
     def session_closed(self, e: ev.SessionClosed) -> None:
+        if self.opened:
+            self.server._count_ended(self, e.code)
         link = self.link
         if link is not None and not link.closed:
             # the CLOSE goes on this link, which then lingers until the client closes it
@@ -266,6 +285,7 @@ class _PendingLink:
         srv = self.server
         self.source = source_block(link.peer)
         if len(srv._handshaking) >= srv.max_handshakes and not srv._make_room(self.source):
+            srv.counters["turned_away_full"] += 1
             srv._note_overload(link.peer)
             self._attached = True
             link.close(abort=True)
@@ -277,6 +297,8 @@ class _PendingLink:
 
     def _tls_done(self, done: asyncio.Future[None]) -> None:
         if done.cancelled() or done.exception() is not None:
+            if not self._attached:
+                self.server.counters["tls_handshakes_failed"] += 1
             self.detach()  # the TLS handshake failed: the link is gone, unheard of
 
     def link_made(self, link: Link) -> None:
@@ -345,6 +367,7 @@ class _PendingLink:
             self.link._writelines(out)
 
     def reject(self, code: int, reason: str, level: int = logging.INFO) -> None:
+        self.server.counters["rejected_" + REJECT_NAMES.get(code, str(code))] += 1
         self.hs.reject(code, reason)
         self._flush()
         log.log(level, "connection from %s rejected: %s", self.link.peer, reason)
@@ -365,6 +388,7 @@ class _PendingLink:
             if isinstance(e, ev.ResumeRequested):
                 self.server._resume(self, e)
             elif isinstance(e, ev.HandshakeFailed):
+                self.server.counters["handshakes_failed"] += 1
                 self._flush()
                 log.info("connection from %s closed: handshake failed: %s%s", self.link.peer,
                          e.reason, _HINT_TLS_CLIENT if self.server.ssl is None
@@ -430,6 +454,8 @@ class RelayServer:
         #: the same, by source (source_block): each source's in the order they came
         self._by_source: dict[str, dict[_PendingLink, None]] = {}
         self._links_accepted = 0
+        #: what has happened since the start (see metrics)
+        self.counters: collections.Counter[str] = collections.Counter()
         self._evict_logged = -1e9  # (when _make_room last logged)
         #: NEW sessions connecting to their backend (not in sessions_by_id yet)
         self._creating: set[_ServerRunner] = set()
@@ -763,6 +789,7 @@ class RelayServer:
             log.warning("every handshake slot is taken (%d), %d of them by %s: closing its "
                         "oldest handshakes to make room for others (a connection from %s)",
                         self.max_handshakes, len(held), top, source)
+        self.counters["turned_away_evicted"] += 1
         oldest.detach()
         oldest.link.close(abort=True)
         return True
@@ -897,6 +924,41 @@ class RelayServer:
             rows.append(d)
         return rows
 
+    def _count_ended(self, runner: _ServerRunner, code: int) -> None:
+        c = self.counters
+        c["ended_" + CLOSE_NAMES.get(code, str(code))] += 1
+        c["ended_bytes_from_clients"] += runner.engine.bytes_received
+        c["ended_bytes_to_clients"] += runner.engine.bytes_sent
+
+    def metrics(self) -> dict[str, Any]:
+        """What the server holds now and what it has done since its start, for monitoring
+        (``icafast sessions --metrics`` prints it for Prometheus): sessions by state,
+        connections in the handshake, and the counters: sessions opened, resumed and ended (by
+        CLOSE reason), REJECTs (by reason), failed handshakes, connections turned away, and
+        the stream bytes carried each way (ended sessions' and live ones'; to the clients:
+        what they have acknowledged)."""
+        states = dict.fromkeys((State.ACTIVE.value, State.DISCONNECTED.value), 0)
+        held = unacked = from_clients = to_clients = 0
+        for r in self.sessions_by_id.values():
+            eng = r.engine
+            states[eng.state.value] = states.get(eng.state.value, 0) + 1
+            held += bool(eng.held)
+            unacked += eng.unacked
+            from_clients += eng.bytes_received
+            to_clients += eng.bytes_sent
+        c = self.counters
+        counters = {k: v for k, v in sorted(c.items()) if not k.startswith("ended_bytes")}
+        return {
+            "started": self.started_at,
+            "sessions": states,
+            "held": held,
+            "handshakes": len(self._handshaking),
+            "unacked_bytes": unacked,
+            "bytes_from_clients": c["ended_bytes_from_clients"] + from_clients,
+            "bytes_to_clients": c["ended_bytes_to_clients"] + to_clients,
+            "counters": counters,
+        }
+
     def reset_session(self, sid_prefix: str) -> str:
         r = self.find(sid_prefix)
         r.engine.close(CLOSE_ADMIN, "reset by operator", self.loop.time())
@@ -967,6 +1029,8 @@ class RelayServer:
         if cmd == "list":
             return {"ok": True, "sessions": self.sessions(), "pid": os.getpid(),
                     "listen": [format_hostport(h, p) for h, p in self.addresses]}
+        if cmd == "metrics":
+            return {"ok": True, "metrics": self.metrics(), "pid": os.getpid()}
         if cmd == "reset":
             return {"ok": True, "reset": self.reset_session(str(req["id"]))}
         if cmd == "disconnect":
