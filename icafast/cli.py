@@ -1024,7 +1024,8 @@ _COUNTER_HELP = {
     "resumes": "Links on which a session resumed.",
     "handshakes_failed": "Connections whose handshake failed (not icafast, malformed, too "
                          "slow): closed, after a REJECT where one could be sent.",
-    "tls_handshakes_failed": "Connections whose TLS handshake failed.",
+    "tls_handshakes_failed": "Connections whose TLS handshake failed (not counted where the "
+                             "event loop runs TLS: ICAFAST_TLS_IO=loop, no compiled module).",
 }
 
 
