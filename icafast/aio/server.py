@@ -98,6 +98,8 @@ def source_block(peer: str) -> str:
             return str(mapped)
         return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
     return str(ip)
+
+
 #: How long a server that stops (``RelayServer.close``) waits in all for its clients to take
 #: the CLOSE of each session; the links left then are reset (a silent client must not hold up
 #: the exit).
@@ -777,6 +779,8 @@ class RelayServer:
         closed to make room (whether the table was filled by one flood or by a crowd behind
         one address, other sources still get in; a lone crowd still has every slot). Whether
         it made room."""
+        if len(self._by_source) >= len(self._handshaking):
+            return False  # (one each: nobody holds more, and no scan under a spread flood)
         mine = len(self._by_source.get(source, ()))
         top, held = max(self._by_source.items(), key=lambda kv: len(kv[1]),
                         default=(None, None))
