@@ -424,21 +424,13 @@ def _on_stop_signals(loop: asyncio.AbstractEventLoop, on_signal: Any) -> None:
             loop.add_signal_handler(sig, on_signal, sig)
 
 
-def _monotonic_usec() -> int:
-    """CLOCK_MONOTONIC in microseconds, as systemd reads a reload's MONOTONIC_USEC."""
-    clock = getattr(time, "CLOCK_MONOTONIC", None)
-    ns = time.clock_gettime_ns(clock) if clock is not None else time.monotonic_ns()
-    return ns // 1000
-
-
 async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
-                            reload: Any = None, cert: Any = None, server: bool = False
-                            ) -> None:
+                            reload: Any = None, daily: Any = None) -> None:
     """``start()``, tell a service manager that the process is ready (with the addresses it
     then listens on, ``addresses()``, as the status line ``systemctl status`` shows), then on
     a stop signal ``stop()``. With ``reload``, SIGHUP calls ``reload()`` instead of stopping
-    (told to the service manager as RELOADING=1, then READY=1 again). With ``cert``, the
-    dates of the certificate file ``cert()`` names are looked at again every day."""
+    (told to the service manager as RELOADING=1, then READY=1 again). With ``daily``,
+    ``daily()`` is called once a day (the certificate's dates looked at again)."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     caught: list[int] = []
@@ -448,7 +440,8 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
     def on_signal(signum: int) -> None:
         if reload is not None and signum == getattr(signal, "SIGHUP", None):
             if ready:
-                notify("RELOADING=1", f"MONOTONIC_USEC={_monotonic_usec()}",
+                # (Python's monotonic clock is CLOCK_MONOTONIC, which systemd reads here)
+                notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
                        "STATUS=reloading (SIGHUP)")
             try:
                 reload()
@@ -472,8 +465,8 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
     ready = True
     # (the heap's free memory goes back to the kernel now and then: icafast.heap)
     background = [loop.create_task(trim_now_and_then())]
-    if cert is not None:
-        background.append(loop.create_task(_dates_now_and_then(cert, server)))
+    if daily is not None:
+        background.append(loop.create_task(_every_day(daily)))
     try:
         await done.wait()
     finally:
@@ -593,8 +586,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         log.info("event loop: %s", loop_name())
         await _run_until_signal(server.start, server.close, lambda: server.addresses,
-                                reload_tls, (lambda: cert_file) if ssl_ctx else None,
-                                server=True)
+                                reload_tls,
+                                (lambda: _say_dates(cert_file, server=True)) if ssl_ctx else None)
 
     try:
         run(main())
@@ -766,12 +759,12 @@ def _say_dates(cert: str | None, server: bool) -> None:
         log.warning("TLS: %s", problem)
 
 
-async def _dates_now_and_then(cert: Callable[[], str | None], server: bool) -> None:
-    """Every DATES_CHECKED_EVERY, :func:`_say_dates` of the certificate file ``cert()``
-    names (a server that runs for months sees its certificate's end come)."""
+async def _every_day(call: Callable[[], None]) -> None:
+    """``call()`` every DATES_CHECKED_EVERY: :func:`_say_dates` of the certificate in use (a
+    server that runs for months sees its certificate's end come)."""
     while True:
         await asyncio.sleep(DATES_CHECKED_EVERY)
-        _say_dates(cert(), server)
+        call()
 
 
 def _client_tls(args: argparse.Namespace, file_cfg: dict[str, Any]) -> Any:
@@ -851,7 +844,8 @@ def cmd_connect(args: argparse.Namespace) -> int:
     try:
         client_cert = _opt(args, file_cfg, "tls_client_cert") if tls_cfg is not None else None
         run(_run_until_signal(client.start, client.close, lambda: client.addresses,
-                              cert=(lambda: client_cert) if client_cert else None))
+                              daily=(lambda: _say_dates(client_cert, server=False))
+                              if client_cert else None))
     except OSError as e:
         print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1

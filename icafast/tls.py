@@ -393,7 +393,7 @@ class ClientTLS:
         file), it is loaded again first, so that a long-running client needs no restart, which
         would end its sessions. Files that do not load are a warning, once per change, and
         the context loaded before stays. The links already up keep theirs."""
-        if not self._files or self._reload is None:
+        if self._reload is None:  # (no files: nothing to load again)
             return self.context
         stamp = file_stamp(self._files)
         if stamp == self._stamp:
@@ -411,7 +411,6 @@ class ClientTLS:
         logging.getLogger("icafast").info("TLS: %s changed: loaded again for new links",
                                           ", ".join(self._files))
         return ctx
-
 
     def session_for(self, host: str, port: int) -> Any:
         """The session to offer a new link to ``host:port`` (None: a full handshake).

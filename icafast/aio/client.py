@@ -183,15 +183,16 @@ class _ClientRunner(Runner):
         timeout = self.engine.config.handshake_timeout
         kw: dict[str, Any] = {}
         setup: TLSSetup | None = None
-        # (loaded again first if its files have changed: a renewed client certificate)
-        ctx = tls.current_context() if tls is not None else None
-        if tls is not None and ctx is not None and uses_pipe():  # TLS run by the link
-            setup = TLSSetup(ctx, server_side=False,
-                             server_hostname=tls.server_hostname or host, timeout=timeout,
-                             loop=self.loop, session=tls.session_for(host, port))
-        elif tls is not None:  # the event loop's TLS transport
-            kw = {"ssl": ctx, "server_hostname": tls.server_hostname or host,
-                  "ssl_handshake_timeout": timeout}
+        if tls is not None:
+            # (loaded again first if its files have changed: a renewed client certificate)
+            ctx = tls.current_context()
+            if uses_pipe():  # TLS run by the link (icafast.aio.tlslink)
+                setup = TLSSetup(ctx, server_side=False,
+                                 server_hostname=tls.server_hostname or host, timeout=timeout,
+                                 loop=self.loop, session=tls.session_for(host, port))
+            else:  # the event loop's TLS transport
+                kw = {"ssl": ctx, "server_hostname": tls.server_hostname or host,
+                      "ssl_handshake_timeout": timeout}
         attempt = self._attempt = _Attempt(setup, self.loop, timeout)
         try:
             try:

@@ -458,6 +458,8 @@ class RelayServer:
         self._links_accepted = 0
         #: what has happened since the start (see metrics)
         self.counters: collections.Counter[str] = collections.Counter()
+        #: stream bytes of the sessions that ended: from their clients, to them (acknowledged)
+        self._ended_bytes = [0, 0]
         self._evict_logged = -1e9  # (when _make_room last logged)
         #: NEW sessions connecting to their backend (not in sessions_by_id yet)
         self._creating: set[_ServerRunner] = set()
@@ -763,9 +765,6 @@ class RelayServer:
             if runner.endpoint is not None and runner.endpoint.transport is not None:
                 runner.endpoint.transport.close()
 
-    def _source(self, pending: _PendingLink) -> str:
-        return source_block(pending.link.peer)
-
     def _forget_slot(self, pending: _PendingLink) -> None:
         mine = self._by_source.get(pending.source)
         if mine is not None:
@@ -782,9 +781,8 @@ class RelayServer:
         if len(self._by_source) >= len(self._handshaking):
             return False  # (one each: nobody holds more, and no scan under a spread flood)
         mine = len(self._by_source.get(source, ()))
-        top, held = max(self._by_source.items(), key=lambda kv: len(kv[1]),
-                        default=(None, None))
-        if top is None or held is None or len(held) <= mine + 1:
+        top, held = max(self._by_source.items(), key=lambda kv: len(kv[1]))
+        if len(held) <= mine + 1:
             return False
         oldest = next(iter(held))
         now = self.loop.time()
@@ -837,7 +835,7 @@ class RelayServer:
         runner = self.sessions_by_id.get(e.session_id)
         sid = short_id(e.session_id)
         now = self.loop.time()
-        source = self._source(pending)
+        source = pending.source
         live = runner if runner is not None and runner.engine.state is not State.CLOSED else None
         # The cap on failed resumes per source only refuses what would fail anyway: a proven
         # RESUME, and one for a session that has ended (REJECT 4 ends the client's attempts),
@@ -929,10 +927,9 @@ class RelayServer:
         return rows
 
     def _count_ended(self, runner: _ServerRunner, code: int) -> None:
-        c = self.counters
-        c["ended_" + CLOSE_NAMES.get(code, str(code))] += 1
-        c["ended_bytes_from_clients"] += runner.engine.bytes_received
-        c["ended_bytes_to_clients"] += runner.engine.bytes_sent
+        self.counters["ended_" + CLOSE_NAMES.get(code, str(code))] += 1
+        self._ended_bytes[0] += runner.engine.bytes_received
+        self._ended_bytes[1] += runner.engine.bytes_sent
 
     def metrics(self) -> dict[str, Any]:
         """What the server holds now and what it has done since its start, for monitoring
@@ -950,17 +947,15 @@ class RelayServer:
             unacked += eng.unacked
             from_clients += eng.bytes_received
             to_clients += eng.bytes_sent
-        c = self.counters
-        counters = {k: v for k, v in sorted(c.items()) if not k.startswith("ended_bytes")}
         return {
             "started": self.started_at,
             "sessions": states,
             "held": held,
             "handshakes": len(self._handshaking),
             "unacked_bytes": unacked,
-            "bytes_from_clients": c["ended_bytes_from_clients"] + from_clients,
-            "bytes_to_clients": c["ended_bytes_to_clients"] + to_clients,
-            "counters": counters,
+            "bytes_from_clients": self._ended_bytes[0] + from_clients,
+            "bytes_to_clients": self._ended_bytes[1] + to_clients,
+            "counters": dict(sorted(self.counters.items())),
         }
 
     def reset_session(self, sid_prefix: str) -> str:
