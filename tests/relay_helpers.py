@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import warnings
@@ -183,6 +184,30 @@ def open_files(want: int) -> Iterator[None]:
 def open_fd_count() -> int:
     """How many file descriptors this process has open (Linux: /proc/self/fd)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def looking_tls_client(cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+    """A TLS client context that verifies nothing (a test only looks at what the server
+    presents), showing ``cert`` when asked for a certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def presented_fingerprint(port: int, cert: str | None = None, key: str | None = None) -> str:
+    """The SHA-256 fingerprint of the certificate the TLS server on 127.0.0.1:``port``
+    presents to a new connection (which shows ``cert`` when asked for one). Blocking: from a
+    test running the server on its event loop, call it in a thread."""
+    from icafast import tls
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            looking_tls_client(cert, key).wrap_socket(raw) as conn:
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return tls.fingerprint_of_der(der)
 
 
 def free_port() -> int:

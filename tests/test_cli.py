@@ -18,7 +18,14 @@ import time
 from pathlib import Path
 
 import pytest
-from relay_helpers import Backend, free_port, open_files, run_async, stop_process
+from relay_helpers import (
+    Backend,
+    free_port,
+    open_files,
+    presented_fingerprint,
+    run_async,
+    stop_process,
+)
 
 import icafast
 
@@ -361,6 +368,12 @@ def test_help_and_readme_say_when_the_client_pings():
     assert rule in row and "half the dead timeout" not in row, row
 
 
+#: the reload tests send SIGHUP and listen as a service manager (an AF_UNIX datagram socket)
+_NEEDS_SIGHUP_AND_UNIX_SOCKETS = pytest.mark.skipif(
+    not hasattr(signal, "SIGHUP") or not hasattr(socket, "AF_UNIX"),
+    reason="no SIGHUP or no AF_UNIX sockets (not a POSIX system)")
+
+
 class _Proc:
     """An icafast process whose output is collected by a thread; stopped by its pid."""
 
@@ -586,24 +599,7 @@ def test_sessions_metrics_prints_prometheus_text(tmp_path):
     assert "Traceback" not in log, log
 
 
-def _presented(port: int) -> str:
-    """The SHA-256 fingerprint of the certificate a TLS server on ``port`` presents."""
-    import ssl
-
-    from icafast import tls
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # (only looked at)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
-            ctx.wrap_socket(raw) as conn:
-        der = conn.getpeercert(binary_form=True)
-    assert der is not None
-    return tls.fingerprint_of_der(der)
-
-
-@pytest.mark.skipif(not hasattr(signal, "SIGHUP") or not hasattr(socket, "AF_UNIX"),
-                    reason="no SIGHUP or no AF_UNIX sockets")
+@_NEEDS_SIGHUP_AND_UNIX_SOCKETS
 def test_sighup_reloads_the_certificate_and_sessions_go_on(tmp_path):
     """A renewed certificate (new files at the same paths, as an ACME client writes them) is
     taken on SIGHUP: new links present it, the session open before goes on, and the service
@@ -638,7 +634,7 @@ def test_sighup_reloads_the_certificate_and_sessions_go_on(tmp_path):
         client = _Proc(["connect", "--tls-fingerprint", fp0, "--listen", f"127.0.0.1:{local}",
                         "--server", f"127.0.0.1:{port}"])
         client.wait_for("listening on")
-        assert _presented(port) == fp0
+        assert presented_fingerprint(port) == fp0
         with socket.create_connection(("127.0.0.1", local), timeout=10) as app:
             backend.settimeout(10)
             conn, _ = backend.accept()
@@ -656,14 +652,14 @@ def test_sighup_reloads_the_certificate_and_sessions_go_on(tmp_path):
                 ready = manager.recv(4096).decode()
                 assert ready == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", ready
                 server.wait_for("TLS: reloaded")
-                assert _presented(port) == fp1
+                assert presented_fingerprint(port) == fp1
                 app.sendall(b"after\n")  # the session's link, made before, goes on
                 assert conn.recv(100) == b"after\n"
 
                 shutil.copyfile(pairs[2][1], key)  # a key that is not the certificate's
                 os.kill(server.p.pid, signal.SIGHUP)
                 server.wait_for("new links keep the certificate loaded before")
-                assert _presented(port) == fp1
+                assert presented_fingerprint(port) == fp1
                 app.sendall(b"still\n")
                 assert conn.recv(100) == b"still\n"
         server.ends_on(signal.SIGTERM)
@@ -709,8 +705,7 @@ def test_a_service_manager_is_told_when_the_listeners_are_ready_and_when_they_st
     assert "Traceback" not in log and "service manager" not in log, log
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGHUP") or not hasattr(socket, "AF_UNIX"),
-                    reason="no SIGHUP or no AF_UNIX sockets")
+@_NEEDS_SIGHUP_AND_UNIX_SOCKETS
 def test_a_reload_before_the_listeners_take_connections_tells_no_readiness(tmp_path,
                                                                           monkeypatch):
     """A SIGHUP that comes while the server starts (at boot, say) reloads, but says neither

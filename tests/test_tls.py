@@ -22,6 +22,8 @@ from relay_helpers import (
     Stats,
     free_port,
     links_up,
+    looking_tls_client,
+    presented_fingerprint,
     read_until_closed,
     recv_stream,
     run_async,
@@ -443,7 +445,7 @@ def test_a_running_command_looks_at_its_certificate_s_dates_every_day(tmp_path,
     monkeypatch.setattr(cli, "DATES_CHECKED_EVERY", 0.01)
 
     async def main() -> None:
-        task = asyncio.create_task(cli._dates_now_and_then(lambda: cert, True))
+        task = asyncio.create_task(cli._every_day(lambda: cli._say_dates(cert, server=True)))
         for _ in range(500):  # (bounded: at most 5 s)
             if days_on[0] >= 30:
                 break
@@ -759,21 +761,6 @@ def test_silent_and_garbage_tls_clients_are_dropped(tmp_path, tls_io, monkeypatc
     run_async("uvloop", main())
 
 
-async def _presented(port: int, cert: str, key: str) -> str:
-    """The fingerprint of the certificate the server at ``port`` presents to a new connection
-    (which shows ``cert`` when asked for one)."""
-    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    cctx.check_hostname = False
-    cctx.verify_mode = ssl.CERT_NONE  # (only looked at)
-    cctx.load_cert_chain(cert, key)
-    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=cctx)
-    try:
-        der = w.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        return tls.fingerprint_of_der(der)
-    finally:
-        w.close()
-
-
 @pytest.mark.parametrize("tls_io", ["auto", "loop"])
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_a_renewed_certificate_serves_new_links_and_sessions_go_on(tmp_path, loop, tls_io,
@@ -796,7 +783,7 @@ def test_a_renewed_certificate_serves_new_links_and_sessions_go_on(tmp_path, loo
     async def main() -> None:
         first = tls.server_context(*old, client_ca=ca1)
         async with Setup(Backend("echo"), ssl=first) as s:
-            assert await _presented(s.server_port, *c1) == fp_old
+            assert await asyncio.to_thread(presented_fingerprint, s.server_port, *c1) == fp_old
             cev: list = []
             r, w = await s.client(events=cev, tls=tls.client_context(ca=server_ca, cert=c1[0],
                                                                      key=c1[1]))
@@ -804,7 +791,7 @@ def test_a_renewed_certificate_serves_new_links_and_sessions_go_on(tmp_path, loo
             assert await r.readexactly(6) == b"before"
 
             s.server.set_ssl(tls.server_context(*new, client_ca=ca1))  # a renewed certificate
-            assert await _presented(s.server_port, *c1) == fp_new
+            assert await asyncio.to_thread(presented_fingerprint, s.server_port, *c1) == fp_new
             w.write(b"same link")  # (the link made before goes on)
             assert await r.readexactly(9) == b"same link"
             assert links_up(cev) == 1
@@ -834,7 +821,7 @@ def test_a_renewed_certificate_serves_new_links_and_sessions_go_on(tmp_path, loo
             await asyncio.sleep(1.0)  # (FAST: an attempt every 0.2 s at most)
             assert links_up(cev) == 2, cev
             s.server.set_ssl(first)  # and back
-            assert await _presented(s.server_port, *c1) == fp_old
+            assert await asyncio.to_thread(presented_fingerprint, s.server_port, *c1) == fp_old
 
             with pytest.raises(ValueError):  # TLS stays TLS
                 s.server.set_ssl(None)  # type: ignore[arg-type]
@@ -871,10 +858,7 @@ def test_a_ticket_sealed_before_another_client_ca_lets_no_one_in(tmp_path, tls_i
     cert, key, _ = _pair(tmp_path / "srv")
     ca1, issue1 = _make_ca(tmp_path, "client CA one")
     ca2, _ = _make_ca(tmp_path, "client CA two")
-    cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    cctx.check_hostname = False
-    cctx.verify_mode = ssl.CERT_NONE  # (the server's certificate is not the point here)
-    cctx.load_cert_chain(*issue1("client", [], "client1"))
+    cctx = looking_tls_client(*issue1("client", [], "client1"))  # (one context: its tickets)
 
     async def main() -> None:
         async with Setup(Backend("echo"), ssl=tls.server_context(cert, key, client_ca=ca1)) as s:
