@@ -725,6 +725,8 @@ class SessionEngine:
         if self._ack_hold is None:
             rx = self._rx
             backlog = self.sink_backlog
+            if backlog and self._rx_fin:
+                backlog += 1  # (the FIN reaches the sink after what waits before it)
             v = rx - backlog if backlog < rx else 0  # (unsigned in the compiled engine)
         else:
             v = self._ack_hold
@@ -1121,18 +1123,26 @@ class SessionEngine:
     # -- serialisation -----------------------------------------------------------------------
     def export_state(self) -> dict[str, Any]:
         """Plain, serialisable state of the session (offsets, unacked bytes, secrets, timers)."""
+        d = self._state()
+        d["tx_unacked"] = b"".join(bytes(v) for v in self.tx.views()).hex()
+        return d
+
+    def _state(self) -> dict[str, Any]:
+        """``export_state()`` without the unacknowledged bytes (``tx.views()`` holds them)."""
         return {
             "role": self.role,
             "session_id": self.session_id.hex(),
             "state": self.state.value,
             "policy": asdict(self.policy),
             "tx_start": self.tx.start,
-            "tx_unacked": b"".join(bytes(v) for v in self.tx.views()).hex(),
+            # the furthest offset sent on any link (a peer's RESUME may acknowledge up to it)
+            "tx_high": max(self._tx_sent, self._tx_high, self._peer_ack),
             "tx_fin": self._tx_fin,
             "tx_fin_acked": self._tx_fin_acked,
             "peer_ack": self._peer_ack,
             "rx": self._rx,
             "rx_fin": self._rx_fin,
+            "rx_acked": self._rx_acked,
             "created": self.created,
             "disconnected_at": self._disconnected_at,
             "reconnects": self.reconnects,
@@ -1669,11 +1679,59 @@ class ServerSession(SessionEngine):
         d["held"] = self.held
         return d
 
-    def export_state(self) -> dict[str, Any]:
-        d = super().export_state()
+    def _state(self) -> dict[str, Any]:
+        d = super()._state()
         d["secret"] = self._secret.hex()
         d["pending_secret"] = None if self._pending_secret is None else self._pending_secret.hex()
         d["held"] = self.held
         d["expiry"] = self._expiry
+        d["new_token"] = self.new_token.hex()
+        d["client_address"] = self.client_address
         return d
+
+    @classmethod
+    def from_state(cls, config: Config, state: dict[str, Any], unacked: Any,
+                   now: float) -> ServerSession:
+        """The session of ``export_state()`` (another process's, handed over: see
+        ``RelayServer.hand_over``), without a link: DISCONNECTED, as if its link had just
+        broken, until its client resumes it. ``unacked`` holds the bytes from ``tx_start`` on,
+        and ``state["rx"]`` is what the backend has taken of the client's stream (the client
+        sends the rest again). Timeouts are ``config``'s, and a reliability timeout that
+        was running goes on from where it was (both processes read the same monotonic clock).
+        """
+        s = cls(config, now)
+        s.session_id = bytes.fromhex(state["session_id"])
+        s._secret = bytes.fromhex(state["secret"])
+        pending = state.get("pending_secret")
+        s._pending_secret = None if pending is None else bytes.fromhex(pending)
+        n = memoryview(unacked).nbytes
+        start = state["tx_start"]
+        s.tx = ReplayBuffer(max(config.replay_limit, n), start)
+        if n:
+            s.tx.append(unacked)
+        s._peer_ack = s._tx_sent = start
+        s._tx_high = state["tx_high"]
+        s._tx_fin = state["tx_fin"]
+        s._tx_fin_acked = state["tx_fin_acked"]
+        s._rx = state["rx"]
+        s._rx_fin = state["rx_fin"]
+        s._rx_acked = min(state["rx_acked"], s._rx)
+        s.created = state["created"]
+        s.reconnects = state["reconnects"]
+        s.bytes_received = state["bytes_received"]
+        s.srtt = state["srtt"]
+        s.new_token = bytes.fromhex(state.get("new_token", ""))
+        s.client_address = state.get("client_address", "")
+        s.attached_links = 1  # (it had a link: a RESUME of it is valid)
+        s.state = State.DISCONNECTED
+        held = bool(state["held"])
+        expiry = state["expiry"]
+        s.held = held and expiry is not None
+        s._disconnected_at = state["disconnected_at"]
+        if s._disconnected_at is None or expiry is None:  # (its link was up: it breaks now)
+            s._disconnected_at = now
+            s._expiry = now + s.policy.reliability_timeout
+        else:
+            s._expiry = expiry
+        return s
 

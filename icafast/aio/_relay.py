@@ -1165,5 +1165,21 @@ class Runner:
         if self.endpoint is not None:
             abort_with_rst(self.endpoint.transport)
 
+    def let_go(self) -> None:
+        """The session went on in another process (``RelayServer.hand_over``), which has
+        both connections' descriptors: stop here without a word to either peer. The link is
+        reset (the client resumes at the other process); the backend connection's descriptor
+        is closed, and its TCP connection, which the other process holds too, goes on."""
+        self._done = True
+        self._cancel_timer()
+        self._slot.runner = None
+        link = self.link
+        self.link = None
+        if link is not None:
+            link.close(abort=True)
+        ep = self.endpoint
+        if ep is not None and ep.transport is not None and not ep.closed:
+            ep.transport.abort()  # (no SO_LINGER of 0, as abort_with_rst sets: no RST)
+
     def session_closed(self, e: ev.SessionClosed) -> None:
         """Hook for subclasses (server: forget the session)."""

@@ -21,6 +21,7 @@ from ssl import OP_NO_TICKET
 from typing import Any
 
 from .. import events as ev
+from .. import handover as ho
 from ..paths import check_private_dir
 from ..protocol import (
     CLOSE_ABORTED,
@@ -67,6 +68,9 @@ _HINT_TLS_CLIENT = (" (a TLS handshake: the client runs with TLS, the default, t
                     "with --no-tls, or in a program without ssl=)")
 
 __all__ = ["Mapping", "RelayServer", "parse_hostport"]
+
+#: how long hand_over() lets the backends take what waits for them, at most (seconds)
+HANDOVER_DRAIN = 2.0
 
 #: the most source addresses whose failed resumes a server keeps count of (each for a minute)
 MAX_FAILURE_SOURCES = 100_000
@@ -467,6 +471,9 @@ class RelayServer:
         #: (the client did not get the ACCEPT) gets that session (PROTOCOL.md 3.2)
         self._new_tokens: dict[bytes, _ServerRunner] = {}
         self._servers: list[asyncio.base_events.Server] = []
+        self._server_mapping: list[Mapping] = []  # (each listener's mapping, in _servers' order)
+        #: the hand-over being taken (start(handover=)): its document, bytes, descriptors
+        self._taking: tuple[dict[str, Any], memoryview, list[int]] | None = None
         self._control: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
@@ -479,12 +486,19 @@ class RelayServer:
         self._links_gone: asyncio.Future[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, handover: tuple[bytes, list[int]] | None = None) -> None:
         """Listen on every mapping (``addresses`` then lists the addresses bound, the port
         a mapping with port 0 got included) and open the control socket, if any. A start
         that fails (OSError: an address in use...) closes what it had opened before it
-        raises. A server is started once: again only after ``close()`` (RuntimeError
-        otherwise)."""
+        raises. A server is started once: again only after ``close()`` or ``hand_over()``
+        (RuntimeError otherwise).
+
+        With ``handover``, what ``hand_over()`` of another server (in another process, or
+        this one) returned: this server takes its sessions and its listeners, and owns
+        the descriptors from then on (the ones it does not use are closed). Each session
+        waits, DISCONNECTED, for its client to resume it; a listener whose address no
+        mapping here has is closed, and a mapping with no listener handed over listens
+        anew."""
         if self.proxy_protocol and self.ssl is not None:
             raise ValueError("--proxy-protocol needs the load balancer to terminate TLS "
                              "(use --no-tls behind it): the PROXY header precedes any TLS")
@@ -493,12 +507,26 @@ class RelayServer:
         self.loop = asyncio.get_running_loop()
         self.addresses = []
         self._listen_labels = {}
+        if handover is not None:
+            data, fds = handover
+            try:
+                doc, blob = ho.unpack(data)
+            except ho.HandoverError:
+                _close_fds(fds)
+                raise
+            self._taking = doc, blob, list(fds)
         try:
+            if self._taking is not None:
+                await self._take_sessions()
             await self._listen()
         except BaseException:
             self.addresses = []
             await self._close_listeners()
             raise
+        finally:
+            if self._taking is not None:
+                _close_fds(fd for fd in self._taking[2] if fd >= 0)  # (the ones not taken)
+                self._taking = None
         self._stopped = asyncio.Event()
 
     async def _listen(self) -> None:
@@ -515,24 +543,28 @@ class RelayServer:
         if own != self._switch_context:  # (not this server's, from a start before)
             self._front_sni = own
         for m in self.mappings:
-            try:
-                srv = await self.loop.create_server(
-                    lambda m=m: _PendingLink(self, m, self._tls_setup() if own_tls else None).link,
-                    m.listen_host or None,
-                    m.listen_port,
-                    reuse_address=True,
-                    backlog=1024,
-                    ssl=loop_ssl,
-                    ssl_handshake_timeout=self.config.handshake_timeout if loop_ssl else None,
-                )
-            except OSError as e:
-                raise listen_error(e, m.listen_host, m.listen_port) from e
-            self._servers.append(srv)
+            factory = (  # noqa: E731
+                lambda m=m: _PendingLink(self, m, self._tls_setup() if own_tls else None).link)
+            tls_timeout = self.config.handshake_timeout if loop_ssl else None
+            servers = []
+            for sock in self._handed_listeners(m):  # (from the server before: hand_over)
+                servers.append(await self.loop.create_server(
+                    factory, sock=sock, backlog=1024, ssl=loop_ssl,
+                    ssl_handshake_timeout=tls_timeout))
+            if not servers:
+                try:
+                    servers.append(await self.loop.create_server(
+                        factory, m.listen_host or None, m.listen_port, reuse_address=True,
+                        backlog=1024, ssl=loop_ssl, ssl_handshake_timeout=tls_timeout))
+                except OSError as e:
+                    raise listen_error(e, m.listen_host, m.listen_port) from e
+            self._servers += servers
+            self._server_mapping += [m] * len(servers)
             # how its sessions are listed: the port bound (a mapping may ask for port 0)
-            bound = {sock.getsockname()[1] for sock in srv.sockets}
+            bound = {sock.getsockname()[1] for srv in servers for sock in srv.sockets}
             self._listen_labels[id(m)] = format_hostport(
                 m.listen_host or "*", bound.pop() if len(bound) == 1 else m.listen_port)
-            for sock in srv.sockets:
+            for sock in (sock for srv in servers for sock in srv.sockets):
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
                 log.info("listening on %s (%s) -> backend %s", format_hostport(addr[0], addr[1]),
@@ -634,7 +666,7 @@ class RelayServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), max(0.1, end - loop.time()))
         if self._servers is servers:
-            self._servers = []  # (closed: start() may listen again)
+            self._servers, self._server_mapping = [], []  # (closed: start() may listen again)
         await asyncio.sleep(0)
 
     def _close_control(self) -> None:
@@ -648,12 +680,186 @@ class RelayServer:
     async def _close_listeners(self) -> None:
         """Close the listeners and the control socket that a failed start() opened."""
         servers, self._servers = self._servers, []
+        self._server_mapping = []
         for s in servers:
             s.close()
         self._close_control()
         for s in servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
+
+    # -- hand-over: another process goes on with the sessions -----------------------------
+    async def hand_over(self, drain: float = HANDOVER_DRAIN) -> tuple[bytes, list[int]]:
+        """Stop, and give the sessions to the server that ``start(handover=...)`` next (an
+        upgraded icafast, in the process ``exec`` makes of this one, or in another one the
+        descriptors are sent to): returns the sessions' state and the descriptors it refers
+        to (the listening sockets and each session's backend connection), which the caller
+        then owns.
+
+        The listeners stop accepting (connections wait in their backlog for the next
+        server), connections in their handshake are closed, and the links are no longer
+        read. Up to ``drain`` seconds go to letting each backend take what was received for
+        it; what it has not taken then is left out (its client has not had it acknowledged,
+        and sends it again). Then every session's link is reset, and its client resumes at
+        the next server; the backend connections go on there, unaware. Unlike ``close()``,
+        nothing is said to a peer. Like it, this server may ``start()`` again afterwards."""
+        if self._stopped is None or not self._servers:
+            raise RuntimeError("RelayServer.hand_over(): not started")
+        loop = self.loop
+        fds: list[int] = []
+        listeners = []
+        try:
+            for srv, m in zip(self._servers, self._server_mapping, strict=True):
+                for sock in srv.sockets:
+                    fds.append(os.dup(sock.fileno()))
+                    listeners.append({"listen": [m.listen_host, m.listen_port],
+                                      "fd": len(fds) - 1})
+        except OSError:
+            _close_fds(fds)
+            raise
+        for srv in self._servers:
+            srv.close()  # (the sockets stay open: the duplicates; their backlogs wait)
+        self._servers, self._server_mapping = [], []
+        self._close_control()
+        for p in list(self._handshaking):
+            p.link.close(abort=True)
+            p.detach()
+        for t in list(self._tasks):  # (NEW sessions still connecting: their clients try again)
+            t.cancel()
+        for gone in list(self._closing_links):
+            self._closing_links.discard(gone)
+            gone.close(abort=True)
+        for r in self.sessions_by_id.values():
+            link = r.link
+            if link is not None and link.transport is not None and not link.closed:
+                link.transport.pause_reading()
+        end = loop.time() + drain
+        while loop.time() < end and any(_unsent_to_backend(r) for r in
+                                        self.sessions_by_id.values()):
+            await asyncio.sleep(0.005)
+        # From here to the return, no other callback runs: nothing changes under the snapshot.
+        packer = ho.Packer()
+        sessions = []
+        runners = list(self.sessions_by_id.values())
+        for r in runners:
+            entry = self._session_entry(r, packer, fds)
+            if entry is not None:
+                sessions.append(entry)
+        doc = {"listeners": listeners, "sessions": sessions,
+               "counters": dict(self.counters), "ended_bytes": self._ended_bytes,
+               "tombstones": [[sid.hex(), t] for sid, t in self._tombstones.items()],
+               "links_accepted": self._links_accepted}
+        data = packer.pack(doc)
+        for r in runners:
+            r.let_go()
+        self.sessions_by_id.clear()
+        self._new_tokens.clear()
+        if self._stopped is not None:
+            self._stopped.set()
+        log.info("handed over: %d sessions, %d listening sockets", len(sessions), len(listeners))
+        return data, fds
+
+    def _session_entry(self, r: _ServerRunner, packer: ho.Packer,
+                       fds: list[int]) -> dict[str, Any] | None:
+        """A session's part of the hand-over (its backend descriptor added to ``fds``), or None
+        for one that ends with this server (closed already)."""
+        eng = r.engine
+        if eng.state is State.CLOSED:
+            return None
+        state = eng._state()
+        ep = r.endpoint
+        backend = None
+        pending: list[list[int]] = []
+        eof = False
+        if ep is not None and ep.transport is not None and not ep.closed:
+            sock = ep.transport.get_extra_info("socket")
+            if sock is None or sock.fileno() < 0:
+                return None
+            unsent = ep.transport.get_write_buffer_size()
+            if unsent:  # (not taken by the backend: the client sends it again)
+                state["rx"] = eng._rx - unsent - (1 if eng._rx_fin else 0)
+                state["rx_fin"] = False
+            fds.append(os.dup(sock.fileno()))
+            backend = len(fds) - 1
+            pending = [packer.add([b]) for b in ep.pending]
+            eof = ep.eof
+        m = r.mapping
+        return {"state": state, "backend": backend, "pending": pending, "eof": eof,
+                "unacked": packer.add(eng.tx.views()),
+                "listen": [m.listen_host, m.listen_port],
+                "backend_address": [m.backend_host, m.backend_port],
+                "token": r.new_token.hex()}
+
+    def _handed_listeners(self, m: Mapping) -> list[socket.socket]:
+        """The listening sockets handed over for ``m``'s address (taken: see start)."""
+        if self._taking is None:
+            return []
+        doc, _, fds = self._taking
+        socks = []
+        for entry in doc.get("listeners", []):
+            i = entry["fd"]
+            if entry["listen"] == [m.listen_host, m.listen_port] and fds[i] >= 0:
+                socks.append(socket.socket(fileno=fds[i]))
+                fds[i] = -1
+        return socks
+
+    def _mapping_for(self, listen: list[Any], backend: list[Any]) -> Mapping:
+        for m in self.mappings:
+            if [m.backend_host, m.backend_port] == backend and \
+                    [m.listen_host, m.listen_port] == listen:
+                return m
+        for m in self.mappings:
+            if [m.backend_host, m.backend_port] == backend:
+                return m
+        # (no longer configured: the session goes on to the backend it has)
+        return Mapping(listen[0], int(listen[1]), backend[0], int(backend[1]))
+
+    async def _take_sessions(self) -> None:
+        """The sessions of the hand-over being taken (start), each DISCONNECTED until its
+        client resumes it."""
+        assert self._taking is not None
+        doc, blob, fds = self._taking
+        now = self.loop.time()
+        self.counters.update(doc.get("counters", {}))
+        ended = doc.get("ended_bytes", [0, 0])
+        self._ended_bytes = [self._ended_bytes[0] + ended[0], self._ended_bytes[1] + ended[1]]
+        self._links_accepted = max(self._links_accepted, doc.get("links_accepted", 0))
+        for sid, until in sorted(doc.get("tombstones", []), key=lambda e: e[1]):
+            if until > now:
+                self._tombstones[bytes.fromhex(sid)] = until
+                self._tombstone_order.append((until, bytes.fromhex(sid)))
+        taken = 0
+        for entry in doc["sessions"]:
+            eng = ServerSession.from_state(self.config, entry["state"],
+                                           ho.area(blob, entry["unacked"]), now)
+            runner = _ServerRunner(self, eng, self._mapping_for(entry["listen"],
+                                                                entry["backend_address"]))
+            runner.opened = True
+            i = entry["backend"]
+            if i is not None:
+                fd, fds[i] = fds[i], -1
+                try:
+                    await self.loop.connect_accepted_socket(
+                        functools.partial(Endpoint, runner), sock=socket.socket(fileno=fd))
+                except OSError as e:
+                    log.warning("session %s: its backend connection could not be taken over "
+                                "(%s): session ended", runner.sid, e)
+                    self._count_ended(runner, CLOSE_ABORTED)
+                    continue
+                ep = runner.endpoint
+                assert ep is not None
+                ep.pending = [bytes(ho.area(blob, p)) for p in entry["pending"]]
+                ep.eof = bool(entry["eof"])
+                if ep.pending:
+                    ep.pause()  # (read again once they are in the replay buffer)
+            token = bytes.fromhex(entry.get("token", ""))
+            if token:
+                runner.new_token = token
+                self._new_tokens[token] = runner
+            self.sessions_by_id[eng.session_id] = runner
+            runner.pump()  # (its timer: the reliability timeout, and a FIN to send)
+            taken += 1
+        log.info("took over %d sessions from the server before", taken)
 
     def _lingering_link(self, link: Link) -> None:
         self._closing_links.add(link)
@@ -1037,6 +1243,19 @@ class RelayServer:
             return {"ok": True, "disconnected": self.disconnect_session(str(req["id"])),
                     "had_link": had_link}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def _unsent_to_backend(r: _ServerRunner) -> bool:
+    ep = r.endpoint
+    return (ep is not None and ep.transport is not None and not ep.closed
+            and r.engine.state is not State.CLOSED
+            and ep.transport.get_write_buffer_size() > 0)
+
+
+def _close_fds(fds: Any) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _check_control_dir(d: str) -> None:

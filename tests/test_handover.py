@@ -1,0 +1,195 @@
+"""A server hands its sessions to the next (``RelayServer.hand_over`` / ``start(handover=)``):
+an upgrade of ``icafast serve`` that ends no session. Real sockets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import os
+
+import pytest
+from relay_helpers import (
+    FAST,
+    Backend,
+    Setup,
+    Stats,
+    recv_stream,
+    run_async,
+    send_stream,
+    tls_for,
+    wait_for,
+)
+
+from icafast import events as ev
+from icafast import handover as ho
+from icafast.aio import Mapping, RelayServer
+from icafast.protocol import Config, ServerSession, State
+
+LOOPS = ["uvloop", "asyncio"]
+
+
+def _successor(s: Setup, **kw) -> RelayServer:
+    return RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", s.backend.port)], s.config,
+                       **{**s.server_kw, **kw})
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls_io", [None, "auto", "loop"], ids=["plain", "tls", "tls-loop"])
+def test_sessions_go_on_at_the_server_they_are_handed_to(loop, tls_io, tmp_path, monkeypatch):
+    """Streams in both directions go on through a hand-over in their middle, byte for byte:
+    the same session (its id, one backend connection) at the next server, on the same port,
+    its client resumed; the first server holds nothing afterwards. With TLS, on both ways of
+    running it (the next server's listener takes the socket with its own context)."""
+    size = 6 * 1024 * 1024
+    if tls_io is not None:
+        monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    server_kw, client_tls = tls_for(tmp_path, tls_io is not None)
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), **server_kw) as s:
+            cev: list = []
+            r, w = await s.client(events=cev, tls=client_tls)
+            sent, got = Stats(), Stats()
+            tasks = [asyncio.ensure_future(send_stream(w, size, 7, sent, chunk=64 * 1024)),
+                     asyncio.ensure_future(recv_stream(r, got))]
+            assert await wait_for(lambda: got.received > size // 4, 30)
+            (sid,) = s.server.sessions_by_id
+            port = s.server_port
+            data, fds = await s.server.hand_over()
+            assert not s.server.sessions_by_id
+            nxt = _successor(s)
+            await nxt.start(handover=(data, fds))
+            try:
+                assert nxt.addresses[0][1] == port
+                assert list(nxt.sessions_by_id) == [sid]
+                await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                assert got.received == size and got.eof
+                assert got.recv_hash.digest() == sent.sent_hash.digest()
+                assert len(s.backend.conns) == 1  # the one backend connection, to the end
+                resumed = [e for e in cev if isinstance(e, ev.LinkUp) and e.resumed]
+                assert len(resumed) >= 1
+                assert await wait_for(lambda: not nxt.sessions_by_id, 10)  # ended, at nxt
+                assert nxt.counters["sessions_opened"] == 1  # (carried over)
+                assert nxt.counters["ended_done"] == 1
+                # (the listener listens on the descriptor handed over)
+                assert nxt._servers[0].sockets[0].fileno() in fds
+            finally:
+                await nxt.close()
+
+    run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_what_the_backend_has_not_taken_is_sent_again_by_the_client(loop):
+    """A backend that reads nothing: what waits in the server for it is not handed over
+    (it was not acknowledged), and the client sends it again to the next server. The backend
+    then gets the client's stream exactly once, in order."""
+    size = 24 * 1024 * 1024
+    cfg = dataclasses.replace(FAST, replay_limit=32 * 1024 * 1024)
+
+    async def main() -> None:
+        async with Setup(Backend("stall"), cfg) as s:
+            r, w = await s.client()
+            sent = Stats()
+            sender = asyncio.ensure_future(send_stream(w, size, 3, sent, eof=False))
+            (runner,) = s.server.sessions_by_id.values()
+            # (the backend's socket buffers are full and the transport holds the rest)
+            assert await wait_for(lambda: runner.endpoint is not None and
+                                  runner.endpoint.transport.get_write_buffer_size() > 0, 30)
+            data, fds = await s.server.hand_over(drain=0.05)
+            doc, _ = ho.unpack(data)
+            (entry,) = doc["sessions"]
+            assert entry["state"]["rx"] < runner.engine._rx  # the unsent part: left out
+            nxt = _successor(s)
+            await nxt.start(handover=(data, fds))
+            try:
+                s.backend.release.set()
+                await asyncio.wait_for(sender, 60)
+                (st,) = s.backend.conns
+                assert await wait_for(lambda: st.received >= size, 60)
+                assert st.received == size
+                assert st.recv_hash.digest() == sent.sent_hash.digest()
+            finally:
+                w.close()
+                await nxt.close()
+
+    run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_disconnected_session_and_a_finished_stream_are_handed_over(loop):
+    """A session whose client is away is handed over DISCONNECTED, its reliability timeout
+    going on from where it was; a backend's stream that ended before the hand-over (its EOF
+    read) still reaches the client whole, with its end."""
+    size = 3 * 1024 * 1024
+
+    async def main() -> None:
+        async with Setup(Backend("stream", size=size, seed=5)) as s:
+            r, w = await s.client()
+            got = Stats()
+            (runner,) = s.server.sessions_by_id.values()
+            assert await wait_for(lambda: runner.endpoint.eof, 30)  # the backend's EOF read
+            s.proxy.refuse_new = True  # (the client cannot come back until the end)
+            s.proxy.blackhole()  # the client's link goes silent: DISCONNECTED
+            assert await wait_for(lambda: runner.engine.state is State.DISCONNECTED, 10)
+            expiry = runner.engine._expiry
+            data, fds = await s.server.hand_over()
+            nxt = _successor(s)
+            await nxt.start(handover=(data, fds))
+            try:
+                (taken,) = nxt.sessions_by_id.values()
+                assert taken.engine.state is State.DISCONNECTED
+                assert taken.engine._expiry == expiry
+                s.proxy.refuse_new = False
+                await asyncio.wait_for(recv_stream(r, got), 60)
+                assert got.received == size and got.eof
+                rng_hash = hashlib.sha256(__import__("random").Random(5).randbytes(size))
+                assert got.recv_hash.digest() == rng_hash.digest()
+            finally:
+                w.close()
+                await nxt.close()
+
+    run_async(loop, main())
+
+
+def test_a_session_state_round_trip_keeps_offsets_secrets_and_the_replay_bytes():
+    """``ServerSession.from_state`` is ``export_state``'s inverse for what a resume needs."""
+    cfg = Config()
+    s = ServerSession(cfg, 5.0)
+    s.tx.append(b"x" * 1000)
+    s._tx_sent = 1000
+    s._apply_ack(400)
+    s._rx = s._rx_acked = 77
+    s.attached_links = 1
+    state = s._state()
+    t = ServerSession.from_state(cfg, state, b"".join(bytes(v) for v in s.tx.views()), 9.0)
+    assert t.session_id == s.session_id and t._secret == s._secret
+    assert (t.tx.start, t.tx.end, t._tx_high) == (400, 1000, 1000)
+    assert t._rx == 77 and t.state is State.DISCONNECTED
+    assert t._expiry == 9.0 + cfg.reliability_timeout
+    assert t.export_state()["tx_unacked"] == s.export_state()["tx_unacked"]
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"not it", "not an icafast hand-over"),
+    (ho.MAGIC + (10**6).to_bytes(8, "big") + b"{}", "cut short"),
+    (ho.MAGIC + (2).to_bytes(8, "big") + b"{}", "another version"),
+])
+def test_a_handover_that_is_not_one_is_refused_and_its_descriptors_closed(data, message):
+    async def main() -> None:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 9)], FAST)
+        with pytest.raises(ho.HandoverError, match=message):
+            await server.start(handover=(data, [fd]))
+        assert not _fd_open(fd)
+
+    run_async("asyncio", main())
