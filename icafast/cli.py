@@ -425,17 +425,30 @@ def _on_stop_signals(loop: asyncio.AbstractEventLoop, on_signal: Any) -> None:
 
 
 async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
-                            reload: Any = None, daily: Any = None) -> None:
+                            reload: Any = None, daily: Any = None, upgrade: Any = None) -> None:
     """``start()``, tell a service manager that the process is ready (with the addresses it
     then listens on, ``addresses()``, as the status line ``systemctl status`` shows), then on
     a stop signal ``stop()``. With ``reload``, SIGHUP calls ``reload()`` instead of stopping
     (told to the service manager as RELOADING=1, then READY=1 again). With ``daily``,
-    ``daily()`` is called once a day (the certificate's dates looked at again)."""
+    ``daily()`` is called once a day (the certificate's dates looked at again). With
+    ``upgrade``, SIGUSR2 awaits ``upgrade()`` (once at a time, and only once started)."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     caught: list[int] = []
     status = "STATUS=running"
     ready = False  # (READY=1 said: a reload before then must not say it early)
+    upgrading: list[asyncio.Task[None]] = []
+
+    def on_upgrade() -> None:
+        if not ready or any(not t.done() for t in upgrading):
+            log.info("SIGUSR2: %s", "an upgrade runs already" if ready else
+                     "not started yet: send it again once the server is ready")
+            return
+        upgrading[:] = [loop.create_task(upgrade())]
+
+    if upgrade is not None and hasattr(signal, "SIGUSR2"):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signal.SIGUSR2, on_upgrade)
 
     def on_signal(signum: int) -> None:
         if reload is not None and signum == getattr(signal, "SIGHUP", None):
@@ -470,7 +483,7 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
     try:
         await done.wait()
     finally:
-        for task in background:
+        for task in background + upgrading:
             task.cancel()
     name = signal.Signals(caught[0]).name
     log.info("shutting down (%s)", name)
@@ -585,9 +598,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .aio import loop_name
 
         log.info("event loop: %s", loop_name())
-        await _run_until_signal(server.start, server.close, lambda: server.addresses,
-                                reload_tls,
-                                (lambda: _say_dates(cert_file, server=True)) if ssl_ctx else None)
+        handover = _inherited_handover()
+        await _run_until_signal(lambda: server.start(handover=handover), server.close,
+                                lambda: server.addresses, reload_tls,
+                                (lambda: _say_dates(cert_file, server=True)) if ssl_ctx else None,
+                                lambda: _upgrade_in_place(server))
 
     try:
         run(main())
@@ -595,6 +610,93 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"icafast serve: {_error_text(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+#: how ``serve`` tells the program it execs (SIGUSR2) where the hand-over is: descriptors,
+#: the first a file holding ``RelayServer.hand_over``'s bytes, the rest its sockets
+HANDOVER_ENV = "ICAFAST_HANDOVER"
+
+
+async def _upgrade_in_place(server: Any) -> None:
+    """SIGUSR2: run the icafast now installed in this process, with every session. The
+    program must start first (``--version``); then the server hands its sessions over
+    (``RelayServer.hand_over``) and this process execs it, with the same arguments and the
+    same process id (a service manager sees a reload), passing the sessions, the listening
+    sockets and the backend connections on. The clients resume at once."""
+    import subprocess
+    import tempfile
+
+    argv = [sys.executable, "-m", "icafast", *sys.argv[1:]]
+    rc, out, err = 1, b"", b"no output"
+    try:
+        probe = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "icafast", "--version", stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = await asyncio.wait_for(probe.communicate(), 60)
+            rc = probe.returncode or 0
+        except asyncio.TimeoutError:
+            probe.kill()
+            await probe.wait()
+            err = b"it did not answer --version within 60 s"
+    except OSError as e:
+        err = str(e).encode()
+    if rc != 0 or not out.strip():
+        last = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        log.error("SIGUSR2: the icafast installed now does not start (%s): not upgraded, "
+                  "every session goes on with icafast %s", last, __version__)
+        return
+    log.info("SIGUSR2: upgrading in this process (pid %d) from icafast %s to what is installed "
+             "now (%s): the sessions are handed over", os.getpid(), __version__,
+             out.decode().strip())
+    notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
+           "STATUS=upgrading (SIGUSR2)")
+    data, fds = await server.hand_over()
+    # (the sessions' secrets: in memory only where the system has memfd_create, else in an
+    # unlinked file of this user's)
+    memfd = getattr(os, "memfd_create", None)
+    with (open(memfd("icafast-handover"), "w+b") if memfd is not None
+          else tempfile.TemporaryFile()) as f:
+        f.write(data)
+        f.flush()
+        f.seek(0)
+        keep = [f.fileno(), *fds]
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        env = {**os.environ, HANDOVER_ENV: ",".join(map(str, keep))}
+        for h in logging.getLogger().handlers + log.handlers:
+            h.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execve(sys.executable, argv, env)
+        except OSError as e:  # (the sessions come back to this process's server)
+            log.error("SIGUSR2: could not run %s (%s): the sessions stay with icafast %s",
+                      sys.executable, e, __version__)
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    await server.start(handover=(data, fds))
+    notify("READY=1", "STATUS=running (not upgraded)")
+
+
+def _inherited_handover() -> tuple[bytes, list[int]] | None:
+    """The hand-over the process before this program left it (``_upgrade_in_place``), if
+    any: its bytes and descriptors, which are no longer passed on to children."""
+    spec = os.environ.pop(HANDOVER_ENV, "")
+    if not spec:
+        return None
+    try:
+        first, *fds = (int(x) for x in spec.split(","))
+        with os.fdopen(first, "rb") as f:
+            data = f.read()
+    except (ValueError, OSError) as e:
+        log.error("%s=%s: no hand-over to take there (%s): starting without sessions",
+                  HANDOVER_ENV, spec, e)
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
+    return data, fds
 
 
 def _error_text(e: Exception) -> str:

@@ -674,6 +674,114 @@ def test_sighup_reloads_the_certificate_and_sessions_go_on(tmp_path):
     assert "new from" in slog and slog.count("new from") == 1, slog
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2") or not hasattr(socket, "AF_UNIX"),
+                    reason="no SIGUSR2 or no AF_UNIX sockets (not a POSIX system)")
+def test_sigusr2_upgrades_serve_in_place_and_the_session_goes_on(tmp_path):
+    """SIGUSR2: ``icafast serve`` runs the program installed now in the same process (the same
+    pid; the service manager hears RELOADING=1, then READY=1), and hands it its session: a
+    stream that flows through the upgrade arrives whole, the backend connection is the same,
+    and the client resumes the same session."""
+    import hashlib
+    import random
+
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(30)
+    backend = _banner_backend(b"")
+    port, local = free_port(), free_port()
+    server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
+                    f"127.0.0.1:{backend.getsockname()[1]}", "--control",
+                    str(tmp_path / "control.sock"), "--keepalive-interval", "0.5",
+                    "--dead-timeout", "2"],
+                   env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    client = None
+    size = 8 * 1024 * 1024
+    data = random.Random(11).randbytes(size)
+    try:
+        assert manager.recv(4096).decode().startswith("READY=1\n")
+        client = _Proc(["connect", "--no-tls", "--listen", f"127.0.0.1:{local}", "--server",
+                        f"127.0.0.1:{port}", "--keepalive-interval", "0.5", "--dead-timeout",
+                        "2"])
+        client.wait_for("listening on")
+        with socket.create_connection(("127.0.0.1", local), timeout=30) as app:
+            backend.settimeout(30)
+            conn, _ = backend.accept()
+            with conn:
+                conn.settimeout(30)
+                app.sendall(b"before\n")
+                assert conn.recv(100) == b"before\n"
+                sender = threading.Thread(target=app.sendall, args=(data,), daemon=True)
+                sender.start()
+                got = hashlib.sha256()
+                n = 0
+                while n < size // 4:  # (bounded: each recv waits 30 s at most)
+                    chunk = conn.recv(1 << 20)
+                    assert chunk
+                    got.update(chunk)
+                    n += len(chunk)
+                os.kill(server.p.pid, signal.SIGUSR2)
+                while n < size:
+                    chunk = conn.recv(1 << 20)
+                    assert chunk
+                    got.update(chunk)
+                    n += len(chunk)
+                sender.join(30)
+                assert n == size and got.digest() == hashlib.sha256(data).digest()
+                said = [manager.recv(4096).decode() for _ in range(2)]
+                assert said[0].startswith("RELOADING=1\nMONOTONIC_USEC="), said
+                assert said[1] == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", said
+                conn.sendall(b"after\n")  # (the same backend connection, the other way)
+                assert app.recv(100) == b"after\n"
+                assert server.p.poll() is None
+        server.wait_for("took over 1 sessions")
+        server.ends_on(signal.SIGTERM)
+    finally:
+        log = client.stop() if client is not None else ""
+        slog = server.stop()
+        backend.close()
+        manager.close()
+    assert f"upgrading in this process (pid {server.p.pid})" in slog, slog
+    assert slog.count("new from") == 1 and "resumed from" in slog, slog
+    sid = slog.split("new from")[0].rsplit("session ", 1)[1].split(":")[0]
+    assert f"session {sid}: resumed from" in slog, slog
+    assert "Traceback" not in slog + log, slog + log
+
+
+@pytest.mark.parametrize("fault", ["does not start", "cannot exec"])
+def test_an_upgrade_that_cannot_run_leaves_every_session_as_it_was(monkeypatch, caplog, fault):
+    """SIGUSR2 when the installed program fails ``--version``: nothing is handed over. When
+    the exec itself fails after the hand-over, this process's server takes the sessions back.
+    Either way the session goes on, the same one, on the same port."""
+    from relay_helpers import Backend, Setup, run_async
+
+    from icafast import cli
+
+    if fault == "does not start":
+        monkeypatch.setattr(sys, "executable", shutil.which("false") or "/bin/false")
+    else:
+        def no_exec(*args):
+            raise OSError(8, "Exec format error")
+
+        monkeypatch.setattr(os, "execve", no_exec)
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            r, w = await s.client(direct=True)
+            w.write(b"one")
+            assert await r.readexactly(3) == b"one"
+            (sid,) = s.server.sessions_by_id
+            await cli._upgrade_in_place(s.server)
+            assert list(s.server.sessions_by_id) == [sid]
+            w.write(b"two")
+            assert await asyncio.wait_for(r.readexactly(3), 20) == b"two"
+            assert len(s.backend.conns) == 1
+            w.close()
+
+    run_async("uvloop", main())
+    said = "does not start" if fault == "does not start" else "the sessions stay with"
+    assert any(said in r.getMessage() for r in caplog.records), caplog.text
+
+
 @pytest.mark.skipif(not hasattr(socket, "AF_UNIX"), reason="no AF_UNIX sockets")
 @pytest.mark.parametrize("cmd", ["serve", "connect"])
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
