@@ -193,3 +193,35 @@ def test_a_handover_that_is_not_one_is_refused_and_its_descriptors_closed(data, 
         assert not _fd_open(fd)
 
     run_async("asyncio", main())
+
+
+def test_a_listener_whose_address_changed_is_closed_and_the_new_one_listens():
+    """The next server listens where its own mappings say: a listener handed over for an
+    address it no longer has is closed (its descriptor too), a new one is opened, and the
+    sessions go on to the backends they have."""
+    from relay_helpers import free_port
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            r, w = await s.client(direct=True)
+            w.write(b"x")
+            assert await r.readexactly(1) == b"x"
+            old_port = s.server_port
+            data, fds = await s.server.hand_over()
+            new_port = free_port()
+            nxt = RelayServer([Mapping("127.0.0.1", new_port, "127.0.0.1", 9)], FAST)
+            await nxt.start(handover=(data, fds))
+            try:
+                assert [a[1] for a in nxt.addresses] == [new_port]
+                (listener,) = ho.unpack(data)[0]["listeners"]
+                fd = fds[listener["fd"]]  # closed (or its number taken by the new listener)
+                assert not _fd_open(fd) or fd == nxt._servers[0].sockets[0].fileno()
+                with pytest.raises(ConnectionRefusedError):
+                    await asyncio.open_connection("127.0.0.1", old_port)
+                (taken,) = nxt.sessions_by_id.values()
+                assert taken.mapping.backend_port == s.backend.port  # (its own backend)
+            finally:
+                w.close()
+                await nxt.close()
+
+    run_async("asyncio", main())

@@ -748,7 +748,7 @@ class RelayServer:
         doc = {"listeners": listeners, "sessions": sessions,
                "counters": dict(self.counters), "ended_bytes": self._ended_bytes,
                "tombstones": [[sid.hex(), t] for sid, t in self._tombstones.items()],
-               "links_accepted": self._links_accepted}
+               "links_accepted": self._links_accepted, "started": self.started_at}
         data = packer.pack(doc)
         for r in runners:
             r.let_go()
@@ -824,6 +824,8 @@ class RelayServer:
         ended = doc.get("ended_bytes", [0, 0])
         self._ended_bytes = [self._ended_bytes[0] + ended[0], self._ended_bytes[1] + ended[1]]
         self._links_accepted = max(self._links_accepted, doc.get("links_accepted", 0))
+        # (the counters go on from the first server's start: metrics()' "started" says so)
+        self.started_at = min(self.started_at, doc.get("started", self.started_at))
         for sid, until in sorted(doc.get("tombstones", []), key=lambda e: e[1]):
             if until > now:
                 self._tombstones[bytes.fromhex(sid)] = until

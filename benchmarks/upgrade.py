@@ -1,0 +1,181 @@
+"""What an upgrade in place (SIGUSR2 to ``icafast serve``) costs the sessions that live through it.
+
+    python -m benchmarks.upgrade [--sessions 100] [--rounds 3] [--tls] [--pin]
+
+One ``icafast serve`` process; this driver is the backend (an echo) and the clients
+(``open_session``). Every session sends a numbered 16-byte message, waits for its echo, pauses
+``--interval`` and goes on, throughout. Each round sends the server SIGUSR2 and reports, from
+the signal on:
+
+- ``reloading_ms``: until the server says RELOADING=1 (it has checked that the installed
+  program starts, and hands over now); ``ready_ms``: until the new program says READY=1;
+- per session, the longest round trip that ended after the signal (a message sent just before
+  the hand-over waits for the client to resume at the new program): p50, p99, max;
+- that every echo came back in order, each message once, over one backend connection per
+  session.
+
+The server's pid must stay the same through every round. Results go to JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks._chains import PY, free_port, icafast_argv, tls_files, wait_listening
+
+_MSG = struct.Struct(">QQ")  # session number, message number
+
+
+def _percentile(v: list[float], p: float) -> float:
+    v = sorted(v)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+class _Session:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.sent = 0
+        self.rtts: list[tuple[float, float]] = []  # (end time, round trip)
+        self.ok = True
+
+
+async def _drive(a: argparse.Namespace) -> dict[str, Any]:
+    from icafast.aio import open_session
+    from icafast.tls import client_context
+
+    tmp = Path(tempfile.mkdtemp(prefix="icafast-upgrade-"))
+    backends = 0
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal backends
+        backends += 1
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+        except ConnectionError:
+            pass
+
+    bport, sport = free_port(), free_port()
+    backend = await asyncio.start_server(echo, "127.0.0.1", bport)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp / "notify"))
+    notify.setblocking(False)
+    tls = tls_files(tmp) if a.tls else None
+    argv = icafast_argv("serve", sport, bport, ["--control", str(tmp / "ctl.sock")], tls=tls)
+    if a.pin:
+        argv = ["taskset", "-c", "0", *argv]
+    log = open(tmp / "serve.log", "wb")
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=log, stderr=log, env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")})
+    loop = asyncio.get_running_loop()
+
+    async def said(prefix: str, timeout: float = 60.0) -> float:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                msg = await asyncio.wait_for(loop.sock_recv(notify, 4096), end - time.monotonic())
+            except asyncio.TimeoutError:
+                break
+            if msg.decode().startswith(prefix):
+                return time.monotonic()
+        raise RuntimeError(f"the server did not say {prefix} within {timeout}s:\n"
+                           + (tmp / "serve.log").read_text(errors="replace")[-3000:])
+
+    await said("READY=1")
+    await asyncio.to_thread(wait_listening, sport)
+    ctx = client_context(fingerprint=tls.fingerprint) if tls is not None else None
+    sessions = [_Session(i) for i in range(a.sessions)]
+    streams = [await open_session("127.0.0.1", sport, tls=ctx) for _ in sessions]
+    stop = asyncio.Event()
+
+    async def run(s: _Session, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        while not stop.is_set():
+            t = time.monotonic()
+            w.write(_MSG.pack(s.n, s.sent))
+            got = _MSG.unpack(await r.readexactly(_MSG.size))
+            end = time.monotonic()
+            s.ok = s.ok and got == (s.n, s.sent)
+            s.sent += 1
+            s.rtts.append((end, end - t))
+            await asyncio.sleep(a.interval)
+
+    tasks = [asyncio.ensure_future(run(s, *rw)) for s, rw in zip(sessions, streams, strict=True)]
+    await asyncio.sleep(1.0)
+    rounds = []
+    pid = proc.pid
+    for _ in range(a.rounds):
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGUSR2)
+        t_reloading = await said("RELOADING=1")
+        t_ready = await said("READY=1")
+        await asyncio.sleep(a.after)
+        worst = [max((rt for end, rt in s.rtts if end > t0), default=float("nan"))
+                 for s in sessions]
+        done = [v for v in worst if v == v]
+        rounds.append({
+            "reloading_ms": (t_reloading - t0) * 1000, "ready_ms": (t_ready - t0) * 1000,
+            "longest_rtt_ms": {"p50": _percentile(done, 50) * 1000,
+                               "p99": _percentile(done, 99) * 1000, "max": max(done) * 1000},
+            "sessions_through": len(done)})
+        print(f"  SIGUSR2: RELOADING=1 after {rounds[-1]['reloading_ms']:.0f} ms, READY=1 after "
+              f"{rounds[-1]['ready_ms']:.0f} ms; longest round trip per session: p50 "
+              f"{rounds[-1]['longest_rtt_ms']['p50']:.0f} ms, max "
+              f"{rounds[-1]['longest_rtt_ms']['max']:.0f} ms", file=sys.stderr, flush=True)
+    stop.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    same_pid = proc.returncode is None
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.wait(), 30)
+    for _r, w in streams:
+        w.close()
+    backend.close()
+    notify.close()
+    ok = all(s.ok for s in sessions) and backends == a.sessions and same_pid
+    return {"sessions": a.sessions, "interval_s": a.interval, "tls": bool(a.tls),
+            "pinned": bool(a.pin), "ok": ok, "backend_connections": backends,
+            "rounds": rounds,
+            "median": {k: statistics.median(r[k] for r in rounds)
+                       for k in ("reloading_ms", "ready_ms")} | {
+                "longest_rtt_p50_ms": statistics.median(
+                    r["longest_rtt_ms"]["p50"] for r in rounds),
+                "longest_rtt_max_ms": statistics.median(
+                    r["longest_rtt_ms"]["max"] for r in rounds)},
+            "python": PY}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.upgrade", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sessions", type=int, default=100)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--interval", type=float, default=0.05,
+                   help="pause between a session's round trips (s)")
+    p.add_argument("--after", type=float, default=2.0, help="seconds measured after READY=1")
+    p.add_argument("--tls", action="store_true", help="TLS links (the run's certificate)")
+    p.add_argument("--pin", action="store_true", help="the server on CPU 0 (taskset)")
+    p.add_argument("--out", help="write the results here as JSON")
+    a = p.parse_args(argv)
+    from icafast.aio import run
+
+    res = run(_drive(a))
+    text = json.dumps(res, indent=2)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
