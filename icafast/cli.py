@@ -431,7 +431,8 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
     a stop signal ``stop()``. With ``reload``, SIGHUP calls ``reload()`` instead of stopping
     (told to the service manager as RELOADING=1, then READY=1 again). With ``daily``,
     ``daily()`` is called once a day (the certificate's dates looked at again). With
-    ``upgrade``, SIGUSR2 awaits ``upgrade()`` (once at a time, and only once started)."""
+    ``upgrade``, SIGUSR2 awaits ``upgrade()`` (once at a time, and only once started);
+    without, SIGUSR2 is logged and ignored (its default action would end the process)."""
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     caught: list[int] = []
@@ -440,13 +441,17 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
     upgrading: list[asyncio.Task[None]] = []
 
     def on_upgrade() -> None:
+        if upgrade is None:  # (its default action would end the process, and no session)
+            log.warning("SIGUSR2: ignored (only icafast serve upgrades in place: a new "
+                        "icafast connect takes a restart, which ends its sessions)")
+            return
         if not ready or any(not t.done() for t in upgrading):
             log.info("SIGUSR2: %s", "an upgrade runs already" if ready else
                      "not started yet: send it again once the server is ready")
             return
         upgrading[:] = [loop.create_task(upgrade())]
 
-    if upgrade is not None and hasattr(signal, "SIGUSR2"):
+    if hasattr(signal, "SIGUSR2"):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGUSR2, on_upgrade)
 

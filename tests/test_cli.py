@@ -526,6 +526,11 @@ def test_sighup_stops_connect_as_sigterm_does_and_serve_reloads(tmp_path):
                 app.sendall(b"hello\n")
                 conn.settimeout(10)
                 assert conn.recv(100) == b"hello\n"
+                if hasattr(signal, "SIGUSR2"):  # (meant for serve: connect goes on)
+                    os.kill(client.p.pid, signal.SIGUSR2)
+                    client.wait_for("SIGUSR2: ignored")
+                    app.sendall(b"still\n")
+                    assert conn.recv(100) == b"still\n"
                 client.ends_on(signal.SIGHUP)
                 try:  # the server closed the session's backend connection at once
                     assert conn.recv(100) == b""
