@@ -204,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "order) for several mappings. SIGTERM or SIGINT stops "
                                    "it (every session closed); SIGHUP reads the TLS "
                                    "certificate, key and client CA again for new links, "
-                                   "and every session goes on.")
+                                   "and every session goes on; SIGUSR2 runs the icafast "
+                                   "installed now in the same process, and every session "
+                                   "goes on.")
     s.add_argument("--listen", action="append", metavar="HOST:PORT",
                    help="address to listen on (default 0.0.0.0:2598); repeatable")
     s.add_argument("--backend", action="append", metavar="HOST:PORT",
@@ -220,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="failed RESUME attempts (wrong proof, unknown session) allowed per "
                           "source (IPv4 address, IPv6 /64) per minute; beyond, that source's "
                           "unproven ones are refused, proven ones still resume (default 20)")
+    s.add_argument("--check", action="store_true",
+                   help="check the configuration (files, addresses, limits, TLS certificate "
+                        "and key) and exit: 0 when serve would start with it (SIGUSR2 asks "
+                        "this of the new program first)")
     s.add_argument("--proxy-protocol", action="store_true",
                    help="expect a HAProxy PROXY protocol v1/v2 header on every connection (when "
                         "behind a load balancer), so sessions and logs show the real client")
@@ -569,6 +575,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_failed_resumes=_limit(args, file_cfg, "max_failed_resumes", 20),
         proxy_protocol=bool(_opt(args, file_cfg, "proxy_protocol")),
     )
+    if args.check:
+        print(f"icafast {__version__} serve: the configuration is valid ("
+              + ", ".join(f"{format_hostport(m.listen_host or '*', m.listen_port)} -> "
+                          f"{m.backend}" for m in mappings)
+              + (", TLS" if ssl_ctx is not None else ", plain text") + ")")
+        return 0
     log.info("icafast %s serve (core %s, crc32c %s, engine %s); control socket %s", __version__,
              IMPLEMENTATION, crc32c_backend(), _engine_kind(), control)
     if ssl_ctx is not None:
@@ -624,7 +636,9 @@ HANDOVER_ENV = "ICAFAST_HANDOVER"
 
 async def _upgrade_in_place(server: Any) -> None:
     """SIGUSR2: run the icafast now installed in this process, with every session. The
-    program must start first (``--version``); then the server hands its sessions over
+    program must take this process's arguments first (``serve ... --check``: the program
+    starts, and the configuration, which may have changed, is valid); then the server hands
+    its sessions over
     (``RelayServer.hand_over``) and this process execs it, with the same arguments and the
     same process id (a service manager sees a reload), passing the sessions, the listening
     sockets and the backend connections on. The clients resume at once."""
@@ -635,25 +649,26 @@ async def _upgrade_in_place(server: Any) -> None:
     rc, out, err = 1, b"", b"no output"
     try:
         probe = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "icafast", "--version", stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            *argv, "--check", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, env={k: v for k, v in os.environ.items()
+                                         if k != "NOTIFY_SOCKET"})
         try:
             out, err = await asyncio.wait_for(probe.communicate(), 60)
             rc = probe.returncode or 0
         except asyncio.TimeoutError:
             probe.kill()
             await probe.wait()
-            err = b"it did not answer --version within 60 s"
+            err = b"its --check did not end within 60 s"
     except OSError as e:
         err = str(e).encode()
     if rc != 0 or not out.strip():
         last = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        log.error("SIGUSR2: the icafast installed now does not start (%s): not upgraded, "
-                  "every session goes on with icafast %s", last, __version__)
+        log.error("SIGUSR2: the icafast installed now does not start with this server's "
+                  "arguments and configuration (%s): not upgraded, every session goes on "
+                  "with icafast %s", last, __version__)
         return
-    log.info("SIGUSR2: upgrading in this process (pid %d) from icafast %s to what is installed "
-             "now (%s): the sessions are handed over", os.getpid(), __version__,
-             out.decode().strip())
+    log.info("SIGUSR2: upgrading in this process (pid %d) from icafast %s: %s; the sessions "
+             "are handed over", os.getpid(), __version__, out.decode().strip())
     notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
            "STATUS=upgrading (SIGUSR2)")
     data, fds = await server.hand_over()

@@ -752,18 +752,48 @@ def test_sigusr2_upgrades_serve_in_place_and_the_session_goes_on(tmp_path):
     assert "Traceback" not in slog + log, slog + log
 
 
-@pytest.mark.parametrize("fault", ["does not start", "cannot exec"])
-def test_an_upgrade_that_cannot_run_leaves_every_session_as_it_was(monkeypatch, caplog, fault):
-    """SIGUSR2 when the installed program fails ``--version``: nothing is handed over. When
-    the exec itself fails after the hand-over, this process's server takes the sessions back.
-    Either way the session goes on, the same one, on the same port."""
+def test_serve_check_validates_and_binds_nothing(tmp_path):
+    """``serve --check``: exit 0 with one line when serve would start with its arguments and
+    configuration file, without listening or opening its control socket; 1 with the reason
+    otherwise."""
+    port = free_port()
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_text(f'listen = "127.0.0.1:{port}"\nbackend = "127.0.0.1:9"\n')
+    ok = subprocess.run([PY, "-m", "icafast", "serve", "--config", str(cfg), "--no-tls",
+                         "--control", str(tmp_path / "c.sock"), "--check"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == (f"icafast {icafast.__version__} serve: the configuration is valid "
+                         f"(127.0.0.1:{port} -> 127.0.0.1:9, plain text)\n")
+    assert not (tmp_path / "c.sock").exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # (free: nothing listened)
+    cfg.write_text('listen = "127.0.0.1:99999"\n')
+    bad = subprocess.run([PY, "-m", "icafast", "serve", "--config", str(cfg), "--no-tls",
+                          "--check"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and not bad.stdout and "99999" in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize("fault", ["does not start", "bad configuration", "cannot exec"])
+def test_an_upgrade_that_cannot_run_leaves_every_session_as_it_was(monkeypatch, caplog, fault,
+                                                                   tmp_path):
+    """SIGUSR2 when the installed program does not start, or does not take the server's
+    arguments and configuration as they are now (``serve ... --check`` fails): nothing is
+    handed over. When the exec itself fails after the hand-over, this process's server takes
+    the sessions back. Either way the session goes on, the same one, on the same port."""
     from relay_helpers import Backend, Setup, run_async
 
     from icafast import cli
 
+    args = ["serve", "--no-tls", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9",
+            "--control", str(tmp_path / "control.sock")]
+    if fault == "bad configuration":  # (a certificate that is not there)
+        args[1:2] = ["--tls-cert", str(tmp_path / "gone.pem"), "--tls-key",
+                     str(tmp_path / "gone.key")]
+    monkeypatch.setattr(sys, "argv", ["icafast", *args])
     if fault == "does not start":
         monkeypatch.setattr(sys, "executable", shutil.which("false") or "/bin/false")
-    else:
+    elif fault == "cannot exec":
         def no_exec(*args):
             raise OSError(8, "Exec format error")
 
@@ -783,7 +813,9 @@ def test_an_upgrade_that_cannot_run_leaves_every_session_as_it_was(monkeypatch, 
             w.close()
 
     run_async("uvloop", main())
-    said = "does not start" if fault == "does not start" else "the sessions stay with"
+    said = {"does not start": "does not start with this server's arguments",
+            "bad configuration": "gone.pem: No such file or directory): not upgraded",
+            "cannot exec": "the sessions stay with"}[fault]
     assert any(said in r.getMessage() for r in caplog.records), caplog.text
 
 
