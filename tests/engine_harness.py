@@ -272,3 +272,74 @@ class Harness:
         w.s2c.clear()
         self.client.connection_lost(self.now, "local reset", link_id=w.client_link)
         self._client_out()
+
+
+def pattern(tag: int, n: int, start: int = 0) -> bytes:
+    """``n`` bytes of stream ``tag`` from offset ``start``: any slip, loss or repeat shows."""
+    return bytes((tag * 31 + i * 7 + (i >> 8)) & 0xFF for i in range(start, start + n))
+
+
+class Schedule:
+    """Runs a random schedule (``(op, arg)`` pairs, as the hypothesis tests draw them) on a
+    harness: sends, ends of stream, partial deliveries, link faults and time; after each step
+    the delivered prefix of each stream is the sent prefix, exactly. ``heal()`` then lets time
+    run until everything is delivered and acknowledged. Ops it does not know go to
+    ``extra(op, arg)``."""
+
+    def __init__(self, h: Harness, extra: Any = None) -> None:
+        self.h = h
+        self.extra = extra
+        self.csent = self.ssent = 0
+        self.cfin = self.sfin = False
+
+    def run(self, ops: Any) -> None:
+        h = self.h
+        for op, arg in ops:
+            if h.client.state is State.CLOSED:
+                break
+            self.step(op, arg)
+            assert bytes(h.s_recv) == bytes(h.c_sent[: len(h.s_recv)])
+            assert bytes(h.c_recv) == bytes(h.s_sent[: len(h.c_recv)])
+
+    def step(self, op: str, arg: int) -> None:
+        h = self.h
+        if op == "csend" and not self.cfin:
+            self.csent += h.client_send(pattern(1, arg, self.csent))
+        elif op == "ssend" and h.sessions and not self.sfin:
+            self.ssent += h.server_send(pattern(2, arg, self.ssent))
+        elif op == "cfin" and not self.cfin:
+            self.cfin = True
+            h.client.send_eof()
+        elif op == "sfin" and h.sessions and not self.sfin:
+            self.sfin = True
+            h.server.send_eof()
+        elif op == "c2s":
+            h.deliver_c2s(arg)
+        elif op == "s2c":
+            h.deliver_s2c(arg)
+        elif op == "reset":
+            h.reset()
+        elif op == "blackhole":
+            h.blackhole()
+        elif op == "half_open":
+            h.half_open()
+        elif op == "tick":
+            h.advance(arg / 1000)
+        elif self.extra is not None:
+            self.extra(op, arg)
+
+    def heal(self, rounds: int = 300) -> None:
+        h = self.h
+        for _ in range(rounds):
+            h.pump()
+            if (len(h.s_recv) == len(h.c_sent) and len(h.c_recv) == len(h.s_sent)
+                    and h.s_eof == self.cfin and h.c_eof == self.sfin
+                    and h.client.unacked == 0 and h.server.unacked == 0):
+                break
+            if h.wire is not None and h.wire.blackholed:
+                h.advance(h.config.dead_timeout)
+            else:
+                h.advance(0.05)
+        assert bytes(h.s_recv) == bytes(h.c_sent)
+        assert bytes(h.c_recv) == bytes(h.s_sent)
+        assert (h.s_eof, h.c_eof) == (self.cfin, self.sfin)

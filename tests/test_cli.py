@@ -15,6 +15,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -419,6 +420,32 @@ class _Proc:
         return "".join(self.lines)
 
 
+@contextlib.contextmanager
+def _session_through(local: int, backend: socket.socket, first: bytes,
+                     timeout: float = 10.0) -> Iterator[tuple[socket.socket, socket.socket]]:
+    """An application's connection to ``connect``'s port ``local`` and the backend's end of
+    its session, once ``first`` has crossed from one to the other."""
+    with socket.create_connection(("127.0.0.1", local), timeout=timeout) as app:
+        backend.settimeout(timeout)
+        conn, _ = backend.accept()
+        with conn:
+            conn.settimeout(timeout)
+            app.sendall(first)
+            assert conn.recv(100) == first
+            yield app, conn
+
+
+def _stop_all(server: _Proc, client: _Proc | None,
+              *socks: socket.socket) -> tuple[str, str]:
+    """Stop the server and the client (by their pids) and close the test's sockets: the
+    server's output and the client's."""
+    log = client.stop() if client is not None else ""
+    slog = server.stop()
+    for sock in socks:
+        sock.close()
+    return slog, log
+
+
 def _banner_backend(banner: bytes) -> socket.socket:
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -519,23 +546,17 @@ def test_sighup_stops_connect_as_sigterm_does_and_serve_reloads(tmp_path):
         client = _Proc(["connect", "--no-tls", "--listen", f"127.0.0.1:{local}", "--server",
                         f"127.0.0.1:{port}"])
         client.wait_for("listening on")
-        with socket.create_connection(("127.0.0.1", local), timeout=10) as app:
-            backend.settimeout(10)
-            conn, _ = backend.accept()
-            with conn:
-                app.sendall(b"hello\n")
-                conn.settimeout(10)
-                assert conn.recv(100) == b"hello\n"
-                if hasattr(signal, "SIGUSR2"):  # (meant for serve: connect goes on)
-                    os.kill(client.p.pid, signal.SIGUSR2)
-                    client.wait_for("SIGUSR2: ignored")
-                    app.sendall(b"still\n")
-                    assert conn.recv(100) == b"still\n"
-                client.ends_on(signal.SIGHUP)
-                try:  # the server closed the session's backend connection at once
-                    assert conn.recv(100) == b""
-                except ConnectionResetError:
-                    pass
+        with _session_through(local, backend, b"hello\n", 10) as (app, conn):
+            if hasattr(signal, "SIGUSR2"):  # (meant for serve: connect goes on)
+                os.kill(client.p.pid, signal.SIGUSR2)
+                client.wait_for("SIGUSR2: ignored")
+                app.sendall(b"still\n")
+                assert conn.recv(100) == b"still\n"
+            client.ends_on(signal.SIGHUP)
+            try:  # the server closed the session's backend connection at once
+                assert conn.recv(100) == b""
+            except ConnectionResetError:
+                pass
         listing = subprocess.run([PY, "-m", "icafast", "sessions", "--control", control,
                                   "--json"], capture_output=True, text=True, timeout=30,
                                  check=True).stdout
@@ -640,39 +661,29 @@ def test_sighup_reloads_the_certificate_and_sessions_go_on(tmp_path):
                         "--server", f"127.0.0.1:{port}"])
         client.wait_for("listening on")
         assert presented_fingerprint(port) == fp0
-        with socket.create_connection(("127.0.0.1", local), timeout=10) as app:
-            backend.settimeout(10)
-            conn, _ = backend.accept()
-            with conn:
-                conn.settimeout(10)
-                app.sendall(b"before\n")
-                assert conn.recv(100) == b"before\n"
+        with _session_through(local, backend, b"before\n", 10) as (app, conn):
+            fp1 = install(1)
+            os.kill(server.p.pid, signal.SIGHUP)
+            reloading = manager.recv(4096).decode().split("\n")
+            assert reloading[0] == "RELOADING=1" and reloading[1].startswith(
+                "MONOTONIC_USEC="), reloading
+            assert int(reloading[1].split("=")[1]) > 0
+            ready = manager.recv(4096).decode()
+            assert ready == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", ready
+            server.wait_for("TLS: reloaded")
+            assert presented_fingerprint(port) == fp1
+            app.sendall(b"after\n")  # the session's link, made before, goes on
+            assert conn.recv(100) == b"after\n"
 
-                fp1 = install(1)
-                os.kill(server.p.pid, signal.SIGHUP)
-                reloading = manager.recv(4096).decode().split("\n")
-                assert reloading[0] == "RELOADING=1" and reloading[1].startswith(
-                    "MONOTONIC_USEC="), reloading
-                assert int(reloading[1].split("=")[1]) > 0
-                ready = manager.recv(4096).decode()
-                assert ready == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", ready
-                server.wait_for("TLS: reloaded")
-                assert presented_fingerprint(port) == fp1
-                app.sendall(b"after\n")  # the session's link, made before, goes on
-                assert conn.recv(100) == b"after\n"
-
-                shutil.copyfile(pairs[2][1], key)  # a key that is not the certificate's
-                os.kill(server.p.pid, signal.SIGHUP)
-                server.wait_for("new links keep the certificate loaded before")
-                assert presented_fingerprint(port) == fp1
-                app.sendall(b"still\n")
-                assert conn.recv(100) == b"still\n"
+            shutil.copyfile(pairs[2][1], key)  # a key that is not the certificate's
+            os.kill(server.p.pid, signal.SIGHUP)
+            server.wait_for("new links keep the certificate loaded before")
+            assert presented_fingerprint(port) == fp1
+            app.sendall(b"still\n")
+            assert conn.recv(100) == b"still\n"
         server.ends_on(signal.SIGTERM)
     finally:
-        log = client.stop() if client is not None else ""
-        slog = server.stop()
-        backend.close()
-        manager.close()
+        slog, log = _stop_all(server, client, backend, manager)
     said = f"--tls-key {key} is not the private key of the certificate in --tls-cert {cert}"
     assert said in slog, slog
     assert slog.count("TLS: reloaded") == 1 and "Traceback" not in slog + log, slog
@@ -708,43 +719,34 @@ def test_sigusr2_upgrades_serve_in_place_and_the_session_goes_on(tmp_path):
                         f"127.0.0.1:{port}", "--keepalive-interval", "0.5", "--dead-timeout",
                         "2"])
         client.wait_for("listening on")
-        with socket.create_connection(("127.0.0.1", local), timeout=30) as app:
-            backend.settimeout(30)
-            conn, _ = backend.accept()
-            with conn:
-                conn.settimeout(30)
-                app.sendall(b"before\n")
-                assert conn.recv(100) == b"before\n"
-                sender = threading.Thread(target=app.sendall, args=(data,), daemon=True)
-                sender.start()
-                got = hashlib.sha256()
-                n = 0
-                while n < size // 4:  # (bounded: each recv waits 30 s at most)
-                    chunk = conn.recv(1 << 20)
-                    assert chunk
-                    got.update(chunk)
-                    n += len(chunk)
-                os.kill(server.p.pid, signal.SIGUSR2)
-                while n < size:
-                    chunk = conn.recv(1 << 20)
-                    assert chunk
-                    got.update(chunk)
-                    n += len(chunk)
-                sender.join(30)
-                assert n == size and got.digest() == hashlib.sha256(data).digest()
-                said = [manager.recv(4096).decode() for _ in range(2)]
-                assert said[0].startswith("RELOADING=1\nMONOTONIC_USEC="), said
-                assert said[1] == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", said
-                conn.sendall(b"after\n")  # (the same backend connection, the other way)
-                assert app.recv(100) == b"after\n"
-                assert server.p.poll() is None
+        with _session_through(local, backend, b"before\n", 30) as (app, conn):
+            sender = threading.Thread(target=app.sendall, args=(data,), daemon=True)
+            sender.start()
+            got = hashlib.sha256()
+            n = 0
+            while n < size // 4:  # (bounded: each recv waits 30 s at most)
+                chunk = conn.recv(1 << 20)
+                assert chunk
+                got.update(chunk)
+                n += len(chunk)
+            os.kill(server.p.pid, signal.SIGUSR2)
+            while n < size:
+                chunk = conn.recv(1 << 20)
+                assert chunk
+                got.update(chunk)
+                n += len(chunk)
+            sender.join(30)
+            assert n == size and got.digest() == hashlib.sha256(data).digest()
+            said = [manager.recv(4096).decode() for _ in range(2)]
+            assert said[0].startswith("RELOADING=1\nMONOTONIC_USEC="), said
+            assert said[1] == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", said
+            conn.sendall(b"after\n")  # (the same backend connection, the other way)
+            assert app.recv(100) == b"after\n"
+            assert server.p.poll() is None
         server.wait_for("took over 1 sessions")
         server.ends_on(signal.SIGTERM)
     finally:
-        log = client.stop() if client is not None else ""
-        slog = server.stop()
-        backend.close()
-        manager.close()
+        slog, log = _stop_all(server, client, backend, manager)
     assert f"upgrading in this process (pid {server.p.pid})" in slog, slog
     assert slog.count("new from") == 1 and "resumed from" in slog, slog
     sid = slog.split("new from")[0].rsplit("session ", 1)[1].split(":")[0]

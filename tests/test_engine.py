@@ -7,7 +7,7 @@ import random
 from typing import Any
 
 import pytest
-from engine_harness import Harness
+from engine_harness import Harness, Schedule, pattern
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,10 +36,6 @@ from icafast.wire import FLAG_FIN, MAX_OFFSET, FrameType
 
 SMALL = Config(frame_size=100, replay_limit=4096, keepalive_interval=1.0, dead_timeout=3.0,
                reliability_timeout=30.0)
-
-
-def pattern(tag: int, n: int, start: int = 0) -> bytes:
-    return bytes((tag * 31 + i * 7 + (i >> 8)) & 0xFF for i in range(start, start + n))
 
 
 def of(kind, events):
@@ -741,42 +737,10 @@ def test_random_schedules_deliver_exactly_once_in_order(ops, seed):
     h = Harness(SMALL, seed=seed)
     h.open_link()
     h.pump()
-    csent = ssent = 0
-    for op, arg in ops:
-        if h.client.state is State.CLOSED:
-            break
-        if op == "csend":
-            csent += h.client_send(pattern(1, arg, csent))
-        elif op == "ssend" and h.sessions:
-            ssent += h.server_send(pattern(2, arg, ssent))
-        elif op == "c2s":
-            h.deliver_c2s(arg)
-        elif op == "s2c":
-            h.deliver_s2c(arg)
-        elif op == "reset":
-            h.reset()
-        elif op == "blackhole":
-            h.blackhole()
-        elif op == "half_open":
-            h.half_open()
-        elif op == "tick":
-            h.advance(arg / 1000)
-        # the delivered prefix is always exactly the sent prefix
-        assert bytes(h.s_recv) == bytes(h.c_sent[: len(h.s_recv)])
-        assert bytes(h.c_recv) == bytes(h.s_sent[: len(h.c_recv)])
+    run = Schedule(h)
+    run.run(ops)
     assert h.client.state is not State.CLOSED  # within the reliability timeout
-    # heal: let time run until everything is delivered and acked
-    for _ in range(200):
-        h.pump()
-        if (len(h.s_recv) == len(h.c_sent) and len(h.c_recv) == len(h.s_sent)
-                and h.client.unacked == 0 and h.server.unacked == 0):
-            break
-        if h.wire is not None and h.wire.blackholed:
-            h.advance(SMALL.dead_timeout)
-        else:
-            h.advance(0.05)
-    assert bytes(h.s_recv) == bytes(h.c_sent)
-    assert bytes(h.c_recv) == bytes(h.s_sent)
+    run.heal(200)
     assert len(h.sessions) <= 1
 
 

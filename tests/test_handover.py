@@ -9,7 +9,7 @@ import hashlib
 import os
 
 import pytest
-from engine_harness import Harness
+from engine_harness import Harness, Schedule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from relay_helpers import (
@@ -236,10 +236,6 @@ SMALL = Config(frame_size=100, replay_limit=4096, keepalive_interval=1.0, dead_t
                reliability_timeout=30.0)
 
 
-def _pattern(tag: int, n: int, start: int = 0) -> bytes:
-    return bytes((tag * 31 + i * 7 + (i >> 8)) & 0xFF for i in range(start, start + n))
-
-
 def _hand_over(h: Harness, unsent: int) -> None:
     """What ``RelayServer.hand_over`` does to the session, in the harness: its state goes to a
     new engine, of which the last ``unsent`` bytes given to the backend (at most what was not
@@ -291,49 +287,10 @@ def test_hand_overs_at_any_point_keep_both_streams_exactly_once_in_order(ops, se
     h = Harness(SMALL, seed=seed)
     h.open_link()
     h.pump()
-    csent = ssent = 0
-    cfin = sfin = False
-    for op, arg in ops:
-        if h.client.state is State.CLOSED:
-            break
-        if op == "csend" and not cfin:
-            csent += h.client_send(_pattern(1, arg, csent))
-        elif op == "ssend" and h.sessions and not sfin:
-            ssent += h.server_send(_pattern(2, arg, ssent))
-        elif op == "cfin" and not cfin:
-            cfin = True
-            h.client.send_eof()
-        elif op == "sfin" and h.sessions and not sfin:
-            sfin = True
-            h.server.send_eof()
-        elif op == "c2s":
-            h.deliver_c2s(arg)
-        elif op == "s2c":
-            h.deliver_s2c(arg)
-        elif op == "reset":
-            h.reset()
-        elif op == "blackhole":
-            h.blackhole()
-        elif op == "tick":
-            h.advance(arg / 1000)
-        elif op == "handover" and h.sessions:
-            _hand_over(h, arg)
-        assert bytes(h.s_recv) == bytes(h.c_sent[: len(h.s_recv)])
-        assert bytes(h.c_recv) == bytes(h.s_sent[: len(h.c_recv)])
-    assert h.client.state is not State.CLOSED or (cfin and sfin)
-    for _ in range(300):  # heal: time runs until everything is delivered and acknowledged
-        h.pump()
-        if (len(h.s_recv) == len(h.c_sent) and len(h.c_recv) == len(h.s_sent)
-                and h.s_eof == cfin and h.c_eof == sfin and h.client.unacked == 0
-                and h.server.unacked == 0):
-            break
-        if h.wire is not None and h.wire.blackholed:
-            h.advance(SMALL.dead_timeout)
-        else:
-            h.advance(0.05)
-    assert bytes(h.s_recv) == bytes(h.c_sent)
-    assert bytes(h.c_recv) == bytes(h.s_sent)
-    assert (h.s_eof, h.c_eof) == (cfin, sfin)
+    run = Schedule(h, lambda op, arg: _hand_over(h, arg) if h.sessions else None)
+    run.run(ops)
+    assert h.client.state is not State.CLOSED or (run.cfin and run.sfin)
+    run.heal()
     assert len(h.sessions) == 1
 
 
