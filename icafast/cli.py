@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend for the matching --listen (default 127.0.0.1:1494)")
     lim = s.add_argument_group("limits (hostile load)")
     lim.add_argument("--max-sessions", type=_count, metavar="N", help="refuse NEW beyond this "
-                     "many sessions (default 10000)")
+                     "many sessions, unless another source holds more of them: then its "
+                     "oldest disconnected one makes room (default 10000)")
     lim.add_argument("--max-handshakes", type=_count, metavar="N",
                      help="connections allowed in the handshake at once; more are closed at "
                           "once, unless another source holds more of them: then its oldest "
@@ -1142,6 +1143,10 @@ _COUNTER_HELP = {
                          "slow): closed, after a REJECT where one could be sent.",
     "tls_handshakes_failed": "Connections whose TLS handshake failed (not counted where the "
                              "event loop runs TLS: ICAFAST_TLS_IO=loop, no compiled module).",
+    "sessions_evicted": "Disconnected sessions ended to make room at the session limit for "
+                        "another source (one that held more sessions).",
+    "handovers_taken": "Hand-overs this server took from the one before (an upgrade in "
+                       "place, SIGUSR2).",
 }
 
 

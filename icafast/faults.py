@@ -97,8 +97,9 @@ class _Pair:
         loop = asyncio.get_running_loop()
         server = self.server = _Side(self, "server")
         try:
-            await loop.create_connection(lambda: server, self.proxy.target_host,
-                                         self.proxy.target_port)
+            await loop.create_connection(
+                lambda: server, self.proxy.target_host, self.proxy.target_port,
+                local_addr=(self.proxy.source_host, 0) if self.proxy.source_host else None)
         except OSError:
             abort_with_rst(self.client.transport)
 
@@ -172,9 +173,11 @@ class FaultProxy:
     """TCP proxy ``listen -> target`` that can break its connections (see module doc)."""
 
     def __init__(self, target_host: str, target_port: int, listen_host: str = "127.0.0.1",
-                 listen_port: int = 0) -> None:
+                 listen_port: int = 0, source_host: str | None = None) -> None:
         self.target_host = target_host
         self.target_port = target_port
+        #: the address its connections to the target come from (None: the system's choice)
+        self.source_host = source_host
         self.listen_host = listen_host
         self.listen_port = listen_port
         self.pairs: set[_Pair] = set()

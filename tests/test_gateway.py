@@ -225,6 +225,69 @@ def test_a_flood_from_one_source_leaves_room_for_others(use_tls, tmp_path, caplo
     assert len(said) == 1 and "10 of them by 127.0.0.2" in said[0], said
 
 
+def test_sessions_dropped_by_one_source_do_not_keep_others_out(caplog):
+    """One host that opens sessions and drops them without a CLOSE kept the server at its
+    limit for the reliability timeout: every other client was refused (REJECT 5). Now a
+    new session from another source ends the oldest DISCONNECTED session of a source that
+    holds more than it would, until the two hold as many; live sessions are never ended for
+    it. (The dropped sessions come from 127.0.0.2, the others from 127.0.0.1.)"""
+    from icafast.aio import open_session
+    from icafast.faults import FaultProxy
+    from icafast.protocol import Config
+
+    async def main() -> None:
+        cfg = Config(keepalive_interval=0.1, dead_timeout=0.4, reliability_timeout=60.0)
+        async with Setup(Backend("echo"), config=cfg, max_sessions=4) as s:
+            far = await FaultProxy("127.0.0.1", s.server_port, source_host="127.0.0.2").start()
+            dropped: list = []
+            mine: list = []
+            try:
+                for _ in range(4):
+                    dropped.append(await open_session("127.0.0.1", far.port, config=cfg))
+                assert await wait_for(lambda: len(s.server.sessions_by_id) == 4, 5)
+                oldest = list(s.server.sessions_by_id)[0]
+                far.refuse_new = True  # (their clients cannot come back)
+                far.blackhole()
+                assert await wait_for(lambda: all(
+                    r.engine.state is State.DISCONNECTED
+                    for r in s.server.sessions_by_id.values()), 5)
+                for _ in range(2):  # 4 : 0, then 3 : 1 -> room each time
+                    r, w = await s.client(config=cfg, direct=True)
+                    w.write(b"in")
+                    assert await r.readexactly(2) == b"in"
+                    mine.append(w)
+                assert oldest not in s.server.sessions_by_id
+                by = {k: len(v) for k, v in s.server._sessions_by_source.items()}
+                assert by == {"127.0.0.2": 2, "127.0.0.1": 2}
+                with pytest.raises(ConnectionError, match="limit of 4 sessions"):
+                    await s.client(config=cfg, direct=True)  # 2 : 2 -> no room
+                assert s.server.metrics()["counters"]["sessions_evicted"] == 2
+            finally:
+                for w in mine + [w for _, w in dropped]:
+                    w.close()
+                await far.close()
+
+    run_async("uvloop", main())
+    said = [r.getMessage() for r in caplog.records if "to make room for others" in r.getMessage()]
+    assert len(said) == 1 and "4 of them from 127.0.0.2" in said[0], said
+
+
+def test_live_sessions_are_not_ended_to_make_room():
+    """At the limit, with every session of the top source live, a new one is refused."""
+    async def main() -> None:
+        async with Setup(Backend("echo"), max_sessions=2) as s:
+            kept = [await s.client(direct=True) for _ in range(2)]
+            with pytest.raises(ConnectionError, match="limit of 2 sessions"):
+                await s.client(direct=True)
+            for r, w in kept:
+                w.write(b"ok")
+                assert await r.readexactly(2) == b"ok"
+                w.close()
+            assert s.server.counters["sessions_evicted"] == 0
+
+    run_async("asyncio", main())
+
+
 def test_behind_a_load_balancer_handshakes_count_from_their_proxy_header():
     """With --proxy-protocol every connection comes from the load balancer: each handshake
     counts as its PROXY header's client from that header on."""

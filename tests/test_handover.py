@@ -82,6 +82,7 @@ def test_sessions_go_on_at_the_server_they_are_handed_to(loop, tls_io, tmp_path,
                 assert len(resumed) >= 1
                 assert await wait_for(lambda: not nxt.sessions_by_id, 10)  # ended, at nxt
                 assert nxt.counters["sessions_opened"] == 1  # (carried over)
+                assert nxt.counters["handovers_taken"] == 1
                 assert nxt.counters["ended_done"] == 1
                 # (the listener listens on the descriptor handed over)
                 assert nxt._servers[0].sockets[0].fileno() in fds

@@ -187,6 +187,7 @@ class _ServerRunner(Runner):
         #: the order number of the connection attached last (_PendingLink.order)
         self.link_order = 0
         self.opened = False  # (its first link came up: counted as opened, and then as ended)
+        self.source = "?"  # (source_block of the client that made it: see _make_session_room)
 
     def attach(self, pending: _PendingLink) -> bool:
         """Move ``pending``'s link into this session (NEW, or RESUME with a checked proof)."""
@@ -465,6 +466,9 @@ class RelayServer:
         #: stream bytes of the sessions that ended: from their clients, to them (acknowledged)
         self._ended_bytes = [0, 0]
         self._evict_logged = -1e9  # (when _make_room last logged)
+        self._evict_sessions_logged = -1e9  # (when _make_session_room last logged)
+        #: sessions (made, or connecting to their backend) by the source that made them
+        self._sessions_by_source: dict[str, dict[_ServerRunner, None]] = {}
         #: NEW sessions connecting to their backend (not in sessions_by_id yet)
         self._creating: set[_ServerRunner] = set()
         #: NEW tokens -> the session made by the first NEW with it: a NEW that repeats it
@@ -837,6 +841,7 @@ class RelayServer:
             runner = _ServerRunner(self, eng, self._mapping_for(entry["listen"],
                                                                 entry["backend_address"]))
             runner.opened = True
+            self._count_source(runner, source_block(eng.client_address))
             i = entry["backend"]
             if i is not None:
                 fd, fds[i] = fds[i], -1
@@ -861,6 +866,7 @@ class RelayServer:
             self.sessions_by_id[eng.session_id] = runner
             runner.pump()  # (its timer: the reliability timeout, and a FIN to send)
             taken += 1
+        self.counters["handovers_taken"] += 1
         log.info("took over %d sessions from the server before", taken)
 
     def _lingering_link(self, link: Link) -> None:
@@ -886,7 +892,8 @@ class RelayServer:
                     and self._repeated_new(known, pending)):
                 return
         # (sessions still connecting to their backend count: a burst of NEW must not overshoot)
-        if len(self.sessions_by_id) + len(self._creating) >= self.max_sessions:
+        if (len(self.sessions_by_id) + len(self._creating) >= self.max_sessions
+                and not self._make_session_room(pending.source)):
             pending.reject(REJECT_BUSY, f"server is at its limit of {self.max_sessions} sessions")
             return
         if pending.hs.rtt is None and pending.proxy is None:
@@ -897,6 +904,7 @@ class RelayServer:
             pending.hs.rtt = tcp_rtt(pending.link.transport)
         runner = _ServerRunner(self, ServerSession(self.config, self.loop.time()), m)
         runner.pending = pending
+        self._count_source(runner, pending.source)
         if token:
             runner.new_token = token
             self._new_tokens[token] = runner
@@ -911,6 +919,7 @@ class RelayServer:
         runner.pending = None
         if self.sessions_by_id.get(runner.engine.session_id) is not runner:
             self._drop_token(runner)  # never made
+            self._uncount_source(runner)
 
     def _repeated_new(self, runner: _ServerRunner, pending: _PendingLink) -> bool:
         """A NEW with the token of ``runner``'s: if the client cannot have had its ACCEPT,
@@ -1086,8 +1095,50 @@ class RelayServer:
         log.warning("session %s: RESUME with a wrong proof from %s", sid, pending.link.peer)
         pending.reject(REJECT_BAD_PROOF, f"wrong proof for session {sid}")
 
+    def _count_source(self, runner: _ServerRunner, source: str) -> None:
+        runner.source = source
+        self._sessions_by_source.setdefault(source, {})[runner] = None
+
+    def _uncount_source(self, runner: _ServerRunner) -> None:
+        mine = self._sessions_by_source.get(runner.source)
+        if mine is not None:
+            mine.pop(runner, None)
+            if not mine:
+                del self._sessions_by_source[runner.source]
+
+    def _make_session_room(self, source: str) -> bool:
+        """The server is at its limit of sessions, and ``source`` asks for a new one: when
+        another source holds more sessions than this one would with it, that source's oldest
+        DISCONNECTED session is ended to make room (sessions opened and dropped without a
+        CLOSE, each held for the reliability timeout, cannot keep everyone else out). A live
+        session is never ended for it, nor one of a source that holds no more than the one
+        asking. Whether it made room."""
+        by_source = self._sessions_by_source
+        if len(by_source) >= len(self.sessions_by_id) + len(self._creating):
+            return False  # (one each: nobody holds more, and no scan under a spread flood)
+        mine = len(by_source.get(source, ()))
+        top, held = max(by_source.items(), key=lambda kv: len(kv[1]))
+        if len(held) <= mine + 1:
+            return False
+        victim = next((r for r in held if r.engine.state is State.DISCONNECTED), None)
+        if victim is None:
+            return False
+        now = self.loop.time()
+        if now - self._evict_sessions_logged > 10.0:
+            self._evict_sessions_logged = now
+            log.warning("the server is at its limit of %d sessions, %d of them from %s: ending "
+                        "its oldest disconnected ones to make room for others (a new session "
+                        "from %s)", self.max_sessions, len(held), top, source)
+        self.counters["sessions_evicted"] += 1
+        victim.engine.close(CLOSE_ABORTED, f"ended to make room for another client: the "
+                            f"server is at its limit of {self.max_sessions} sessions and "
+                            f"{top} holds {len(held)}", now)
+        victim.pump()
+        return True
+
     def _forget(self, runner: _ServerRunner) -> None:
         self._drop_token(runner)
+        self._uncount_source(runner)
         sid = runner.engine.session_id
         if self.sessions_by_id.get(sid) is runner:
             del self.sessions_by_id[sid]
