@@ -809,6 +809,7 @@ def test_an_upgrade_that_cannot_run_leaves_every_session_as_it_was(monkeypatch, 
             (sid,) = s.server.sessions_by_id
             await cli._upgrade_in_place(s.server)
             assert list(s.server.sessions_by_id) == [sid]
+            assert [len(v) for v in s.server._sessions_by_source.values()] == [1]
             w.write(b"two")
             assert await asyncio.wait_for(r.readexactly(3), 20) == b"two"
             assert len(s.backend.conns) == 1

@@ -757,6 +757,7 @@ class RelayServer:
         for r in runners:
             r.let_go()
         self.sessions_by_id.clear()
+        self._sessions_by_source.clear()
         self._new_tokens.clear()
         if self._stopped is not None:
             self._stopped.set()
