@@ -1709,8 +1709,9 @@ class ServerSession(SessionEngine):
         s.tx = ReplayBuffer(max(config.replay_limit, n), start)
         if n:
             s.tx.append(unacked)
-        s._peer_ack = s._tx_sent = start
-        s._tx_high = state["tx_high"]
+        s._peer_ack = start
+        # (as after a link that broke: what it had sent, from which a resume replays)
+        s._tx_sent = s._tx_high = state["tx_high"]
         s._tx_fin = state["tx_fin"]
         s._tx_fin_acked = state["tx_fin_acked"]
         s._rx = state["rx"]

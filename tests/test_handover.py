@@ -177,7 +177,7 @@ def test_a_session_state_round_trip_keeps_offsets_secrets_and_the_replay_bytes()
     state = s._state()
     t = ServerSession.from_state(cfg, state, b"".join(bytes(v) for v in s.tx.views()), 9.0)
     assert t.session_id == s.session_id and t._secret == s._secret
-    assert (t.tx.start, t.tx.end, t._tx_high) == (400, 1000, 1000)
+    assert (t.tx.start, t.tx.end, t._tx_high, t._tx_sent) == (400, 1000, 1000, 1000)
     assert t._rx == 77 and t.state is State.DISCONNECTED
     assert t._expiry == 9.0 + cfg.reliability_timeout
     assert t.export_state()["tx_unacked"] == s.export_state()["tx_unacked"]

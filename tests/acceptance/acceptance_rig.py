@@ -506,8 +506,9 @@ class Rig:
         return self.server.count(": new from")
 
     def fault(self, kind: str) -> int:
-        """Break the link once: 'reset', 'blackhole' or 'outage'. Returns the number of links
-        a reset killed (blackhole/outage: -1, they kill nothing, they silence)."""
+        """Break the link once: 'reset', 'blackhole' or 'outage', or 'upgrade' the server in
+        place (SIGUSR2: it resets the links itself). Returns the number of links a reset
+        killed (otherwise -1)."""
         t = time.monotonic()
         killed = -1
         if kind == "reset":
@@ -516,6 +517,11 @@ class Rig:
             self.net.blackhole(BLACKHOLE_S)
         elif kind == "outage":
             self.net.outage(OUTAGE_S)
+        elif kind == "upgrade":  # icafast serve runs itself anew, in place, with the sessions
+            assert self.server is not None
+            upgrades = self.server.count("took over")
+            os.kill(self.server.pid, signal.SIGUSR2)
+            self.server.wait_for("took over", upgrades + 1)
         else:
             raise ValueError(kind)
         self.faults.append((kind, t, killed))
