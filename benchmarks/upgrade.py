@@ -1,6 +1,6 @@
 """What an upgrade in place (SIGUSR2 to ``icafast serve``) costs the sessions that live through it.
 
-    python -m benchmarks.upgrade [--sessions 100] [--rounds 3] [--tls] [--pin]
+    python -m benchmarks.upgrade [--sessions 100] [--rounds 3] [--tls] [--pin] [--quick]
 
 One ``icafast serve`` process; this driver is the backend (an echo) and the clients
 (``open_session``). Every session sends a numbered 16-byte message, waits for its echo, pauses
@@ -33,7 +33,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks._chains import PY, free_port, icafast_argv, tls_files, wait_listening
+from benchmarks._chains import (
+    PY,
+    Busy,
+    exclusive_run,
+    free_port,
+    icafast_argv,
+    tls_files,
+    wait_listening,
+)
 
 _MSG = struct.Struct(">QQ")  # session number, message number
 
@@ -166,8 +174,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tls", action="store_true", help="TLS links (the run's certificate)")
     p.add_argument("--pin", action="store_true", help="the server on CPU 0 (taskset)")
     p.add_argument("--out", help="write the results here as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 5 sessions, one round, half a second after it (the "
+                        "figures mean nothing; the checks hold)")
     a = p.parse_args(argv)
     from icafast.aio import run
+
+    if a.quick:
+        a.sessions, a.rounds, a.after = 5, 1, 0.5
+    else:
+        try:  # (held until the process ends: timed runs never overlap)
+            a.lock = exclusive_run(say=lambda m: print(m, file=sys.stderr))
+        except Busy as e:
+            print(f"python -m benchmarks.upgrade: {e}", file=sys.stderr)
+            return 2
 
     res = run(_drive(a))
     text = json.dumps(res, indent=2)
