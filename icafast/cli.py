@@ -672,7 +672,12 @@ async def _upgrade_in_place(server: Any) -> None:
              "are handed over", os.getpid(), __version__, out.decode().strip())
     notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
            "STATUS=upgrading (SIGUSR2)")
-    data, fds = await server.hand_over()
+    try:
+        data, fds = await server.hand_over()
+    except OSError as e:  # (EMFILE: before anything changed)
+        log.error("SIGUSR2: not upgraded: %s", _error_text(e))
+        notify("READY=1", "STATUS=running (not upgraded)")
+        return
     # (the sessions' secrets: in memory only where the system has memfd_create, else in an
     # unlinked file of this user's)
     memfd = getattr(os, "memfd_create", None)

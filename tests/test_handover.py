@@ -314,3 +314,30 @@ def test_the_ack_of_a_fin_waits_for_what_precedes_it_to_reach_the_sink():
     assert h.client.tx.start == 6  # (the client keeps the four for a resume)
     s.sink_backlog = 0
     assert s._ack_value() == 11
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_a_hand_over_without_descriptors_to_spare_changes_nothing():
+    """No descriptor left for the duplicates (EMFILE): ``hand_over`` raises before it has
+    changed anything, and the server serves on: its sessions, and new ones."""
+    import resource
+
+    async def main() -> None:
+        async with Setup(Backend("echo")) as s:
+            streams = [await s.client(direct=True) for _ in range(3)]
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            # (room for the listener's duplicate, not for the sessions' backends)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 1,
+                                                        hard))
+            try:
+                with pytest.raises(OSError, match="nothing was handed over"):
+                    await s.server.hand_over()
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert len(s.server.sessions_by_id) == 3 and s.server._servers
+            for r, w in [*streams, await s.client(direct=True)]:
+                w.write(b"on")
+                assert await r.readexactly(2) == b"on"
+                w.close()
+
+    run_async("uvloop", main())

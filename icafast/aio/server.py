@@ -712,15 +712,26 @@ class RelayServer:
         loop = self.loop
         fds: list[int] = []
         listeners = []
+        #: each session's backend socket, duplicated now: a lack of descriptors (EMFILE) stops
+        #: the hand-over here, before anything has changed (the server serves on)
+        backends: dict[_ServerRunner, int] = {}
         try:
             for srv, m in zip(self._servers, self._server_mapping, strict=True):
                 for sock in srv.sockets:
                     fds.append(os.dup(sock.fileno()))
                     listeners.append({"listen": [m.listen_host, m.listen_port],
                                       "fd": len(fds) - 1})
-        except OSError:
-            _close_fds(fds)
-            raise
+            for r in self.sessions_by_id.values():
+                ep = r.endpoint
+                if ep is None or ep.transport is None or ep.closed:
+                    continue
+                bsock = ep.transport.get_extra_info("socket")
+                if bsock is not None and bsock.fileno() >= 0:
+                    backends[r] = os.dup(bsock.fileno())
+        except OSError as e:
+            _close_fds([*fds, *backends.values()])
+            raise OSError(e.errno, f"hand-over: {e.strerror}; nothing was handed over, and "
+                                   "the server serves on") from e
         for srv in self._servers:
             srv.close()  # (the sockets stay open: the duplicates; their backlogs wait)
         self._servers, self._server_mapping = [], []
@@ -746,9 +757,10 @@ class RelayServer:
         sessions = []
         runners = list(self.sessions_by_id.values())
         for r in runners:
-            entry = self._session_entry(r, packer, fds)
+            entry = self._session_entry(r, packer, fds, backends.pop(r, -1))
             if entry is not None:
                 sessions.append(entry)
+        _close_fds(backends.values())  # (of sessions that ended meanwhile)
         doc = {"listeners": listeners, "sessions": sessions,
                "counters": dict(self.counters), "ended_bytes": self._ended_bytes,
                "tombstones": [[sid.hex(), t] for sid, t in self._tombstones.items()],
@@ -764,12 +776,13 @@ class RelayServer:
         log.info("handed over: %d sessions, %d listening sockets", len(sessions), len(listeners))
         return data, fds
 
-    def _session_entry(self, r: _ServerRunner, packer: ho.Packer,
-                       fds: list[int]) -> dict[str, Any] | None:
-        """A session's part of the hand-over (its backend descriptor added to ``fds``), or None
-        for one that ends with this server (closed already)."""
+    def _session_entry(self, r: _ServerRunner, packer: ho.Packer, fds: list[int],
+                       dup: int) -> dict[str, Any] | None:
+        """A session's part of the hand-over (``dup``, its backend socket's duplicate, added to
+        ``fds``; -1: none), or None for one that ends with this server (closed already)."""
         eng = r.engine
         if eng.state is State.CLOSED:
+            _close_fds([dup] if dup >= 0 else [])
             return None
         state = eng._state()
         ep = r.endpoint
@@ -777,17 +790,18 @@ class RelayServer:
         pending: list[list[int]] = []
         eof = False
         if ep is not None and ep.transport is not None and not ep.closed:
-            sock = ep.transport.get_extra_info("socket")
-            if sock is None or sock.fileno() < 0:
+            if dup < 0:
                 return None
             unsent = ep.transport.get_write_buffer_size()
             if unsent:  # (not taken by the backend: the client sends it again)
                 state["rx"] = eng._rx - unsent - (1 if eng._rx_fin else 0)
                 state["rx_fin"] = False
-            fds.append(os.dup(sock.fileno()))
+            fds.append(dup)
             backend = len(fds) - 1
             pending = [packer.add([b]) for b in ep.pending]
             eof = ep.eof
+        elif dup >= 0:  # (its backend connection ended meanwhile)
+            _close_fds([dup])
         m = r.mapping
         return {"state": state, "backend": backend, "pending": pending, "eof": eof,
                 "unacked": packer.add(eng.tx.views()),
