@@ -3,7 +3,8 @@
     application  ->  icafast client  ->  fault proxy  ->  icafast server  ->  sample backend
 
 Both ends stream pseudo-random bytes at each other while the proxy breaks the link (TCP resets,
-silent blackholes, half-open links). At the end the SHA-256 of what each side sent is compared
+silent blackholes, half-open links) and the server hands its session over to a new server, as
+an upgrade in place does. At the end the SHA-256 of what each side sent is compared
 with what the other side received, and the server is asked how many sessions it saw.
 """
 
@@ -227,11 +228,14 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
         if isinstance(e, ev.LinkUp) and e.resumed:
             server_replayed += e.replayed
 
-    # (one session, resumed again and again: the limits a demo needs, which any process's
-    # open-files limit has room for, not a production server's 10,000)
-    server = RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], cfg,
-                         ssl=server_ssl, max_sessions=4, max_handshakes=16,
-                         on_status=on_server_status)
+    def new_server() -> RelayServer:
+        # (one session, resumed again and again: the limits a demo needs, which any process's
+        # open-files limit has room for, not a production server's 10,000)
+        return RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", backend.port)], cfg,
+                           ssl=server_ssl, max_sessions=4, max_handshakes=16,
+                           on_status=on_server_status)
+
+    server = new_server()
     await server.start()
     stack.push_async_callback(server.close)
     proxy = await FaultProxy("127.0.0.1", server.addresses[0][1]).start()
@@ -274,8 +278,18 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
             say(f"{stamp()} client: session {engine.session_id.hex()[:12]}.. established")
 
     app = StreamStats()
-    kinds = ["reset", "blackhole", "half-open"]
+    kinds = ["reset", "blackhole", "half-open", "hand-over"]
     counts = dict.fromkeys(kinds, 0)
+
+    async def hand_over() -> int:
+        """The server hands its session to a new server, which takes its listener and the
+        backend connection (what ``icafast serve`` does on SIGUSR2, into the program it execs)."""
+        nonlocal server
+        data, fds = await server.hand_over()
+        server = new_server()
+        await server.start(handover=(data, fds))
+        stack.push_async_callback(server.close)
+        return len(server.sessions_by_id)
 
     # The last part of the upload (its last byte at least) waits for the last break, so
     # every break finds the session still open; break k comes once k/(breaks+1) of the
@@ -291,16 +305,21 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
                     if app.received >= target:  # (target < size: reached at the latest)
                         break
                     await asyncio.sleep(0.01)
-                kind = kinds[k % 3]
+                kind = kinds[k % len(kinds)]
                 # wait until the link broken last is back (resumed) before breaking it again:
                 # a break of a link still in its handshake would not be a new break
                 for _ in range(3000):
                     if ups >= k + 1 and proxy.live_connections:
                         break
                     await asyncio.sleep(0.01)
+                counts[kind] += 1
+                if kind == "hand-over":
+                    n = await hand_over()
+                    say(f"{stamp()} server: handed {n} session(s) over to a new server (as an "
+                        f"upgrade in place does) at {_amount(app.received)} received")
+                    continue
                 n = {"reset": proxy.reset, "blackhole": proxy.blackhole,
                      "half-open": proxy.half_open}[kind]()
-                counts[kind] += 1
                 say(f"{stamp()} proxy: {kind} of {n} connection(s) at {_amount(app.received)} "
                     f"received")
         finally:
@@ -340,7 +359,8 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
             f"{be.sent_hash.hexdigest()[:16]}..  received {app.received} sha256 "
             f"{app.recv_hash.hexdigest()[:16]}..  " + ("OK" if down_ok else "MISMATCH"))
     summary(f"  link breaks: {counts['reset']} reset, {counts['blackhole']} blackhole, "
-            f"{counts['half-open']} half-open; resumes: {resumes}; bytes replayed: "
+            f"{counts['half-open']} half-open, {counts['hand-over']} server hand-over; "
+            f"resumes: {resumes}; bytes replayed: "
             f"{replayed} by the client, {server_replayed} by the server")
     summary(f"  backend connections: {n_sessions}"
             + (" (one session, never a new one)" if n_sessions == 1 else
