@@ -158,6 +158,10 @@ def test_a_disconnected_session_and_a_finished_stream_are_handed_over(loop):
                 assert got.received == size and got.eof
                 rng_hash = hashlib.sha256(__import__("random").Random(5).randbytes(size))
                 assert got.recv_hash.digest() == rng_hash.digest()
+                # (the session ends gracefully before the teardown: a client still
+                # reconnecting then would race the proxy's close)
+                w.write_eof()
+                assert await wait_for(lambda: not nxt.sessions_by_id, 10)
             finally:
                 w.close()
                 await nxt.close()
