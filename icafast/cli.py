@@ -639,10 +639,10 @@ async def _upgrade_in_place(server: Any) -> None:
     """SIGUSR2: run the icafast now installed in this process, with every session. The
     program must take this process's arguments first (``serve ... --check``: the program
     starts, and the configuration, which may have changed, is valid); then the server hands
-    its sessions over
-    (``RelayServer.hand_over``) and this process execs it, with the same arguments and the
-    same process id (a service manager sees a reload), passing the sessions, the listening
-    sockets and the backend connections on. The clients resume at once."""
+    its sessions over (``RelayServer.hand_over``) and this process execs the program, with
+    the same arguments and the same process id (a service manager sees a reload), passing
+    the sessions, the listening sockets and the backend connections on. The clients resume
+    at once. Should the exec fail, this process's server takes the sessions back."""
     import subprocess
     import tempfile
 
@@ -681,24 +681,24 @@ async def _upgrade_in_place(server: Any) -> None:
     # (the sessions' secrets: in memory only where the system has memfd_create, else in an
     # unlinked file of this user's)
     memfd = getattr(os, "memfd_create", None)
-    with (open(memfd("icafast-handover"), "w+b") if memfd is not None
-          else tempfile.TemporaryFile()) as f:
-        f.write(data)
-        f.flush()
-        f.seek(0)
-        keep = [f.fileno(), *fds]
-        for fd in keep:
-            os.set_inheritable(fd, True)
-        env = {**os.environ, HANDOVER_ENV: ",".join(map(str, keep))}
-        for h in logging.getLogger().handlers + log.handlers:
-            h.flush()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        try:
+    try:
+        with (open(memfd("icafast-handover"), "w+b") if memfd is not None
+              else tempfile.TemporaryFile()) as f:
+            f.write(data)
+            f.flush()
+            f.seek(0)
+            keep = [f.fileno(), *fds]
+            for fd in keep:
+                os.set_inheritable(fd, True)
+            env = {**os.environ, HANDOVER_ENV: ",".join(map(str, keep))}
+            for h in logging.getLogger().handlers + log.handlers:
+                h.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
             os.execve(sys.executable, argv, env)
-        except OSError as e:  # (the sessions come back to this process's server)
-            log.error("SIGUSR2: could not run %s (%s): the sessions stay with icafast %s",
-                      sys.executable, e, __version__)
+    except OSError as e:  # (the sessions come back to this process's server)
+        log.error("SIGUSR2: could not run %s (%s): the sessions stay with icafast %s",
+                  sys.executable, e, __version__)
     for fd in fds:
         os.set_inheritable(fd, False)
     await server.start(handover=(data, fds))
