@@ -1743,7 +1743,7 @@ def test_tombstones_of_ended_sessions_expire_in_order():
 
     def end(sid: bytes) -> None:
         srv._forget(SimpleNamespace(engine=SimpleNamespace(session_id=sid),  # type: ignore
-                                    new_token=b""))
+                                    new_token=b"", source="?"))
 
     for i in range(1000):  # 1,000 sessions end within 10 s
         end(b"a%03d" % i)
