@@ -998,11 +998,7 @@ class RelayServer:
                 runner.endpoint.transport.close()
 
     def _forget_slot(self, pending: _PendingLink) -> None:
-        mine = self._by_source.get(pending.source)
-        if mine is not None:
-            mine.pop(pending, None)
-            if not mine:
-                del self._by_source[pending.source]
+        _drop_from(self._by_source, pending.source, pending)
 
     def _make_room(self, source: str) -> bool:
         """Every handshake slot is taken, and a connection from ``source`` comes: when another
@@ -1115,11 +1111,7 @@ class RelayServer:
         self._sessions_by_source.setdefault(source, {})[runner] = None
 
     def _uncount_source(self, runner: _ServerRunner) -> None:
-        mine = self._sessions_by_source.get(runner.source)
-        if mine is not None:
-            mine.pop(runner, None)
-            if not mine:
-                del self._sessions_by_source[runner.source]
+        _drop_from(self._sessions_by_source, runner.source, runner)
 
     def _make_session_room(self, source: str) -> bool:
         """The server is at its limit of sessions, and ``source`` asks for a new one: when
@@ -1311,6 +1303,16 @@ class RelayServer:
             return {"ok": True, "disconnected": self.disconnect_session(str(req["id"])),
                     "had_link": had_link}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def _drop_from(table: dict[str, dict[Any, None]], source: str, item: Any) -> None:
+    """Take ``item`` out of ``table[source]`` (a per-source table), and the source with it
+    once it holds nothing."""
+    mine = table.get(source)
+    if mine is not None:
+        mine.pop(item, None)
+        if not mine:
+            del table[source]
 
 
 def _unsent_to_backend(r: _ServerRunner) -> bool:
