@@ -431,6 +431,13 @@ def _on_stop_signals(loop: asyncio.AbstractEventLoop, on_signal: Any) -> None:
             loop.add_signal_handler(sig, on_signal, sig)
 
 
+def _notify_reloading(signame: str, what: str = "reloading") -> None:
+    """Tell a service manager that the process reloads (RELOADING=1; READY=1 follows)."""
+    # (Python's monotonic clock is CLOCK_MONOTONIC, which systemd reads here)
+    notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
+           f"STATUS={what} ({signame})")
+
+
 async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
                             reload: Any = None, daily: Any = None, upgrade: Any = None) -> None:
     """``start()``, tell a service manager that the process is ready (with the addresses it
@@ -465,9 +472,7 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
     def on_signal(signum: int) -> None:
         if reload is not None and signum == getattr(signal, "SIGHUP", None):
             if ready:
-                # (Python's monotonic clock is CLOCK_MONOTONIC, which systemd reads here)
-                notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
-                       "STATUS=reloading (SIGHUP)")
+                _notify_reloading("SIGHUP")
             try:
                 reload()
             finally:
@@ -670,8 +675,7 @@ async def _upgrade_in_place(server: Any) -> None:
         return
     log.info("SIGUSR2: upgrading in this process (pid %d) from icafast %s: %s; the sessions "
              "are handed over", os.getpid(), __version__, out.decode().strip())
-    notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}",
-           "STATUS=upgrading (SIGUSR2)")
+    _notify_reloading("SIGUSR2", "upgrading")
     try:
         data, fds = await server.hand_over()
     except OSError as e:  # (EMFILE: before anything changed)
