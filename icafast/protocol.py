@@ -1409,10 +1409,63 @@ class ClientSession(SessionEngine):
         """An abort waits for the next link to be delivered."""
         return self._close_pending is not None
 
-    def export_state(self) -> dict[str, Any]:
-        d = super().export_state()
+    def _state(self) -> dict[str, Any]:
+        d = super()._state()
         d["secret"] = self._secret.hex()
+        d["new_token"] = self._new_token.hex()
+        d["established"] = self._ever_established
+        d["first_attempt_at"] = self._first_attempt_at
+        d["server_policy"] = (None if self.server_policy is None
+                              else asdict(self.server_policy))
+        d["close_pending"] = (None if self._close_pending is None
+                              else list(self._close_pending))
         return d
+
+    @classmethod
+    def from_state(cls, config: Config, state: dict[str, Any], unacked: Any,
+                   now: float) -> ClientSession:
+        """The session of ``export_state()`` (another process's, handed over: see
+        ``RelayClient.hand_over``), without a link, ready for ``connect``: DISCONNECTED, as
+        if its link had just broken (a session whose first handshake had not ended yet is
+        CONNECTING, and its next NEW carries the same token: the server answers it with the
+        session it may have made already, PROTOCOL.md 3.2). ``unacked`` holds the bytes from
+        ``tx_start`` on, and ``state["rx"]`` is what the application has taken of the
+        server's stream (the server sends the rest again). A reliability timeout that was
+        running goes on from where it was (both processes read the same monotonic clock)."""
+        s = cls(config, now)
+        s.session_id = bytes.fromhex(state["session_id"])
+        s._secret = bytes.fromhex(state["secret"])
+        s._new_token = bytes.fromhex(state["new_token"])
+        n = memoryview(unacked).nbytes
+        start = state["tx_start"]
+        s.tx = ReplayBuffer(max(config.replay_limit, n), start)
+        if n:
+            s.tx.append(unacked)
+        s._peer_ack = start
+        s._tx_sent = s._tx_high = state["tx_high"]
+        s._tx_fin = state["tx_fin"]
+        s._tx_fin_acked = state["tx_fin_acked"]
+        s._rx = state["rx"]
+        s._rx_fin = state["rx_fin"]
+        s._rx_acked = min(state["rx_acked"], s._rx)
+        s.created = state["created"]
+        s.reconnects = state["reconnects"]
+        s.bytes_received = state["bytes_received"]
+        s.srtt = state["srtt"]
+        s._ever_established = bool(state["established"])
+        s._first_attempt_at = state["first_attempt_at"]
+        policy = state["server_policy"]
+        if policy is not None:
+            s.server_policy = Policy(**policy)
+            s.policy = s.server_policy
+        pending = state["close_pending"]
+        s._close_pending = None if pending is None else (int(pending[0]), str(pending[1]))
+        if s.session_id:
+            s.state = State.DISCONNECTED
+            s._disconnected_at = state["disconnected_at"]
+            if s._disconnected_at is None:  # (its link was up: it breaks now)
+                s._disconnected_at = now
+        return s
 
 
 # =============================================================================================

@@ -17,6 +17,7 @@ from relay_helpers import (
     Backend,
     Setup,
     Stats,
+    free_port,
     recv_stream,
     run_async,
     send_stream,
@@ -26,8 +27,8 @@ from relay_helpers import (
 
 from icafast import events as ev
 from icafast import handover as ho
-from icafast.aio import Mapping, RelayServer
-from icafast.protocol import Config, ServerSession, State
+from icafast.aio import Mapping, RelayClient, RelayServer
+from icafast.protocol import ClientSession, Config, ServerSession, State
 
 LOOPS = ["uvloop", "asyncio"]
 
@@ -207,8 +208,6 @@ def test_a_listener_whose_address_changed_is_closed_and_the_new_one_listens():
     """The next server listens where its own mappings say: a listener handed over for an
     address it no longer has is closed (its descriptor too), a new one is opened, and the
     sessions go on to the backends they have."""
-    from relay_helpers import free_port
-
     async def main() -> None:
         async with Setup(Backend("echo")) as s:
             r, w = await s.client(direct=True)
@@ -231,6 +230,174 @@ def test_a_listener_whose_address_changed_is_closed_and_the_new_one_listens():
             finally:
                 w.close()
                 await nxt.close()
+
+    run_async("asyncio", main())
+
+
+# -- the client side: RelayClient.hand_over / start(handover=) ----------------------------------
+
+async def _app(client: RelayClient) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An application connection to ``client``'s listener."""
+    return await asyncio.open_connection("127.0.0.1", client.addresses[0][1])
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tls_io", [None, "auto"], ids=["plain", "tls"])
+def test_client_sessions_go_on_at_the_client_they_are_handed_to(loop, tls_io, tmp_path,
+                                                                monkeypatch):
+    """A client hands its sessions over while streams flow both ways: the application's
+    connection goes on, unaware, byte for byte; the next client listens on the same socket
+    and resumes the same session (one backend connection at the server, to the end); a new
+    application connection there gets a session of its own."""
+    size = 6 * 1024 * 1024
+    if tls_io is not None:
+        monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    server_kw, client_tls = tls_for(tmp_path, tls_io is not None)
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), **server_kw) as s:
+            first = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), s.config,
+                                tls=client_tls)
+            await first.start()
+            nxt = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), s.config,
+                              tls=client_tls)
+            try:
+                r, w = await _app(first)
+                sent, got = Stats(), Stats()
+                tasks = [asyncio.ensure_future(send_stream(w, size, 11, sent, chunk=64 * 1024)),
+                         asyncio.ensure_future(recv_stream(r, got))]
+                assert await wait_for(lambda: got.received > size // 4, 30)
+                (sid,) = s.server.sessions_by_id
+                port = first.addresses[0][1]
+                data, fds = await first.hand_over()
+                assert not first.runners
+                await nxt.start(handover=(data, fds))
+                assert nxt.addresses[0][1] == port
+                (runner,) = nxt.runners
+                assert runner.engine.session_id == sid
+                await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                assert got.received == size and got.eof
+                assert got.recv_hash.digest() == sent.sent_hash.digest()
+                assert list(s.server.sessions_by_id) in ([sid], [])
+                assert len(s.backend.conns) == 1
+                assert s.server.counters["sessions_opened"] == 1
+                assert s.server.counters["resumes"] >= 1
+                r2, w2 = await _app(nxt)  # (the listener handed over accepts)
+                w2.write(b"again")
+                assert await asyncio.wait_for(r2.readexactly(5), 10) == b"again"
+                assert len(s.backend.conns) == 2
+                w2.close()
+                w.close()
+            finally:
+                await first.close()
+                await nxt.close()
+
+    run_async(loop, main())
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_what_the_application_has_not_taken_is_sent_again_by_the_server(loop):
+    """An application that reads nothing for a while: what waits in the client for it is not
+    handed over (the server has not had it acknowledged) and comes again from the server.
+    The application then reads the backend's stream exactly once, in order, with its end."""
+    size = 24 * 1024 * 1024
+    cfg = dataclasses.replace(FAST, replay_limit=32 * 1024 * 1024)
+
+    async def main() -> None:
+        async with Setup(Backend("stream", size=size, seed=9), cfg) as s:
+            first = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), cfg)
+            await first.start()
+            nxt = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), cfg)
+            try:
+                r, w = await _app(first)
+                (runner,) = first.runners
+                # (the application's socket buffers are full and the transport holds more)
+                assert await wait_for(lambda: runner.endpoint is not None and
+                                      runner.endpoint.transport.get_write_buffer_size() > 0, 30)
+                data, fds = await first.hand_over(drain=0.05)
+                doc, _ = ho.unpack(data)
+                (entry,) = doc["sessions"]
+                assert entry["state"]["rx"] < runner.engine._rx  # the unsent part: left out
+                await nxt.start(handover=(data, fds))
+                got = Stats()
+                w.write_eof()
+                await asyncio.wait_for(recv_stream(r, got), 60)
+                assert got.received == size and got.eof
+                rng_hash = hashlib.sha256(__import__("random").Random(9).randbytes(size))
+                assert got.recv_hash.digest() == rng_hash.digest()
+                assert len(s.backend.conns) == 1
+                w.close()
+            finally:
+                await first.close()
+                await nxt.close()
+
+    run_async(loop, main())
+
+
+def test_a_session_still_connecting_is_handed_over_and_opens_at_the_next_client():
+    """A session whose first connect has not succeeded yet (the server is not up) is handed
+    over with what the application sent: the next client opens it once the server is there,
+    and the application's bytes arrive whole."""
+    cfg = dataclasses.replace(FAST, connect_retry=30.0)
+
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        port = free_port()
+        first = RelayClient(("127.0.0.1", 0), ("127.0.0.1", port), cfg)
+        await first.start()
+        nxt = RelayClient(("127.0.0.1", 0), ("127.0.0.1", port), cfg)
+        server = RelayServer([Mapping("127.0.0.1", port, "127.0.0.1", backend.port)], cfg)
+        try:
+            r, w = await _app(first)
+            w.write(b"hello before any server")
+            (runner,) = first.runners
+            assert await wait_for(lambda: runner.engine.unacked == 23, 10)
+            assert runner.engine.state is State.CONNECTING
+            data, fds = await first.hand_over()
+            await nxt.start(handover=(data, fds))
+            (taken,) = nxt.runners
+            assert taken.engine.state is State.CONNECTING
+            assert taken.engine._new_token == runner.engine._new_token
+            await server.start()
+            assert await asyncio.wait_for(r.readexactly(23), 30) == b"hello before any server"
+            assert len(server.sessions_by_id) == 1 and len(backend.conns) == 1
+            w.close()
+        finally:
+            await first.close()
+            await nxt.close()
+            await server.close()
+            await backend.close()
+
+    run_async("uvloop", main())
+
+
+def test_a_client_session_state_round_trip_keeps_offsets_secrets_and_the_server_policy():
+    """``ClientSession.from_state`` is ``export_state``'s inverse for what a resume needs."""
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    h.client_send(b"y" * 500)
+    h.server_send(b"z" * 300)
+    h.pump()
+    c = h.client
+    state = c._state()
+    t = ClientSession.from_state(SMALL, state, b"".join(bytes(v) for v in c.tx.views()), h.now)
+    assert (t.session_id, t._secret, t._new_token) == (c.session_id, c._secret, c._new_token)
+    assert (t.tx.start, t.tx.end, t._tx_high, t._rx) == (c.tx.start, c.tx.end, 500, 300)
+    assert t.server_policy == c.server_policy and t.policy == c.policy
+    assert t.state is State.DISCONNECTED and t._disconnected_at == h.now
+    assert t.export_state()["tx_unacked"] == c.export_state()["tx_unacked"]
+
+
+def test_a_servers_hand_over_is_not_a_clients():
+    async def main() -> None:
+        fd = os.open(os.devnull, os.O_RDONLY)
+        client = RelayClient(("127.0.0.1", 0), ("127.0.0.1", 9), FAST)
+        data = ho.Packer().pack({"listeners": [], "sessions": []})
+        with pytest.raises(ho.HandoverError, match="a server's hand-over"):
+            await client.start(handover=(data, [fd]))
+        assert not _fd_open(fd)
+        await client.close()
 
     run_async("asyncio", main())
 
@@ -267,6 +434,40 @@ def _hand_over(h: Harness, unsent: int) -> None:
     h.sessions[new.session_id] = new
 
 
+def _hand_over_client(h: Harness, unsent: int) -> None:
+    """What ``RelayClient.hand_over`` does to the session, in the harness: its state goes to
+    a new client engine, of which the last ``unsent`` bytes given to the application (at most
+    what was not acknowledged) had not reached it; the link is reset, and the new engine
+    connects at once."""
+    old = h.client
+    if old.state is State.CLOSED or not old.session_id:
+        return  # (a NEW again: the harness's server has no table of NEW tokens)
+    state = old._state()
+    fin = 1 if old._rx_fin else 0
+    unsent = max(0, min(unsent, old._rx - fin - old._rx_acked, len(h.c_recv)))
+    if unsent:
+        state["rx"] = old._rx - fin - unsent
+        state["rx_fin"] = False
+        del h.c_recv[len(h.c_recv) - unsent:]
+        h.c_eof = False
+    new = ClientSession.from_state(h.config, state,
+                                   b"".join(bytes(v) for v in old.tx.views()), h.now)
+    h.reset()  # (the server sees the link reset)
+    for w in h.wires:
+        w.client_alive = False  # (what the old process had goes with it)
+        w.c2s.clear()
+        w.s2c.clear()
+    h.client = new
+    h.open_link()
+
+
+def _either_hand_over(h: Harness, op: str, arg: int) -> None:
+    if op == "handover" and h.sessions:
+        _hand_over(h, arg)
+    elif op == "chandover":
+        _hand_over_client(h, arg)
+
+
 _SIZES = st.one_of(st.integers(1, 700), st.sampled_from([100, 300, 700]))
 _CUTS = st.one_of(st.integers(0, 900), st.sampled_from([1000, 5000]))
 OPS = st.one_of(
@@ -280,6 +481,7 @@ OPS = st.one_of(
     st.tuples(st.just("cfin"), st.just(0)),
     st.tuples(st.just("sfin"), st.just(0)),
     st.tuples(st.just("handover"), st.integers(0, 5000)),
+    st.tuples(st.just("chandover"), st.integers(0, 5000)),
 )
 
 
@@ -287,12 +489,13 @@ OPS = st.one_of(
 @given(ops=st.lists(OPS, min_size=10, max_size=60), seed=st.integers(0, 2**16))
 def test_hand_overs_at_any_point_keep_both_streams_exactly_once_in_order(ops, seed):
     """Random schedules of sends, partial deliveries, link faults, time, ends of stream and
-    hand-overs (each leaving out what the backend had not taken yet): both streams still
-    arrive whole, exactly once, in order, with their ends, and the session goes on."""
+    hand-overs by the server or the client (each leaving out what the backend, or the
+    application, had not taken yet): both streams still arrive whole, exactly once, in order,
+    with their ends, and the session goes on."""
     h = Harness(SMALL, seed=seed)
     h.open_link()
     h.pump()
-    run = Schedule(h, lambda op, arg: _hand_over(h, arg) if h.sessions else None)
+    run = Schedule(h, lambda op, arg: _either_hand_over(h, op, arg))
     run.run(ops)
     assert h.client.state is not State.CLOSED or (run.cfin and run.sfin)
     run.heal()

@@ -1166,10 +1166,11 @@ class Runner:
             abort_with_rst(self.endpoint.transport)
 
     def let_go(self) -> None:
-        """The session went on in another process (``RelayServer.hand_over``), which has
-        both connections' descriptors: stop here without a word to either peer. The link is
-        reset (the client resumes at the other process); the backend connection's descriptor
-        is closed, and its TCP connection, which the other process holds too, goes on."""
+        """The session went on in another process (``RelayServer.hand_over``,
+        ``RelayClient.hand_over``), which has the endpoint connection's descriptor: stop here
+        without a word to either peer. The link is reset (the session resumes between the
+        other process and the peer); the endpoint connection's descriptor is closed, and its
+        TCP connection, which the other process holds too, goes on."""
         self._done = True
         self._cancel_timer()
         self._slot.runner = None

@@ -17,6 +17,7 @@ import weakref
 from typing import Any, cast
 
 from .. import events as ev
+from .. import handover as ho
 from ..protocol import CLOSE_ABORTED, CLOSE_DONE, ClientSession, Config, State
 from ..tls import ClientTLS, TLSVerifyError, check_peer
 from ..tlspipe import uses_pipe
@@ -31,12 +32,23 @@ from ._relay import (
     tune_socket,
 )
 from .dial import connect
-from .server import listen_error
+from .server import (
+    close_fds,
+    drain_endpoints,
+    duplicate_sockets,
+    handed_listeners,
+    listen_error,
+    session_entry,
+    take_endpoint,
+)
 from .tlslink import TLSSetup
 
 log = logging.getLogger("icafast")
 
 __all__ = ["RelayClient", "open_session", "close_sessions", "SHUTDOWN_WAIT"]
+
+#: how long hand_over() lets the applications take what waits for them, at most (seconds)
+HANDOVER_DRAIN = 2.0
 
 #: How long a client that stops (``RelayClient.close``) waits in all for the server to take the
 #: CLOSE of each session; what is left then is reset (a dead link must not hold up the exit).
@@ -137,10 +149,11 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 class _ClientRunner(Runner):
     def __init__(self, loop: asyncio.AbstractEventLoop, server: tuple[str, int], config: Config,
                  fallback: tuple[str, int] | None, on_status: StatusCallback | None,
-                 label: str = "", tls: ClientTLS | None = None) -> None:
+                 label: str = "", tls: ClientTLS | None = None,
+                 engine: ClientSession | None = None) -> None:
         if fallback is not None:  # fall back at once rather than retry the first connect
             config = dataclasses.replace(config, connect_retry=0.0)
-        super().__init__(loop, ClientSession(config, loop.time()), "client", on_status)
+        super().__init__(loop, engine or ClientSession(config, loop.time()), "client", on_status)
         self.engine: ClientSession = self.engine  # type: ignore[assignment]
         self.server = server
         self.fallback = fallback
@@ -160,6 +173,8 @@ class _ClientRunner(Runner):
         self._logged_failure: str | None = None  # a failed connect, logged by _connect
         self._attempt_level = logging.INFO  # of the lines about the current link attempt
         self._stopping = False  # the client stops: see stop()
+        #: relaying to the fallback address, without a session (see _start_fallback)
+        self.fell_back = False
         #: the link that carries the session's CLOSE as the client stops, until it is gone
         self._last_link: Link | None = None
         self.last_link_gone: asyncio.Future[None] | None = None
@@ -167,6 +182,7 @@ class _ClientRunner(Runner):
     @property
     def sid(self) -> str:
         return self.engine.session_id.hex() if self.engine.session_id else f"(new{self.label})"
+
 
     def endpoint_made(self, ep: Endpoint) -> None:
         super().endpoint_made(ep)
@@ -397,6 +413,7 @@ class _ClientRunner(Runner):
                     "to fallback %s WITHOUT session reliability", format_hostport(*self.server),
                     reason, format_hostport(host, port))
         self._done = True
+        self.fell_back = True
         self.status(ev.HandshakeRejected(0, f"fallback to {format_hostport(host, port)}: "
                                             f"{reason}"))
         if self.link is not None:
@@ -591,25 +608,58 @@ class RelayClient:
         assert self._loop is not None
         r = _ClientRunner(self._loop, self.server, self.config, self.fallback, self.on_status,
                           label=f" #{self._count}", tls=self.tls)
-        self.runners.add(r)
-        r.closed_future.add_done_callback(lambda _f: self.runners.discard(r))
+        self._track(r)
         return Endpoint(r)
 
-    async def start(self) -> None:
+    def _track(self, r: _ClientRunner) -> None:
+        self.runners.add(r)  # (until the session ends)
+        r.closed_future.add_done_callback(lambda _f: self.runners.discard(r))
+
+    async def start(self, handover: tuple[bytes, list[int]] | None = None) -> None:
         """Listen (``addresses`` then lists the addresses bound). A client that listens
-        cannot be started again (RuntimeError) until ``close()``."""
+        cannot be started again (RuntimeError) until ``close()`` or ``hand_over()``.
+
+        With ``handover``, what ``hand_over()`` of another client (in another process, or
+        this one) returned: this client takes its sessions, with their application
+        connections, and its listening socket, and owns the descriptors from then on (the
+        ones it does not use are closed). Each session resumes at once on a new link to the
+        server (this client's ``server``). A listener handed over for another address than
+        ``listen`` is closed, and ``listen`` is listened on anew."""
         if self._server is not None and self._server.is_serving():
             raise RuntimeError("RelayClient.start(): already started (close() it first)")
         # (kept for the factory: asking for the running loop costs a getpid() call each time)
         self._loop = loop = asyncio.get_running_loop()
+        taking = None
+        if handover is not None:
+            data, fds = handover
+            fds = list(fds)
+            try:
+                doc, blob = ho.unpack(data)
+            except ho.HandoverError:
+                close_fds(fds)
+                raise
+            taking = doc, blob, fds
         self._stopped = asyncio.Event()
         self.addresses = []
         try:
-            self._server = await loop.create_server(self._factory, self.listen[0] or None,
-                                                    self.listen[1], reuse_address=True,
-                                                    backlog=1024)
+            handed = [] if taking is None else handed_listeners(taking[0], taking[2],
+                                                                 list(self.listen))
+            if taking is not None:
+                await self._take_sessions(*taking)
+            if handed:
+                self._server = await loop.create_server(self._factory, sock=handed[0],
+                                                        backlog=1024)
+                for extra in handed[1:]:  # (one listener per client: not reached)
+                    extra.close()
+            else:
+                self._server = await loop.create_server(
+                    self._factory, self.listen[0] or None, self.listen[1],
+                    reuse_address=True, backlog=1024)
         except OSError as e:
             raise listen_error(e, *self.listen) from e
+        finally:
+            if taking is not None:
+                close_fds(fd for fd in taking[2] if fd >= 0)  # (the ones not taken)
         for sock in self._server.sockets:
             addr = sock.getsockname()
             self.addresses.append((addr[0], addr[1]))
@@ -621,6 +671,85 @@ class RelayClient:
         if self._stopped is None:
             raise RuntimeError("RelayClient.start() first")
         await self._stopped.wait()
+
+    async def hand_over(self, drain: float = HANDOVER_DRAIN) -> tuple[bytes, list[int]]:
+        """Stop, and give the sessions to the client that ``start(handover=...)`` next (an
+        upgraded icafast, in the process ``exec`` makes of this one, or in another one the
+        descriptors are sent to): returns the sessions' state and the descriptors it refers
+        to (the listening socket and each session's application connection), which the
+        caller then owns.
+
+        The listener stops accepting (connections wait in its backlog for the next client),
+        and the links are no longer read. Up to ``drain`` seconds go to letting each
+        application take what was received for it; what it has not taken then is left out
+        (the server has not had it acknowledged, and sends it again). Then every session's
+        link is reset, and the next client resumes it; the application connections go on
+        there, unaware. Unlike ``close()``, nothing is said to a peer. A session that fell
+        back to a plain connection (``fallback``) has no state to hand over: it ends here.
+        Like ``close()``, this client may ``start()`` again afterwards."""
+        server = self._server
+        if self._stopped is None or server is None or not server.is_serving():
+            raise RuntimeError("RelayClient.hand_over(): not started")
+        loop = asyncio.get_running_loop()
+        runners = [r for r in self.runners if not r.fell_back]
+        fds, listeners, apps = duplicate_sockets(
+            [(sock, list(self.listen)) for sock in server.sockets], runners, "client")
+        server.close()  # (the socket stays open: the duplicate; its backlog waits)
+        self._server = None
+        for r in runners:  # (a link attempt under way: the next client makes its own)
+            task = r.connect_task
+            if task is not None and not task.done():
+                task.cancel()
+        await drain_endpoints(loop, runners, drain)
+        # From here to the return, no other callback runs: nothing changes under the snapshot.
+        packer = ho.Packer()
+        sessions = []
+        for r in runners:
+            entry = session_entry(r, packer, fds, apps.pop(r, -1))
+            if entry is not None:
+                entry["app"] = entry.pop("endpoint")
+                entry["label"] = r.label
+                sessions.append(entry)
+        close_fds(apps.values())  # (of sessions that ended meanwhile)
+        data = packer.pack({"role": "client", "listeners": listeners, "sessions": sessions,
+                            "count": self._count})
+        for r in runners:
+            r.let_go()
+        ended = [r for r in self.runners if r.fell_back]
+        if ended:
+            log.warning("hand-over: %d connection(s) relayed to the fallback address without "
+                        "session reliability end here", len(ended))
+            for r in ended:
+                r.finish_stop("client handed over")
+        self.runners.clear()
+        if self._stopped is not None:
+            self._stopped.set()
+        log.info("handed over: %d sessions, %d listening sockets", len(sessions), len(listeners))
+        return data, fds
+
+    async def _take_sessions(self, doc: dict[str, Any], blob: memoryview,
+                             fds: list[int]) -> None:
+        """The sessions of a hand-over (start), each resuming at once."""
+        if doc.get("role") != "client":
+            raise ho.HandoverError("a server's hand-over: an icafast connect takes a client's")
+        assert self._loop is not None
+        loop = self._loop
+        self._count = max(self._count, int(doc.get("count", 0)))
+        taken = 0
+        for entry in doc["sessions"]:
+            eng = ClientSession.from_state(self.config, entry["state"],
+                                           ho.area(blob, entry["unacked"]), loop.time())
+            r = _ClientRunner(loop, self.server, self.config, self.fallback, self.on_status,
+                              label=str(entry.get("label", "")), tls=self.tls, engine=eng)
+            self._track(r)
+            if not await take_endpoint(r, entry["app"], entry, blob, fds, "application"):
+                r.stop("its application connection could not be taken over")
+                continue
+            if r.endpoint is None:  # (no application connection: the session still ends)
+                r.start_connect()
+            r.pump()
+            taken += 1
+        log.info("took over %d sessions from the client before", taken)
 
     async def close(self, timeout: float = SHUTDOWN_WAIT) -> None:
         """Stop listening and end every session: each is closed on the server too (CLOSE, on

@@ -16,6 +16,7 @@ import socket
 import ssl
 import stat
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from ssl import OP_NO_TICKET
 from typing import Any
@@ -516,7 +517,7 @@ class RelayServer:
             try:
                 doc, blob = ho.unpack(data)
             except ho.HandoverError:
-                _close_fds(fds)
+                close_fds(fds)
                 raise
             self._taking = doc, blob, list(fds)
         try:
@@ -529,7 +530,7 @@ class RelayServer:
             raise
         finally:
             if self._taking is not None:
-                _close_fds(fd for fd in self._taking[2] if fd >= 0)  # (the ones not taken)
+                close_fds(fd for fd in self._taking[2] if fd >= 0)  # (the ones not taken)
                 self._taking = None
         self._stopped = asyncio.Event()
 
@@ -710,28 +711,11 @@ class RelayServer:
         if self._stopped is None or not self._servers:
             raise RuntimeError("RelayServer.hand_over(): not started")
         loop = self.loop
-        fds: list[int] = []
-        listeners = []
-        #: each session's backend socket, duplicated now: a lack of descriptors (EMFILE) stops
-        #: the hand-over here, before anything has changed (the server serves on)
-        backends: dict[_ServerRunner, int] = {}
-        try:
-            for srv, m in zip(self._servers, self._server_mapping, strict=True):
-                for sock in srv.sockets:
-                    fds.append(os.dup(sock.fileno()))
-                    listeners.append({"listen": [m.listen_host, m.listen_port],
-                                      "fd": len(fds) - 1})
-            for r in self.sessions_by_id.values():
-                ep = r.endpoint
-                if ep is None or ep.transport is None or ep.closed:
-                    continue
-                bsock = ep.transport.get_extra_info("socket")
-                if bsock is not None and bsock.fileno() >= 0:
-                    backends[r] = os.dup(bsock.fileno())
-        except OSError as e:
-            _close_fds([*fds, *backends.values()])
-            raise OSError(e.errno, f"hand-over: {e.strerror}; nothing was handed over, and "
-                                   "the server serves on") from e
+        # (EMFILE stops the hand-over here, before anything has changed: the server serves on)
+        fds, listeners, backends = duplicate_sockets(
+            [(sock, [m.listen_host, m.listen_port])
+             for srv, m in zip(self._servers, self._server_mapping, strict=True)
+             for sock in srv.sockets], self.sessions_by_id.values(), "server")
         for srv in self._servers:
             srv.close()  # (the sockets stay open: the duplicates; their backlogs wait)
         self._servers, self._server_mapping = [], []
@@ -744,14 +728,7 @@ class RelayServer:
         for gone in list(self._closing_links):
             self._closing_links.discard(gone)
             gone.close(abort=True)
-        for r in self.sessions_by_id.values():
-            link = r.link
-            if link is not None and link.transport is not None and not link.closed:
-                link.transport.pause_reading()
-        end = loop.time() + drain
-        while loop.time() < end and any(_unsent_to_backend(r) for r in
-                                        self.sessions_by_id.values()):
-            await asyncio.sleep(0.005)
+        await drain_endpoints(loop, list(self.sessions_by_id.values()), drain)
         # From here to the return, no other callback runs: nothing changes under the snapshot.
         packer = ho.Packer()
         sessions = []
@@ -760,7 +737,7 @@ class RelayServer:
             entry = self._session_entry(r, packer, fds, backends.pop(r, -1))
             if entry is not None:
                 sessions.append(entry)
-        _close_fds(backends.values())  # (of sessions that ended meanwhile)
+        close_fds(backends.values())  # (of sessions that ended meanwhile)
         doc = {"listeners": listeners, "sessions": sessions,
                "counters": dict(self.counters), "ended_bytes": self._ended_bytes,
                "tombstones": [[sid.hex(), t] for sid, t in self._tombstones.items()],
@@ -780,32 +757,12 @@ class RelayServer:
                        dup: int) -> dict[str, Any] | None:
         """A session's part of the hand-over (``dup``, its backend socket's duplicate, added to
         ``fds``; -1: none), or None for one that ends with this server (closed already)."""
-        eng = r.engine
-        if eng.state is State.CLOSED:
-            _close_fds([dup] if dup >= 0 else [])
+        entry = session_entry(r, packer, fds, dup)
+        if entry is None:
             return None
-        state = eng._state()
-        ep = r.endpoint
-        backend = None
-        pending: list[list[int]] = []
-        eof = False
-        if ep is not None and ep.transport is not None and not ep.closed:
-            if dup < 0:
-                return None
-            unsent = ep.transport.get_write_buffer_size()
-            if unsent:  # (not taken by the backend: the client sends it again)
-                state["rx"] = eng._rx - unsent - (1 if eng._rx_fin else 0)
-                state["rx_fin"] = False
-            fds.append(dup)
-            backend = len(fds) - 1
-            pending = [packer.add([b]) for b in ep.pending]
-            eof = ep.eof
-        elif dup >= 0:  # (its backend connection ended meanwhile)
-            _close_fds([dup])
         m = r.mapping
-        return {"state": state, "backend": backend, "pending": pending, "eof": eof,
-                "unacked": packer.add(eng.tx.views()),
-                "listen": [m.listen_host, m.listen_port],
+        entry["backend"] = entry.pop("endpoint")
+        return {**entry, "listen": [m.listen_host, m.listen_port],
                 "backend_address": [m.backend_host, m.backend_port],
                 "token": r.new_token.hex()}
 
@@ -814,13 +771,7 @@ class RelayServer:
         if self._taking is None:
             return []
         doc, _, fds = self._taking
-        socks = []
-        for entry in doc.get("listeners", []):
-            i = entry["fd"]
-            if entry["listen"] == [m.listen_host, m.listen_port] and fds[i] >= 0:
-                socks.append(socket.socket(fileno=fds[i]))
-                fds[i] = -1
-        return socks
+        return handed_listeners(doc, fds, [m.listen_host, m.listen_port])
 
     def _mapping_for(self, listen: list[Any], backend: list[Any]) -> Mapping:
         for m in self.mappings:
@@ -857,23 +808,9 @@ class RelayServer:
                                                                 entry["backend_address"]))
             runner.opened = True
             self._count_source(runner, source_block(eng.client_address))
-            i = entry["backend"]
-            if i is not None:
-                fd, fds[i] = fds[i], -1
-                try:
-                    await self.loop.connect_accepted_socket(
-                        functools.partial(Endpoint, runner), sock=socket.socket(fileno=fd))
-                except OSError as e:
-                    log.warning("session %s: its backend connection could not be taken over "
-                                "(%s): session ended", runner.sid, e)
-                    self._count_ended(runner, CLOSE_ABORTED)
-                    continue
-                ep = runner.endpoint
-                assert ep is not None
-                ep.pending = [bytes(ho.area(blob, p)) for p in entry["pending"]]
-                ep.eof = bool(entry["eof"])
-                if ep.pending:
-                    ep.pause()  # (read again once they are in the replay buffer)
+            if not await take_endpoint(runner, entry["backend"], entry, blob, fds, "backend"):
+                self._count_ended(runner, CLOSE_ABORTED)
+                continue
             token = bytes.fromhex(entry.get("token", ""))
             if token:
                 runner.new_token = token
@@ -1315,14 +1252,126 @@ def _drop_from(table: dict[str, dict[Any, None]], source: str, item: Any) -> Non
             del table[source]
 
 
-def _unsent_to_backend(r: _ServerRunner) -> bool:
+# -- hand-over: what a server and a client share ------------------------------------------------
+def duplicate_sockets(listening: list[tuple[socket.socket, list[Any]]], runners: Any,
+                      what: str) -> tuple[list[int], list[dict[str, Any]], dict[Runner, int]]:
+    """Duplicates, for a hand-over, of the listening sockets (each with the address it was
+    asked for) and of each session's endpoint socket: the descriptors, the listeners' part of
+    the document, and each runner's endpoint duplicate. Taken before anything changes: a lack
+    of descriptors (EMFILE) raises here, and the ``what`` (server, client) serves on."""
+    fds: list[int] = []
+    listeners = []
+    dups: dict[Runner, int] = {}
+    try:
+        for sock, listen in listening:
+            fds.append(os.dup(sock.fileno()))
+            listeners.append({"listen": listen, "fd": len(fds) - 1})
+        for r in runners:
+            ep = r.endpoint
+            if ep is None or ep.transport is None or ep.closed:
+                continue
+            esock = ep.transport.get_extra_info("socket")
+            if esock is not None and esock.fileno() >= 0:
+                dups[r] = os.dup(esock.fileno())
+    except OSError as e:
+        close_fds([*fds, *dups.values()])
+        raise OSError(e.errno, f"hand-over: {e.strerror}; nothing was handed over, and "
+                               f"the {what} serves on") from e
+    return fds, listeners, dups
+
+
+async def drain_endpoints(loop: asyncio.AbstractEventLoop, runners: Sequence[Runner],
+                          drain: float) -> None:
+    """Stop reading the sessions' links, and give their endpoints up to ``drain`` seconds to
+    take what waits for them (see ``session_entry``)."""
+    for r in runners:
+        link = r.link
+        if link is not None and link.transport is not None and not link.closed:
+            link.transport.pause_reading()
+    end = loop.time() + drain
+    while loop.time() < end and any(unsent_to_endpoint(r) for r in runners):
+        await asyncio.sleep(0.005)
+
+
+def handed_listeners(doc: dict[str, Any], fds: list[int], listen: list[Any]) -> list[socket.socket]:
+    """The listening sockets a hand-over holds for address ``listen`` (taken: their
+    descriptors in ``fds`` set to -1)."""
+    socks = []
+    for entry in doc.get("listeners", []):
+        i = entry["fd"]
+        if entry["listen"] == listen and fds[i] >= 0:
+            socks.append(socket.socket(fileno=fds[i]))
+            fds[i] = -1
+    return socks
+
+
+def unsent_to_endpoint(r: Runner) -> bool:
+    """Whether bytes of a session's stream still wait in its endpoint's transport (a hand-over
+    lets them go out first, for a while)."""
     ep = r.endpoint
     return (ep is not None and ep.transport is not None and not ep.closed
             and r.engine.state is not State.CLOSED
             and ep.transport.get_write_buffer_size() > 0)
 
 
-def _close_fds(fds: Any) -> None:
+def session_entry(r: Runner, packer: ho.Packer, fds: list[int],
+                  dup: int) -> dict[str, Any] | None:
+    """What a hand-over says of a session, either side's (``dup``: a duplicate of its
+    endpoint's socket, added to ``fds``; -1: none), or None for one that ends here (closed
+    already). What its endpoint's transport still holds is left out: the endpoint has not
+    taken it, so the peer, which has not had it acknowledged, sends it again."""
+    eng = r.engine
+    if eng.state is State.CLOSED:
+        close_fds([dup] if dup >= 0 else [])
+        return None
+    state = eng._state()
+    ep = r.endpoint
+    endpoint = None
+    pending: list[list[int]] = []
+    eof = False
+    if ep is not None and ep.transport is not None and not ep.closed:
+        if dup < 0:
+            return None
+        unsent = ep.transport.get_write_buffer_size()
+        if unsent:
+            state["rx"] = eng._rx - unsent - (1 if eng._rx_fin else 0)
+            state["rx_fin"] = False
+        fds.append(dup)
+        endpoint = len(fds) - 1
+        pending = [packer.add([b]) for b in ep.pending]
+        eof = ep.eof
+    elif dup >= 0:  # (its endpoint's connection ended meanwhile)
+        close_fds([dup])
+    return {"state": state, "endpoint": endpoint, "pending": pending, "eof": eof,
+            "unacked": packer.add(eng.tx.views())}
+
+
+async def take_endpoint(runner: Runner, i: int | None, entry: dict[str, Any], blob: memoryview,
+                        fds: list[int], what: str) -> bool:
+    """Give ``runner`` the endpoint connection handed over as descriptor ``fds[i]`` (taken:
+    set to -1), with what the session had read from it and not queued yet. False when the
+    event loop cannot take it (the session ends; logged). With ``i`` None, nothing to take."""
+    if i is None:
+        return True
+    fd, fds[i] = fds[i], -1
+    try:
+        await runner.loop.connect_accepted_socket(functools.partial(Endpoint, runner),
+                                                  sock=socket.socket(fileno=fd))
+    except OSError as e:
+        log.warning("session %s: its %s connection could not be taken over (%s): session "
+                    "ended", runner.sid, what, e)
+        return False
+    ep = runner.endpoint
+    assert ep is not None
+    ep.pending = [bytes(ho.area(blob, p)) for p in entry["pending"]]
+    ep.eof = bool(entry["eof"])
+    if ep.pending:
+        ep.pause()  # (read again once they are in the replay buffer)
+    return True
+
+
+def close_fds(fds: Any) -> None:
+    """Close descriptors, those already closed aside."""
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
