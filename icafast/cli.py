@@ -247,10 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("connect", help="run the client: a local port whose connections "
                                        "become reliable sessions",
                        description="Listen locally; every application connection becomes one "
-                                   "session to the server. With --stdio, one session instead, "
-                                   "carried over standard input and output, as an ssh "
-                                   "ProxyCommand: ssh -o ProxyCommand='icafast connect --stdio "
-                                   "--server HOST:2598 --tls-fingerprint SHA256' user@host",
+                                   "session to the server. SIGTERM or SIGINT stops it (every "
+                                   "session closed); SIGUSR2 runs the icafast installed now in "
+                                   "the same process, and every session goes on. With --stdio, "
+                                   "one session instead, carried over standard input and "
+                                   "output, as an ssh ProxyCommand: ssh -o "
+                                   "ProxyCommand='icafast connect --stdio --server HOST:2598 "
+                                   "--tls-fingerprint SHA256' user@host",
                        epilog="With --stdio, standard output carries the backend's stream and "
                               "nothing else (the log goes to standard error: only warnings and "
                               "errors, -v adds INFO, -vv DEBUG), and the exit "
@@ -274,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="if the session-reliability handshake cannot be made, connect "
                         "straight here instead (e.g. the server's 1494); never used when the "
                         "server's certificate fails verification")
+    c.add_argument("--check", action="store_true",
+                   help="check the configuration (files, addresses, TLS files) and exit: 0 "
+                        "when connect would start with it (SIGUSR2 asks this of the new "
+                        "program first)")
     c.add_argument("--connect-retry", type=_seconds, metavar="SECONDS",
                    help="keep trying this long to set up a new session before resetting the "
                         "application connection (default 10; without effect with --fallback)")
@@ -456,12 +463,11 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
 
     def on_upgrade() -> None:
         if upgrade is None:  # (its default action would end the process, and no session)
-            log.warning("SIGUSR2: ignored (only icafast serve upgrades in place: a new "
-                        "icafast connect takes a restart, which ends its sessions)")
+            log.warning("SIGUSR2: ignored (no upgrade in place here)")
             return
         if not ready or any(not t.done() for t in upgrading):
             log.info("SIGUSR2: %s", "an upgrade runs already" if ready else
-                     "not started yet: send it again once the server is ready")
+                     "not started yet: send it again once it is ready")
             return
         upgrading[:] = [loop.create_task(upgrade())]
 
@@ -625,7 +631,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await _run_until_signal(lambda: server.start(handover=handover), server.close,
                                 lambda: server.addresses, reload_tls,
                                 (lambda: _say_dates(cert_file, server=True)) if ssl_ctx else None,
-                                lambda: _upgrade_in_place(server))
+                                lambda: _upgrade_in_place(server, "server"))
 
     try:
         run(main())
@@ -640,14 +646,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 HANDOVER_ENV = "ICAFAST_HANDOVER"
 
 
-async def _upgrade_in_place(server: Any) -> None:
+async def _upgrade_in_place(relay: Any, what: str) -> None:
     """SIGUSR2: run the icafast now installed in this process, with every session. The
-    program must take this process's arguments first (``serve ... --check``: the program
-    starts, and the configuration, which may have changed, is valid); then the server hands
-    its sessions over (``RelayServer.hand_over``) and this process execs the program, with
-    the same arguments and the same process id (a service manager sees a reload), passing
-    the sessions, the listening sockets and the backend connections on. The clients resume
-    at once. Should the exec fail, this process's server takes the sessions back."""
+    program must take this process's arguments first (``serve ... --check``, ``connect ...
+    --check``: the program starts, and the configuration, which may have changed, is
+    valid); then the server or client hands its sessions over (``RelayServer.hand_over``,
+    ``RelayClient.hand_over``) and this process execs the program, with the same arguments
+    and the same process id (a service manager sees a reload), passing the sessions, the
+    listening sockets and the backend (or application) connections on. The sessions resume
+    at once. Should the exec fail, this process's server or client takes the sessions back."""
     import subprocess
     import tempfile
 
@@ -669,15 +676,15 @@ async def _upgrade_in_place(server: Any) -> None:
         err = str(e).encode()
     if rc != 0 or not out.strip():
         last = (err.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-        log.error("SIGUSR2: the icafast installed now does not start with this server's "
+        log.error("SIGUSR2: the icafast installed now does not start with this %s's "
                   "arguments and configuration (%s): not upgraded, every session goes on "
-                  "with icafast %s", last, __version__)
+                  "with icafast %s", what, last, __version__)
         return
     log.info("SIGUSR2: upgrading in this process (pid %d) from icafast %s: %s; the sessions "
              "are handed over", os.getpid(), __version__, out.decode().strip())
     _notify_reloading("SIGUSR2", "upgrading")
     try:
-        data, fds = await server.hand_over()
+        data, fds = await relay.hand_over()
     except OSError as e:  # (EMFILE: before anything changed)
         log.error("SIGUSR2: not upgraded: %s", _error_text(e))
         notify("READY=1", "STATUS=running (not upgraded)")
@@ -705,7 +712,7 @@ async def _upgrade_in_place(server: Any) -> None:
                   sys.executable, e, __version__)
     for fd in fds:
         os.set_inheritable(fd, False)
-    await server.start(handover=(data, fds))
+    await relay.start(handover=(data, fds))
     notify("READY=1", "STATUS=running (not upgraded)")
 
 
@@ -961,6 +968,14 @@ def cmd_connect(args: argparse.Namespace) -> int:
     if tls_cfg is not None and tls_cfg.fingerprint is None and tls_cfg.context.verify_mode == 0:
         log.warning("TLS without verifying the server (--tls-insecure): an active attacker can "
                     "read and change the session")
+    if args.check:
+        from .aio.server import format_hostport
+
+        print(f"icafast {__version__} connect: the configuration is valid ("
+              + ("--stdio" if stdio else format_hostport(listen[0] or "*", listen[1]))
+              + f" -> server {format_hostport(*server)}"
+              + (", TLS" if tls_cfg is not None else ", plain text") + ")")
+        return 0
     if stdio:
         return _connect_stdio(server, config, fallback, on_status, tls_cfg)
     if not _loopback(listen[0]):
@@ -975,9 +990,15 @@ def cmd_connect(args: argparse.Namespace) -> int:
                          tls=tls_cfg)
     try:
         client_cert = _opt(args, file_cfg, "tls_client_cert") if tls_cfg is not None else None
-        run(_run_until_signal(client.start, client.close, lambda: client.addresses,
-                              daily=(lambda: _say_dates(client_cert, server=False))
-                              if client_cert else None))
+        async def main() -> None:
+            handover = _inherited_handover()
+            await _run_until_signal(lambda: client.start(handover=handover), client.close,
+                                    lambda: client.addresses,
+                                    daily=(lambda: _say_dates(client_cert, server=False))
+                                    if client_cert else None,
+                                    upgrade=lambda: _upgrade_in_place(client, "client"))
+
+        run(main())
     except OSError as e:
         print(f"icafast connect: {_error_text(e)}", file=sys.stderr)
         return 1
@@ -1070,6 +1091,13 @@ async def _run_stdio(session: Any) -> int:
         with contextlib.suppress(ValueError, OSError):  # (not the main thread: no signals)
             signal.signal(sig, handler)
             handled.append(sig)
+    if hasattr(signal, "SIGUSR2"):  # (its default action would end the process and session)
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signal.SIGUSR2, lambda _s, _f: loop.call_soon_threadsafe(
+                log.warning, "SIGUSR2: ignored (icafast connect --stdio does not upgrade in "
+                "place: its session ends with its program, and the next one starts with the "
+                "icafast installed then)"))
+            handled.append(signal.SIGUSR2)
     try:
         return await _stdio_until_over(session, stopped, caught)
     finally:

@@ -547,11 +547,6 @@ def test_sighup_stops_connect_as_sigterm_does_and_serve_reloads(tmp_path):
                         f"127.0.0.1:{port}"])
         client.wait_for("listening on")
         with _session_through(local, backend, b"hello\n", 10) as (app, conn):
-            if hasattr(signal, "SIGUSR2"):  # (meant for serve: connect goes on)
-                os.kill(client.p.pid, signal.SIGUSR2)
-                client.wait_for("SIGUSR2: ignored")
-                app.sendall(b"still\n")
-                assert conn.recv(100) == b"still\n"
             client.ends_on(signal.SIGHUP)
             try:  # the server closed the session's backend connection at once
                 assert conn.recv(100) == b""
@@ -754,6 +749,94 @@ def test_sigusr2_upgrades_serve_in_place_and_the_session_goes_on(tmp_path):
     assert "Traceback" not in slog + log, slog + log
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2") or not hasattr(socket, "AF_UNIX"),
+                    reason="no SIGUSR2 or no AF_UNIX sockets (not a POSIX system)")
+def test_sigusr2_upgrades_connect_in_place_and_the_session_goes_on(tmp_path):
+    """SIGUSR2: ``icafast connect`` runs the program installed now in the same process (the
+    same pid; the service manager hears RELOADING=1, then READY=1), and hands it its session
+    with the application's connection: a stream that flows through the upgrade arrives
+    whole, the application and backend connections are the same ones, and the server sees
+    the same session resumed. The listener goes on taking connections."""
+    import hashlib
+    import random
+
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(30)
+    backend = _banner_backend(b"")
+    port, local = free_port(), free_port()
+    server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
+                    f"127.0.0.1:{backend.getsockname()[1]}", "--control",
+                    str(tmp_path / "control.sock")])
+    client = None
+    size = 8 * 1024 * 1024
+    data = random.Random(12).randbytes(size)
+    try:
+        server.wait_for("listening on")
+        client = _Proc(["connect", "--no-tls", "--listen", f"127.0.0.1:{local}", "--server",
+                        f"127.0.0.1:{port}"],
+                       env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+        assert manager.recv(4096).decode().startswith("READY=1\n")
+        with _session_through(local, backend, b"before\n", 30) as (app, conn):
+            receiver_got = hashlib.sha256()
+            n = 0
+
+            def receive() -> None:
+                nonlocal n
+                while n < size:  # (bounded: each recv waits 30 s at most)
+                    chunk = app.recv(1 << 20)
+                    if not chunk:
+                        return
+                    receiver_got.update(chunk)
+                    n += len(chunk)
+
+            receiver = threading.Thread(target=receive, daemon=True)
+            receiver.start()
+            sent = 0
+            for i in range(0, size, 1 << 20):  # the backend streams to the application
+                conn.sendall(data[i:i + (1 << 20)])
+                sent += 1 << 20
+                if sent == size // 4:
+                    os.kill(client.p.pid, signal.SIGUSR2)
+            receiver.join(60)
+            assert n == size and receiver_got.digest() == hashlib.sha256(data).digest()
+            said = [manager.recv(4096).decode() for _ in range(2)]
+            assert said[0].startswith("RELOADING=1\nMONOTONIC_USEC="), said
+            assert said[1] == f"READY=1\nSTATUS=listening on 127.0.0.1:{local}", said
+            app.sendall(b"after\n")  # (the same connections, the other way)
+            assert conn.recv(100) == b"after\n"
+            assert client.p.poll() is None
+        client.wait_for("took over 1 sessions")
+        with _session_through(local, backend, b"new\n", 30):
+            pass  # (the listener handed over takes a new session)
+        client.ends_on(signal.SIGTERM)
+    finally:
+        slog, log = _stop_all(server, client, backend, manager)
+    assert f"upgrading in this process (pid {client.p.pid})" in log, log
+    assert slog.count("new from") == 2 and "resumed from" in slog, slog
+    sid = slog.split("new from")[0].rsplit("session ", 1)[1].split(":")[0]
+    assert f"session {sid}: resumed from" in slog, slog
+    assert "Traceback" not in slog + log, slog + log
+
+
+def test_connect_check_validates_and_binds_nothing(tmp_path):
+    """``connect --check``: exit 0 with one line when connect would start with its arguments
+    and configuration file, without listening; not 0 with the reason otherwise."""
+    port = free_port()
+    ok = subprocess.run([PY, "-m", "icafast", "connect", "--no-tls", "--listen",
+                         f"127.0.0.1:{port}", "--server", "127.0.0.1:9", "--check"],
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == (f"icafast {icafast.__version__} connect: the configuration is valid "
+                         f"(127.0.0.1:{port} -> server 127.0.0.1:9, plain text)\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # (free: nothing listened)
+    bad = subprocess.run([PY, "-m", "icafast", "connect", "--tls-ca", str(tmp_path / "gone"),
+                          "--server", "127.0.0.1:9", "--check"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and not bad.stdout and "gone" in bad.stderr, bad.stderr
+
+
 def test_serve_check_validates_and_binds_nothing(tmp_path):
     """``serve --check``: exit 0 with one line when serve would start with its arguments and
     configuration file, without listening or opening its control socket; 1 with the reason
@@ -807,7 +890,7 @@ def test_an_upgrade_that_cannot_run_leaves_every_session_as_it_was(monkeypatch, 
             w.write(b"one")
             assert await r.readexactly(3) == b"one"
             (sid,) = s.server.sessions_by_id
-            await cli._upgrade_in_place(s.server)
+            await cli._upgrade_in_place(s.server, "server")
             assert list(s.server.sessions_by_id) == [sid]
             assert [len(v) for v in s.server._sessions_by_source.values()] == [1]
             w.write(b"two")

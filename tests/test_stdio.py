@@ -543,7 +543,9 @@ def test_stdio_output_closed_by_its_reader_ends_the_session(tmp_path):
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_stdio_stops_on_a_signal_closing_the_session_on_the_server(tmp_path, sig):
     """As ssh ends its ProxyCommand (SIGHUP), or a user does: the session is closed on the
-    server too (its backend connection at once), and the exit status is 0."""
+    server too (its backend connection at once), and the exit status is 0. SIGUSR2 before it
+    (an upgrade of every icafast on the host) is logged and ignored: its default action
+    would end the process and the session."""
     backend_eof = threading.Event()
 
     def serve(conn: socket.socket) -> None:
@@ -559,6 +561,8 @@ def test_stdio_stops_on_a_signal_closing_the_session_on_the_server(tmp_path, sig
     try:
         err = _Drain(p.stderr, keep=True)
         assert p.stdout.read(6) == b"ready\n"
+        if hasattr(signal, "SIGUSR2"):
+            os.kill(p.pid, signal.SIGUSR2)
         os.kill(p.pid, getattr(signal, sig))
         rc, log = _finish(p, err, timeout=20)
         assert backend_eof.wait(5), server.text()
@@ -569,6 +573,7 @@ def test_stdio_stops_on_a_signal_closing_the_session_on_the_server(tmp_path, sig
     assert rc == 0, log
     assert f"shutting down ({sig})" in log and "Traceback" not in log, log
     assert "closed (peer closed: client shutting down)" in slog, slog
+    assert not hasattr(signal, "SIGUSR2") or "SIGUSR2: ignored (icafast connect --stdio" in log
 
 
 def test_stdio_sighup_after_end_of_input_lets_the_last_input_through(tmp_path):
