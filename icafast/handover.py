@@ -1,17 +1,22 @@
-"""The state one ``icafast serve`` process hands the next (an upgrade that keeps the sessions).
+"""The state one ``icafast serve`` or ``icafast connect`` process hands the next (an upgrade
+that keeps the sessions).
 
-``RelayServer.hand_over()`` packs it and ``RelayServer.start(handover=...)`` unpacks it; the
-sockets themselves (listeners and backend connections) travel beside it as file descriptors
-(inherited across ``exec``, or sent with SCM_RIGHTS). Nothing here touches a socket.
+``RelayServer.hand_over()`` (``RelayClient.hand_over()``) packs it and
+``RelayServer.start(handover=...)`` (``RelayClient.start(handover=...)``) unpacks it; the
+sockets themselves (listeners, and backend or application connections) travel beside it as
+file descriptors (inherited across ``exec``, or sent with SCM_RIGHTS). Nothing here touches a
+socket.
 
 The format is icafast's own and is read only by the icafast that follows the one that wrote
 it, on the same host:
 
 - ``MAGIC`` (16 bytes), then the length of the document (8 bytes, big-endian), then the
   document (UTF-8 JSON), then the bytes area;
-- the document holds ``version``, ``listeners``, ``sessions`` and server counters; each byte
-  string a session holds (its unacknowledged stream, bytes read from its backend not yet
-  queued) is a pair ``[offset, length]`` into the bytes area.
+- the document holds ``version``, ``listeners``, ``sessions`` and server counters (a
+  client's: ``role`` = ``"client"``, and no counters); each byte string a session holds (its
+  unacknowledged stream, bytes read from its backend or application not yet queued) is a pair
+  ``[offset, length]`` into the bytes area; each session's endpoint connection (``backend``,
+  ``app``) is an index into the descriptors.
 """
 
 from __future__ import annotations

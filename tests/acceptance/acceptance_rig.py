@@ -506,9 +506,9 @@ class Rig:
         return self.server.count(": new from")
 
     def fault(self, kind: str) -> int:
-        """Break the link once: 'reset', 'blackhole' or 'outage', or 'upgrade' the server in
-        place (SIGUSR2: it resets the links itself). Returns the number of links a reset
-        killed (otherwise -1)."""
+        """Break the link once: 'reset', 'blackhole' or 'outage', or 'upgrade' the server
+        (or 'upgrade-client' the client) in place (SIGUSR2: it resets the links itself).
+        Returns the number of links a reset killed (otherwise -1)."""
         t = time.monotonic()
         killed = -1
         if kind == "reset":
@@ -517,11 +517,12 @@ class Rig:
             self.net.blackhole(BLACKHOLE_S)
         elif kind == "outage":
             self.net.outage(OUTAGE_S)
-        elif kind == "upgrade":  # icafast serve runs itself anew, in place, with the sessions
-            assert self.server is not None
-            upgrades = self.server.count("took over")
-            os.kill(self.server.pid, signal.SIGUSR2)
-            self.server.wait_for("took over", upgrades + 1)
+        elif kind in ("upgrade", "upgrade-client"):  # icafast serve (connect) runs itself
+            proc = self.server if kind == "upgrade" else self.client  # anew, in place, with
+            assert proc is not None  # the sessions
+            upgrades = proc.count("took over")
+            os.kill(proc.pid, signal.SIGUSR2)
+            proc.wait_for("took over", upgrades + 1)
         else:
             raise ValueError(kind)
         self.faults.append((kind, t, killed))

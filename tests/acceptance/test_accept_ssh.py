@@ -222,6 +222,15 @@ def test_ssh_20mb_each_way_sha256_through_upgrades_in_place(rig: Rig) -> None:
     assert rig.server is not None and rig.server.count("took over 1 sessions") == 3
 
 
+def test_ssh_20mb_each_way_sha256_through_client_upgrades_in_place(rig: Rig) -> None:
+    """The same transfer while ``icafast connect`` is upgraded in place three times (SIGUSR2:
+    it hands itself the session, ssh's connection included, and resumes it), with a server
+    upgrade and a link reset between: both hashes match, one session to the end."""
+    _both_ways_through(rig, ["upgrade-client", "reset", "upgrade-client", "upgrade",
+                             "upgrade-client"], replay=False)
+    assert rig.client is not None and rig.client.count("took over 1 sessions") == 3
+
+
 def _both_ways_through(rig: Rig, kinds: list[str], replay: bool = True) -> None:
     _local, ssh = start_sshd(rig)
     d = rig.tmp / "xfer"
