@@ -325,8 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=_demo_size, default=32 * 1024 * 1024, metavar="BYTES",
                    help="bytes to stream each way (default 32M)")
     d.add_argument("--breaks", type=_demo_breaks, default=6, metavar="N",
-                   help="link breaks to inflict, cycling reset / blackhole / half-open "
-                        "(default 6)")
+                   help="link breaks to inflict, cycling reset / blackhole / half-open / "
+                        "server hand-over / client hand-over (default 6)")
     d.add_argument("--rate", type=_demo_rate, default=16 * 1024 * 1024, metavar="BYTES",
                    help="stream rate per direction, bytes/s (default 16M; 0: unlimited)")
     d.add_argument("--no-tls", action="store_true", help="plain text links (default: TLS "

@@ -3,9 +3,10 @@
     application  ->  icafast client  ->  fault proxy  ->  icafast server  ->  sample backend
 
 Both ends stream pseudo-random bytes at each other while the proxy breaks the link (TCP resets,
-silent blackholes, half-open links) and the server hands its session over to a new server, as
-an upgrade in place does. At the end the SHA-256 of what each side sent is compared
-with what the other side received, and the server is asked how many sessions it saw.
+silent blackholes, half-open links), the server hands its session over to a new server and the
+client to a new client, as an upgrade in place does. At the end the SHA-256 of what each side
+sent is compared with what the other side received, and the server is asked how many sessions
+it saw.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from . import IMPLEMENTATION, logs, tls
 from . import events as ev
-from .aio import Mapping, RelayServer, loop_name, open_session
+from .aio import Mapping, RelayClient, RelayServer, loop_name
 from .cli import STOP_SIGNALS
 from .faults import FaultProxy
 from .protocol import Config
@@ -247,12 +248,6 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
 
     say(f"icafast demo (core: {IMPLEMENTATION}, loop: {loop_name()}, link: "
         f"{'TLS, server certificate pinned by fingerprint' if use_tls else 'plain text'})")
-    say(f"  app -> client -> fault proxy 127.0.0.1:{proxy.port} -> server "
-        f"127.0.0.1:{server.addresses[0][1]} -> sample backend 127.0.0.1:{backend.port}")
-    say(f"  streaming {_amount(size)} each way"
-        + (f" at {_amount(rate)}/s" if rate else "") + f", {breaks} link breaks; keepalive "
-        f"{cfg.keepalive_interval}s, dead timeout {cfg.dead_timeout}s")
-
     resumes = 0
     replayed = 0
     ups = 0  # links established or resumed
@@ -277,8 +272,22 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
         elif isinstance(e, ev.LinkUp):
             say(f"{stamp()} client: session {engine.session_id.hex()[:12]}.. established")
 
+    def new_client() -> RelayClient:
+        return RelayClient(("127.0.0.1", 0), ("127.0.0.1", proxy.port), cfg, tls=client_tls,
+                           on_status=on_status)
+
+    client = new_client()
+    await client.start()
+    stack.push_async_callback(client.close)
+    say(f"  app -> client 127.0.0.1:{client.addresses[0][1]} -> fault proxy "
+        f"127.0.0.1:{proxy.port} -> server 127.0.0.1:{server.addresses[0][1]} -> sample "
+        f"backend 127.0.0.1:{backend.port}")
+    say(f"  streaming {_amount(size)} each way"
+        + (f" at {_amount(rate)}/s" if rate else "") + f", {breaks} link breaks; keepalive "
+        f"{cfg.keepalive_interval}s, dead timeout {cfg.dead_timeout}s")
+
     app = StreamStats()
-    kinds = ["reset", "blackhole", "half-open", "hand-over"]
+    kinds = ["reset", "blackhole", "half-open", "hand-over", "client hand-over"]
     counts = dict.fromkeys(kinds, 0)
 
     async def hand_over() -> int:
@@ -290,6 +299,16 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
         await server.start(handover=(data, fds))
         stack.push_async_callback(server.close)
         return len(server.sessions_by_id)
+
+    async def hand_over_client() -> int:
+        """The client hands its session to a new client, which takes its listener and the
+        application's connection (what ``icafast connect`` does on SIGUSR2)."""
+        nonlocal client
+        data, fds = await client.hand_over()
+        client = new_client()
+        await client.start(handover=(data, fds))
+        stack.push_async_callback(client.close)
+        return len(client.runners)
 
     # The last part of the upload (its last byte at least) waits for the last break, so
     # every break finds the session still open; break k comes once k/(breaks+1) of the
@@ -318,6 +337,11 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
                     say(f"{stamp()} server: handed {n} session(s) over to a new server (as an "
                         f"upgrade in place does) at {_amount(app.received)} received")
                     continue
+                if kind == "client hand-over":
+                    n = await hand_over_client()
+                    say(f"{stamp()} client: handed {n} session(s) over to a new client (as an "
+                        f"upgrade in place does) at {_amount(app.received)} received")
+                    continue
                 n = {"reset": proxy.reset, "blackhole": proxy.blackhole,
                      "half-open": proxy.half_open}[kind]()
                 say(f"{stamp()} proxy: {kind} of {n} connection(s) at {_amount(app.received)} "
@@ -329,8 +353,7 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
     # rate, or at 8 MiB/s when unlimited, and a few dead timeouts for each break)
     timeout = max(120.0, 4 * size / (rate or 8 * 1024 * 1024)) + 10.0 * breaks
     try:
-        reader, writer = await open_session("127.0.0.1", proxy.port, config=cfg,
-                                            on_status=on_status, tls=client_tls)
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.addresses[0][1])
         stack.callback(writer.close)
         await _all_within(timeout, pump_stream(writer, size, 1, rate, app, gate),
                           drain_stream(reader, app), breaker())
@@ -359,7 +382,8 @@ async def _demo(stack: contextlib.AsyncExitStack, size: int, breaks: int, rate: 
             f"{be.sent_hash.hexdigest()[:16]}..  received {app.received} sha256 "
             f"{app.recv_hash.hexdigest()[:16]}..  " + ("OK" if down_ok else "MISMATCH"))
     summary(f"  link breaks: {counts['reset']} reset, {counts['blackhole']} blackhole, "
-            f"{counts['half-open']} half-open, {counts['hand-over']} server hand-over; "
+            f"{counts['half-open']} half-open, {counts['hand-over']} server hand-over, "
+            f"{counts['client hand-over']} client hand-over; "
             f"resumes: {resumes}; bytes replayed: "
             f"{replayed} by the client, {server_replayed} by the server")
     summary(f"  backend connections: {n_sessions}"
