@@ -1,20 +1,24 @@
-"""What an upgrade in place (SIGUSR2 to ``icafast serve``) costs the sessions that live through it.
+"""What an upgrade in place (SIGUSR2 to ``icafast serve`` or ``icafast connect``) costs the
+sessions that live through it.
 
-    python -m benchmarks.upgrade [--sessions 100] [--rounds 3] [--tls] [--pin] [--quick]
+    python -m benchmarks.upgrade [--side server|client] [--sessions 100] [--rounds 3] [--tls]
+                                 [--pin] [--quick]
 
 One ``icafast serve`` process; this driver is the backend (an echo) and the clients
-(``open_session``). Every session sends a numbered 16-byte message, waits for its echo, pauses
-``--interval`` and goes on, throughout. Each round sends the server SIGUSR2 and reports, from
-the signal on:
+(``open_session``). With ``--side client``, an ``icafast connect`` process too, and the
+driver's sessions are application connections to its port. Every session sends a numbered
+16-byte message, waits for its echo, pauses ``--interval`` and goes on, throughout. Each round
+sends the server (or the client) SIGUSR2 and reports, from the signal on:
 
-- ``reloading_ms``: until the server says RELOADING=1 (it has checked that the installed
-  program starts, and hands over now); ``ready_ms``: until the new program says READY=1;
+- ``reloading_ms``: until it says RELOADING=1 (it has checked that the installed program
+  starts, and hands over now); ``ready_ms``: until the new program says READY=1;
 - per session, the longest round trip that ended after the signal (a message sent just before
   the hand-over waits for the client to resume at the new program): p50, p99, max;
 - that every echo came back in order, each message once, over one backend connection per
   session.
 
-The server's pid must stay the same through every round. Results go to JSON (``--out``).
+The upgraded process's pid must stay the same through every round. Results go to JSON
+(``--out``).
 """
 
 from __future__ import annotations
@@ -81,12 +85,23 @@ async def _drive(a: argparse.Namespace) -> dict[str, Any]:
     notify.bind(str(tmp / "notify"))
     notify.setblocking(False)
     tls = tls_files(tmp) if a.tls else None
-    argv = icafast_argv("serve", sport, bport, ["--control", str(tmp / "ctl.sock")], tls=tls)
-    if a.pin:
-        argv = ["taskset", "-c", "0", *argv]
-    log = open(tmp / "serve.log", "wb")
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdout=log, stderr=log, env={**os.environ, "NOTIFY_SOCKET": str(tmp / "notify")})
+    client_side = a.side == "client"
+    cport = free_port()
+    procs = []
+    for role, extra in [("serve", ["--control", str(tmp / "ctl.sock")]),
+                        *([("connect", [])] if client_side else [])]:
+        argv = icafast_argv(role, sport if role == "serve" else cport,
+                            bport if role == "serve" else sport, extra, tls=tls)
+        if a.pin:
+            argv = ["taskset", "-c", "0", *argv]
+        log = open(tmp / f"{role}.log", "wb")
+        upgraded = (role == "connect") == client_side
+        procs.append(await asyncio.create_subprocess_exec(
+            *argv, stdout=log, stderr=log,
+            env={**os.environ, **({"NOTIFY_SOCKET": str(tmp / "notify")} if upgraded else {})}))
+        if not upgraded:
+            await asyncio.to_thread(wait_listening, sport)
+    proc = procs[-1]  # (the one upgraded)
     loop = asyncio.get_running_loop()
 
     async def said(prefix: str, timeout: float = 60.0) -> float:
@@ -98,14 +113,16 @@ async def _drive(a: argparse.Namespace) -> dict[str, Any]:
                 break
             if msg.decode().startswith(prefix):
                 return time.monotonic()
-        raise RuntimeError(f"the server did not say {prefix} within {timeout}s:\n"
-                           + (tmp / "serve.log").read_text(errors="replace")[-3000:])
+        raise RuntimeError(f"the {a.side} did not say {prefix} within {timeout}s:\n"
+                           + (tmp / f"{'connect' if client_side else 'serve'}.log").read_text(
+                               errors="replace")[-3000:])
 
     await said("READY=1")
-    await asyncio.to_thread(wait_listening, sport)
+    await asyncio.to_thread(wait_listening, cport if client_side else sport)
     ctx = client_context(fingerprint=tls.fingerprint) if tls is not None else None
     sessions = [_Session(i) for i in range(a.sessions)]
-    streams = [await open_session("127.0.0.1", sport, tls=ctx) for _ in sessions]
+    streams = [await (asyncio.open_connection("127.0.0.1", cport) if client_side
+                      else open_session("127.0.0.1", sport, tls=ctx)) for _ in sessions]
     stop = asyncio.Event()
 
     async def run(s: _Session, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
@@ -144,14 +161,16 @@ async def _drive(a: argparse.Namespace) -> dict[str, Any]:
     stop.set()
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
     same_pid = proc.returncode is None
-    proc.send_signal(signal.SIGTERM)
-    await asyncio.wait_for(proc.wait(), 30)
     for _r, w in streams:
         w.close()
+    for p in reversed(procs):
+        p.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(p.wait(), 30)
     backend.close()
     notify.close()
     ok = all(s.ok for s in sessions) and backends == a.sessions and same_pid
-    return {"sessions": a.sessions, "interval_s": a.interval, "tls": bool(a.tls),
+    return {"side": a.side, "sessions": a.sessions, "interval_s": a.interval,
+            "tls": bool(a.tls),
             "pinned": bool(a.pin), "ok": ok, "backend_connections": backends,
             "rounds": rounds,
             "median": {k: statistics.median(r[k] for r in rounds)
@@ -166,13 +185,16 @@ async def _drive(a: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.upgrade", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--side", choices=["server", "client"], default="server",
+                   help="upgrade icafast serve (default), or icafast connect")
     p.add_argument("--sessions", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--interval", type=float, default=0.05,
                    help="pause between a session's round trips (s)")
     p.add_argument("--after", type=float, default=2.0, help="seconds measured after READY=1")
     p.add_argument("--tls", action="store_true", help="TLS links (the run's certificate)")
-    p.add_argument("--pin", action="store_true", help="the server on CPU 0 (taskset)")
+    p.add_argument("--pin", action="store_true",
+                   help="the icafast processes on CPU 0 (taskset)")
     p.add_argument("--out", help="write the results here as JSON")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 5 sessions, one round, half a second after it (the "

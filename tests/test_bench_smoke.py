@@ -171,16 +171,19 @@ def test_cpu_split_benchmark_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="no SIGUSR2")
+@pytest.mark.parametrize("side", ["server", "client"])
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
-def test_upgrade_benchmark_quick(tmp_path: Path, bench_tmp: Path, tls: bool) -> None:
-    """``python -m benchmarks.upgrade --quick``: the server upgraded in place once under five
-    sessions; every echo came back in order, one backend connection each, the same pid."""
+def test_upgrade_benchmark_quick(tmp_path: Path, bench_tmp: Path, tls: bool, side: str) -> None:
+    """``python -m benchmarks.upgrade --quick``: the server (or the client) upgraded in place
+    once under five sessions; every echo came back in order, one backend connection each, the
+    same pid."""
     out = tmp_path / "upgrade.json"
     r = _run([sys.executable, "-m", "benchmarks.upgrade", "--quick", "--out", str(out),
-              *(["--tls"] if tls else [])], 180, bench_tmp)
+              "--side", side, *(["--tls"] if tls else [])], 180, bench_tmp)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["ok"] and res["backend_connections"] == 5 and res["tls"] == tls
+    assert res["side"] == side
     (rnd,) = res["rounds"]
     assert rnd["sessions_through"] == 5 and 0 < rnd["reloading_ms"] < rnd["ready_ms"]
 
