@@ -72,6 +72,10 @@ ctypedef void (*f_session_free)(icafast_SSL_SESSION *) noexcept nogil
 ctypedef int (*f_session_int)(const icafast_SSL_SESSION *) noexcept nogil
 ctypedef icafast_SSL_SESSION *(*f_session_dup)(const icafast_SSL_SESSION *) noexcept nogil
 ctypedef void (*f_void)() noexcept nogil
+# i2d_SSL_SESSION, d2i_SSL_SESSION (a session in DER and back: a hand-over to a new process)
+ctypedef int (*f_i2d_session)(const icafast_SSL_SESSION *, unsigned char **) noexcept nogil
+ctypedef icafast_SSL_SESSION *(*f_d2i_session)(icafast_SSL_SESSION **, const unsigned char **,
+                                               long) noexcept nogil
 ctypedef long (*f_session_long)(const icafast_SSL_SESSION *) noexcept nogil
 # SSL_SESSION_get0_peer, X509_get0_notAfter, X509_cmp_current_time (X509 and ASN1_TIME as
 # untyped pointers)
@@ -149,6 +153,8 @@ cdef f_session_int p_session_resumable = NULL
 cdef f_session_dup p_session_dup = NULL
 cdef f_session_long p_session_time = NULL
 cdef f_session_long p_session_timeout = NULL
+cdef f_i2d_session p_i2d_session = NULL  # (these two: NULL where not found)
+cdef f_d2i_session p_d2i_session = NULL
 cdef f_ctx_ticket_cb p_ctx_ticket_cb = NULL  # (NULL where the library has none: 1.1.0)
 cdef f_get0_ptr p_session_peer = NULL  # (these three: NULL where not found)
 cdef f_get0_ptr p_not_after = NULL
@@ -231,7 +237,7 @@ def bind():
     global p_bio_set_flags, p_bio_clear_flags, _method, p_ssl_ctrl, p_free_buffers
     global p_get1_session, p_set_session, p_session_free, p_session_resumable, p_session_dup
     global p_session_time, p_session_timeout, p_ctx_ticket_cb
-    global p_session_peer, p_not_after, p_cmp_now
+    global p_session_peer, p_not_after, p_cmp_now, p_i2d_session, p_d2i_session
     if _bind_error is None:
         return None
     cdef void *h
@@ -278,6 +284,8 @@ def bind():
         p_session_peer = <f_get0_ptr>dlsym(h, b"SSL_SESSION_get0_peer")
         p_not_after = <f_get0_ptr>dlsym(h, b"X509_get0_notAfter")
         p_cmp_now = <f_cmp_time>dlsym(h, b"X509_cmp_current_time")
+        p_i2d_session = <f_i2d_session>dlsym(h, b"i2d_SSL_SESSION")
+        p_d2i_session = <f_d2i_session>dlsym(h, b"d2i_SSL_SESSION")
         p_err_clear = <f_void>_sym(h, b"ERR_clear_error")
         p_err_get = <f_ulong>_sym(h, b"ERR_get_error")
         p_err_string = <f_err_string>_sym(h, b"ERR_error_string_n")
@@ -441,6 +449,50 @@ cdef class Session:
             p_err_clear()
             return False
         return True
+
+
+    def to_bytes(self):
+        """The session in OpenSSL's DER form (its secrets among it), for another process of
+        this client to resume with (``session_from_bytes``); None where it cannot be written
+        out."""
+        cdef int n
+        cdef unsigned char *p
+        cdef unsigned char[::1] view
+        if self._sess == NULL or p_i2d_session == NULL:
+            return None
+        n = p_i2d_session(self._sess, NULL)
+        if n <= 0:
+            p_err_clear()
+            return None
+        out = bytearray(n)
+        view = out
+        p = &view[0]
+        if p_i2d_session(self._sess, &p) != n:
+            p_err_clear()
+            return None
+        return bytes(out)
+
+
+def session_from_bytes(data):
+    """A :class:`Session` from ``Session.to_bytes()`` (another process's), or None where the
+    bytes are not one, or it can no longer be resumed."""
+    cdef const unsigned char *p
+    cdef icafast_SSL_SESSION *sess
+    if bind() is not None or p_d2i_session == NULL:
+        return None
+    cdef bytes b = bytes(data)
+    if not b:
+        return None
+    p = <const unsigned char *><const char *>b
+    sess = p_d2i_session(NULL, &p, len(b))
+    if sess == NULL:
+        p_err_clear()
+        return None
+    cdef Session out = Session.__new__(Session)
+    out._sess = sess
+    if not out.resumable:
+        return None
+    return out
 
 
 cdef Session _session_of(icafast_SSL *conn):

@@ -469,7 +469,13 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
             log.info("SIGUSR2: %s", "an upgrade runs already" if ready else
                      "not started yet: send it again once it is ready")
             return
-        upgrading[:] = [loop.create_task(upgrade())]
+        upgrading[:] = [loop.create_task(upgrade_then_ready())]
+
+    async def upgrade_then_ready() -> None:
+        # (an upgrade that said RELOADING=1 and came back, not upgraded: ready again, as
+        # before; an upgrade that went ahead is another program now)
+        if await upgrade():
+            notify("READY=1", status)
 
     if hasattr(signal, "SIGUSR2"):
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -646,7 +652,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 HANDOVER_ENV = "ICAFAST_HANDOVER"
 
 
-async def _upgrade_in_place(relay: Any, what: str) -> None:
+async def _upgrade_in_place(relay: Any, what: str) -> bool:
     """SIGUSR2: run the icafast now installed in this process, with every session. The
     program must take this process's arguments first (``serve ... --check``, ``connect ...
     --check``: the program starts, and the configuration, which may have changed, is
@@ -654,7 +660,9 @@ async def _upgrade_in_place(relay: Any, what: str) -> None:
     ``RelayClient.hand_over``) and this process execs the program, with the same arguments
     and the same process id (a service manager sees a reload), passing the sessions, the
     listening sockets and the backend (or application) connections on. The sessions resume
-    at once. Should the exec fail, this process's server or client takes the sessions back."""
+    at once. Should the exec fail, this process's server or client takes the sessions back.
+    Returns whether it said RELOADING=1 and goes on, not upgraded (the caller says READY=1
+    again); it returns nothing once the exec is done."""
     import subprocess
     import tempfile
 
@@ -679,7 +687,7 @@ async def _upgrade_in_place(relay: Any, what: str) -> None:
         log.error("SIGUSR2: the icafast installed now does not start with this %s's "
                   "arguments and configuration (%s): not upgraded, every session goes on "
                   "with icafast %s", what, last, __version__)
-        return
+        return False
     log.info("SIGUSR2: upgrading in this process (pid %d) from icafast %s: %s; the sessions "
              "are handed over", os.getpid(), __version__, out.decode().strip())
     _notify_reloading("SIGUSR2", "upgrading")
@@ -687,8 +695,7 @@ async def _upgrade_in_place(relay: Any, what: str) -> None:
         data, fds = await relay.hand_over()
     except OSError as e:  # (EMFILE: before anything changed)
         log.error("SIGUSR2: not upgraded: %s", _error_text(e))
-        notify("READY=1", "STATUS=running (not upgraded)")
-        return
+        return True
     # (the sessions' secrets: in memory only where the system has memfd_create, else in an
     # unlinked file of this user's)
     memfd = getattr(os, "memfd_create", None)
@@ -713,7 +720,7 @@ async def _upgrade_in_place(relay: Any, what: str) -> None:
     for fd in fds:
         os.set_inheritable(fd, False)
     await relay.start(handover=(data, fds))
-    notify("READY=1", "STATUS=running (not upgraded)")
+    return True
 
 
 def _inherited_handover() -> tuple[bytes, list[int]] | None:

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -423,6 +424,42 @@ class ClientTLS:
         if not self.resume:
             return None
         return self._sessions.get((host, port, self.server_hostname or host))
+
+    def _identity(self) -> Any:
+        """What the sessions kept were made under: the pins, the name checked, the files and
+        what they were, the verification (as JSON has it)."""
+        return json.loads(json.dumps([
+            self.fingerprint, list(self.fingerprints), self.server_hostname, list(self._files),
+            list(self._stamp), int(self.context.verify_mode), self.context.check_hostname]))
+
+    def export_sessions(self) -> dict[str, Any]:
+        """The sessions kept, written out for the client a hand-over goes to
+        (:meth:`import_sessions`: there the links resume them, as they would here). Sessions
+        that cannot be written out (where the compiled pipe does not run) are left out."""
+        out = []
+        for (host, port, name), session in self._sessions.items():
+            to_bytes = getattr(session, "to_bytes", None)
+            data = to_bytes() if to_bytes is not None else None
+            if data:
+                out.append([host, port, name, data.hex()])
+        return {"identity": self._identity(), "sessions": out}
+
+    def import_sessions(self, doc: Any) -> int:
+        """Keep the sessions :meth:`export_sessions` wrote out in another process, if they
+        were made under the same settings and files as this client's (else none: links make
+        full handshakes, as after a change of files). Returns how many were taken."""
+        from .tlspipe import session_from_bytes
+
+        if not self.resume or not isinstance(doc, dict) or \
+                doc.get("identity") != self._identity():
+            return 0
+        taken = 0
+        for host, port, name, data in doc.get("sessions", []):
+            session = session_from_bytes(bytes.fromhex(data))
+            if session is not None:
+                self._sessions[(str(host), int(port), str(name))] = session
+                taken += 1
+        return taken
 
     def remember(self, host: str, port: int, session: Any) -> None:
         """Keep the session of a link to ``host:port`` that is up (its TLS pipe's

@@ -171,6 +171,15 @@ def offer_session(sslobj: ssl.SSLObject, session: Any) -> bool:
     return bool(session.offer(sslobj))
 
 
+def session_from_bytes(data: bytes) -> Any:
+    """A session written out by a pipe's session's ``to_bytes()`` (in another process: a
+    client's hand-over), to offer as :func:`offer_session` does; None where the compiled
+    module cannot run or the bytes are not a session that can be resumed."""
+    if compiled_unavailable() is not None:
+        return None
+    return _compiled_module().session_from_bytes(data)
+
+
 _compiled: Any = None
 
 

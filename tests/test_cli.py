@@ -890,7 +890,9 @@ def test_an_upgrade_that_cannot_run_leaves_every_session_as_it_was(monkeypatch, 
             w.write(b"one")
             assert await r.readexactly(3) == b"one"
             (sid,) = s.server.sessions_by_id
-            await cli._upgrade_in_place(s.server, "server")
+            # (whether it said RELOADING=1 and came back: then READY=1 is said again, with
+            # the listening addresses, by the caller)
+            assert await cli._upgrade_in_place(s.server, "server") is (fault == "cannot exec")
             assert list(s.server.sessions_by_id) == [sid]
             assert [len(v) for v in s.server._sessions_by_source.values()] == [1]
             w.write(b"two")

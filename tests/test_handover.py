@@ -63,7 +63,9 @@ def test_sessions_go_on_at_the_server_they_are_handed_to(loop, tls_io, tmp_path,
             cev: list = []
             r, w = await s.client(events=cev, tls=client_tls)
             sent, got = Stats(), Stats()
-            tasks = [asyncio.ensure_future(send_stream(w, size, 7, sent, chunk=64 * 1024)),
+            gate = asyncio.Event()  # (the second half waits for the hand-over)
+            tasks = [asyncio.ensure_future(send_stream(w, size, 7, sent, chunk=64 * 1024,
+                                                       gate=(size // 2, gate))),
                      asyncio.ensure_future(recv_stream(r, got))]
             assert await wait_for(lambda: got.received > size // 4, 30)
             (sid,) = s.server.sessions_by_id
@@ -72,6 +74,7 @@ def test_sessions_go_on_at_the_server_they_are_handed_to(loop, tls_io, tmp_path,
             assert not s.server.sessions_by_id
             nxt = _successor(s)
             await nxt.start(handover=(data, fds))
+            gate.set()
             try:
                 assert nxt.addresses[0][1] == port
                 assert list(nxt.sessions_by_id) == [sid]
@@ -259,12 +262,22 @@ def test_client_sessions_go_on_at_the_client_they_are_handed_to(loop, tls_io, tm
             first = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), s.config,
                                 tls=client_tls)
             await first.start()
+            reused: list[bool] = []  # (each resumed link of the next client: TLS resumed?)
+
+            def on_status(e: ev.Event, _engine) -> None:
+                if isinstance(e, ev.LinkUp) and client_tls is not None:
+                    reused.extend(r.link.ssl_object.session_reused for r in nxt.runners)
+
+            # (the next client's own TLS settings, as in a new process: no session kept)
             nxt = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), s.config,
-                              tls=client_tls)
+                              tls=dataclasses.replace(client_tls) if client_tls else None,
+                              on_status=on_status)
             try:
                 r, w = await _app(first)
                 sent, got = Stats(), Stats()
-                tasks = [asyncio.ensure_future(send_stream(w, size, 11, sent, chunk=64 * 1024)),
+                gate = asyncio.Event()  # (the second half waits for the hand-over)
+                tasks = [asyncio.ensure_future(send_stream(w, size, 11, sent, chunk=64 * 1024,
+                                                           gate=(size // 2, gate))),
                          asyncio.ensure_future(recv_stream(r, got))]
                 assert await wait_for(lambda: got.received > size // 4, 30)
                 (sid,) = s.server.sessions_by_id
@@ -275,7 +288,10 @@ def test_client_sessions_go_on_at_the_client_they_are_handed_to(loop, tls_io, tm
                 assert nxt.addresses[0][1] == port
                 (runner,) = nxt.runners
                 assert runner.engine.session_id == sid
+                gate.set()
                 await asyncio.wait_for(asyncio.gather(*tasks), 60)
+                # the TLS session came along: an abbreviated handshake, not a full one
+                assert reused == ([True] if client_tls is not None else []), reused
                 assert got.received == size and got.eof
                 assert got.recv_hash.digest() == sent.sent_hash.digest()
                 assert list(s.server.sessions_by_id) in ([sid], [])
@@ -387,6 +403,21 @@ def test_a_client_session_state_round_trip_keeps_offsets_secrets_and_the_server_
     assert t.server_policy == c.server_policy and t.policy == c.policy
     assert t.state is State.DISCONNECTED and t._disconnected_at == h.now
     assert t.export_state()["tx_unacked"] == c.export_state()["tx_unacked"]
+
+
+def test_tls_sessions_go_to_the_next_client_only_under_the_same_settings(tmp_path):
+    """A client's TLS sessions are taken by the next one only if it checks the server the
+    same way (pins, name, files): otherwise its links make full handshakes. Bytes that are
+    not a session are dropped."""
+    _, client_tls = tls_for(tmp_path, True)
+    doc = client_tls.export_sessions()
+    assert doc["sessions"] == []
+    doc["sessions"] = [["127.0.0.1", 1, "127.0.0.1", "3000"]]
+    assert dataclasses.replace(client_tls, server_hostname="other").import_sessions(doc) == 0
+    assert dataclasses.replace(client_tls, fingerprints=("AB",)).import_sessions(doc) == 0
+    same = dataclasses.replace(client_tls)
+    assert same.import_sessions(doc) == 0 and same.session_for("127.0.0.1", 1) is None
+    assert same.import_sessions(None) == 0
 
 
 def test_a_servers_hand_over_is_not_a_clients():

@@ -183,7 +183,6 @@ class _ClientRunner(Runner):
     def sid(self) -> str:
         return self.engine.session_id.hex() if self.engine.session_id else f"(new{self.label})"
 
-
     def endpoint_made(self, ep: Endpoint) -> None:
         super().endpoint_made(ep)
         self.start_connect()
@@ -635,22 +634,23 @@ class RelayClient:
             fds = list(fds)
             try:
                 doc, blob = ho.unpack(data)
+                if doc.get("role") != "client":
+                    raise ho.HandoverError("a server's hand-over: an icafast connect takes a "
+                                           "client's")
             except ho.HandoverError:
                 close_fds(fds)
                 raise
             taking = doc, blob, fds
         self._stopped = asyncio.Event()
         self.addresses = []
+        handed = [] if taking is None else handed_listeners(taking[0], taking[2],
+                                                             list(self.listen))
         try:
-            handed = [] if taking is None else handed_listeners(taking[0], taking[2],
-                                                                 list(self.listen))
             if taking is not None:
                 await self._take_sessions(*taking)
             if handed:
-                self._server = await loop.create_server(self._factory, sock=handed[0],
+                self._server = await loop.create_server(self._factory, sock=handed.pop(0),
                                                         backlog=1024)
-                for extra in handed[1:]:  # (one listener per client: not reached)
-                    extra.close()
             else:
                 self._server = await loop.create_server(
                     self._factory, self.listen[0] or None, self.listen[1],
@@ -658,6 +658,8 @@ class RelayClient:
         except OSError as e:
             raise listen_error(e, *self.listen) from e
         finally:
+            for extra in handed:  # (one listener per client; or the start failed)
+                extra.close()
             if taking is not None:
                 close_fds(fd for fd in taking[2] if fd >= 0)  # (the ones not taken)
         for sock in self._server.sockets:
@@ -696,10 +698,6 @@ class RelayClient:
             [(sock, list(self.listen)) for sock in server.sockets], runners, "client")
         server.close()  # (the socket stays open: the duplicate; its backlog waits)
         self._server = None
-        for r in runners:  # (a link attempt under way: the next client makes its own)
-            task = r.connect_task
-            if task is not None and not task.done():
-                task.cancel()
         await drain_endpoints(loop, runners, drain)
         # From here to the return, no other callback runs: nothing changes under the snapshot.
         packer = ho.Packer()
@@ -712,9 +710,14 @@ class RelayClient:
                 sessions.append(entry)
         close_fds(apps.values())  # (of sessions that ended meanwhile)
         data = packer.pack({"role": "client", "listeners": listeners, "sessions": sessions,
-                            "count": self._count})
+                            "count": self._count,
+                            # (the next client's links resume them: abbreviated handshakes)
+                            "tls": self.tls.export_sessions() if self.tls is not None else None})
         for r in runners:
             r.let_go()
+            task = r.connect_task  # (a link attempt under way: the next client makes its own)
+            if task is not None and not task.done():
+                task.cancel()
         ended = [r for r in self.runners if r.fell_back]
         if ended:
             log.warning("hand-over: %d connection(s) relayed to the fallback address without "
@@ -730,11 +733,11 @@ class RelayClient:
     async def _take_sessions(self, doc: dict[str, Any], blob: memoryview,
                              fds: list[int]) -> None:
         """The sessions of a hand-over (start), each resuming at once."""
-        if doc.get("role") != "client":
-            raise ho.HandoverError("a server's hand-over: an icafast connect takes a client's")
         assert self._loop is not None
         loop = self._loop
         self._count = max(self._count, int(doc.get("count", 0)))
+        if self.tls is not None:
+            self.tls.import_sessions(doc.get("tls"))
         taken = 0
         for entry in doc["sessions"]:
             eng = ClientSession.from_state(self.config, entry["state"],
