@@ -1150,6 +1150,29 @@ class SessionEngine:
             "srtt": self.srtt,
         }
 
+    def _restore(self, state: dict[str, Any], unacked: Any) -> None:
+        """What ``from_state`` restores of ``_state()`` on either side: the session id, the
+        stream offsets, the replay bytes (``unacked``, from ``tx_start`` on) and the
+        statistics."""
+        self.session_id = bytes.fromhex(state["session_id"])
+        n = memoryview(unacked).nbytes
+        start = state["tx_start"]
+        self.tx = ReplayBuffer(max(self.config.replay_limit, n), start)
+        if n:
+            self.tx.append(unacked)
+        self._peer_ack = start
+        # (as after a link that broke: what it had sent, from which a resume replays)
+        self._tx_sent = self._tx_high = state["tx_high"]
+        self._tx_fin = state["tx_fin"]
+        self._tx_fin_acked = state["tx_fin_acked"]
+        self._rx = state["rx"]
+        self._rx_fin = state["rx_fin"]
+        self._rx_acked = min(state["rx_acked"], self._rx)
+        self.created = state["created"]
+        self.reconnects = state["reconnects"]
+        self.bytes_received = state["bytes_received"]
+        self.srtt = state["srtt"]
+
     def stats(self, now: float) -> dict[str, Any]:
         return {
             "id": self.session_id.hex(),
@@ -1433,25 +1456,9 @@ class ClientSession(SessionEngine):
         server's stream (the server sends the rest again). A reliability timeout that was
         running goes on from where it was (both processes read the same monotonic clock)."""
         s = cls(config, now)
-        s.session_id = bytes.fromhex(state["session_id"])
+        s._restore(state, unacked)
         s._secret = bytes.fromhex(state["secret"])
         s._new_token = bytes.fromhex(state["new_token"])
-        n = memoryview(unacked).nbytes
-        start = state["tx_start"]
-        s.tx = ReplayBuffer(max(config.replay_limit, n), start)
-        if n:
-            s.tx.append(unacked)
-        s._peer_ack = start
-        s._tx_sent = s._tx_high = state["tx_high"]
-        s._tx_fin = state["tx_fin"]
-        s._tx_fin_acked = state["tx_fin_acked"]
-        s._rx = state["rx"]
-        s._rx_fin = state["rx_fin"]
-        s._rx_acked = min(state["rx_acked"], s._rx)
-        s.created = state["created"]
-        s.reconnects = state["reconnects"]
-        s.bytes_received = state["bytes_received"]
-        s.srtt = state["srtt"]
         s._ever_established = bool(state["established"])
         s._first_attempt_at = state["first_attempt_at"]
         policy = state["server_policy"]
@@ -1753,27 +1760,10 @@ class ServerSession(SessionEngine):
         was running goes on from where it was (both processes read the same monotonic clock).
         """
         s = cls(config, now)
-        s.session_id = bytes.fromhex(state["session_id"])
+        s._restore(state, unacked)
         s._secret = bytes.fromhex(state["secret"])
         pending = state.get("pending_secret")
         s._pending_secret = None if pending is None else bytes.fromhex(pending)
-        n = memoryview(unacked).nbytes
-        start = state["tx_start"]
-        s.tx = ReplayBuffer(max(config.replay_limit, n), start)
-        if n:
-            s.tx.append(unacked)
-        s._peer_ack = start
-        # (as after a link that broke: what it had sent, from which a resume replays)
-        s._tx_sent = s._tx_high = state["tx_high"]
-        s._tx_fin = state["tx_fin"]
-        s._tx_fin_acked = state["tx_fin_acked"]
-        s._rx = state["rx"]
-        s._rx_fin = state["rx_fin"]
-        s._rx_acked = min(state["rx_acked"], s._rx)
-        s.created = state["created"]
-        s.reconnects = state["reconnects"]
-        s.bytes_received = state["bytes_received"]
-        s.srtt = state["srtt"]
         s.new_token = bytes.fromhex(state.get("new_token", ""))
         s.client_address = state.get("client_address", "")
         s.attached_links = 1  # (it had a link: a RESUME of it is valid)

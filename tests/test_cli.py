@@ -446,6 +446,31 @@ def _stop_all(server: _Proc, client: _Proc | None,
     return slog, log
 
 
+def _service_manager(tmp_path: Path) -> socket.socket:
+    """A service manager's notification socket, at ``tmp_path``/notify (NOTIFY_SOCKET)."""
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(tmp_path / "notify"))
+    manager.settimeout(30)
+    return manager
+
+
+def _upgraded(manager: socket.socket, port: int) -> None:
+    """The service manager heard an upgrade in place: RELOADING=1 (with the time), then
+    READY=1 with the address listened on."""
+    said = [manager.recv(4096).decode() for _ in range(2)]
+    assert said[0].startswith("RELOADING=1\nMONOTONIC_USEC="), said
+    assert said[1] == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", said
+
+
+def _same_session_resumed(slog: str, log: str, new: int) -> None:
+    """The server's log: ``new`` sessions made, the first one resumed (not another made in
+    its place), and no traceback in either log."""
+    assert slog.count("new from") == new and "resumed from" in slog, slog
+    sid = slog.split("new from")[0].rsplit("session ", 1)[1].split(":")[0]
+    assert f"session {sid}: resumed from" in slog, slog
+    assert "Traceback" not in slog + log, slog + log
+
+
 def _banner_backend(banner: bytes) -> socket.socket:
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
@@ -695,9 +720,7 @@ def test_sigusr2_upgrades_serve_in_place_and_the_session_goes_on(tmp_path):
     import hashlib
     import random
 
-    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    manager.bind(str(tmp_path / "notify"))
-    manager.settimeout(30)
+    manager = _service_manager(tmp_path)
     backend = _banner_backend(b"")
     port, local = free_port(), free_port()
     server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
@@ -732,9 +755,7 @@ def test_sigusr2_upgrades_serve_in_place_and_the_session_goes_on(tmp_path):
                 n += len(chunk)
             sender.join(30)
             assert n == size and got.digest() == hashlib.sha256(data).digest()
-            said = [manager.recv(4096).decode() for _ in range(2)]
-            assert said[0].startswith("RELOADING=1\nMONOTONIC_USEC="), said
-            assert said[1] == f"READY=1\nSTATUS=listening on 127.0.0.1:{port}", said
+            _upgraded(manager, port)
             conn.sendall(b"after\n")  # (the same backend connection, the other way)
             assert app.recv(100) == b"after\n"
             assert server.p.poll() is None
@@ -743,10 +764,7 @@ def test_sigusr2_upgrades_serve_in_place_and_the_session_goes_on(tmp_path):
     finally:
         slog, log = _stop_all(server, client, backend, manager)
     assert f"upgrading in this process (pid {server.p.pid})" in slog, slog
-    assert slog.count("new from") == 1 and "resumed from" in slog, slog
-    sid = slog.split("new from")[0].rsplit("session ", 1)[1].split(":")[0]
-    assert f"session {sid}: resumed from" in slog, slog
-    assert "Traceback" not in slog + log, slog + log
+    _same_session_resumed(slog, log, new=1)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR2") or not hasattr(socket, "AF_UNIX"),
@@ -760,9 +778,7 @@ def test_sigusr2_upgrades_connect_in_place_and_the_session_goes_on(tmp_path):
     import hashlib
     import random
 
-    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    manager.bind(str(tmp_path / "notify"))
-    manager.settimeout(30)
+    manager = _service_manager(tmp_path)
     backend = _banner_backend(b"")
     port, local = free_port(), free_port()
     server = _Proc(["serve", "--no-tls", "--listen", f"127.0.0.1:{port}", "--backend",
@@ -800,9 +816,7 @@ def test_sigusr2_upgrades_connect_in_place_and_the_session_goes_on(tmp_path):
                     os.kill(client.p.pid, signal.SIGUSR2)
             receiver.join(60)
             assert n == size and receiver_got.digest() == hashlib.sha256(data).digest()
-            said = [manager.recv(4096).decode() for _ in range(2)]
-            assert said[0].startswith("RELOADING=1\nMONOTONIC_USEC="), said
-            assert said[1] == f"READY=1\nSTATUS=listening on 127.0.0.1:{local}", said
+            _upgraded(manager, local)
             app.sendall(b"after\n")  # (the same connections, the other way)
             assert conn.recv(100) == b"after\n"
             assert client.p.poll() is None
@@ -813,10 +827,7 @@ def test_sigusr2_upgrades_connect_in_place_and_the_session_goes_on(tmp_path):
     finally:
         slog, log = _stop_all(server, client, backend, manager)
     assert f"upgrading in this process (pid {client.p.pid})" in log, log
-    assert slog.count("new from") == 2 and "resumed from" in slog, slog
-    sid = slog.split("new from")[0].rsplit("session ", 1)[1].split(":")[0]
-    assert f"session {sid}: resumed from" in slog, slog
-    assert "Traceback" not in slog + log, slog + log
+    _same_session_resumed(slog, log, new=2)  # (the second: made after the upgrade)
 
 
 def test_connect_check_validates_and_binds_nothing(tmp_path):

@@ -439,55 +439,57 @@ SMALL = Config(frame_size=100, replay_limit=4096, keepalive_interval=1.0, dead_t
                reliability_timeout=30.0)
 
 
-def _hand_over(h: Harness, unsent: int) -> None:
-    """What ``RelayServer.hand_over`` does to the session, in the harness: its state goes to a
-    new engine, of which the last ``unsent`` bytes given to the backend (at most what was not
-    acknowledged) had not reached it (they waited in the old process's transport: the backend
-    never sees them); every connection the old process had is reset."""
-    old = h.server
-    if old.state is State.CLOSED:
-        return
+def _handed_state(old, unsent: int, received: bytearray) -> tuple[dict, bool]:
+    """The state a hand-over gives the next engine, of which the last ``unsent`` bytes given
+    to the endpoint (at most what was not acknowledged) had not reached it: they waited in the
+    old process's transport, the endpoint never sees them (taken off ``received``). Also
+    whether the end of stream is to come again."""
     state = old._state()
     fin = 1 if old._rx_fin else 0
-    unsent = max(0, min(unsent, old._rx - fin - old._rx_acked, len(h.s_recv)))
+    unsent = max(0, min(unsent, old._rx - fin - old._rx_acked, len(received)))
     if unsent:
         state["rx"] = old._rx - fin - unsent
         state["rx_fin"] = False
-        del h.s_recv[len(h.s_recv) - unsent:]
-        h.s_eof = False
-    new = ServerSession.from_state(h.server_config, state,
-                                   b"".join(bytes(v) for v in old.tx.views()), h.now)
-    h.reset()  # (the client sees its link reset)
+        del received[len(received) - unsent:]
+    return state, bool(unsent)
+
+
+def _reset_all(h: Harness, side: str) -> None:
+    """The link is reset (the peer sees it), and whatever the old process had goes with it."""
+    h.reset()
     for w in h.wires:
-        w.server_alive = False  # (what the old process had goes with it)
+        setattr(w, f"{side}_alive", False)
         w.c2s.clear()
         w.s2c.clear()
+
+
+def _hand_over(h: Harness, unsent: int) -> None:
+    """What ``RelayServer.hand_over`` does to the session, in the harness: its state goes to a
+    new engine (less ``unsent`` bytes the backend had not taken); every connection the old
+    process had is reset."""
+    old = h.server
+    if old.state is State.CLOSED:
+        return
+    state, again = _handed_state(old, unsent, h.s_recv)
+    h.s_eof = h.s_eof and not again
+    new = ServerSession.from_state(h.server_config, state,
+                                   b"".join(bytes(v) for v in old.tx.views()), h.now)
+    _reset_all(h, "server")
     h.sessions[new.session_id] = new
 
 
 def _hand_over_client(h: Harness, unsent: int) -> None:
     """What ``RelayClient.hand_over`` does to the session, in the harness: its state goes to
-    a new client engine, of which the last ``unsent`` bytes given to the application (at most
-    what was not acknowledged) had not reached it; the link is reset, and the new engine
-    connects at once."""
+    a new client engine (less ``unsent`` bytes the application had not taken); the link is
+    reset, and the new engine connects at once."""
     old = h.client
     if old.state is State.CLOSED or not old.session_id:
         return  # (a NEW again: the harness's server has no table of NEW tokens)
-    state = old._state()
-    fin = 1 if old._rx_fin else 0
-    unsent = max(0, min(unsent, old._rx - fin - old._rx_acked, len(h.c_recv)))
-    if unsent:
-        state["rx"] = old._rx - fin - unsent
-        state["rx_fin"] = False
-        del h.c_recv[len(h.c_recv) - unsent:]
-        h.c_eof = False
+    state, again = _handed_state(old, unsent, h.c_recv)
+    h.c_eof = h.c_eof and not again
     new = ClientSession.from_state(h.config, state,
                                    b"".join(bytes(v) for v in old.tx.views()), h.now)
-    h.reset()  # (the server sees the link reset)
-    for w in h.wires:
-        w.client_alive = False  # (what the old process had goes with it)
-        w.c2s.clear()
-        w.s2c.clear()
+    _reset_all(h, "client")
     h.client = new
     h.open_link()
 
