@@ -450,7 +450,6 @@ cdef class Session:
             return False
         return True
 
-
     def to_bytes(self):
         """The session in OpenSSL's DER form (its secrets among it), for another process of
         this client to resume with (``session_from_bytes``); None where it cannot be written

@@ -46,6 +46,28 @@ def _fd_open(fd: int) -> bool:
     return True
 
 
+def _tls_io(tls_io: str | None, tmp_path, monkeypatch) -> tuple[dict, object]:
+    """TLS for a test's server and client, run as ``tls_io`` says (``ICAFAST_TLS_IO``), or
+    none (None): see ``tls_for``."""
+    if tls_io is not None:
+        monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    return tls_for(tmp_path, tls_io is not None)
+
+
+async def _echo_under_way(r: asyncio.StreamReader, w: asyncio.StreamWriter, size: int,
+                          seed: int) -> tuple[Stats, Stats, asyncio.Event, list]:
+    """A stream of ``size`` bytes to an echo and back, a quarter of it through: what was sent
+    and received, the gate its second half waits at (for the hand-over: on loopback the whole
+    stream could cross before a test looks), and the two tasks."""
+    sent, got = Stats(), Stats()
+    gate = asyncio.Event()
+    tasks = [asyncio.ensure_future(send_stream(w, size, seed, sent, chunk=64 * 1024,
+                                               gate=(size // 2, gate))),
+             asyncio.ensure_future(recv_stream(r, got))]
+    assert await wait_for(lambda: got.received > size // 4, 30)
+    return sent, got, gate, tasks
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("tls_io", [None, "auto", "loop"], ids=["plain", "tls", "tls-loop"])
 def test_sessions_go_on_at_the_server_they_are_handed_to(loop, tls_io, tmp_path, monkeypatch):
@@ -54,20 +76,13 @@ def test_sessions_go_on_at_the_server_they_are_handed_to(loop, tls_io, tmp_path,
     its client resumed; the first server holds nothing afterwards. With TLS, on both ways of
     running it (the next server's listener takes the socket with its own context)."""
     size = 6 * 1024 * 1024
-    if tls_io is not None:
-        monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
-    server_kw, client_tls = tls_for(tmp_path, tls_io is not None)
+    server_kw, client_tls = _tls_io(tls_io, tmp_path, monkeypatch)
 
     async def main() -> None:
         async with Setup(Backend("echo"), **server_kw) as s:
             cev: list = []
             r, w = await s.client(events=cev, tls=client_tls)
-            sent, got = Stats(), Stats()
-            gate = asyncio.Event()  # (the second half waits for the hand-over)
-            tasks = [asyncio.ensure_future(send_stream(w, size, 7, sent, chunk=64 * 1024,
-                                                       gate=(size // 2, gate))),
-                     asyncio.ensure_future(recv_stream(r, got))]
-            assert await wait_for(lambda: got.received > size // 4, 30)
+            sent, got, gate, tasks = await _echo_under_way(r, w, size, 7)
             (sid,) = s.server.sessions_by_id
             port = s.server_port
             data, fds = await s.server.hand_over()
@@ -253,9 +268,7 @@ def test_client_sessions_go_on_at_the_client_they_are_handed_to(loop, tls_io, tm
     and resumes the same session (one backend connection at the server, to the end); a new
     application connection there gets a session of its own."""
     size = 6 * 1024 * 1024
-    if tls_io is not None:
-        monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
-    server_kw, client_tls = tls_for(tmp_path, tls_io is not None)
+    server_kw, client_tls = _tls_io(tls_io, tmp_path, monkeypatch)
 
     async def main() -> None:
         async with Setup(Backend("echo"), **server_kw) as s:
@@ -274,12 +287,7 @@ def test_client_sessions_go_on_at_the_client_they_are_handed_to(loop, tls_io, tm
                               on_status=on_status)
             try:
                 r, w = await _app(first)
-                sent, got = Stats(), Stats()
-                gate = asyncio.Event()  # (the second half waits for the hand-over)
-                tasks = [asyncio.ensure_future(send_stream(w, size, 11, sent, chunk=64 * 1024,
-                                                           gate=(size // 2, gate))),
-                         asyncio.ensure_future(recv_stream(r, got))]
-                assert await wait_for(lambda: got.received > size // 4, 30)
+                sent, got, gate, tasks = await _echo_under_way(r, w, size, 11)
                 (sid,) = s.server.sessions_by_id
                 port = first.addresses[0][1]
                 data, fds = await first.hand_over()
