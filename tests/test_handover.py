@@ -358,6 +358,51 @@ def test_what_the_application_has_not_taken_is_sent_again_by_the_server(loop):
     run_async(loop, main())
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_disconnected_client_session_is_handed_over_and_resumes_when_it_can(loop):
+    """A client session whose server cannot be reached is handed over DISCONNECTED, its
+    reliability timeout going on from when its link broke (not from the hand-over); once the
+    server can be reached again, the next client resumes it and the backend's stream, which
+    went on meanwhile, reaches the application whole."""
+    size = 3 * 1024 * 1024
+
+    async def main() -> None:
+        async with Setup(Backend("stream", size=size, seed=6)) as s:
+            first = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.proxy.port), s.config)
+            await first.start()
+            nxt = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.proxy.port), s.config)
+            try:
+                r, w = await _app(first)
+                got = Stats()
+                start = await r.readexactly(1024)  # (the session is up)
+                got.received = len(start)
+                got.recv_hash.update(start)
+                (runner,) = first.runners
+                s.proxy.refuse_new = True  # (the client cannot come back for now)
+                s.proxy.blackhole()  # its link goes silent: DISCONNECTED
+                assert await wait_for(lambda: runner.engine.state is State.DISCONNECTED, 10)
+                lost_at = runner.engine._disconnected_at
+                await asyncio.sleep(0.2)  # (a reconnect attempt or two are refused)
+                data, fds = await first.hand_over()
+                await nxt.start(handover=(data, fds))
+                (taken,) = nxt.runners
+                assert taken.engine.state is State.DISCONNECTED
+                assert taken.engine._disconnected_at == lost_at
+                s.proxy.refuse_new = False
+                w.write_eof()
+                await asyncio.wait_for(recv_stream(r, got), 60)
+                assert got.received == size and got.eof
+                rng_hash = hashlib.sha256(__import__("random").Random(6).randbytes(size))
+                assert got.recv_hash.digest() == rng_hash.digest()
+                assert len(s.backend.conns) == 1 and s.server.counters["sessions_opened"] == 1
+                w.close()
+            finally:
+                await first.close()
+                await nxt.close()
+
+    run_async(loop, main())
+
+
 def test_a_session_still_connecting_is_handed_over_and_opens_at_the_next_client():
     """A session whose first connect has not succeeded yet (the server is not up) is handed
     over with what the application sent: the next client opens it once the server is there,
