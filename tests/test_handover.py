@@ -4,9 +4,11 @@ an upgrade of ``icafast serve`` that ends no session. Real sockets on loopback."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 from engine_harness import Harness, Schedule
@@ -254,6 +256,22 @@ def test_a_listener_whose_address_changed_is_closed_and_the_new_one_listens():
 
 # -- the client side: RelayClient.hand_over / start(handover=) ----------------------------------
 
+@contextlib.asynccontextmanager
+async def _clients(server: tuple[str, int], config: Config, first_kw: dict | None = None,
+                   next_kw: dict | None = None) -> AsyncIterator[tuple[RelayClient,
+                                                                       RelayClient]]:
+    """A client listening on a free port (started), and the next one that a hand-over from
+    it will start; both closed on the way out."""
+    first = RelayClient(("127.0.0.1", 0), server, config, **(first_kw or {}))
+    await first.start()
+    nxt = RelayClient(("127.0.0.1", 0), server, config, **(next_kw or {}))
+    try:
+        yield first, nxt
+    finally:
+        await first.close()
+        await nxt.close()
+
+
 async def _app(client: RelayClient) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """An application connection to ``client``'s listener."""
     return await asyncio.open_connection("127.0.0.1", client.addresses[0][1])
@@ -272,9 +290,6 @@ def test_client_sessions_go_on_at_the_client_they_are_handed_to(loop, tls_io, tm
 
     async def main() -> None:
         async with Setup(Backend("echo"), **server_kw) as s:
-            first = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), s.config,
-                                tls=client_tls)
-            await first.start()
             reused: list[bool] = []  # (each resumed link of the next client: TLS resumed?)
 
             def on_status(e: ev.Event, _engine) -> None:
@@ -282,10 +297,9 @@ def test_client_sessions_go_on_at_the_client_they_are_handed_to(loop, tls_io, tm
                     reused.extend(r.link.ssl_object.session_reused for r in nxt.runners)
 
             # (the next client's own TLS settings, as in a new process: no session kept)
-            nxt = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), s.config,
-                              tls=dataclasses.replace(client_tls) if client_tls else None,
-                              on_status=on_status)
-            try:
+            async with _clients(("127.0.0.1", s.server_port), s.config, {"tls": client_tls},
+                                {"tls": dataclasses.replace(client_tls) if client_tls else None,
+                                 "on_status": on_status}) as (first, nxt):
                 r, w = await _app(first)
                 sent, got, gate, tasks = await _echo_under_way(r, w, size, 11)
                 (sid,) = s.server.sessions_by_id
@@ -312,9 +326,6 @@ def test_client_sessions_go_on_at_the_client_they_are_handed_to(loop, tls_io, tm
                 assert len(s.backend.conns) == 2
                 w2.close()
                 w.close()
-            finally:
-                await first.close()
-                await nxt.close()
 
     run_async(loop, main())
 
@@ -329,10 +340,7 @@ def test_what_the_application_has_not_taken_is_sent_again_by_the_server(loop):
 
     async def main() -> None:
         async with Setup(Backend("stream", size=size, seed=9), cfg) as s:
-            first = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), cfg)
-            await first.start()
-            nxt = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.server_port), cfg)
-            try:
+            async with _clients(("127.0.0.1", s.server_port), cfg) as (first, nxt):
                 r, w = await _app(first)
                 (runner,) = first.runners
                 # (the application's socket buffers are full and the transport holds more)
@@ -351,9 +359,6 @@ def test_what_the_application_has_not_taken_is_sent_again_by_the_server(loop):
                 assert got.recv_hash.digest() == rng_hash.digest()
                 assert len(s.backend.conns) == 1
                 w.close()
-            finally:
-                await first.close()
-                await nxt.close()
 
     run_async(loop, main())
 
@@ -368,10 +373,7 @@ def test_a_disconnected_client_session_is_handed_over_and_resumes_when_it_can(lo
 
     async def main() -> None:
         async with Setup(Backend("stream", size=size, seed=6)) as s:
-            first = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.proxy.port), s.config)
-            await first.start()
-            nxt = RelayClient(("127.0.0.1", 0), ("127.0.0.1", s.proxy.port), s.config)
-            try:
+            async with _clients(("127.0.0.1", s.proxy.port), s.config) as (first, nxt):
                 r, w = await _app(first)
                 got = Stats()
                 start = await r.readexactly(1024)  # (the session is up)
@@ -396,9 +398,6 @@ def test_a_disconnected_client_session_is_handed_over_and_resumes_when_it_can(lo
                 assert got.recv_hash.digest() == rng_hash.digest()
                 assert len(s.backend.conns) == 1 and s.server.counters["sessions_opened"] == 1
                 w.close()
-            finally:
-                await first.close()
-                await nxt.close()
 
     run_async(loop, main())
 
