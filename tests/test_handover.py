@@ -439,6 +439,36 @@ def test_a_session_still_connecting_is_handed_over_and_opens_at_the_next_client(
     run_async("uvloop", main())
 
 
+def test_a_connecting_session_handed_to_a_client_with_a_fallback_falls_back_at_once():
+    """With ``fallback``, a new session falls back after its first failed connect instead of
+    retrying for ``connect_retry``: a session still connecting when it is handed over keeps
+    that (the next client's settings), and falls back when its attempt there fails."""
+    from relay_helpers import unanswering_backend
+
+    async def main() -> None:
+        backend = await Backend("echo").start()
+        with unanswering_backend() as server:
+            async with _clients(server, FAST, {"fallback": ("127.0.0.1", backend.port)},
+                                {"fallback": ("127.0.0.1", backend.port)}) as (first, nxt):
+                r, w = await _app(first)
+                w.write(b"to the fallback")
+                (runner,) = first.runners
+                assert await wait_for(lambda: runner.engine.unacked == 15, 10)
+                data, fds = await first.hand_over()
+                await nxt.start(handover=(data, fds))
+                (taken,) = nxt.runners
+                assert taken.engine.state is State.CONNECTING
+                assert taken.engine.config.connect_retry == 0.0
+                # (its attempt at the server that never answers times out; then the
+                # fallback relays the application's bytes, which the engine had kept)
+                echoed = await asyncio.wait_for(r.readexactly(15), 30)
+                assert echoed == b"to the fallback" and taken.fell_back
+                w.close()
+        await backend.close()
+
+    run_async("uvloop", main())
+
+
 def test_a_client_session_state_round_trip_keeps_offsets_secrets_and_the_server_policy():
     """``ClientSession.from_state`` is ``export_state``'s inverse for what a resume needs."""
     h = Harness(SMALL)

@@ -150,10 +150,13 @@ class _ClientRunner(Runner):
     def __init__(self, loop: asyncio.AbstractEventLoop, server: tuple[str, int], config: Config,
                  fallback: tuple[str, int] | None, on_status: StatusCallback | None,
                  label: str = "", tls: ClientTLS | None = None,
-                 engine: ClientSession | None = None) -> None:
+                 handed: tuple[dict[str, Any], Any] | None = None) -> None:
         if fallback is not None:  # fall back at once rather than retry the first connect
             config = dataclasses.replace(config, connect_retry=0.0)
-        super().__init__(loop, engine or ClientSession(config, loop.time()), "client", on_status)
+        # (``handed``: a session's state and unacknowledged bytes from a hand-over)
+        engine = (ClientSession(config, loop.time()) if handed is None else
+                  ClientSession.from_state(config, handed[0], handed[1], loop.time()))
+        super().__init__(loop, engine, "client", on_status)
         self.engine: ClientSession = self.engine  # type: ignore[assignment]
         self.server = server
         self.fallback = fallback
@@ -740,10 +743,9 @@ class RelayClient:
             self.tls.import_sessions(doc.get("tls"))
         taken = 0
         for entry in doc["sessions"]:
-            eng = ClientSession.from_state(self.config, entry["state"],
-                                           ho.area(blob, entry["unacked"]), loop.time())
             r = _ClientRunner(loop, self.server, self.config, self.fallback, self.on_status,
-                              label=str(entry.get("label", "")), tls=self.tls, engine=eng)
+                              label=str(entry.get("label", "")), tls=self.tls,
+                              handed=(entry["state"], ho.area(blob, entry["unacked"])))
             self._track(r)
             if not await take_endpoint(r, entry["app"], entry, blob, fds, "application"):
                 r.stop("its application connection could not be taken over")
