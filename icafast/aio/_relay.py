@@ -186,7 +186,12 @@ _OWN_WRITELINES = _SELECTOR_TCP is not None and "writelines" in vars(_SELECTOR_T
 def writelines_of(transport: Any) -> Callable[[Any], None]:
     """``transport.writelines``; on asyncio's TCP transport where its ``writelines`` may not
     pause the protocol (gh-127655), one that checks the high water mark after it, as its
-    ``write`` does (``_maybe_pause_protocol``: nothing when below it or already paused)."""
+    ``write`` does (``_maybe_pause_protocol``: nothing when below it or already paused).
+
+    That one also drops what is written once the connection is lost, as ``write`` does.
+    CPython 3.12.1's ``writelines`` then still registered the socket for writing, and the
+    registration outlived the socket: a connection that got its descriptor number next failed
+    in the selector (FileNotFoundError from epoll), and its session with it."""
     wl = transport.writelines
     check = getattr(transport, "_maybe_pause_protocol", None)
     if not _OWN_WRITELINES or check is None or not isinstance(transport, cast(type,
@@ -194,6 +199,8 @@ def writelines_of(transport: Any) -> Callable[[Any], None]:
         return cast(Callable[[Any], None], wl)
 
     def writelines(bufs: Any) -> None:
+        if getattr(transport, "_conn_lost", 0):  # (what write() checks first)
+            return
         wl(bufs)
         check()
 
@@ -1179,7 +1186,9 @@ class Runner:
         if link is not None:
             link.close(abort=True)
         ep = self.endpoint
-        if ep is not None and ep.transport is not None and not ep.closed:
+        self.endpoint = None  # (nothing is written to it from now on: a burst still due
+        if ep is not None and ep.transport is not None and not ep.closed:  # finds none)
+            ep.closed = True
             ep.transport.abort()  # (no SO_LINGER of 0, as abort_with_rst sets: no RST)
 
     def session_closed(self, e: ev.SessionClosed) -> None:
