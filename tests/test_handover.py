@@ -469,6 +469,34 @@ def test_a_connecting_session_handed_to_a_client_with_a_fallback_falls_back_at_o
     run_async("uvloop", main())
 
 
+def test_writelines_on_a_lost_connection_leaves_no_registration_behind():
+    """What a relay writes to a connection already lost is dropped, as asyncio's ``write``
+    drops it: CPython 3.12.1's ``writelines`` registered the socket for writing anyway, and
+    the registration outlived the socket (the next connection given its descriptor number then
+    failed in the selector: a hand-over's resets made it happen)."""
+    from icafast.aio._relay import writelines_of
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def drop(_r: asyncio.StreamReader, peer: asyncio.StreamWriter) -> None:
+            peer.close()
+
+        server = await asyncio.start_server(drop, "127.0.0.1", 0)
+        r, w = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        t = w.transport
+        fd = t.get_extra_info("socket").fileno()
+        t.abort()
+        writelines_of(t)([b"after the end"] * 3)
+        assert fd not in loop._selector.get_map()  # (no writer left for the closed socket)
+        w.close()
+        await asyncio.sleep(0.05)
+        server.close()
+        await server.wait_closed()
+
+    run_async("asyncio", main())
+
+
 def test_a_client_session_state_round_trip_keeps_offsets_secrets_and_the_server_policy():
     """``ClientSession.from_state`` is ``export_state``'s inverse for what a resume needs."""
     h = Harness(SMALL)
