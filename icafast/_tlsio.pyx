@@ -83,6 +83,8 @@ ctypedef void *(*f_get0_ptr)(const void *) noexcept nogil
 ctypedef int (*f_cmp_time)(const void *) noexcept nogil
 # SSL_CTX_set_session_ticket_cb (the SSL_CTX and the callbacks as untyped pointers)
 ctypedef int (*f_ctx_ticket_cb)(void *, void *, void *, void *) noexcept nogil
+# SSL_CTX_ctrl (the SSL_CTX as an untyped pointer)
+ctypedef long (*f_ctx_ctrl)(void *, int, long, void *) noexcept nogil
 ctypedef unsigned long (*f_ulong)() noexcept nogil
 ctypedef void (*f_err_string)(unsigned long, char *, size_t) noexcept nogil
 # the BIO method of the pipe's own BIOs
@@ -112,6 +114,8 @@ DEF SSL_ERROR_WANT_WRITE = 3
 DEF SSL_ERROR_SYSCALL = 5
 DEF SSL_ERROR_ZERO_RETURN = 6
 DEF SSL_CTRL_CLEAR_MODE = 78
+DEF SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
+DEF SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
 DEF SSL_MODE_RELEASE_BUFFERS = 0x10
 DEF BIO_TYPE_SOURCE_SINK = 0x0400
 DEF BIO_FLAGS_READ = 0x01
@@ -156,6 +160,7 @@ cdef f_session_long p_session_timeout = NULL
 cdef f_i2d_session p_i2d_session = NULL  # (these two: NULL where not found)
 cdef f_d2i_session p_d2i_session = NULL
 cdef f_ctx_ticket_cb p_ctx_ticket_cb = NULL  # (NULL where the library has none: 1.1.0)
+cdef f_ctx_ctrl p_ctx_ctrl = NULL
 cdef f_get0_ptr p_session_peer = NULL  # (these three: NULL where not found)
 cdef f_get0_ptr p_not_after = NULL
 cdef f_cmp_time p_cmp_now = NULL
@@ -236,7 +241,7 @@ def bind():
     global p_err_string, p_bio_new, p_bio_set_data, p_bio_get_data, p_bio_set_init
     global p_bio_set_flags, p_bio_clear_flags, _method, p_ssl_ctrl, p_free_buffers
     global p_get1_session, p_set_session, p_session_free, p_session_resumable, p_session_dup
-    global p_session_time, p_session_timeout, p_ctx_ticket_cb
+    global p_session_time, p_session_timeout, p_ctx_ticket_cb, p_ctx_ctrl
     global p_session_peer, p_not_after, p_cmp_now, p_i2d_session, p_d2i_session
     if _bind_error is None:
         return None
@@ -281,6 +286,7 @@ def bind():
         p_session_time = <f_session_long>_sym(h, b"SSL_SESSION_get_time")
         p_session_timeout = <f_session_long>_sym(h, b"SSL_SESSION_get_timeout")
         p_ctx_ticket_cb = <f_ctx_ticket_cb>dlsym(h, b"SSL_CTX_set_session_ticket_cb")
+        p_ctx_ctrl = <f_ctx_ctrl>_sym(h, b"SSL_CTX_ctrl")
         p_session_peer = <f_get0_ptr>dlsym(h, b"SSL_SESSION_get0_peer")
         p_not_after = <f_get0_ptr>dlsym(h, b"X509_get0_notAfter")
         p_cmp_now = <f_cmp_time>dlsym(h, b"X509_cmp_current_time")
@@ -390,17 +396,73 @@ def spare_tickets(ctx):
     lifetime (OpenSSL's default lifetime: 2 h) never falls back to a full handshake. Returns
     whether it was set (not where the library has no ticket callbacks, or Python's ``_ssl``
     objects are laid out otherwise)."""
-    import _ssl
     if bind() is not None or p_ctx_ticket_cb == NULL:
         return False
-    if (not isinstance(ctx, _ssl._SSLContext)
-            or _ssl._SSLContext.__basicsize__ < sizeof(PyObject) + sizeof(void *)):
-        return False
-    # PySSLContext: {PyObject_HEAD; SSL_CTX *ctx; ...}
-    cdef void *c = _field(ctx, 0)
+    cdef void *c = _ctx_of(ctx)
     if c == NULL:
         return False
     return p_ctx_ticket_cb(c, NULL, <void *>_on_ticket, NULL) == 1
+
+
+cdef void *_ctx_of(object ctx):
+    # The OpenSSL SSL_CTX of an ``ssl.SSLContext`` (NULL: not one, or laid out otherwise).
+    import _ssl
+    if (not isinstance(ctx, _ssl._SSLContext)
+            or _ssl._SSLContext.__basicsize__ < sizeof(PyObject) + sizeof(void *)):
+        return NULL
+    # PySSLContext: {PyObject_HEAD; SSL_CTX *ctx; ...}
+    return _field(ctx, 0)
+
+
+cdef long _ticket_keys_size(void *c) noexcept:
+    # (SSL_CTRL_GET_TLSEXT_TICKET_KEYS without a buffer: their size, 80 in OpenSSL 1.1 and 3)
+    cdef long n = p_ctx_ctrl(c, SSL_CTRL_GET_TLSEXT_TICKET_KEYS, 0, NULL)
+    p_err_clear()
+    return n if 0 < n <= 4096 else 0
+
+
+def ticket_keys(ctx):
+    """The keys with which a server ``ssl.SSLContext`` seals and opens its TLS session
+    tickets, as OpenSSL gives them (``SSL_CTX_get_tlsext_ticket_keys``: the key name, the HMAC
+    key and the AES key, 80 bytes), or None where they cannot be read. OpenSSL makes them at
+    random with each context, and they live as long as it: a new context (a certificate
+    reloaded, an upgraded process) cannot open the tickets of the one before unless it is given
+    them (:func:`set_ticket_keys`)."""
+    if bind() is not None:
+        return None
+    cdef void *c = _ctx_of(ctx)
+    if c == NULL:
+        return None
+    cdef long n = _ticket_keys_size(c)
+    if n == 0:
+        return None
+    out = bytearray(n)
+    cdef unsigned char[::1] view = out
+    if p_ctx_ctrl(c, SSL_CTRL_GET_TLSEXT_TICKET_KEYS, n, &view[0]) != 1:
+        p_err_clear()
+        return None
+    return bytes(out)
+
+
+def set_ticket_keys(ctx, keys):
+    """Give a server ``ssl.SSLContext`` the ticket keys of another (:func:`ticket_keys`): it
+    then opens that one's tickets, and seals its own with them. Returns whether it took them
+    (not where they are not of this library's size, or cannot be set)."""
+    if bind() is not None:
+        return False
+    cdef void *c = _ctx_of(ctx)
+    if c == NULL:
+        return False
+    cdef bytes b = bytes(keys)
+    cdef long n = _ticket_keys_size(c)
+    if n == 0 or n != len(b):
+        return False
+    if p_ctx_ctrl(c, SSL_CTRL_SET_TLSEXT_TICKET_KEYS, n, <void *><const char *>b) != 1:
+        p_err_clear()
+        return False
+    return True
+
+
 
 
 cdef class Session:

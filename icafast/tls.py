@@ -362,6 +362,51 @@ def server_context(cert: str, key: str, client_ca: str | None = None, *,
     return ctx
 
 
+def ticket_scope(ctx: ssl.SSLContext) -> str:
+    """What a client that resumes with one of a server context's tickets was checked against,
+    beyond the server's key: whether and how the context verifies client certificates, and the
+    CAs it trusts for them (a digest). A resumption shows no certificate, so a ticket may only
+    be opened by a context that would have let the same clients in."""
+    h = hashlib.sha256(b"icafast ticket scope 1\0%d\0" % int(ctx.verify_mode))
+    for der in sorted(ctx.get_ca_certs(binary_form=True)):
+        h.update(len(der).to_bytes(4, "big") + der)
+    return h.hexdigest()
+
+
+def export_ticket_keys(ctx: ssl.SSLContext) -> dict[str, str] | None:
+    """A server context's session ticket keys, and the scope they were used in
+    (:func:`ticket_scope`), for a context that takes its place (:func:`import_ticket_keys`):
+    a certificate reloaded, the server an upgrade in place hands over to. None where they
+    cannot be read (no compiled module)."""
+    from .tlspipe import ticket_keys
+
+    keys = ticket_keys(ctx)
+    if keys is None:
+        return None
+    return {"scope": ticket_scope(ctx), "keys": keys.hex()}
+
+
+def import_ticket_keys(ctx: ssl.SSLContext, doc: Any) -> bool:
+    """Open and seal session tickets with the keys :func:`export_ticket_keys` wrote out, so
+    that the clients of the context before resume their TLS sessions (abbreviated handshakes)
+    instead of making full ones. Taken only where this context lets in the same clients (the
+    same :func:`ticket_scope`): a client CA added, removed or changed, or client certificates
+    required where they were not, and every client shows its certificate again, in a full
+    handshake. Returns whether they were taken.
+
+    The keys then live on, as they would had the server gone on without a reload or an
+    upgrade (OpenSSL does not change them while a context lives)."""
+    from .tlspipe import set_ticket_keys
+
+    if not isinstance(doc, dict) or doc.get("scope") != ticket_scope(ctx):
+        return False
+    try:
+        keys = bytes.fromhex(doc["keys"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return set_ticket_keys(ctx, keys)
+
+
 @dataclass
 class ClientTLS:
     """How the client secures and verifies its links."""

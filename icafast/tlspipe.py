@@ -180,6 +180,23 @@ def session_from_bytes(data: bytes) -> Any:
     return _compiled_module().session_from_bytes(data)
 
 
+def ticket_keys(ctx: ssl.SSLContext) -> bytes | None:
+    """The keys a server context seals and opens its session tickets with
+    (:func:`icafast._tlsio.ticket_keys`), where the compiled module can run; elsewhere None
+    (Python's ``ssl`` has no way to them: a new context cannot open the tickets of one before)."""
+    if compiled_unavailable() is not None:
+        return None
+    return _compiled_module().ticket_keys(ctx)  # type: ignore[no-any-return]
+
+
+def set_ticket_keys(ctx: ssl.SSLContext, keys: bytes) -> bool:
+    """Give a server context the ticket keys of another (:func:`ticket_keys`). Returns whether
+    it took them (never where the compiled module cannot run)."""
+    if compiled_unavailable() is not None:
+        return False
+    return bool(_compiled_module().set_ticket_keys(ctx, keys))
+
+
 _compiled: Any = None
 
 

@@ -76,9 +76,17 @@ def test_sessions_go_on_at_the_server_they_are_handed_to(loop, tls_io, tmp_path,
     """Streams in both directions go on through a hand-over in their middle, byte for byte:
     the same session (its id, one backend connection) at the next server, on the same port,
     its client resumed; the first server holds nothing afterwards. With TLS, on both ways of
-    running it (the next server's listener takes the socket with its own context)."""
+    running it (the next server's listener takes the socket with its own context, loaded
+    from the same files as in a new process: it takes the first one's ticket keys, and the
+    client's new link resumes its TLS session where the client offers it, on the pipe)."""
     size = 6 * 1024 * 1024
     server_kw, client_tls = _tls_io(tls_io, tmp_path, monkeypatch)
+    fresh = {}
+    if tls_io is not None:
+        from icafast import tls
+
+        cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+        fresh = {"ssl": tls.server_context(cert, key)}
 
     async def main() -> None:
         async with Setup(Backend("echo"), **server_kw) as s:
@@ -89,12 +97,16 @@ def test_sessions_go_on_at_the_server_they_are_handed_to(loop, tls_io, tmp_path,
             port = s.server_port
             data, fds = await s.server.hand_over()
             assert not s.server.sessions_by_id
-            nxt = _successor(s)
+            nxt = _successor(s, **fresh)
             await nxt.start(handover=(data, fds))
-            gate.set()
             try:
                 assert nxt.addresses[0][1] == port
                 assert list(nxt.sessions_by_id) == [sid]
+                runner = nxt.sessions_by_id[sid]
+                assert await wait_for(lambda: runner.link is not None, 10)
+                if tls_io is not None:  # (the loop's TLS transport offers no session)
+                    assert runner.link.ssl_object.session_reused is (tls_io == "auto")
+                gate.set()
                 await asyncio.wait_for(asyncio.gather(*tasks), 60)
                 assert got.received == size and got.eof
                 assert got.recv_hash.digest() == sent.sent_hash.digest()

@@ -800,6 +800,11 @@ def test_a_renewed_certificate_serves_new_links_and_sessions_go_on(tmp_path, loo
             w.write(b"resumed")
             assert await r.readexactly(7) == b"resumed"
             assert len(s.backend.conns) == 1
+            # its TLS session too, where links run TLS on the pipe: the new context took the
+            # ticket keys of the one before (the same client CA); on the loop's transport the
+            # client offers none
+            (runner,) = s.server.sessions_by_id.values()
+            assert runner.link.ssl_object.session_reused is (tls_io == "auto" and uses_pipe())
 
             s.server.set_ssl(tls.server_context(*new, client_ca=ca2))  # another client CA
             config = dataclasses.replace(FAST, connect_retry=0.5)

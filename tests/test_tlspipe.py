@@ -360,6 +360,60 @@ def test_ticket_decisions():
     assert not _tlsio.spare_tickets(object())
 
 
+def test_ticket_keys_carried_to_a_new_context_open_the_tickets_of_the_one_before(
+        tmp_path, monkeypatch):
+    """A new server context (a certificate reloaded, the process an upgrade hands over to)
+    has new ticket keys and cannot open the tickets of the one before: its clients would make
+    full handshakes. Given that one's keys (``tls.export_ticket_keys`` /
+    ``import_ticket_keys``), it resumes them; but only where it lets in the same clients (a
+    resumption shows no certificate): not after client certificates stop or start being
+    required, nor under another client CA. Keys that are not keys change nothing, and where
+    the compiled module cannot run there are none to carry."""
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path / "a"))
+    other, _, _ = tls.ensure_self_signed(str(tmp_path / "b"))
+    cctx = tls.client_context(ca=cert).context
+    first = tls.server_context(cert, key)
+    srv, cli = handshake((first, cctx))
+    sp, cp = KINDS["compiled"](*srv), KINDS["compiled"](*cli)
+    assert cp.open(sp.seal(b"x")) == b"x"  # (the ticket arrives)
+    sess = cp.session()
+
+    def resumes(sctx: ssl.SSLContext) -> bool:
+        srv, cli = handshake((sctx, cctx), session=sess)
+        assert srv[0].session_reused == cli[0].session_reused
+        return bool(srv[0].session_reused)
+
+    assert resumes(first)
+    keys = tls.export_ticket_keys(first)
+    assert keys is not None and len(bytes.fromhex(keys["keys"])) == 80
+    nxt = tls.server_context(cert, key)
+    assert _tlsio.ticket_keys(nxt) != _tlsio.ticket_keys(first)
+    assert not resumes(nxt)  # (its own keys: a full handshake)
+    assert tls.import_ticket_keys(nxt, keys)
+    assert _tlsio.ticket_keys(nxt) == _tlsio.ticket_keys(first)
+    assert resumes(nxt)
+    # not keys: refused, and the keys stay as they were
+    for bad in (None, {}, {"scope": keys["scope"]}, {**keys, "keys": "zz"},
+                {**keys, "keys": keys["keys"][:-2]}, {**keys, "keys": keys["keys"] + "00"}):
+        assert not tls.import_ticket_keys(nxt, bad), bad
+    assert _tlsio.ticket_keys(nxt) == _tlsio.ticket_keys(first)
+    assert not _tlsio.set_ticket_keys(object(), b"\0" * 80)
+    assert _tlsio.ticket_keys(object()) is None
+    # client certificates: the keys go only where the same CAs are required
+    required = tls.export_ticket_keys(tls.server_context(cert, key, client_ca=cert))
+    assert required is not None and required["scope"] != keys["scope"]
+    for elsewhere in (tls.server_context(cert, key),
+                      tls.server_context(cert, key, client_ca=other)):
+        before = _tlsio.ticket_keys(elsewhere)
+        assert not tls.import_ticket_keys(elsewhere, required)
+        assert _tlsio.ticket_keys(elsewhere) == before
+    assert not tls.import_ticket_keys(tls.server_context(cert, key, client_ca=cert), keys)
+    assert tls.import_ticket_keys(tls.server_context(cert, key, client_ca=cert), required)
+    monkeypatch.setenv("ICAFAST_PURE_PYTHON", "1")  # (Python's ssl cannot reach them)
+    assert tls.export_ticket_keys(first) is None
+    assert not tls.import_ticket_keys(tls.server_context(cert, key), keys)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_fatal_alert_from_the_peer_is_an_error_not_a_close_notify(tmp_path, kind):
     """A TLS 1.3 client ends its handshake before the server has checked its certificate:

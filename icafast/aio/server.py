@@ -23,6 +23,7 @@ from typing import Any
 
 from .. import events as ev
 from .. import handover as ho
+from .. import tls
 from ..paths import check_private_dir
 from ..protocol import (
     CLOSE_ABORTED,
@@ -596,13 +597,19 @@ class RelayServer:
         current one as OpenSSL reads its ClientHello (the first context's ``sni_callback``,
         which this sets; a ``sni_callback`` of ``ssl`` is then called as OpenSSL would). The
         first context's TLS session tickets cannot be renewed with it: from then on, links
-        there make full handshakes."""
+        there make full handshakes.
+
+        Otherwise ``ssl`` takes the session ticket keys of the context before
+        (:func:`icafast.tls.import_ticket_keys`), if it lets in the same clients: a client whose
+        link breaks after a certificate renewal resumes its TLS session as before."""
         if (ssl is None) != (self.ssl is None):
             raise ValueError("set_ssl: a server started with TLS takes another context, one "
                              "started without TLS none (the clients would not connect)")
-        self.ssl = ssl
+        old, self.ssl = self.ssl, ssl
         front = self._loop_ssl
         if front is None:
+            if old is not None and ssl is not None and old is not ssl:
+                self._carry_tickets(ssl, tls.export_ticket_keys(old), "the context before")
             return
         front.sni_callback = self._switch_context
         # A TLS session resumed from a ticket shows no certificate, and the listener's context
@@ -742,6 +749,9 @@ class RelayServer:
                "counters": dict(self.counters), "ended_bytes": self._ended_bytes,
                "tombstones": [[sid.hex(), t] for sid, t in self._tombstones.items()],
                "links_accepted": self._links_accepted, "started": self.started_at}
+        tickets = self._loop_ssl if self._loop_ssl is not None else self.ssl
+        if tickets is not None:  # (the clients resume their TLS sessions at the next server)
+            doc["tls_tickets"] = tls.export_ticket_keys(tickets)
         data = packer.pack(doc)
         for r in runners:
             r.let_go()
@@ -820,6 +830,21 @@ class RelayServer:
             taken += 1
         self.counters["handovers_taken"] += 1
         log.info("took over %d sessions from the server before", taken)
+        if self.ssl is not None and "tls_tickets" in doc:
+            self._carry_tickets(self.ssl, doc["tls_tickets"], "the server before")
+
+    def _carry_tickets(self, ctx: ssl.SSLContext, keys: Any, before: str) -> None:
+        """``ctx`` opens the TLS session tickets of ``before`` (``keys``: exported from it)
+        where it lets in the same clients; said either way."""
+        if not isinstance(keys, dict):  # (none could be read there: no compiled module)
+            return
+        if tls.import_ticket_keys(ctx, keys):
+            log.info("TLS: the TLS sessions of %s still resume", before)
+            return
+        why = ("client certificates are checked otherwise now"
+               if keys.get("scope") != tls.ticket_scope(ctx) else "its ticket keys cannot be set")
+        log.info("TLS: clients make a full handshake once, not resuming the TLS sessions of "
+                 "%s (%s)", before, why)
 
     def _lingering_link(self, link: Link) -> None:
         self._closing_links.add(link)
