@@ -866,12 +866,15 @@ def test_a_ticket_sealed_before_another_client_ca_lets_no_one_in(tmp_path, tls_i
     cctx = looking_tls_client(*issue1("client", [], "client1"))  # (one context: its tickets)
 
     async def main() -> None:
-        async with Setup(Backend("echo"), ssl=tls.server_context(cert, key, client_ca=ca1)) as s:
+        first = tls.server_context(cert, key, client_ca=ca1)
+        async with Setup(Backend("echo"), ssl=first) as s:
             port = s.server_port
             session, reused, refused = await asyncio.to_thread(_ticket_client, port, cctx)
             assert session is not None and not reused and not refused
             again = await asyncio.to_thread(_ticket_client, port, cctx, session)
-            assert again[1] and not again[2]  # (the ticket resumes while CA one is trusted)
+            # (the ticket resumes while CA one is trusted; where the compiled module cannot
+            # run, such a server issues no tickets: a full handshake)
+            assert again[1] is (first.num_tickets > 0) and not again[2]
             s.server.set_ssl(tls.server_context(cert, key, client_ca=ca2))
             _, reused, refused = await asyncio.to_thread(_ticket_client, port, cctx, session,
                                                          10.0)

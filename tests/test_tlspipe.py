@@ -369,6 +369,7 @@ def test_ticket_keys_carried_to_a_new_context_open_the_tickets_of_the_one_before
     resumption shows no certificate): not after client certificates stop or start being
     required, nor under another client CA. Keys that are not keys change nothing, and where
     the compiled module cannot run there are none to carry."""
+    monkeypatch.delenv("ICAFAST_PURE_PYTHON", raising=False)
     cert, key, _ = tls.ensure_self_signed(str(tmp_path / "a"))
     other, _, _ = tls.ensure_self_signed(str(tmp_path / "b"))
     cctx = tls.client_context(ca=cert).context
