@@ -23,6 +23,7 @@ import ssl
 import stat
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -345,7 +346,13 @@ def server_context(cert: str, key: str, client_ca: str | None = None, *,
         if pair_error is None:
             raise
         raise pair_error(e) from None
+    ca_bytes = None
     if client_ca:
+        try:  # (what a ticket's client was checked against: see ticket_scope)
+            with open(client_ca, "rb") as f:
+                ca_bytes = f.read()
+        except OSError:
+            pass  # (the load below says what is wrong with the file)
         _load_verify_locations(ctx, client_ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
         # TLS 1.2 also resumes by session ID, from the server's session cache: no ticket
@@ -359,18 +366,37 @@ def server_context(cert: str, key: str, client_ca: str | None = None, *,
             # would come back in with its ticket, renewed on each resumption. No tickets: every
             # link makes a full handshake, which checks the certificate.
             ctx.num_tickets = 0
+    if not client_ca or ca_bytes is not None:
+        _SCOPES[ctx] = (ctx.verify_mode, _scope_of(ctx.verify_mode, ca_bytes))
     return ctx
 
 
-def ticket_scope(ctx: ssl.SSLContext) -> str:
-    """What a client that resumes with one of a server context's tickets was checked against,
-    beyond the server's key: whether and how the context verifies client certificates, and the
-    CAs it trusts for them (a digest). A resumption shows no certificate, so a ticket may only
-    be opened by a context that would have let the same clients in."""
-    h = hashlib.sha256(b"icafast ticket scope 1\0%d\0" % int(ctx.verify_mode))
-    for der in sorted(ctx.get_ca_certs(binary_form=True)):
-        h.update(len(der).to_bytes(4, "big") + der)
+#: what each server context made by :func:`server_context` verifies clients against (see
+#: :func:`ticket_scope`)
+_SCOPES: weakref.WeakKeyDictionary[ssl.SSLContext, tuple[int, str]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _scope_of(verify_mode: int, client_ca: bytes | None) -> str:
+    h = hashlib.sha256(b"icafast ticket scope 1\0%d\0" % verify_mode)
+    if client_ca is not None:
+        h.update(client_ca)
     return h.hexdigest()
+
+
+def ticket_scope(ctx: ssl.SSLContext) -> str | None:
+    """What a client that resumes with one of a server context's tickets was checked against,
+    beyond the server's key: whether the context verifies client certificates, and the client
+    CA file it was loaded from (a digest of its bytes: every certificate trusted, whatever its
+    kind). A resumption shows no certificate, so a ticket may only be opened by a context that
+    would have let the same clients in. None where that cannot be told (a context that verifies
+    clients, not made by :func:`server_context`): its keys are never carried."""
+    mode, scope = _SCOPES.get(ctx, (None, None))
+    if mode == ctx.verify_mode:  # (not changed since)
+        return scope
+    if ctx.verify_mode == ssl.CERT_NONE:
+        return _scope_of(ssl.CERT_NONE, None)
+    return None
 
 
 def export_ticket_keys(ctx: ssl.SSLContext) -> dict[str, str] | None:
@@ -381,9 +407,10 @@ def export_ticket_keys(ctx: ssl.SSLContext) -> dict[str, str] | None:
     from .tlspipe import ticket_keys
 
     keys = ticket_keys(ctx)
-    if keys is None:
+    scope = ticket_scope(ctx)
+    if keys is None or scope is None:
         return None
-    return {"scope": ticket_scope(ctx), "keys": keys.hex()}
+    return {"scope": scope, "keys": keys.hex()}
 
 
 def import_ticket_keys(ctx: ssl.SSLContext, doc: Any) -> bool:
@@ -398,7 +425,8 @@ def import_ticket_keys(ctx: ssl.SSLContext, doc: Any) -> bool:
     upgrade (OpenSSL does not change them while a context lives)."""
     from .tlspipe import set_ticket_keys
 
-    if not isinstance(doc, dict) or doc.get("scope") != ticket_scope(ctx):
+    scope = ticket_scope(ctx)
+    if scope is None or not isinstance(doc, dict) or doc.get("scope") != scope:
         return False
     try:
         keys = bytes.fromhex(doc["keys"])

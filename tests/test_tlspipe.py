@@ -12,6 +12,7 @@ import os
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -410,6 +411,24 @@ def test_ticket_keys_carried_to_a_new_context_open_the_tickets_of_the_one_before
         assert _tlsio.ticket_keys(elsewhere) == before
     assert not tls.import_ticket_keys(tls.server_context(cert, key, client_ca=cert), keys)
     assert tls.import_ticket_keys(tls.server_context(cert, key, client_ca=cert), required)
+    # the client CA file compared whole (any certificate in it, of any kind, may let a client
+    # in): the same file with one more certificate is another scope
+    both = tmp_path / "both.pem"
+    both.write_bytes(Path(cert).read_bytes() + Path(other).read_bytes())
+    assert not tls.import_ticket_keys(tls.server_context(cert, key, client_ca=str(both)),
+                                      required)
+    # a context that checks clients in a way not known (not made by server_context, or
+    # changed since): its keys are neither given nor taken
+    own = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    own.load_cert_chain(cert, key)
+    assert tls.export_ticket_keys(own) is not None  # (it checks no client: the default)
+    own.load_verify_locations(cert)
+    own.verify_mode = ssl.CERT_REQUIRED
+    changed = tls.server_context(cert, key)
+    changed.verify_mode = ssl.CERT_OPTIONAL
+    for unknown in (own, changed):
+        assert tls.ticket_scope(unknown) is None and tls.export_ticket_keys(unknown) is None
+        assert not tls.import_ticket_keys(unknown, keys)
     monkeypatch.setenv("ICAFAST_PURE_PYTHON", "1")  # (Python's ssl cannot reach them)
     assert tls.export_ticket_keys(first) is None
     assert not tls.import_ticket_keys(tls.server_context(cert, key), keys)

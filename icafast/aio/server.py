@@ -841,8 +841,10 @@ class RelayServer:
         if tls.import_ticket_keys(ctx, keys):
             log.info("TLS: the TLS sessions of %s still resume", before)
             return
-        why = ("client certificates are checked otherwise now"
-               if keys.get("scope") != tls.ticket_scope(ctx) else "its ticket keys cannot be set")
+        scope = tls.ticket_scope(ctx)
+        why = ("its ticket keys cannot be set" if keys.get("scope") == scope else
+               "client certificates are checked otherwise now" if scope is not None else
+               "how it checks client certificates cannot be compared")
         log.info("TLS: clients make a full handshake once, not resuming the TLS sessions of "
                  "%s (%s)", before, why)
 
