@@ -463,8 +463,6 @@ def set_ticket_keys(ctx, keys):
     return True
 
 
-
-
 cdef class Session:
     """A TLS session a client may resume: a copy of OpenSSL's ``SSL_SESSION`` made in memory
     (``SSL_SESSION_dup``: the certificate is shared, not copied).
