@@ -186,6 +186,29 @@ def test_upgrade_benchmark_quick(tmp_path: Path, bench_tmp: Path, tls: bool, sid
     assert res["side"] == side
     (rnd,) = res["rounds"]
     assert rnd["sessions_through"] == 5 and 0 < rnd["reloading_ms"] < rnd["ready_ms"]
+    assert res["bytecode"].startswith("as found")
+
+
+def test_the_upgrade_benchmark_starts_icafast_from_bytecode() -> None:
+    """A timed ``benchmarks.upgrade`` run byte-compiles icafast first, as pip does when it
+    installs a wheel: afterwards every module of the package has bytecode Python will load
+    (on a host where Python writes none itself, each start would compile them from source).
+    The quick run leaves the modules as it found them, and says so."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks.upgrade import _byte_compile
+    finally:
+        sys.path.remove(str(ROOT))
+    import icafast
+
+    said = _byte_compile()
+    assert "compiled" in said
+    sources = list(Path(icafast.__file__).parent.rglob("*.py"))
+    assert len(sources) > 10
+    for src in sources:
+        assert Path(importlib.util.cache_from_source(str(src))).is_file(), src
 
 
 def test_a_chain_whose_process_exited_fails_at_once(tmp_path: Path) -> None:
