@@ -1108,9 +1108,34 @@ async def _run_stdio(session: Any) -> int:
     try:
         return await _stdio_until_over(session, stopped, caught)
     finally:
-        for sig in handled:
-            with contextlib.suppress(ValueError, OSError):
-                signal.signal(sig, signal.SIG_IGN)
+        _ignore_quietly(handled)
+
+
+#: CPython's reports of a signal that came as its handler gave way to SIG_IGN, left out (see
+#: _ignore_quietly)
+_QUIET_REPORTS: set[str] = set()
+
+
+def _ignore_quietly(signals: list[int]) -> None:
+    """SIG_IGN for ``signals``, from now until the process exits, without the report CPython
+    makes of one that came as its handler gave way. A signal caught just before its action
+    became SIG_IGN waits for its Python handler, and when the interpreter then finds SIG_IGN
+    in that handler's place, it writes "Signal N ignored due to race condition" with a
+    traceback to standard error (an unraisable exception), which ssh shows its user. That
+    signal was to be ignored, and is; only that report is left out."""
+    if not _QUIET_REPORTS:
+        before = sys.unraisablehook
+
+        def hook(u: Any) -> None:
+            if not (isinstance(u.exc_value, OSError) and str(u.exc_value) in _QUIET_REPORTS):
+                before(u)
+
+        sys.unraisablehook = hook
+    _QUIET_REPORTS.update(f"Signal {int(sig)} ignored due to race condition"
+                          for sig in signals)
+    for sig in signals:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 async def _stdio_until_over(session: Any, stopped: asyncio.Event, caught: list[int]) -> int:

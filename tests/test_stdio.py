@@ -802,6 +802,104 @@ def test_stdio_session_on_one_socket_for_both_directions(tmp_path):
     run_async("asyncio", scenario(), timeout=30)
 
 
+_RACE = r"""
+import os, signal, subprocess, sys, time
+from icafast.cli import _ignore_quietly
+
+quiet = sys.argv[1] == "quiet"
+
+
+def handler(signum, frame):
+    pass
+
+
+signal.signal(signal.SIGHUP, handler)
+# SIGHUP after SIGHUP from another process (a shell's kill in a loop), while the handler
+# changes over and over here
+hammer = subprocess.Popen(["sh", "-c", "while kill -HUP %d 2>/dev/null; do :; done"
+                           % os.getpid()])
+end, n = time.monotonic() + 2, 0
+while time.monotonic() < end and n < 200000:  # (bounded in count and time)
+    signal.signal(signal.SIGHUP, handler)
+    if quiet:
+        _ignore_quietly([signal.SIGHUP])
+    else:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    n += 1
+hammer.kill()  # (by its pid)
+hammer.wait(5)
+signal.signal(signal.SIGHUP, handler)  # (a last check: a report still pending comes out)
+
+
+class Other:
+    def __del__(self):  # (an exception no one can catch: reported as unraisable)
+        raise ValueError("other report")
+
+
+Other()
+print(n)
+"""
+
+
+_REPORTS = r"""
+import signal, sys
+from icafast.cli import _ignore_quietly
+
+seen = []
+sys.unraisablehook = seen.append
+class Other:
+    def __del__(self):
+        raise ValueError("other report")
+Other()  # (an unraisable exception, to learn the type of what the hook is given)
+Args = type(seen[0])
+sys.unraisablehook = sys.__unraisablehook__
+_ignore_quietly([signal.SIGHUP, signal.SIGTERM])
+assert signal.getsignal(signal.SIGHUP) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+for exc in (OSError("Signal %d ignored due to race condition" % signal.SIGHUP),
+            OSError("Signal %d ignored due to race condition" % signal.SIGTERM),
+            OSError("Signal %d ignored due to race condition" % signal.SIGINT),
+            ValueError("Signal %d ignored due to race condition" % signal.SIGHUP),
+            OSError("something else")):
+    sys.unraisablehook(Args((type(exc), exc, None, "reported", None)))
+    print("--", file=sys.stderr)
+"""
+
+
+def test_only_the_race_report_of_a_signal_ignored_is_left_out():
+    """``_ignore_quietly`` sets SIG_IGN and leaves out CPython's report of a signal that came
+    as its handler gave way, for those signals only: a report of another signal, or any
+    other unraisable exception, still reaches standard error."""
+    p = subprocess.run([sys.executable, "-c", _REPORTS], capture_output=True, text=True,
+                       timeout=60, cwd=str(Path(__file__).resolve().parent.parent))
+    assert p.returncode == 0, p.stderr[-2000:]
+    parts = p.stderr.split("--\n")
+    assert len(parts) == 6, p.stderr
+    assert parts[0] == parts[1] == "", p.stderr  # (SIGHUP's and SIGTERM's: left out)
+    assert f"Signal {int(signal.SIGINT)} ignored due to race condition" in parts[2]
+    assert "ValueError" in parts[3] and "something else" in parts[4]
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP")
+def test_a_stop_signal_that_comes_as_its_handler_gives_way_is_ignored_quietly():
+    """``connect --stdio`` ignores the stop signals once its session is over. A SIGHUP caught
+    just as its handler gives way to SIG_IGN made CPython write "Signal 1 ignored due to race
+    condition" with a traceback to standard error (seen once in a CI run, in the test below):
+    ssh's user would see it. Reproduced with SIGHUP sent over and over while the handler
+    changes, many times: with plain ``signal.signal`` the reports come; with
+    ``_ignore_quietly`` none does, and any other unraisable exception is still reported."""
+    out = {}
+    for mode in ("raw", "quiet"):
+        p = subprocess.run([sys.executable, "-c", _RACE, mode], capture_output=True, text=True,
+                           timeout=60, cwd=str(Path(__file__).resolve().parent.parent))
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert int(p.stdout.strip()) > 100, p.stdout + p.stderr[-2000:]
+        assert "other report" in p.stderr, p.stderr[-2000:]  # (other reports still come)
+        out[mode] = p.stderr.count("ignored due to race condition")
+    if out["raw"] == 0:
+        pytest.skip("the race did not show here in 2 s: nothing to compare with")
+    assert out["quiet"] == 0, out
+
+
 @pytest.mark.parametrize("case", ["unreachable", "backend reset"])
 def test_stdio_says_why_even_when_ssh_sends_sighup_at_end_of_output(tmp_path, case):
     """As ssh does: at end of file on the ProxyCommand's output (the session ended
