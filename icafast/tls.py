@@ -348,12 +348,12 @@ def server_context(cert: str, key: str, client_ca: str | None = None, *,
         raise pair_error(e) from None
     ca_bytes = None
     if client_ca:
-        try:  # (what a ticket's client was checked against: see ticket_scope)
-            with open(client_ca, "rb") as f:
-                ca_bytes = f.read()
-        except OSError:
-            pass  # (the load below says what is wrong with the file)
+        # (what a ticket's client was checked against: see ticket_scope. Read before and after
+        # the load: a file rewritten meanwhile may not be what was loaded, and gets no scope)
+        ca_bytes = _read_or_none(client_ca)
         _load_verify_locations(ctx, client_ca)
+        if _read_or_none(client_ca) != ca_bytes:
+            ca_bytes = None
         ctx.verify_mode = ssl.CERT_REQUIRED
         # TLS 1.2 also resumes by session ID, from the server's session cache: no ticket
         # callback sees that, so a client certificate that expired would go unchecked for the
@@ -369,6 +369,14 @@ def server_context(cert: str, key: str, client_ca: str | None = None, *,
     if not client_ca or ca_bytes is not None:
         _SCOPES[ctx] = (ctx.verify_mode, _scope_of(ctx.verify_mode, ca_bytes))
     return ctx
+
+
+def _read_or_none(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None  # (a load says what is wrong with the file)
 
 
 #: what each server context made by :func:`server_context` verifies clients against (see

@@ -429,6 +429,19 @@ def test_ticket_keys_carried_to_a_new_context_open_the_tickets_of_the_one_before
     for unknown in (own, changed):
         assert tls.ticket_scope(unknown) is None and tls.export_ticket_keys(unknown) is None
         assert not tls.import_ticket_keys(unknown, keys)
+    # a client CA file rewritten while it was loaded: what was loaded cannot be told
+    load = tls._load_verify_locations
+
+    def rewritten(ctx: ssl.SSLContext, ca: str) -> None:
+        load(ctx, ca)
+        Path(ca).write_bytes(Path(other).read_bytes())
+
+    monkeypatch.setattr(tls, "_load_verify_locations", rewritten)
+    moving = tmp_path / "moving.pem"
+    moving.write_bytes(Path(cert).read_bytes())
+    racing = tls.server_context(cert, key, client_ca=str(moving))
+    assert tls.ticket_scope(racing) is None and tls.export_ticket_keys(racing) is None
+    monkeypatch.setattr(tls, "_load_verify_locations", load)
     monkeypatch.setenv("ICAFAST_PURE_PYTHON", "1")  # (Python's ssl cannot reach them)
     assert tls.export_ticket_keys(first) is None
     assert not tls.import_ticket_keys(tls.server_context(cert, key), keys)
