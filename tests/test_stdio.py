@@ -802,6 +802,9 @@ def test_stdio_session_on_one_socket_for_both_directions(tmp_path):
     run_async("asyncio", scenario(), timeout=30)
 
 
+#: where the scripts below run (their ``import icafast``: this checkout's)
+_ROOT = str(Path(__file__).resolve().parent.parent)
+
 _RACE = r"""
 import os, signal, subprocess, sys, time
 from icafast.cli import _ignore_quietly
@@ -879,7 +882,7 @@ def test_only_the_race_report_of_a_signal_ignored_is_left_out():
     as its handler gave way, for those signals only: a report of another signal, or any
     other unraisable exception, still reaches standard error."""
     p = subprocess.run([sys.executable, "-c", _REPORTS], capture_output=True, text=True,
-                       timeout=60, cwd=str(Path(__file__).resolve().parent.parent))
+                       timeout=60, cwd=_ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
     parts = p.stderr.split("--\n")
     assert len(parts) == 6, p.stderr
@@ -888,7 +891,6 @@ def test_only_the_race_report_of_a_signal_ignored_is_left_out():
     assert "ValueError" in parts[3] and "something else" in parts[4]
 
 
-@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP")
 def test_a_stop_signal_that_comes_as_its_handler_gives_way_is_ignored_quietly():
     """``connect --stdio`` ignores the stop signals once its session is over. A SIGHUP caught
     just as its handler gives way to SIG_IGN made CPython write "Signal 1 ignored due to race
@@ -896,11 +898,10 @@ def test_a_stop_signal_that_comes_as_its_handler_gives_way_is_ignored_quietly():
     ssh's user would see it. Reproduced with SIGHUP sent over and over while the handler
     gives way to SIG_IGN and comes back, for 3 s: the reports come; once ``_ignore_quietly``
     has run, none does, and any other unraisable exception is still reported."""
-    root = str(Path(__file__).resolve().parent.parent)
     out = {}
     for mode in ("raw", "quiet"):
         p = subprocess.run([sys.executable, "-c", _RACE, mode], capture_output=True,
-                           text=True, timeout=60, cwd=root)
+                           text=True, timeout=60, cwd=_ROOT)
         assert p.returncode == 0, p.stderr[-2000:]
         n, races = map(int, p.stdout.split())
         assert n > 1000 and "other report" in p.stderr, p.stderr[-2000:]  # (still reported)
