@@ -120,7 +120,8 @@ _FLAG = ((bool,), "true or false")
 #: three); anything else is a mistake worth an error rather than a silent default
 _FILE_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     **{k: _SECONDS for k in ("keepalive_interval", "dead_timeout", "reliability_timeout",
-                             "hold", "handshake_timeout", "connect_retry")},
+                             "hold", "handshake_timeout", "connect_retry",
+                             "tls_ticket_key_lifetime")},
     **{k: _BYTES for k in ("replay_limit", "max_payload", "frame_size")},
     **{k: _COUNT for k in ("max_sessions", "max_handshakes", "max_failed_resumes")},
     **{k: _FLAG for k in ("proxy_protocol", "no_tls", "tls_insecure")},
@@ -240,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--state-dir", metavar="DIR",
                    help="where the self-signed certificate is kept (default: "
                         "/var/lib/icafast as root, else ~/.local/state/icafast)")
+    t.add_argument("--tls-ticket-key-lifetime", type=_seconds, metavar="SECONDS",
+                   help="make new TLS session ticket keys after this long, so that a key "
+                        "that leaks opens no TLS session resumed before; a client whose "
+                        "ticket is older then makes one full handshake (default 43200, 12 "
+                        "hours; 0: never, the keys live as long as the process)")
     t.add_argument("--no-tls", action="store_true",
                    help="plain text links (the client must use --no-tls too)")
     _add_common(s, server=True)
@@ -592,6 +598,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_handshakes=max_handshakes,
         max_failed_resumes=_limit(args, file_cfg, "max_failed_resumes", 20),
         proxy_protocol=bool(_opt(args, file_cfg, "proxy_protocol")),
+        ticket_key_lifetime=_ticket_key_lifetime(args, file_cfg),
     )
     if args.check:
         print(f"icafast {__version__} serve: the configuration is valid ("
@@ -781,6 +788,21 @@ def _address(text: Any, default_host: str, default_port: int,
     if connect and port == 0:
         raise UsageError(f"invalid address {str(text)!r}: port 0 cannot be connected to")
     return host, port
+
+
+def _ticket_key_lifetime(args: argparse.Namespace, file_cfg: dict[str, Any]) -> float:
+    from .tls import TICKET_KEY_LIFETIME
+
+    name = "tls_ticket_key_lifetime"
+    v = getattr(args, name, None)
+    if v is not None:
+        return float(v)
+    if name not in file_cfg:
+        return TICKET_KEY_LIFETIME
+    try:
+        return _seconds(file_cfg[name])
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"config file: {name} = {file_cfg[name]!r}: {e}") from None
 
 
 def _opt(args: argparse.Namespace, file_cfg: dict[str, Any], name: str) -> Any:
@@ -1216,6 +1238,8 @@ _COUNTER_HELP = {
                         "another source (one that held more sessions).",
     "handovers_taken": "Hand-overs this server took from the one before (an upgrade in "
                        "place, SIGUSR2).",
+    "tls_ticket_key_renewals": "TLS session ticket keys made new "
+                               "(--tls-ticket-key-lifetime).",
 }
 
 

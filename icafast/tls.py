@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import socket
 import ssl
 import stat
@@ -126,6 +127,10 @@ def _load_verify_locations(ctx: ssl.SSLContext, ca: str) -> None:
 
 #: a certificate that expires within this is said to (icafast.tls.validity_problem)
 EXPIRES_SOON = datetime.timedelta(days=14)
+#: how long a server's session ticket keys seal tickets before new ones take their place
+#: (see :func:`renew_ticket_keys`): a key that leaks opens the TLS sessions resumed within
+#: that time at most, not all of those since the server started
+TICKET_KEY_LIFETIME = 12 * 3600.0
 
 
 def validity_problem(cert: str, now: datetime.datetime | None = None,
@@ -407,18 +412,35 @@ def ticket_scope(ctx: ssl.SSLContext) -> str | None:
     return None
 
 
-def export_ticket_keys(ctx: ssl.SSLContext) -> dict[str, str] | None:
+def export_ticket_keys(ctx: ssl.SSLContext, age: float | None = None) -> dict[str, Any] | None:
     """A server context's session ticket keys, and the scope they were used in
     (:func:`ticket_scope`), for a context that takes its place (:func:`import_ticket_keys`):
-    a certificate reloaded, the server an upgrade in place hands over to. None where they
-    cannot be read (no compiled module)."""
+    a certificate reloaded, the server an upgrade in place hands over to. ``age``: how long
+    they have sealed tickets, in seconds (recorded as ``age``, for the next server to renew
+    them in time). None where they cannot be read (no compiled module)."""
     from .tlspipe import ticket_keys
 
     keys = ticket_keys(ctx)
     scope = ticket_scope(ctx)
     if keys is None or scope is None:
         return None
-    return {"scope": scope, "keys": keys.hex()}
+    doc: dict[str, Any] = {"scope": scope, "keys": keys.hex()}
+    if age is not None:
+        doc["age"] = age
+    return doc
+
+
+def renew_ticket_keys(ctx: ssl.SSLContext) -> bool:
+    """Give a server context new session ticket keys, made at random as OpenSSL makes its
+    own: the tickets it sealed before can no longer be opened (each of their clients makes a
+    full handshake once), and a key that leaks later opens none of them. OpenSSL never changes
+    a context's keys by itself; a server calls this every :data:`TICKET_KEY_LIFETIME`.
+    Returns whether they were changed (never where the keys cannot be reached: no compiled
+    module)."""
+    from .tlspipe import set_ticket_keys, ticket_keys
+
+    keys = ticket_keys(ctx)
+    return keys is not None and set_ticket_keys(ctx, secrets.token_bytes(len(keys)))
 
 
 def import_ticket_keys(ctx: ssl.SSLContext, doc: Any) -> bool:
@@ -430,7 +452,9 @@ def import_ticket_keys(ctx: ssl.SSLContext, doc: Any) -> bool:
     handshake. Returns whether they were taken.
 
     The keys then live on, as they would had the server gone on without a reload or an
-    upgrade (OpenSSL does not change them while a context lives)."""
+    upgrade (OpenSSL does not change them while a context lives), until the server renews
+    them (:func:`renew_ticket_keys`): how long they have already lived is ``doc["age"]``,
+    where the exporter gave it."""
     from .tlspipe import set_ticket_keys
 
     scope = ticket_scope(ctx)

@@ -1324,6 +1324,8 @@ def test_hold_without_on_timeout_disconnect_is_said_to_do_nothing(tmp_path, args
     ("[[mapping]]\nlisten = ':2598'\nbakend = 'x'", "unknown setting 'bakend'"),
     # values of the wrong type (TOML's true would pass as the number 1)
     ("hold = true", "hold = true: must be a number of seconds"),
+    ("tls_ticket_key_lifetime = 'abc'", "tls_ticket_key_lifetime = 'abc': invalid number"),
+    ("tls_ticket_key_lifetime = -1", "tls_ticket_key_lifetime = -1: invalid number of seconds"),
     ("keepalive_interval = true", "keepalive_interval = true: must be a number of seconds"),
     ("max_sessions = true", "max_sessions = true: must be a whole number"),
     ("replay_limit = 1.5", "replay_limit = 1.5: must be a whole number of bytes, or a size"),
@@ -1359,7 +1361,8 @@ def test_config_files_not_in_utf8_get_one_clear_line(tmp_path, args):
 #: the TOML types each config-file key takes: every key, so that a new one must say
 _FILE_VALUES = {
     **dict.fromkeys(["keepalive_interval", "dead_timeout", "reliability_timeout", "hold",
-                     "handshake_timeout", "connect_retry"], {"integer", "float", "string"}),
+                     "handshake_timeout", "connect_retry", "tls_ticket_key_lifetime"],
+                    {"integer", "float", "string"}),
     **dict.fromkeys(["replay_limit", "max_payload", "frame_size", "max_sessions",
                      "max_handshakes", "max_failed_resumes"], {"integer", "string"}),
     **dict.fromkeys(["proxy_protocol", "no_tls", "tls_insecure"], {"boolean"}),
@@ -1420,6 +1423,27 @@ def test_config_file_takes_the_options_long_names(tmp_path):
     args = cli.build_parser().parse_args(["connect", "--config", str(cfg)])
     config = cli.make_config(args, cli.load_toml(str(cfg)))
     assert config.max_payload == 1 << 20 and config.dead_timeout == 20
+
+
+def test_ticket_key_lifetime_from_the_command_line_or_the_config_file(tmp_path):
+    """--tls-ticket-key-lifetime (or tls_ticket_key_lifetime in the config file, the command
+    line first) sets how long the server's TLS ticket keys live: 12 hours unless given, 0
+    for as long as the process."""
+    from icafast import cli
+
+    cfg = tmp_path / "icafast.toml"
+    cfg.write_text("tls_ticket_key_lifetime = 600\n")
+    parser = cli.build_parser()
+
+    def lifetime(*argv: str) -> float:
+        args = parser.parse_args(["serve", *argv])
+        return cli._ticket_key_lifetime(args, cli.load_toml(args.config))
+
+    assert lifetime() == 43200.0
+    assert lifetime("--tls-ticket-key-lifetime", "3600") == 3600.0
+    assert lifetime("--tls-ticket-key-lifetime", "0") == 0.0
+    assert lifetime("--config", str(cfg)) == 600.0
+    assert lifetime("--config", str(cfg), "--tls-ticket-key-lifetime", "60") == 60.0
 
 
 def test_sessions_against_something_else_fails_clearly(tmp_path):

@@ -127,6 +127,58 @@ def test_sessions_go_on_at_the_server_they_are_handed_to(loop, tls_io, tmp_path,
     run_async(loop, main())
 
 
+@pytest.mark.parametrize("due", [False, True], ids=["young", "due"])
+def test_ticket_keys_go_on_with_their_age(due, tmp_path, monkeypatch, caplog):
+    """The server before hands on its TLS ticket keys with how long they have sealed tickets,
+    and the next one counts their lifetime on from there: keys younger than its
+    ``ticket_key_lifetime`` are taken (the client's new link resumes its TLS session) and
+    renewed when that lifetime is up, counted from when the first server made them; keys
+    that have lived it already are not taken, and the client makes a full handshake."""
+    server_kw, client_tls = _tls_io("auto", tmp_path, monkeypatch)
+    if not uses_pipe():
+        if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":  # (CI: it must run)
+            pytest.fail("the compiled TLS pipe cannot run here")
+        pytest.skip("the ticket keys cannot be reached without the compiled pipe")
+    from icafast import tls
+
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+    caplog.set_level("INFO", logger="icafast")
+
+    async def main() -> None:
+        async with Setup(Backend("echo"), **server_kw) as s:
+            r, w = await s.client(tls=client_tls)
+            w.write(b"ping")
+            assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            s.server._tickets_born -= 3600  # (as if made an hour ago)
+            loop = asyncio.get_running_loop()
+            data, fds = await s.server.hand_over()
+            handed = loop.time()
+            age = ho.unpack(data)[0]["tls_tickets"]["age"]
+            assert 3600 <= age < 3630
+            lifetime = age / 2 if due else age + 60
+            nxt = _successor(s, ssl=tls.server_context(cert, key), ticket_key_lifetime=lifetime)
+            await nxt.start(handover=(data, fds))
+            try:
+                (runner,) = nxt.sessions_by_id.values()
+                assert await wait_for(lambda: runner.link is not None, 10)
+                assert runner.link.ssl_object.session_reused is not due
+                w.write(b"pong")
+                assert await asyncio.wait_for(r.readexactly(4), 10) == b"pong"
+                said = [m for m in caplog.messages if "TLS sessions of the server before" in m]
+                assert len(said) == 1 and ("due for renewal" in said[0]) is due, said
+                # renewed when the keys have lived the lifetime: its own from its start, the
+                # first server's from when that one made them
+                timer = nxt._ticket_timer
+                assert timer is not None and nxt.counters["tls_ticket_key_renewals"] == 0
+                born = handed if due else handed - age
+                assert abs(timer.when() - (born + lifetime)) < 5
+            finally:
+                await nxt.close()
+            assert nxt._ticket_timer is None  # (closed: nothing left to run)
+
+    run_async("uvloop", main())
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_what_the_backend_has_not_taken_is_sent_again_by_the_client(loop):
     """A backend that reads nothing: what waits in the server for it is not handed over

@@ -686,6 +686,58 @@ def test_links_resume_tls_sessions(tmp_path, tls_io, monkeypatch):
     run_async("uvloop", main(), timeout=60)
 
 
+def test_ticket_keys_are_renewed_every_lifetime(tmp_path, monkeypatch, caplog):
+    """A server makes new TLS session ticket keys every ``ticket_key_lifetime`` (and says
+    so): a client whose ticket was sealed before makes a full handshake on its next link, and
+    the session goes on. With 0, the keys live as long as the context, as OpenSSL has them."""
+    monkeypatch.setenv("ICAFAST_TLS_IO", "auto")
+    if not uses_pipe():
+        if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":  # (CI: it must run)
+            pytest.fail("the compiled TLS pipe cannot run here")
+        pytest.skip("the ticket keys cannot be reached without the compiled pipe")
+    from icafast import tlspipe
+
+    cert, key, fp = _pair(tmp_path)
+    caplog.set_level("INFO", logger="icafast")
+
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter, data: bytes) -> None:
+        w.write(data)
+        assert await asyncio.wait_for(r.readexactly(len(data)), 10) == data
+
+    async def main() -> None:
+        sctx = tls.server_context(cert, key)
+        async with Setup(Backend("echo"), ssl=sctx, ticket_key_lifetime=0.5) as s:
+            cev: list = []
+            ct = tls.client_context(fingerprint=fp)
+            r, w = await s.client(events=cev, tls=ct)
+            await echo(r, w, b"first")  # (its ticket, sealed with the first keys)
+            first = tlspipe.ticket_keys(sctx)
+            # a renewal after that ticket, and at least two in all (each sets the next)
+            n = max(s.server.counters["tls_ticket_key_renewals"] + 1, 2)
+            assert await wait_for(lambda: s.server.counters["tls_ticket_key_renewals"] >= n, 10)
+            assert tlspipe.ticket_keys(sctx) != first
+            s.proxy.reset()
+            assert await wait_for(lambda: links_up(cev) == 2, 10)
+            (runner,) = s.server.sessions_by_id.values()
+            assert not runner.link.ssl_object.session_reused
+            await echo(r, w, b"after the renewal")
+            w.close()
+        assert sum("new session ticket keys" in m for m in caplog.messages) >= 2
+        assert s.server._ticket_timer is None  # (closed: no renewal left to run)
+        never = tls.server_context(cert, key)
+        kept = tlspipe.ticket_keys(never)
+        async with Setup(Backend("echo"), ssl=never, ticket_key_lifetime=0) as s:
+            assert s.server._ticket_timer is None
+            r, w = await s.client(tls=tls.client_context(fingerprint=fp))
+            await echo(r, w, b"kept")
+            w.close()
+        assert tlspipe.ticket_keys(never) == kept
+
+    run_async("uvloop", main(), timeout=60)
+    with pytest.raises(ValueError, match="ticket_key_lifetime"):
+        RelayServer([Mapping("127.0.0.1", 0, "127.0.0.1", 1)], ticket_key_lifetime=-1)
+
+
 def test_contexts_trust_only_what_they_are_given(tmp_path):
     """No system certificate authorities: a client with ``ca`` trusts that CA alone; a pinned
     client and a server trust none (their verification is the pin, or client_ca)."""

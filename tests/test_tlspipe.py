@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -445,6 +446,42 @@ def test_ticket_keys_carried_to_a_new_context_open_the_tickets_of_the_one_before
     monkeypatch.setenv("ICAFAST_PURE_PYTHON", "1")  # (Python's ssl cannot reach them)
     assert tls.export_ticket_keys(first) is None
     assert not tls.import_ticket_keys(tls.server_context(cert, key), keys)
+
+
+def test_renewed_ticket_keys_open_no_ticket_sealed_before(tmp_path, monkeypatch):
+    """``tls.renew_ticket_keys`` gives a server context new keys, made at random: a ticket
+    sealed before no longer resumes (a full handshake, which brings a ticket sealed with the
+    new keys, and that one resumes). The age given to ``export_ticket_keys`` goes with the
+    keys. Where the compiled module cannot run, nothing is renewed."""
+    monkeypatch.delenv("ICAFAST_PURE_PYTHON", raising=False)
+    cert, key, _ = tls.ensure_self_signed(str(tmp_path))
+    cctx = tls.client_context(ca=cert).context
+    sctx = tls.server_context(cert, key)
+
+    def ticket(session: Any = None) -> tuple[Any, bool]:
+        """A link's ticket (what its client would offer next), and whether it resumed."""
+        srv, cli = handshake((sctx, cctx), session=session)
+        sp, cp = KINDS["compiled"](*srv), KINDS["compiled"](*cli)
+        assert cp.open(sp.seal(b"x")) == b"x"  # (the ticket arrives)
+        assert srv[0].session_reused == cli[0].session_reused
+        return cp.session() or session, bool(srv[0].session_reused)
+
+    old, _ = ticket()
+    assert ticket(old)[1]
+    before = _tlsio.ticket_keys(sctx)
+    assert tls.renew_ticket_keys(sctx)
+    after = _tlsio.ticket_keys(sctx)
+    assert after is not None and before is not None and len(after) == len(before) == 80
+    assert after != before and after[:16] != before[:16]  # (the key name too)
+    new, reused = ticket(old)
+    assert not reused  # (sealed with the keys of before)
+    assert ticket(new)[1]
+    doc = tls.export_ticket_keys(sctx, 12.5)
+    assert doc is not None and doc["age"] == 12.5 and bytes.fromhex(doc["keys"]) == after
+    assert "age" not in tls.export_ticket_keys(sctx)
+    monkeypatch.setenv("ICAFAST_PURE_PYTHON", "1")
+    assert not tls.renew_ticket_keys(sctx)
+    assert _tlsio.ticket_keys(sctx) == after
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -48,7 +48,7 @@ from ..protocol import (
 )
 from ..proxyproto import ProxyHeaderParser
 from ..rlimits import shortfall
-from ..tlspipe import uses_pipe
+from ..tlspipe import ticket_keys, uses_pipe
 from ._relay import (
     Deadline,
     Endpoint,
@@ -427,9 +427,13 @@ class RelayServer:
         max_handshakes: int = 1024,
         max_failed_resumes: int = 20,
         proxy_protocol: bool = False,
+        ticket_key_lifetime: float | None = tls.TICKET_KEY_LIFETIME,
     ) -> None:
         if not mappings:
             raise ValueError("at least one listener -> backend mapping is needed")
+        if ticket_key_lifetime is not None and not 0 <= ticket_key_lifetime < float("inf"):
+            raise ValueError("ticket_key_lifetime: a finite number of seconds, not negative "
+                             "(0 or None: the keys live as long as the TLS context)")
         for m in mappings:
             if not 0 < m.backend_port <= 65535:
                 raise ValueError(f"backend {m.backend}: the port must be a number of 1-65535")
@@ -450,6 +454,13 @@ class RelayServer:
         #: each source's latest failure (the front: the source quiet the longest)
         self._failures: collections.OrderedDict[str, list[float]] = collections.OrderedDict()
         self.proxy_protocol = proxy_protocol
+        #: how long the TLS session ticket keys seal tickets before new ones are made
+        #: (tls.renew_ticket_keys); None: as long as the context lives, as OpenSSL has it
+        self.ticket_key_lifetime = ticket_key_lifetime or None
+        #: when (loop time) the keys that seal this server's tickets were made, or taken with
+        #: their age; None until the start; and the timer that renews them
+        self._tickets_born: float | None = None
+        self._ticket_timer: asyncio.TimerHandle | None = None
         # well inside the client's handshake timeout, so a REJECT reaches it in time
         self.backend_connect_timeout = backend_connect_timeout or self.config.handshake_timeout / 2
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -521,6 +532,7 @@ class RelayServer:
                 close_fds(fds)
                 raise
             self._taking = doc, blob, list(fds)
+            self._tickets_born = None  # (another server's keys, if taken, and their age)
         try:
             if self._taking is not None:
                 await self._take_sessions()
@@ -534,6 +546,10 @@ class RelayServer:
                 close_fds(fd for fd in self._taking[2] if fd >= 0)  # (the ones not taken)
                 self._taking = None
         self._stopped = asyncio.Event()
+        if self.ssl is not None:
+            if self._tickets_born is None:
+                self._tickets_born = self.loop.time()
+            self._schedule_ticket_renewal()
 
     async def _listen(self) -> None:
         assert self.loop is not None
@@ -609,7 +625,11 @@ class RelayServer:
         front = self._loop_ssl
         if front is None:
             if old is not None and ssl is not None and old is not ssl:
-                self._carry_tickets(ssl, tls.export_ticket_keys(old), "the context before")
+                if not self._carry_tickets(ssl, tls.export_ticket_keys(old, self._ticket_age()),
+                                           "the context before") and self.loop is not None:
+                    self._tickets_born = self.loop.time()  # (its own keys, new)
+                if self._ticket_timer is not None:  # (started, not closed)
+                    self._schedule_ticket_renewal()
             return
         front.sni_callback = self._switch_context
         # A TLS session resumed from a ticket shows no certificate, and the listener's context
@@ -652,6 +672,7 @@ class RelayServer:
         end = (loop.time() if loop is not None else 0.0) + timeout
         if self._stopped is not None:
             self._stopped.set()
+        self._cancel_ticket_renewal()
         servers = self._servers
         for s in servers:
             s.close()
@@ -751,7 +772,8 @@ class RelayServer:
                "links_accepted": self._links_accepted, "started": self.started_at}
         tickets = self._loop_ssl if self._loop_ssl is not None else self.ssl
         if tickets is not None:  # (the clients resume their TLS sessions at the next server)
-            doc["tls_tickets"] = tls.export_ticket_keys(tickets)
+            doc["tls_tickets"] = tls.export_ticket_keys(tickets, self._ticket_age())
+        self._cancel_ticket_renewal()
         data = packer.pack(doc)
         for r in runners:
             r.let_go()
@@ -833,20 +855,70 @@ class RelayServer:
         if self.ssl is not None and "tls_tickets" in doc:
             self._carry_tickets(self.ssl, doc["tls_tickets"], "the server before")
 
-    def _carry_tickets(self, ctx: ssl.SSLContext, keys: Any, before: str) -> None:
+    def _carry_tickets(self, ctx: ssl.SSLContext, keys: Any, before: str) -> bool:
         """``ctx`` opens the TLS session tickets of ``before`` (``keys``: exported from it)
-        where it lets in the same clients; said either way."""
+        where it lets in the same clients, and the keys are not due for renewal (their age
+        under ``ticket_key_lifetime``); said either way. Returns whether it does."""
         if not isinstance(keys, dict):  # (none could be read there: no compiled module)
-            return
-        if tls.import_ticket_keys(ctx, keys):
+            return False
+        age = keys.get("age")
+        if not isinstance(age, (int, float)) or isinstance(age, bool) or not 0 <= age < 1e12:
+            age = None
+        lifetime = self.ticket_key_lifetime
+        if lifetime is not None and (age is None or age >= lifetime):
+            why = "its ticket keys were due for renewal"
+        elif tls.import_ticket_keys(ctx, keys):
             log.info("TLS: the TLS sessions of %s still resume", before)
-            return
-        scope = tls.ticket_scope(ctx)
-        why = ("its ticket keys cannot be set" if keys.get("scope") == scope else
-               "client certificates are checked otherwise now" if scope is not None else
-               "how it checks client certificates cannot be compared")
+            if self.loop is not None:
+                self._tickets_born = self.loop.time() - (age or 0.0)
+            return True
+        else:
+            scope = tls.ticket_scope(ctx)
+            why = ("its ticket keys cannot be set" if keys.get("scope") == scope else
+                   "client certificates are checked otherwise now" if scope is not None else
+                   "how it checks client certificates cannot be compared")
         log.info("TLS: clients make a full handshake once, not resuming the TLS sessions of "
                  "%s (%s)", before, why)
+        return False
+
+    def _ticket_age(self) -> float:
+        """How long the keys that seal this server's TLS session tickets have done so (0
+        before the start: their time begins there)."""
+        if self._tickets_born is None or self.loop is None:
+            return 0.0
+        return max(0.0, self.loop.time() - self._tickets_born)
+
+    def _schedule_ticket_renewal(self) -> None:
+        """Renew the ticket keys once they have sealed tickets for ``ticket_key_lifetime``
+        (where the keys can be reached: the compiled module; elsewhere they live as long as
+        the context, as OpenSSL has them)."""
+        self._cancel_ticket_renewal()
+        sealing = self._loop_ssl if self._loop_ssl is not None else self.ssl
+        if (self.ticket_key_lifetime is None or sealing is None or self._tickets_born is None
+                or ticket_keys(sealing) is None):
+            return
+        self._ticket_timer = self.loop.call_at(self._tickets_born + self.ticket_key_lifetime,
+                                               self._renew_tickets)
+
+    def _cancel_ticket_renewal(self) -> None:
+        if self._ticket_timer is not None:
+            self._ticket_timer.cancel()
+            self._ticket_timer = None
+
+    def _renew_tickets(self) -> None:
+        self._ticket_timer = None
+        sealing = self._loop_ssl if self._loop_ssl is not None else self.ssl
+        if sealing is None or self._stopped is None or self._stopped.is_set():
+            return
+        if not tls.renew_ticket_keys(sealing):
+            log.error("TLS: the session ticket keys could not be renewed; the keys of before "
+                      "go on sealing tickets")
+            return
+        self._tickets_born = self.loop.time()
+        self.counters["tls_ticket_key_renewals"] += 1
+        log.info("TLS: new session ticket keys (renewed every %g s): a client whose link breaks "
+                 "next makes one full handshake", self.ticket_key_lifetime)
+        self._schedule_ticket_renewal()
 
     def _lingering_link(self, link: Link) -> None:
         self._closing_links.add(link)
