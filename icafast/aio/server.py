@@ -916,8 +916,10 @@ class RelayServer:
             return
         self._tickets_born = self.loop.time()
         self.counters["tls_ticket_key_renewals"] += 1
-        log.info("TLS: new session ticket keys (renewed every %g s): a client whose link breaks "
-                 "next makes one full handshake", self.ticket_key_lifetime)
+        every = self.ticket_key_lifetime or 0.0
+        log.info("TLS: new session ticket keys (renewed every %s): a client that comes back "
+                 "with a ticket from before makes one full handshake",
+                 f"{every / 3600:g} h" if every >= 3600 else f"{every:g} s")
         self._schedule_ticket_renewal()
 
     def _lingering_link(self, link: Link) -> None:
