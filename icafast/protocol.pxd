@@ -29,7 +29,7 @@ cdef class _Link:
     cdef public double started, last_rx, last_heard, last_ping
     cdef public object ping_ts
     cdef public unsigned long long peer_max_payload
-    cdef public bint confirm_secret, reading_paused
+    cdef public bint confirm_secret, reading_paused, acks_heard
 
 
 cdef class SessionEngine:
@@ -44,6 +44,7 @@ cdef class SessionEngine:
     # ack included, fits in 64 bits; the engine refuses a stream that would pass that)
     cdef public unsigned long long _tx_sent, _tx_high, _peer_ack, _rx, _rx_acked, sink_backlog
     cdef public unsigned long long _frame_size, _ack_threshold, _window, _burst
+    cdef public unsigned long long _peer_replay_limit
     cdef public object handshake_rtt
     # window control (protocol.py, WC_*)
     cdef public unsigned long long _window_hi, _window_lo, _wc_choice, _wc_b0, _wc_settle

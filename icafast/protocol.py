@@ -334,6 +334,7 @@ class _Link:
         "peer_max_payload",
         "confirm_secret",
         "reading_paused",
+        "acks_heard",
     )
 
     def __init__(self, link_id: int, decoder: Any, phase: int, now: float) -> None:
@@ -352,6 +353,9 @@ class _Link:
         #: the adapter stopped reading the link (too much waits for the local sink): nothing
         #: can be heard from it meanwhile, so it cannot be declared dead (``pause_reading``)
         self.reading_paused = False
+        #: while reading is paused, the adapter says when the peer's TCP last acknowledged
+        #: (``heard_by_transport``): the dead timeout then applies to that
+        self.acks_heard = False
 
 
 class SessionEngine:
@@ -377,6 +381,9 @@ class SessionEngine:
         self.tx = ReplayBuffer(config.replay_limit)
         #: what may be unacknowledged: the replay limit until a handshake sizes it (_set_window)
         self._window = config.replay_limit
+        #: the replay limit the peer announced in its HELLO (its own until one came): the send
+        #: window never exceeds it (_peer_limit)
+        self._peer_replay_limit = config.replay_limit
         # window control: the two windows (equal: none), the phase and its measurement
         self._window_hi = self._window_lo = self._wc_choice = self._window
         self._wc_phase = _WC_HOLD
@@ -467,9 +474,12 @@ class SessionEngine:
 
     def _set_window(self, rtt: float) -> None:
         self.handshake_rtt = rtt
-        hi = send_window_for(rtt, self.config.replay_limit)
+        limit = self.config.replay_limit
+        if self._peer_replay_limit < limit:
+            limit = self._peer_replay_limit
+        hi = send_window_for(rtt, limit)
         lo = hi // 4
-        floor = 4 * min(256 * 1024, self.config.replay_limit // 4)
+        floor = 4 * min(256 * 1024, limit // 4)
         if lo < floor:
             lo = floor
         self._window = self._window_hi = self._wc_choice = hi
@@ -733,9 +743,19 @@ class SessionEngine:
         return v if v > self._rx_acked else self._rx_acked
 
     def _peer_limit(self, peer_replay_limit: int) -> None:
-        """Ack often enough for the peer's replay buffer: at least every quarter of it."""
+        """Ack often enough for the peer's replay buffer: at least every quarter of it. And
+        never let more be unacknowledged than the peer announced it keeps (PROTOCOL.md 4.7):
+        past that, the peer may stop reading the link, and a link it does not read brings it
+        no acks either, so with a stream each way both sides could wait on each other."""
         own = self.config.ack_threshold or 256 * 1024
         self._ack_threshold = max(1, min(own, peer_replay_limit // 4))
+        self._peer_replay_limit = peer_replay_limit
+        if self._window_hi > peer_replay_limit:  # (no round trip to size it from, yet)
+            self._window_hi = self._wc_choice = self._window = peer_replay_limit
+            if self._window_lo >= peer_replay_limit:  # (one window: no control)
+                self._window_lo = peer_replay_limit
+                self._wc_phase = _WC_HOLD
+                self._wc_until = _NEVER
 
     def _sent_ack(self) -> None:
         self._rx_acked = self._ack_value()
@@ -763,13 +783,29 @@ class SessionEngine:
         """The adapter stopped (``paused``) or resumed reading the current link: it does so
         while more than it will hold waits for the local sink, from a peer that sends beyond
         the acks (PROTOCOL.md 4.7). Nothing is read from the link meanwhile, so its dead
-        timeout does not apply; it runs again from the time reading resumes."""
+        timeout does not apply (unless the adapter tells when the peer's TCP was last heard:
+        ``heard_by_transport``); it runs again from the time reading resumes."""
         link = self._link
         if link is None:
             return
         link.reading_paused = paused
+        link.acks_heard = False
         if not paused:
             link.last_rx = now
+
+    def heard_by_transport(self, at: float) -> None:
+        """While the adapter does not read the current link (``pause_reading``): the peer's
+        transport was last heard at ``at`` (Linux: the last TCP acknowledgement of what was
+        sent on the link, keepalives among it, and ``now`` where nothing sent waits for one).
+        From then on until reading resumes, the link is declared dead once nothing has been
+        heard that way for the dead timeout: a peer that vanished is found as when the link
+        is read, not only by TCP's own timeout (PROTOCOL.md 4.7)."""
+        link = self._link
+        if link is None or not link.reading_paused:
+            return
+        link.acks_heard = True
+        if at > link.last_rx:
+            link.last_rx = at
 
     # -- input -------------------------------------------------------------------------------
     def receive_data(self, data: Any, now: float) -> None:
@@ -1065,7 +1101,7 @@ class SessionEngine:
             if link.phase == _ESTABLISHED:
                 t = max(link.last_heard, link.last_ping) + self._ping_after
                 dead = link.last_rx + self._dead_timeout
-                if dead < t and not link.reading_paused:
+                if dead < t and (link.acks_heard or not link.reading_paused):
                     t = dead
                 if self._ack_due < t:
                     t = self._ack_due
@@ -1090,10 +1126,13 @@ class SessionEngine:
         link = self._link
         if link is not None:
             if link.phase == _ESTABLISHED:
-                if now >= link.last_rx + self._dead_timeout and not link.reading_paused:
+                if now >= link.last_rx + self._dead_timeout and (
+                        link.acks_heard or not link.reading_paused):
                     self._link_failed(
-                        f"dead: nothing received for {now - link.last_rx:.1f}s", now
-                    )
+                        f"dead: nothing received for {now - link.last_rx:.1f}s" if not
+                        link.reading_paused else "dead: the link is not read (the sink is "
+                        f"behind), and its TCP peer acknowledged nothing for "
+                        f"{now - link.last_rx:.1f}s", now)
                 else:
                     if now >= self._ack_due:
                         self._ack_due = _NEVER

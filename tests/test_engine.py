@@ -128,6 +128,54 @@ def test_blackhole_detected_within_dead_timeout_and_resumed():
     assert h.server.state is State.ACTIVE and bytes(h.s_recv) == b"x" * 10
 
 
+def test_a_link_not_read_is_dead_once_its_transport_is_not_heard_for_the_dead_timeout():
+    """While the adapter does not read a link (``pause_reading``: its sink is behind), the
+    silence that causes is no sign of death, so the dead timeout does not apply; unless the
+    adapter says when the peer's transport was last heard (``heard_by_transport``: its TCP
+    acknowledgements), and then it applies from that time. An earlier time moves nothing, a
+    link that is read takes no such word, and reading again starts the timeout afresh."""
+    h = Harness(SMALL)
+    h.open_link()
+    h.pump()
+    (srv,) = h.sessions.values()
+    srv.pause_reading(True, h.now)
+    h.auto_reconnect = False
+    h.blackhole()
+    h.advance(3 * SMALL.dead_timeout)  # not read, nothing said: not dead
+    assert srv.state is State.ACTIVE
+    srv.heard_by_transport(h.now - 0.5)
+    srv.heard_by_transport(h.now - 2.5)  # (older: moves nothing)
+    h.advance(SMALL.dead_timeout - 0.6)
+    assert srv.state is State.ACTIVE
+    h.advance(0.2)
+    assert srv.state is State.DISCONNECTED
+    reason = of(ev.LinkLost, h.server_events)[-1].reason
+    assert reason.startswith("dead: the link is not read") and "acknowledged nothing" in reason
+    # a link that is read: only what it receives counts
+    h.auto_reconnect = True
+    h.open_link()
+    h.pump()
+    assert srv.state is State.ACTIVE
+    h.auto_reconnect = False
+    h.blackhole()
+    srv.heard_by_transport(h.now + 100)
+    h.advance(SMALL.dead_timeout + 0.01)
+    assert srv.state is State.DISCONNECTED
+    # reading again: the dead timeout runs from then
+    h.auto_reconnect = True
+    h.open_link()
+    h.pump()
+    srv.pause_reading(True, h.now)
+    srv.heard_by_transport(h.now)
+    h.advance(SMALL.dead_timeout - 0.5)
+    srv.pause_reading(False, h.now)
+    h.advance(SMALL.dead_timeout - 0.1)
+    assert srv.state is State.ACTIVE
+    h.blackhole()
+    h.advance(0.2)
+    assert srv.state is State.DISCONNECTED
+
+
 def test_keepalive_measures_rtt_and_keeps_idle_link_alive():
     h = Harness(SMALL)
     h.open_link()
@@ -1139,6 +1187,33 @@ def test_a_resume_resizes_the_window_and_replays_all_that_is_unacknowledged():
     h.pump()
     assert h.s_recv == data and h.c_recv == data[: 2 * MiB]
     assert h.client.send_free == WINDOW_MIN
+
+
+@pytest.mark.parametrize("rtt", [0.02, 0.0001, None], ids=["long", "short", "no-rtt"])
+def test_the_send_window_never_exceeds_the_replay_limit_the_peer_announced(rtt):
+    """A side announces its replay limit in its HELLO, and may stop reading a link past it
+    (PROTOCOL.md 4.7); a link it does not read brings the sender no acks, so with a stream
+    each way both sides waited on each other (a server with --replay-limit 1M and clients
+    with the default 8M and a backend that echoes: a stall seen through a resume). Each side's
+    send window is now at most what the other announced, on a long path, a short one, and
+    for a new session whose server has no round trip to size it from; and bulk both ways
+    keeps within it."""
+    small, big = Config(replay_limit=MiB), Config(replay_limit=8 * MiB)
+    for client_cfg, server_cfg in ((big, small), (small, big)):
+        h = Harness(client_cfg, server_config=server_cfg)
+        if rtt is None:
+            h.open_link()
+            h.pump()
+        else:
+            handshake(h, rtt)
+        c, srv = h.client, h.server
+        assert c.send_window <= MiB and srv.send_window <= MiB
+        assert c._window_hi <= MiB and srv._window_hi <= MiB
+        if rtt == 0.02:  # (the whole limit: what the peer keeps)
+            assert c.send_window == srv.send_window == MiB
+        data = random.Random(7).randbytes(3 * MiB)
+        assert h.client_send(data) <= MiB and h.server_send(data) <= MiB
+        assert c.unacked <= MiB and srv.unacked <= MiB
 
 
 # -- window control (PROTOCOL.md 4.7) ----------------------------------------------------------

@@ -256,12 +256,15 @@ def _set_tcp_options(transport: asyncio.BaseTransport, opts: list[tuple[int, int
 
 # (Linux's struct tcp_info: other systems with a TCP_INFO lay it out differently)
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if sys.platform.startswith("linux") else None
-_TCPI_RTT = slice(68, 72)  # struct tcp_info: tcpi_rtt, the smoothed round trip in µs
+# struct tcp_info: tcpi_unacked (segments sent and not acknowledged), tcpi_last_ack_recv
+# (milliseconds since the last acknowledgement came in), tcpi_rtt (the smoothed round trip, µs)
+_TCPI_UNACKED = slice(24, 28)
+_TCPI_LAST_ACK_RECV = slice(56, 60)
+_TCPI_RTT = slice(68, 72)
 
 
-def tcp_rtt(transport: asyncio.BaseTransport | None) -> float | None:
-    """The kernel's smoothed round-trip time of a TCP transport's connection in seconds
-    (Linux ``TCP_INFO``; on an accepted connection, measured by the TCP handshake), or None
+def _tcp_info(transport: asyncio.BaseTransport | None) -> bytes | None:
+    """Linux ``TCP_INFO`` of a transport's connection (at least up to ``tcpi_rtt``), or None
     where there is none to read."""
     own = _fd_socket(transport) if _TCP_INFO is not None and transport is not None else None
     if own is None:
@@ -272,10 +275,32 @@ def tcp_rtt(transport: asyncio.BaseTransport | None) -> float | None:
         return None
     finally:
         own.detach()
-    if len(info) < _TCPI_RTT.stop:
+    return info if len(info) >= _TCPI_RTT.stop else None
+
+
+def tcp_rtt(transport: asyncio.BaseTransport | None) -> float | None:
+    """The kernel's smoothed round-trip time of a TCP transport's connection in seconds
+    (Linux ``TCP_INFO``; on an accepted connection, measured by the TCP handshake), or None
+    where there is none to read."""
+    info = _tcp_info(transport)
+    if info is None:
         return None
     rtt = int.from_bytes(info[_TCPI_RTT], sys.byteorder)
     return rtt / 1e6 if rtt else None
+
+
+def tcp_heard(transport: asyncio.BaseTransport | None, now: float) -> float | None:
+    """When the peer's TCP was last heard from on a transport's connection (Linux
+    ``TCP_INFO``), for a link that is not read: the time of its last acknowledgement while
+    segments sent wait for one, and ``now`` while none does (nothing sent is unanswered: what
+    waits behind a closed window is not in flight, and TCP probes that window itself). None
+    where that cannot be read."""
+    info = _tcp_info(transport)
+    if info is None:
+        return None
+    if not int.from_bytes(info[_TCPI_UNACKED], sys.byteorder):
+        return now
+    return now - int.from_bytes(info[_TCPI_LAST_ACK_RECV], sys.byteorder) / 1000.0
 
 
 def _cannot_cancel() -> bool:
@@ -865,6 +890,7 @@ class Runner:
         link.reading_held = True
         link.transport.pause_reading()
         self.engine.pause_reading(True, self.now())
+        self._transport_heard(link)
         # (said once a session: such a peer has the link paused each time the sink drains)
         level = logging.DEBUG if self._said_held else logging.INFO
         self._said_held = True
@@ -872,6 +898,14 @@ class Runner:
                 "read until it takes them (the peer sends beyond its acknowledgements)",
                 self.sid, self.engine.sink_backlog,
                 "application" if self.engine.role == "client" else "backend", self._sink_cap)
+
+    def _transport_heard(self, link: Link) -> None:
+        """A link not read (``_hold_link``): tell the engine when its TCP peer was last
+        heard from, where the system says (the keepalives the engine sends meanwhile are
+        acknowledged by a peer that is there)."""
+        at = tcp_heard(link.transport, self.loop.time())
+        if at is not None:
+            self.engine.heard_by_transport(at)
 
     def _drain_pending(self) -> None:
         ep = self.endpoint
@@ -1058,6 +1092,9 @@ class Runner:
         self._timer_at = _NEVER
         self._tick = 0
         now = self.loop.time()
+        link = self.link
+        if link is not None and link.reading_held:
+            self._transport_heard(link)
         t = self.engine._deadline()
         if now < t != _NEVER:
             # Armed for a deadline that moved later (data or a PING arrived since): nothing is

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +235,7 @@ class NetnsNet:
         self.server_ip = f"10.213.{n % 250}.1"
         self.client_ip = f"10.213.{n % 250}.2"
         self._ports = iter(range(20000, 30000))
-        self._rules: list[list[str]] = []
+        self._rules: list[tuple[str, list[str]]] = []  # (side, iptables rule)
         self._made: list[str] = []
         try:
             self._sh("ip", "netns", "add", self.srv_ns)
@@ -286,20 +287,29 @@ class NetnsNet:
 
     def blackhole(self, seconds: float) -> None:
         """Drop everything on the server's veth, both ways, silently."""
-        rules = [["INPUT", "-i", self.srv_if, "-j", "DROP"],
-                 ["OUTPUT", "-o", self.srv_if, "-j", "DROP"]]
+        with self.blackholed():
+            time.sleep(seconds)
+
+    @contextlib.contextmanager
+    def blackholed(self, side: str = "server") -> Iterator[None]:
+        """Everything on ``side``'s veth dropped, both ways, silently, until the end of the
+        ``with`` block. (What a side's own OUTPUT rule drops fails to leave it: TCP keeps it
+        as not sent. So the other side's segments go out and wait for acknowledgements, as
+        when ``side`` vanished, only where the rules are at ``side``.)"""
+        dev = self.srv_if if side == "server" else self.cli_if
+        rules = [["INPUT", "-i", dev, "-j", "DROP"], ["OUTPUT", "-o", dev, "-j", "DROP"]]
         try:
             for r in rules:
-                self._sh(*self.prefix("server"), "iptables", "-w", "5", "-I", *r)
-                self._rules.append(r)
-            time.sleep(seconds)
+                self._sh(*self.prefix(side), "iptables", "-w", "5", "-I", *r)
+                self._rules.append((side, r))
+            yield
         finally:
             self._unblock()
 
     def _unblock(self) -> None:
         while self._rules:
-            r = self._rules.pop()
-            subprocess.run([*self.prefix("server"), "iptables", "-w", "5", "-D", *r],
+            side, r = self._rules.pop()
+            subprocess.run([*self.prefix(side), "iptables", "-w", "5", "-D", *r],
                            capture_output=True, timeout=30)
 
     def outage(self, seconds: float) -> None:
@@ -476,20 +486,22 @@ class Rig:
         raise AssertionError(f"{proc.name} is not listening on port {port} (exit "
                              f"{proc.p.poll()}); log:\n{proc.tail()}")
 
-    def start_server(self, backend_port: int) -> str:
-        """icafast serve (server side) -> backend. Returns the address the client side
-        reaches it at."""
+    def start_server(self, backend_port: int, *extra: str) -> str:
+        """icafast serve (server side) -> backend, with ``extra`` options. Returns the
+        address the client side reaches it at."""
         self.server_port = self.port()
         control = os.path.join(self._ctl_dir, "control.sock")
-        self.server = self.spawn("server", "icafast-serve", icafast_serve_cmd(
-            self.net.server_listen(self.server_port), f"127.0.0.1:{backend_port}", control))
+        self.server = self.spawn("server", "icafast-serve", [*icafast_serve_cmd(
+            self.net.server_listen(self.server_port), f"127.0.0.1:{backend_port}", control),
+            *extra])
         self.server.wait_for("listening on")
         return self.net.link_target(self.server_port)
 
-    def start_relay(self, backend_port: int) -> int:
-        """icafast serve (server side) -> backend; icafast connect (client side). Returns the
-        client's local port, on the client side's 127.0.0.1."""
-        target = self.start_server(backend_port)
+    def start_relay(self, backend_port: int, *server_extra: str) -> int:
+        """icafast serve (server side, with ``server_extra`` options) -> backend; icafast
+        connect (client side). Returns the client's local port, on the client side's
+        127.0.0.1."""
+        target = self.start_server(backend_port, *server_extra)
         local = self.port()
         self.client = self.spawn("client", "icafast-connect",
                                  icafast_connect_cmd(f"127.0.0.1:{local}", target))

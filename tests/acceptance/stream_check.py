@@ -2,6 +2,8 @@
 
 ``stream_check.py echo PORT``: on 127.0.0.1:PORT, echo every connection back; prints
 "connection N" for each one accepted (a session that survives must stay connection 1).
+``stream_check.py echo PORT FILE``: the same, but each connection is not read until FILE
+exists (at most 120 s): a backend whose sink is behind; prints "reading" then.
 
 ``stream_check.py check PORT NBYTES RATE``: connect to 127.0.0.1:PORT, send NBYTES of a
 seeded pseudo-random stream at RATE bytes/s while reading the echo back, and compare every
@@ -13,6 +15,7 @@ direction is a mismatch. Prints "progress N" as the echo comes back, then "OK N"
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import sys
 import threading
@@ -33,7 +36,7 @@ def stream(offset: int, n: int) -> bytes:
     return bytes(out)
 
 
-def echo(port: int) -> None:
+def echo(port: int, hold: str | None = None) -> None:
     ls = socket.socket()
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     ls.bind(("127.0.0.1", port))
@@ -42,6 +45,11 @@ def echo(port: int) -> None:
     n = 0
 
     def pump(c: socket.socket) -> None:
+        if hold is not None:
+            end = time.monotonic() + 120
+            while not os.path.exists(hold) and time.monotonic() < end:
+                time.sleep(0.02)
+            print("reading", flush=True)
         with c:
             while data := c.recv(262144):
                 c.sendall(data)
@@ -100,6 +108,6 @@ def check(port: int, nbytes: int, rate: float) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "echo":
-        echo(int(sys.argv[2]))
+        echo(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)
     else:
         sys.exit(check(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])))
