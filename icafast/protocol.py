@@ -751,11 +751,16 @@ class SessionEngine:
         self._ack_threshold = max(1, min(own, peer_replay_limit // 4))
         self._peer_replay_limit = peer_replay_limit
         if self._window_hi > peer_replay_limit:  # (no round trip to size it from, yet)
-            self._window_hi = self._wc_choice = self._window = peer_replay_limit
+            self._window_hi = peer_replay_limit
             if self._window_lo >= peer_replay_limit:  # (one window: no control)
-                self._window_lo = peer_replay_limit
+                self._window_lo = self._wc_choice = self._window = peer_replay_limit
                 self._wc_phase = _WC_HOLD
                 self._wc_until = _NEVER
+            else:  # (the low one stays; the high one is this)
+                if self._wc_choice > peer_replay_limit:
+                    self._wc_choice = peer_replay_limit
+                if self._window > peer_replay_limit:
+                    self._window = peer_replay_limit
 
     def _sent_ack(self) -> None:
         self._rx_acked = self._ack_value()

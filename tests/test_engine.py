@@ -1214,6 +1214,20 @@ def test_the_send_window_never_exceeds_the_replay_limit_the_peer_announced(rtt):
         data = random.Random(7).randbytes(3 * MiB)
         assert h.client_send(data) <= MiB and h.server_send(data) <= MiB
         assert c.unacked <= MiB and srv.unacked <= MiB
+    if rtt != 0.0001:
+        return
+    # a limit announced below the high window of a window control under way: the high one
+    # comes down to it, the low one stays, and the window in use never exceeds it
+    h = Harness(big)
+    handshake(h, 0.0001)
+    c = h.client
+    assert (c._window_hi, c._window_lo) == (4 * MiB, MiB)
+    c._peer_limit(2 * MiB)
+    assert (c._window_hi, c._window_lo) == (2 * MiB, MiB)
+    assert c.send_window <= 2 * MiB and c._wc_choice <= 2 * MiB
+    c._peer_limit(MiB // 2)  # (below the low one too: one window, no control)
+    assert c._window_hi == c._window_lo == c.send_window == MiB // 2
+    assert c.stats(h.now)["window_control"] is None
 
 
 # -- window control (PROTOCOL.md 4.7) ----------------------------------------------------------
