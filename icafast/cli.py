@@ -764,13 +764,20 @@ def _loopback(host: str) -> bool:
 
 
 def _limit(args: argparse.Namespace, file_cfg: dict[str, Any], name: str, default: int) -> int:
+    return int(_setting(args, file_cfg, name, default, lambda v: _count(str(v))))
+
+
+def _setting(args: argparse.Namespace, file_cfg: dict[str, Any], name: str, default: Any,
+             parse: Callable[[Any], Any]) -> Any:
+    """A setting outside Config: the command line's (already parsed), else the config
+    file's through ``parse`` (its error said in one line), else ``default``."""
     v = getattr(args, name, None)
     if v is not None:
-        return int(v)
+        return v
     if name not in file_cfg:
         return default
     try:
-        return _count(str(file_cfg[name]))
+        return parse(file_cfg[name])
     except argparse.ArgumentTypeError as e:
         raise UsageError(f"config file: {name} = {file_cfg[name]!r}: {e}") from None
 
@@ -793,16 +800,8 @@ def _address(text: Any, default_host: str, default_port: int,
 def _ticket_key_lifetime(args: argparse.Namespace, file_cfg: dict[str, Any]) -> float:
     from .tls import TICKET_KEY_LIFETIME
 
-    name = "tls_ticket_key_lifetime"
-    v = getattr(args, name, None)
-    if v is not None:
-        return float(v)
-    if name not in file_cfg:
-        return TICKET_KEY_LIFETIME
-    try:
-        return _seconds(file_cfg[name])
-    except argparse.ArgumentTypeError as e:
-        raise UsageError(f"config file: {name} = {file_cfg[name]!r}: {e}") from None
+    return float(_setting(args, file_cfg, "tls_ticket_key_lifetime", TICKET_KEY_LIFETIME,
+                          _seconds))
 
 
 def _opt(args: argparse.Namespace, file_cfg: dict[str, Any], name: str) -> Any:

@@ -199,6 +199,16 @@ _NS_RE = re.compile(r"^icafacc-(\d+)-\d+-(srv|cli)$")
 _counter = iter(range(1, 1_000_000))
 
 
+def wait_until(pred: Any, timeout: float) -> bool:
+    """Whether ``pred()`` turned true within ``timeout`` seconds (polled every 20 ms)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return bool(pred())
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from acceptance_rig import PY, NetnsNet, Rig
+from acceptance_rig import PY, NetnsNet, Rig, wait_until
 
 pytestmark = pytest.mark.acceptance
 
@@ -32,15 +32,6 @@ RATE = 50_000_000  # bytes/s: far more than the backend takes while it is held
 DEAD = 1.0  # acceptance_rig.FAST's --dead-timeout
 DETECT_SLACK = 1.5  # a loaded 2-CPU host may run a timer late
 HELD = "the link is not read until it takes them"
-
-
-def _wait(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return bool(pred())
 
 
 def test_a_server_that_keeps_less_than_its_clients_send_never_stalls(rig: Rig,
@@ -103,7 +94,7 @@ def test_a_link_not_read_finds_a_vanished_client_within_the_dead_timeout(rig: Ri
     assert rig.server.count("link lost") == 0, rig.logs()
     with net.blackholed("client"):  # (the client vanishes: the server's segments go unanswered)
         t0 = time.monotonic()
-        found = _wait(lambda: rig.server.count("link lost") > 0, DEAD + DETECT_SLACK)
+        found = wait_until(lambda: rig.server.count("link lost") > 0, DEAD + DETECT_SLACK)
         took = time.monotonic() - t0
         assert found, f"the link not read was not found broken\n{rig.logs()}"
     print(f"the link not read was found broken after {took:.2f} s")

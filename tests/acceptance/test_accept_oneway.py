@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from acceptance_rig import BLACKHOLE_S, NetnsNet, Rig, run_bounded
+from acceptance_rig import BLACKHOLE_S, NetnsNet, Rig, run_bounded, wait_until
 
 pytestmark = pytest.mark.acceptance
 
@@ -24,15 +24,6 @@ RATE = 1_250_000  # bytes/s each way: the stream runs about 8 s, through all thr
 NBYTES = 10_000_000
 DEAD = 1.0  # acceptance_rig.FAST's --dead-timeout
 DETECT_SLACK = 1.5  # a loaded 2-CPU host may run a timer late
-
-
-def _wait(pred, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return bool(pred())
 
 
 def test_one_way_drops_and_a_roaming_client(rig: Rig) -> None:
@@ -64,7 +55,7 @@ def test_one_way_drops_and_a_roaming_client(rig: Rig) -> None:
         t0 = time.monotonic()
         iptables("-I", *rule)
         try:
-            found = _wait(lambda: rig.server.count("link lost") > lost,  # noqa: B023
+            found = wait_until(lambda: rig.server.count("link lost") > lost,  # noqa: B023
                           DEAD + DETECT_SLACK)
             detected.append((name, round(time.monotonic() - t0, 2)))
             assert found, f"{name} dropped: the server did not find the link broken\n" \
