@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "/var/lib/icafast as root, else ~/.local/state/icafast)")
     t.add_argument("--tls-ticket-key-lifetime", type=_seconds, metavar="SECONDS",
                    help="make new TLS session ticket keys after this long, so that a key "
-                        "that leaks opens no TLS session resumed before; a client whose "
-                        "ticket is older then makes one full handshake (default 43200, 12 "
-                        "hours; 0: never, the keys live as long as the process)")
+                        "that leaks opens no ticket sealed before the last renewal; a client "
+                        "whose ticket is older then makes one full handshake (default 43200, "
+                        "12 hours; 0: never, the keys live as long as the process)")
     t.add_argument("--no-tls", action="store_true",
                    help="plain text links (the client must use --no-tls too)")
     _add_common(s, server=True)
