@@ -770,7 +770,7 @@ class RelayServer:
                "counters": dict(self.counters), "ended_bytes": self._ended_bytes,
                "tombstones": [[sid.hex(), t] for sid, t in self._tombstones.items()],
                "links_accepted": self._links_accepted, "started": self.started_at}
-        tickets = self._loop_ssl if self._loop_ssl is not None else self.ssl
+        tickets = self._sealing_context()
         if tickets is not None:  # (the clients resume their TLS sessions at the next server)
             doc["tls_tickets"] = tls.export_ticket_keys(tickets, self._ticket_age())
         self._cancel_ticket_renewal()
@@ -881,6 +881,12 @@ class RelayServer:
                  "%s (%s)", before, why)
         return False
 
+    def _sealing_context(self) -> ssl.SSLContext | None:
+        """The context whose keys seal and open this server's TLS session tickets: the
+        listeners' on the event loop's TLS transport (whatever context a link switches to),
+        else the current one."""
+        return self._loop_ssl if self._loop_ssl is not None else self.ssl
+
     def _ticket_age(self) -> float:
         """How long the keys that seal this server's TLS session tickets have done so (0
         before the start: their time begins there)."""
@@ -893,7 +899,7 @@ class RelayServer:
         (where the keys can be reached: the compiled module; elsewhere they live as long as
         the context, as OpenSSL has them)."""
         self._cancel_ticket_renewal()
-        sealing = self._loop_ssl if self._loop_ssl is not None else self.ssl
+        sealing = self._sealing_context()
         if (self.ticket_key_lifetime is None or sealing is None or self._tickets_born is None
                 or ticket_keys(sealing) is None):
             return
@@ -907,7 +913,7 @@ class RelayServer:
 
     def _renew_tickets(self) -> None:
         self._ticket_timer = None
-        sealing = self._loop_ssl if self._loop_ssl is not None else self.ssl
+        sealing = self._sealing_context()
         if sealing is None or self._stopped is None or self._stopped.is_set():
             return
         if not tls.renew_ticket_keys(sealing):
