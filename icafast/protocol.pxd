@@ -79,7 +79,7 @@ cdef class SessionEngine:
     cpdef list data_to_send(self, include_data=*)
     @cython.locals(tx=_CReplayBuffer, end=cython.ulonglong, sent=cython.ulonglong,
                    n=cython.ulonglong, size=cython.ulonglong, rx=cython.ulonglong,
-                   last=bint, fin=bint)
+                   high=cython.ulonglong, last=bint, fin=bint)
     cpdef _frame_data(self, _Link link)
     @cython.locals(sent=cython.ulonglong, n=cython.ulonglong)
     cpdef _frame_one(self)

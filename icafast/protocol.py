@@ -706,6 +706,7 @@ class SessionEngine:
             size = min(self._frame_size, link.peer_max_payload)
             rx = self._ack_value()
             tx = self.tx
+            high = self._tx_high
             while sent < end:
                 n = end - sent
                 if n <= SMALL_FRAME and n <= size:
@@ -713,6 +714,22 @@ class SessionEngine:
                     out.append(tx._frame_at(_TYPE_DATA, _FLAG_FIN if fin else 0, sent, n, rx))
                     sent = end + 1 if fin else end
                     break
+                if sent < high:
+                    # A replay of bytes an earlier link carried: the peer may have them, and
+                    # ack them before this link's transport has sent them (_on_ack). The ring
+                    # would then reuse their memory for new bytes under a view still queued,
+                    # so these frames are copies (the ring's views stay valid only until the
+                    # bytes they show are acknowledged).
+                    if n > size:
+                        n = size
+                    if n > high - sent:
+                        n = high - sent
+                    last = fin and sent + n == end
+                    out.append(tx._frame_at(_TYPE_DATA, _FLAG_FIN if last else 0, sent, n, rx))
+                    sent += n
+                    if last:
+                        sent += 1
+                    continue
                 for v in tx.views(sent, size):  # header, then the ring's own bytes (vectored)
                     n = len(v)
                     last = fin and sent + n == end

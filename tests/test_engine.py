@@ -1168,6 +1168,53 @@ def test_the_window_bounds_what_is_unacknowledged_and_nothing_is_lost():
     assert c.tx.capacity <= WINDOW_MIN
 
 
+def test_a_replay_stays_intact_when_the_peer_acks_it_before_it_is_sent():
+    """The bytes an earlier link carried and the peer's ACCEPT did not cover (its sink had not
+    taken them) are replayed on the new link, and the peer may ack them, having them, while
+    that link's transport still holds the replay unsent (a link it does not read, PROTOCOL.md
+    4.7). The ring then takes new bytes into the memory they freed: a replay made of views of
+    the ring would go out with the new bytes under the old checksums. Seen on real links as
+    a checksum mismatch on the first link after a resume; here the transport's queue is the
+    list of buffers the engine returned, checked after the ring was refilled."""
+    cfg = Config(frame_size=16384, replay_limit=1 << 20, keepalive_interval=1.0,
+                 dead_timeout=3.0, reliability_timeout=30.0)
+    h = Harness(cfg)
+    h.open_link()
+    h.pump()
+    s = h.server
+    s.hold_acks(True)  # the backend takes nothing: the acks stay at 0
+    first, second = pattern(1, 200_000), pattern(2, 200_000)
+    h.client_send(first)
+    h.pump()
+    assert s.bytes_received == 200_000 and h.client.tx.start == 0
+    h.reset()
+    h.auto_reconnect = False
+    h.advance(1.0)
+    h.open_link()
+    w = h.wire
+    assert w is not None
+    h.deliver_c2s(w=w)  # HELLO
+    h.deliver_s2c(w=w)  # the server's HELLO; the client answers RESUME
+    h.deliver_c2s(w=w)  # RESUME: ACCEPT(ack 0) goes out
+    queued: list[Any] = []
+    h.client_buffers = queued
+    h.deliver_s2c(w=w)  # ACCEPT: the client replays all 200,000 bytes (into the queue)
+    assert h.client.tx.start == 0 and not h.client.has_unsent()
+    s.hold_acks(False)  # the backend took it all: the next frame acks 200,000 ...
+    h.server_send(b"ack!")
+    h.deliver_s2c(w=w)  # ... before the replay left the client
+    assert h.client.tx.start == 200_000
+    assert h.client_send(second) == len(second)  # into the ring's freed memory
+    stream = first + second
+    frames = FrameDecoder(max_payload=1 << 20).feed(b"".join(bytes(b) for b in queued))
+    data = [f for f in frames if f.type == FrameType.DATA]
+    assert data[0].seq == 0 and data[-1].seq + len(data[-1].payload) == len(stream)
+    for f in data:
+        assert bytes(f.payload) == stream[f.seq:f.seq + len(f.payload)], f.seq
+    h.pump()
+    assert bytes(h.s_recv) == stream
+
+
 def test_a_resume_resizes_the_window_and_replays_all_that_is_unacknowledged():
     limit = 8 * MiB
     h = Harness(Config())
