@@ -8,6 +8,7 @@ time, all without sockets or wall-clock waits.
 from __future__ import annotations
 
 import random
+from collections import deque
 from typing import Any
 
 from icafast import events as ev
@@ -23,16 +24,66 @@ from icafast.protocol import (
 )
 
 
+class Queue:
+    """One direction of a Wire: the buffers an engine returned from ``data_to_send``, held as
+    they are, as a transport holds what it has not sent yet (asyncio's and uvloop's queue
+    memoryviews without copying them). Their bytes are read only when delivered, so an engine
+    that changes memory it handed out before its peer has it (a replay ring reusing what an
+    ack freed, say) makes its peer see other bytes than it framed: a checksum mismatch, which
+    ``Harness`` fails on."""
+
+    def __init__(self) -> None:
+        self._bufs: deque[Any] = deque()
+        self._skip = 0  # bytes of the first buffer already delivered
+        self._len = 0
+
+    def extend(self, bufs: Any) -> None:
+        for b in bufs:
+            n = len(b) if isinstance(b, (bytes, bytearray)) else memoryview(b).nbytes
+            if n:
+                self._bufs.append(b)
+                self._len += n
+
+    def __iadd__(self, data: Any) -> Queue:
+        self.extend([data])
+        return self
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bytes__(self) -> bytes:
+        return b"".join(bytes(memoryview(b).cast("B")) for b in self._bufs)[self._skip:]
+
+    def clear(self) -> None:
+        self._bufs.clear()
+        self._skip = self._len = 0
+
+    def take(self, n: int) -> bytes:
+        """The first ``n`` bytes (at most all), read now and removed."""
+        out = bytearray()
+        while n and self._bufs:
+            b = memoryview(self._bufs[0]).cast("B")
+            k = min(n, len(b) - self._skip)
+            out += b[self._skip:self._skip + k]
+            self._skip += k
+            self._len -= k
+            n -= k
+            if self._skip == len(b):
+                self._bufs.popleft()
+                self._skip = 0
+        return bytes(out)
+
+
 class Wire:
-    """One TCP connection between client and server, as two byte queues."""
+    """One TCP connection between client and server, as two queues (see Queue)."""
 
     def __init__(self, client_link: int, hs: ServerHandshake) -> None:
         self.client_link = client_link
         self.hs = hs
         self.session: ServerSession | None = None
         self.server_link = 0
-        self.c2s = bytearray()
-        self.s2c = bytearray()
+        self.c2s = Queue()
+        self.s2c = Queue()
         self.client_alive = True  # client side still feeds/reads it
         self.server_alive = True
         self.blackholed = False  # bytes written to it vanish
@@ -89,7 +140,7 @@ class Harness:
         if self.client_buffers is not None:
             self.client_buffers.extend(out)
         if w is not None:
-            w.c2s += b"".join(bytes(b) for b in out)
+            w.c2s.extend(out)
         self._client_events()
 
     def _server_out(self, w: Wire) -> None:
@@ -98,7 +149,7 @@ class Harness:
         else:
             out = w.hs.data_to_send()
         if w.server_alive:
-            w.s2c += b"".join(bytes(b) for b in out)
+            w.s2c.extend(out)
 
     def _client_events(self) -> None:
         while (e := self.client.next_event()) is not None:
@@ -174,13 +225,16 @@ class Harness:
             w.c2s.clear()
             return 0
         n = len(w.c2s) if n is None else min(n, len(w.c2s))
-        chunk = bytes(w.c2s[:n])
-        del w.c2s[:n]
+        chunk = w.c2s.take(n)
         if not w.server_alive:
             return n
         if w.session is not None:
             if w.session.link_id == w.server_link:
-                w.session.receive_data(chunk, self.now)
+                s = w.session
+                n_events = len(self.server_events)
+                s.receive_data(chunk, self.now)
+                self._session_events(s)
+                _no_bad_frames(self.server_events[n_events:], "server")
         else:
             w.hs.receive_data(chunk, self.now)
         self._server_events(w)
@@ -195,11 +249,12 @@ class Harness:
             w.s2c.clear()
             return 0
         n = len(w.s2c) if n is None else min(n, len(w.s2c))
-        chunk = bytes(w.s2c[:n])
-        del w.s2c[:n]
+        chunk = w.s2c.take(n)
         if w.client_alive and self.client.link_id == w.client_link:
+            n_events = len(self.client_events)
             self.client.receive_data(chunk, self.now)
             self._client_out()
+            _no_bad_frames(self.client_events[n_events:], "client")
         return n
 
     def pump(self, rounds: int = 10_000) -> None:
@@ -279,6 +334,15 @@ class Harness:
         self._client_out()
 
 
+def _no_bad_frames(events: list[Any], side: str) -> None:
+    """What a Wire delivers is exactly what the other engine framed, read when delivered: a
+    frame error there means that engine changed bytes it had handed out (see Queue)."""
+    for e in events:
+        if isinstance(e, ev.LinkLost) and "malformed frame" in e.reason:
+            raise AssertionError(f"the {side} was sent bytes that changed after they were "
+                                 f"framed: {e.reason}")
+
+
 def pattern(tag: int, n: int, start: int = 0) -> bytes:
     """``n`` bytes of stream ``tag`` from offset ``start``: any slip, loss or repeat shows."""
     return bytes((tag * 31 + i * 7 + (i >> 8)) & 0xFF for i in range(start, start + n))
@@ -286,14 +350,16 @@ def pattern(tag: int, n: int, start: int = 0) -> bytes:
 
 class Schedule:
     """Runs a random schedule (``(op, arg)`` pairs, as the hypothesis tests draw them) on a
-    harness: sends, ends of stream, partial deliveries, link faults and time; after each step
-    the delivered prefix of each stream is the sent prefix, exactly. ``heal()`` then lets time
-    run until everything is delivered and acknowledged. Ops it does not know go to
-    ``extra(op, arg)``."""
+    harness: sends, ends of stream, partial deliveries, link faults, a sink that stops and
+    starts taking data (its acks held) and time; after each step the delivered prefix of each
+    stream is the sent prefix, exactly. ``heal()`` then lets time run until everything is
+    delivered and acknowledged. Ops it does not know go to ``extra(op, arg)``. ``size``
+    multiplies what ``csend`` and ``ssend`` send."""
 
-    def __init__(self, h: Harness, extra: Any = None) -> None:
+    def __init__(self, h: Harness, extra: Any = None, size: int = 1) -> None:
         self.h = h
         self.extra = extra
+        self.size = size
         self.csent = self.ssent = 0
         self.cfin = self.sfin = False
 
@@ -309,9 +375,13 @@ class Schedule:
     def step(self, op: str, arg: int) -> None:
         h = self.h
         if op == "csend" and not self.cfin:
-            self.csent += h.client_send(pattern(1, arg, self.csent))
+            self.csent += h.client_send(pattern(1, arg * self.size, self.csent))
         elif op == "ssend" and h.sessions and not self.sfin:
-            self.ssent += h.server_send(pattern(2, arg, self.ssent))
+            self.ssent += h.server_send(pattern(2, arg * self.size, self.ssent))
+        elif op == "chold":  # the application stops (1) or starts (0) taking data
+            h.client.hold_acks(bool(arg))
+        elif op == "shold" and h.sessions:  # the backend
+            h.server.hold_acks(bool(arg))
         elif op == "cfin" and not self.cfin:
             self.cfin = True
             h.client.send_eof()
@@ -335,6 +405,9 @@ class Schedule:
 
     def heal(self, rounds: int = 300) -> None:
         h = self.h
+        h.client.hold_acks(False)
+        for s in h.sessions.values():
+            s.hold_acks(False)
         for _ in range(rounds):
             h.pump()
             if (len(h.s_recv) == len(h.c_sent) and len(h.c_recv) == len(h.s_sent)
