@@ -110,9 +110,6 @@ class Harness:
         #: the TCP connection's round trip, as a server adapter would read it from the kernel
         #: for a new session (None: none, and the server's send window stays the replay limit)
         self.tcp_rtt: float | None = None
-        #: when a list: every buffer the client's data_to_send returns, itself (not a copy),
-        #: as a transport that has not sent them yet would hold them
-        self.client_buffers: list[Any] | None = None
 
     # -- helpers -----------------------------------------------------------------------------
     @property
@@ -137,8 +134,6 @@ class Harness:
     def _client_out(self) -> None:
         w = self.wire
         out = self.client.data_to_send()
-        if self.client_buffers is not None:
-            self.client_buffers.extend(out)
         if w is not None:
             w.c2s.extend(out)
         self._client_events()
