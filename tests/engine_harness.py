@@ -252,6 +252,21 @@ class Harness:
             _no_bad_frames(self.client_events[n_events:], "client")
         return n
 
+    def resume_by_hand(self) -> Wire:
+        """The link breaks and the client reconnects one step at a time: its HELLO, the
+        server's and its RESUME are delivered, and the server's ACCEPT (with the server's
+        replay after it) waits in the new wire, which is returned."""
+        self.reset()
+        self.auto_reconnect = False
+        self.advance(1.0)
+        self.open_link()
+        w = self.wire
+        assert w is not None
+        self.deliver_c2s(w=w)  # HELLO
+        self.deliver_s2c(w=w)  # the server's HELLO; the client answers RESUME
+        self.deliver_c2s(w=w)  # RESUME: ACCEPT goes out
+        return w
+
     def pump(self, rounds: int = 10_000) -> None:
         """Deliver everything in flight on the current link until nothing moves."""
         for _ in range(rounds):

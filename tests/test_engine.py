@@ -1213,15 +1213,7 @@ def test_a_replay_stays_intact_when_the_peer_acks_it_before_it_is_sent():
     h.client_send(first)
     h.pump()
     assert s.bytes_received == 200_000 and h.client.tx.start == 0
-    h.reset()
-    h.auto_reconnect = False
-    h.advance(1.0)
-    h.open_link()
-    w = h.wire
-    assert w is not None
-    h.deliver_c2s(w=w)  # HELLO
-    h.deliver_s2c(w=w)  # the server's HELLO; the client answers RESUME
-    h.deliver_c2s(w=w)  # RESUME: ACCEPT(ack 0) goes out
+    w = h.resume_by_hand()  # the server's ACCEPT (ack 0) waits in the new wire
     h.deliver_s2c(w=w)  # ACCEPT: the client replays all 200,000 bytes (into the wire)
     assert h.client.tx.start == 0 and not h.client.has_unsent() and len(w.c2s) > 200_000
     s.hold_acks(False)  # the backend took it all: the next frame acks 200,000 ...
@@ -1259,15 +1251,7 @@ def test_any_replay_acked_before_it_is_sent_stays_intact(server_replays, acked, 
     receiver.hold_acks(True)
     assert send(stream[acked:acked + held]) == held
     h.pump()
-    h.reset()
-    h.auto_reconnect = False
-    h.advance(1.0)
-    h.open_link()
-    w = h.wire
-    assert w is not None
-    h.deliver_c2s(w=w)  # HELLO
-    h.deliver_s2c(w=w)  # the server's HELLO; the client answers RESUME
-    h.deliver_c2s(w=w)  # RESUME: ACCEPT goes out, then the server's replay
+    w = h.resume_by_hand()  # the server's ACCEPT waits in the new wire, its replay after it
     length = int.from_bytes(bytes(w.s2c)[4:8], "big")
     h.deliver_s2c(HEADER_SIZE + length, w=w)  # ACCEPT alone: the client's replay follows it
     receiver = h.client if server_replays else h.server  # (the session, after the resume)
