@@ -1193,6 +1193,11 @@ def test_the_window_bounds_what_is_unacknowledged_and_nothing_is_lost():
     assert c.tx.capacity <= WINDOW_MIN
 
 
+#: frames that are views of the replay ring (above SMALL_FRAME)
+REPLAY = Config(frame_size=16384, replay_limit=256 * 1024, keepalive_interval=1.0,
+                dead_timeout=3.0, reliability_timeout=30.0)
+
+
 def test_a_replay_stays_intact_when_the_peer_acks_it_before_it_is_sent():
     """The bytes an earlier link carried and the peer's ACCEPT did not cover (its sink had not
     taken them) are replayed on the new link, and the peer may ack them, having them, while
@@ -1202,9 +1207,7 @@ def test_a_replay_stays_intact_when_the_peer_acks_it_before_it_is_sent():
     a checksum mismatch on the first link after a resume; here the wire holds the buffers
     the engine returned until it delivers them, as a transport does (engine_harness.Queue),
     and fails on a frame whose bytes changed in between."""
-    cfg = Config(frame_size=16384, replay_limit=1 << 20, keepalive_interval=1.0,
-                 dead_timeout=3.0, reliability_timeout=30.0)
-    h = Harness(cfg)
+    h = Harness(REPLAY)
     h.open_link()
     h.pump()
     s = h.server
@@ -1223,10 +1226,6 @@ def test_a_replay_stays_intact_when_the_peer_acks_it_before_it_is_sent():
     assert h.client_send(second) == len(second)  # into the ring's freed memory
     h.pump()  # the replay, then the new bytes
     assert bytes(h.s_recv) == first + second
-
-
-REPLAY = Config(frame_size=16384, replay_limit=256 * 1024, keepalive_interval=1.0,
-                dead_timeout=3.0, reliability_timeout=30.0)
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
