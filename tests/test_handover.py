@@ -380,8 +380,13 @@ def test_client_sessions_go_on_at_the_client_they_are_handed_to(loop, tls_io, tm
                 await asyncio.wait_for(asyncio.gather(*tasks), 60)
                 # the TLS session came along: an abbreviated handshake, not a full one (where
                 # the compiled pipe runs: elsewhere a session cannot be written out, and the
-                # next client makes a full handshake)
-                assert reused == ([uses_pipe()] if client_tls is not None else []), reused
+                # next client makes a full handshake). (With the pure-Python core the stream
+                # can hold the loop past the test's 0.4 s dead timeout, and a second link
+                # follows: it resumes the same way.)
+                if client_tls is None:
+                    assert reused == []
+                else:
+                    assert reused and set(reused) == {uses_pipe()}, reused
                 assert got.received == size and got.eof
                 assert got.recv_hash.digest() == sent.sent_hash.digest()
                 assert list(s.server.sessions_by_id) in ([sid], [])
