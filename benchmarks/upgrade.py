@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import signal
 import socket
 import statistics
@@ -44,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._chains import (
-    PY,
     Busy,
     exclusive_run,
     free_port,
@@ -185,7 +185,7 @@ async def _drive(a: argparse.Namespace) -> dict[str, Any]:
                     r["longest_rtt_ms"]["p50"] for r in rounds),
                 "longest_rtt_max_ms": statistics.median(
                     r["longest_rtt_ms"]["max"] for r in rounds)},
-            "python": PY, "bytecode": a.bytecode}
+            "python": platform.python_version(), "bytecode": a.bytecode}
 
 
 def _byte_compile() -> str:
