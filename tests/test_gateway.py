@@ -153,10 +153,10 @@ def test_failed_resumes_are_rate_limited_per_source():
 
 def _tls_counted_from_the_tcp_connection(use_tls: bool) -> None:
     """Where the event loop's TLS transport runs the server's TLS (the compiled module cannot
-    run: ``ICAFAST_PURE_PYTHON=1``), the server hears of a connection only once its TLS
-    handshake is done: until then only the TLS handshake timeout bounds it, not
-    ``max_handshakes`` (docs/SECURITY.md, "limits"). Tests of that cap over TLS need the
-    compiled pipe."""
+    run, as under ``ICAFAST_PURE_PYTHON=1``, or ``ICAFAST_TLS_IO=loop``), the server hears of
+    a connection only once its TLS handshake is done: until then only the TLS handshake
+    timeout bounds it, not ``max_handshakes`` (docs/SECURITY.md, "limits"). Tests of that cap
+    over TLS need the compiled pipe."""
     if use_tls and not uses_pipe():
         if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":  # (CI: it must run)
             pytest.fail("the compiled TLS pipe cannot run here")
