@@ -351,6 +351,19 @@ def unanswering_backend(host: str = "127.0.0.1", port: int = 0) -> Iterator[tupl
         full.close()
 
 
+def needs_tls_pipe(why: str) -> None:
+    """For a test that needs the compiled TLS pipe (``icafast.tlspipe.uses_pipe``): where it
+    cannot run, the test skips saying ``why``, and fails under ``ICAFAST_REQUIRE_COMPILED=1``
+    (CI: it must run)."""
+    from icafast.tlspipe import uses_pipe
+
+    if uses_pipe():
+        return
+    if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":
+        pytest.fail("the compiled TLS pipe cannot run here")
+    pytest.skip(why)
+
+
 def tls_for(tmp_path: Any, on: bool) -> tuple[dict[str, Any], Any]:
     """TLS for a test's server and client, or none (``on`` false): the keyword arguments for
     ``Setup`` (its ``RelayServer``) and the client's ``ClientTLS`` (or None), which pins the

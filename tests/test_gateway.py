@@ -15,6 +15,7 @@ from relay_helpers import (
     Backend,
     Setup,
     free_port,
+    needs_tls_pipe,
     read_until_closed,
     run_async,
     stop_process,
@@ -32,7 +33,6 @@ from icafast.protocol import (
     State,
 )
 from icafast.proxyproto import V2_SIGNATURE, ProxyHeaderParser
-from icafast.tlspipe import uses_pipe
 
 # -- PROXY protocol parser ---------------------------------------------------------------------
 
@@ -157,11 +157,9 @@ def _tls_counted_from_the_tcp_connection(use_tls: bool) -> None:
     a connection only once its TLS handshake is done: until then only the TLS handshake
     timeout bounds it, not ``max_handshakes`` (docs/SECURITY.md, "limits"). Tests of that cap
     over TLS need the compiled pipe."""
-    if use_tls and not uses_pipe():
-        if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":  # (CI: it must run)
-            pytest.fail("the compiled TLS pipe cannot run here")
-        pytest.skip("on the event loop's TLS transport, max_handshakes counts a connection "
-                    "from the end of its TLS handshake")
+    if use_tls:
+        needs_tls_pipe("on the event loop's TLS transport, max_handshakes counts a connection "
+                       "from the end of its TLS handshake")
 
 
 @pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])

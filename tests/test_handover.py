@@ -20,6 +20,7 @@ from relay_helpers import (
     Setup,
     Stats,
     free_port,
+    needs_tls_pipe,
     recv_stream,
     run_async,
     send_stream,
@@ -135,10 +136,7 @@ def test_ticket_keys_go_on_with_their_age(due, tmp_path, monkeypatch, caplog):
     renewed when that lifetime is up, counted from when the first server made them; keys
     that have lived it already are not taken, and the client makes a full handshake."""
     server_kw, client_tls = _tls_io("auto", tmp_path, monkeypatch)
-    if not uses_pipe():
-        if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":  # (CI: it must run)
-            pytest.fail("the compiled TLS pipe cannot run here")
-        pytest.skip("the ticket keys cannot be reached without the compiled pipe")
+    needs_tls_pipe("the ticket keys cannot be reached without the compiled pipe")
     from icafast import tls
 
     cert, key, _ = tls.ensure_self_signed(str(tmp_path))

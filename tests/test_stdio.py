@@ -908,7 +908,7 @@ def test_a_stop_signal_that_comes_as_its_handler_gives_way_is_ignored_quietly():
         assert p.stderr.count("ignored due to race condition") == races, p.stderr[-2000:]
         out[mode] = races
     assert out["quiet"] == 0, out
-    if out["raw"] == 0:  # (three or four a run here; none, once in a CI run)
+    if out["raw"] == 0:  # (three or four a run here; none in two CI runs of one day)
         pytest.skip("the race did not show here in 3 s: the quiet run had none either, but "
                     "there was nothing to compare it with")
 

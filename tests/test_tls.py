@@ -23,6 +23,7 @@ from relay_helpers import (
     free_port,
     links_up,
     looking_tls_client,
+    needs_tls_pipe,
     presented_fingerprint,
     read_until_closed,
     recv_stream,
@@ -616,10 +617,8 @@ def test_links_resume_tls_sessions(tmp_path, tls_io, monkeypatch):
     (a restarted server: a new ticket key) gets a full handshake and the session works; a
     client told ``resume=False`` never offers one. ``pure``: Python's ``ssl`` sessions."""
     monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
-    if tls_io == "auto" and not uses_pipe():  # (then "auto" is the loop's TLS: no resumption)
-        if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":  # (CI: it must run)
-            pytest.fail("the compiled TLS pipe cannot run here")
-        pytest.skip("the compiled pipe cannot run here")
+    if tls_io == "auto":  # (without the pipe, "auto" is the loop's TLS: no resumption)
+        needs_tls_pipe("the compiled pipe cannot run here")
     cert, key, fp = _pair(tmp_path)
 
     def reused(s: Setup) -> list[bool]:  # the server's side of each session's link
@@ -691,10 +690,7 @@ def test_ticket_keys_are_renewed_every_lifetime(tmp_path, monkeypatch, caplog):
     so): a client whose ticket was sealed before makes a full handshake on its next link, and
     the session goes on. With 0, the keys live as long as the context, as OpenSSL has them."""
     monkeypatch.setenv("ICAFAST_TLS_IO", "auto")
-    if not uses_pipe():
-        if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":  # (CI: it must run)
-            pytest.fail("the compiled TLS pipe cannot run here")
-        pytest.skip("the ticket keys cannot be reached without the compiled pipe")
+    needs_tls_pipe("the ticket keys cannot be reached without the compiled pipe")
     from icafast import tlspipe
 
     cert, key, fp = _pair(tmp_path)
