@@ -78,6 +78,8 @@ from ._chains import (
 
 WORKLOADS = ("bulk", "rr", "redis", "resume", "scale")
 MiB = 1 << 20
+#: ``icafast serve``'s default ``--max-handshakes`` (the scale workload's server runs with it)
+SERVE_MAX_HANDSHAKES = 1024
 #: rounds of 50 new connections per run of the redis workload (see Bench.redis)
 NEW_CONN_ROUNDS = 30
 #: the encrypted chains, in every workload that runs them (bulk, rr, redis)
@@ -105,6 +107,20 @@ def summary(values: list[float]) -> dict[str, Any]:
         return {"median": None, "min": None, "max": None, "runs": values}
     return {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
             "runs": values}
+
+
+def scale_room(resource_mod: Any = resource) -> int:
+    """The most idle sessions the scale workload asks of its server: as many as ``icafast
+    serve`` (default settings) has room for under this process's open-files limits, at most
+    10,000. The server raises its soft limit to the hard one and keeps descriptors for its
+    handshakes and a spare (:mod:`icafast.rlimits`), and refuses sessions beyond that room as
+    busy: asking for more made the run fail instead of measuring."""
+    from icafast.rlimits import fds_needed, handshakes_within, sessions_within
+
+    soft, hard = resource_mod.getrlimit(resource_mod.RLIMIT_NOFILE)
+    fds = hard if hard != resource_mod.RLIM_INFINITY else max(
+        soft, fds_needed(10_000, SERVE_MAX_HANDSHAKES))
+    return min(10_000, sessions_within(fds, handshakes_within(fds, SERVE_MAX_HANDSHAKES)))
 
 
 class Bench:
@@ -448,7 +464,7 @@ class Bench:
     # -- 5. scale ----------------------------------------------------------------------------
     def scale(self) -> dict[str, Any]:
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        cap = min(10_000, (nofile - 200) // 2)  # the server holds 2 sockets per session
+        cap = scale_room()
         top = min(self.a.sessions, cap)
         levels = [10, 40] if self.quick else sorted({100, 1000, 5000, top} - {0})
         levels = [x for x in levels if x <= top]
