@@ -3,7 +3,8 @@ py-spy``): ``python -m benchmarks.profile_relay WORKLOAD [--seconds S] [--native
 [--chain icafast-tls]``.
 
 WORKLOAD is ``bulk-up`` / ``bulk-down`` (iperf3, else the built-in sender), ``rr`` (64-byte round
-trips), ``redis`` (redis-benchmark -P 16 -d 1024) or ``idle`` (N idle sessions with keepalives;
+trips), ``sessions`` (the same, each through a session of its own: what a new session costs),
+``redis`` (redis-benchmark -P 16 -d 1024) or ``idle`` (N idle sessions with keepalives;
 ``--sessions``). py-spy samples ``icafast connect`` and ``icafast serve`` at 250 Hz while the load
 runs (``--chain icafast-tls`` / ``icafast-tls-loop`` / ``icafast-tls-asyncio``: the encrypted
 chains of ``benchmarks.relay``, TLS between the two processes; not with ``idle``, whose sessions
@@ -82,7 +83,8 @@ def _short(frame: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_relay")
-    p.add_argument("workload", choices=["bulk-up", "bulk-down", "rr", "redis", "idle"])
+    p.add_argument("workload", choices=["bulk-up", "bulk-down", "rr", "sessions", "redis",
+                                             "idle"])
     p.add_argument("--seconds", type=at_least(1.0), default=10.0)
     p.add_argument("--sessions", type=at_least(1), default=5000, help="idle: sessions")
     p.add_argument("--top", type=int, default=25)
@@ -132,13 +134,14 @@ def _run(a: argparse.Namespace, spy: str, procs: Procs, tmp: Path) -> int:
             argv = [PY, "-m", "benchmarks._workers", "bulk-client", "--port",
                     str(chain.listen_port), "--dir", w[5:], "--size", str(1 << 36)]
         load = procs.start("load", argv)
-    elif w == "rr":
+    elif w in ("rr", "sessions"):
         eport = free_port()
         wait_ready(procs.start("echo", [PY, "-m", "benchmarks._workers", "echo-server",
                                         "--port", str(eport)], capture=True))
         chain = Chain(a.chain, eport, procs).start()
         load = procs.start("load", [PY, "-m", "benchmarks._workers", "rr-client", "--port",
-                                    str(chain.listen_port), "--count", "10000000"])
+                                    str(chain.listen_port), "--count", "10000000",
+                                    *(["--new-connections"] if w == "sessions" else [])])
     elif w == "redis":
         rport = free_port()
         rs = procs.start("redis-server", [which("redis-server") or "redis-server", "--port",
