@@ -83,8 +83,8 @@ def _short(frame: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_relay")
-    p.add_argument("workload", choices=["bulk-up", "bulk-down", "rr", "sessions", "redis",
-                                             "idle"])
+    p.add_argument("workload",
+                   choices=["bulk-up", "bulk-down", "rr", "sessions", "redis", "idle"])
     p.add_argument("--seconds", type=at_least(1.0), default=10.0)
     p.add_argument("--sessions", type=at_least(1), default=5000, help="idle: sessions")
     p.add_argument("--top", type=int, default=25)

@@ -831,9 +831,9 @@ def table(out: dict[str, Any]) -> str:
         lines.append(f"| scale: {row['sessions']} idle sessions, keepalive {sc['keepalive']}: "
                      f"server RSS MiB / KiB per session / server CPU % | icafast | "
                      f"{row['server_rss_kib'] / 1024:.1f} / "
-                     f"{'–' if per is None else f'{per:.1f}'} / {row['server_cpu_pct']:.2f} | "
-                     f"{'' if burst is None else f'{burst:.1f} KiB per session before a trim'} "
-                     f"| | {'ok' if sc.get('verified', {}).get('icafast') else 'BAD'} |")
+                     f"{'–' if per is None else f'{per:.1f}'} / {row['server_cpu_pct']:.2f}"
+                     f"{'' if burst is None else f' (before a heap trim: {burst:.1f} KiB)'} | | "
+                     f"| {'ok' if sc.get('verified', {}).get('icafast') else 'BAD'} |")
     for n, why in out["skipped"].items():
         lines.append(f"| skipped | {n} | {why} | | | |")
     for name, res in w.items():
