@@ -10,6 +10,7 @@ are not installed (socat, haproxy, iperf3, redis) are skipped by the benchmark a
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -501,3 +502,24 @@ def test_an_a_b_run_refuses_a_reference_checkout_that_is_not_built(tmp_path, too
     assert "python setup.py build_ext --inplace" in p.stderr and "Traceback" not in p.stderr
     if os.environ.get("ICAFAST_REQUIRE_COMPILED") == "1":  # (CI: this checkout is built)
         assert unbuilt(Path(ROOT)) is None
+
+
+@pytest.mark.parametrize("soft,hard", [(20_000, 20_000), (1024, 20_000), (1024, 4096),
+                                       (1024, 1024), (1024, -1), (65_536, 65_536)])
+def test_the_scale_benchmark_asks_no_more_sessions_than_the_server_has_room_for(soft, hard):
+    """``python -m benchmarks.relay --only scale`` opens up to 10,000 idle sessions against an
+    ``icafast serve`` of default settings. It asked for (soft limit - 200) / 2, while the
+    server keeps room for its 1,024 handshakes as well: at a hard limit of 20,000 it asked
+    9,900 of a server with room for 9,360, got 540 refused, and reported the run failed.
+    (A hard limit of -1: no limit, test_rlimits.FakeResource's RLIM_INFINITY.)"""
+    from test_rlimits import FakeResource
+
+    from benchmarks.relay import SERVE_MAX_HANDSHAKES, scale_room
+    from icafast.aio.server import RelayServer
+    from icafast.rlimits import raise_nofile
+
+    default = inspect.signature(RelayServer).parameters["max_handshakes"].default
+    assert SERVE_MAX_HANDSHAKES == default
+    server_room, _line = raise_nofile(10_000, SERVE_MAX_HANDSHAKES,
+                                      resource_mod=FakeResource(soft, hard))
+    assert scale_room(FakeResource(soft, hard)) == server_room

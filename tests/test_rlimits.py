@@ -5,7 +5,6 @@ server that runs out of descriptors, as a real process."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import subprocess
 import sys
@@ -273,19 +272,3 @@ def test_a_server_that_ran_out_of_descriptors_goes_on(tmp_path, loop):
     with open_files(2 * idle + 4 * held + 64):  # (this process: four per session, two per idle)
         asyncio.run(main())
 
-
-@pytest.mark.parametrize("soft,hard", [(20_000, 20_000), (1024, 20_000), (1024, 4096),
-                                       (1024, 1024), (1024, INF), (65_536, 65_536)])
-def test_the_scale_benchmark_asks_no_more_sessions_than_the_server_has_room_for(soft, hard):
-    """``python -m benchmarks.relay --only scale`` opens up to 10,000 idle sessions against an
-    ``icafast serve`` of default settings. It asked for (soft limit - 200) / 2, while the
-    server keeps room for its 1,024 handshakes as well: at a hard limit of 20,000 it asked
-    9,900 of a server with room for 9,360, got 540 refused, and reported the run failed."""
-    from benchmarks.relay import SERVE_MAX_HANDSHAKES, scale_room
-    from icafast.aio.server import RelayServer
-
-    default = inspect.signature(RelayServer).parameters["max_handshakes"].default
-    assert SERVE_MAX_HANDSHAKES == default
-    server_room, _line = raise_nofile(10_000, SERVE_MAX_HANDSHAKES,
-                                      resource_mod=FakeResource(soft, hard))
-    assert scale_room(FakeResource(soft, hard)) == server_room
