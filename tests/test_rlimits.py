@@ -271,4 +271,3 @@ def test_a_server_that_ran_out_of_descriptors_goes_on(tmp_path, loop):
 
     with open_files(2 * idle + 4 * held + 64):  # (this process: four per session, two per idle)
         asyncio.run(main())
-
