@@ -115,12 +115,12 @@ def scale_room(resource_mod: Any = resource) -> int:
     10,000. The server raises its soft limit to the hard one and keeps descriptors for its
     handshakes and a spare (:mod:`icafast.rlimits`), and refuses sessions beyond that room as
     busy: asking for more made the run fail instead of measuring."""
-    from icafast.rlimits import fds_needed, handshakes_within, sessions_within
+    from icafast.rlimits import handshakes_within, sessions_within
 
-    soft, hard = resource_mod.getrlimit(resource_mod.RLIMIT_NOFILE)
-    fds = hard if hard != resource_mod.RLIM_INFINITY else max(
-        soft, fds_needed(10_000, SERVE_MAX_HANDSHAKES))
-    return min(10_000, sessions_within(fds, handshakes_within(fds, SERVE_MAX_HANDSHAKES)))
+    hard = resource_mod.getrlimit(resource_mod.RLIMIT_NOFILE)[1]
+    if hard == resource_mod.RLIM_INFINITY:  # (the server raises its limit as far as it needs)
+        return 10_000
+    return min(10_000, sessions_within(hard, handshakes_within(hard, SERVE_MAX_HANDSHAKES)))
 
 
 class Bench:
