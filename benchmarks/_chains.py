@@ -482,6 +482,12 @@ ENCRYPTED = frozenset({"socat-tls", "socat-tls-nodelay", "haproxy-tls", "icafast
 #: chain -> its A/B twin from the --ref checkout
 REF_TWINS = {"icafast": "icafast-ref", "icafast-tls": "icafast-tls-ref"}
 TLS_PEERS = ("socat-tls", "socat-tls-nodelay", "haproxy-tls")
+#: socat's closing phase: once one direction has ended, socat closes both after ``-t`` seconds
+#: (0.5 by default), whatever the other still carries. The bulk check's upload half-closes and
+#: then waits for the backend's digest, which a busy machine can hold up for longer than 0.5 s:
+#: socat then drops it (the client sees the end of the stream and no reply). A minute, as
+#: HAProxy's chains wait an hour, so that every peer carries a half-closed stream to its end.
+SOCAT_CLOSE = ("-t", "60")
 #: the -b of socat-tls: the buffer of the best plain socat (socat-b131072)
 SOCAT_TLS_BUFFER = 131072
 
@@ -562,13 +568,13 @@ class Chain:
         kind = self.kind
         if kind == "socat":
             b = self.name.partition("-b")[2]
-            argv = [which("socat") or "socat"] + (["-b", b] if b else []) + [
+            argv = [which("socat") or "socat", *SOCAT_CLOSE] + (["-b", b] if b else []) + [
                 f"TCP-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork,backlog=4096",
                 f"TCP:127.0.0.1:{target}"]
             return self.procs.start(f"{self.name}-{hop}", argv)
         if kind == "socat-tls":
             tls = tls_files(self.procs.tmp)
-            common = ["-b", str(SOCAT_TLS_BUFFER)]
+            common = [*SOCAT_CLOSE, "-b", str(SOCAT_TLS_BUFFER)]
             nd = ",nodelay" if self.name.endswith("-nodelay") else ""
             if hop == "server":  # TLS in -> plain TCP to the backend; -d -d: logs TLS version
                 argv = ["-d", "-d", f"OPENSSL-LISTEN:{listen},bind=127.0.0.1,reuseaddr,fork,"

@@ -219,6 +219,15 @@ class Bench:
         return {n: {k: summary(v) for k, v in ms.items()} for n, ms in runs.items()}
 
     # -- 1. bulk -----------------------------------------------------------------------------
+    def bulk_check(self, n: str, c: Chain, d: str, size: int) -> bool:
+        """One direction of a chain's byte check: True if the bytes arrived intact."""
+        try:
+            return bool(self.worker("bulk-check", ["bulk-client", "--port", str(c.listen_port),
+                                                   "--dir", d, "--size", str(size), "--verify"],
+                                    120)["ok"])
+        except Exception as e:
+            raise RuntimeError(f"the bulk check of {n} ({d}): {e}") from e
+
     def bulk(self) -> dict[str, Any]:
         names = self.chains_for(list(WORKLOAD_CHAINS["bulk"]))
         bport = free_port()
@@ -231,10 +240,7 @@ class Bench:
         try:
             for n, c in chains.items():  # the byte check: seeded stream, SHA-256 both ends
                 size = min(check, 2 * MiB) if n == "icafast-pure" else check
-                ok = all(self.worker("bulk-check", ["bulk-client", "--port", str(c.listen_port),
-                                                    "--dir", d, "--size", str(size),
-                                                    "--verify"], 120)["ok"]
-                         for d in ("up", "down"))
+                ok = all(self.bulk_check(n, c, d, size) for d in ("up", "down"))
                 res["verified"][n] = ok
                 log(f"  bulk check {n}: {'OK' if ok else 'BAD BYTES'} ({size} B each way)")
             if iperf:
@@ -838,11 +844,19 @@ def table(out: dict[str, Any]) -> str:
         lines.append(f"| skipped | {n} | {why} | | | |")
     for name, res in w.items():
         if "error" in res:
-            lines.append(f"| {name} | FAILED | {res['error'][:100]} | | | |")
+            lines.append(f"| {name} | FAILED | {gist(res['error']).replace('|', '/')} | | | |")
     for name, chain, failed in failed_runs(out):
         lines.append(f"| {name} | {chain} | FAILED: {failed} of {meta['repeats']} runs (the "
                      f"figures above, if any, are from the others; the log says why) | | | |")
     return "\n".join(lines)
+
+
+def gist(error: str, width: int = 240) -> str:
+    """A failure's message on one line: its first line and, if it goes on (a worker's
+    traceback), its last one, which names the exception."""
+    lines = [ln.strip() for ln in error.splitlines() if ln.strip()] or [""]
+    text = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def failed_runs(out: dict[str, Any]) -> list[tuple[str, str, int]]:
@@ -856,7 +870,7 @@ def failed_runs(out: dict[str, Any]) -> list[tuple[str, str, int]]:
 def problems(out: dict[str, Any]) -> list[str]:
     """What makes a run fail (exit status 1): a workload that failed, a chain that delivered
     wrong bytes, a chain with a failed run, a chain measured whose bytes were never checked."""
-    said = [f"{n}: FAILED ({r['error'][:100]})" for n, r in out["workloads"].items()
+    said = [f"{n}: FAILED ({gist(r['error'])})" for n, r in out["workloads"].items()
             if "error" in r]
     said += [f"{n}/{c}: BAD BYTES" for n, r in out["workloads"].items()
              for c, ok in r.get("verified", {}).items() if not ok]
@@ -945,7 +959,7 @@ def report(paths: list[str]) -> str:
         for wl, res in r["workloads"].items():
             if "error" in res:
                 lines.append(f"| {wl}: FAILED | | " + " | ".join(
-                    res["error"][:100].replace("|", "/").replace("\n", " ") if j == i else ""
+                    gist(res["error"]).replace("|", "/") if j == i else ""
                     for j in range(len(runs))) + " |")
     for i, r in enumerate(runs):  # (the medians above are from the other runs)
         for wl, n, k in failed_runs(r):

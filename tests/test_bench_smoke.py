@@ -80,7 +80,9 @@ def test_relay_benchmark_quick(tmp_path: Path, bench_tmp: Path) -> None:
                 bench_tmp)
     assert out.exists(), proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # a workload's error in full first: the output's tail may have scrolled past it
+    errors = "".join(f"{n}: {r['error']}\n" for n, r in res["workloads"].items() if "error" in r)
+    assert proc.returncode == 0, errors + proc.stdout[-2000:] + proc.stderr[-3000:]
     assert f"logs: {bench_tmp}{os.sep}icafast-bench-" in proc.stdout, proc.stdout[-300:]
     w = res["workloads"]
     assert set(w) == {"bulk", "rr", "redis", "resume", "scale"}
@@ -523,3 +525,90 @@ def test_the_scale_benchmark_asks_no_more_sessions_than_the_server_has_room_for(
     server_room, _line = raise_nofile(10_000, SERVE_MAX_HANDSHAKES,
                                       resource_mod=FakeResource(soft, hard))
     assert scale_room(FakeResource(soft, hard)) == server_room
+
+
+@pytest.mark.skipif(shutil.which("socat") is None,
+                    reason="socat is not installed (Debian package socat)")
+@pytest.mark.parametrize("chain", ["socat", "socat-b131072", "socat-tls"])
+def test_the_socat_chains_carry_a_half_closed_stream_to_its_end(tmp_path, chain):
+    """The bulk check's upload half-closes, then waits for the backend's digest. socat closes
+    both directions 0.5 s after one has ended (its default ``-t``), and so dropped a digest
+    that a busy machine had held up for longer: the check failed with the end of the stream
+    instead of a reply, and the whole bulk workload with it. Here the backend answers 1.5 s
+    after the end of the upload; the reply must come through."""
+    import socket
+    import threading
+
+    from benchmarks._chains import Chain, Procs
+
+    ls = socket.create_server(("127.0.0.1", 0))
+    ls.settimeout(30)
+    got_upload = threading.Event()
+
+    def backend() -> None:
+        conn, _ = ls.accept()
+        with conn:
+            conn.settimeout(30)
+            for _ in range(10_000):  # (bounded: 100 KB arrive in far fewer reads)
+                if not conn.recv(65536):
+                    break
+            got_upload.set()
+            time.sleep(1.5)
+            conn.sendall(b"digest" * 8)
+
+    t = threading.Thread(target=backend, daemon=True)
+    t.start()
+    procs = Procs(tmp_path, pin=False)
+    c = Chain(chain, ls.getsockname()[1], procs)
+    try:
+        c.start()
+        with socket.create_connection(("127.0.0.1", c.listen_port), timeout=30) as s:
+            s.sendall(b"u" * 100_000)
+            s.shutdown(socket.SHUT_WR)
+            reply = b""
+            for _ in range(1000):
+                b = s.recv(4096)
+                if not b:
+                    break
+                reply += b
+        assert got_upload.is_set()
+        assert reply == b"digest" * 8
+    finally:
+        procs.stop_all()
+        ls.close()
+        t.join(5)
+
+
+def test_a_failed_bulk_check_names_its_chain_and_the_exception(tmp_path, monkeypatch, capsys):
+    """A byte check whose client crashed fails the bulk workload. The run's summary, the last
+    thing it prints (all that a CI log may keep), names the chain, the direction and the
+    exception: it used to give the first 100 characters of the worker's traceback, which
+    named none of them."""
+    relay = _relay_module()
+
+    def worker(self, name, args, timeout, env=None):
+        assert name == "bulk-check"
+        raise RuntimeError("worker gave no result (exit 1):\nTraceback (most recent call "
+                           "last):\n  File \"<frozen runpy>\", line 198, in _run_module_as_"
+                           "main\n  [...]\nConnectionError: EOF after 0 of 40 bytes")
+
+    monkeypatch.setattr(relay.Bench, "worker", worker)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the run's logs)
+    out = tmp_path / "bulk.json"
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        rc = relay.main(["--quick", "--only", "bulk", "--chains", "direct", "--no-iperf",
+                         "--out", str(out)])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    printed = capsys.readouterr()
+    assert rc == 1, printed.out + printed.err
+    last = printed.err.strip().splitlines()[-1]
+    assert last == ("FAILED: bulk: FAILED (the bulk check of direct (up): worker gave no "
+                    "result (exit 1): … ConnectionError: EOF after 0 of 40 bytes)"), last
+    assert ("| bulk | FAILED | the bulk check of direct (up): worker gave no result (exit 1): "
+            "… ConnectionError: EOF after 0 of 40 bytes |") in printed.out
+    # the JSON keeps the whole of it
+    assert json.loads(out.read_text())["workloads"]["bulk"]["error"].endswith(
+        "\nConnectionError: EOF after 0 of 40 bytes")
