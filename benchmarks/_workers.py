@@ -462,23 +462,41 @@ async def _resume_many(a: argparse.Namespace) -> None:
 
 
 # -- a minimal forwarder: the floor for any relay written on Python + uvloop -------------------
+#: every side whose connection is open: the event loop does not keep a transport that is not
+#: reading alive, so after an end of stream a pair of sides would be garbage, collected with
+#: its connections still open (and uvloop, which frees a transport's pending half-close with
+#: it, then corrupted its heap: "double free or corruption", benchmarks/HISTORY.md)
+_OPEN: set[_Fwd] = set()
+
+
 class _Fwd(asyncio.Protocol):
     """One side of a minimal TCP forwarder (no framing, no checksum, no replay buffer): what
-    remains is uvloop's and the interpreter's cost per read and write."""
+    remains is uvloop's and the interpreter's cost per read and write. An end of stream is
+    passed on (half-close); once both directions have ended, or either connection is lost,
+    both are closed."""
 
     def __init__(self, peer: _Fwd | None = None) -> None:
         self.peer = peer
         self.t: Any = None
         self.early: list[bytes] = []
+        self.eof = False
+        self.lost = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport
+        _OPEN.add(self)
         transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.peer is not None:  # the outbound side: flush what arrived meanwhile
-            self.peer.peer = self
-            for b in self.peer.early:
+        inbound = self.peer
+        if inbound is not None:  # the outbound side: flush what arrived meanwhile
+            inbound.peer = self
+            if inbound.lost:  # (the client went before the backend answered)
+                transport.close()
+                return
+            for b in inbound.early:
                 transport.write(b)  # type: ignore[attr-defined]
-            self.peer.early.clear()
+            inbound.early.clear()
+            if inbound.eof:
+                transport.write_eof()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         if self.peer is None or self.peer.t is None:
@@ -487,11 +505,19 @@ class _Fwd(asyncio.Protocol):
             self.peer.t.write(data)
 
     def eof_received(self) -> bool:
-        if self.peer is not None and self.peer.t is not None:
-            self.peer.t.write_eof()
+        self.eof = True
+        peer = self.peer
+        if peer is not None and peer.t is not None:
+            if peer.eof:  # both directions have ended
+                self.t.close()
+                peer.t.close()
+                return True
+            peer.t.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        _OPEN.discard(self)
         if self.peer is not None and self.peer.t is not None:
             self.peer.t.close()
 

@@ -612,3 +612,71 @@ def test_a_failed_bulk_check_names_its_chain_and_the_exception(tmp_path, monkeyp
     # the JSON keeps the whole of it
     assert json.loads(out.read_text())["workloads"]["bulk"]["error"].endswith(
         "\nConnectionError: EOF after 0 of 40 bytes")
+
+
+def test_the_bare_forwarder_closes_each_connection_once_both_directions_end(tmp_path):
+    """The reference forwarder (the ``uvloop-min`` chain) passes each end of stream on and
+    closes both connections once both directions have ended. It used to leave them open for
+    the garbage collector, which freed such a pair with its connections still open; uvloop
+    then freed a pending half-close with it and corrupted the heap ("double free or
+    corruption", which failed a smoke run). Here 50 connections half-close both ways through
+    it, and its descriptors must come back to what it had before."""
+    import socket
+    import threading
+
+    from benchmarks._chains import free_port
+
+    backend = socket.create_server(("127.0.0.1", 0))
+    backend.settimeout(30)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = backend.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(30)
+                for _ in range(100):  # until the end of the request (bounded)
+                    if not conn.recv(65536):
+                        break
+                conn.sendall(b"ok")
+                conn.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    port = free_port()
+    fwd = subprocess.Popen([sys.executable, "-m", "benchmarks._workers", "forward", "--listen",
+                            str(port), "--target", str(backend.getsockname()[1])], cwd=ROOT,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert fwd.stdout is not None and fwd.stdout.readline() == "ready\n"
+        fds = Path(f"/proc/{fwd.pid}/fd")
+        before = len(list(fds.iterdir()))
+        for i in range(50):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(b"request %d" % i)
+                s.shutdown(socket.SHUT_WR)
+                reply = b""
+                for _ in range(100):
+                    b = s.recv(4096)
+                    if not b:
+                        break
+                    reply += b
+                assert reply == b"ok"
+        left = None
+        for _ in range(100):  # up to 10 s for the last closes
+            left = len(list(fds.iterdir())) - before
+            if left <= 0:
+                break
+            time.sleep(0.1)
+        assert fwd.poll() is None, "the forwarder died"
+        assert left is not None and left <= 0, f"{left} descriptors still open"
+    finally:
+        stop.set()
+        fwd.kill()  # (by its pid)
+        fwd.wait(10)
+        fwd.stdout.close()  # type: ignore[union-attr]
+        backend.close()
+        t.join(5)
