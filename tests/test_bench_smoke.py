@@ -305,6 +305,17 @@ def test_a_second_timed_run_can_refuse_to_wait(tmp_path):
         holder.stdout.close()  # type: ignore[union-attr]
 
 
+def _main_in_process(relay, argv: list[str]) -> int:
+    """``relay.main(argv)`` in this process, with the signal handlers it sets (SIGTERM and
+    SIGHUP unwind, :func:`benchmarks._chains.stop_on_signals`) put back after it."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return relay.main(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 def _relay_module():
     sys.path.insert(0, str(ROOT))
     try:
@@ -330,13 +341,8 @@ def test_a_chain_whose_runs_failed_fails_the_run(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(relay.Bench, "worker", worker)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the run's logs)
     out = tmp_path / "rr.json"
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        rc = relay.main(["--quick", "--only", "rr", "--chains", "direct", "--repeats", "2",
-                         "--out", str(out)])
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    rc = _main_in_process(relay, ["--quick", "--only", "rr", "--chains", "direct", "--repeats",
+                                  "2", "--out", str(out)])
     printed = capsys.readouterr()
     assert rc == 1, printed.out + printed.err
     assert "| rr | direct | FAILED: 2 of 2 runs" in printed.out, printed.out
@@ -527,6 +533,23 @@ def test_the_scale_benchmark_asks_no_more_sessions_than_the_server_has_room_for(
     assert scale_room(FakeResource(soft, hard)) == server_room
 
 
+def _request_then_half_close(port: int, request: bytes) -> bytes:
+    """Send ``request`` to 127.0.0.1:``port``, half-close, and return all that comes back
+    until the end of the stream (bounded in reads and time)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        s.shutdown(socket.SHUT_WR)
+        reply = b""
+        for _ in range(1000):
+            b = s.recv(4096)
+            if not b:
+                break
+            reply += b
+    return reply
+
+
 @pytest.mark.skipif(shutil.which("socat") is None,
                     reason="socat is not installed (Debian package socat)")
 @pytest.mark.parametrize("chain", ["socat", "socat-b131072", "socat-tls"])
@@ -562,15 +585,7 @@ def test_the_socat_chains_carry_a_half_closed_stream_to_its_end(tmp_path, chain)
     c = Chain(chain, ls.getsockname()[1], procs)
     try:
         c.start()
-        with socket.create_connection(("127.0.0.1", c.listen_port), timeout=30) as s:
-            s.sendall(b"u" * 100_000)
-            s.shutdown(socket.SHUT_WR)
-            reply = b""
-            for _ in range(1000):
-                b = s.recv(4096)
-                if not b:
-                    break
-                reply += b
+        reply = _request_then_half_close(c.listen_port, b"u" * 100_000)
         assert got_upload.is_set()
         assert reply == b"digest" * 8
     finally:
@@ -595,13 +610,8 @@ def test_a_failed_bulk_check_names_its_chain_and_the_exception(tmp_path, monkeyp
     monkeypatch.setattr(relay.Bench, "worker", worker)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (the run's logs)
     out = tmp_path / "bulk.json"
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        rc = relay.main(["--quick", "--only", "bulk", "--chains", "direct", "--no-iperf",
-                         "--out", str(out)])
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    rc = _main_in_process(relay, ["--quick", "--only", "bulk", "--chains", "direct",
+                                  "--no-iperf", "--out", str(out)])
     printed = capsys.readouterr()
     assert rc == 1, printed.out + printed.err
     last = printed.err.strip().splitlines()[-1]
@@ -655,16 +665,7 @@ def test_the_bare_forwarder_closes_each_connection_once_both_directions_end(tmp_
         fds = Path(f"/proc/{fwd.pid}/fd")
         before = len(list(fds.iterdir()))
         for i in range(50):
-            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-                s.sendall(b"request %d" % i)
-                s.shutdown(socket.SHUT_WR)
-                reply = b""
-                for _ in range(100):
-                    b = s.recv(4096)
-                    if not b:
-                        break
-                    reply += b
-                assert reply == b"ok"
+            assert _request_then_half_close(port, b"request %d" % i) == b"ok"
         left = None
         for _ in range(100):  # up to 10 s for the last closes
             left = len(list(fds.iterdir())) - before
