@@ -1231,8 +1231,8 @@ _COUNTER_HELP = {
     "resumes": "Links on which a session resumed.",
     "handshakes_failed": "Connections whose handshake failed (not icafast, malformed, too "
                          "slow): closed, after a REJECT where one could be sent.",
-    "tls_handshakes_failed": "Connections whose TLS handshake failed (not counted where the "
-                             "event loop runs TLS: ICAFAST_TLS_IO=loop, no compiled module).",
+    "tls_handshakes_failed": "Connections whose TLS handshake failed (each logged with "
+                             "its reason).",
     "sessions_evicted": "Disconnected sessions ended to make room at the session limit for "
                         "another source (one that held more sessions).",
     "handovers_taken": "Hand-overs this server took from the one before (an upgrade in "

@@ -15,7 +15,6 @@ from relay_helpers import (
     Backend,
     Setup,
     free_port,
-    needs_tls_pipe,
     read_until_closed,
     run_async,
     stop_process,
@@ -151,24 +150,26 @@ def test_failed_resumes_are_rate_limited_per_source():
     run_async("uvloop", main())
 
 
-def _tls_counted_from_the_tcp_connection(use_tls: bool) -> None:
-    """Where the event loop's TLS transport runs the server's TLS (the compiled module cannot
-    run, as under ``ICAFAST_PURE_PYTHON=1``, or ``ICAFAST_TLS_IO=loop``), the server hears of
-    a connection only once its TLS handshake is done: until then only the TLS handshake
-    timeout bounds it, not ``max_handshakes`` (docs/SECURITY.md, "limits"). Tests of that cap
-    over TLS need the compiled pipe."""
-    if use_tls:
-        needs_tls_pipe("on the event loop's TLS transport, max_handshakes counts a connection "
-                       "from the end of its TLS handshake")
+#: both ways of running a server's TLS: by the link (the compiled pipe where it runs) and by the
+#: event loop's TLS transport (ICAFAST_TLS_IO=loop: where the pipe cannot run); either way the
+#: server counts a connection in its handshake from the TCP connection on, its TLS handshake
+#: included (a connection that never starts its TLS handshake is the cheapest flood)
+_LINK_KINDS = pytest.mark.parametrize("tls_io", [None, "auto", "loop"],
+                                      ids=["plain", "tls", "tls-loop"])
 
 
-@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
-def test_handshake_flood_is_capped_and_slowloris_dropped(use_tls, tmp_path):
+def _link_kind(tls_io: str | None, tmp_path, monkeypatch) -> tuple[dict, object]:
+    if tls_io is not None:
+        monkeypatch.setenv("ICAFAST_TLS_IO", tls_io)
+    return tls_for(tmp_path, tls_io is not None)
+
+
+@_LINK_KINDS
+def test_handshake_flood_is_capped_and_slowloris_dropped(tls_io, tmp_path, monkeypatch):
     """More connections than ``max_handshakes`` in their handshakes: the rest are closed at
     once. With TLS that counts from the TCP connection, not from the end of the TLS
     handshake (a connection that never starts its TLS handshake is the cheapest flood)."""
-    _tls_counted_from_the_tcp_connection(use_tls)
-    server_kw, client_tls = tls_for(tmp_path, use_tls)
+    server_kw, client_tls = _link_kind(tls_io, tmp_path, monkeypatch)
 
     async def main() -> None:
         from icafast.protocol import Config
@@ -196,15 +197,14 @@ def test_handshake_flood_is_capped_and_slowloris_dropped(use_tls, tmp_path):
     run_async("uvloop", main())
 
 
-@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
-def test_a_flood_from_one_source_leaves_room_for_others(use_tls, tmp_path, caplog):
+@_LINK_KINDS
+def test_a_flood_from_one_source_leaves_room_for_others(tls_io, tmp_path, caplog, monkeypatch):
     """One host that fills every handshake slot with connections that say nothing (and opens
     a new one as each is closed) locked every other client out, resumes too: a session whose
     link broke could not come back until the flood stopped. Now a connection from another
     source takes the slot of the flood's oldest handshake; the flood's own are closed at once,
     as before. (The flood comes from 127.0.0.2, the client from 127.0.0.1.)"""
-    _tls_counted_from_the_tcp_connection(use_tls)
-    server_kw, client_tls = tls_for(tmp_path, use_tls)
+    server_kw, client_tls = _link_kind(tls_io, tmp_path, monkeypatch)
 
     async def main() -> None:
         from icafast.protocol import Config

@@ -563,6 +563,19 @@ class _LinkBase:
         self.join_writes = False
         self.owner.link_made(self)
 
+    def secured_by_loop(self, transport: asyncio.BaseTransport) -> None:
+        """The event loop's TLS transport finished the handshake (a server link's
+        LoopTLSSetup): from now on the link writes to and reads from ``transport``."""
+        transport = cast(asyncio.Transport, transport)
+        self.tls_setup = None
+        self.transport = transport
+        self._write = transport.write
+        self._writelines = writelines_of(transport)
+        self.join_writes = True
+        self.ssl_object = transport.get_extra_info("ssl_object")
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.owner.link_made(self)
+
     def data_received(self, data: Any) -> None:  # type: ignore[override]
         tls = self.tls
         if tls is not None:  # TLS run by the link: open the records

@@ -18,7 +18,6 @@ import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from ssl import OP_NO_TICKET
 from typing import Any
 
 from .. import events as ev
@@ -60,7 +59,7 @@ from ._relay import (
     tcp_rtt,
     window_note,
 )
-from .tlslink import TLSSetup
+from .tlslink import LoopTLSSetup, TLSSetup
 
 log = logging.getLogger("icafast")
 
@@ -266,7 +265,7 @@ class _PendingLink:
     """A client connection still in the handshake (owner of its Link until attached)."""
 
     def __init__(self, server: RelayServer, mapping: Mapping,
-                 tls_setup: TLSSetup | None = None) -> None:
+                 tls_setup: TLSSetup | LoopTLSSetup | None = None) -> None:
         self.server = server
         self.mapping = mapping
         #: the order in which the server accepted the connections (a client has one link at a
@@ -443,9 +442,6 @@ class RelayServer:
         self.on_status = on_status
         self.max_sessions = max_sessions
         self.ssl = ssl
-        #: the context the event loop's listeners hold (ICAFAST_TLS_IO=loop; see set_ssl)
-        self._loop_ssl: Any = None
-        self._front_sni: Any = None  # (its own sni_callback, which set_ssl replaces)
         #: connections still in the handshake beyond this are closed at once (slowloris)
         self.max_handshakes = max_handshakes
         #: failed RESUME proofs/unknown ids per source address per minute before REJECT 8
@@ -556,28 +552,20 @@ class RelayServer:
         short = shortfall(self.max_sessions, self.max_handshakes)
         if short is not None:
             log.warning("%s", short)
-        # TLS run by each link over a plain transport (icafast.aio.tlslink), else by the loop
-        own_tls = self.ssl is not None and uses_pipe()
-        loop_ssl = None if own_tls else self.ssl
-        # (the context the loop's listeners hold: set_ssl switches new links from it)
-        self._loop_ssl = loop_ssl
-        own = loop_ssl.sni_callback if loop_ssl is not None else None
-        if own != self._switch_context:  # (not this server's, from a start before)
-            self._front_sni = own
+        # Links are made on plain transports: TLS is run by each link (icafast.aio.tlslink), or
+        # handed to the event loop's TLS transport once the connection is counted
+        piped = self.ssl is not None and uses_pipe()
         for m in self.mappings:
             factory = (  # noqa: E731
-                lambda m=m: _PendingLink(self, m, self._tls_setup() if own_tls else None).link)
-            tls_timeout = self.config.handshake_timeout if loop_ssl else None
+                lambda m=m: _PendingLink(self, m, self._tls_setup(piped)).link)
             servers = []
             for sock in self._handed_listeners(m):  # (from the server before: hand_over)
-                servers.append(await self.loop.create_server(
-                    factory, sock=sock, backlog=1024, ssl=loop_ssl,
-                    ssl_handshake_timeout=tls_timeout))
+                servers.append(await self.loop.create_server(factory, sock=sock, backlog=1024))
             if not servers:
                 try:
                     servers.append(await self.loop.create_server(
                         factory, m.listen_host or None, m.listen_port, reuse_address=True,
-                        backlog=1024, ssl=loop_ssl, ssl_handshake_timeout=tls_timeout))
+                        backlog=1024))
                 except OSError as e:
                     raise listen_error(e, m.listen_host, m.listen_port) from e
             self._servers += servers
@@ -608,54 +596,31 @@ class RelayServer:
         secured by the new one. A server started without TLS cannot take one (nor the other
         way round): ValueError.
 
-        Where links run TLS through the event loop's transport (``ICAFAST_TLS_IO=loop``), the
-        listeners keep the context they were started with, and each new link switches to the
-        current one as OpenSSL reads its ClientHello (the first context's ``sni_callback``,
-        which this sets; a ``sni_callback`` of ``ssl`` is then called as OpenSSL would). The
-        first context's TLS session tickets cannot be renewed with it: from then on, links
-        there make full handshakes.
-
-        Otherwise ``ssl`` takes the session ticket keys of the context before
+        ``ssl`` takes the session ticket keys of the context before
         (:func:`icafast.tls.import_ticket_keys`), if it lets in the same clients: a client whose
-        link breaks after a certificate renewal resumes its TLS session as before."""
+        link breaks after a certificate renewal resumes its TLS session as before. (Where the
+        keys cannot be reached, without the compiled module, each client makes one full
+        handshake.)"""
         if (ssl is None) != (self.ssl is None):
             raise ValueError("set_ssl: a server started with TLS takes another context, one "
                              "started without TLS none (the clients would not connect)")
         old, self.ssl = self.ssl, ssl
-        front = self._loop_ssl
-        if front is None:
-            if old is not None and ssl is not None and old is not ssl:
-                if not self._carry_tickets(ssl, tls.export_ticket_keys(old, self._ticket_age()),
-                                           "the context before") and self.loop is not None:
-                    self._tickets_born = self.loop.time()  # (its own keys, new)
-                if self._ticket_timer is not None:  # (started, not closed)
-                    self._schedule_ticket_renewal()
-            return
-        front.sni_callback = self._switch_context
-        # A TLS session resumed from a ticket shows no certificate, and the listener's context
-        # (which seals and opens the tickets, whatever context a link switches to) cannot
-        # change its ticket key: from the first change on, no tickets, and none taken.
-        front.options |= OP_NO_TICKET
-        front.num_tickets = 0
+        if old is not None and ssl is not None and old is not ssl:
+            if not self._carry_tickets(ssl, tls.export_ticket_keys(old, self._ticket_age()),
+                                       "the context before") and self.loop is not None:
+                self._tickets_born = self.loop.time()  # (its own keys, new)
+            if self._ticket_timer is not None:  # (started, not closed)
+                self._schedule_ticket_renewal()
 
-    def _switch_context(self, sslobj: Any, server_name: str | None,
-                        _front: ssl.SSLContext) -> int | None:
-        current = self.ssl
-        if current is None:  # (not reached: set_ssl keeps a TLS server TLS)
+    def _tls_setup(self, piped: bool) -> TLSSetup | LoopTLSSetup | None:
+        """A new link's TLS handshake, with the context of now (None: no TLS)."""
+        if self.ssl is None:
             return None
-        if current is _front:  # (back to the first: its own callback, replaced by this one)
-            callback = self._front_sni
-        else:
-            sslobj.context = current
-            callback = current.sni_callback
-        if callback is None:
-            return None
-        return callback(sslobj, server_name, current)  # type: ignore[arg-type]  # (None: no SNI)
-
-    def _tls_setup(self) -> TLSSetup:
-        assert self.ssl is not None
-        return TLSSetup(self.ssl, server_side=True, server_hostname=None,
-                        timeout=self.config.handshake_timeout, loop=self.loop)
+        timeout = self.config.handshake_timeout
+        if piped:
+            return TLSSetup(self.ssl, server_side=True, server_hostname=None, timeout=timeout,
+                            loop=self.loop)
+        return LoopTLSSetup(self.ssl, timeout=timeout, loop=self.loop)
 
     async def serve_forever(self) -> None:
         """Return once ``close()`` has been called (the listeners serve from ``start()`` on)."""
@@ -770,7 +735,7 @@ class RelayServer:
                "counters": dict(self.counters), "ended_bytes": self._ended_bytes,
                "tombstones": [[sid.hex(), t] for sid, t in self._tombstones.items()],
                "links_accepted": self._links_accepted, "started": self.started_at}
-        tickets = self._sealing_context()
+        tickets = self.ssl
         if tickets is not None:  # (the clients resume their TLS sessions at the next server)
             doc["tls_tickets"] = tls.export_ticket_keys(tickets, self._ticket_age())
         self._cancel_ticket_renewal()
@@ -881,12 +846,6 @@ class RelayServer:
                  "%s (%s)", before, why)
         return False
 
-    def _sealing_context(self) -> ssl.SSLContext | None:
-        """The context whose keys seal and open this server's TLS session tickets: the
-        listeners' on the event loop's TLS transport (whatever context a link switches to),
-        else the current one."""
-        return self._loop_ssl if self._loop_ssl is not None else self.ssl
-
     def _ticket_age(self) -> float:
         """How long the keys that seal this server's TLS session tickets have done so (0
         before the start: their time begins there)."""
@@ -899,7 +858,7 @@ class RelayServer:
         (where the keys can be reached: the compiled module; elsewhere they live as long as
         the context, as OpenSSL has them)."""
         self._cancel_ticket_renewal()
-        sealing = self._sealing_context()
+        sealing = self.ssl
         if (self.ticket_key_lifetime is None or sealing is None or self._tickets_born is None
                 or ticket_keys(sealing) is None):
             return
@@ -913,7 +872,7 @@ class RelayServer:
 
     def _renew_tickets(self) -> None:
         self._ticket_timer = None
-        sealing = self._sealing_context()
+        sealing = self.ssl
         if sealing is None or self._stopped is None or self._stopped.is_set():
             return
         if not tls.renew_ticket_keys(sealing):
