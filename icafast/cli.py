@@ -204,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "to its backend. Repeat --listen/--backend (paired in "
                                    "order) for several mappings. SIGTERM or SIGINT stops "
                                    "it (every session closed); SIGHUP reads the TLS "
-                                   "certificate, key and client CA again for new links, "
-                                   "and every session goes on; SIGUSR2 runs the icafast "
+                                   "certificate, key and client CA again for new links "
+                                   "(their paths from --config too), and every session "
+                                   "goes on; SIGUSR2 runs the icafast "
                                    "installed now in the same process, and every session "
                                    "goes on.")
     s.add_argument("--listen", action="append", metavar="HOST:PORT",
@@ -526,6 +527,11 @@ async def _run_until_signal(start: Any, stop: Any, addresses: Any = None,
     await stop()
 
 
+#: what ``serve`` reads again on SIGHUP, from its configuration file too (the rest of the file
+#: is read at start only: an upgrade in place, SIGUSR2, starts with all of it)
+RELOADED_SETTINGS = ("tls_cert", "tls_key", "tls_client_ca")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .aio import Mapping, RelayServer, run
     from .aio.server import format_hostport
@@ -617,23 +623,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         format_hostport(m.listen_host or "*", m.listen_port))
 
     def reload_tls() -> None:
-        """SIGHUP: the certificate, its key and the client CA, read again from the same files
-        (a renewed certificate); new links are secured with them, and every session goes on.
-        Files that do not load leave the links with what was loaded before."""
+        """SIGHUP: the certificate, its key and the client CA, read again (a renewed
+        certificate), from the paths the configuration file gives now where there is one;
+        new links are secured with them, and every session goes on. Files that do not load
+        leave the links with what was loaded before. Other settings changed in the file are
+        named: an upgrade in place or a restart applies them."""
+        nonlocal cert_file, file_cfg
+        tls_cfg = file_cfg
+        if args.config:
+            try:
+                now = load_toml(args.config)
+            except UsageError as e:
+                log.error("SIGHUP: %s; nothing reloaded", e)
+                return
+            tls_cfg = {k: v for k, v in file_cfg.items() if k not in RELOADED_SETTINGS}
+            tls_cfg.update((k, v) for k, v in now.items() if k in RELOADED_SETTINGS)
+            unapplied = sorted(k for k in set(now) | set(file_cfg)
+                               if k not in RELOADED_SETTINGS and now.get(k) != file_cfg.get(k))
+            if unapplied:
+                log.warning("SIGHUP: %s changed in %s: a reload reads only the TLS files "
+                            "(%s); an upgrade in place (SIGUSR2) or a restart applies the rest",
+                            ", ".join(unapplied), args.config, ", ".join(RELOADED_SETTINGS))
         if ssl_ctx is None:
             log.info("SIGHUP: nothing to reload (plain-text links, --no-tls)")
             return
         log.info("SIGHUP: reading the TLS certificate, key and client CA again")
-        nonlocal cert_file
         try:
-            ctx, cert = _server_tls(args, file_cfg)
+            ctx, cert = _server_tls(args, tls_cfg)
         except (OSError, ValueError) as e:
-            given = _opt(args, file_cfg, "tls_cert"), _opt(args, file_cfg, "tls_key")
+            given = _opt(args, tls_cfg, "tls_cert"), _opt(args, tls_cfg, "tls_key")
             log.error("TLS: %s; new links keep the certificate loaded before",
                       _tls_problem(e, f"--tls-cert {given[0]}", f"--tls-key {given[1]}"))
             return
         server.set_ssl(ctx)
-        cert_file = cert
+        cert_file, file_cfg = cert, tls_cfg
         log.info("TLS: reloaded; new links are secured with it, and every session goes on")
 
     async def main() -> None:

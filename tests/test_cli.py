@@ -649,6 +649,49 @@ def test_sessions_metrics_prints_prometheus_text(tmp_path):
     assert "Traceback" not in log, log
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP")
+def test_sighup_reads_the_certificate_paths_the_config_file_gives_now(tmp_path):
+    """With ``--config``, SIGHUP took the certificate again from the paths the file gave at
+    start: a certificate moved to new paths in the file was not taken, and settings changed
+    beside it were ignored without a word. Now the file is read again for the TLS paths; the
+    other settings changed in it are named (an upgrade in place applies them); a file that no
+    longer parses is an error, and nothing changes."""
+    from icafast import tls
+
+    pairs = [tls.ensure_self_signed(str(tmp_path / f"pair{i}"))[:2] for i in range(2)]
+    fps = [tls.fingerprint_of_pem(cert) for cert, _ in pairs]
+    backend = _banner_backend(b"")
+    port = free_port()
+    conf = tmp_path / "serve.toml"
+
+    def write(i: int, extra: str = "") -> None:
+        conf.write_text(f'listen = "127.0.0.1:{port}"\n'
+                        f'backend = "127.0.0.1:{backend.getsockname()[1]}"\n'
+                        f'tls_cert = "{pairs[i][0]}"\ntls_key = "{pairs[i][1]}"\n' + extra)
+
+    write(0)
+    server = _Proc(["serve", "--config", str(conf), "--control", str(tmp_path / "control.sock")])
+    try:
+        server.wait_for("listening on")
+        assert presented_fingerprint(port) == fps[0]
+        write(1, "keepalive_interval = 1.5\n")
+        os.kill(server.p.pid, signal.SIGHUP)
+        server.wait_for("TLS: reloaded")
+        assert presented_fingerprint(port) == fps[1]
+        conf.write_text("listen = [")  # not TOML
+        os.kill(server.p.pid, signal.SIGHUP)
+        server.wait_for("nothing reloaded")
+        assert presented_fingerprint(port) == fps[1]
+        server.ends_on(signal.SIGTERM)
+    finally:
+        slog, _ = _stop_all(server, None, backend)
+    assert (f"SIGHUP: keepalive_interval changed in {conf}: a reload reads only the TLS files "
+            "(tls_cert, tls_key, tls_client_ca); an upgrade in place (SIGUSR2) or a restart "
+            "applies the rest") in slog, slog
+    assert f"SIGHUP: config file {conf} is not valid TOML" in slog, slog
+    assert slog.count("TLS: reloaded") == 1 and "Traceback" not in slog, slog
+
+
 @_NEEDS_SIGHUP_AND_UNIX_SOCKETS
 def test_sighup_reloads_the_certificate_and_sessions_go_on(tmp_path):
     """A renewed certificate (new files at the same paths, as an ACME client writes them) is
