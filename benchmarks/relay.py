@@ -604,6 +604,10 @@ class Bench:
             "loadavg_start": os.getloadavg(),
             "python": platform.python_version(),
             "icafast_commit": git_commit(ROOT),
+            # what the relays of every chain inherit (ICAFAST_TLS_IO=loop, say), beside what a
+            # chain sets for its own (benchmarks/README.md, the chains)
+            "icafast_env": {k: v for k, v in sorted(os.environ.items())
+                            if k.startswith("ICAFAST_") and k != "ICAFAST_BENCH_LOCK"},
             "ref": {"commit": git_commit(Path(self.a.ref))}
             if self.a.ref else None,
             "tools": {

@@ -44,14 +44,15 @@ def bench_tmp(request: pytest.FixtureRequest) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run(argv: list[str], timeout: float, tmp: Path) -> subprocess.CompletedProcess[str]:
+def _run(argv: list[str], timeout: float, tmp: Path,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run a benchmark in a process group of its own. If it overruns ``timeout``, stop the
     whole group by its id (the group is the benchmark's pid): the benchmark and every relay and
     peer it started, which would otherwise outlive it and load the machine. Its temporary
     files go under ``tmp`` (TMPDIR; see ``bench_tmp``)."""
     p = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True, env={**os.environ,
-                                                                 "TMPDIR": str(tmp)})
+                         text=True, start_new_session=True,
+                         env={**os.environ, **(env or {}), "TMPDIR": str(tmp)})
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -62,14 +63,17 @@ def _run(argv: list[str], timeout: float, tmp: Path) -> subprocess.CompletedProc
 
 
 def test_scale_over_tls_quick(tmp_path: Path, bench_tmp: Path) -> None:
-    """``--scale-tls``: the idle sessions' links over TLS (the compiled pipe by default)."""
+    """``--scale-tls``: the idle sessions' links over TLS, run as ``ICAFAST_TLS_IO`` in the
+    benchmark's environment says (here the pipe's Python twin), which the results record."""
     out = tmp_path / "scale-tls.json"
     proc = _run([sys.executable, "-m", "benchmarks.relay", "--quick", "--only", "scale",
-                 "--scale-tls", "--out", str(out)], 120, bench_tmp)
+                 "--scale-tls", "--out", str(out)], 120, bench_tmp, {"ICAFAST_TLS_IO": "pure"})
     assert proc.returncode == 0 and out.exists(), proc.stdout[-2000:] + proc.stderr[-3000:]
-    r = json.loads(out.read_text())["workloads"]["scale"]
+    res = json.loads(out.read_text())
+    assert res["meta"]["icafast_env"]["ICAFAST_TLS_IO"] == "pure", res["meta"]
+    r = res["workloads"]["scale"]
     assert r["verified"] == {"icafast": True}
-    assert r["tls"].startswith("TLS links; TLS records: ")
+    assert r["tls"] == "TLS links; TLS records: pure-Python pipe (ICAFAST_TLS_IO=pure)", r["tls"]
     assert [row["sessions"] for row in r["levels"]] == [10, 40]
     assert r["links_lost"] == 0
 
