@@ -527,11 +527,7 @@ class _LinkBase:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
-        self.transport = transport
-        self._write = transport.write
-        self._writelines = writelines_of(transport)
-        self.join_writes = transport.get_extra_info("sslcontext") is not None
-        self.ssl_object = transport.get_extra_info("ssl_object")
+        self._use(transport)
         tune_socket(transport, notsent_lowat=LINK_NOTSENT_LOWAT)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
@@ -568,13 +564,18 @@ class _LinkBase:
         LoopTLSSetup): from now on the link writes to and reads from ``transport``."""
         transport = cast(asyncio.Transport, transport)
         self.tls_setup = None
+        self._use(transport)
+        # (its socket's options were set on the plain transport: only its own write limits)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.owner.link_made(self)
+
+    def _use(self, transport: asyncio.Transport) -> None:
+        """Write to and read from ``transport`` (its write and writelines bound once)."""
         self.transport = transport
         self._write = transport.write
         self._writelines = writelines_of(transport)
-        self.join_writes = True
+        self.join_writes = transport.get_extra_info("sslcontext") is not None
         self.ssl_object = transport.get_extra_info("ssl_object")
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-        self.owner.link_made(self)
 
     def data_received(self, data: Any) -> None:  # type: ignore[override]
         tls = self.tls
